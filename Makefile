@@ -1,0 +1,38 @@
+# Every target creates .venv when missing and installs the project into it; nothing is needed by hand.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch goes in first, pinned, from the CPU wheel: nothing may make pip pick another (multi-GB CUDA) build.
+TORCH  := torch==2.13.0
+
+export ORT_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test bench bench-quick model clean
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[all,dev]' $(TORCH)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgeshield demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bundles.py --json benchmarks/results/bundles.json
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bundles.py --quick
+
+# Rebuild the bundled digits classifier (PyTorch -> ONNX).
+model: $(STAMP)
+	$(PY) scripts/train_digits.py --out src/edgeshield/models/digits.onnx
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist

@@ -1,0 +1,128 @@
+"""One exception tree for every user-facing failure.
+
+Each class carries the CLI exit code it maps to, so a caller can catch precisely what it cares about and the CLI
+can turn any of them into one line on stderr and a documented exit status:
+
+    1  general failure            (EdgeShieldError)
+    2  usage or bad input         (InputError)
+    3  integrity / authenticity   (IntegrityError)
+    4  key error: wrong/missing   (KeyMaterialError)
+"""
+
+from __future__ import annotations
+
+EXIT_GENERAL = 1
+EXIT_INPUT = 2
+EXIT_INTEGRITY = 3
+EXIT_KEY = 4
+
+
+class EdgeShieldError(Exception):
+    """Base of every error EdgeShield raises on purpose."""
+
+    exit_code = EXIT_GENERAL
+
+
+# --- 2: usage and bad input -------------------------------------------------------------------------------------
+class InputError(EdgeShieldError):
+    """The caller gave something we cannot use (a path, an argument, a file of the wrong kind)."""
+
+    exit_code = EXIT_INPUT
+
+
+class PathNotFoundError(InputError):
+    """A path that must exist does not."""
+
+
+class NotAFileError(InputError):
+    """A path names a directory or something else that is not a regular file."""
+
+
+class EmptyFileError(InputError):
+    """A file that must have content is empty."""
+
+
+class InvalidArgumentError(InputError):
+    """An argument or option value is out of range or malformed."""
+
+
+class UnsupportedModelError(InputError):
+    """The model is not a loadable ONNX model (or uses a feature bundles do not support)."""
+
+
+class UnsupportedFormatVersionError(InputError):
+    """A bundle declares a format version this build cannot read."""
+
+
+class NotABundleError(InputError):
+    """The file does not start with the EdgeShield bundle magic bytes."""
+
+
+class MissingDependencyError(EdgeShieldError):
+    """An optional extra (e.g. ``edgeshield[train]``) is needed for this command."""
+
+
+class OutputExistsError(InputError):
+    """Refusing to overwrite an existing file without ``--force``."""
+
+
+# --- 3: integrity and authenticity ------------------------------------------------------------------------------
+class IntegrityError(EdgeShieldError):
+    """Something was altered, truncated or forged."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class MalformedBundleError(IntegrityError):
+    """The bundle's structure is broken (bad lengths, undecodable or non-canonical manifest)."""
+
+
+class TruncatedBundleError(IntegrityError):
+    """The bundle ends before its declared payload does."""
+
+
+class TrailingDataError(IntegrityError):
+    """The bundle has bytes after its declared payload (an extended file)."""
+
+
+class SignatureError(IntegrityError):
+    """The manifest signature does not verify under the given owner key."""
+
+
+class WrongOwnerKeyError(SignatureError):
+    """The bundle names a different signer than the owner key given."""
+
+
+class PayloadDigestError(IntegrityError):
+    """The encrypted payload does not match the digest the signed manifest commits to."""
+
+
+class ChunkAuthenticationError(IntegrityError):
+    """A payload chunk failed AEAD authentication (altered, reordered, dropped or duplicated)."""
+
+
+class ModelSignatureError(IntegrityError):
+    """An OpenSSF model-signing signature does not verify for the model."""
+
+
+# --- 4: keys ------------------------------------------------------------------------------------------------------
+class KeyMaterialError(EdgeShieldError):
+    """A key is missing, wrong, unreadable or of the wrong type."""
+
+    exit_code = EXIT_KEY
+
+
+class KeyFileError(KeyMaterialError):
+    """A key file cannot be parsed or holds the wrong kind of key."""
+
+
+class PassphraseError(KeyMaterialError):
+    """An encrypted private key needs a passphrase, or the one given is wrong."""
+
+
+class NotARecipientError(KeyMaterialError):
+    """The device key is not one of the bundle's recipients."""
+
+
+class KeyUnwrapError(KeyMaterialError):
+    """The data key could not be unwrapped with the device key."""
