@@ -1,0 +1,268 @@
+"""The bundle recipe: protect, verify, inspect and open a signed, encrypted model bundle."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import hmac
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeshield._io import atomic_writer, check_readable_file
+from edgeshield.bundles import _format, _stream, _wrap
+from edgeshield.errors import (
+    InvalidArgumentError,
+    MalformedBundleError,
+    NotARecipientError,
+    PayloadDigestError,
+    SignatureError,
+    TrailingDataError,
+    TruncatedBundleError,
+    UnsupportedModelError,
+    WrongOwnerKeyError,
+)
+from edgeshield.keys import DevicePrivateKey, DevicePublicKey, OwnerPrivateKey, OwnerPublicKey, key_id
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+Manifest = _format.Manifest
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class OpenBundle:
+    """A verified, decrypted bundle: its manifest and a ready ONNX Runtime session."""
+
+    manifest: Manifest
+    session: onnxruntime.InferenceSession
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _open_for_read(path: PathLike) -> Iterator[tuple[_stream.ReadAt, int]]:
+    p = check_readable_file(path, what="bundle", allow_empty=True)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        yield (lambda offset, n: os.pread(fd, n, offset)), size
+    finally:
+        os.close(fd)
+
+
+def _authenticated_manifest(read_at: _stream.ReadAt, size: int, owner_key: OwnerPublicKey) -> _format.Manifest:
+    """Parse the header, check the signature, then decode the manifest and check the payload's length."""
+    header = _format.parse_header(read_at, size)
+    expected_id = key_id(owner_key)
+    claimed = _claimed_signer(header.manifest_raw)
+    if claimed is not None and not hmac.compare_digest(claimed, expected_id):
+        raise WrongOwnerKeyError(f"bundle is signed by key {claimed}, not by the owner key given ({expected_id})")
+    try:
+        owner_key.verify(header.signature, _format.signed_message(header.manifest_raw), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureError("bundle signature is invalid: the manifest was altered or not signed by this owner") from None
+    manifest = _format.decode_manifest(header.manifest_raw)
+    if manifest.signer_key_id != expected_id:  # signed, so this can only be a writer bug; still never trust it
+        raise WrongOwnerKeyError("bundle manifest names a different signer than the key that signed it")
+    actual = size - header.payload_offset
+    if actual < manifest.payload_size:
+        raise TruncatedBundleError(f"bundle is truncated: payload has {actual} of {manifest.payload_size} bytes")
+    if actual > manifest.payload_size:
+        raise TrailingDataError(f"bundle has {actual - manifest.payload_size} unexpected bytes after its payload")
+    return manifest
+
+
+def _claimed_signer(manifest_raw: bytes) -> str | None:
+    # Only to give a precise error before the signature check; nothing here is trusted.
+    with contextlib.suppress(Exception):
+        import json
+
+        value = json.loads(manifest_raw).get("signer_key_id")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _check_payload(
+    read_at: _stream.ReadAt, size: int, manifest: _format.Manifest, data_key: bytes | None, out: memoryview | None
+) -> None:
+    payload_offset = size - manifest.payload_size
+    digest = _stream.process_payload(
+        data_key,
+        bytes.fromhex(manifest.bundle_id),
+        manifest.plaintext_size,
+        manifest.chunk_size,
+        lambda offset, n: read_at(payload_offset + offset, n),
+        out,
+    )
+    if not hmac.compare_digest(digest.hex(), manifest.payload_sha256):
+        raise PayloadDigestError("bundle payload does not match the digest its signed manifest commits to")
+
+
+def verify(bundle: PathLike, owner_key: OwnerPublicKey) -> Manifest:
+    """Check the owner's signature and the encrypted payload's integrity; no device key is needed.
+
+    Returns the authenticated manifest; raises an ``IntegrityError`` subclass for anything altered.
+    """
+    with _open_for_read(bundle) as (read_at, size):
+        manifest = _authenticated_manifest(read_at, size, owner_key)
+        _check_payload(read_at, size, manifest, None, None)
+    return manifest
+
+
+def inspect(bundle: PathLike, owner_key: OwnerPublicKey | None = None) -> tuple[Manifest, bool]:
+    """Return the manifest and whether it was verified (only when ``owner_key`` is given)."""
+    if owner_key is not None:
+        return verify(bundle, owner_key), True
+    with _open_for_read(bundle) as (read_at, size):
+        header = _format.parse_header(read_at, size)
+    return _format.decode_manifest(header.manifest_raw), False
+
+
+def open_bundle(
+    bundle: PathLike,
+    owner_key: OwnerPublicKey,
+    device_key: DevicePrivateKey,
+    *,
+    session_options: onnxruntime.SessionOptions | None = None,
+    providers: Sequence[str] | None = None,
+) -> OpenBundle:
+    """Verify, decrypt in memory and create an ONNX Runtime session; the plaintext never touches disk."""
+    with _open_for_read(bundle) as (read_at, size):
+        manifest = _authenticated_manifest(read_at, size, owner_key)
+        device_id = key_id(device_key.public_key())
+        stanza = next((r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id)), None)
+        if stanza is None:
+            raise NotARecipientError(
+                f"device key {device_id} is not a recipient of this bundle (recipients: {', '.join(manifest.recipient_key_ids)})"
+            )
+        data_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bytes.fromhex(manifest.bundle_id))
+        import numpy as np
+
+        plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
+        _check_payload(read_at, size, manifest, data_key, memoryview(plaintext))
+    img = manifest.image
+    weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
+    session = _create_session(plaintext[: img.graph_size].tobytes(), weights, img, session_options, providers)
+    return OpenBundle(manifest, session)
+
+
+def open_session(
+    bundle: PathLike,
+    owner_key: OwnerPublicKey,
+    device_key: DevicePrivateKey,
+    *,
+    session_options: onnxruntime.SessionOptions | None = None,
+    providers: Sequence[str] | None = None,
+) -> onnxruntime.InferenceSession:
+    """Like :func:`open_bundle`, returning only the ``onnxruntime.InferenceSession``."""
+    return open_bundle(bundle, owner_key, device_key, session_options=session_options, providers=providers).session
+
+
+def _create_session(
+    graph: bytes,
+    weights: Any,
+    image: _format.Image,
+    options: onnxruntime.SessionOptions | None,
+    providers: Sequence[str] | None,
+) -> onnxruntime.InferenceSession:
+    """Session from graph bytes plus the weights handed over as an in-memory external-data file (a uint8 array)."""
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    opts = options or ort.SessionOptions()
+    if image.weights_size:
+        opts.add_external_initializers_from_files_in_memory([image.weights_location], [weights], [image.weights_size])
+    try:
+        return ort.InferenceSession(graph, opts, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions for unloadable models
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"ONNX Runtime cannot load the bundled model: {first}") from None
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+def protect(
+    model: PathLike,
+    out: PathLike,
+    *,
+    signing_key: OwnerPrivateKey,
+    recipients: Sequence[DevicePublicKey],
+    model_version: int = 0,
+    metadata: Mapping[str, str] | None = None,
+    chunk_size: int = _stream.DEFAULT_CHUNK_SIZE,
+    overwrite: bool = True,
+) -> Manifest:
+    """Encrypt ``model`` for ``recipients``, sign the manifest with ``signing_key`` and write ``out`` atomically."""
+    from edgeshield.bundles._image import build_image
+
+    _stream.check_chunk_size(chunk_size)
+    if not recipients:
+        raise InvalidArgumentError("at least one recipient device key is needed")
+    if isinstance(model_version, bool) or not isinstance(model_version, int) or not 0 <= model_version < 2**63:
+        raise InvalidArgumentError("model version must be an integer between 0 and 2**63-1")
+    try:
+        meta = _format.validate_metadata(dict(metadata or {}))
+    except MalformedBundleError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    recipient_ids = [key_id(r) for r in recipients]
+    if len(set(recipient_ids)) != len(recipient_ids):
+        raise InvalidArgumentError("the same recipient key is given twice")
+    model_path = check_readable_file(model, what="model")
+    if Path(out).resolve() == model_path.resolve():
+        raise InvalidArgumentError("the bundle cannot overwrite its own model")
+    model_bytes = model_path.read_bytes()
+    image = build_image(model_bytes)
+    _check_loadable(image)
+
+    data_key = os.urandom(_stream.KEY_SIZE)
+    bundle_id = os.urandom(16)
+
+    def sealed() -> Iterator[bytes]:
+        return _stream.encrypt_chunks(data_key, bundle_id, image.size, chunk_size, image.read_at)
+
+    # Encryption is deterministic for a given key and nonce sequence: pass one only hashes, pass two writes,
+    # so neither the ciphertext nor a temporary file is ever needed in full.
+    payload_sha256 = _stream.digest_of_chunk_digests([hashlib.sha256(c).digest() for c in sealed()])
+    plain_hash = hashlib.sha256()
+    for offset in range(0, image.size, 1 << 20):
+        plain_hash.update(image.read_at(offset, min(1 << 20, image.size - offset)))
+
+    manifest = _format.Manifest(
+        bundle_id=bundle_id.hex(),
+        created=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        model_format="onnx",
+        model_version=model_version,
+        model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+        model_size=len(model_bytes),
+        metadata=meta,
+        signer_key_id=key_id(signing_key.public_key()),
+        chunk_size=chunk_size,
+        plaintext_size=image.size,
+        plaintext_sha256=plain_hash.hexdigest(),
+        payload_size=_stream.payload_size(image.size, chunk_size),
+        payload_sha256=payload_sha256.hex(),
+        recipients=tuple(
+            _format.Recipient(rid, _wrap.wrap_key(data_key, r, bundle_id)) for rid, r in zip(recipient_ids, recipients)
+        ),
+        image=image.layout,
+    )
+    manifest_raw = manifest.encode()
+    signature = signing_key.sign(_format.signed_message(manifest_raw), ec.ECDSA(hashes.SHA256()))
+    with atomic_writer(out, overwrite=overwrite) as fh:
+        fh.write(_format.encode_header(manifest_raw, signature))
+        for chunk in sealed():
+            fh.write(chunk)
+    return manifest
+
+
+def _check_loadable(image: Any) -> None:
+    """Refuse to ship a bundle that ONNX Runtime could not open on the device."""
+    import numpy as np
+
+    _create_session(image.graph, np.frombuffer(image.weights, dtype=np.uint8), image.layout, None, None)
