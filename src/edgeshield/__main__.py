@@ -1,0 +1,3 @@
+from edgeshield.cli import main
+
+main()

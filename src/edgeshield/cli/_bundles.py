@@ -1,0 +1,165 @@
+"""`edgeshield protect | verify | inspect | run`: the bundle verbs."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgeshield import bundles, keys
+from edgeshield._io import check_readable_file
+from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json, parse_meta
+from edgeshield.errors import InvalidArgumentError, OutputExistsError
+
+OwnerPubOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
+
+
+def _summary(manifest: bundles.Manifest) -> dict[str, Any]:
+    return manifest.to_public_dict()
+
+
+def _print_manifest(manifest: bundles.Manifest, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    d = manifest.to_public_dict()
+    for key in (
+        "bundle_id", "created", "model_format", "model_version", "model_size", "model_sha256", "signer_key_id",
+        "chunk_size", "payload_size", "payload_sha256", "aead", "key_wrap",
+    ):
+        table.add_row(key, str(d[key]))
+    table.add_row("recipients", ", ".join(manifest.recipient_key_ids))
+    table.add_row("metadata", ", ".join(f"{k}={v}" for k, v in sorted(manifest.metadata.items())) or "-")
+    console.print(table)
+
+
+def protect(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to protect.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle file to write (atomically).")],
+    signing_key: Annotated[Path, typer.Option("--signing-key", help="The owner's private signing key (owner.key).")],
+    recipient: Annotated[
+        list[Path], typer.Option("--recipient", help="A device public key that may open the bundle (repeatable).")
+    ],
+    model_version: Annotated[int, typer.Option("--model-version", min=0, help="Monotonic model version.")] = 0,
+    meta: Annotated[list[str] | None, typer.Option("--meta", help="User metadata key=value (repeatable).")] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Plaintext bytes per encrypted chunk.")] = 1 << 20,
+    sigstore_sig: Annotated[
+        Path | None,
+        typer.Option("--sigstore-sig", help="Also write an OpenSSF model-signing signature of the plain model here."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
+    passphrase_env: PassphraseEnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encrypt MODEL for the recipient devices and sign it with the owner key."""
+    passphrase = keys.passphrase_from_env(passphrase_env)
+    owner = keys.load_owner_private_key(signing_key, passphrase)
+    devices = [keys.load_device_public_key(p) for p in recipient]
+    for target in (out, sigstore_sig):
+        if target is not None and target.exists() and not force:
+            raise OutputExistsError(f"{target} exists; use --force to overwrite it")
+    if sigstore_sig is not None and sigstore_sig.resolve() == out.resolve():
+        raise InvalidArgumentError("--sigstore-sig and --out must be different files")
+    manifest = bundles.protect(
+        model, out, signing_key=owner, recipients=devices, model_version=model_version,
+        metadata=parse_meta(meta), chunk_size=chunk_size,
+    )
+    if sigstore_sig is not None:
+        from edgeshield.bundles._modelsigning import sign_model
+
+        try:
+            sign_model(model, signing_key, sigstore_sig, password=passphrase)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()  # all or nothing: no bundle without the signature that was asked for
+            raise
+    if as_json:
+        emit_json({"bundle": str(out), "sigstore_signature": str(sigstore_sig) if sigstore_sig else None,
+                   "manifest": _summary(manifest)})
+        return
+    console.print(f"[green]protected[/] {model} -> {out} ({out.stat().st_size} bytes)")
+    if sigstore_sig is not None:
+        console.print(f"model-signing signature -> {sigstore_sig}")
+    _print_manifest(manifest, "manifest")
+
+
+def verify(
+    bundle: Annotated[Path | None, typer.Argument(help="The bundle to verify.")] = None,
+    owner_key: OwnerPubOpt = ...,  # type: ignore[assignment]
+    model: Annotated[Path | None, typer.Option("--model", help="A plain model to check against --sigstore-sig.")] = None,
+    sigstore_sig: Annotated[
+        Path | None, typer.Option("--sigstore-sig", help="An OpenSSF model-signing signature of --model.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a bundle's signature and ciphertext (no device key needed), or a model-signing signature.
+
+    Exits 0 only when everything given is authentic.
+    """
+    if bundle is None and model is None:
+        raise InvalidArgumentError("give a BUNDLE, or --model with --sigstore-sig")
+    if (model is None) != (sigstore_sig is None):
+        raise InvalidArgumentError("--model and --sigstore-sig go together")
+    result: dict[str, Any] = {"authentic": True}
+    owner = keys.load_owner_public_key(owner_key)
+    if bundle is not None:
+        result["manifest"] = _summary(bundles.verify(bundle, owner))
+    if model is not None and sigstore_sig is not None:
+        from edgeshield.bundles._modelsigning import verify_model
+
+        verify_model(model, sigstore_sig, owner_key)
+        result["model_signature"] = str(sigstore_sig)
+    if as_json:
+        emit_json(result)
+        return
+    if bundle is not None:
+        console.print(f"[green]authentic[/] {bundle}: signed by {keys.key_id(owner)}, ciphertext intact")
+    if model is not None:
+        console.print(f"[green]authentic[/] {model}: model-signing signature {sigstore_sig} verifies")
+
+
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to describe.")],
+    owner_key: Annotated[
+        Path | None, typer.Option("--owner-key", help="Verify the bundle first with this owner public key.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a bundle's manifest (never a secret). Unverified unless --owner-key is given."""
+    manifest, verified = bundles.inspect(bundle, keys.load_owner_public_key(owner_key) if owner_key else None)
+    if as_json:
+        emit_json({"verified": verified, "manifest": _summary(manifest)})
+        return
+    _print_manifest(manifest, f"{bundle} ({'verified' if verified else 'NOT verified: pass --owner-key'})")
+
+
+def run(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to run.")],
+    owner_key: OwnerPubOpt,
+    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")],
+    input: Annotated[Path, typer.Option("--input", help="Input batch as a .npy file.")],
+    output: Annotated[Path | None, typer.Option("--output", help="Save the raw model outputs here (.npy).")] = None,
+    passphrase_env: PassphraseEnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify, decrypt in memory, and run INPUT through the bundled model."""
+    from edgeshield.bundles import _predict
+
+    check_readable_file(input, what="input")
+    device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
+    opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device)
+    x = _predict.load_npy(input)
+    outputs = _predict.run_batch(opened.session, x)
+    labels = _predict.labels(outputs)
+    if output is not None:
+        _predict.save_npy(output, outputs)
+    if as_json:
+        emit_json({"predictions": labels, "output_shape": list(outputs.shape),
+                   "output": str(output) if output else None, "bundle_id": opened.manifest.bundle_id})
+        return
+    console.print(f"predictions ({len(labels)}): {labels}")
+    if output is not None:
+        console.print(f"outputs {tuple(outputs.shape)} saved to {output}")
