@@ -49,7 +49,7 @@ class OpenBundle:
 # --- reading ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _open_for_read(path: PathLike) -> Iterator[tuple[_stream.ReadAt, int]]:
-    p = check_readable_file(path, what="bundle", allow_empty=True)
+    p = check_readable_file(path, what="bundle")
     fd = os.open(p, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size

@@ -60,6 +60,11 @@ def build_image(model_bytes: bytes) -> PlainImage:
         raise MissingDependencyError("protecting a model needs the onnx package: pip install 'edgeshield[owner]'") from None
     try:
         model = onnx.load_model_from_string(model_bytes)
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise UnsupportedModelError(
+                    f"initializer {tensor.name!r} refers to an external data file; give a self-contained ONNX model"
+                )
         onnx.checker.check_model(model)
     except (DecodeError, onnx.checker.ValidationError, RuntimeWarning, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -69,10 +74,6 @@ def build_image(model_bytes: bytes) -> PlainImage:
 
     weights = bytearray()
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise UnsupportedModelError(
-                f"initializer {tensor.name!r} refers to an external data file; give a self-contained ONNX model"
-            )
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNALIZE_THRESHOLD:
             continue
         offset = _align(len(weights))

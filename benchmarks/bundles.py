@@ -1,0 +1,618 @@
+"""Benchmark: opening an EdgeShield bundle vs. opening the plain ONNX model, measured side by side in one run.
+
+    python benchmarks/bundles.py [--quick] [--json PATH]
+
+What it measures (every figure comes from this run; nothing is hard-coded):
+
+1. Models of about 1 MB, 100 MB and 1 GB (a chain of MatMul nodes with deterministic random float32 weights) are
+   generated into a temporary directory, keys are made with ``init_keys`` and each model is protected (untimed).
+2. Time to open the bundle (``open_session``: verify + decrypt + create session) vs. time to create a session from
+   the plain file, as the median of alternating repetitions with a warm page cache; plus where the bundle's
+   opening time goes (signature check, hashing only, decrypt + hash, session creation from memory).
+3. Decryption throughput of the real payload pipeline (``_stream.process_payload`` with the bundle's data key)
+   against raw AES-256-GCM of ``cryptography`` on one core and against Fernet.
+4. Peak memory while opening, divided by the model size, each in a fresh subprocess.
+
+``--quick`` skips the 1 GB model and uses fewer repetitions. ``--json PATH`` writes one flat JSON object.
+MB means 10**6 bytes throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+MB = 1_000_000
+MIB = 1 << 20
+OPEN_RATIO_TARGET = 1.05  # at 100 MB and above
+DECRYPT_VS_AESGCM_TARGET = 0.8
+PEAK_MEM_TARGET = 2.2  # at 100 MB
+
+# (label, target size in bytes, matrix dimension); the number of d x d float32 blocks is chosen to come close.
+SIZES = [("1mb", 1 * MB, 512), ("100mb", 100 * MB, 1024), ("1gb", 1000 * MB, 1024)]
+
+
+# --- model generation and protection (runs in a child process) --------------------------------------------------
+def _make_model(path: Path, target_bytes: int, dim: int, seed: int) -> int:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    block = dim * dim * 4
+    blocks = max(1, round(target_bytes / block))
+    rng = np.random.default_rng(seed)
+    scale = np.float32(1.0 / np.sqrt(dim))  # keeps activations bounded along the chain
+    inits, nodes = [], []
+    prev = "x"
+    for i in range(blocks):
+        w = rng.standard_normal((dim, dim), dtype=np.float32)
+        w *= scale
+        inits.append(numpy_helper.from_array(w, name=f"w{i}"))
+        del w
+        out = "y" if i == blocks - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"matmul{i}"))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "matmul_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeshield-bench")
+    model.ir_version = 10
+    data = model.SerializeToString()
+    del model, graph, inits
+    path.write_bytes(data)
+    return blocks
+
+
+def _child_prepare(workdir: Path, quick: bool) -> dict[str, Any]:
+    from edgeshield import bundles, keys
+
+    keydir = workdir / "keys"
+    keys.init_keys(keydir)
+    owner = keys.load_owner_private_key(keydir / "owner.key")
+    device = keys.load_device_public_key(keydir / "device.pub")
+    out: dict[str, Any] = {"keys": str(keydir), "models": []}
+    for seed, (label, target, dim) in enumerate(SIZES):
+        if quick and label == "1gb":
+            continue
+        model = workdir / f"model_{label}.onnx"
+        bundle = workdir / f"model_{label}.esb"
+        blocks = _make_model(model, target, dim, seed=1234 + seed)
+        gc.collect()
+        t0 = time.perf_counter()
+        bundles.protect(model, bundle, signing_key=owner, recipients=[device])
+        protect_s = time.perf_counter() - t0
+        gc.collect()
+        out["models"].append(
+            {
+                "label": label,
+                "dim": dim,
+                "blocks": blocks,
+                "model": str(model),
+                "bundle": str(bundle),
+                "model_bytes": model.stat().st_size,
+                "bundle_bytes": bundle.stat().st_size,
+                "protect_s": protect_s,
+            }
+        )
+    return out
+
+
+# --- peak memory (each measurement in a fresh child process) ----------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _child_mem(kind: str, path: str, keydir: str) -> dict[str, Any]:
+    from edgeshield import bundles, keys
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    owner_pub = keys.load_owner_public_key(Path(keydir) / "owner.pub")
+    device_priv = keys.load_device_private_key(Path(keydir) / "device.key")
+    import numpy  # noqa: F401  # onnxruntime imports it anyway; make sure it is in the baseline
+
+    gc.collect()
+    baseline = _rss_bytes()
+    t0 = time.perf_counter()
+    if kind == "bundle":
+        session = bundles.open_session(path, owner_pub, device_priv)
+    else:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    after = _rss_bytes()
+    del session
+    return {"baseline": baseline, "peak": peak, "after": after, "elapsed_s": elapsed}
+
+
+def _run_child(args: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, ORT_DISABLE_TELEMETRY="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--_child", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- timing helpers ---------------------------------------------------------------------------------------------
+def _timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes, after a full collection; the result is dropped after the clock stops."""
+    gc.collect()
+    t0 = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - t0
+    del result
+    gc.collect()
+    return elapsed
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000.0
+
+
+# --- the measurements -------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, prepared: dict[str, Any], quick: bool) -> None:
+        from edgeshield import bundles, keys
+        from edgeshield.bundles._ort import onnxruntime as ort
+
+        self.ort = ort
+        self.bundles = bundles
+        self.quick = quick
+        keydir = Path(prepared["keys"])
+        self.keydir = keydir
+        self.owner_pub = keys.load_owner_public_key(keydir / "owner.pub")
+        self.device_priv = keys.load_device_private_key(keydir / "device.key")
+        self.models = prepared["models"]
+
+    # 2. open time -----------------------------------------------------------------------------------------------
+    def open_times(self, m: dict[str, Any], reps: int) -> dict[str, Any]:
+        import numpy as np
+
+        ort, bundles = self.ort, self.bundles
+
+        def plain() -> Any:
+            return ort.InferenceSession(m["model"], providers=["CPUExecutionProvider"])
+
+        def bundle() -> Any:
+            return bundles.open_session(m["bundle"], self.owner_pub, self.device_priv)
+
+        # Warm-up (untimed): fills the page cache and checks both sessions compute the same thing.
+        s_plain, s_bundle = plain(), bundle()
+        x = np.random.default_rng(7).standard_normal((2, m["dim"]), dtype=np.float32)
+        y_plain = s_plain.run(None, {"x": x})[0]
+        y_bundle = s_bundle.run(None, {"x": x})[0]
+        if not np.array_equal(y_plain, y_bundle):
+            raise AssertionError(f"{m['label']}: bundle session output differs from the plain model's")
+        del s_plain, s_bundle
+
+        t_plain: list[float] = []
+        t_bundle: list[float] = []
+        for i in range(reps):  # alternate which goes first
+            order = [(plain, t_plain), (bundle, t_bundle)]
+            for fn, acc in order if i % 2 == 0 else reversed(order):
+                acc.append(_timed(fn))
+        return {"plain": t_plain, "bundle": t_bundle}
+
+    def open_breakdown(self, m: dict[str, Any], reps: int) -> dict[str, list[float]]:
+        """The stages of ``open_bundle`` timed one by one (same private helpers it calls, same order)."""
+        import numpy as np
+
+        from edgeshield.bundles import _api, _wrap
+
+        path = m["bundle"]
+
+        def header_and_signature() -> Any:
+            with _api._open_for_read(path) as (read_at, size):
+                manifest = _api._authenticated_manifest(read_at, size, self.owner_pub)
+                stanza = manifest.recipients[0]
+                key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, bytes.fromhex(manifest.bundle_id))
+            return manifest, key
+
+        manifest, key = header_and_signature()
+
+        def hash_only() -> Any:  # what verify() does: signature + SHA-256 of every sealed chunk, no decryption
+            return self.bundles.verify(path, self.owner_pub)
+
+        def decrypt() -> Any:  # fresh output buffer, as open_bundle allocates one per call
+            with _api._open_for_read(path) as (read_at, size):
+                plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
+                _api._check_payload(read_at, size, manifest, key, memoryview(plaintext))
+            return plaintext
+
+        plaintext = decrypt()
+        img = manifest.image
+
+        def session() -> Any:
+            graph = plaintext[: img.graph_size].tobytes()
+            weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
+            return _api._create_session(graph, weights, img, None, None)
+
+        session()  # warm-up
+        out: dict[str, list[float]] = {"signature": [], "hash_only": [], "decrypt": [], "session": []}
+        for _ in range(reps):
+            out["signature"].append(_timed(header_and_signature))
+            out["hash_only"].append(_timed(hash_only))
+            out["decrypt"].append(_timed(decrypt))
+            out["session"].append(_timed(session))
+        del plaintext
+        gc.collect()
+        return out
+
+    # 3. throughput ----------------------------------------------------------------------------------------------
+    def throughput(self, m: dict[str, Any], reps: int) -> dict[str, Any]:
+        import hashlib
+
+        import numpy as np
+        from cryptography.fernet import Fernet
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from edgeshield.bundles import _api, _stream, _wrap
+
+        res: dict[str, Any] = {}
+        fd = os.open(m["bundle"], os.O_RDONLY)  # read like _api does: os.pread on one descriptor
+        try:
+            size = os.fstat(fd).st_size
+            manifest = _api._authenticated_manifest(lambda off, n: os.pread(fd, n, off), size, self.owner_pub)
+            aad = bytes.fromhex(manifest.bundle_id)
+            key = _wrap.unwrap_key(manifest.recipients[0].wrapped_key, self.device_priv, aad)
+            payload_offset = size - manifest.payload_size
+            total, chunk = manifest.plaintext_size, manifest.chunk_size
+            n = _stream.chunk_count(total, chunk)
+            spans = []  # (offset, length) of each sealed chunk within the payload
+            for i in range(n):
+                start, length = _stream._bounds(total, chunk, i)
+                spans.append((start + i * _stream.TAG_SIZE, length + _stream.TAG_SIZE))
+
+            def read_sealed(offset: int, length: int) -> bytes:
+                return os.pread(fd, length, payload_offset + offset)
+
+            def pipeline(workers: int | None) -> Callable[[], Any]:
+                def run() -> Any:
+                    out = np.empty(total, dtype=np.uint8)  # fresh, as open_bundle allocates one per call
+                    digest = _stream.process_payload(key, aad, total, chunk, read_sealed, memoryview(out), workers=workers)
+                    if digest.hex() != manifest.payload_sha256:
+                        raise AssertionError("payload digest mismatch")
+                    return out
+
+                return run
+
+            # The same sealed chunks held in memory, for the single-core primitives.
+            sealed = [read_sealed(off, ln) for off, ln in spans]
+            aead = AESGCM(key)
+
+            def raw_aesgcm() -> Any:
+                for i, c in enumerate(sealed):
+                    aead.decrypt(_stream.nonce(i, i == n - 1), c, aad)
+
+            def raw_sha256() -> Any:
+                for c in sealed:
+                    hashlib.sha256(c).digest()
+
+            def raw_pread() -> Any:
+                for off, ln in spans:
+                    read_sealed(off, ln)
+
+            cases: list[tuple[str, Callable[[], Any]]] = [
+                ("pipeline", pipeline(None)),
+                ("pipeline_1worker", pipeline(1)),
+                ("aesgcm_1core", raw_aesgcm),
+                ("sha256_1core", raw_sha256),
+                ("pread_1core", raw_pread),
+            ]
+            for _, fn in cases:  # warm-up
+                _timed(fn)
+            samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+            for _ in range(reps):  # interleaved, so drift hits every case alike
+                for name, fn in cases:
+                    samples[name].append(_timed(fn))
+            plain = bytes(pipeline(None)())
+        finally:
+            os.close(fd)
+        for name, _ in cases:
+            res[f"{name}_s"] = statistics.median(samples[name])
+            res[f"{name}_mbps"] = total / statistics.median(samples[name]) / MB
+        res["pipeline_workers"] = min(4, os.cpu_count() or 1)  # process_payload's own default
+        res["bytes"] = total
+        del sealed
+        gc.collect()
+
+        # Fernet on the same plaintext (the decrypted image); fall back to a 32 MB sample if the full size is slow.
+        f = Fernet(Fernet.generate_key())
+        sample = plain
+        t0 = time.perf_counter()
+        token = f.encrypt(sample)
+        enc_s = time.perf_counter() - t0
+        if enc_s > 10.0:
+            sample = plain[: 32 * MB]
+            token = f.encrypt(sample)
+        del plain
+        f.decrypt(token)  # warm-up
+        fernet = [_timed(lambda: f.decrypt(token)) for _ in range(max(2, reps - 2))]
+        res["fernet_bytes"] = len(sample)
+        res["fernet_s"] = statistics.median(fernet)
+        res["fernet_mbps"] = len(sample) / statistics.median(fernet) / MB
+        del token, sample
+        gc.collect()
+        return res
+
+    # 4. memory --------------------------------------------------------------------------------------------------
+    def memory(self, m: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for kind, path in (("bundle", m["bundle"]), ("plain", m["model"])):
+            r = _run_child(["mem", "--kind", kind, "--path", path, "--keys", str(self.keydir)])
+            out[kind] = r
+            out[f"{kind}_ratio"] = (r["peak"] - r["baseline"]) / m["model_bytes"]
+        return out
+
+
+# --- reporting --------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, str]:
+    import cryptography
+    import numpy
+    from cryptography.hazmat.backends.openssl import backend
+
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB RAM"
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = (
+        f"Python {platform.python_version()}, onnxruntime {ort.__version__}, cryptography {cryptography.__version__} "
+        f"({backend.openssl_version_text()}), numpy {numpy.__version__}"
+    )
+    hw = f"{cpu}, {cores} cores (os.cpu_count()={os.cpu_count()}), {mem}, {platform.system()} {platform.machine()}"
+    return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def _mark(ok: bool | None) -> str:
+    if ok is None:
+        return ""
+    return "[green]ok[/green]" if ok else "[red]MISSED[/red]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the 1 GB model, fewer repetitions (< 1 minute)")
+    ap.add_argument("--json", metavar="PATH", help="write the results as one flat JSON object")
+    ap.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_child", choices=["prepare", "mem"], help=argparse.SUPPRESS)
+    ap.add_argument("--kind", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--keys", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._child == "prepare":
+        print(json.dumps(_child_prepare(Path(args.dir), args.quick)))
+        return 0
+    if args._child == "mem":
+        print(json.dumps(_child_mem(args.kind, args.path, args.keys)))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    started = time.perf_counter()
+    quick = args.quick
+    info = machine_info()
+    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    reps_for = {"1mb": 5, "100mb": 3} if quick else {"1mb": 7, "100mb": 7, "1gb": 3}
+    tp_reps = 3 if quick else 5
+
+    workdir = Path(tempfile.mkdtemp(prefix="edgeshield-bench-"))
+    results: dict[str, Any] = {}
+    try:
+        with console.status("generating and protecting models (untimed)..."):
+            cmd = ["prepare", "--dir", str(workdir)] + (["--quick"] if quick else [])
+            prepared = _run_child(cmd)
+        bench = Bench(prepared, quick)
+        opens, breakdown, mem = {}, {}, {}
+        for m in bench.models:
+            label, reps = m["label"], reps_for[m["label"]]
+            with console.status(f"{label}: open time ({reps} alternating repetitions)..."):
+                opens[label] = bench.open_times(m, reps)
+            with console.status(f"{label}: where the opening time goes..."):
+                breakdown[label] = bench.open_breakdown(m, max(3, reps if label != "1gb" else 2))
+            with console.status(f"{label}: peak memory (fresh subprocesses)..."):
+                mem[label] = bench.memory(m)
+        m100 = next(m for m in bench.models if m["label"] == "100mb")
+        with console.status("decryption throughput (100 MB bundle)..."):
+            tp = bench.throughput(m100, tp_reps)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # ---- assemble the flat result --------------------------------------------------------------------------------
+    results.update(
+        quick=quick,
+        machine=info["machine"],
+        date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        python=platform.python_version(),
+    )
+    for label, _, _ in SIZES:
+        m = next((x for x in bench.models if x["label"] == label), None)
+        if m is None:
+            for k in (
+                "open_ratio",
+                "open_bundle_ms",
+                "open_plain_ms",
+                "peak_mem_ratio",
+                "plain_peak_mem_ratio",
+                "model_bytes",
+            ):
+                results[f"{k}_{label}"] = None
+            continue
+        o, b, mm = opens[label], breakdown[label], mem[label]
+        bundle_ms, plain_ms = _median_ms(o["bundle"]), _median_ms(o["plain"])
+        results.update(
+            {
+                f"model_bytes_{label}": m["model_bytes"],
+                f"bundle_bytes_{label}": m["bundle_bytes"],
+                f"reps_{label}": len(o["bundle"]),
+                f"open_bundle_ms_{label}": bundle_ms,
+                f"open_plain_ms_{label}": plain_ms,
+                f"open_bundle_min_ms_{label}": min(o["bundle"]) * 1000,
+                f"open_plain_min_ms_{label}": min(o["plain"]) * 1000,
+                f"open_ratio_{label}": bundle_ms / plain_ms,
+                f"signature_ms_{label}": _median_ms(b["signature"]),
+                f"hash_only_ms_{label}": _median_ms(b["hash_only"]),
+                f"decrypt_ms_{label}": _median_ms(b["decrypt"]),
+                f"session_from_memory_ms_{label}": _median_ms(b["session"]),
+                f"peak_mem_ratio_{label}": mm["bundle_ratio"],
+                f"plain_peak_mem_ratio_{label}": mm["plain_ratio"],
+                f"peak_mem_mb_{label}": (mm["bundle"]["peak"] - mm["bundle"]["baseline"]) / MB,
+                f"plain_peak_mem_mb_{label}": (mm["plain"]["peak"] - mm["plain"]["baseline"]) / MB,
+                f"protect_s_{label}": m["protect_s"],
+            }
+        )
+    results.update(
+        decrypt_bytes=tp["bytes"],
+        decrypt_workers=tp["pipeline_workers"],
+        decrypt_pipeline_mbps=tp["pipeline_mbps"],
+        decrypt_pipeline_1worker_mbps=tp["pipeline_1worker_mbps"],
+        aesgcm_1core_mbps=tp["aesgcm_1core_mbps"],
+        sha256_1core_mbps=tp["sha256_1core_mbps"],
+        pread_1core_mbps=tp["pread_1core_mbps"],
+        fernet_mbps=tp["fernet_mbps"],
+        fernet_bytes=tp["fernet_bytes"],
+        decrypt_vs_aesgcm=tp["pipeline_mbps"] / tp["aesgcm_1core_mbps"],
+        decrypt_vs_fernet=tp["pipeline_mbps"] / tp["fernet_mbps"],
+    )
+    results["wall_s"] = time.perf_counter() - started
+
+    # ---- print ---------------------------------------------------------------------------------------------------
+    t = Table(title="Opening: bundle (verify + decrypt + session) vs. plain ONNX file; medians, warm page cache")
+    for col in ("model", "size MB", "reps", "plain ms", "bundle ms", "ratio", "target", ""):
+        t.add_column(col, justify="right" if col not in ("model", "") else "left")
+    for m in bench.models:
+        lb = m["label"]
+        ratio = results[f"open_ratio_{lb}"]
+        big = lb != "1mb"
+        t.add_row(
+            lb,
+            _fmt(m["model_bytes"] / MB),
+            str(results[f"reps_{lb}"]),
+            _fmt(results[f"open_plain_ms_{lb}"]),
+            _fmt(results[f"open_bundle_ms_{lb}"]),
+            _fmt(ratio, 3),
+            f"≤ {OPEN_RATIO_TARGET}" if big else "-",
+            _mark(ratio <= OPEN_RATIO_TARGET) if big else "",
+        )
+    console.print(t)
+
+    t = Table(title="Where the bundle's opening time goes (medians, ms, each stage timed alone)")
+    for col in ("model", "header+sig+unwrap", "hash only (verify)", "decrypt+hash", "session from memory", "sum", "open_session"):
+        t.add_column(col, justify="right")
+    for m in bench.models:
+        lb = m["label"]
+        parts = [results[f"{k}_ms_{lb}"] for k in ("signature", "decrypt", "session_from_memory")]
+        t.add_row(
+            lb,
+            _fmt(results[f"signature_ms_{lb}"], 2),
+            _fmt(results[f"hash_only_ms_{lb}"]),
+            _fmt(results[f"decrypt_ms_{lb}"]),
+            _fmt(results[f"session_from_memory_ms_{lb}"]),
+            _fmt(sum(parts)),
+            _fmt(results[f"open_bundle_ms_{lb}"]),
+        )
+    console.print(t)
+
+    t = Table(title=f"Decryption throughput, {tp['bytes'] / MB:.1f} MB plaintext of the 100 MB bundle (medians)")
+    t.add_column("what")
+    t.add_column("MB/s", justify="right")
+    t.add_column("pipeline ÷ this", justify="right")
+    t.add_column("target", justify="right")
+    t.add_column("")
+    pipe = tp["pipeline_mbps"]
+    t.add_row(f"payload pipeline (pread + SHA-256 + AES-GCM), {tp['pipeline_workers']} workers", _fmt(pipe, 0), "", "", "")
+    t.add_row("payload pipeline, workers=1", _fmt(tp["pipeline_1worker_mbps"], 0), _fmt(pipe / tp["pipeline_1worker_mbps"], 2), "", "")
+    ok = results["decrypt_vs_aesgcm"] >= DECRYPT_VS_AESGCM_TARGET
+    t.add_row("raw AES-256-GCM decrypt, 1 MiB chunks, 1 core", _fmt(tp["aesgcm_1core_mbps"], 0), _fmt(results["decrypt_vs_aesgcm"], 2), f"≥ {DECRYPT_VS_AESGCM_TARGET}", _mark(ok))
+    t.add_row("  (for reference) raw SHA-256, 1 MiB chunks, 1 core", _fmt(tp["sha256_1core_mbps"], 0), _fmt(pipe / tp["sha256_1core_mbps"], 2), "", "")
+    t.add_row("  (for reference) os.pread, 1 MiB chunks, 1 core", _fmt(tp["pread_1core_mbps"], 0), _fmt(pipe / tp["pread_1core_mbps"], 2), "", "")
+    fernet_what = "Fernet decrypt" + ("" if tp["fernet_bytes"] == tp["bytes"] else f" ({tp['fernet_bytes'] / MB:.0f} MB sample)")
+    t.add_row(fernet_what, _fmt(tp["fernet_mbps"], 0), _fmt(results["decrypt_vs_fernet"], 2), "", "")
+    console.print(t)
+
+    t = Table(title="Peak memory while opening, fresh process each: (ru_maxrss − RSS after imports) ÷ model file size")
+    for col in ("model", "bundle MB", "bundle ratio", "plain MB", "plain ratio", "target", ""):
+        t.add_column(col, justify="right" if col not in ("model", "") else "left")
+    for m in bench.models:
+        lb = m["label"]
+        r = results[f"peak_mem_ratio_{lb}"]
+        t.add_row(
+            lb,
+            _fmt(results[f"peak_mem_mb_{lb}"]),
+            _fmt(r, 2),
+            _fmt(results[f"plain_peak_mem_mb_{lb}"]),
+            _fmt(results[f"plain_peak_mem_ratio_{lb}"], 2),
+            f"≤ {PEAK_MEM_TARGET}" if lb == "100mb" else "-",
+            _mark(r <= PEAK_MEM_TARGET) if lb == "100mb" else "",
+        )
+    console.print(t)
+    console.print(f"{'quick' if quick else 'full'} run, {results['wall_s']:.1f} s; MB = 10^6 bytes.")
+
+    if args.json:
+        target = Path(args.json)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(results, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        console.print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
