@@ -1,5 +1,5 @@
 # Every target creates .venv when missing and installs the project into it; nothing is needed by hand.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
