@@ -125,6 +125,14 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
 def _child_mem(kind: str, path: str, keydir: str) -> dict[str, Any]:
     from edgeshield import bundles, keys
     from edgeshield.bundles._ort import onnxruntime as ort
@@ -142,19 +150,23 @@ def _child_mem(kind: str, path: str, keydir: str) -> dict[str, Any]:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     elapsed = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    hwm = _vm_hwm_bytes()  # the same high-water mark, for this process image only
     after = _rss_bytes()
     del session
-    return {"baseline": baseline, "peak": peak, "after": after, "elapsed_s": elapsed}
+    return {"baseline": baseline, "peak": peak, "vm_hwm": hwm, "after": after, "elapsed_s": elapsed}
 
 
 def _run_child(args: list[str]) -> dict[str, Any]:
+    """Run this script's ``--_child`` mode in a fresh interpreter and return the JSON it prints.
+
+    The child is started through ``sh`` without ``exec``: on Linux ru_maxrss survives ``execve`` and a child forked
+    directly from this (large) process would report this process's peak as its own. ``sh`` is small, and the
+    interpreter it forks starts with a clean high-water mark.
+    """
     env = dict(os.environ, ORT_DISABLE_TELEMETRY="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", *args]
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_child", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd], env=env, capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
@@ -225,15 +237,20 @@ class Bench:
         """The stages of ``open_bundle`` timed one by one (same private helpers it calls, same order)."""
         import numpy as np
 
-        from edgeshield.bundles import _api, _wrap
+        from edgeshield.bundles import _api, _format, _wrap
 
         path = m["bundle"]
+
+        commitment = getattr(_format, "data_key_commitment", None)  # newer formats commit to the data key
 
         def header_and_signature() -> Any:
             with _api._open_for_read(path) as (read_at, size):
                 manifest = _api._authenticated_manifest(read_at, size, self.owner_pub)
                 stanza = manifest.recipients[0]
-                key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, bytes.fromhex(manifest.bundle_id))
+                bundle_id = bytes.fromhex(manifest.bundle_id)
+                key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, bundle_id)
+                if commitment is not None and commitment(bundle_id, key) != manifest.data_key_commitment:
+                    raise AssertionError("data key commitment mismatch")
             return manifest, key
 
         manifest, key = header_and_signature()
@@ -365,11 +382,15 @@ class Bench:
 
     # 4. memory --------------------------------------------------------------------------------------------------
     def memory(self, m: dict[str, Any]) -> dict[str, Any]:
-        out = {}
+        out: dict[str, Any] = {"warnings": []}
         for kind, path in (("bundle", m["bundle"]), ("plain", m["model"])):
             r = _run_child(["mem", "--kind", kind, "--path", path, "--keys", str(self.keydir)])
             out[kind] = r
             out[f"{kind}_ratio"] = (r["peak"] - r["baseline"]) / m["model_bytes"]
+            if r["vm_hwm"] > 0 and abs(r["peak"] - r["vm_hwm"]) > 0.02 * r["peak"]:
+                out["warnings"].append(
+                    f"{m['label']} {kind}: ru_maxrss {r['peak'] / MB:.0f} MB differs from VmHWM {r['vm_hwm'] / MB:.0f} MB"
+                )
         return out
 
 
@@ -405,6 +426,19 @@ def machine_info() -> dict[str, str]:
     return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine from /proc/stat."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:,.{nd}f}"
 
@@ -438,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=110)
     started = time.perf_counter()
     quick = args.quick
     info = machine_info()
@@ -445,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     reps_for = {"1mb": 5, "100mb": 3} if quick else {"1mb": 7, "100mb": 7, "1gb": 3}
     tp_reps = 3 if quick else 5
 
+    load_start = os.getloadavg()[0]
+    busy0, total0 = _cpu_ticks()
+    own0 = _own_cpu_s()
     workdir = Path(tempfile.mkdtemp(prefix="edgeshield-bench-"))
     results: dict[str, Any] = {}
     try:
@@ -467,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    busy1, total1 = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    others_cpu_s = max(0.0, (busy1 - busy0) / hz - (_own_cpu_s() - own0))
+    machine_cpu_s = (total1 - total0) / hz
 
     # ---- assemble the flat result --------------------------------------------------------------------------------
     results.update(
@@ -525,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         decrypt_vs_fernet=tp["pipeline_mbps"] / tp["fernet_mbps"],
     )
     results["wall_s"] = time.perf_counter() - started
+    results["loadavg_1min_start"] = load_start
+    results["loadavg_1min_end"] = os.getloadavg()[0]
+    results["other_processes_cpu_s"] = others_cpu_s
+    results["other_processes_cpu_share"] = others_cpu_s / machine_cpu_s if machine_cpu_s else None
+    results["memory_warnings"] = "; ".join(w for lb in mem for w in mem[lb]["warnings"]) or None
 
     # ---- print ---------------------------------------------------------------------------------------------------
     t = Table(title="Opening: bundle (verify + decrypt + session) vs. plain ONNX file; medians, warm page cache")
@@ -596,7 +645,13 @@ def main(argv: list[str] | None = None) -> int:
             _mark(r <= PEAK_MEM_TARGET) if lb == "100mb" else "",
         )
     console.print(t)
-    console.print(f"{'quick' if quick else 'full'} run, {results['wall_s']:.1f} s; MB = 10^6 bytes.")
+    if results["memory_warnings"]:
+        console.print(f"[yellow]memory: {results['memory_warnings']}[/yellow]")
+    console.print(
+        f"{'quick' if quick else 'full'} run, {results['wall_s']:.1f} s; MB = 10^6 bytes. Background: other processes "
+        f"used {others_cpu_s:.1f} CPU-s ({100 * (results['other_processes_cpu_share'] or 0):.0f}% of the machine) "
+        f"during the run; 1-min load average {load_start:.2f} at start, {results['loadavg_1min_end']:.2f} at end."
+    )
 
     if args.json:
         target = Path(args.json)

@@ -101,6 +101,10 @@ class ChunkAuthenticationError(IntegrityError):
     """A payload chunk failed AEAD authentication (altered, reordered, dropped or duplicated)."""
 
 
+class KeyCommitmentError(IntegrityError):
+    """The unwrapped data key is not the one the signed manifest commits to (a forged or mixed-up key wrap)."""
+
+
 class ModelSignatureError(IntegrityError):
     """An OpenSSF model-signing signature does not verify for the model."""
 

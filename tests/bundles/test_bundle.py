@@ -311,3 +311,67 @@ def test_malformed_but_validly_signed_manifest_is_rejected(tmp_path: Path, keyse
     (tmp_path / "m.esb").write_bytes(_format.encode_header(raw, sig) + payload)
     with pytest.raises(MalformedBundleError):
         bundles.verify(tmp_path / "m.esb", keyset.owner_pub)
+
+
+def _resign(tmp_path: Path, ks: KeySet, manifest: dict, payload: bytes, name: str) -> Path:  # type: ignore[type-arg]
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    raw = _format.canonical_json(manifest)
+    sig = ks.owner_priv.sign(_format.signed_message(raw), ec.ECDSA(hashes.SHA256()))
+    out = tmp_path / name
+    out.write_bytes(_format.encode_header(raw, sig) + payload)
+    return out
+
+
+def test_device_rejects_a_key_wrap_the_manifest_does_not_commit_to(
+    tmp_path: Path, keyset: KeySet, tiny_model: Path
+) -> None:
+    """A malicious owner cannot hand different devices different data keys for one ciphertext."""
+    import base64
+
+    from edgeshield.bundles import _wrap
+    from edgeshield.errors import KeyCommitmentError
+
+    manifest, _, payload = _split(_bundle_bytes(tmp_path, keyset, tiny_model))
+    d = json.loads(manifest)
+    other_key = os.urandom(32)
+    d["recipients"][0]["wrapped_key"] = base64.b64encode(
+        _wrap.wrap_key(other_key, keyset.device_pub, bytes.fromhex(d["bundle_id"]))
+    ).decode()
+    bad = _resign(tmp_path, keyset, d, payload, "mixed.esb")
+    bundles.verify(bad, keyset.owner_pub)  # a gateway cannot tell: it never sees the data key
+    with pytest.raises(KeyCommitmentError):
+        bundles.open_session(bad, keyset.owner_pub, keyset.device_priv)
+
+
+def test_hostile_unsigned_manifest_values_are_rejected_cleanly(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
+    manifest, signature, payload = _split(_bundle_bytes(tmp_path, keyset, tiny_model))
+    for value in ("\u00e9" * 16, "ABCDEF0123456789", 12345, None):
+        d = json.loads(manifest)
+        d["signer_key_id"] = value
+        raw = _format.canonical_json(d)
+        (tmp_path / "h.esb").write_bytes(_format.encode_header(raw, signature) + payload)
+        with pytest.raises(SignatureError):
+            bundles.verify(tmp_path / "h.esb", keyset.owner_pub)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("bundle_id", "00112233445566778899aabbccddeeff\n"),
+        ("created", "2026-11-25T10:00:00Z\n"),
+        ("created", "\u0662026-11-25T10:00:00Z"),
+        ("model_version", 2**63),
+        ("metadata", {"k": "\ud800"}),
+        ("image", {"graph_size": 1, "weights_offset": 1, "weights_size": 1, "weights_location": "edgeshield.weights", "x": 1}),
+    ],
+)
+def test_signed_but_invalid_manifest_values(
+    tmp_path: Path, keyset: KeySet, tiny_model: Path, field: str, value: object
+) -> None:
+    manifest, _, payload = _split(_bundle_bytes(tmp_path, keyset, tiny_model))
+    d = json.loads(manifest)
+    d[field] = value
+    with pytest.raises(MalformedBundleError):
+        bundles.verify(_resign(tmp_path, keyset, d, payload, "v.esb"), keyset.owner_pub)

@@ -40,12 +40,14 @@ MAX_MANIFEST_SIZE = 1 << 20
 MAX_SIGNATURE_SIZE = 256
 SIGNING_CONTEXT = b"EdgeShield bundle signature v1\x00"  # 31 bytes
 HPKE_INFO_PREFIX = b"EdgeShield bundle v1 data key\x00"  # 30 bytes, then the 16 raw bundle_id bytes
+KEY_COMMITMENT_CONTEXT = b"EdgeShield data key commitment v1\x00"  # 34 bytes, then bundle_id, then the data key
 TAG = 16
 WRAPPED_KEY_SIZE = 80
 WEIGHTS_FILE = "edgeshield.weights"
 TOP_LEVEL_FIELDS = {
     "aead", "bundle_id", "chunk_size", "created", "format", "format_version", "image", "key_wrap", "metadata",
     "model_format", "model_sha256", "model_size", "model_version", "payload_sha256", "payload_size",
+    "data_key_commitment",
     "plaintext_sha256", "plaintext_size", "recipients", "signer_key_id",
 }  # fmt: skip
 
@@ -207,6 +209,9 @@ def device_open(data: bytes, owner: ec.EllipticCurvePublicKey, device: x25519.X2
     except (InvalidTag, ValueError):
         raise ReaderError("KeyUnwrap", "cannot unwrap") from None
     assert len(data_key) == 32
+    commitment = hashlib.sha256(KEY_COMMITMENT_CONTEXT + bundle_id + data_key).hexdigest()
+    if not hmac.compare_digest(commitment, m["data_key_commitment"]):
+        raise ReaderError("KeyCommitment", "unwrapped data key does not match the manifest's commitment")
     plaintext = decrypt_stream(data_key, bundle_id, sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"]))
     assert len(plaintext) == m["plaintext_size"]
     return m, plaintext

@@ -20,6 +20,7 @@ from edgeshield._io import atomic_writer, check_readable_file
 from edgeshield.bundles import _format, _stream, _wrap
 from edgeshield.errors import (
     InvalidArgumentError,
+    KeyCommitmentError,
     MalformedBundleError,
     NotARecipientError,
     PayloadDigestError,
@@ -81,12 +82,14 @@ def _authenticated_manifest(read_at: _stream.ReadAt, size: int, owner_key: Owner
 
 
 def _claimed_signer(manifest_raw: bytes) -> str | None:
-    # Only to give a precise error before the signature check; nothing here is trusted.
+    # Only to give a precise error before the signature check; nothing here is trusted, so only a well-formed
+    # key id is returned (anything else falls through to the signature check).
     with contextlib.suppress(Exception):
         import json
 
         value = json.loads(manifest_raw).get("signer_key_id")
-        return value if isinstance(value, str) else None
+        if isinstance(value, str) and _format.KEY_ID_RE.fullmatch(value):
+            return value
     return None
 
 
@@ -143,7 +146,10 @@ def open_bundle(
             raise NotARecipientError(
                 f"device key {device_id} is not a recipient of this bundle (recipients: {', '.join(manifest.recipient_key_ids)})"
             )
-        data_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bytes.fromhex(manifest.bundle_id))
+        bundle_id = bytes.fromhex(manifest.bundle_id)
+        data_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bundle_id)
+        if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
+            raise KeyCommitmentError("the data key wrapped for this device is not the one the manifest commits to")
         import numpy as np
 
         plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
@@ -247,6 +253,7 @@ def protect(
         plaintext_sha256=plain_hash.hexdigest(),
         payload_size=_stream.payload_size(image.size, chunk_size),
         payload_sha256=payload_sha256.hex(),
+        data_key_commitment=_format.data_key_commitment(bundle_id, data_key),
         recipients=tuple(
             _format.Recipient(rid, _wrap.wrap_key(data_key, r, bundle_id)) for rid, r in zip(recipient_ids, recipients)
         ),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import struct
@@ -40,10 +41,23 @@ AEAD_NAME = "AES-256-GCM-STREAM-v1"
 WEIGHTS_LOCATION = "edgeshield.weights"
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_VALUE = 1024
-_META_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+MAX_INT = 2**63 - 1
+# All patterns are matched with fullmatch: no trailing newline, ASCII digits only.
+_META_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_KEY_COMMITMENT_CONTEXT = b"EdgeShield data key commitment v1\x00"
+
+
+def data_key_commitment(bundle_id: bytes, data_key: bytes) -> str:
+    """Hash committing the manifest to one data key, so every recipient decrypts the same plaintext.
+
+    AES-GCM is not key-committing: without this, a malicious owner could wrap different keys for different devices
+    under which one ciphertext decrypts to different models. Revealing a hash of a random 256-bit key is safe.
+    """
+    return hashlib.sha256(_KEY_COMMITMENT_CONTEXT + bundle_id + data_key).hexdigest()
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -86,6 +100,7 @@ class Manifest:
     plaintext_sha256: str
     payload_size: int
     payload_sha256: str
+    data_key_commitment: str
     recipients: tuple[Recipient, ...]
     image: Image
     aead: str = AEAD_NAME
@@ -118,15 +133,15 @@ def _req(d: dict[str, Any], key: str, typ: type, where: str = "manifest") -> Any
     if key not in d:
         raise MalformedBundleError(f"{where} lacks field {key!r}")
     value = d[key]
-    if typ is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise MalformedBundleError(f"{where} field {key!r} must be a non-negative integer")
+    if typ is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT):
+        raise MalformedBundleError(f"{where} field {key!r} must be an integer between 0 and 2**63-1")
     if typ is not int and not isinstance(value, typ):
         raise MalformedBundleError(f"{where} field {key!r} must be of type {typ.__name__}")
     return value
 
 
 def _match(pattern: re.Pattern[str], value: str, name: str) -> str:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise MalformedBundleError(f"manifest field {name!r} is malformed")
     return value
 
@@ -135,11 +150,24 @@ def validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
     if len(metadata) > MAX_METADATA_ENTRIES:
         raise MalformedBundleError(f"at most {MAX_METADATA_ENTRIES} metadata entries are allowed")
     for k, v in metadata.items():
-        if not isinstance(k, str) or not _META_KEY_RE.match(k):
+        if not isinstance(k, str) or not _META_KEY_RE.fullmatch(k):
             raise MalformedBundleError(f"metadata key {k!r} must be 1-64 letters, digits, '.', '_' or '-'")
-        if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
-            raise MalformedBundleError(f"metadata value for {k!r} must be a string of at most 1024 characters")
+        if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE or not _is_unicode_text(v):
+            raise MalformedBundleError(f"metadata value for {k!r} must be text of at most 1024 characters")
     return dict(metadata)
+
+
+def _is_unicode_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")  # rejects lone surrogates, which many JSON parsers refuse
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _exact_fields(d: dict[str, Any], expected: set[str], where: str) -> None:
+    if set(d) != expected:
+        raise MalformedBundleError(f"{where} has unexpected or missing fields: {sorted(set(d) ^ expected)}")
 
 
 def decode_manifest(raw: bytes) -> Manifest:
@@ -163,7 +191,8 @@ def decode_manifest(raw: bytes) -> Manifest:
     for r in _req(d, "recipients", list):
         if not isinstance(r, dict):
             raise MalformedBundleError("manifest recipient entry is not an object")
-        kid = _match(_KEY_ID, _req(r, "key_id", str, "recipient"), "recipient key_id")
+        _exact_fields(r, {"key_id", "wrapped_key"}, "recipient")
+        kid = _match(KEY_ID_RE, _req(r, "key_id", str, "recipient"), "recipient key_id")
         try:
             wrapped = base64.b64decode(_req(r, "wrapped_key", str, "recipient"), validate=True)
         except binascii.Error:
@@ -174,6 +203,7 @@ def decode_manifest(raw: bytes) -> Manifest:
     if not recipients:
         raise MalformedBundleError("manifest names no recipients")
     img = _req(d, "image", dict)
+    _exact_fields(img, {"graph_size", "weights_offset", "weights_size", "weights_location"}, "manifest image")
     image = Image(
         graph_size=_req(img, "graph_size", int, "image"),
         weights_offset=_req(img, "weights_offset", int, "image"),
@@ -181,39 +211,39 @@ def decode_manifest(raw: bytes) -> Manifest:
         weights_location=_req(img, "weights_location", str, "image"),
     )
     m = Manifest(
-        bundle_id=_req(d, "bundle_id", str),
+        bundle_id=_match(_BUNDLE_ID, _req(d, "bundle_id", str), "bundle_id"),
         created=_match(_DATE, _req(d, "created", str), "created"),
         model_format=_req(d, "model_format", str),
         model_version=_req(d, "model_version", int),
         model_sha256=_match(_HEX64, _req(d, "model_sha256", str), "model_sha256"),
         model_size=_req(d, "model_size", int),
         metadata=validate_metadata(_req(d, "metadata", dict)),
-        signer_key_id=_match(_KEY_ID, _req(d, "signer_key_id", str), "signer_key_id"),
+        signer_key_id=_match(KEY_ID_RE, _req(d, "signer_key_id", str), "signer_key_id"),
         chunk_size=_req(d, "chunk_size", int),
         plaintext_size=_req(d, "plaintext_size", int),
         plaintext_sha256=_match(_HEX64, _req(d, "plaintext_sha256", str), "plaintext_sha256"),
         payload_size=_req(d, "payload_size", int),
         payload_sha256=_match(_HEX64, _req(d, "payload_sha256", str), "payload_sha256"),
+        data_key_commitment=_match(_HEX64, _req(d, "data_key_commitment", str), "data_key_commitment"),
         recipients=tuple(recipients),
         image=image,
         aead=_req(d, "aead", str),
         key_wrap=_req(d, "key_wrap", str),
     )
-    if set(d) != set(m.to_dict()):
-        raise MalformedBundleError(f"manifest has unknown fields: {sorted(set(d) - set(m.to_dict()))}")
+    _exact_fields(d, set(m.to_dict()), "manifest")
     _check_consistency(m)
     return m
 
 
 def _check_consistency(m: Manifest) -> None:
-    if not re.match(r"^[0-9a-f]{32}$", m.bundle_id):
-        raise MalformedBundleError("manifest bundle_id is malformed")
     if m.model_format != "onnx":
         raise MalformedBundleError(f"unsupported model format {m.model_format!r}")
     if m.aead != AEAD_NAME or m.key_wrap != _wrap.SUITE_NAME:
         raise MalformedBundleError("manifest names an unsupported cipher suite")
     if not _stream.MIN_CHUNK_SIZE <= m.chunk_size <= _stream.MAX_CHUNK_SIZE:
         raise MalformedBundleError("manifest chunk size is out of range")
+    if _stream.chunk_count(m.plaintext_size, m.chunk_size) > _stream.MAX_CHUNKS:
+        raise MalformedBundleError("manifest declares too many chunks")
     if m.payload_size != _stream.payload_size(m.plaintext_size, m.chunk_size):
         raise MalformedBundleError("manifest payload size does not match its plaintext size")
     img = m.image
