@@ -335,9 +335,9 @@ def test_device_rejects_a_key_wrap_the_manifest_does_not_commit_to(
 
     manifest, _, payload = _split(_bundle_bytes(tmp_path, keyset, tiny_model))
     d = json.loads(manifest)
-    other_key = os.urandom(32)
+    other_keys = os.urandom(64)  # another data key (and MAC key) than the one committed to
     d["recipients"][0]["wrapped_key"] = base64.b64encode(
-        _wrap.wrap_key(other_key, keyset.device_pub, bytes.fromhex(d["bundle_id"]))
+        _wrap.wrap_key(other_keys, keyset.device_pub, bytes.fromhex(d["bundle_id"]))
     ).decode()
     bad = _resign(tmp_path, keyset, d, payload, "mixed.esb")
     bundles.verify(bad, keyset.owner_pub)  # a gateway cannot tell: it never sees the data key
@@ -375,3 +375,35 @@ def test_signed_but_invalid_manifest_values(
     d[field] = value
     with pytest.raises(MalformedBundleError):
         bundles.verify(_resign(tmp_path, keyset, d, payload, "v.esb"), keyset.owner_pub)
+
+
+def test_a_recipient_that_knows_the_data_key_cannot_swap_the_model_for_another(
+    tmp_path: Path, keyset: KeySet, tiny_model: Path
+) -> None:
+    """Insider attack: device A re-encrypts a chunk with the shared data key (valid GCM tags); B must refuse it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from edgeshield.bundles import _wrap
+
+    device_b = keys.add_device(keyset.dir, "device-b")
+    b_priv = keys.load_device_private_key(device_b.private_path)
+    bundles.protect(
+        tiny_model, tmp_path / "m.esb", signing_key=keyset.owner_priv,
+        recipients=[keyset.device_pub, keys.load_device_public_key(device_b.public_path)], chunk_size=64,
+    )
+    manifest_raw, signature, payload = _split((tmp_path / "m.esb").read_bytes())
+    m = _format.decode_manifest(manifest_raw)
+    stanza_a = next(r for r in m.recipients if r.key_id == keys.key_id(keyset.device_pub))
+    data_key, _ = _wrap.unwrap_key(stanza_a.wrapped_key, keyset.device_priv, bytes.fromhex(m.bundle_id))
+    # A decrypts the last chunk, alters it, and seals it again under the shared data key.
+    n = _stream.chunk_count(m.plaintext_size, m.chunk_size)
+    start = (n - 1) * (m.chunk_size + _stream.TAG_SIZE)
+    aead = AESGCM(data_key)
+    plain = bytearray(aead.decrypt(_stream.nonce(n - 1, True), payload[start:], bytes.fromhex(m.bundle_id)))
+    plain[0] ^= 0xFF
+    forged = payload[:start] + aead.encrypt(_stream.nonce(n - 1, True), bytes(plain), bytes.fromhex(m.bundle_id))
+    (tmp_path / "forged.esb").write_bytes(_format.encode_header(manifest_raw, signature) + forged)
+    with pytest.raises(PayloadDigestError):
+        bundles.open_session(tmp_path / "forged.esb", keyset.owner_pub, b_priv)
+    with pytest.raises(PayloadDigestError):
+        bundles.verify(tmp_path / "forged.esb", keyset.owner_pub)

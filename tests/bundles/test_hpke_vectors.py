@@ -389,6 +389,8 @@ def test_exports(v):
 # ---------------------------------------------------------------------------------------------------------------------
 
 DATA_KEY = bytes(range(32))
+MAC_KEY = bytes(range(32, 64))
+SECRET = DATA_KEY + MAC_KEY  # what a bundle wraps per recipient: data key || that recipient's MAC key
 BUNDLE_ID = b"bundle-0001"
 
 
@@ -400,16 +402,16 @@ def _device() -> tuple[x25519.X25519PrivateKey, bytes, bytes]:
 
 def test_product_suite_is_the_one_under_test():
     assert _wrap.SUITE_NAME == "HPKE-Base/DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"
-    assert _wrap.WRAPPED_KEY_SIZE == 32 + N_K[AEAD_AES_256_GCM] + 16
+    assert _wrap.WRAPPED_KEY_SIZE == 32 + len(SECRET) + 16  # enc || AES-256-GCM(secret) || tag
 
 
 def test_product_wrap_opens_with_reference():
     device, sk, pk = _device()
-    wrapped = _wrap.wrap_key(DATA_KEY, device.public_key(), BUNDLE_ID)
+    wrapped = _wrap.wrap_key(SECRET, device.public_key(), BUNDLE_ID)
     assert len(wrapped) == _wrap.WRAPPED_KEY_SIZE
     enc, ct = wrapped[:32], wrapped[32:]
     ctx = setup_base_r(AEAD_AES_256_GCM, enc, sk, _wrap.info_for(BUNDLE_ID))
-    assert ctx.open(b"", ct) == DATA_KEY
+    assert ctx.open(b"", ct) == SECRET
     # Bound to the bundle: the same wrap does not open under another bundle's info.
     other = setup_base_r(AEAD_AES_256_GCM, enc, sk, _wrap.info_for(b"bundle-0002"))
     with pytest.raises(InvalidTag):
@@ -418,12 +420,12 @@ def test_product_wrap_opens_with_reference():
 
 def test_product_wraps_use_fresh_ephemeral_keys():
     device, sk, _pk = _device()
-    first = _wrap.wrap_key(DATA_KEY, device.public_key(), BUNDLE_ID)
-    second = _wrap.wrap_key(DATA_KEY, device.public_key(), BUNDLE_ID)
+    first = _wrap.wrap_key(SECRET, device.public_key(), BUNDLE_ID)
+    second = _wrap.wrap_key(SECRET, device.public_key(), BUNDLE_ID)
     assert first[:32] != second[:32]
     for wrapped in (first, second):
         ctx = setup_base_r(AEAD_AES_256_GCM, wrapped[:32], sk, _wrap.info_for(BUNDLE_ID))
-        assert ctx.open(b"", wrapped[32:]) == DATA_KEY
+        assert ctx.open(b"", wrapped[32:]) == SECRET
 
 
 def _reference_wrap(data_key: bytes, pk_r: bytes, bundle_id: bytes) -> bytes:
@@ -435,15 +437,15 @@ def _reference_wrap(data_key: bytes, pk_r: bytes, bundle_id: bytes) -> bytes:
 
 def test_reference_wrap_opens_with_product():
     device, _sk, pk = _device()
-    wrapped = _reference_wrap(DATA_KEY, pk, BUNDLE_ID)
+    wrapped = _reference_wrap(SECRET, pk, BUNDLE_ID)
     assert len(wrapped) == _wrap.WRAPPED_KEY_SIZE
     assert wrapped[:32] == h(CFRG_X25519_AES256GCM_BASE["enc"])
-    assert _wrap.unwrap_key(wrapped, device, BUNDLE_ID) == DATA_KEY
+    assert _wrap.unwrap_key(wrapped, device, BUNDLE_ID) == (DATA_KEY, MAC_KEY)
 
 
 def test_unwrap_with_wrong_bundle_id_raises():
     device, _sk, pk = _device()
-    for wrapped in (_reference_wrap(DATA_KEY, pk, BUNDLE_ID), _wrap.wrap_key(DATA_KEY, device.public_key(), BUNDLE_ID)):
+    for wrapped in (_reference_wrap(SECRET, pk, BUNDLE_ID), _wrap.wrap_key(SECRET, device.public_key(), BUNDLE_ID)):
         with pytest.raises(KeyUnwrapError):
             _wrap.unwrap_key(wrapped, device, b"bundle-0002")
 
@@ -452,7 +454,7 @@ def test_unwrap_with_other_device_key_raises():
     device, _sk, pk = _device()
     # A different, fixed device: the AES-128-GCM vector's recipient.
     other = x25519.X25519PrivateKey.from_private_bytes(derive_key_pair(h(RFC9180_A_1_1["ikmR"]))[0])
-    for wrapped in (_reference_wrap(DATA_KEY, pk, BUNDLE_ID), _wrap.wrap_key(DATA_KEY, device.public_key(), BUNDLE_ID)):
+    for wrapped in (_reference_wrap(SECRET, pk, BUNDLE_ID), _wrap.wrap_key(SECRET, device.public_key(), BUNDLE_ID)):
         with pytest.raises(KeyUnwrapError):
             _wrap.unwrap_key(wrapped, other, BUNDLE_ID)
         with pytest.raises(KeyUnwrapError):
@@ -461,7 +463,7 @@ def test_unwrap_with_other_device_key_raises():
 
 def test_unwrap_of_tampered_wrap_raises():
     device, _sk, pk = _device()
-    wrapped = bytearray(_reference_wrap(DATA_KEY, pk, BUNDLE_ID))
+    wrapped = bytearray(_reference_wrap(SECRET, pk, BUNDLE_ID))
     wrapped[-1] ^= 0x01
     with pytest.raises(KeyUnwrapError):
         _wrap.unwrap_key(bytes(wrapped), device, BUNDLE_ID)

@@ -42,9 +42,10 @@ def test_multi_megabyte_round_trip_and_digest_is_order_sensitive() -> None:
     chunks = seal(data, 1 << 20)
     blob = b"".join(chunks)
     assert open_sealed(blob, len(data), 1 << 20) == data
-    digest = _stream.process_payload(None, AAD, len(data), 1 << 20, lambda o, n: blob[o : o + n])
+    digest, mac = _stream.process_payload(None, AAD, len(data), 1 << 20, lambda o, n: blob[o : o + n])
     import hashlib
 
+    assert mac is None
     assert digest == _stream.digest_of_chunk_digests([hashlib.sha256(c).digest() for c in chunks])
     swapped = [chunks[1], chunks[0], *chunks[2:]]
     assert _stream.digest_of_chunk_digests([hashlib.sha256(c).digest() for c in swapped]) != digest
@@ -122,3 +123,22 @@ def test_wrong_key_or_aad_is_rejected() -> None:
     out = bytearray(1100)
     with pytest.raises(ChunkAuthenticationError):
         _stream.process_payload(KEY, b"another bundle!!", 1100, 64, lambda o, n: blob[o : o + n], memoryview(out))
+
+
+def test_payload_mac_is_gmac_per_chunk_under_the_recipient_key() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    data = os.urandom(1000)
+    chunks = seal(data, 256)
+    blob = b"".join(chunks)
+    mac_key = os.urandom(32)
+    out = bytearray(len(data))
+    digest, mac = _stream.process_payload(
+        KEY, AAD, len(data), 256, lambda o, n: blob[o : o + n], memoryview(out), mac_key=mac_key, digest=False
+    )
+    assert digest is None and bytes(out) == data
+    gmac = AESGCM(mac_key)
+    tags = [gmac.encrypt(_stream.nonce(i, i == len(chunks) - 1), b"", c) for i, c in enumerate(chunks)]
+    assert mac == _stream.digest_of_chunk_digests(tags)
+    _, other = _stream.process_payload(None, AAD, len(data), 256, lambda o, n: blob[o : o + n], mac_key=os.urandom(32))
+    assert other != mac  # a MAC under another recipient's key says nothing about this one

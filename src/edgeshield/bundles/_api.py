@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgeshield._io import atomic_writer, check_readable_file
 from edgeshield.bundles import _format, _stream, _wrap
@@ -93,18 +94,20 @@ def _claimed_signer(manifest_raw: bytes) -> str | None:
     return None
 
 
-def _check_payload(
-    read_at: _stream.ReadAt, size: int, manifest: _format.Manifest, data_key: bytes | None, out: memoryview | None
-) -> None:
+def _payload_args(read_at: _stream.ReadAt, size: int, manifest: _format.Manifest) -> tuple[bytes, int, int, _stream.ReadAt]:
     payload_offset = size - manifest.payload_size
-    digest = _stream.process_payload(
-        data_key,
+    return (
         bytes.fromhex(manifest.bundle_id),
         manifest.plaintext_size,
         manifest.chunk_size,
         lambda offset, n: read_at(payload_offset + offset, n),
-        out,
     )
+
+
+def _check_payload_digest(read_at: _stream.ReadAt, size: int, manifest: _format.Manifest) -> None:
+    """Gateway check: the sealed chunks hash to the signed payload digest."""
+    digest, _ = _stream.process_payload(None, *_payload_args(read_at, size, manifest))
+    assert digest is not None
     if not hmac.compare_digest(digest.hex(), manifest.payload_sha256):
         raise PayloadDigestError("bundle payload does not match the digest its signed manifest commits to")
 
@@ -116,7 +119,7 @@ def verify(bundle: PathLike, owner_key: OwnerPublicKey) -> Manifest:
     """
     with _open_for_read(bundle) as (read_at, size):
         manifest = _authenticated_manifest(read_at, size, owner_key)
-        _check_payload(read_at, size, manifest, None, None)
+        _check_payload_digest(read_at, size, manifest)
     return manifest
 
 
@@ -147,13 +150,20 @@ def open_bundle(
                 f"device key {device_id} is not a recipient of this bundle (recipients: {', '.join(manifest.recipient_key_ids)})"
             )
         bundle_id = bytes.fromhex(manifest.bundle_id)
-        data_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bundle_id)
+        data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bundle_id)
         if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
             raise KeyCommitmentError("the data key wrapped for this device is not the one the manifest commits to")
         import numpy as np
 
+        # One pass: decrypt every chunk and MAC it under this device's own key. Nothing is parsed before the MAC
+        # matches the signed manifest, so not even another recipient (which knows the data key) can swap the model.
         plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
-        _check_payload(read_at, size, manifest, data_key, memoryview(plaintext))
+        _, mac = _stream.process_payload(
+            data_key, *_payload_args(read_at, size, manifest), memoryview(plaintext), mac_key=mac_key, digest=False
+        )
+        assert mac is not None
+        if not hmac.compare_digest(mac.hex(), stanza.payload_mac):
+            raise PayloadDigestError("bundle payload does not match the MAC its signed manifest holds for this device")
     img = manifest.image
     weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
     session = _create_session(plaintext[: img.graph_size].tobytes(), weights, img, session_options, providers)
@@ -227,14 +237,23 @@ def protect(
     _check_loadable(image)
 
     data_key = os.urandom(_stream.KEY_SIZE)
+    mac_keys = [os.urandom(_stream.KEY_SIZE) for _ in recipients]
     bundle_id = os.urandom(16)
 
     def sealed() -> Iterator[bytes]:
         return _stream.encrypt_chunks(data_key, bundle_id, image.size, chunk_size, image.read_at)
 
-    # Encryption is deterministic for a given key and nonce sequence: pass one only hashes, pass two writes,
-    # so neither the ciphertext nor a temporary file is ever needed in full.
-    payload_sha256 = _stream.digest_of_chunk_digests([hashlib.sha256(c).digest() for c in sealed()])
+    # Encryption is deterministic for a given key and nonce sequence: pass one only hashes and MACs, pass two
+    # writes, so neither the ciphertext nor a temporary file is ever needed in full.
+    n_chunks = _stream.chunk_count(image.size, chunk_size)
+    macs = [AESGCM(k) for k in mac_keys]
+    chunk_digests: list[bytes] = []
+    chunk_tags: list[list[bytes]] = [[] for _ in recipients]
+    for i, chunk in enumerate(sealed()):
+        chunk_digests.append(hashlib.sha256(chunk).digest())
+        for tags, mac in zip(chunk_tags, macs):
+            tags.append(_stream.chunk_mac(mac, i, i == n_chunks - 1, chunk))
+    payload_sha256 = _stream.digest_of_chunk_digests(chunk_digests)
     plain_hash = hashlib.sha256()
     for offset in range(0, image.size, 1 << 20):
         plain_hash.update(image.read_at(offset, min(1 << 20, image.size - offset)))
@@ -255,7 +274,12 @@ def protect(
         payload_sha256=payload_sha256.hex(),
         data_key_commitment=_format.data_key_commitment(bundle_id, data_key),
         recipients=tuple(
-            _format.Recipient(rid, _wrap.wrap_key(data_key, r, bundle_id)) for rid, r in zip(recipient_ids, recipients)
+            _format.Recipient(
+                rid,
+                _wrap.wrap_key(data_key + mac_key, r, bundle_id),
+                _stream.digest_of_chunk_digests(tags).hex(),
+            )
+            for rid, r, mac_key, tags in zip(recipient_ids, recipients, mac_keys, chunk_tags)
         ),
         image=image.layout,
     )

@@ -68,9 +68,14 @@ def canonical_json(obj: Any) -> bytes:
 class Recipient:
     key_id: str
     wrapped_key: bytes
+    payload_mac: str  # hex SHA-256 over the GMAC tags of the sealed chunks under this recipient's MAC key
 
     def to_dict(self) -> dict[str, str]:
-        return {"key_id": self.key_id, "wrapped_key": base64.b64encode(self.wrapped_key).decode()}
+        return {
+            "key_id": self.key_id,
+            "payload_mac": self.payload_mac,
+            "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
+        }
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ def decode_manifest(raw: bytes) -> Manifest:
     for r in _req(d, "recipients", list):
         if not isinstance(r, dict):
             raise MalformedBundleError("manifest recipient entry is not an object")
-        _exact_fields(r, {"key_id", "wrapped_key"}, "recipient")
+        _exact_fields(r, {"key_id", "payload_mac", "wrapped_key"}, "recipient")
         kid = _match(KEY_ID_RE, _req(r, "key_id", str, "recipient"), "recipient key_id")
         try:
             wrapped = base64.b64decode(_req(r, "wrapped_key", str, "recipient"), validate=True)
@@ -199,7 +204,8 @@ def decode_manifest(raw: bytes) -> Manifest:
             raise MalformedBundleError("recipient wrapped_key is not base64") from None
         if len(wrapped) != _wrap.WRAPPED_KEY_SIZE:
             raise MalformedBundleError("recipient wrapped_key has the wrong length")
-        recipients.append(Recipient(kid, wrapped))
+        mac = _match(_HEX64, _req(r, "payload_mac", str, "recipient"), "recipient payload_mac")
+        recipients.append(Recipient(kid, wrapped, mac))
     if not recipients:
         raise MalformedBundleError("manifest names no recipients")
     img = _req(d, "image", dict)
