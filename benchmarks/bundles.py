@@ -6,11 +6,15 @@ What it measures (every figure comes from this run; nothing is hard-coded):
 
 1. Models of about 1 MB, 100 MB and 1 GB (a chain of MatMul nodes with deterministic random float32 weights) are
    generated into a temporary directory, keys are made with ``init_keys`` and each model is protected (untimed).
-2. Time to open the bundle (``open_session``: verify + decrypt + create session) vs. time to create a session from
-   the plain file, as the median of alternating repetitions with a warm page cache; plus where the bundle's
-   opening time goes (signature check, hashing only, decrypt + hash, session creation from memory).
-3. Decryption throughput of the real payload pipeline (``_stream.process_payload`` with the bundle's data key)
-   against raw AES-256-GCM of ``cryptography`` on one core and against Fernet.
+2. Time to open the bundle (``open_session``: signature + unwrap + decrypt and per-recipient GMAC in one pass +
+   create session) vs. time to create a session from the plain file, as the median of alternating repetitions with
+   a warm page cache; plus where the bundle's opening time goes (header + signature + key unwrap + data-key
+   commitment, the device's decrypt + MAC pass, session creation from memory) and, for comparison, the gateway's
+   ``verify`` (signature + SHA-256 hash list of the ciphertext, no device key).
+3. Decryption throughput of the real device path (``_stream.process_payload(data_key, ..., out, mac_key=mac_key,
+   digest=False)`` with the data and MAC keys unwrapped from the 100 MB bundle, as ``open_bundle`` calls it) with
+   the default number of workers and with one, against raw AES-256-GCM of ``cryptography`` on one core and against
+   Fernet; plus the gateway path (``process_payload(None, ...)``: SHA-256 hash list only) for comparison.
 4. Peak memory while opening, divided by the model size, each in a fresh subprocess.
 
 ``--quick`` skips the 1 GB model and uses fewer repetitions. ``--json PATH`` writes one flat JSON object.
@@ -235,33 +239,43 @@ class Bench:
 
     def open_breakdown(self, m: dict[str, Any], reps: int) -> dict[str, list[float]]:
         """The stages of ``open_bundle`` timed one by one (same private helpers it calls, same order)."""
+        import hmac
+
         import numpy as np
 
-        from edgeshield.bundles import _api, _format, _wrap
+        from edgeshield.bundles import _api, _format, _stream, _wrap
+        from edgeshield.keys import key_id
 
         path = m["bundle"]
+        device_id = key_id(self.device_priv.public_key())
 
-        commitment = getattr(_format, "data_key_commitment", None)  # newer formats commit to the data key
-
-        def header_and_signature() -> Any:
+        def header_and_signature() -> Any:  # header + signature + recipient lookup + unwrap + key commitment
             with _api._open_for_read(path) as (read_at, size):
                 manifest = _api._authenticated_manifest(read_at, size, self.owner_pub)
-                stanza = manifest.recipients[0]
+                stanza = next(r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id))
                 bundle_id = bytes.fromhex(manifest.bundle_id)
-                key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, bundle_id)
-                if commitment is not None and commitment(bundle_id, key) != manifest.data_key_commitment:
+                data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, bundle_id)
+                if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
                     raise AssertionError("data key commitment mismatch")
-            return manifest, key
+            return manifest, stanza, data_key, mac_key
 
-        manifest, key = header_and_signature()
+        manifest, stanza, data_key, mac_key = header_and_signature()
 
-        def hash_only() -> Any:  # what verify() does: signature + SHA-256 of every sealed chunk, no decryption
+        def hash_only() -> Any:  # the gateway's verify(): signature + SHA-256 of every sealed chunk, no decryption
             return self.bundles.verify(path, self.owner_pub)
 
-        def decrypt() -> Any:  # fresh output buffer, as open_bundle allocates one per call
+        def decrypt() -> Any:  # the device pass: decrypt + GMAC, no SHA-256; fresh output buffer, as open_bundle
             with _api._open_for_read(path) as (read_at, size):
                 plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
-                _api._check_payload(read_at, size, manifest, key, memoryview(plaintext))
+                digest, mac = _stream.process_payload(
+                    data_key,
+                    *_api._payload_args(read_at, size, manifest),
+                    memoryview(plaintext),
+                    mac_key=mac_key,
+                    digest=False,
+                )
+                if digest is not None or mac is None or not hmac.compare_digest(mac.hex(), stanza.payload_mac):
+                    raise AssertionError("payload MAC mismatch")
             return plaintext
 
         img = manifest.image
@@ -289,6 +303,7 @@ class Bench:
             return self.ort.InferenceSession(m["model"], opts, providers=["CPUExecutionProvider"])
 
         decrypt_then_session()  # warm-up
+        hash_only()
         plain_no_prepack()
         out: dict[str, list[float]] = {k: [] for k in ("signature", "hash_only", "decrypt", "session", "plain_no_prepack")}
         for _ in range(reps):
@@ -303,20 +318,24 @@ class Bench:
     # 3. throughput ----------------------------------------------------------------------------------------------
     def throughput(self, m: dict[str, Any], reps: int) -> dict[str, Any]:
         import hashlib
+        import hmac
 
         import numpy as np
         from cryptography.fernet import Fernet
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         from edgeshield.bundles import _api, _stream, _wrap
+        from edgeshield.keys import key_id
 
         res: dict[str, Any] = {}
+        device_id = key_id(self.device_priv.public_key())
         fd = os.open(m["bundle"], os.O_RDONLY)  # read like _api does: os.pread on one descriptor
         try:
             size = os.fstat(fd).st_size
             manifest = _api._authenticated_manifest(lambda off, n: os.pread(fd, n, off), size, self.owner_pub)
             aad = bytes.fromhex(manifest.bundle_id)
-            key = _wrap.unwrap_key(manifest.recipients[0].wrapped_key, self.device_priv, aad)
+            stanza = next(r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id))
+            data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, aad)
             payload_offset = size - manifest.payload_size
             total, chunk = manifest.plaintext_size, manifest.chunk_size
             n = _stream.chunk_count(total, chunk)
@@ -328,23 +347,42 @@ class Bench:
             def read_sealed(offset: int, length: int) -> bytes:
                 return os.pread(fd, length, payload_offset + offset)
 
-            def pipeline(workers: int | None) -> Callable[[], Any]:
+            def device(workers: int | None) -> Callable[[], Any]:
+                """What open_bundle runs: decrypt + per-recipient GMAC in one pass, no SHA-256."""
+
                 def run() -> Any:
                     out = np.empty(total, dtype=np.uint8)  # fresh, as open_bundle allocates one per call
-                    digest = _stream.process_payload(key, aad, total, chunk, read_sealed, memoryview(out), workers=workers)
-                    if digest.hex() != manifest.payload_sha256:
-                        raise AssertionError("payload digest mismatch")
+                    digest, mac = _stream.process_payload(
+                        data_key, aad, total, chunk, read_sealed, memoryview(out), mac_key=mac_key, digest=False, workers=workers
+                    )
+                    if digest is not None or mac is None or not hmac.compare_digest(mac.hex(), stanza.payload_mac):
+                        raise AssertionError("payload MAC mismatch")
                     return out
+
+                return run
+
+            def gateway(workers: int | None) -> Callable[[], Any]:
+                """What verify() runs after the signature: SHA-256 of every sealed chunk, no key, no decryption."""
+
+                def run() -> Any:
+                    digest, mac = _stream.process_payload(None, aad, total, chunk, read_sealed, workers=workers)
+                    if mac is not None or digest is None or digest.hex() != manifest.payload_sha256:
+                        raise AssertionError("payload digest mismatch")
 
                 return run
 
             # The same sealed chunks held in memory, for the single-core primitives.
             sealed = [read_sealed(off, ln) for off, ln in spans]
-            aead = AESGCM(key)
+            aead = AESGCM(data_key)
+            gmac = AESGCM(mac_key)
 
             def raw_aesgcm() -> Any:
                 for i, c in enumerate(sealed):
                     aead.decrypt(_stream.nonce(i, i == n - 1), c, aad)
+
+            def raw_gmac() -> Any:
+                for i, c in enumerate(sealed):
+                    _stream.chunk_mac(gmac, i, i == n - 1, c)
 
             def raw_sha256() -> Any:
                 for c in sealed:
@@ -355,9 +393,11 @@ class Bench:
                     read_sealed(off, ln)
 
             cases: list[tuple[str, Callable[[], Any]]] = [
-                ("pipeline", pipeline(None)),
-                ("pipeline_1worker", pipeline(1)),
+                ("pipeline", device(None)),
+                ("pipeline_1worker", device(1)),
+                ("gateway", gateway(None)),
                 ("aesgcm_1core", raw_aesgcm),
+                ("gmac_1core", raw_gmac),
                 ("sha256_1core", raw_sha256),
                 ("pread_1core", raw_pread),
             ]
@@ -367,7 +407,9 @@ class Bench:
             for _ in range(reps):  # interleaved, so drift hits every case alike
                 for name, fn in cases:
                     samples[name].append(_timed(fn))
-            plain = bytes(pipeline(None)())
+            plain = bytes(device(None)())
+            if hashlib.sha256(plain).hexdigest() != manifest.plaintext_sha256:
+                raise AssertionError("decrypted image does not match the manifest's plaintext digest")
         finally:
             os.close(fd)
         for name, _ in cases:
@@ -375,6 +417,7 @@ class Bench:
             res[f"{name}_mbps"] = total / statistics.median(samples[name]) / MB
         res["pipeline_workers"] = min(4, os.cpu_count() or 1)  # process_payload's own default
         res["bytes"] = total
+        res["sealed_bytes"] = manifest.payload_size
         del sealed
         gc.collect()
 
@@ -563,8 +606,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"open_ratio_{label}": bundle_ms / plain_ms,
                 f"signature_ms_{label}": _median_ms(b["signature"]),
                 f"hash_only_ms_{label}": _median_ms(b["hash_only"]),
-                f"decrypt_ms_{label}": _median_ms(b["decrypt"]),
+                f"decrypt_mac_ms_{label}": _median_ms(b["decrypt"]),
                 f"session_from_memory_ms_{label}": _median_ms(b["session"]),
+                f"stages_sum_ms_{label}": _median_ms(b["signature"])
+                + _median_ms(b["decrypt"])
+                + _median_ms(b["session"]),
                 f"plain_no_prepack_ms_{label}": _median_ms(b["plain_no_prepack"]),
                 f"peak_mem_ratio_{label}": mm["bundle_ratio"],
                 f"plain_peak_mem_ratio_{label}": mm["plain_ratio"],
@@ -576,15 +622,19 @@ def main(argv: list[str] | None = None) -> int:
     results.update(
         decrypt_bytes=tp["bytes"],
         decrypt_workers=tp["pipeline_workers"],
+        decrypt_path="device open path: process_payload(data_key, ..., out, mac_key=mac_key, digest=False)",
         decrypt_pipeline_mbps=tp["pipeline_mbps"],
         decrypt_pipeline_1worker_mbps=tp["pipeline_1worker_mbps"],
+        gateway_verify_hash_mbps=tp["gateway_mbps"],
         aesgcm_1core_mbps=tp["aesgcm_1core_mbps"],
+        gmac_1core_mbps=tp["gmac_1core_mbps"],
         sha256_1core_mbps=tp["sha256_1core_mbps"],
         pread_1core_mbps=tp["pread_1core_mbps"],
         fernet_mbps=tp["fernet_mbps"],
         fernet_bytes=tp["fernet_bytes"],
         decrypt_vs_aesgcm=tp["pipeline_mbps"] / tp["aesgcm_1core_mbps"],
         decrypt_vs_fernet=tp["pipeline_mbps"] / tp["fernet_mbps"],
+        decrypt_vs_gateway_verify=tp["pipeline_mbps"] / tp["gateway_mbps"],
     )
     results["wall_s"] = time.perf_counter() - started
     results["loadavg_1min_start"] = load_start
@@ -617,39 +667,41 @@ def main(argv: list[str] | None = None) -> int:
     t = Table(title="Where the bundle's opening time goes (medians, ms, each stage timed alone)")
     for col in (
         "model",
-        "header+sig+unwrap",
-        "hash only (verify)",
-        "decrypt+hash",
+        "header + sig + unwrap + commit",
+        "gateway verify (hash only)",
+        "device decrypt + MAC",
         "session from memory",
         "sum",
-        "open_session",
+        "open session",
+        "sum ÷ open",
         "plain, prepacking off",
     ):
         t.add_column(col, justify="right")
     for m in bench.models:
         lb = m["label"]
-        parts = [results[f"{k}_ms_{lb}"] for k in ("signature", "decrypt", "session_from_memory")]
         t.add_row(
             lb,
             _fmt(results[f"signature_ms_{lb}"], 2),
             _fmt(results[f"hash_only_ms_{lb}"]),
-            _fmt(results[f"decrypt_ms_{lb}"]),
+            _fmt(results[f"decrypt_mac_ms_{lb}"]),
             _fmt(results[f"session_from_memory_ms_{lb}"]),
-            _fmt(sum(parts)),
+            _fmt(results[f"stages_sum_ms_{lb}"]),
             _fmt(results[f"open_bundle_ms_{lb}"]),
+            _fmt(results[f"stages_sum_ms_{lb}"] / results[f"open_bundle_ms_{lb}"], 2),
             _fmt(results[f"plain_no_prepack_ms_{lb}"]),
         )
     console.print(t)
     console.print(
-        "sum = header+sig+unwrap + decrypt+hash + session from memory (the stages of open_session); "
-        "'hash only' is verify() without a device key; 'plain, prepacking off' is the plain-file session with "
+        "sum = header+sig+unwrap+commit + device decrypt+MAC + session from memory (the stages of open_session, "
+        "which no longer hashes the ciphertext); 'open session' is open_session's median from the table above; "
+        "'gateway verify' is verify() with no device key (signature + SHA-256 hash list), not part of the sum; 'plain, prepacking off' is the plain-file session with "
         "session.disable_prepacking=1, to show how much of session creation is ONNX Runtime re-packing MatMul weights."
     )
 
     t = Table(title=f"Decryption throughput, {tp['bytes'] / MB:.1f} MB plaintext of the 100 MB bundle (medians)")
     t.add_column("what")
     t.add_column("MB/s", justify="right")
-    t.add_column("pipeline ÷ this", justify="right")
+    t.add_column("device path ÷ this", justify="right")
     t.add_column("target", justify="right")
     t.add_column("")
     pipe = tp["pipeline_mbps"]
@@ -657,9 +709,15 @@ def main(argv: list[str] | None = None) -> int:
     if tp["fernet_bytes"] != tp["bytes"]:
         fernet_what += f" ({tp['fernet_bytes'] / MB:.0f} MB sample)"
     rows = [
-        (f"payload pipeline (pread + SHA-256 + AES-GCM), {tp['pipeline_workers']} workers", pipe, None),
-        ("payload pipeline, workers=1", tp["pipeline_1worker_mbps"], None),
+        (f"device open path (pread + AES-GCM decrypt + GMAC), {tp['pipeline_workers']} workers", pipe, None),
+        ("device open path, workers=1", tp["pipeline_1worker_mbps"], None),
+        (
+            f"gateway verify path (pread + SHA-256 hash list), {tp['pipeline_workers']} workers",
+            tp["gateway_mbps"],
+            None,
+        ),
         ("raw AES-256-GCM decrypt, 1 MiB chunks, 1 core", tp["aesgcm_1core_mbps"], DECRYPT_VS_AESGCM_TARGET),
+        ("  (for reference) raw GMAC of the sealed chunk, 1 MiB, 1 core", tp["gmac_1core_mbps"], None),
         ("  (for reference) raw SHA-256, 1 MiB chunks, 1 core", tp["sha256_1core_mbps"], None),
         ("  (for reference) os.pread, 1 MiB chunks, 1 core", tp["pread_1core_mbps"], None),
         (fernet_what, tp["fernet_mbps"], None),

@@ -407,3 +407,36 @@ def test_a_recipient_that_knows_the_data_key_cannot_swap_the_model_for_another(
         bundles.open_session(tmp_path / "forged.esb", keyset.owner_pub, b_priv)
     with pytest.raises(PayloadDigestError):
         bundles.verify(tmp_path / "forged.esb", keyset.owner_pub)
+
+
+def test_check_digest_pins_the_file_even_against_the_owner(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
+    """The owner knows every key: it can sign MACs for a payload other than the one its digest names.
+
+    A device's MAC check accepts that (the owner vouched for it); ``check_digest=True`` refuses it, as a gateway does.
+    """
+    import dataclasses
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from edgeshield.bundles import _wrap
+
+    manifest_raw, _, payload = _split(_bundle_bytes(tmp_path, keyset, tiny_model, chunk_size=64))
+    m = _format.decode_manifest(manifest_raw)
+    bid = bytes.fromhex(m.bundle_id)
+    data_key, mac_key = _wrap.unwrap_key(m.recipients[0].wrapped_key, keyset.device_priv, bid)
+    n = _stream.chunk_count(m.plaintext_size, m.chunk_size)
+    start = (n - 1) * (m.chunk_size + _stream.TAG_SIZE)
+    aead = AESGCM(data_key)
+    plain = bytearray(aead.decrypt(_stream.nonce(n - 1, True), payload[start:], bid))
+    plain[-1] ^= 0x01  # padding-free last byte of the weights
+    other = payload[:start] + aead.encrypt(_stream.nonce(n - 1, True), bytes(plain), bid)
+    _, mac = _stream.process_payload(None, bid, m.plaintext_size, m.chunk_size, lambda o, k: other[o : o + k],
+                                     mac_key=mac_key, digest=False)
+    assert mac is not None
+    forged = dataclasses.replace(m, recipients=(dataclasses.replace(m.recipients[0], payload_mac=mac.hex()),))
+    path = _resign(tmp_path, keyset, forged.to_dict(), other, "equivocal.esb")
+    bundles.open_session(path, keyset.owner_pub, keyset.device_priv)  # the owner's MAC vouches for it
+    with pytest.raises(PayloadDigestError):
+        bundles.open_session(path, keyset.owner_pub, keyset.device_priv, check_digest=True)
+    with pytest.raises(PayloadDigestError):
+        bundles.verify(path, keyset.owner_pub)

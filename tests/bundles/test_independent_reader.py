@@ -1,8 +1,9 @@
 """An independent reader for EdgeShield bundle format v1, written from docs/bundle-format.md alone.
 
 The reader below (everything above the tests) uses no EdgeShield code: only ``cryptography`` (ECDSA, HPKE,
-AES-GCM), ``hashlib``, ``json``, ``struct`` and ``base64``. EdgeShield itself is used only to MAKE the bundles
-under test (keys, ``bundles.protect``) and to find the original digits model, so these tests check that the
+AES-GCM, GMAC), ``hashlib``, ``json``, ``struct`` and ``base64``. EdgeShield itself is used only to MAKE the
+bundles under test (keys, ``bundles.protect``), to find the original digits model and, in the tampering tests,
+to check that the reference device reaches the same decision as this reader, so these tests check that the
 specification is complete and that the implementation follows it.
 """
 
@@ -42,7 +43,8 @@ SIGNING_CONTEXT = b"EdgeShield bundle signature v1\x00"  # 31 bytes
 HPKE_INFO_PREFIX = b"EdgeShield bundle v1 data key\x00"  # 30 bytes, then the 16 raw bundle_id bytes
 KEY_COMMITMENT_CONTEXT = b"EdgeShield data key commitment v1\x00"  # 34 bytes, then bundle_id, then the data key
 TAG = 16
-WRAPPED_KEY_SIZE = 80
+SECRET_SIZE = 64  # what HPKE wraps per recipient: data key (32) || that recipient's payload MAC key (32)
+WRAPPED_KEY_SIZE = 32 + SECRET_SIZE + TAG  # enc || AES-256-GCM(secret) = 112 bytes
 WEIGHTS_FILE = "edgeshield.weights"
 TOP_LEVEL_FIELDS = {
     "aead", "bundle_id", "chunk_size", "created", "format", "format_version", "image", "key_wrap", "metadata",
@@ -50,6 +52,7 @@ TOP_LEVEL_FIELDS = {
     "data_key_commitment",
     "plaintext_sha256", "plaintext_size", "recipients", "signer_key_id",
 }  # fmt: skip
+RECIPIENT_FIELDS = {"key_id", "payload_mac", "wrapped_key"}
 
 
 class ReaderError(Exception):
@@ -97,6 +100,10 @@ def parse_container(data: bytes) -> Parsed:
     return Parsed(data[:14], manifest_raw, data[16 + m_len : sig_end], data[sig_end:])
 
 
+def is_hex(value: Any, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
 def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
@@ -126,8 +133,7 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     for name in ("chunk_size", "plaintext_size", "payload_size", "model_size", "model_version"):
         if type(m[name]) is not int or m[name] < 0:
             raise ReaderError("Malformed", name)
-    bid = m["bundle_id"]
-    if not (isinstance(bid, str) and len(bid) == 32 and all(c in "0123456789abcdef" for c in bid)):
+    if not is_hex(m["bundle_id"], 32):
         raise ReaderError("Malformed", "bundle_id")
     if not 16 <= m["chunk_size"] <= 64 * 1024 * 1024:
         raise ReaderError("Malformed", "chunk size")
@@ -138,9 +144,23 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         raise ReaderError("Malformed", "weights location")
     if not 0 < img["graph_size"] <= img["weights_offset"] or img["weights_offset"] + img["weights_size"] != m["plaintext_size"]:
         raise ReaderError("Malformed", "image layout")
-    ids = [r["key_id"] for r in m["recipients"]]
-    if not ids or len(set(ids)) != len(ids):
+    recipients = m["recipients"]
+    if not isinstance(recipients, list) or not recipients:
         raise ReaderError("Malformed", "recipients")
+    for r in recipients:
+        if not isinstance(r, dict) or set(r) != RECIPIENT_FIELDS:
+            raise ReaderError("Malformed", "recipient fields")
+        if not is_hex(r["key_id"], 16) or not is_hex(r["payload_mac"], 64) or not isinstance(r["wrapped_key"], str):
+            raise ReaderError("Malformed", "recipient values")
+        try:
+            wrapped = base64.b64decode(r["wrapped_key"], validate=True)
+        except ValueError:
+            raise ReaderError("Malformed", "wrapped key is not base64") from None
+        if len(wrapped) != WRAPPED_KEY_SIZE:
+            raise ReaderError("Malformed", "wrapped key size")
+    ids = [r["key_id"] for r in recipients]
+    if len(set(ids)) != len(ids):
+        raise ReaderError("Malformed", "duplicate recipients")
     return m
 
 
@@ -171,8 +191,36 @@ def decrypt_stream(data_key: bytes, bundle_id: bytes, chunks: list[bytes]) -> by
         raise ReaderError("ChunkAuthentication", "a chunk failed authentication") from None
 
 
-def gateway_verify(data: bytes, owner: ec.EllipticCurvePublicKey) -> tuple[Parsed, dict[str, Any]]:
-    """Everything a gateway checks without a device key."""
+def payload_digest(chunks: list[bytes]) -> str:
+    """Section 8.1: SHA-256 over the SHA-256 digests of the sealed chunks."""
+    return hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
+
+
+def payload_mac(mac_key: bytes, chunks: list[bytes]) -> str:
+    """Section 8.2: SHA-256 over the GMAC tags (AES-GCM, empty plaintext, aad = sealed chunk, same nonce)."""
+    gmac = AESGCM(mac_key)
+    tags = [gmac.encrypt(stream_nonce(i, i == len(chunks) - 1), b"", c) for i, c in enumerate(chunks)]
+    assert all(len(tag) == TAG for tag in tags)
+    return hashlib.sha256(b"".join(tags)).hexdigest()
+
+
+def unwrap_secret(stanza: dict[str, Any], device: x25519.X25519PrivateKey, bundle_id: bytes) -> tuple[bytes, bytes]:
+    """Section 6: HPKE-open the wrapped secret and split it into (data key, this device's MAC key)."""
+    wrapped = base64.b64decode(stanza["wrapped_key"], validate=True)
+    if len(wrapped) != WRAPPED_KEY_SIZE:
+        raise ReaderError("Malformed", "wrapped key size")
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    try:
+        secret = suite.decrypt(wrapped, device, info=HPKE_INFO_PREFIX + bundle_id)  # enc(32) || ct(80), aad empty
+    except (InvalidTag, ValueError):
+        raise ReaderError("KeyUnwrap", "cannot unwrap") from None
+    if len(secret) != SECRET_SIZE:
+        raise ReaderError("KeyUnwrap", "wrapped secret has the wrong size")
+    return secret[:32], secret[32:]
+
+
+def authenticate(data: bytes, owner: ec.EllipticCurvePublicKey) -> tuple[Parsed, dict[str, Any]]:
+    """Steps 1-13: container, signature, manifest, signer, payload length."""
     p = parse_container(data)
     try:
         owner.verify(p.signature, SIGNING_CONTEXT + p.prefix + p.manifest_raw, ec.ECDSA(hashes.SHA256()))
@@ -185,36 +233,53 @@ def gateway_verify(data: bytes, owner: ec.EllipticCurvePublicKey) -> tuple[Parse
         raise ReaderError("Truncated", "payload")
     if len(p.payload) > m["payload_size"]:
         raise ReaderError("TrailingData", "payload")
-    chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
-    digest = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
-    if not hmac.compare_digest(digest, m["payload_sha256"]):
-        raise ReaderError("PayloadDigest", "payload digest mismatch")
     return p, m
 
 
-def device_open(data: bytes, owner: ec.EllipticCurvePublicKey, device: x25519.X25519PrivateKey) -> tuple[dict[str, Any], bytes]:
-    """Gateway checks, then unwrap the data key and decrypt: returns (manifest, plaintext image)."""
-    p, m = gateway_verify(data, owner)
+def check_payload_digest(p: Parsed, m: dict[str, Any]) -> None:
+    """Step 14."""
+    digest = payload_digest(sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"]))
+    if not hmac.compare_digest(digest, m["payload_sha256"]):
+        raise ReaderError("PayloadDigest", "payload digest mismatch")
+
+
+def gateway_verify(data: bytes, owner: ec.EllipticCurvePublicKey) -> tuple[Parsed, dict[str, Any]]:
+    """Everything a gateway checks without a device key: steps 1-14."""
+    p, m = authenticate(data, owner)
+    check_payload_digest(p, m)
+    return p, m
+
+
+def device_open(
+    data: bytes, owner: ec.EllipticCurvePublicKey, device: x25519.X25519PrivateKey, *, check_digest: bool = False
+) -> tuple[dict[str, Any], bytes]:
+    """Steps 1-13 and 15-18 (step 14 only if asked: MAY): returns (manifest, plaintext image)."""
+    p, m = authenticate(data, owner)
     my_id = spec_key_id(device.public_key())
     stanza = next((r for r in m["recipients"] if r["key_id"] == my_id), None)
     if stanza is None:
         raise ReaderError("NotARecipient", my_id)
-    wrapped = base64.b64decode(stanza["wrapped_key"], validate=True)
-    if len(wrapped) != WRAPPED_KEY_SIZE:
-        raise ReaderError("Malformed", "wrapped key size")
     bundle_id = bytes.fromhex(m["bundle_id"])
-    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    try:
-        data_key = suite.decrypt(wrapped, device, info=HPKE_INFO_PREFIX + bundle_id)  # enc(32) || ct(48), aad empty
-    except (InvalidTag, ValueError):
-        raise ReaderError("KeyUnwrap", "cannot unwrap") from None
-    assert len(data_key) == 32
-    commitment = hashlib.sha256(KEY_COMMITMENT_CONTEXT + bundle_id + data_key).hexdigest()
+    data_key, mac_key = unwrap_secret(stanza, device, bundle_id)
+    commitment = hashlib.sha256(KEY_COMMITMENT_CONTEXT + bundle_id + data_key).hexdigest()  # the data key only
     if not hmac.compare_digest(commitment, m["data_key_commitment"]):
         raise ReaderError("KeyCommitment", "unwrapped data key does not match the manifest's commitment")
-    plaintext = decrypt_stream(data_key, bundle_id, sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"]))
+    chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
+    plaintext = decrypt_stream(data_key, bundle_id, chunks)
     assert len(plaintext) == m["plaintext_size"]
+    if not hmac.compare_digest(payload_mac(mac_key, chunks), stanza["payload_mac"]):
+        raise ReaderError("PayloadDigest", "payload MAC mismatch for this device")
+    if check_digest:
+        check_payload_digest(p, m)
     return m, plaintext
+
+
+def write_container(manifest: dict[str, Any], payload: bytes, signer: ec.EllipticCurvePrivateKey) -> bytes:
+    """Sections 3-5 from the writer's side: canonical manifest, signed prefix and manifest, then the payload."""
+    raw = canonical(manifest)
+    prefix = MAGIC + struct.pack(">HI", 1, len(raw))
+    signature = signer.sign(SIGNING_CONTEXT + prefix + raw, ec.ECDSA(hashes.SHA256()))
+    return prefix + raw + struct.pack(">H", len(signature)) + signature + payload
 
 
 def write_onnx(manifest: dict[str, Any], plaintext: bytes, directory: Path) -> Path:
@@ -246,12 +311,18 @@ def device_key(keydir: Path) -> x25519.X25519PrivateKey:
     return keys.load_device_private_key(keydir / "device.key")
 
 
-def _make_bundle(keydir: Path, out: Path, chunk_size: int) -> bytes:
+@pytest.fixture(scope="module")
+def device_b_key(keydir: Path) -> x25519.X25519PrivateKey:
+    keys.add_device(keydir, "device-b")
+    return keys.load_device_private_key(keydir / "device-b.key")
+
+
+def _make_bundle(keydir: Path, out: Path, chunk_size: int, devices: tuple[str, ...] = ("device",)) -> bytes:
     bundles.protect(
         models.digits_model_path(),
         out,
         signing_key=keys.load_owner_private_key(keydir / "owner.key"),
-        recipients=[keys.load_device_public_key(keydir / "device.pub")],
+        recipients=[keys.load_device_public_key(keydir / f"{name}.pub") for name in devices],
         model_version=7,
         metadata={"name": "digits"},
         chunk_size=chunk_size,
@@ -264,12 +335,30 @@ def small_chunk_bundle(keydir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return _make_bundle(keydir, tmp_path_factory.mktemp("reader-bundle") / "small.esb", 4096)
 
 
+@pytest.fixture(scope="module")
+def two_device_bundle(keydir: Path, device_b_key: Any, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    out = tmp_path_factory.mktemp("reader-bundle2") / "two.esb"
+    return _make_bundle(keydir, out, 4096, devices=("device", "device-b"))
+
+
+def _reference_device_error(data: bytes, keydir: Path, device: str, tmp_path: Path) -> str | None:
+    """The reference device's decision on ``data``: the error class name, or None if it opens."""
+    path = tmp_path / f"ref-{device}.esb"
+    path.write_bytes(data)
+    try:
+        owner = keys.load_owner_public_key(keydir / "owner.pub")
+        bundles.open_session(path, owner, keys.load_device_private_key(keydir / f"{device}.key"))
+    except Exception as exc:  # noqa: BLE001 - the class name is the decision under test
+        return type(exc).__name__
+    return None
+
+
 @pytest.mark.parametrize("chunk_size", [4096, 1024 * 1024])
 def test_independent_reader_runs_the_model(
     keydir: Path, owner_pub: Any, device_key: Any, tmp_path: Path, chunk_size: int
 ) -> None:
     data = _make_bundle(keydir, tmp_path / "b.esb", chunk_size)
-    manifest, plaintext = device_open(data, owner_pub, device_key)
+    manifest, plaintext = device_open(data, owner_pub, device_key, check_digest=True)
 
     n = chunk_count(manifest["plaintext_size"], chunk_size)
     if chunk_size == 4096:
@@ -305,7 +394,10 @@ def test_independent_reader_layout_and_signed_bytes(small_chunk_bundle: bytes, o
     assert len(p.payload) == m["payload_size"] == m["plaintext_size"] + 16 * chunk_count(m["plaintext_size"], 4096)
     assert m["chunk_size"] == 4096
     for r in m["recipients"]:
-        assert len(r["wrapped_key"]) == 108 and len(base64.b64decode(r["wrapped_key"])) == WRAPPED_KEY_SIZE
+        assert list(r) == ["key_id", "payload_mac", "wrapped_key"]  # canonical (sorted) member order
+        assert len(r["wrapped_key"]) == 152 and r["wrapped_key"].endswith("==")
+        assert len(base64.b64decode(r["wrapped_key"])) == WRAPPED_KEY_SIZE == 112
+        assert is_hex(r["payload_mac"], 64)
     # The signature covers the context, the 14-byte prefix and the manifest: any change to the prefix breaks it.
     with pytest.raises(InvalidSignature):
         owner_pub.verify(p.signature, SIGNING_CONTEXT + p.manifest_raw, ec.ECDSA(hashes.SHA256()))
@@ -313,15 +405,24 @@ def test_independent_reader_layout_and_signed_bytes(small_chunk_bundle: bytes, o
         owner_pub.verify(p.signature, p.prefix + p.manifest_raw, ec.ECDSA(hashes.SHA256()))
 
 
-def test_independent_reader_rejects_flipped_payload_byte(small_chunk_bundle: bytes, owner_pub: Any, device_key: Any) -> None:
+def test_independent_reader_rejects_flipped_payload_byte(
+    small_chunk_bundle: bytes, owner_pub: Any, device_key: Any, keydir: Path, tmp_path: Path
+) -> None:
     data = bytearray(small_chunk_bundle)
     data[len(data) - 5000] ^= 0x01  # inside the payload, a few chunks before the end
     with pytest.raises(ReaderError) as exc:
         gateway_verify(bytes(data), owner_pub)
     assert exc.value.kind == "PayloadDigest"
+    # A device does not run step 14: the chunk's own GCM tag fails first (step 17), as in the reference.
     with pytest.raises(ReaderError) as exc:
         device_open(bytes(data), owner_pub, device_key)
-    assert exc.value.kind == "PayloadDigest"
+    assert exc.value.kind == "ChunkAuthentication"
+    assert _reference_device_error(bytes(data), keydir, "device", tmp_path) == "ChunkAuthenticationError"
+    # And the payload MAC of the altered chunks no longer matches either (recomputed with nothing else changed).
+    p, m = authenticate(bytes(data), owner_pub)
+    _, mac_key = unwrap_secret(m["recipients"][0], device_key, bytes.fromhex(m["bundle_id"]))
+    chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
+    assert payload_mac(mac_key, chunks) != m["recipients"][0]["payload_mac"]
 
 
 def test_independent_reader_rejects_missing_last_chunk(small_chunk_bundle: bytes, owner_pub: Any, device_key: Any) -> None:
@@ -333,10 +434,8 @@ def test_independent_reader_rejects_missing_last_chunk(small_chunk_bundle: bytes
         device_open(cut, owner_pub, device_key)
     assert exc.value.kind == "Truncated"
     # Even a stream decoder that ignored the signed sizes would notice: the new last chunk was sealed with last=0.
-    key_stanza = m["recipients"][0]
-    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
     bundle_id = bytes.fromhex(m["bundle_id"])
-    data_key = suite.decrypt(base64.b64decode(key_stanza["wrapped_key"]), device_key, info=HPKE_INFO_PREFIX + bundle_id)
+    data_key, _ = unwrap_secret(m["recipients"][0], device_key, bundle_id)
     assert len(decrypt_stream(data_key, bundle_id, chunks)) == m["plaintext_size"]
     with pytest.raises(ReaderError) as exc:
         decrypt_stream(data_key, bundle_id, chunks[:-1])
@@ -376,3 +475,71 @@ def test_independent_reader_rejects_other_owner_and_tampered_manifest(
     with pytest.raises(ReaderError) as exc:
         gateway_verify(tampered, owner_pub)
     assert exc.value.kind == "Signature"
+
+
+def test_independent_reader_each_recipient_has_its_own_mac_key(
+    two_device_bundle: bytes, owner_pub: Any, device_key: Any, device_b_key: Any
+) -> None:
+    p, m = gateway_verify(two_device_bundle, owner_pub)
+    bundle_id = bytes.fromhex(m["bundle_id"])
+    by_id = {r["key_id"]: r for r in m["recipients"]}
+    stanza_a, stanza_b = by_id[spec_key_id(device_key.public_key())], by_id[spec_key_id(device_b_key.public_key())]
+    key_a, mac_a = unwrap_secret(stanza_a, device_key, bundle_id)
+    key_b, mac_b = unwrap_secret(stanza_b, device_b_key, bundle_id)
+    assert key_a == key_b  # one data key per bundle, committed to in the manifest
+    assert hashlib.sha256(KEY_COMMITMENT_CONTEXT + bundle_id + key_a).hexdigest() == m["data_key_commitment"]
+    assert mac_a != mac_b and key_a not in (mac_a, mac_b)  # but a MAC key per recipient
+    chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
+    assert payload_mac(mac_a, chunks) == stanza_a["payload_mac"]
+    assert payload_mac(mac_b, chunks) == stanza_b["payload_mac"] != stanza_a["payload_mac"]
+    assert payload_mac(key_a, chunks) not in (stanza_a["payload_mac"], stanza_b["payload_mac"])
+    for device in (device_key, device_b_key):
+        manifest, plaintext = device_open(two_device_bundle, owner_pub, device)
+        assert hashlib.sha256(plaintext).hexdigest() == manifest["plaintext_sha256"]
+
+
+def test_independent_reader_refuses_a_model_re_sealed_by_another_recipient(
+    two_device_bundle: bytes, owner_pub: Any, device_key: Any, device_b_key: Any, keydir: Path, tmp_path: Path
+) -> None:
+    """Insider attack: device A, which knows the data key, re-seals a chunk with valid GCM tags; B must refuse."""
+    p, m = gateway_verify(two_device_bundle, owner_pub)
+    bundle_id = bytes.fromhex(m["bundle_id"])
+    stanza_a = next(r for r in m["recipients"] if r["key_id"] == spec_key_id(device_key.public_key()))
+    data_key, _ = unwrap_secret(stanza_a, device_key, bundle_id)
+    chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
+    i = len(chunks) - 1
+    aead = AESGCM(data_key)
+    plain = bytearray(aead.decrypt(stream_nonce(i, True), chunks[i], bundle_id))
+    plain[0] ^= 0xFF
+    forged_chunks = [*chunks[:i], aead.encrypt(stream_nonce(i, True), bytes(plain), bundle_id)]
+    forged = two_device_bundle[: len(two_device_bundle) - len(p.payload)] + b"".join(forged_chunks)
+    assert decrypt_stream(data_key, bundle_id, forged_chunks)  # every GCM tag is valid: step 17 passes
+    for device, name in ((device_b_key, "device-b"), (device_key, "device")):
+        with pytest.raises(ReaderError) as exc:
+            device_open(forged, owner_pub, device)
+        assert exc.value.kind == "PayloadDigest"
+        assert _reference_device_error(forged, keydir, name, tmp_path) == "PayloadDigestError"
+    with pytest.raises(ReaderError) as exc:
+        gateway_verify(forged, owner_pub)
+    assert exc.value.kind == "PayloadDigest"
+
+
+def test_independent_reader_rejects_another_recipients_payload_mac(
+    two_device_bundle: bytes, owner_pub: Any, device_key: Any, device_b_key: Any, keydir: Path, tmp_path: Path
+) -> None:
+    """Swap the two recipients' payload MACs and re-sign: the gateway cannot tell, each device refuses."""
+    p, m = gateway_verify(two_device_bundle, owner_pub)
+    swapped = json.loads(p.manifest_raw)
+    first, second = swapped["recipients"]
+    first["payload_mac"], second["payload_mac"] = second["payload_mac"], first["payload_mac"]
+    data = write_container(swapped, p.payload, keys.load_owner_private_key(keydir / "owner.key"))
+    gateway_verify(data, owner_pub)  # payload_sha256 still matches: only a device can check its own MAC
+    for device, name in ((device_key, "device"), (device_b_key, "device-b")):
+        with pytest.raises(ReaderError) as exc:
+            device_open(data, owner_pub, device)
+        assert exc.value.kind == "PayloadDigest"
+        assert _reference_device_error(data, keydir, name, tmp_path) == "PayloadDigestError"
+    # The container written from the spec is otherwise a valid bundle: unswapped, both readers open it.
+    original = write_container(json.loads(p.manifest_raw), p.payload, keys.load_owner_private_key(keydir / "owner.key"))
+    device_open(original, owner_pub, device_b_key, check_digest=True)
+    assert _reference_device_error(original, keydir, "device-b", tmp_path) is None

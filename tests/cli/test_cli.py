@@ -85,6 +85,9 @@ def test_verify_and_run(world: dict[str, Path]) -> None:
                "--input", world["x"], "--output", out, "--json")
     assert proc.returncode == 0, proc.stderr
     preds = json.loads(proc.stdout)["predictions"]
+    strict = cli("run", world["bundle"], "--owner-key", k / "owner.pub", "--device-key", k / "device.key",
+                 "--input", world["x"], "--check-digest", "--json")
+    assert strict.returncode == 0 and json.loads(strict.stdout)["predictions"] == preds
     assert np.load(out).shape == (25, 10)
     assert (np.array(preds) == np.load(world["root"] / "labels.npy")).mean() > 0.9
 

@@ -108,6 +108,10 @@ def _check_payload_digest(read_at: _stream.ReadAt, size: int, manifest: _format.
     """Gateway check: the sealed chunks hash to the signed payload digest."""
     digest, _ = _stream.process_payload(None, *_payload_args(read_at, size, manifest))
     assert digest is not None
+    _compare_digest(digest, manifest)
+
+
+def _compare_digest(digest: bytes, manifest: _format.Manifest) -> None:
     if not hmac.compare_digest(digest.hex(), manifest.payload_sha256):
         raise PayloadDigestError("bundle payload does not match the digest its signed manifest commits to")
 
@@ -139,8 +143,14 @@ def open_bundle(
     *,
     session_options: onnxruntime.SessionOptions | None = None,
     providers: Sequence[str] | None = None,
+    check_digest: bool = False,
 ) -> OpenBundle:
-    """Verify, decrypt in memory and create an ONNX Runtime session; the plaintext never touches disk."""
+    """Verify, decrypt in memory and create an ONNX Runtime session; the plaintext never touches disk.
+
+    The device checks its own payload MAC, which no other recipient can forge. ``check_digest=True`` also checks
+    the SHA-256 hash list a gateway checks, which pins one exact file even against the owner (who knows every MAC
+    key), at the cost of a SHA-256 pass over the ciphertext.
+    """
     with _open_for_read(bundle) as (read_at, size):
         manifest = _authenticated_manifest(read_at, size, owner_key)
         device_id = key_id(device_key.public_key())
@@ -158,10 +168,13 @@ def open_bundle(
         # One pass: decrypt every chunk and MAC it under this device's own key. Nothing is parsed before the MAC
         # matches the signed manifest, so not even another recipient (which knows the data key) can swap the model.
         plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
-        _, mac = _stream.process_payload(
-            data_key, *_payload_args(read_at, size, manifest), memoryview(plaintext), mac_key=mac_key, digest=False
+        digest, mac = _stream.process_payload(
+            data_key, *_payload_args(read_at, size, manifest), memoryview(plaintext), mac_key=mac_key,
+            digest=check_digest,
         )
         assert mac is not None
+        if digest is not None:
+            _compare_digest(digest, manifest)
         if not hmac.compare_digest(mac.hex(), stanza.payload_mac):
             raise PayloadDigestError("bundle payload does not match the MAC its signed manifest holds for this device")
     img = manifest.image
@@ -177,9 +190,12 @@ def open_session(
     *,
     session_options: onnxruntime.SessionOptions | None = None,
     providers: Sequence[str] | None = None,
+    check_digest: bool = False,
 ) -> onnxruntime.InferenceSession:
     """Like :func:`open_bundle`, returning only the ``onnxruntime.InferenceSession``."""
-    return open_bundle(bundle, owner_key, device_key, session_options=session_options, providers=providers).session
+    return open_bundle(
+        bundle, owner_key, device_key, session_options=session_options, providers=providers, check_digest=check_digest
+    ).session
 
 
 def _create_session(

@@ -142,6 +142,10 @@ def run(
     device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")],
     input: Annotated[Path, typer.Option("--input", help="Input batch as a .npy file.")],
     output: Annotated[Path | None, typer.Option("--output", help="Save the raw model outputs here (.npy).")] = None,
+    check_digest: Annotated[
+        bool,
+        typer.Option("--check-digest", help="Also check the SHA-256 payload digest (pins one file even against the owner)."),
+    ] = False,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -150,7 +154,7 @@ def run(
 
     check_readable_file(input, what="input")
     device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
-    opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device)
+    opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device, check_digest=check_digest)
     x = _predict.load_npy(input)
     outputs = _predict.run_batch(opened.session, x)
     labels = _predict.labels(outputs)
