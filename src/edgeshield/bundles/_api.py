@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import hmac
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,8 +87,6 @@ def _claimed_signer(manifest_raw: bytes) -> str | None:
     # Only to give a precise error before the signature check; nothing here is trusted, so only a well-formed
     # key id is returned (anything else falls through to the signature check).
     with contextlib.suppress(Exception):
-        import json
-
         value = json.loads(manifest_raw).get("signer_key_id")
         if isinstance(value, str) and _format.KEY_ID_RE.fullmatch(value):
             return value
@@ -205,7 +204,10 @@ def _create_session(
     options: onnxruntime.SessionOptions | None,
     providers: Sequence[str] | None,
 ) -> onnxruntime.InferenceSession:
-    """Session from graph bytes plus the weights handed over as an in-memory external-data file (a uint8 array)."""
+    """Session from graph bytes plus the weights handed over as an in-memory external-data file (a uint8 array).
+
+    ``options`` (the caller's ``session_options``) is used up: the weights are registered on it.
+    """
     from edgeshield.bundles._ort import onnxruntime as ort
 
     opts = options or ort.SessionOptions()
