@@ -58,6 +58,38 @@ class NotABundleError(InputError):
     """The file does not start with the EdgeShield bundle magic bytes."""
 
 
+class InputValidationError(InputError):
+    """A model input violates its declared input spec; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"input rejected: {field}: {message}")
+        self.field = field
+
+
+class InputShapeError(InputValidationError):
+    """Wrong rank or a wrong fixed dimension."""
+
+
+class InputDtypeError(InputValidationError):
+    """Wrong element type."""
+
+
+class InputRangeError(InputValidationError):
+    """A value lies outside the declared range."""
+
+
+class InputNonFiniteError(InputValidationError):
+    """NaN or infinity where the spec does not allow it."""
+
+
+class EmptyBatchError(InputValidationError):
+    """A batch with no examples."""
+
+
+class DetectorMismatchError(InputError):
+    """A detector file was calibrated for a different model than the one given."""
+
+
 class MissingDependencyError(EdgeShieldError):
     """An optional extra (e.g. ``edgeshield[train]``) is needed for this command."""
 

@@ -440,3 +440,11 @@ def test_check_digest_pins_the_file_even_against_the_owner(tmp_path: Path, keyse
         bundles.open_session(path, keyset.owner_pub, keyset.device_priv, check_digest=True)
     with pytest.raises(PayloadDigestError):
         bundles.verify(path, keyset.owner_pub)
+
+
+def test_decrypt_model_gives_back_the_original_bytes(tmp_path: Path, keyset: KeySet, digits_model: Path) -> None:
+    import hashlib
+
+    m = protect(digits_model, tmp_path / "d.esb", keyset)
+    model = bundles.decrypt_model(tmp_path / "d.esb", keyset.owner_pub, keyset.device_priv)
+    assert hashlib.sha256(model).hexdigest() == m.model_sha256 and model == digits_model.read_bytes()

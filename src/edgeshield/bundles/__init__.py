@@ -10,6 +10,15 @@
 The format is specified in docs/bundle-format.md.
 """
 
-from edgeshield.bundles._api import Manifest, OpenBundle, inspect, open_bundle, open_session, protect, verify
+from edgeshield.bundles._api import (
+    Manifest,
+    OpenBundle,
+    decrypt_model,
+    inspect,
+    open_bundle,
+    open_session,
+    protect,
+    verify,
+)
 
-__all__ = ["Manifest", "OpenBundle", "inspect", "open_bundle", "open_session", "protect", "verify"]
+__all__ = ["Manifest", "OpenBundle", "decrypt_model", "inspect", "open_bundle", "open_session", "protect", "verify"]

@@ -135,21 +135,10 @@ def inspect(bundle: PathLike, owner_key: OwnerPublicKey | None = None) -> tuple[
     return _format.decode_manifest(header.manifest_raw), False
 
 
-def open_bundle(
-    bundle: PathLike,
-    owner_key: OwnerPublicKey,
-    device_key: DevicePrivateKey,
-    *,
-    session_options: onnxruntime.SessionOptions | None = None,
-    providers: Sequence[str] | None = None,
-    check_digest: bool = False,
-) -> OpenBundle:
-    """Verify, decrypt in memory and create an ONNX Runtime session; the plaintext never touches disk.
-
-    The device checks its own payload MAC, which no other recipient can forge. ``check_digest=True`` also checks
-    the SHA-256 hash list a gateway checks, which pins one exact file even against the owner (who knows every MAC
-    key), at the cost of a SHA-256 pass over the ciphertext.
-    """
+def _decrypt_image(
+    bundle: PathLike, owner_key: OwnerPublicKey, device_key: DevicePrivateKey, check_digest: bool
+) -> tuple[Manifest, Any]:
+    """Authenticate and decrypt a bundle into a private in-memory buffer (a uint8 numpy array)."""
     with _open_for_read(bundle) as (read_at, size):
         manifest = _authenticated_manifest(read_at, size, owner_key)
         device_id = key_id(device_key.public_key())
@@ -176,10 +165,40 @@ def open_bundle(
             _compare_digest(digest, manifest)
         if not hmac.compare_digest(mac.hex(), stanza.payload_mac):
             raise PayloadDigestError("bundle payload does not match the MAC its signed manifest holds for this device")
+    return manifest, plaintext
+
+
+def open_bundle(
+    bundle: PathLike,
+    owner_key: OwnerPublicKey,
+    device_key: DevicePrivateKey,
+    *,
+    session_options: onnxruntime.SessionOptions | None = None,
+    providers: Sequence[str] | None = None,
+    check_digest: bool = False,
+) -> OpenBundle:
+    """Verify, decrypt in memory and create an ONNX Runtime session; the plaintext never touches disk.
+
+    The device checks its own payload MAC, which no other recipient can forge. ``check_digest=True`` also checks
+    the SHA-256 hash list a gateway checks, which pins one exact file even against the owner (who knows every MAC
+    key), at the cost of a SHA-256 pass over the ciphertext.
+    """
+    manifest, plaintext = _decrypt_image(bundle, owner_key, device_key, check_digest)
     img = manifest.image
     weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
     session = _create_session(plaintext[: img.graph_size].tobytes(), weights, img, session_options, providers)
     return OpenBundle(manifest, session)
+
+
+def decrypt_model(bundle: PathLike, owner_key: OwnerPublicKey, device_key: DevicePrivateKey) -> bytes:
+    """The bundled model as self-contained ONNX bytes, in memory (for tools such as the gradient detector).
+
+    Needs the ``onnx`` package. The bytes are the plaintext model: keep them in memory, as ``open_bundle`` does.
+    """
+    from edgeshield.bundles._image import rebuild_model
+
+    manifest, plaintext = _decrypt_image(bundle, owner_key, device_key, False)
+    return rebuild_model(plaintext, manifest.image)
 
 
 def open_session(

@@ -13,6 +13,7 @@ Only the owner side (``protect``) needs the ``onnx`` package; the device never i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from edgeshield.bundles._format import WEIGHTS_LOCATION, Image
 from edgeshield.errors import MissingDependencyError, UnsupportedModelError
@@ -89,3 +90,23 @@ def build_image(model_bytes: bytes) -> PlainImage:
     graph = model.SerializeToString()
     layout = Image(graph_size=len(graph), weights_offset=_align(len(graph)), weights_size=len(weights))
     return PlainImage(graph=graph, weights=weights, layout=layout)
+
+
+def rebuild_model(plaintext: Any, layout: Image) -> bytes:
+    """Inverse of :func:`build_image`: put the weights back inline and return self-contained ONNX bytes."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependencyError("rebuilding the model needs the onnx package: pip install 'edgeshield[owner]'") from None
+    buf = memoryview(plaintext)
+    model = onnx.load_model_from_string(bytes(buf[: layout.graph_size]))
+    base = layout.weights_offset
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(entry["offset"]), int(entry["length"])
+        tensor.raw_data = bytes(buf[base + offset : base + offset + length])
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
+    return model.SerializeToString()

@@ -50,6 +50,10 @@ def protect(
         Path | None,
         typer.Option("--sigstore-sig", help="Also write an OpenSSF model-signing signature of the plain model here."),
     ] = None,
+    input_spec: Annotated[
+        Path | None,
+        typer.Option("--input-spec", help="Input spec JSON to store in the manifest (checked before every inference)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
@@ -63,9 +67,14 @@ def protect(
             raise OutputExistsError(f"{target} exists; use --force to overwrite it")
     if sigstore_sig is not None and sigstore_sig.resolve() == out.resolve():
         raise InvalidArgumentError("--sigstore-sig and --out must be different files")
+    metadata = parse_meta(meta)
+    if input_spec is not None:
+        from edgeshield.adversarial import METADATA_KEY, InputSpec
+
+        metadata[METADATA_KEY] = InputSpec.load(input_spec).to_json()
     manifest = bundles.protect(
         model, out, signing_key=owner, recipients=devices, model_version=model_version,
-        metadata=parse_meta(meta), chunk_size=chunk_size,
+        metadata=metadata, chunk_size=chunk_size,
     )
     if sigstore_sig is not None:
         from edgeshield.bundles._modelsigning import sign_model
@@ -142,6 +151,10 @@ def run(
     device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")],
     input: Annotated[Path, typer.Option("--input", help="Input batch as a .npy file.")],
     output: Annotated[Path | None, typer.Option("--output", help="Save the raw model outputs here (.npy).")] = None,
+    detector: Annotated[
+        Path | None,
+        typer.Option("--detector", help="Detector file from `detect calibrate`: accept, flag or reject each input."),
+    ] = None,
     check_digest: Annotated[
         bool,
         typer.Option("--check-digest", help="Also check the SHA-256 payload digest (pins one file even against the owner)."),
@@ -156,6 +169,14 @@ def run(
     device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device, check_digest=check_digest)
     x = _predict.load_npy(input)
+    if detector is not None:
+        _run_robust(opened, detector, x, output, as_json)
+        return
+    from edgeshield.adversarial import InputSpec
+
+    spec = InputSpec.from_metadata(opened.manifest.metadata)
+    if spec is not None:
+        spec.validate(x)
     outputs = _predict.run_batch(opened.session, x)
     labels = _predict.labels(outputs)
     if output is not None:
@@ -167,3 +188,34 @@ def run(
     console.print(f"predictions ({len(labels)}): {labels}")
     if output is not None:
         console.print(f"outputs {tuple(outputs.shape)} saved to {output}")
+
+
+def _run_robust(opened: bundles.OpenBundle, detector: Path, x: Any, output: Path | None, as_json: bool) -> None:
+    """Validate, score and decide; rejected inputs get no prediction."""
+    import numpy as np
+
+    from edgeshield.adversarial import DetectorFile, RobustModel
+    from edgeshield.bundles import _predict
+
+    file = DetectorFile.load(detector)
+    file.check_model(opened.manifest.model_sha256)
+    decisions = RobustModel(opened.session, file).predict(x)
+    if output is not None:
+        preds = np.array([-1 if d.prediction is None else d.prediction for d in decisions], dtype=np.int64)
+        _predict.save_npy(output, preds)
+    counts = {k: sum(d.decision == k for d in decisions) for k in ("accept", "flag", "reject")}
+    if as_json:
+        emit_json({"decisions": [d.to_dict() for d in decisions], "counts": counts,
+                   "bundle_id": opened.manifest.bundle_id, "output": str(output) if output else None})
+        return
+    table = Table(title=f"robust inference ({file.decision} detector, target FPR {file.target_fpr})")
+    for col in ("#", "decision", "prediction", "score", "reject above"):
+        table.add_column(col)
+    for i, d in enumerate(decisions[:50]):
+        style = {"accept": "green", "flag": "yellow", "reject": "red"}[d.decision]
+        table.add_row(str(i), f"[{style}]{d.decision}[/]", "-" if d.prediction is None else str(d.prediction),
+                      f"{d.score:.4g}", f"{d.threshold:.4g}")
+    console.print(table)
+    if len(decisions) > 50:
+        console.print(f"(first 50 of {len(decisions)} shown)")
+    console.print(f"accepted {counts['accept']}, flagged {counts['flag']}, rejected {counts['reject']}")

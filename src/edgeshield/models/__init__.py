@@ -27,6 +27,7 @@ __all__ = [
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_SIZE",
     "DigitsSplit",
+    "digits_input_spec",
     "digits_model_path",
     "load_digits_split",
 ]
@@ -82,3 +83,10 @@ def load_digits_split(*, test_size: float = DIGITS_TEST_SIZE, seed: int = DIGITS
         y_train=np.ascontiguousarray(y_train),
         y_test=np.ascontiguousarray(y_test),
     )
+
+
+def digits_input_spec():  # type: ignore[no-untyped-def]
+    """The digits model's input spec: a batch of 64 float32 pixels in [0, 1], an 8×8 image each."""
+    from edgeshield.adversarial import InputSpec
+
+    return InputSpec(shape=(None, 64), dtype="float32", min=0.0, max=1.0, image_shape=(8, 8))

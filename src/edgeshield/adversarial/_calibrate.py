@@ -1,0 +1,197 @@
+"""Calibrating detectors to a target false-positive rate, and the detector file that records the result.
+
+Each detector's reject threshold is set from clean held-out inputs so that at most ``target_fpr`` of them score
+above it (a flag threshold likewise at the looser ``flag_fpr``). The ensemble divides each member's score by that
+member's reject threshold, takes the maximum, and is then calibrated the same way on its own scores. The file is
+bound to one model (the bundle manifest's ``model_sha256``) so it cannot be applied to another by mistake.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeshield._io import atomic_write_bytes, check_readable_file
+from edgeshield.adversarial._detectors import (
+    Detector,
+    EnsembleDetector,
+    NoiseDetector,
+    OnnxClassifier,
+    SqueezeDetector,
+)
+from edgeshield.adversarial._spec import InputSpec
+from edgeshield.errors import DetectorMismatchError, InvalidArgumentError, MissingDependencyError
+
+FORMAT = "edgeshield.detector"
+VERSION = 1
+RUNTIME_DETECTORS = ("squeeze", "noise")
+KNOWN_DETECTORS = (*RUNTIME_DETECTORS, "gradient")
+
+
+def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
+    """Smallest threshold t (from the data) such that at most ``fpr`` of clean scores are > t."""
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64))[::-1]
+    k = math.floor(fpr * len(s) + 1e-9)  # clean inputs allowed above the threshold
+    return float(s[k]) if k < len(s) else float(s[-1])
+
+
+@dataclass(frozen=True)
+class CalibratedDetector:
+    name: str
+    params: dict[str, Any]
+    reject_threshold: float
+    flag_threshold: float
+    calibration: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params, "reject_threshold": self.reject_threshold,
+                "flag_threshold": self.flag_threshold, "calibration": self.calibration}
+
+
+@dataclass(frozen=True)
+class DetectorFile:
+    model_sha256: str
+    input_spec: InputSpec
+    target_fpr: float
+    flag_fpr: float
+    decision: str
+    detectors: tuple[CalibratedDetector, ...]
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def get(self, name: str) -> CalibratedDetector:
+        for d in self.detectors:
+            if d.name == name:
+                return d
+        raise InvalidArgumentError(f"detector file has no detector {name!r} (has: {[d.name for d in self.detectors]})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "model_sha256": self.model_sha256,
+                "input_spec": self.input_spec.to_dict(), "target_fpr": self.target_fpr, "flag_fpr": self.flag_fpr,
+                "decision": self.decision, "detectors": [d.to_dict() for d in self.detectors], "created": self.created}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DetectorFile:
+        p = check_readable_file(path, what="detector file")
+        try:
+            d = json.loads(p.read_text())
+            if d.get("format") != FORMAT or d.get("version") != VERSION:
+                raise InvalidArgumentError(f"{p} is not an EdgeShield detector file (version {VERSION})")
+            dets = tuple(
+                CalibratedDetector(x["name"], dict(x["params"]), float(x["reject_threshold"]),
+                                   float(x["flag_threshold"]), dict(x["calibration"]))
+                for x in d["detectors"]
+            )
+            out = cls(model_sha256=str(d["model_sha256"]), input_spec=InputSpec.from_dict(d["input_spec"]),
+                      target_fpr=float(d["target_fpr"]), flag_fpr=float(d["flag_fpr"]), decision=str(d["decision"]),
+                      detectors=dets, created=str(d["created"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidArgumentError(f"{p} is not a valid detector file: {exc}") from None
+        out.get(out.decision)
+        return out
+
+    def check_model(self, model_sha256: str) -> None:
+        if model_sha256 != self.model_sha256:
+            raise DetectorMismatchError(
+                f"detector file was calibrated for model {self.model_sha256[:16]}…, not this model ({model_sha256[:16]}…)"
+            )
+
+
+def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier, torch_model: Any = None) -> Detector:
+    if name == "squeeze":
+        return SqueezeDetector(clf, bits=params.get("bits"), median=params.get("median"),
+                               image_shape=params.get("image_shape"), value_range=tuple(params["value_range"]))
+    if name == "noise":
+        vr = params.get("value_range")
+        return NoiseDetector(clf, sigma=params["sigma"], samples=params["samples"], seed=params["seed"],
+                             value_range=tuple(vr) if vr else None)
+    if name == "gradient":
+        if torch_model is None:
+            raise MissingDependencyError("the gradient detector needs the PyTorch model (pip install 'edgeshield[eval]')")
+        from edgeshield.adversarial._torch import GradientDetector
+
+        return GradientDetector(torch_model, **params)
+    raise InvalidArgumentError(f"unknown detector {name!r}; known: {', '.join(KNOWN_DETECTORS)}, ensemble")
+
+
+def build_all(file: DetectorFile, clf: OnnxClassifier, torch_model: Any = None,
+              names: Sequence[str] | None = None) -> dict[str, Detector]:
+    """Instantiate the named detectors of a file (all by default); an ensemble brings its members along."""
+    wanted = list(names or [d.name for d in file.detectors])
+    out: dict[str, Detector] = {}
+    for name in wanted:
+        if name == "ensemble":
+            cd = file.get("ensemble")
+            members = [build_detector(m, file.get(m).params, clf, torch_model) for m in cd.params["members"]]
+            out[name] = EnsembleDetector(members, cd.params["scales"])
+        else:
+            out[name] = build_detector(name, file.get(name).params, clf, torch_model)
+    return out
+
+
+def _calibrated(det: Detector, clean: np.ndarray, target_fpr: float, flag_fpr: float,
+                params: dict[str, Any] | None = None) -> tuple[CalibratedDetector, np.ndarray]:
+    scores = det.scores(clean)
+    reject, flag = threshold_at_fpr(scores, target_fpr), threshold_at_fpr(scores, flag_fpr)
+    cal = {"n": float(len(scores)), "fpr_reject": float((scores > reject).mean()),
+           "fpr_flag": float((scores > flag).mean()), "score_median": float(np.median(scores))}
+    return CalibratedDetector(det.name, params or det.params(), reject, flag, cal), scores
+
+
+def calibrate(
+    session: Any,
+    clean: np.ndarray,
+    *,
+    model_sha256: str,
+    input_spec: InputSpec,
+    target_fpr: float = 0.02,
+    flag_fpr: float | None = None,
+    detectors: Sequence[str] = RUNTIME_DETECTORS,
+    torch_model: Any = None,
+    squeeze: dict[str, Any] | None = None,
+    noise: dict[str, Any] | None = None,
+) -> DetectorFile:
+    """Calibrate ``detectors`` (and their ensemble) on clean held-out inputs."""
+    if not 0 < target_fpr < 1:
+        raise InvalidArgumentError("target FPR must be between 0 and 1")
+    flag_fpr = min(0.5, 2.5 * target_fpr) if flag_fpr is None else flag_fpr
+    if not target_fpr <= flag_fpr < 1:
+        raise InvalidArgumentError("flag FPR must be at least the target FPR and below 1")
+    clean = input_spec.validate(clean)
+    if len(clean) * target_fpr < 1:
+        raise InvalidArgumentError(
+            f"{len(clean)} clean examples cannot calibrate an FPR of {target_fpr}: need at least {math.ceil(1 / target_fpr)}"
+        )
+    unknown = [d for d in detectors if d not in KNOWN_DETECTORS]
+    if unknown or not detectors:
+        raise InvalidArgumentError(f"unknown detector(s) {unknown}; choose from {', '.join(KNOWN_DETECTORS)}")
+    clf = OnnxClassifier(session)
+    lo = input_spec.min if input_spec.min is not None else float(clean.min())
+    hi = input_spec.max if input_spec.max is not None else float(clean.max())
+    defaults = {
+        "squeeze": {"bits": 4, "median": 2 if input_spec.image_shape else None,
+                    "image_shape": list(input_spec.image_shape) if input_spec.image_shape else None,
+                    "value_range": [lo, hi]} | (squeeze or {}),
+        "noise": {"sigma": 0.1 * (hi - lo), "samples": 8, "seed": 0, "value_range": [lo, hi]} | (noise or {}),
+        "gradient": {"norm": "l2"},
+    }
+    results, members = [], []
+    for name in dict.fromkeys(detectors):
+        det = build_detector(name, defaults[name], clf, torch_model)
+        cal, _ = _calibrated(det, clean, target_fpr, flag_fpr, defaults[name])
+        results.append(cal)
+        members.append(det)
+    ensemble = EnsembleDetector(members, [c.reject_threshold for c in results])
+    cal, _ = _calibrated(ensemble, clean, target_fpr, flag_fpr)
+    results.append(cal)
+    return DetectorFile(model_sha256=model_sha256, input_spec=input_spec, target_fpr=target_fpr, flag_fpr=flag_fpr,
+                        decision="ensemble", detectors=tuple(results))

@@ -1,0 +1,200 @@
+"""Detectors: each scores a batch of inputs, higher meaning more likely adversarial.
+
+Runtime detectors need only numpy and an ONNX Runtime session:
+
+* ``squeeze`` — feature squeezing (Xu, Evans, Qi, NDSS 2018): the largest L1 distance between the model's
+  softmax on the input and on squeezed copies (bit-depth reduction, median smoothing). Adversarial
+  perturbations are fragile to squeezing; the model's answer on natural inputs is not.
+* ``noise`` — prediction inconsistency under random noise: the mean L1 distance between the softmax on the
+  input and on copies with small Gaussian noise. Minimal-perturbation attacks (CW, DeepFool) leave inputs just
+  across a decision boundary, where noise flips the answer; squeezing can miss those.
+* ``ensemble`` — the maximum of its members' scores, each divided by its own calibrated threshold.
+
+``gradient`` (the loss-gradient norm) needs PyTorch and lives in ``_torch.py`` behind ``edgeshield[eval]``.
+All detectors run the original and the transformed copies through the model in one batched call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeshield.errors import InvalidArgumentError
+
+
+class Detector(Protocol):
+    name: str
+
+    def scores(self, x: np.ndarray) -> np.ndarray: ...
+
+    def params(self) -> dict[str, Any]: ...
+
+
+class OnnxClassifier:
+    """Softmax probabilities from a single-input, single-logits-output ONNX Runtime session."""
+
+    def __init__(self, session: Any, *, batch_size: int = 4096) -> None:
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise InvalidArgumentError("detectors need a single-input classifier")
+        self.session = session
+        self.input_name = inputs[0].name
+        self.batch_size = batch_size
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        parts = [
+            self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
+            for i in range(0, len(x), self.batch_size)
+        ]
+        return np.concatenate(parts).astype(np.float64)
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(axis=1)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row softmax; outputs that already are probabilities (rows non-negative, summing to 1) pass unchanged."""
+    if (z >= 0).all() and np.allclose(z.sum(axis=1), 1.0, atol=1e-4):
+        return z
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _l1(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.abs(p - q).sum(axis=1)
+
+
+# --- squeezers -------------------------------------------------------------------------------------------------
+def bit_depth(x: np.ndarray, bits: int, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """Quantise values in [lo, hi] to 2**bits levels."""
+    levels = 2**bits - 1
+    scaled = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return (np.round(scaled * levels) / levels * (hi - lo) + lo).astype(x.dtype)
+
+
+def median_smooth(x: np.ndarray, size: int, image_shape: Sequence[int]) -> np.ndarray:
+    """Median filter of a ``size``×``size`` window over each image (reflect padding), as in Xu et al."""
+    n = len(x)
+    h, w = image_shape[-2], image_shape[-1]
+    channels = int(np.prod(image_shape[:-2])) if len(image_shape) > 2 else 1
+    imgs = x.reshape(n * channels, h, w)
+    before, after = (size - 1) // 2, size // 2  # even windows lean up-left, like scipy.ndimage
+    padded = np.pad(imgs, ((0, 0), (before, after), (before, after)), mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
+    return np.median(windows, axis=(-2, -1)).astype(x.dtype).reshape(x.shape)
+
+
+class SqueezeDetector:
+    name = "squeeze"
+
+    def __init__(
+        self,
+        clf: OnnxClassifier,
+        *,
+        bits: int | None = 4,
+        median: int | None = 2,
+        image_shape: Sequence[int] | None = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        if bits is None and median is None:
+            raise InvalidArgumentError("feature squeezing needs at least one squeezer (bits or median)")
+        if bits is not None and not 1 <= bits <= 16:
+            raise InvalidArgumentError("bit depth must be between 1 and 16")
+        if median is not None and (median < 2 or image_shape is None):
+            raise InvalidArgumentError("median smoothing needs a window of at least 2 and the input's image_shape")
+        self.clf, self.bits, self.median = clf, bits, median
+        self.image_shape = tuple(image_shape) if image_shape else None
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+
+    def squeezed(self, x: np.ndarray) -> list[np.ndarray]:
+        out = []
+        if self.bits is not None:
+            out.append(bit_depth(x, self.bits, *self.value_range))
+        if self.median is not None:
+            assert self.image_shape is not None
+            out.append(median_smooth(x, self.median, self.image_shape))
+        return out
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.scores_with_probs(x)[0]
+
+    def scores_with_probs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and the model's probabilities on ``x`` itself, from the same single batched call."""
+        copies = self.squeezed(x)
+        p = self.clf.probs(np.concatenate([x, *copies]))
+        n = len(x)
+        return np.max([_l1(p[:n], p[(k + 1) * n : (k + 2) * n]) for k in range(len(copies))], axis=0), p[:n]
+
+    def params(self) -> dict[str, Any]:
+        return {"bits": self.bits, "median": self.median, "image_shape": list(self.image_shape or []) or None,
+                "value_range": list(self.value_range)}
+
+
+class NoiseDetector:
+    name = "noise"
+
+    def __init__(self, clf: OnnxClassifier, *, sigma: float = 0.1, samples: int = 8, seed: int = 0,
+                 value_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
+        if not sigma > 0 or samples < 1:
+            raise InvalidArgumentError("noise detector needs sigma > 0 and at least one sample")
+        self.clf, self.sigma, self.samples, self.seed = clf, float(sigma), int(samples), int(seed)
+        self.value_range = value_range
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.scores_with_probs(x)[0]
+
+    def scores_with_probs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # A fixed seed makes a score reproducible for the same input (this noise is not a secret).
+        rng = np.random.default_rng(self.seed)
+        noisy = x[None] + rng.normal(0.0, self.sigma, size=(self.samples, *x.shape)).astype(x.dtype)
+        if self.value_range is not None:
+            noisy = np.clip(noisy, *self.value_range)
+        p = self.clf.probs(np.concatenate([x, noisy.reshape(-1, *x.shape[1:])]))
+        n = len(x)
+        base = p[:n]
+        return np.mean([_l1(base, p[(k + 1) * n : (k + 2) * n]) for k in range(self.samples)], axis=0), base
+
+    def params(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "samples": self.samples, "seed": self.seed,
+                "value_range": list(self.value_range) if self.value_range else None}
+
+
+class EnsembleDetector:
+    """Max over members of score / scale, where each scale is that member's calibrated reject threshold."""
+
+    name = "ensemble"
+
+    def __init__(self, members: Sequence[Detector], scales: Sequence[float]) -> None:
+        if not members or len(members) != len(scales):
+            raise InvalidArgumentError("an ensemble needs members and one scale per member")
+        self.members = list(members)
+        self.scales = [max(float(s), 1e-12) for s in scales]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.scores_with_probs(x, None)[0]
+
+    def scores_with_probs(self, x: np.ndarray, clf: OnnxClassifier | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        parts, probs = [], None
+        for member, scale in zip(self.members, self.scales):
+            score, member_probs = scores_with_probs(member, x, clf if probs is None else None)
+            probs = member_probs if probs is None else probs
+            parts.append(score / scale)
+        return np.max(parts, axis=0), probs
+
+    def params(self) -> dict[str, Any]:
+        return {"members": [m.name for m in self.members], "scales": self.scales}
+
+
+def scores_with_probs(
+    detector: Detector, x: np.ndarray, clf: OnnxClassifier | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores plus the model's probabilities on ``x`` when the detector computes them anyway (else from ``clf``)."""
+    fused = getattr(detector, "scores_with_probs", None)
+    if fused is not None:
+        return fused(x) if not isinstance(detector, EnsembleDetector) else fused(x, clf)
+    return detector.scores(x), (clf.probs(x) if clf is not None else None)

@@ -1,0 +1,146 @@
+"""Declarative input specs, checked before any inference (runtime path: numpy only).
+
+A spec names the input's shape (``None`` for a free dimension such as the batch), dtype, value range and whether
+NaN or infinity may appear (never, by default). It travels inside the bundle manifest's metadata under
+``edgeshield.input_spec`` (canonical JSON) or as a side file, and optionally names the image shape behind a flat
+input, which image-aware detectors (median smoothing) need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeshield._io import check_readable_file
+from edgeshield.errors import (
+    EmptyBatchError,
+    InputDtypeError,
+    InputNonFiniteError,
+    InputRangeError,
+    InputShapeError,
+    InvalidArgumentError,
+)
+
+METADATA_KEY = "edgeshield.input_spec"
+_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    shape: tuple[int | None, ...]
+    dtype: str = "float32"
+    min: float | None = None
+    max: float | None = None
+    allow_nan: bool = False
+    allow_inf: bool = False
+    image_shape: tuple[int, ...] | None = None  # e.g. (8, 8) behind a flat 64-feature input
+
+    def __post_init__(self) -> None:
+        if not self.shape or any(d is not None and (not isinstance(d, int) or d <= 0) for d in self.shape):
+            raise InvalidArgumentError("input spec shape must be a non-empty list of positive integers or null")
+        if self.dtype not in _DTYPES:
+            raise InvalidArgumentError(f"input spec dtype must be one of {sorted(_DTYPES)}")
+        for name in ("min", "max"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                raise InvalidArgumentError(f"input spec {name} must be a finite number")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise InvalidArgumentError("input spec min is larger than max")
+        if self.image_shape is not None:
+            fixed = [d for d in self.shape[1:] if d is not None]
+            if any(d <= 0 for d in self.image_shape) or math.prod(self.image_shape) != math.prod(fixed or [0]):
+                raise InvalidArgumentError("input spec image_shape must hold exactly the per-example features")
+
+    # --- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["image_shape"] = list(self.image_shape) if self.image_shape else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> InputSpec:
+        if not isinstance(d, dict) or "shape" not in d:
+            raise InvalidArgumentError("input spec must be a JSON object with at least a 'shape'")
+        unknown = set(d) - {"shape", "dtype", "min", "max", "allow_nan", "allow_inf", "image_shape"}
+        if unknown:
+            raise InvalidArgumentError(f"input spec has unknown fields: {sorted(unknown)}")
+        try:
+            return cls(
+                shape=tuple(d["shape"]),
+                dtype=d.get("dtype", "float32"),
+                min=d.get("min"),
+                max=d.get("max"),
+                allow_nan=bool(d.get("allow_nan", False)),
+                allow_inf=bool(d.get("allow_inf", False)),
+                image_shape=tuple(d["image_shape"]) if d.get("image_shape") else None,
+            )
+        except TypeError as exc:
+            raise InvalidArgumentError(f"input spec is malformed: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> InputSpec:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"input spec is not valid JSON: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> InputSpec:
+        return cls.from_json(check_readable_file(path, what="input spec").read_text())
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> InputSpec | None:
+        text = metadata.get(METADATA_KEY)
+        return None if text is None else cls.from_json(text)
+
+    @classmethod
+    def from_session(cls, session: Any, *, min: float | None = None, max: float | None = None) -> InputSpec:
+        """Shape and dtype from a single-input ONNX Runtime session (symbolic dimensions become free)."""
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise InvalidArgumentError("input specs describe single-input models")
+        dtype = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+                 "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}.get(inputs[0].type)
+        if dtype is None:
+            raise InvalidArgumentError(f"unsupported model input type {inputs[0].type}")
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape)
+        return cls(shape=shape, dtype=dtype, min=min, max=max)
+
+    # --- checking ----------------------------------------------------------------------------------------------
+    def validate(self, x: Any) -> np.ndarray:
+        """Return ``x`` as an array if it satisfies the spec, else raise the error naming the offending field."""
+        if not isinstance(x, np.ndarray):
+            raise InputDtypeError("type", f"expected a numpy array, got {type(x).__name__}")
+        if x.ndim != len(self.shape):
+            raise InputShapeError("shape", f"rank {x.ndim} {tuple(x.shape)}, expected rank {len(self.shape)} {self._shape_text()}")
+        for axis, (got, want) in enumerate(zip(x.shape, self.shape)):
+            if want is not None and got != want:
+                raise InputShapeError(f"shape[{axis}]", f"got {got}, expected {want} (spec {self._shape_text()})")
+        if x.shape[0] == 0:
+            raise EmptyBatchError("batch", "the batch is empty")
+        if x.dtype != np.dtype(self.dtype):
+            raise InputDtypeError("dtype", f"got {x.dtype}, expected {self.dtype}")
+        if np.issubdtype(x.dtype, np.floating):
+            if not self.allow_nan and np.isnan(x).any():
+                raise InputNonFiniteError("nan", f"{int(np.isnan(x).sum())} NaN value(s); the spec allows none")
+            if not self.allow_inf and np.isinf(x).any():
+                raise InputNonFiniteError("inf", f"{int(np.isinf(x).sum())} infinite value(s); the spec allows none")
+        finite = x[np.isfinite(x)] if np.issubdtype(x.dtype, np.floating) else x
+        if finite.size:
+            if self.min is not None and finite.min() < self.min:
+                raise InputRangeError("min", f"value {float(finite.min()):g} is below the minimum {self.min:g}")
+            if self.max is not None and finite.max() > self.max:
+                raise InputRangeError("max", f"value {float(finite.max()):g} is above the maximum {self.max:g}")
+        return x
+
+    def _shape_text(self) -> str:
+        return "[" + ", ".join("N" if d is None else str(d) for d in self.shape) + "]"

@@ -1,0 +1,84 @@
+"""`edgeshield detect …`: calibrate detectors for a bundle and evaluate them against real attacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeshield import bundles, keys
+from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.errors import InvalidArgumentError
+
+app = typer.Typer(help="Adversarial-input detectors: calibrate to a target FPR, evaluate against ART attacks.",
+                  no_args_is_help=True)
+
+OwnerOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
+DeviceOpt = Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")]
+SpecOpt = Annotated[
+    Path | None,
+    typer.Option("--input-spec", help="Input spec JSON (default: the bundle's, else shape/dtype from the model "
+                                      "and the value range of the clean data)."),
+]
+
+
+def open_with_spec(bundle: Path, owner_key: Path, device_key: Path, passphrase_env: str | None,
+                   input_spec: Path | None, clean=None):  # type: ignore[no-untyped-def]
+    """Open a bundle and work out its input spec: file > bundle metadata > model + clean-data range."""
+    from edgeshield.adversarial import InputSpec
+
+    device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
+    opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device)
+    if input_spec is not None:
+        spec = InputSpec.load(input_spec)
+    else:
+        spec = InputSpec.from_metadata(opened.manifest.metadata)
+        if spec is None:
+            if clean is None:
+                raise InvalidArgumentError("the bundle carries no input spec: pass --input-spec")
+            spec = InputSpec.from_session(opened.session, min=float(clean.min()), max=float(clean.max()))
+    return opened, spec
+
+
+@app.command("calibrate")
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="The protected model.")],
+    owner_key: OwnerOpt,
+    device_key: DeviceOpt,
+    clean: Annotated[Path, typer.Option("--clean", help="Clean held-out inputs (.npy) to calibrate on.")],
+    out: Annotated[Path, typer.Option("--out", help="Detector file to write (JSON, atomically).")],
+    target_fpr: Annotated[float, typer.Option("--target-fpr", help="Largest false-positive rate on clean data.")] = 0.02,
+    flag_fpr: Annotated[float | None, typer.Option("--flag-fpr", help="FPR of the (looser) flag threshold.")] = None,
+    detectors: Annotated[str, typer.Option("--detectors", help="Comma-separated: squeeze, noise, gradient.")] = "squeeze,noise",
+    input_spec: SpecOpt = None,
+    passphrase_env: PassphraseEnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set each detector's thresholds so that at most TARGET-FPR of clean inputs are rejected."""
+    from edgeshield.adversarial import calibrate as run_calibration
+    from edgeshield.bundles._predict import load_npy
+
+    x = load_npy(clean)
+    opened, spec = open_with_spec(bundle, owner_key, device_key, passphrase_env, input_spec, x)
+    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    torch_model = None
+    if "gradient" in names:
+        from edgeshield.adversarial._eval import torch_model_for_bundle
+
+        torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
+    result = run_calibration(opened.session, x, model_sha256=opened.manifest.model_sha256, input_spec=spec,
+                             target_fpr=target_fpr, flag_fpr=flag_fpr, detectors=names, torch_model=torch_model)
+    result.save(out)
+    if as_json:
+        emit_json(result.to_dict() | {"path": str(out)})
+        return
+    table = Table(title=f"detectors calibrated on {len(x)} clean inputs, target FPR {target_fpr}")
+    for col in ("detector", "reject threshold", "flag threshold", "FPR (reject)", "FPR (flag)"):
+        table.add_column(col)
+    for d in result.detectors:
+        table.add_row(d.name + (" (decides)" if d.name == result.decision else ""), f"{d.reject_threshold:.4g}",
+                      f"{d.flag_threshold:.4g}", f"{d.calibration['fpr_reject']:.3f}", f"{d.calibration['fpr_flag']:.3f}")
+    console.print(table)
+    console.print(f"written to {out}")
