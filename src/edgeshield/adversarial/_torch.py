@@ -70,7 +70,8 @@ def onnx_to_torch(model_bytes: bytes, *, strip_softmax: bool = True) -> torch.nn
     try:
         model = onnx.load_model_from_string(bytes(model_bytes))
     except (DecodeError, ValueError, TypeError) as exc:
-        raise UnsupportedModelError(f"not a valid ONNX model: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"not a valid ONNX model: {first}") from None
     graph = model.graph
     if not graph.node or not graph.output:
         raise UnsupportedModelError("not a valid ONNX model: the graph has no nodes or no outputs")
@@ -120,7 +121,9 @@ def _default_opset(model: onnx.ModelProto) -> int:
     versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     opset = versions[0] if versions else 1
     if opset < _MIN_OPSET:
-        raise UnsupportedModelError(f"the ONNX→PyTorch bridge needs opset {_MIN_OPSET} or newer, the model uses {opset}")
+        raise UnsupportedModelError(
+            f"the ONNX→PyTorch bridge needs opset {_MIN_OPSET} or newer, the model uses {opset}"
+        )
     return opset
 
 
@@ -189,7 +192,9 @@ def _constant_value(node: onnx.NodeProto, onnx: Any, torch: Any) -> torch.Tensor
     for key, dtype in scalar.items():
         if key in attrs:
             return _from_numpy(np.asarray(onnx.helper.get_attribute_value(attrs[key]), dtype=dtype), key, torch)
-    raise UnsupportedModelError(f"op Constant with attribute {sorted(attrs)} is not supported by the ONNX→PyTorch bridge")
+    raise UnsupportedModelError(
+        f"op Constant with attribute {sorted(attrs)} is not supported by the ONNX→PyTorch bridge"
+    )
 
 
 @functools.cache
@@ -345,7 +350,14 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
         if not int(attrs.get("spatial", 1)):
             raise unsupported("spatial=0")
         eps = float(attrs.get("epsilon", 1e-5))
-        return lambda x, s, b, m, v: (F.batch_norm(x, m, v, s, b, training=False, eps=eps),)
+
+        # Written out rather than F.batch_norm, which refuses running statistics that require grad (ours are
+        # parameters like every other float initializer).
+        def batch_norm(x: Any, s: Any, b: Any, m: Any, v: Any) -> tuple:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            scale = s * torch.rsqrt(v + eps)
+            return (x * scale.reshape(shape) + (b - m * scale).reshape(shape),)
+        return batch_norm
     if op == "GlobalAveragePool":
         return lambda x: (x.mean(dim=tuple(range(2, x.dim())), keepdim=True),)
     if op in ("Conv", "MaxPool", "AveragePool"):
@@ -470,7 +482,9 @@ class GradientDetector:
     def _batch_scores(self, torch: Any, xb: torch.Tensor) -> np.ndarray:
         logits = self.model(xb)
         if logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
-            raise UnsupportedModelError(f"the model must return logits of shape (N, classes), got {tuple(logits.shape)}")
+            raise UnsupportedModelError(
+                f"the model must return logits of shape (N, classes), got {tuple(logits.shape)}"
+            )
         # The label is read off a detached copy of the same forward pass: it is a constant of the loss, so no
         # gradient flows through the argmax, and the model runs once per batch rather than twice.
         labels = logits.detach().argmax(dim=1)
@@ -502,11 +516,6 @@ def art_classifier(
     no way around that. ART calls ``model.train(mode=...)`` on each predict and gradient call; modules from
     ``onnx_to_torch`` compute the same thing in either mode.
     """
-    torch = _import_torch()
-    try:
-        from art.estimators.classification import PyTorchClassifier
-    except ImportError:
-        raise MissingDependencyError(f"running ART attacks needs adversarial-robustness-toolbox: {_INSTALL_HINT}") from None
     shape = tuple(input_shape)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise InvalidArgumentError(f"input_shape must be a tuple of positive integers, not {input_shape!r}")
@@ -518,6 +527,13 @@ def art_classifier(
         if not lo < hi:
             raise InvalidArgumentError(f"clip_values must be (min, max) with min < max, not {clip_values!r}")
         clip = (lo, hi)
+    torch = _import_torch()
+    try:
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        raise MissingDependencyError(
+            f"running ART attacks needs adversarial-robustness-toolbox: {_INSTALL_HINT}"
+        ) from None
     return PyTorchClassifier(
         model=model,
         loss=torch.nn.CrossEntropyLoss(),
