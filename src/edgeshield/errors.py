@@ -82,6 +82,10 @@ class InputNonFiniteError(InputValidationError):
     """NaN or infinity where the spec does not allow it."""
 
 
+class InputQuantizationError(InputValidationError):
+    """Values off the declared grid (e.g. not whole 8-bit sensor levels)."""
+
+
 class EmptyBatchError(InputValidationError):
     """A batch with no examples."""
 

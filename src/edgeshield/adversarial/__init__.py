@@ -17,6 +17,7 @@ from edgeshield.adversarial._detectors import (
     EnsembleDetector,
     NoiseDetector,
     OnnxClassifier,
+    ReconstructionDetector,
     SqueezeDetector,
 )
 from edgeshield.adversarial._robust import Decision, RobustModel
@@ -32,6 +33,7 @@ __all__ = [
     "InputSpec",
     "NoiseDetector",
     "OnnxClassifier",
+    "ReconstructionDetector",
     "RobustModel",
     "SqueezeDetector",
     "build_all",

@@ -8,6 +8,9 @@ Runtime detectors need only numpy and an ONNX Runtime session:
 * ``noise`` — prediction inconsistency under random noise: the mean L1 distance between the softmax on the
   input and on copies with small Gaussian noise. Minimal-perturbation attacks (CW, DeepFool) leave inputs just
   across a decision boundary, where noise flips the answer; squeezing can miss those.
+* ``reconstruction`` — distance to the clean-data manifold, as MagNet's detector (Meng & Chen, CCS 2017) with a
+  linear auto-encoder: the L1 norm of what a PCA basis fitted on clean reference data cannot reconstruct.
+  Dense L∞ perturbations (FGSM, PGD) leave that subspace; squeezing and noise are weakest exactly there.
 * ``ensemble`` — the maximum of its members' scores, each divided by its own calibrated threshold.
 
 ``gradient`` (the loss-gradient norm) needs PyTorch and lives in ``_torch.py`` behind ``edgeshield[eval]``.
@@ -162,6 +165,37 @@ class NoiseDetector:
     def params(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "samples": self.samples, "seed": self.seed,
                 "value_range": list(self.value_range) if self.value_range else None}
+
+
+class ReconstructionDetector:
+    name = "reconstruction"
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, *, norm: str = "l1") -> None:
+        if norm not in ("l1", "l2"):
+            raise InvalidArgumentError("reconstruction norm must be l1 or l2")
+        self.mean = np.asarray(mean, dtype=np.float64).ravel()
+        self.components = np.asarray(components, dtype=np.float64)
+        if self.components.ndim != 2 or self.components.shape[1] != self.mean.size:
+            raise InvalidArgumentError("reconstruction components must be a k×d matrix matching the mean")
+        self.norm = norm
+
+    @classmethod
+    def fit(cls, reference: np.ndarray, *, components: int = 30, norm: str = "l1") -> ReconstructionDetector:
+        """PCA of clean reference inputs (e.g. the training set), keeping ``components`` directions."""
+        x = reference.reshape(len(reference), -1).astype(np.float64)
+        if not 1 <= components < min(x.shape):
+            raise InvalidArgumentError(f"reconstruction needs 1 <= components < {min(x.shape)} for this reference set")
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        return cls(mean, vt[:components], norm=norm)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        centred = x.reshape(len(x), -1).astype(np.float64) - self.mean
+        residual = centred - (centred @ self.components.T) @ self.components
+        return np.abs(residual).sum(axis=1) if self.norm == "l1" else np.linalg.norm(residual, axis=1)
+
+    def params(self) -> dict[str, Any]:
+        return {"norm": self.norm, "mean": self.mean.tolist(), "components": self.components.tolist()}
 
 
 class EnsembleDetector:

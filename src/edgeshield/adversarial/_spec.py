@@ -21,6 +21,7 @@ from edgeshield.errors import (
     EmptyBatchError,
     InputDtypeError,
     InputNonFiniteError,
+    InputQuantizationError,
     InputRangeError,
     InputShapeError,
     InvalidArgumentError,
@@ -39,6 +40,7 @@ class InputSpec:
     allow_nan: bool = False
     allow_inf: bool = False
     image_shape: tuple[int, ...] | None = None  # e.g. (8, 8) behind a flat 64-feature input
+    quantum: float | None = None  # values must be whole multiples of this step (e.g. 1/255 for 8-bit sensors)
 
     def __post_init__(self) -> None:
         if not self.shape or any(d is not None and (not isinstance(d, int) or d <= 0) for d in self.shape):
@@ -51,6 +53,10 @@ class InputSpec:
                 raise InvalidArgumentError(f"input spec {name} must be a finite number")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise InvalidArgumentError("input spec min is larger than max")
+        if self.quantum is not None and (
+            isinstance(self.quantum, bool) or not isinstance(self.quantum, (int, float)) or not self.quantum > 0
+        ):
+            raise InvalidArgumentError("input spec quantum must be a positive number")
         if self.image_shape is not None:
             fixed = [d for d in self.shape[1:] if d is not None]
             if any(d <= 0 for d in self.image_shape) or math.prod(self.image_shape) != math.prod(fixed or [0]):
@@ -70,7 +76,7 @@ class InputSpec:
     def from_dict(cls, d: Any) -> InputSpec:
         if not isinstance(d, dict) or "shape" not in d:
             raise InvalidArgumentError("input spec must be a JSON object with at least a 'shape'")
-        unknown = set(d) - {"shape", "dtype", "min", "max", "allow_nan", "allow_inf", "image_shape"}
+        unknown = set(d) - {"shape", "dtype", "min", "max", "allow_nan", "allow_inf", "image_shape", "quantum"}
         if unknown:
             raise InvalidArgumentError(f"input spec has unknown fields: {sorted(unknown)}")
         try:
@@ -82,6 +88,7 @@ class InputSpec:
                 allow_nan=bool(d.get("allow_nan", False)),
                 allow_inf=bool(d.get("allow_inf", False)),
                 image_shape=tuple(d["image_shape"]) if d.get("image_shape") else None,
+                quantum=d.get("quantum"),
             )
         except TypeError as exc:
             raise InvalidArgumentError(f"input spec is malformed: {exc}") from None
@@ -140,6 +147,13 @@ class InputSpec:
                 raise InputRangeError("min", f"value {float(finite.min()):g} is below the minimum {self.min:g}")
             if self.max is not None and finite.max() > self.max:
                 raise InputRangeError("max", f"value {float(finite.max()):g} is above the maximum {self.max:g}")
+            if self.quantum is not None:
+                steps = finite.astype(np.float64) / self.quantum
+                off = np.abs(steps - np.round(steps))
+                if off.max() > 1e-3:
+                    raise InputQuantizationError(
+                        "quantum", f"{int((off > 1e-3).sum())} value(s) are not multiples of {self.quantum:g}"
+                    )
         return x
 
     def _shape_text(self) -> str:

@@ -51,7 +51,15 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Detector file to write (JSON, atomically).")],
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="Largest false-positive rate on clean data.")] = 0.02,
     flag_fpr: Annotated[float | None, typer.Option("--flag-fpr", help="FPR of the (looser) flag threshold.")] = None,
-    detectors: Annotated[str, typer.Option("--detectors", help="Comma-separated: squeeze, noise, gradient.")] = "squeeze,noise",
+    detectors: Annotated[
+        str | None,
+        typer.Option("--detectors", help="Comma-separated: squeeze, noise, reconstruction, gradient "
+                                         "(default: squeeze, noise, and reconstruction when --reference is given)."),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="Clean reference inputs (.npy, e.g. the training set) for the reconstruction detector."),
+    ] = None,
     input_spec: SpecOpt = None,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
@@ -62,6 +70,9 @@ def calibrate(
 
     x = load_npy(clean)
     opened, spec = open_with_spec(bundle, owner_key, device_key, passphrase_env, input_spec, x)
+    ref = load_npy(reference) if reference is not None else None
+    if detectors is None:
+        detectors = "squeeze,noise" + (",reconstruction" if ref is not None else "")
     names = [d.strip() for d in detectors.split(",") if d.strip()]
     torch_model = None
     if "gradient" in names:
@@ -69,7 +80,8 @@ def calibrate(
 
         torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
     result = run_calibration(opened.session, x, model_sha256=opened.manifest.model_sha256, input_spec=spec,
-                             target_fpr=target_fpr, flag_fpr=flag_fpr, detectors=names, torch_model=torch_model)
+                             target_fpr=target_fpr, flag_fpr=flag_fpr, detectors=names, torch_model=torch_model,
+                             reference=ref)
     result.save(out)
     if as_json:
         emit_json(result.to_dict() | {"path": str(out)})
