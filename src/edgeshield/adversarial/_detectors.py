@@ -81,15 +81,18 @@ def bit_depth(x: np.ndarray, bits: int, lo: float = 0.0, hi: float = 1.0) -> np.
 
 
 def median_smooth(x: np.ndarray, size: int, image_shape: Sequence[int]) -> np.ndarray:
-    """Median filter of a ``size``×``size`` window over each image (reflect padding), as in Xu et al."""
+    """Median filter of a ``size``×``size`` window over each image, as Xu et al. (scipy.ndimage.median_filter,
+    mode="reflect": the edge sample is repeated; even windows reach one further up-left than down-right)."""
     n = len(x)
     h, w = image_shape[-2], image_shape[-1]
     channels = int(np.prod(image_shape[:-2])) if len(image_shape) > 2 else 1
     imgs = x.reshape(n * channels, h, w)
-    before, after = (size - 1) // 2, size // 2  # even windows lean up-left, like scipy.ndimage
-    padded = np.pad(imgs, ((0, 0), (before, after), (before, after)), mode="reflect")
+    before, after = size // 2, (size - 1) // 2
+    padded = np.pad(imgs, ((0, 0), (before, after), (before, after)), mode="symmetric")
     windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
-    return np.median(windows, axis=(-2, -1)).astype(x.dtype).reshape(x.shape)
+    flat = windows.reshape(*windows.shape[:3], size * size)
+    rank = (size * size) // 2  # scipy's rank filter picks this element; for even windows, the upper median
+    return np.partition(flat, rank, axis=-1)[..., rank].astype(x.dtype).reshape(x.shape)
 
 
 class SqueezeDetector:
