@@ -21,4 +21,11 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert err in rejected
     assert summary["verified"] is True
     assert [s["stage"] for s in summary["stages"]][0] == "Create owner and device keys"
-    assert "[5/5]" in proc.stderr  # progress goes to stderr when --json keeps stdout machine-readable
+    n = len(summary["stages"])
+    assert f"[{n}/{n}]" in proc.stderr  # progress goes to stderr when --json keeps stdout machine-readable
+    # adversarial stage: calibrated on clean digits, then real ART attacks through robust inference
+    assert summary["detector"]["ensemble"]["fpr_calibration"] <= 0.02
+    rows = summary["robust_inference"]
+    assert rows["clean"]["reject"] < 0.1 * 225
+    for attack in ("FGSM ε=0.1", "PGD ε=0.1"):
+        assert rows[attack]["fooled"] > 0 and 0 <= rows[attack]["reject_of_fooled"] <= rows[attack]["fooled"]

@@ -30,6 +30,7 @@ class DemoContext:
     workdir: Path
     summary: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    tables: list[Any] = field(default_factory=list)  # extra rich tables a stage wants shown
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,9 @@ class Stage:
 
 
 def _stages() -> list[Stage]:
-    from edgeshield.demo import _bundles
+    from edgeshield.demo import _adversarial, _bundles
 
-    return list(_bundles.STAGES)
+    return [*_bundles.STAGES, *_adversarial.STAGES]
 
 
 def run_demo(*, as_json: bool = False, workdir: str | None = None) -> dict[str, Any]:
@@ -65,6 +66,9 @@ def run_demo(*, as_json: bool = False, workdir: str | None = None) -> dict[str, 
             dt = time.perf_counter() - t0
             rows.append((stage.title, result, dt))
             out.print(f"[green]✓[/] [{n}/{len(stages)}] {stage.title}: {result} [dim]({dt:.2f} s)[/]")
+            for table in ctx.tables:
+                out.print(table)
+            ctx.tables.clear()
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

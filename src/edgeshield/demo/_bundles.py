@@ -17,7 +17,8 @@ def _keys(ctx: DemoContext) -> str:
 
 
 def _protect(ctx: DemoContext) -> str:
-    from edgeshield.models import digits_model_path
+    from edgeshield.adversarial import METADATA_KEY
+    from edgeshield.models import digits_input_spec, digits_model_path
 
     kdir = ctx.state["kdir"]
     out = ctx.workdir / "digits.esb"
@@ -27,7 +28,7 @@ def _protect(ctx: DemoContext) -> str:
         signing_key=keys.load_owner_private_key(kdir / "owner.key"),
         recipients=[keys.load_device_public_key(kdir / "device.pub")],
         model_version=1,
-        metadata={"model": "digits-mlp", "demo": "true"},
+        metadata={"model": "digits-mlp", "demo": "true", METADATA_KEY: digits_input_spec().to_json()},
     )
     ctx.state["bundle"] = out
     ctx.summary["bundle"] = {"bytes": out.stat().st_size, "model_sha256": manifest.model_sha256}
