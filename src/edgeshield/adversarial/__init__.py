@@ -20,11 +20,12 @@ from edgeshield.adversarial._detectors import (
     ReconstructionDetector,
     SqueezeDetector,
 )
-from edgeshield.adversarial._robust import Decision, RobustModel
+from edgeshield.adversarial._robust import BatchDecision, Decision, RobustModel
 from edgeshield.adversarial._spec import METADATA_KEY, InputSpec
 
 __all__ = [
     "METADATA_KEY",
+    "BatchDecision",
     "CalibratedDetector",
     "Decision",
     "Detector",

@@ -44,28 +44,38 @@ class OnnxClassifier:
             raise InvalidArgumentError("detectors need a single-input classifier")
         self.session = session
         self.input_name = inputs[0].name
+        self.output_names = [session.get_outputs()[0].name]
         self.batch_size = batch_size
+        self._outputs_probs: bool | None = None  # decided on the first batch: logits or probabilities?
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        parts = [
-            self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
+        if len(x) <= self.batch_size:
+            return self.session.run(self.output_names, {self.input_name: x})[0]
+        return np.concatenate([
+            self.session.run(self.output_names, {self.input_name: x[i : i + self.batch_size]})[0]
             for i in range(0, len(x), self.batch_size)
-        ]
-        return np.concatenate(parts).astype(np.float64)
+        ])
 
     def probs(self, x: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(x))
+        z = self.logits(x)
+        if self._outputs_probs is None:
+            self._outputs_probs = looks_like_probabilities(z)
+        return z if self._outputs_probs else softmax(z)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1)
 
 
+def looks_like_probabilities(z: np.ndarray) -> bool:
+    """Whether a model's outputs already are probabilities (rows non-negative and summing to 1)."""
+    return bool(z.min() >= 0 and np.abs(z.sum(axis=1) - 1.0).max() < 1e-4)
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
-    """Row softmax; outputs that already are probabilities (rows non-negative, summing to 1) pass unchanged."""
-    if (z >= 0).all() and np.allclose(z.sum(axis=1), 1.0, atol=1e-4):
-        return z
+    """Row softmax of logits."""
     e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def _l1(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -75,9 +85,14 @@ def _l1(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 # --- squeezers -------------------------------------------------------------------------------------------------
 def bit_depth(x: np.ndarray, bits: int, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
     """Quantise values in [lo, hi] to 2**bits levels."""
-    levels = 2**bits - 1
-    scaled = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    return (np.round(scaled * levels) / levels * (hi - lo) + lo).astype(x.dtype)
+    scale = (2**bits - 1) / (hi - lo)
+    y = np.clip(x, lo, hi)  # a fresh array, then everything in place: this runs on every robust inference
+    y -= lo
+    y *= scale
+    np.round(y, out=y)
+    y /= scale
+    y += lo
+    return y
 
 
 def median_smooth(x: np.ndarray, size: int, image_shape: Sequence[int]) -> np.ndarray:
@@ -134,7 +149,8 @@ class SqueezeDetector:
         copies = self.squeezed(x)
         p = self.clf.probs(np.concatenate([x, *copies]))
         n = len(x)
-        return np.max([_l1(p[:n], p[(k + 1) * n : (k + 2) * n]) for k in range(len(copies))], axis=0), p[:n]
+        dist = [_l1(p[:n], p[(k + 1) * n : (k + 2) * n]) for k in range(len(copies))]
+        return (dist[0] if len(dist) == 1 else np.max(dist, axis=0)), p[:n]
 
     def params(self) -> dict[str, Any]:
         return {"bits": self.bits, "median": self.median, "image_shape": list(self.image_shape or []) or None,

@@ -39,14 +39,37 @@ class RobustModel:
         self.calibrated = detector_file.get(self.detector_name)
         self.detector = build_all(detector_file, self.clf, torch_model, [self.detector_name])[self.detector_name]
 
-    def predict(self, x: np.ndarray) -> list[Decision]:
+    def decide(self, x: np.ndarray) -> BatchDecision:
+        """Vectorised robust inference: one array per field, for high-throughput callers."""
         x = self.spec.validate(x)
         scores, probs = scores_with_probs(self.detector, x, self.clf)
         labels = (probs if probs is not None else self.clf.probs(x)).argmax(axis=1)
         reject, flag = self.calibrated.reject_threshold, self.calibrated.flag_threshold
-        out = []
-        for score, label in zip(scores.tolist(), labels.tolist()):
-            verdict: Verdict = "reject" if score > reject else "flag" if score > flag else "accept"
-            out.append(Decision(verdict, float(score), reject, flag, self.detector_name,
-                                None if verdict == "reject" else int(label)))
-        return out
+        verdicts = np.where(scores > reject, REJECT, np.where(scores > flag, FLAG, ACCEPT)).astype(np.int8)
+        return BatchDecision(verdicts, scores, np.where(verdicts == REJECT, -1, labels), reject, flag,
+                             self.detector_name)
+
+    def predict(self, x: np.ndarray) -> list[Decision]:
+        """One :class:`Decision` per input; a rejected input has ``prediction=None``."""
+        return self.decide(x).decisions()
+
+
+ACCEPT, FLAG, REJECT = 0, 1, 2
+_VERDICTS: tuple[Verdict, ...] = ("accept", "flag", "reject")
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    verdicts: np.ndarray  # int8: 0 accept, 1 flag, 2 reject
+    scores: np.ndarray
+    predictions: np.ndarray  # -1 where rejected
+    threshold: float
+    flag_threshold: float
+    detector: str
+
+    def decisions(self) -> list[Decision]:
+        return [
+            Decision(_VERDICTS[v], float(s), self.threshold, self.flag_threshold, self.detector,
+                     None if v == REJECT else int(p))
+            for v, s, p in zip(self.verdicts.tolist(), self.scores.tolist(), self.predictions.tolist())
+        ]

@@ -136,12 +136,13 @@ class InputSpec:
             raise EmptyBatchError("batch", "the batch is empty")
         if x.dtype != np.dtype(self.dtype):
             raise InputDtypeError("dtype", f"got {x.dtype}, expected {self.dtype}")
-        if np.issubdtype(x.dtype, np.floating):
+        finite = x
+        if x.dtype.kind == "f" and not np.isfinite(x).all():  # the common, all-finite case costs one pass
             if not self.allow_nan and np.isnan(x).any():
                 raise InputNonFiniteError("nan", f"{int(np.isnan(x).sum())} NaN value(s); the spec allows none")
             if not self.allow_inf and np.isinf(x).any():
                 raise InputNonFiniteError("inf", f"{int(np.isinf(x).sum())} infinite value(s); the spec allows none")
-        finite = x[np.isfinite(x)] if np.issubdtype(x.dtype, np.floating) else x
+            finite = x[np.isfinite(x)]
         if finite.size:
             if self.min is not None and finite.min() < self.min:
                 raise InputRangeError("min", f"value {float(finite.min()):g} is below the minimum {self.min:g}")
