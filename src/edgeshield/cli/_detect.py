@@ -94,3 +94,46 @@ def calibrate(
                       f"{d.flag_threshold:.4g}", f"{d.calibration['fpr_reject']:.3f}", f"{d.calibration['fpr_flag']:.3f}")
     console.print(table)
     console.print(f"written to {out}")
+
+
+@app.command("evaluate")
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="The protected model.")],
+    owner_key: OwnerOpt,
+    device_key: DeviceOpt,
+    detector: Annotated[Path, typer.Option("--detector", help="Detector file from `detect calibrate` for this model.")],
+    data: Annotated[Path, typer.Option("--data", help="Clean evaluation inputs (.npy), NOT the calibration set.")],
+    labels: Annotated[Path, typer.Option("--labels", help="Their true labels (.npy, 1-D integers).")],
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer iterations, no HopSkipJump, small adaptive sweep.")] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Write one ROC plot per attack here (roc_<attack>.png).")
+    ] = None,
+    passphrase_env: PassphraseEnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attack the bundled model with ART (FGSM, PGD, CW, DeepFool, HopSkipJump) and an adaptive attack; report
+    detection rates, AUROC, measured FPR and the cost of robust inference."""
+    import numpy as np
+
+    from edgeshield.adversarial import DetectorFile
+    from edgeshield.adversarial._eval import evaluate as run_evaluation
+    from edgeshield.adversarial._eval import jsonable, report_tables, torch_model_for_bundle
+    from edgeshield.bundles._predict import load_npy
+
+    file = DetectorFile.load(detector)
+    x, y = load_npy(data), load_npy(labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise InvalidArgumentError(f"{labels} must hold a 1-D integer array of labels, not {y.dtype} {tuple(y.shape)}")
+    if len(y) != len(x):
+        raise InvalidArgumentError(f"{len(x)} inputs but {len(y)} labels")
+    opened, _ = open_with_spec(bundle, owner_key, device_key, passphrase_env, None, x)
+    file.check_model(opened.manifest.model_sha256)
+    torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
+    result = run_evaluation(opened.session, torch_model, file, x, y, quick=quick, out_dir=out_dir)
+    if as_json:
+        emit_json(jsonable(result))
+        return
+    for table in report_tables(result):
+        console.print(table)
+    if result["roc_png"]:
+        console.print(f"ROC plots: {', '.join(result['roc_png'].values())}")
