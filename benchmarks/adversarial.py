@@ -20,7 +20,7 @@ Protocol (fixed; printed with the results):
 5. Adaptive white-box attack (``edgeshield/adversarial/_adaptive.py``) at L∞ 0.1 on the 1/16 grid, sweep of λ,
    loss and penalty; the strongest configuration is reported. Two supplementary budgets: L∞ 2/16 on the grid,
    and L∞ 0.1 off the grid against the detectors alone.
-6. Cost: RobustModel.predict ÷ session.run, batch of 1 and batch of 225, per detector.
+6. Cost: RobustModel.decide (vectorised robust inference) ÷ session.run, batch of 1 and batch of 225, per detector.
 
 ``--quick`` evaluates 100 evaluation inputs, with fewer iterations, no HopSkipJump, a small adaptive sweep, no
 supplementary budgets and fewer timing repetitions. ``--json PATH`` writes one flat JSON object and the ROC plots

@@ -122,9 +122,12 @@ def test_detector_scores_have_the_right_shape_and_are_deterministic(session, spl
     clf = OnnxClassifier(session)
     x = split.x_test[:20]
     recon = ReconstructionDetector.fit(split.x_train, components=30)
-    for det in (SqueezeDetector(clf, bits=3, median=2, image_shape=(8, 8)), NoiseDetector(clf), recon):
+    for det in (SqueezeDetector(clf, bits=3, median=2, image_shape=(8, 8)), NoiseDetector(clf, seed=1), recon):
         s1, s2 = det.scores(x), det.scores(x)
         assert s1.shape == (20,) and np.array_equal(s1, s2) and (s1 >= 0).all()
+        np.testing.assert_allclose(det.scores(x[:1]), s1[:1], rtol=1e-6)  # independent of the rest of the batch
+    fresh = NoiseDetector(clf)  # default: fresh noise each call, unknown to an attacker
+    assert not np.array_equal(fresh.scores(x), fresh.scores(x))
     # a clean training digit is reconstructed far better than uniform noise
     noise = np.random.default_rng(0).random((20, 64)).astype(np.float32)
     assert recon.scores(noise).min() > np.median(recon.scores(split.x_train[:200]))
@@ -195,7 +198,7 @@ def test_robust_inference_decisions(session, split, detector_file: DetectorFile)
 
 def test_ensemble_scales_members(session, split) -> None:  # type: ignore[no-untyped-def]
     clf = OnnxClassifier(session)
-    a, b = SqueezeDetector(clf, bits=3, median=None), NoiseDetector(clf)
+    a, b = SqueezeDetector(clf, bits=3, median=None), NoiseDetector(clf, seed=3)
     ens = EnsembleDetector([a, b], [2.0, 0.5])
     x = split.x_test[:10]
     np.testing.assert_allclose(ens.scores(x), np.maximum(a.scores(x) / 2.0, b.scores(x) / 0.5))

@@ -82,3 +82,15 @@ def test_bad_inputs_and_foreign_detector(world: dict[str, Path], tmp_path: Path)
     (tmp_path / "junk.json").write_text("{")
     assert_one_line_error(_run(world, world["root"] / "eval.npy", "--detector", tmp_path / "junk.json"), 2,
                           "not a valid detector file")
+
+
+def test_gradient_detector_file_runs_from_the_cli(world: dict[str, Path], tmp_path: Path) -> None:
+    k = world["keys"]
+    detector = tmp_path / "with-gradient.json"
+    proc = cli("detect", "calibrate", world["bundle"], "--owner-key", k / "owner.pub", "--device-key", k / "device.key",
+               "--clean", world["root"] / "clean.npy", "--reference", world["root"] / "train.npy",
+               "--detectors", "squeeze,noise,reconstruction,gradient", "--out", detector)
+    assert proc.returncode == 0, proc.stderr
+    out = _run(world, world["root"] / "eval.npy", "--detector", detector, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["decisions"][0]["detector"] == "ensemble"

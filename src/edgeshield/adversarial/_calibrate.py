@@ -72,6 +72,11 @@ class DetectorFile:
                 return d
         raise InvalidArgumentError(f"detector file has no detector {name!r} (has: {[d.name for d in self.detectors]})")
 
+    def decision_detectors(self) -> set[str]:
+        """The detectors robust inference runs: the decision detector, and its members if it is an ensemble."""
+        decision = self.get(self.decision)
+        return {decision.name, *decision.params.get("members", [])} if decision.name == "ensemble" else {decision.name}
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "model_sha256": self.model_sha256,
                 "input_spec": self.input_spec.to_dict(), "target_fpr": self.target_fpr, "flag_fpr": self.flag_fpr,
@@ -113,7 +118,7 @@ def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier, torch
                                image_shape=params.get("image_shape"), value_range=tuple(params["value_range"]))
     if name == "noise":
         vr = params.get("value_range")
-        return NoiseDetector(clf, sigma=params["sigma"], samples=params["samples"], seed=params["seed"],
+        return NoiseDetector(clf, sigma=params["sigma"], samples=params["samples"], seed=params.get("seed"),
                              value_range=tuple(vr) if vr else None)
     if name == "reconstruction":
         return ReconstructionDetector(np.array(params["mean"]), np.array(params["components"]), norm=params["norm"])
@@ -193,7 +198,7 @@ def calibrate(
     defaults: dict[str, dict[str, Any]] = {
         "squeeze": {"bits": 3, "median": 2 if big_image else None, "image_shape": image,
                     "value_range": [lo, hi]} | (squeeze or {}),
-        "noise": {"sigma": 0.05 * (hi - lo), "samples": 8, "seed": 0, "value_range": [lo, hi]} | (noise or {}),
+        "noise": {"sigma": 0.05 * (hi - lo), "samples": 8, "seed": None, "value_range": [lo, hi]} | (noise or {}),
         "gradient": {"norm": "l2"},
     }
     if "reconstruction" in detectors:

@@ -160,20 +160,30 @@ class SqueezeDetector:
 class NoiseDetector:
     name = "noise"
 
-    def __init__(self, clf: OnnxClassifier, *, sigma: float = 0.1, samples: int = 8, seed: int = 0,
+    def __init__(self, clf: OnnxClassifier, *, sigma: float = 0.1, samples: int = 8, seed: int | None = None,
                  value_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
         if not sigma > 0 or samples < 1:
             raise InvalidArgumentError("noise detector needs sigma > 0 and at least one sample")
-        self.clf, self.sigma, self.samples, self.seed = clf, float(sigma), int(samples), int(seed)
+        self.clf, self.sigma, self.samples = clf, float(sigma), int(samples)
+        self.seed = None if seed is None else int(seed)
         self.value_range = value_range
+
+    def _noise(self, x: np.ndarray) -> np.ndarray:
+        """Fresh noise per call and per input by default, so an attacker cannot know it in advance.
+
+        With a seed (for reproducible tests) every input gets the same ``samples`` noise patterns, so a score
+        never depends on what else is in the batch.
+        """
+        if self.seed is None:
+            return np.random.default_rng().normal(0.0, self.sigma, size=(self.samples, *x.shape)).astype(x.dtype)
+        pattern = np.random.default_rng(self.seed).normal(0.0, self.sigma, size=(self.samples, 1, *x.shape[1:]))
+        return np.broadcast_to(pattern.astype(x.dtype), (self.samples, *x.shape))
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         return self.scores_with_probs(x)[0]
 
     def scores_with_probs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # A fixed seed makes a score reproducible for the same input (this noise is not a secret).
-        rng = np.random.default_rng(self.seed)
-        noisy = x[None] + rng.normal(0.0, self.sigma, size=(self.samples, *x.shape)).astype(x.dtype)
+        noisy = x[None] + self._noise(x)
         if self.value_range is not None:
             noisy = np.clip(noisy, *self.value_range)
         p = self.clf.probs(np.concatenate([x, noisy.reshape(-1, *x.shape[1:])]))

@@ -9,7 +9,7 @@ a clean *evaluation* set that the file was not calibrated on, and reports:
   validation (e.g. its ``quantum`` grid) as a separate layer;
 * the measured FPR of every detector on the clean evaluation inputs;
 * the adaptive attack of ``_adaptive.py`` against the decision detector and the spec;
-* the cost of robust inference (``RobustModel.predict``) ÷ plain ``session.run`` per detector.
+* the cost of robust inference (``RobustModel.decide``) ÷ plain ``session.run`` per detector.
 
 torch, ART, scikit-learn and matplotlib are imported inside the functions that need them (``edgeshield[eval]``).
 """
@@ -312,7 +312,7 @@ def run_adaptive(torch_model: Any, clf: OnnxClassifier, file: DetectorFile,
 def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: np.ndarray, *,
                         names: Sequence[str] = COST_DETECTORS, extra: Mapping[str, DetectorFile] | None = None,
                         quick: bool = False) -> dict[str, dict[str, float]]:
-    """Median batch-of-1 latency and batch throughput of ``RobustModel.predict`` ÷ plain ``session.run``.
+    """Median batch-of-1 latency and batch throughput of ``RobustModel.decide`` ÷ plain ``session.run``.
 
     Plain and robust calls alternate, so drift of the machine hits both alike. ``x`` must pass the spec.
     """
@@ -327,7 +327,7 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
     out: dict[str, dict[str, float]] = {}
     for label, rm in models.items():
         rows = [x[i : i + 1] for i in range(min(len(x), 64))]
-        rm.predict(x)  # warm-up
+        rm.decide(x)  # warm-up
         session.run(None, {name_in: x})
         p1, r1, pb, rb = [], [], [], []
         for i in range(single_reps):
@@ -335,7 +335,7 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
             t0 = time.perf_counter_ns()
             session.run(None, {name_in: xi})
             t1 = time.perf_counter_ns()
-            rm.predict(xi)
+            rm.decide(xi)
             t2 = time.perf_counter_ns()
             p1.append(t1 - t0)
             r1.append(t2 - t1)
@@ -343,7 +343,7 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
             t0 = time.perf_counter_ns()
             session.run(None, {name_in: x})
             t1 = time.perf_counter_ns()
-            rm.predict(x)
+            rm.decide(x)
             t2 = time.perf_counter_ns()
             pb.append(t1 - t0)
             rb.append(t2 - t1)
@@ -532,7 +532,7 @@ def report_tables(result: Mapping[str, Any]) -> list[Any]:
 
     cost = result.get("cost")
     if cost:
-        t = Table(title="Cost of robust inference (RobustModel.predict) ÷ plain session.run, medians, alternating")
+        t = Table(title="Cost of robust inference (RobustModel.decide, vectorised) ÷ plain session.run, medians, alternating")
         batch = next(iter(cost.values()))["batch"]
         for col in ("detector", "plain µs (batch 1)", "robust µs", "ratio", f"plain /s (batch {batch})",
                     "robust /s", "ratio", "target"):

@@ -170,7 +170,12 @@ def run(
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device, check_digest=check_digest)
     x = _predict.load_npy(input)
     if detector is not None:
-        _run_robust(opened, detector, x, output, as_json)
+        def torch_model():  # type: ignore[no-untyped-def]
+            from edgeshield.adversarial._eval import torch_model_for_bundle
+
+            return torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
+
+        _run_robust(opened, detector, x, output, as_json, torch_model)
         return
     from edgeshield.adversarial import InputSpec
 
@@ -190,8 +195,13 @@ def run(
         console.print(f"outputs {tuple(outputs.shape)} saved to {output}")
 
 
-def _run_robust(opened: bundles.OpenBundle, detector: Path, x: Any, output: Path | None, as_json: bool) -> None:
-    """Validate, score and decide; rejected inputs get no prediction."""
+def _run_robust(opened: bundles.OpenBundle, detector: Path, x: Any, output: Path | None, as_json: bool,
+                torch_model: Any) -> None:
+    """Validate, score and decide; rejected inputs get no prediction.
+
+    ``torch_model`` builds the PyTorch twin of the model, only called when the file's decision detector needs
+    gradients (``edgeshield[eval]``); the runtime detectors need none.
+    """
     import numpy as np
 
     from edgeshield.adversarial import DetectorFile, RobustModel
@@ -199,7 +209,8 @@ def _run_robust(opened: bundles.OpenBundle, detector: Path, x: Any, output: Path
 
     file = DetectorFile.load(detector)
     file.check_model(opened.manifest.model_sha256)
-    decisions = RobustModel(opened.session, file).predict(x)
+    decisions = RobustModel(opened.session, file,
+                            torch_model=torch_model() if "gradient" in file.decision_detectors() else None).predict(x)
     if output is not None:
         preds = np.array([-1 if d.prediction is None else d.prediction for d in decisions], dtype=np.int64)
         _predict.save_npy(output, preds)
