@@ -198,7 +198,10 @@ def calibrate(
     defaults: dict[str, dict[str, Any]] = {
         "squeeze": {"bits": 3, "median": 2 if big_image else None, "image_shape": image,
                     "value_range": [lo, hi]} | (squeeze or {}),
-        "noise": {"sigma": 0.05 * (hi - lo), "samples": 8, "seed": None, "value_range": [lo, hi]} | (noise or {}),
+        # A seed drawn per calibration: the noise is fixed for a deployment (stable, batch-independent scores)
+        # but not known in advance; an attacker who reads the detector file learns it (see docs/adversarial.md).
+        "noise": {"sigma": 0.05 * (hi - lo), "samples": 8, "seed": int.from_bytes(os.urandom(4), "big"),
+                  "value_range": [lo, hi]} | (noise or {}),
         "gradient": {"norm": "l2"},
     }
     if "reconstruction" in detectors:
