@@ -26,9 +26,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bundles.py --json benchmarks/results/bundles.json
+	$(PY) benchmarks/adversarial.py --json benchmarks/results/adversarial.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
+	$(PY) benchmarks/adversarial.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)
