@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -210,15 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{load_start:.2f} at start, {flat['loadavg_1min_end']:.2f} at end.")
     if target:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(flat, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(target, (json.dumps(flat, indent=2, sort_keys=True) + "\n").encode())
         console.print(f"wrote {target} and {', '.join(sorted(Path(p).name for p in result['roc_png'].values()))}")
     return 0
 
