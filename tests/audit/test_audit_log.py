@@ -1,0 +1,609 @@
+"""The audit log as an attacker and a crash meet it: raw SQLite edits, SIGKILL mid-append, racing threads, the CLI."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgeshield import audit, keys
+from edgeshield.audit import merkle
+from edgeshield.audit._format import chain_hash, checkpoint_text, entry_leaf, note_key_hash, origin_for
+from edgeshield.errors import (
+    InvalidArgumentError,
+    KeyFileError,
+    OutputExistsError,
+    PassphraseError,
+    PathNotFoundError,
+)
+
+N_ENTRIES, EVERY = 35, 10  # checkpoints at tree sizes 10, 20, 30; entries 30..34 only chained
+
+
+@pytest.fixture
+def device_key(tmp_path: Path) -> Ed25519PrivateKey:
+    return audit.generate_signing_key(tmp_path / "audit.key")
+
+
+@pytest.fixture
+def other_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def build_log(path: Path, key: Ed25519PrivateKey | None, n: int = N_ENTRIES, every: int = EVERY) -> Path:
+    with audit.AuditLog(path, signing_key=key, checkpoint_every=every) as log:
+        for i in range(n):
+            log.append("inference.request", f"client-{i % 3}", {"i": i, "input_sha256": hashlib.sha256(
+                str(i).encode()).hexdigest(), "decision": "accepted" if i % 4 else "rejected"})
+    return path
+
+
+@pytest.fixture
+def signed_log(tmp_path: Path, device_key: Ed25519PrivateKey) -> Path:
+    return build_log(tmp_path / "audit.db", device_key)
+
+
+# --- round trip -----------------------------------------------------------------------------------------------------
+def test_round_trip(tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
+    path = tmp_path / "audit.db"
+    with audit.AuditLog(path, signing_key=device_key, checkpoint_every=4) as log:
+        e0 = log.append("bundle.load", "system", {"bundle_sha256": "ab" * 32, "version": 7})
+        assert (e0.seq, e0.prev_hash) == (0, bytes(32))
+        e1 = log.append("inference.request", "client-1", {"score": 0.25, "labels": [1, 2], "ok": True, "n": None})
+        assert e1.seq == 1 and e1.prev_hash == e0.entry_hash
+        e2 = log.append("auth.denied", "client-2")
+        assert e2.data == {}
+        for i in range(3, 10):
+            log.append("inference.request", "client-1", {"i": i})
+        assert len(log) == 10
+        assert [c.tree_size for c in log.checkpoints()] == [4, 8]
+        stored = list(log.entries())
+        assert [e.seq for e in stored] == list(range(10))
+        assert stored[:3] == [e0, e1, e2]
+        assert list(log.entries(3, 5)) == stored[3:5]
+        assert log.tail(2) == stored[8:]
+        assert log.tail(0) == []
+        report = log.verify(public_key=device_key.public_key())
+        assert (report.entries, report.checkpoints, report.latest_checkpoint, report.unanchored) == (10, 2, 8, 2)
+        assert report.signatures_checked and report.key_id == audit.key_id(device_key.public_key())
+        assert report.head_hash == stored[-1].entry_hash
+        assert report.root == merkle.root([e.leaf() for e in stored])
+        cp = log.checkpoint()
+        assert cp.tree_size == 10 and log.checkpoint() == cp  # on demand, idempotent
+        assert log.verify().latest_checkpoint == 10
+
+
+def test_entry_and_checkpoint_encoding(signed_log: Path, device_key: Ed25519PrivateKey) -> None:
+    log = audit.AuditLog(signed_log, readonly=True)
+    e = next(log.entries(5, 6))
+    leaf = entry_leaf(e.seq, e.ts, e.kind, e.actor, e.data)
+    assert leaf == e.leaf()
+    assert json.loads(leaf) == {"v": 1, "seq": 5, "ts": e.ts, "kind": e.kind, "actor": e.actor, "data": e.data}
+    assert e.entry_hash == hashlib.sha256(b"edgeshield/audit/entry/v1\x00" + e.prev_hash + leaf).digest()
+
+    cp = log.checkpoints()[1]
+    kid = audit.key_id(device_key.public_key())
+    assert kid == keys.key_id(device_key.public_key())  # the same key id as every other EdgeShield key
+    assert cp.text() == f"edgeshield/audit/{kid}\n20\n{base64.b64encode(cp.root).decode()}\n"
+    device_key.public_key().verify(cp.signature, cp.text().encode())
+    # The C2SP signed note: text, blank line, "— origin base64(keyhash4 || signature)".
+    note = cp.signed_note(device_key.public_key())
+    body, sig_line = note.split("\n\n")
+    assert body + "\n" == cp.text()
+    name, b64 = sig_line.removeprefix("\u2014 ").rstrip("\n").split(" ")
+    blob = base64.b64decode(b64)
+    assert name == cp.origin and blob[4:] == cp.signature
+    raw = device_key.public_key().public_bytes_raw()
+    assert blob[:4] == hashlib.sha256(name.encode() + b"\n\x01" + raw).digest()[:4]
+
+
+def test_proofs_against_signed_checkpoints(signed_log: Path, device_key: Ed25519PrivateKey) -> None:
+    log = audit.AuditLog(signed_log, readonly=True)
+    cps = {c.tree_size: c for c in log.checkpoints()}
+    for seq in (0, 7, 19, 29):
+        proof = log.inclusion_proof(seq, 30)
+        assert proof.root == cps[30].root and proof.verify()
+        assert merkle.verify_inclusion(proof.leaf_hash, seq, 30, list(proof.path), cps[30].root)
+        assert not merkle.verify_inclusion(proof.leaf_hash, seq, 30, list(proof.path), cps[20].root)
+    full = log.inclusion_proof(34)
+    assert full.tree_size == N_ENTRIES and full.root == log.verify().root and full.verify()
+    for old, new in ((10, 20), (10, 30), (20, 30)):
+        c = log.consistency_proof(old, new)
+        assert (c.old_root, c.new_root) == (cps[old].root, cps[new].root) and c.verify()
+    assert log.consistency_proof(30).new_size == N_ENTRIES
+    with pytest.raises(InvalidArgumentError):
+        log.inclusion_proof(35)
+    with pytest.raises(InvalidArgumentError):
+        log.consistency_proof(36)
+
+
+def test_export_jsonl(signed_log: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export.jsonl"
+    log = audit.AuditLog(signed_log, readonly=True)
+    assert log.export_jsonl(out) == (N_ENTRIES, 3)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["type"] for x in lines].count("checkpoint") == 3
+    assert lines[10] == {"type": "checkpoint", **log.checkpoints()[0].to_dict()}  # right after entry 9
+    entries = [x for x in lines if x["type"] == "entry"]
+    assert [x["seq"] for x in entries] == list(range(N_ENTRIES))
+    assert entries[3]["entry_hash"] == next(log.entries(3, 4)).entry_hash.hex()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    with pytest.raises(OutputExistsError):
+        log.export_jsonl(out, overwrite=False)
+
+
+# --- input validation -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "actor", "data"), [
+    ("Inference", "a", {}), ("", "a", {}), ("a..b", "a", {}), ("x" * 65, "a", {}), (3, "a", {}),
+    ("ok", "", {}), ("ok", " padded", {}), ("ok", "line\nbreak", {}), ("ok", "x" * 129, {}),
+    ("ok", "a", [1, 2]), ("ok", "a", {"raw": b"\x00\x01"}), ("ok", "a", {"x": float("nan")}),
+    ("ok", "a", {1: "int key"}), ("ok", "a", {"blob": "x" * 20000}), ("ok", "a", {"t": object()}),
+])
+def test_append_rejects_bad_input(tmp_path: Path, kind: object, actor: object, data: object) -> None:
+    with audit.AuditLog(tmp_path / "a.db") as log:
+        with pytest.raises(InvalidArgumentError):
+            log.append(kind, actor, data)  # type: ignore[arg-type]
+        assert len(log) == 0
+
+
+def test_open_errors(tmp_path: Path, signed_log: Path, device_key: Ed25519PrivateKey,
+                     other_key: Ed25519PrivateKey) -> None:
+    with pytest.raises(PathNotFoundError):
+        audit.AuditLog(tmp_path / "missing.db", readonly=True)
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(audit.NotAnAuditLogError):
+        audit.AuditLog(tmp_path / "junk.db")
+    other = sqlite3.connect(tmp_path / "other.db")
+    other.execute("CREATE TABLE t (x)")
+    other.commit()
+    other.close()
+    with pytest.raises(audit.NotAnAuditLogError):
+        audit.AuditLog(tmp_path / "other.db")
+    # One signing identity per log: another key, or none, would make every later verify fail.
+    with pytest.raises(audit.AuditKeyMismatchError):
+        audit.AuditLog(signed_log, signing_key=other_key)
+    with pytest.raises(audit.AuditKeyMismatchError):
+        audit.AuditLog(signed_log)
+    ro = audit.AuditLog(signed_log, readonly=True)
+    with pytest.raises(InvalidArgumentError):
+        ro.append("x", "y", {})
+    with pytest.raises(InvalidArgumentError):
+        audit.AuditLog(tmp_path / "n.db", checkpoint_every=-1)
+
+
+def test_triggers_refuse_plain_updates(signed_log: Path) -> None:
+    conn = sqlite3.connect(signed_log)
+    for sql in ("UPDATE entries SET actor = 'x' WHERE seq = 1", "DELETE FROM entries WHERE seq = 34",
+                "DELETE FROM checkpoints"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(sql)
+    conn.close()
+
+
+# --- the tamper matrix ----------------------------------------------------------------------------------------------
+Conn, Key = sqlite3.Connection, Ed25519PrivateKey
+
+
+def raw(db: Path) -> sqlite3.Connection:
+    """An attacker's connection: the append-only triggers dropped first."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    for t in ("entries_no_update", "entries_no_delete", "checkpoints_no_update", "checkpoints_no_delete"):
+        conn.execute(f"DROP TRIGGER IF EXISTS {t}")
+    return conn
+
+
+def row(conn: sqlite3.Connection, seq: int) -> tuple:
+    return conn.execute("SELECT seq, ts, kind, actor, data, prev_hash, entry_hash FROM entries WHERE seq = ?",
+                        (seq,)).fetchone()
+
+
+def rehash(conn: sqlite3.Connection, seq: int, prev: bytes, *, data: str | None = None) -> bytes:
+    """Rewrite entry ``seq`` (optionally with new data) so that it chains correctly onto ``prev``."""
+    _, ts, kind, actor, old, _, _ = row(conn, seq)
+    text = old if data is None else data
+    h = chain_hash(prev, entry_leaf(seq, ts, kind, actor, json.loads(text)))
+    conn.execute("UPDATE entries SET data = ?, prev_hash = ?, entry_hash = ? WHERE seq = ?", (text, prev, h, seq))
+    return h
+
+
+def shift(conn: sqlite3.Connection, start: int, by: int) -> None:
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM entries WHERE seq >= ? ORDER BY seq", (start,))]
+    for s in (reversed(seqs) if by > 0 else seqs):
+        conn.execute("UPDATE entries SET seq = ? WHERE seq = ?", (s + by, s))
+
+
+def resign(conn: sqlite3.Connection, size: int, key: Ed25519PrivateKey, *, root: bytes | None = None,
+           kid: str | None = None) -> None:
+    root = root or conn.execute("SELECT root FROM checkpoints WHERE tree_size = ?", (size,)).fetchone()[0]
+    kid = kid or audit.key_id(key.public_key())
+    sig = key.sign(checkpoint_text(origin_for(kid), size, root).encode())
+    conn.execute("UPDATE checkpoints SET root = ?, key_id = ?, signature = ? WHERE tree_size = ?",
+                 (root, kid, sig, size))
+
+
+def t_edit_data(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE entries SET data = '{\"i\":999}' WHERE seq = 13")
+
+
+def t_edit_kind(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE entries SET kind = 'auth.login' WHERE seq = 5")
+
+
+def t_edit_ts(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE entries SET ts = '2020-01-01T00:00:00.000000Z' WHERE seq = 0")
+
+
+def t_edit_actor_in_unanchored_tail(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE entries SET actor = 'root' WHERE seq = 33")
+
+
+def t_edit_data_noncanonical(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE entries SET data = ' ' || data WHERE seq = 8")
+
+
+def t_edit_and_rehash_one_row(c: Conn, k: Key, o: Key) -> None:
+    rehash(c, 13, row(c, 12)[6], data='{"i":999}')
+
+
+def t_delete(c: Conn, k: Key, o: Key) -> None:
+    c.execute("DELETE FROM entries WHERE seq = 17")
+
+
+def t_delete_and_renumber(c: Conn, k: Key, o: Key) -> None:
+    c.execute("DELETE FROM entries WHERE seq = 17")
+    shift(c, 18, -1)
+
+
+def t_delete_first(c: Conn, k: Key, o: Key) -> None:
+    c.execute("DELETE FROM entries WHERE seq = 0")
+
+
+def t_swap(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE entries SET seq = -1 WHERE seq = 7")
+    c.execute("UPDATE entries SET seq = 7 WHERE seq = 11")
+    c.execute("UPDATE entries SET seq = 11 WHERE seq = -1")
+
+
+def t_insert_naive(c: Conn, k: Key, o: Key) -> None:
+    shift(c, 12, +1)
+    c.execute("INSERT INTO entries VALUES (12, '2030-01-01T00:00:00.000000Z', 'auth.login', 'mallory', '{}', ?, ?)",
+              (os.urandom(32), os.urandom(32)))
+
+
+def t_insert_chained(c: Conn, k: Key, o: Key) -> None:
+    # The inserted row links to entry 11 with a correct hash of its own; only its successor can tell.
+    shift(c, 12, +1)
+    prev, ts = row(c, 11)[6], "2030-01-01T00:00:00.000000Z"
+    h = chain_hash(prev, entry_leaf(12, ts, "auth.login", "mallory", {}))
+    c.execute("INSERT INTO entries VALUES (12, ?, 'auth.login', 'mallory', '{}', ?, ?)", (ts, prev, h))
+
+
+def t_insert_before_genesis(c: Conn, k: Key, o: Key) -> None:
+    c.execute("INSERT INTO entries VALUES (-1, 'x', 'a', 'b', '{}', ?, ?)", (bytes(32), bytes(32)))
+
+
+def t_append_forged(c: Conn, k: Key, o: Key) -> None:
+    c.execute("INSERT INTO entries VALUES (35, 'x', 'a', 'b', '{}', ?, ?)", (os.urandom(32), os.urandom(32)))
+
+
+def t_rewrite_rest_of_chain(c: Conn, k: Key, o: Key) -> None:
+    # A consistent chain after the edit: only the Merkle checkpoints can catch this.
+    prev = rehash(c, 13, row(c, 12)[6], data='{"i":999}')
+    for seq in range(14, N_ENTRIES):
+        prev = rehash(c, seq, prev)
+
+
+def t_truncate_below_checkpoint(c: Conn, k: Key, o: Key) -> None:
+    c.execute("DELETE FROM entries WHERE seq >= 25")
+
+
+def t_truncate_beyond_checkpoint(c: Conn, k: Key, o: Key) -> None:
+    c.execute("DELETE FROM entries WHERE seq >= 20")  # everything after checkpoint 20: checkpoint 30 remembers
+
+
+def t_bad_signature(c: Conn, k: Key, o: Key) -> None:
+    sig = c.execute("SELECT signature FROM checkpoints WHERE tree_size = 20").fetchone()[0]
+    c.execute("UPDATE checkpoints SET signature = ? WHERE tree_size = 20", (bytes([sig[0] ^ 1]) + sig[1:],))
+
+
+def t_other_key_valid_signature(c: Conn, k: Key, o: Key) -> None:
+    resign(c, 20, o)
+
+
+def t_other_key_under_device_key_id(c: Conn, k: Key, o: Key) -> None:
+    resign(c, 20, o, kid=audit.key_id(k.public_key()))
+
+
+def t_signed_wrong_root(c: Conn, k: Key, o: Key) -> None:
+    resign(c, 20, k, root=hashlib.sha256(b"forged").digest())
+
+
+def t_wrong_root_unsigned_change(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE checkpoints SET root = ? WHERE tree_size = 10", (hashlib.sha256(b"x").digest(),))
+
+
+def t_unsigned_checkpoint(c: Conn, k: Key, o: Key) -> None:
+    c.execute("UPDATE checkpoints SET signature = NULL WHERE tree_size = 10")
+
+
+def t_forged_extra_checkpoint(c: Conn, k: Key, o: Key) -> None:
+    root = merkle.root_from_hashes([os.urandom(32)] * 15)
+    kid = audit.key_id(o.public_key())
+    c.execute("INSERT INTO checkpoints VALUES (15, ?, 'now', ?, ?)",
+              (root, kid, o.sign(checkpoint_text(origin_for(kid), 15, root).encode())))
+
+
+TAMPERS: list[tuple[Callable, type[audit.AuditIntegrityError], int | None, int | None]] = [
+    # (tamper, error type, first bad seq, checkpoint tree size)
+    (t_edit_data, audit.AuditChainError, 13, None),
+    (t_edit_kind, audit.AuditChainError, 5, None),
+    (t_edit_ts, audit.AuditChainError, 0, None),
+    (t_edit_actor_in_unanchored_tail, audit.AuditChainError, 33, None),
+    (t_edit_data_noncanonical, audit.AuditChainError, 8, None),
+    (t_edit_and_rehash_one_row, audit.AuditChainError, 13, None),
+    (t_delete, audit.AuditChainError, 17, None),
+    (t_delete_and_renumber, audit.AuditChainError, 17, None),
+    (t_delete_first, audit.AuditChainError, 0, None),
+    (t_swap, audit.AuditChainError, 7, None),
+    (t_insert_naive, audit.AuditChainError, 12, None),
+    (t_insert_chained, audit.AuditChainError, 12, None),
+    (t_insert_before_genesis, audit.AuditChainError, -1, None),
+    (t_append_forged, audit.AuditChainError, 35, None),
+    (t_rewrite_rest_of_chain, audit.AuditCheckpointError, None, 20),
+    (t_truncate_below_checkpoint, audit.AuditTruncatedError, 25, 30),
+    (t_truncate_beyond_checkpoint, audit.AuditTruncatedError, 20, 30),
+    (t_bad_signature, audit.AuditSignatureError, None, 20),
+    (t_other_key_valid_signature, audit.AuditWrongKeyError, None, 20),
+    (t_other_key_under_device_key_id, audit.AuditSignatureError, None, 20),
+    (t_signed_wrong_root, audit.AuditCheckpointError, None, 20),
+    (t_wrong_root_unsigned_change, audit.AuditSignatureError, None, 10),
+    (t_unsigned_checkpoint, audit.AuditSignatureError, None, 10),
+    (t_forged_extra_checkpoint, audit.AuditWrongKeyError, None, 15),
+]
+
+
+@pytest.mark.parametrize(("tamper", "error", "seq", "tree_size"), TAMPERS, ids=[t[0].__name__[2:] for t in TAMPERS])
+def test_tamper_is_detected(signed_log: Path, device_key: Ed25519PrivateKey, other_key: Ed25519PrivateKey,
+                            tamper: Callable, error: type, seq: int | None, tree_size: int | None) -> None:
+    assert audit.AuditLog(signed_log, readonly=True).verify(public_key=device_key.public_key()).entries == N_ENTRIES
+    conn = raw(signed_log)
+    tamper(conn, device_key, other_key)
+    conn.close()
+    with pytest.raises(audit.AuditIntegrityError) as info:
+        audit.AuditLog(signed_log, readonly=True).verify(public_key=device_key.public_key())
+    exc = info.value
+    assert type(exc) is error, (type(exc), str(exc))
+    assert (exc.seq, exc.tree_size) == (seq, tree_size), str(exc)
+    assert exc.exit_code == 3 and "\n" not in str(exc)
+    if seq is not None:
+        assert str(seq) in str(exc)
+    # The device itself refuses to sign a checkpoint over a tampered log: the append that would trigger one fails
+    # whole, leaving the log as it was.
+    with audit.AuditLog(signed_log, signing_key=device_key, checkpoint_every=1) as log:
+        before = len(log)
+        with pytest.raises(error):
+            log.append("audit.check", "system", {})
+        assert len(log) == before
+
+
+def test_roots_checked_without_a_key(signed_log: Path, device_key: Ed25519PrivateKey) -> None:
+    conn = raw(signed_log)
+    t_bad_signature(conn, device_key, device_key)
+    conn.close()
+    report = audit.AuditLog(signed_log, readonly=True).verify()  # no key: roots only, and the report says so
+    assert not report.signatures_checked and report.key_id is None
+    conn = raw(signed_log)
+    t_signed_wrong_root(conn, device_key, device_key)
+    conn.close()
+    with pytest.raises(audit.AuditCheckpointError):
+        audit.AuditLog(signed_log, readonly=True).verify()
+
+
+def test_limits_of_detection(signed_log: Path, device_key: Ed25519PrivateKey) -> None:
+    """Documented limits: whoever holds the file can rewrite entries after the newest checkpoint, or cut the log
+    back to a checkpoint along with the checkpoints after it. Publishing checkpoints elsewhere closes both."""
+    conn = raw(signed_log)
+    prev = rehash(conn, 31, row(conn, 30)[6], data='{"i":999}')
+    for seq in range(32, N_ENTRIES):
+        prev = rehash(conn, seq, prev)
+    conn.close()
+    assert audit.AuditLog(signed_log, readonly=True).verify(public_key=device_key.public_key()).entries == N_ENTRIES
+    conn = raw(signed_log)
+    conn.execute("DELETE FROM entries WHERE seq >= 20")
+    conn.execute("DELETE FROM checkpoints WHERE tree_size > 20")
+    conn.close()
+    report = audit.AuditLog(signed_log, readonly=True).verify(public_key=device_key.public_key())
+    assert (report.entries, report.latest_checkpoint) == (20, 20)
+
+
+def test_unsigned_log(tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
+    path = build_log(tmp_path / "u.db", None, n=12, every=5)
+    log = audit.AuditLog(path, readonly=True)
+    report = log.verify()
+    assert (report.checkpoints, report.signatures_checked) == (2, False)
+    assert log.checkpoints()[0].text().startswith("edgeshield/audit/unsigned\n5\n")
+    with pytest.raises(audit.AuditSignatureError):
+        log.verify(public_key=device_key.public_key())
+
+
+# --- durability and concurrency -------------------------------------------------------------------------------------
+WRITER = """
+import sys
+from edgeshield import audit
+log = audit.AuditLog(sys.argv[1], signing_key=audit.load_signing_key(sys.argv[2]), checkpoint_every=25)
+i = 0
+while True:
+    entry = log.append("test.tick", "writer", {"i": i})
+    sys.stdout.write(f"{entry.seq}\\n")
+    sys.stdout.flush()
+    i += 1
+"""
+
+
+def test_sigkill_loses_no_committed_entry(tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
+    db = tmp_path / "audit.db"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(tmp_path / "audit.key")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reported: list[int] = []
+    deadline = time.monotonic() + 60
+    try:
+        assert proc.stdout is not None
+        while len(reported) < 120 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            reported.append(int(line))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run: very likely inside an append transaction
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err
+    reported += [int(x) for x in out.split("\n")[:-1]]  # complete lines only
+    assert len(reported) >= 120, err
+    assert reported == list(range(len(reported)))
+
+    log = audit.AuditLog(db, readonly=True)
+    report = log.verify(public_key=device_key.public_key())
+    assert report.entries >= len(reported)  # at most one committed-but-unreported entry more
+    assert report.entries <= len(reported) + 1
+    assert [e.data["i"] for e in log.entries(0, len(reported))] == reported
+    # The log carries on where it stopped.
+    with audit.AuditLog(db, signing_key=device_key, checkpoint_every=25) as writer:
+        assert writer.append("test.tick", "writer", {"i": -1}).seq == report.entries
+        assert writer.verify().entries == report.entries + 1
+
+
+def test_concurrent_appends_keep_a_valid_chain(tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
+    threads_n, per_thread = 8, 30
+    errors: list[BaseException] = []
+    verified: list[int] = []
+    done = threading.Event()
+    with audit.AuditLog(tmp_path / "audit.db", signing_key=device_key, checkpoint_every=16) as log:
+        def writer(t: int) -> None:
+            try:
+                for i in range(per_thread):
+                    log.append("inference.request", f"thread-{t}", {"i": i})
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        def reader() -> None:  # snapshot reads beside the writers must always see a whole, valid log
+            try:
+                while not done.is_set():
+                    verified.append(log.verify().entries)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        r = threading.Thread(target=reader)
+        r.start()
+        workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        done.set()
+        r.join()
+        assert not errors, errors
+        total = threads_n * per_thread
+        report = log.verify(public_key=device_key.public_key())
+        assert (report.entries, report.latest_checkpoint) == (total, total - total % 16)
+        seen = {(e.actor, e.data["i"]) for e in log.entries()}
+        assert seen == {(f"thread-{t}", i) for t in range(threads_n) for i in range(per_thread)}
+        assert verified == sorted(verified)
+
+
+# --- keys -----------------------------------------------------------------------------------------------------------
+def test_signing_key_files(tmp_path: Path) -> None:
+    key = audit.generate_signing_key(tmp_path / "k.key", passphrase=b"pw")
+    assert (tmp_path / "k.key").stat().st_mode & 0o777 == 0o600
+    assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "k.key").read_bytes()
+    with pytest.raises(PassphraseError):
+        audit.load_signing_key(tmp_path / "k.key")
+    with pytest.raises(PassphraseError):
+        audit.load_signing_key(tmp_path / "k.key", b"wrong")
+    loaded = audit.load_signing_key(tmp_path / "k.key", b"pw")
+    assert audit.key_id(loaded.public_key()) == audit.key_id(key.public_key())
+    assert audit.key_id(audit.load_verify_key(tmp_path / "k.pub")) == audit.key_id(key.public_key())
+    with pytest.raises(OutputExistsError):
+        audit.generate_signing_key(tmp_path / "k.key")
+    keys.init_keys(tmp_path / "keys")  # X25519 device keys cannot sign checkpoints
+    with pytest.raises(KeyFileError):
+        audit.load_signing_key(tmp_path / "keys" / "device.key")
+    with pytest.raises(KeyFileError):
+        audit.load_verify_key(tmp_path / "keys" / "owner.pub")
+    with pytest.raises(KeyFileError):
+        audit.load_verify_key(tmp_path / "k.key")
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+def cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgeshield", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+_registered = cli("audit", "--help").returncode == 0
+needs_cli = pytest.mark.skipif(not _registered, reason="the audit sub-app is not registered in edgeshield.cli yet")
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeshield: error: "), proc.stderr
+    assert needle in lines[0], lines[0]
+
+
+@needs_cli
+def test_cli_verify_show_export(signed_log: Path, tmp_path: Path) -> None:
+    pub = tmp_path / "audit.pub"
+    ok = cli("audit", "verify", signed_log, "--checkpoint-key", pub)
+    assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
+    report = json.loads(cli("audit", "verify", signed_log, "--checkpoint-key", pub, "--json").stdout)
+    assert report["ok"] and report["entries"] == N_ENTRIES and report["signatures_checked"]
+    unsigned = cli("audit", "verify", signed_log)
+    assert unsigned.returncode == 0 and "NOT checked" in unsigned.stdout
+    shown = json.loads(cli("audit", "show", signed_log, "--last", "3", "--json").stdout)
+    assert [e["seq"] for e in shown["entries"]] == [32, 33, 34] and shown["size"] == N_ENTRIES
+    assert cli("audit", "show", signed_log).returncode == 0
+    out = tmp_path / "log.jsonl"
+    assert cli("audit", "export", signed_log, "--format", "jsonl", "--out", out).returncode == 0
+    assert len(out.read_text().splitlines()) == N_ENTRIES + 3
+    assert_one_line_error(cli("audit", "export", signed_log, "--format", "jsonl", "--out", out), 2, "exists")
+    assert cli("audit", "export", signed_log, "--format", "jsonl", "--out", out, "--force").returncode == 0
+
+
+@needs_cli
+def test_cli_exit_codes_on_tampering(signed_log: Path, tmp_path: Path, device_key: Ed25519PrivateKey,
+                                     other_key: Ed25519PrivateKey) -> None:
+    pub = tmp_path / "audit.pub"
+    conn = raw(signed_log)
+    t_other_key_valid_signature(conn, device_key, other_key)
+    conn.close()
+    assert cli("audit", "verify", signed_log).returncode == 0  # roots still match; signatures unchecked
+    assert_one_line_error(cli("audit", "verify", signed_log, "--checkpoint-key", pub), 3, "tree size 20")
+    conn = raw(signed_log)
+    t_edit_data(conn, device_key, other_key)
+    conn.close()
+    assert_one_line_error(cli("audit", "verify", signed_log, "--checkpoint-key", pub), 3, "entry 13")
+    assert_one_line_error(cli("audit", "verify", signed_log), 3, "entry 13")
+    assert_one_line_error(cli("audit", "verify", tmp_path / "missing.db"), 2, "not found")
+    assert_one_line_error(cli("audit", "verify", pub), 2, "not an audit log")
+    assert_one_line_error(cli("audit", "verify", signed_log, "--checkpoint-key", tmp_path / "audit.key"), 4, "")
+
+
+@needs_cli
+def test_cli_keygen(tmp_path: Path) -> None:
+    proc = cli("audit", "keygen", tmp_path / "dev.key", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["key_id"] == audit.key_id(audit.load_verify_key(tmp_path / "dev.pub"))
+    assert_one_line_error(cli("audit", "keygen", tmp_path / "dev.key"), 2, "refusing to overwrite")
