@@ -54,7 +54,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_help_everywhere() -> None:
     for args in ([], ["keys"], ["keys", "init"], ["keys", "device"], ["keys", "list"], ["protect"], ["verify"],
                  ["inspect"], ["run"], ["demo"], ["detect"], ["detect", "calibrate"], ["detect", "evaluate"],
-                 ["audit"], ["audit", "verify"], ["audit", "show"], ["audit", "export"], ["audit", "keygen"]):
+                 ["audit"], ["audit", "verify"], ["audit", "show"], ["audit", "export"], ["audit", "keygen"],
+                 ["pki"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"], ["pki", "crl"]):
         proc = cli(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, (args, proc.stderr)
 
