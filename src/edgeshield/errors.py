@@ -145,6 +145,19 @@ class ModelSignatureError(IntegrityError):
     """An OpenSSF model-signing signature does not verify for the model."""
 
 
+class ServerRefusedError(EdgeShieldError):
+    """The inference server answered with an error status (the exit code follows the status)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"server refused the request ({status}): {message}")
+        self.status = status
+        self.exit_code = EXIT_KEY if status in (401, 403) else EXIT_INPUT if 400 <= status < 500 else EXIT_GENERAL
+
+
+class ConnectionFailedError(EdgeShieldError):
+    """No TLS connection to the server could be made (refused, handshake failed, certificate rejected)."""
+
+
 # --- 4: keys ------------------------------------------------------------------------------------------------------
 class KeyMaterialError(EdgeShieldError):
     """A key is missing, wrong, unreadable or of the wrong type."""

@@ -55,7 +55,8 @@ def test_help_everywhere() -> None:
     for args in ([], ["keys"], ["keys", "init"], ["keys", "device"], ["keys", "list"], ["protect"], ["verify"],
                  ["inspect"], ["run"], ["demo"], ["detect"], ["detect", "calibrate"], ["detect", "evaluate"],
                  ["audit"], ["audit", "verify"], ["audit", "show"], ["audit", "export"], ["audit", "keygen"],
-                 ["pki"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"], ["pki", "crl"]):
+                 ["pki"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"], ["pki", "crl"],
+                 ["serve"], ["client"], ["client", "predict"]):
         proc = cli(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, (args, proc.stderr)
 

@@ -1,0 +1,83 @@
+"""`edgeshield serve` and `edgeshield client predict`: the server a device runs and its matching client."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeshield import keys
+from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.errors import ConnectionFailedError, ServerRefusedError
+
+
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="The protected model to serve.")],
+    owner_key: Annotated[Path, typer.Option("--owner-key", help="The model owner's public key.")],
+    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key.")],
+    ca: Annotated[Path, typer.Option("--ca", help="CA directory from `pki init` (ca.crt + crl.pem).")],
+    cert: Annotated[Path, typer.Option("--cert", help="Server certificate (`pki issue --server`).")],
+    key: Annotated[Path, typer.Option("--key", help="Server private key.")],
+    audit_db: Annotated[Path, typer.Option("--audit-db", help="Audit log (SQLite), created if missing.")],
+    audit_key: Annotated[Path, typer.Option("--audit-key", help="Ed25519 key signing audit checkpoints (`audit keygen`).")],
+    detector: Annotated[Path | None, typer.Option("--detector", help="Detector file: robust inference.")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="RBAC policy CSV (default: the shipped one).")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    passphrase_env: PassphraseEnvOpt = None,
+) -> None:
+    """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
+    from edgeshield.server import ServeConfig, serve as run_server
+
+    run_server(ServeConfig(bundle=bundle, owner_key=owner_key, device_key=device_key, ca=ca, cert=cert, key=key,
+                           audit_db=audit_db, audit_key=audit_key, detector=detector, policy=policy, host=host,
+                           port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body))
+
+
+client_app = typer.Typer(help="Talk to an EdgeShield server over mutual TLS.", no_args_is_help=True)
+
+
+@client_app.command("predict")
+def predict(
+    url: Annotated[str, typer.Option("--url", help="Server URL, e.g. https://127.0.0.1:8443")],
+    cert: Annotated[Path, typer.Option("--cert", help="Client certificate.")],
+    key: Annotated[Path, typer.Option("--key", help="Client private key.")],
+    ca: Annotated[Path, typer.Option("--ca", help="CA certificate (ca.crt) the server's certificate chains to.")],
+    input: Annotated[Path, typer.Option("--input", help="Input batch (.npy).")],
+    passphrase_env: PassphraseEnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send INPUT to /v1/predict and print the predictions (or accept/flag/reject decisions)."""
+    import httpx
+    import numpy as np
+
+    from edgeshield.bundles._predict import load_npy
+    from edgeshield.transport import client_context
+
+    x = load_npy(input)
+    ctx = client_context(ca, cert, key, passphrase=keys.passphrase_from_env(passphrase_env))
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    try:
+        with httpx.Client(base_url=url, verify=ctx, timeout=30) as c:
+            r = c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+    except httpx.HTTPError as exc:
+        raise ConnectionFailedError(f"cannot reach {url}: {' '.join(str(exc).split())[:200]}") from None
+    if r.status_code != 200:
+        try:
+            message = r.json().get("error", r.text)
+        except (json.JSONDecodeError, AttributeError):
+            message = r.text
+        raise ServerRefusedError(r.status_code, str(message)[:300])
+    body = r.json()
+    if as_json:
+        emit_json(body)
+    elif "predictions" in body:
+        console.print(f"predictions ({len(body['predictions'])}): {body['predictions']}")
+    else:
+        console.print(f"decisions: {body['counts']}")
+        console.print([d["prediction"] if d["prediction"] is not None else "rejected" for d in body["decisions"]])

@@ -1,0 +1,234 @@
+"""The ASGI application: authenticated, authorised, validated and audited inference on one protected bundle.
+
+Every request passes the security middleware first: the client identity comes only from the TLS client
+certificate the server verified (``scope["extensions"]["tls"]``), the RBAC policy decides per role, path and
+method, bodies are size-limited, and every refusal is written to the audit log before the answer goes out.
+Predictions are audited as metadata (client, role, SHA-256 of the input bytes, decisions), never the raw input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from edgeshield.errors import EdgeShieldError, InputValidationError
+
+log = logging.getLogger("edgeshield.server")
+
+
+class AuditSink(Protocol):
+    def append(self, kind: str, actor: str, data: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class ServerState:
+    """What the app serves and how it decides; built once at start-up by ``serve``."""
+
+    session: Any
+    manifest: Any
+    rbac: Any | None  # edgeshield.server._rbac.Rbac; None only for the plain benchmark baseline
+    audit: AuditSink | None
+    spec: Any | None = None  # InputSpec
+    robust: Any | None = None  # RobustModel
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 1024
+    inference_timeout_s: float = 10.0
+    require_client_cert: bool = True
+    metrics: Any = field(default=None)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgeshield_requests", "HTTP requests by path and status", ["path", "status"],
+                                registry=self.registry)
+        self.decisions = Counter("edgeshield_decisions", "Robust-inference decisions", ["decision"],
+                                 registry=self.registry)
+        self.latency = Histogram("edgeshield_request_seconds", "Request latency", ["path"], registry=self.registry)
+
+
+def _identity(scope: dict[str, Any]) -> tuple[Any | None, str]:
+    """(verified identity, reason when there is none) from the TLS extension the server put in the scope."""
+    tls = (scope.get("extensions") or {}).get("tls")
+    if not tls:
+        return None, "not a TLS connection"
+    return tls.get("edgeshield.identity"), tls.get("client_cert_error") or "no client certificate"
+
+
+async def _audit(state: ServerState, kind: str, actor: str, data: dict[str, Any]) -> None:
+    """Commit an audit entry before the response is sent (SQLite FULL sync runs in a worker thread)."""
+    if state.audit is not None:
+        await asyncio.to_thread(state.audit.append, kind, actor, data)
+
+
+async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class SecurityMiddleware:
+    """Authentication (verified client certificate), RBAC, body-size limit, metrics — before any handler runs."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, path, method = self.state, scope["path"], scope["method"]
+        started = time.perf_counter()
+        status_box = {"status": 500}
+
+        async def send_tracking(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_box["status"] = message["status"]
+            await send(message)
+
+        try:
+            identity, reason = _identity(scope)
+            if state.require_client_cert:
+                if identity is None:  # e.g. a session resumed after its certificate was revoked
+                    await _audit(state, "auth.failure", "anonymous", {"path": path, "reason": reason})
+                    await _send_json(send_tracking, 401, {"error": f"not authenticated: {reason}"})
+                    return
+                if state.rbac is not None and not state.rbac.allowed(identity.role, path, method):
+                    await _audit(state, "auth.forbidden", identity.name,
+                                 {"role": identity.role, "path": path, "method": method, "serial": identity.serial})
+                    await _send_json(send_tracking, 403, {"error": f"role {identity.role!r} may not {method} {path}"})
+                    return
+            declared = dict(scope.get("headers") or []).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
+                await _send_json(send_tracking, 413, {"error": f"request body over {state.max_body_bytes} bytes"})
+                return
+            scope = {**scope, "state": {**(scope.get("state") or {}), "identity": identity}}
+            await self.app(scope, _limited(receive, state.max_body_bytes), send_tracking)
+        finally:
+            if state.metrics is not None:
+                state.metrics.requests.labels(path, str(status_box["status"])).inc()
+                state.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _limited(receive: Any, limit: int) -> Any:
+    seen = {"n": 0}
+
+    async def wrapped() -> dict[str, Any]:
+        message = await receive()
+        if message["type"] == "http.request":
+            seen["n"] += len(message.get("body", b""))
+            if seen["n"] > limit:
+                raise BodyTooLarge
+        return message
+
+    return wrapped
+
+
+def _parse_inputs(body: bytes, content_type: str, spec: Any) -> np.ndarray:
+    if content_type.startswith("application/x-npy"):
+        try:
+            return np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"body is not a .npy array: {exc}") from None
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise ValueError('JSON body must be an object with "inputs"')
+    dtype = spec.dtype if spec is not None else "float32"
+    try:
+        return np.asarray(doc["inputs"], dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"inputs are not a numeric array: {exc}") from None
+
+
+def create_app(state: ServerState) -> Any:
+    """The FastAPI application for ``state`` (OpenAPI at /openapi.json)."""
+    if state.metrics is None:
+        state.metrics = _Metrics()
+    app = FastAPI(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/model", summary="Manifest summary of the served bundle")
+    async def model() -> dict[str, Any]:
+        m = state.manifest
+        return {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "model_version": m.model_version,
+                "created": m.created, "metadata": m.metadata, "detector": state.robust is not None}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/predict", summary="Predict a batch (JSON {\"inputs\": [...]} or application/x-npy)")
+    async def predict(request: Request) -> JSONResponse:
+        identity = request.scope.get("state", {}).get("identity")
+        actor = identity.name if identity is not None else "anonymous"
+        try:
+            body = await request.body()
+        except BodyTooLarge:
+            return JSONResponse({"error": f"request body over {state.max_body_bytes} bytes"}, status_code=413)
+        digest = hashlib.sha256(body).hexdigest()
+        try:
+            x = _parse_inputs(body, request.headers.get("content-type", ""), state.spec)
+            if state.spec is not None:
+                state.spec.validate(x)
+            if x.ndim == 0 or len(x) > state.max_batch:
+                raise ValueError(f"batch must have between 1 and {state.max_batch} inputs")
+        except (ValueError, InputValidationError) as exc:
+            field_name = getattr(exc, "field", None)
+            await _audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
+                                                         "field": field_name})
+            return JSONResponse({"error": str(exc), "field": field_name}, status_code=422)
+        try:
+            result = await asyncio.wait_for(asyncio.to_thread(_infer, state, x), state.inference_timeout_s)
+        except TimeoutError:
+            await _audit(state, "inference.timeout", actor, {"input_sha256": digest})
+            return JSONResponse({"error": "inference timed out"}, status_code=504)
+        except EdgeShieldError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        counts = result.get("counts")
+        await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None), "input_sha256": digest,
+                                               "batch": int(len(x)), "decisions": counts})
+        if counts and (counts.get("reject") or counts.get("flag")):
+            await _audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
+        return JSONResponse(result)
+
+    return SecurityMiddleware(app, state)
+
+
+def _infer(state: ServerState, x: np.ndarray) -> dict[str, Any]:
+    if state.robust is not None:
+        batch = state.robust.decide(x)
+        decisions = batch.decisions()
+        counts = {k: sum(d.decision == k for d in decisions) for k in ("accept", "flag", "reject")}
+        for k, v in counts.items():
+            if v:
+                state.metrics.decisions.labels(k).inc(v)
+        return {"decisions": [d.to_dict() for d in decisions], "counts": counts}
+    name = state.session.get_inputs()[0].name
+    out = state.session.run(None, {name: x})[0]
+    preds = out.argmax(axis=-1).tolist() if out.ndim >= 2 else out.tolist()
+    return {"predictions": preds}

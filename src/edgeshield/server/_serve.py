@@ -1,0 +1,213 @@
+"""Run the inference server: one protected bundle, mutual TLS 1.3, RBAC, robust inference and an audit log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeshield._io import check_readable_file
+from edgeshield.server._app import ServerState
+
+log = logging.getLogger("edgeshield.server")
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: Path
+    owner_key: Path
+    device_key: Path
+    ca: Path  # CA directory (ca.crt + crl.pem) or CA certificate (then crl is required)
+    cert: Path
+    key: Path
+    audit_db: Path
+    audit_key: Path
+    crl: Path | None = None
+    detector: Path | None = None
+    policy: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8443
+    passphrase: bytes | None = None  # for the device key, the server key and the audit key
+    max_body_bytes: int = 4 * 1024 * 1024
+    inference_timeout_s: float = 10.0
+    crl_poll_s: float = 2.0
+
+
+def build_state(cfg: ServeConfig) -> ServerState:
+    """Open the bundle, the detector, the policy and the audit log; audit the start-up with the bundle digests."""
+    from edgeshield import bundles, keys
+    from edgeshield.adversarial import DetectorFile, InputSpec, RobustModel
+    from edgeshield.audit import AuditLog, load_signing_key
+    from edgeshield.server._rbac import Rbac
+
+    audit = AuditLog(cfg.audit_db, signing_key=load_signing_key(cfg.audit_key, cfg.passphrase))
+    opened = bundles.open_bundle(cfg.bundle, keys.load_owner_public_key(cfg.owner_key),
+                                 keys.load_device_private_key(cfg.device_key, cfg.passphrase))
+    m = opened.manifest
+    spec = InputSpec.from_metadata(m.metadata)
+    robust = None
+    if cfg.detector is not None:
+        file = DetectorFile.load(cfg.detector)
+        file.check_model(m.model_sha256)
+        robust = RobustModel(opened.session, file)
+        spec = file.input_spec
+    rbac = Rbac(cfg.policy)
+    audit.append("server.startup", "server", {
+        "bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "payload_sha256": m.payload_sha256,
+        "model_version": m.model_version, "detector": str(cfg.detector) if cfg.detector else None,
+        "listen": f"{cfg.host}:{cfg.port}"})
+    audit.append("model.load", "server", {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256})
+    audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
+                                           "model_sha256": _sha256(rbac.model_path)})
+    return ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
+                       max_body_bytes=cfg.max_body_bytes, inference_timeout_s=cfg.inference_timeout_s)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tls_context(cfg: ServeConfig, state: ServerState) -> ssl.SSLContext:
+    """The server's TLS 1.3 mutual-auth context, whose failed handshakes are written to the audit log."""
+    from edgeshield.transport import server_context
+
+    ctx = server_context(cfg.ca, cfg.cert, cfg.key, crl=cfg.crl, passphrase=cfg.passphrase)
+    audit = state.audit
+
+    class AuditingSSLObject(ssl.SSLObject):
+        # asyncio drives handshakes through SSLObject.do_handshake; a failure here never reaches the app.
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                if audit is not None:
+                    audit.append("auth.failure", "anonymous",
+                                 {"stage": "tls-handshake", "reason": (exc.reason or str(exc))[:200]})
+                raise
+
+    ctx.sslobject_class = AuditingSSLObject
+    return ctx
+
+
+class CrlWatcher(threading.Thread):
+    """Reloads the CRL into the live context when the file changes (no restart) and audits each reload."""
+
+    def __init__(self, ctx: ssl.SSLContext, crl_path: Path, state: ServerState, poll_s: float) -> None:
+        super().__init__(name="edgeshield-crl", daemon=True)
+        self.ctx, self.path, self.state, self.poll_s = ctx, crl_path, state, poll_s
+        self.stop = threading.Event()
+        self._mtime = crl_path.stat().st_mtime_ns
+
+    def check(self) -> bool:
+        from edgeshield.errors import EdgeShieldError
+        from edgeshield.transport import reload_crl
+
+        mtime = self.path.stat().st_mtime_ns
+        if mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            info = reload_crl(self.ctx, self.path)
+        except EdgeShieldError as exc:
+            if self.state.audit is not None:
+                self.state.audit.append("crl.reload_failed", "server", {"reason": str(exc)[:200]})
+            return False
+        if self.state.audit is not None:
+            self.state.audit.append("crl.reload", "server", {"crl_number": info.number, "revoked": len(info.revoked)})
+        return True
+
+    def run(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            try:
+                self.check()
+            except OSError:
+                continue
+
+
+def crl_path_for(cfg: ServeConfig) -> Path:
+    return cfg.crl if cfg.crl is not None else Path(cfg.ca) / "crl.pem"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line; messages never contain secrets or raw inputs (only what the code logs)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                           "logger": record.name, "msg": record.getMessage()})
+
+
+def log_config() -> dict[str, Any]:
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "edgeshield")},
+    }
+
+
+def _server_class() -> type:
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, killing the process before our own
+        clean-up (the audit log's shutdown entry) runs; this variant just returns, so ``serve`` exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
+def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any, CrlWatcher]:
+    """A configured ``uvicorn.Server`` (not started) and its CRL watcher."""
+    import uvicorn
+
+    from edgeshield.server._app import create_app
+    from edgeshield.server._tls_scope import TlsHttpToolsProtocol
+
+    check_readable_file(cfg.cert, what="server certificate")
+    check_readable_file(cfg.key, what="server key")
+    state = state or build_state(cfg)
+    ctx = tls_context(cfg, state)
+    config = uvicorn.Config(
+        create_app(state), host=cfg.host, port=cfg.port, http=TlsHttpToolsProtocol,
+        ssl_context_factory=lambda _config, _default: ctx,
+        timeout_keep_alive=5, timeout_graceful_shutdown=10, limit_concurrency=256, log_config=log_config(),
+        server_header=False, date_header=False,
+    )
+    return _server_class()(config), CrlWatcher(ctx, crl_path_for(cfg), state, cfg.crl_poll_s)
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn finishes in-flight requests (graceful shutdown, 10 s at most)."""
+    server, watcher = make_server(cfg)
+    watcher.start()
+    try:
+        server.run()
+    finally:
+        watcher.stop.set()
+        if watcher.state.audit is not None:
+            watcher.state.audit.append("server.shutdown", "server", {})
