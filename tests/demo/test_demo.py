@@ -29,3 +29,8 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert rows["clean"]["reject"] < 0.1 * 225
     for attack in ("FGSM ε=0.1", "PGD ε=0.1"):
         assert rows[attack]["fooled"] > 0 and 0 <= rows[attack]["reject_of_fooled"] <= rows[attack]["fooled"]
+    # server stage: real mTLS calls; audit stage: the log verifies and a tampered copy does not
+    assert len(summary["server"]["calls"]) == 6
+    assert summary["audit"]["verified"] and summary["audit"]["checkpoints"] >= 1
+    assert "does not match its hash" in summary["audit"]["tampered_copy"]
+    assert {"server.startup", "inference.predict", "auth.forbidden", "auth.failure"} <= set(summary["audit"]["kinds"])

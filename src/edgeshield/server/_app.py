@@ -9,6 +9,7 @@ Predictions are audited as metadata (client, role, SHA-256 of the input bytes, d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -164,7 +165,18 @@ def create_app(state: ServerState) -> Any:
     """The FastAPI application for ``state`` (OpenAPI at /openapi.json)."""
     if state.metrics is None:
         state.metrics = _Metrics()
-    app = FastAPI(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> Any:
+        yield
+        # Graceful shutdown: record it and anchor every entry under a signed checkpoint.
+        if state.audit is not None:
+            await _audit(state, "server.shutdown", "server", {})
+            checkpoint = getattr(state.audit, "checkpoint", None)
+            if checkpoint is not None:
+                await asyncio.to_thread(checkpoint)
+
+    app = FastAPI(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

@@ -37,6 +37,7 @@ class ServeConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     inference_timeout_s: float = 10.0
     crl_poll_s: float = 2.0
+    log_level: str = "info"
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -146,12 +147,12 @@ class JsonFormatter(logging.Formatter):
                            "logger": record.name, "msg": record.getMessage()})
 
 
-def log_config() -> dict[str, Any]:
+def log_config(level: str = "info") -> dict[str, Any]:
     return {
         "version": 1, "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-        "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+        "loggers": {name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
                     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "edgeshield")},
     }
 
@@ -195,7 +196,7 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any
     config = uvicorn.Config(
         create_app(state), host=cfg.host, port=cfg.port, http=TlsHttpToolsProtocol,
         ssl_context_factory=lambda _config, _default: ctx,
-        timeout_keep_alive=5, timeout_graceful_shutdown=10, limit_concurrency=256, log_config=log_config(),
+        timeout_keep_alive=5, timeout_graceful_shutdown=10, limit_concurrency=256, log_config=log_config(cfg.log_level),
         server_header=False, date_header=False,
     )
     return _server_class()(config), CrlWatcher(ctx, crl_path_for(cfg), state, cfg.crl_poll_s)
@@ -209,5 +210,3 @@ def serve(cfg: ServeConfig) -> None:
         server.run()
     finally:
         watcher.stop.set()
-        if watcher.state.audit is not None:
-            watcher.state.audit.append("server.shutdown", "server", {})
