@@ -607,3 +607,22 @@ def test_cli_keygen(tmp_path: Path) -> None:
     info = json.loads(proc.stdout)
     assert info["key_id"] == audit.key_id(audit.load_verify_key(tmp_path / "dev.pub"))
     assert_one_line_error(cli("audit", "keygen", tmp_path / "dev.key"), 2, "refusing to overwrite")
+
+
+def test_durability_modes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    import pytest
+
+    from edgeshield.audit import AuditLog
+    from edgeshield.errors import InvalidArgumentError
+
+    for mode, pragma in (("full", 2), ("normal", 1)):
+        log = AuditLog(tmp_path / f"{mode}.db", durability=mode)
+        log.append("test.entry", "tester", {"n": 1})
+        assert log._writer().execute("PRAGMA synchronous").fetchone()[0] == pragma
+        assert log.verify().entries == 1
+        log.close()
+    with pytest.raises(InvalidArgumentError):
+        AuditLog(tmp_path / "x.db", durability="off")
+    assert sqlite3.connect(tmp_path / "full.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -203,7 +203,12 @@ class AuditLog:
         signing_key: Ed25519PrivateKey | None = None,
         checkpoint_every: int = 100,
         readonly: bool = False,
+        durability: str = "full",
     ) -> None:
+        if durability not in ("full", "normal"):
+            raise InvalidArgumentError("audit durability must be 'full' (fsync per entry: survives power loss) or "
+                                       "'normal' (WAL without fsync per commit: survives a process crash only)")
+        self.durability = durability
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise InvalidArgumentError(f"checkpoint_every must be a whole number >= 0 (0: only on demand), "
                                        f"got {checkpoint_every!r}")
@@ -248,9 +253,10 @@ class AuditLog:
                     conn.execute("ROLLBACK")
                 raise
             # Only once the file is known to be ours: WAL lets readers run beside the writer, FULL fsyncs every
-            # commit so an acknowledged entry survives a crash or power loss.
+            # commit so an acknowledged entry survives a crash or power loss (the default). NORMAL, in WAL mode,
+            # still survives a killed process (the commit is in the WAL file) but not a power cut.
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise NotAnAuditLogError(f"{self.path} is not an audit log database: {exc}") from exc

@@ -28,6 +28,11 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    audit_durability: Annotated[
+        str,
+        typer.Option("--audit-durability", help="full: fsync every entry (survives power loss; default). "
+                                                "normal: survives a killed process but not a power cut; faster."),
+    ] = "full",
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
@@ -35,7 +40,8 @@ def serve(
 
     run_server(ServeConfig(bundle=bundle, owner_key=owner_key, device_key=device_key, ca=ca, cert=cert, key=key,
                            audit_db=audit_db, audit_key=audit_key, detector=detector, policy=policy, host=host,
-                           port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body))
+                           port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body,
+                           audit_durability=audit_durability))
 
 
 client_app = typer.Typer(help="Talk to an EdgeShield server over mutual TLS.", no_args_is_help=True)

@@ -46,6 +46,7 @@ class ServerState:
     inference_timeout_s: float = 10.0
     require_client_cert: bool = True
     metrics: Any = field(default=None)
+    on_shutdown: list[Any] = field(default_factory=list)  # callables run at graceful shutdown, before the checkpoint
 
 
 class _Metrics:
@@ -169,7 +170,9 @@ def create_app(state: ServerState) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         yield
-        # Graceful shutdown: record it and anchor every entry under a signed checkpoint.
+        # Graceful shutdown: flush pending records, note the shutdown, anchor every entry under a signed checkpoint.
+        for hook in state.on_shutdown:
+            await asyncio.to_thread(hook)
         if state.audit is not None:
             await _audit(state, "server.shutdown", "server", {})
             checkpoint = getattr(state.audit, "checkpoint", None)

@@ -38,6 +38,7 @@ class ServeConfig:
     inference_timeout_s: float = 10.0
     crl_poll_s: float = 2.0
     log_level: str = "info"
+    audit_durability: str = "full"  # "normal": no fsync per entry (survives kill -9, not a power cut)
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -47,7 +48,8 @@ def build_state(cfg: ServeConfig) -> ServerState:
     from edgeshield.audit import AuditLog, load_signing_key
     from edgeshield.server._rbac import Rbac
 
-    audit = AuditLog(cfg.audit_db, signing_key=load_signing_key(cfg.audit_key, cfg.passphrase))
+    audit = AuditLog(cfg.audit_db, signing_key=load_signing_key(cfg.audit_key, cfg.passphrase),
+                     durability=cfg.audit_durability)
     opened = bundles.open_bundle(cfg.bundle, keys.load_owner_public_key(cfg.owner_key),
                                  keys.load_device_private_key(cfg.device_key, cfg.passphrase))
     m = opened.manifest
@@ -76,12 +78,49 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tls_context(cfg: ServeConfig, state: ServerState) -> ssl.SSLContext:
-    """The server's TLS 1.3 mutual-auth context, whose failed handshakes are written to the audit log."""
+class HandshakeFailures:
+    """Counts failed TLS handshakes and writes them to the audit log at most once per ``interval`` seconds.
+
+    A failed handshake happens on the event loop, before any request; writing an fsync'd audit entry there for each
+    one would let unauthenticated peers stall every connection and grow the log without bound. So the loop only
+    counts (by reason), and a background thread records one ``auth.failure`` entry per interval with the counts.
+    """
+
+    def __init__(self, state: ServerState, interval: float = 1.0) -> None:
+        self.state, self.interval = state, interval
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgeshield-handshake-audit", daemon=True)
+
+    def record(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        if counts and self.state.audit is not None:
+            self.state.audit.append("auth.failure", "anonymous",
+                                    {"stage": "tls-handshake", "count": sum(counts.values()), "reasons": counts})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+def tls_context(cfg: ServeConfig, failures: HandshakeFailures) -> ssl.SSLContext:
+    """The server's TLS 1.3 mutual-auth context, whose failed handshakes are counted for the audit log."""
     from edgeshield.transport import server_context
 
     ctx = server_context(cfg.ca, cfg.cert, cfg.key, crl=cfg.crl, passphrase=cfg.passphrase)
-    audit = state.audit
 
     class AuditingSSLObject(ssl.SSLObject):
         # asyncio drives handshakes through SSLObject.do_handshake; a failure here never reaches the app.
@@ -91,9 +130,7 @@ def tls_context(cfg: ServeConfig, state: ServerState) -> ssl.SSLContext:
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as exc:
-                if audit is not None:
-                    audit.append("auth.failure", "anonymous",
-                                 {"stage": "tls-handshake", "reason": (exc.reason or str(exc))[:200]})
+                failures.record((exc.reason or type(exc).__name__)[:100])
                 raise
 
     ctx.sslobject_class = AuditingSSLObject
@@ -192,7 +229,10 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any
     check_readable_file(cfg.cert, what="server certificate")
     check_readable_file(cfg.key, what="server key")
     state = state or build_state(cfg)
-    ctx = tls_context(cfg, state)
+    failures = HandshakeFailures(state)
+    state.on_shutdown.append(failures.stop)
+    failures.start()
+    ctx = tls_context(cfg, failures)
     config = uvicorn.Config(
         create_app(state), host=cfg.host, port=cfg.port, http=TlsHttpToolsProtocol,
         ssl_context_factory=lambda _config, _default: ctx,
