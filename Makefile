@@ -27,10 +27,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bundles.py --json benchmarks/results/bundles.json
 	$(PY) benchmarks/adversarial.py --json benchmarks/results/adversarial.json
+	$(PY) benchmarks/server.py --json benchmarks/results/server.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
 	$(PY) benchmarks/adversarial.py --quick
+	$(PY) benchmarks/server.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)

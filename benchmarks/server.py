@@ -769,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
             p = prepare(work)
             (work / "prepared.json").write_text(json.dumps(p))
             bodies = _bodies()
-        ports = {"secure": _free_port(), "plain": _free_port(), "secure_noaudit": _free_port()}
+        ports = {"secure": _free_port(), "plain": _free_port(), "secure_noaudit": _free_port(),
+                 "secure_normal": _free_port()}
         me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
         secure_db = work / "audit.db"
         argv = {
@@ -780,8 +781,14 @@ def main(argv: list[str] | None = None) -> int:
             "plain": [*me, "--_child", "plain", "--port", str(ports["plain"])],
             "secure_noaudit": [*me, "--_child", "noaudit", "--port", str(ports["secure_noaudit"]),
                                "--audit-db", str(work / "audit-noaudit.db")],
+            # the same server with the audit log's durability relaxed to "normal" (survives kill -9, not power loss)
+            "secure_normal": [sys.executable, "-m", "edgeshield", "serve", p["bundle"], "--owner-key", p["owner_pub"],
+                              "--device-key", p["device_key"], "--ca", p["ca"], "--cert", p["server_crt"], "--key",
+                              p["server_key"], "--audit-db", str(work / "audit-normal.db"), "--audit-key",
+                              p["audit_key"], "--host", HOST, "--port", str(ports["secure_normal"]), "--max-body",
+                              str(MAX_BODY), "--audit-durability", "normal"],
         }
-        with console.status("starting the three servers..."):
+        with console.status("starting the four servers..."):
             for name in argv:
                 servers[name] = ServerProc(name, argv[name], ports[name], work / f"{name}.log")
             for name, s in servers.items():
@@ -806,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("requests: sequential and concurrent..."):
             rq = bench_requests(p, servers, quick, bodies)
         servers["secure_noaudit"].stop()
+        servers["secure_normal"].stop()
         with console.status("audit log vs. plain SQLite..."):
             au = bench_audit(work, _size("audit_rows", quick))
         with console.status(f"bounded load test ({_size('load_requests', quick)} requests)..."):
@@ -877,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     r["secure_vs_plain_rps_ratio"] = r["secure_rps"] / r["plain_rps"]
     r["conc_secure_vs_plain_rps_ratio"] = r["conc_secure_rps"] / r["conc_plain_rps"]
     r["secure_noaudit_vs_plain_rps_ratio"] = r["secure_noaudit_rps"] / r["plain_rps"]
+    r["secure_normal_vs_plain_rps_ratio"] = r["secure_normal_rps"] / r["plain_rps"]
     r["rps_ratio_target"] = TARGET_RPS_RATIO
     r["rps_ratio_target_met"] = r["secure_vs_plain_rps_ratio"] >= TARGET_RPS_RATIO
     r["secure_overhead_p50_ms"] = r["secure_p50_ms"] - r["plain_p50_ms"]
@@ -962,9 +971,10 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("server", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "server CPU ms/req",
                 "÷ plain req/s", "target", ""):
         t.add_column(col, justify="left" if col in ("server", "mode", "") else "right")
-    labels = {"secure": "secure", "plain": "plain", "secure_noaudit": "secure, no audit"}
+    labels = {"secure": "secure", "plain": "plain", "secure_noaudit": "secure, no audit",
+              "secure_normal": "secure, audit normal"}
     for mode, mlabel in (("seq", "sequential"), ("conc", f"{r['conc_threads']} threads")):
-        for name in ("secure", "secure_noaudit", "plain"):
+        for name in ("secure", "secure_normal", "secure_noaudit", "plain"):
             m = rq[f"{mode}_{name}"]
             ratio = m["rps"] / rq[f"{mode}_plain"]["rps"]
             target = mode == "seq" and name == "secure"
@@ -975,7 +985,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(t)
     console.print(
         "secure = edgeshield serve (mTLS 1.3 + RBAC + validation + audit commit, synchronous=FULL, per request); "
-        "secure, no audit = the same with state.audit = None; plain = the same app over plain HTTP, no RBAC, no "
+        "secure, audit normal = --audit-durability normal (no fsync per entry: survives a killed process, not a "
+        "power cut); secure, no audit = the same with state.audit = None; plain = the same app over plain HTTP, no "
+        "RBAC, no "
         "validation, no audit. Sequential: one keep-alive client, alternating blocks."
     )
     console.print(
