@@ -1,0 +1,82 @@
+"""The ASGI app with a detector file: robust inference through the same security middleware (no sockets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeshield.adversarial import RobustModel, calibrate
+from edgeshield.audit import AuditLog
+from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
+from edgeshield.server import Rbac, ServerState, create_app
+from edgeshield.transport import Identity
+
+
+def with_identity(app: Any, identity: Identity | None) -> Any:
+    """What the TLS protocol layer does for a verified connection: the identity in the ASGI tls extension."""
+
+    async def wrapped(scope: dict, receive: Any, send: Any) -> None:  # type: ignore[type-arg]
+        if scope["type"] == "http":
+            scope = {**scope, "extensions": {"tls": {"edgeshield.identity": identity,
+                                                     "client_cert_error": None if identity else "none"}}}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> ServerState:
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    session = ort.InferenceSession(str(digits_model_path()), providers=["CPUExecutionProvider"])
+    split = load_digits_split()
+    file = calibrate(session, split.x_test[:225], model_sha256="ab" * 32, input_spec=digits_input_spec(),
+                     reference=split.x_train)
+
+    class Manifest:
+        bundle_id, model_sha256, model_version, created, metadata = "b" * 32, "ab" * 32, 1, "2026-11-25T00:00:00Z", {}
+
+    log = AuditLog(tmp_path_factory.mktemp("audit") / "audit.db")
+    return ServerState(session=session, manifest=Manifest(), rbac=Rbac(), audit=log, spec=file.input_spec,
+                       robust=RobustModel(session, file))
+
+
+def _client(state: ServerState, identity: Identity | None) -> httpx.AsyncClient:
+    app = with_identity(create_app(state), identity)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://edge")
+
+
+ALICE = Identity(name="alice", role="client", serial=7, fingerprint_sha256="00" * 32)
+
+
+@pytest.mark.anyio
+async def test_robust_predictions_and_audited_flags(state: ServerState) -> None:
+    x = load_digits_split().x_test[225:245]
+    noise = np.random.default_rng(0).random((5, 64)).astype(np.float32)
+    async with _client(state, ALICE) as c:
+        clean = (await c.post("/v1/predict", json={"inputs": x.tolist()})).json()
+        assert sum(clean["counts"].values()) == 20 and clean["counts"]["accept"] >= 17
+        attacked = (await c.post("/v1/predict", json={"inputs": noise.tolist()})).json()
+        assert attacked["counts"]["reject"] == 5
+        assert all(d["prediction"] is None for d in attacked["decisions"])
+        metrics = (await c.get("/metrics")).status_code
+        assert metrics == 403  # clients may not read metrics
+    kinds = [e.kind for e in state.audit.entries()]  # type: ignore[union-attr]
+    assert kinds.count("inference.predict") == 2 and "input.flagged" in kinds and "auth.forbidden" in kinds
+
+
+@pytest.mark.anyio
+async def test_no_identity_is_401_and_audited(state: ServerState) -> None:
+    async with _client(state, None) as c:
+        r = await c.get("/healthz")
+    assert r.status_code == 401
+    assert [e.kind for e in state.audit.entries()][-1] == "auth.failure"  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
