@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeshield._io import atomic_write_bytes, check_readable_file
-from edgeshield.errors import InvalidArgumentError, KeyFileError, OutputExistsError, PassphraseError
-
-_MAX_KEY_FILE = 64 * 1024
+from edgeshield._io import atomic_write_bytes
+from edgeshield.errors import InvalidArgumentError, KeyFileError, OutputExistsError
+from edgeshield.keys import load_private_key, load_public_key
 
 
 def generate_signing_key(
@@ -53,18 +51,7 @@ def generate_signing_key(
 
 def load_signing_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> Ed25519PrivateKey:
     """Load an Ed25519 private key from a PKCS#8 PEM file (encrypted ones need ``passphrase``)."""
-    data = _read(path)
-    encrypted = b"ENCRYPTED PRIVATE KEY" in data
-    if encrypted and passphrase is None:
-        raise PassphraseError(f"{path} is encrypted: give its passphrase (--passphrase-env VAR)")
-    try:
-        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
-    except ValueError as exc:
-        if encrypted:
-            raise PassphraseError(f"cannot decrypt {path}: wrong passphrase") from exc
-        raise KeyFileError(f"{path} is not a PEM private key") from exc
-    except (TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(f"{path} holds an unsupported private key") from exc
+    key = load_private_key(path, passphrase)
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 private key")
     return key
@@ -72,18 +59,7 @@ def load_signing_key(path: str | os.PathLike[str], passphrase: bytes | None = No
 
 def load_verify_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Load an Ed25519 public key from a PEM SubjectPublicKeyInfo file."""
-    data = _read(path)
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(f"{path} is not a PEM public key") from exc
+    key = load_public_key(path)
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path} is not an Ed25519 public key")
     return key
-
-
-def _read(path: str | os.PathLike[str]) -> bytes:
-    p = check_readable_file(path, what="key file")
-    if p.stat().st_size > _MAX_KEY_FILE:
-        raise KeyFileError(f"{p} is too large to be a key file")
-    return p.read_bytes()

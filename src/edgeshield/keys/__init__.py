@@ -39,6 +39,8 @@ __all__ = [
     "load_device_public_key",
     "load_owner_private_key",
     "load_owner_public_key",
+    "load_private_key",
+    "load_public_key",
     "passphrase_from_env",
 ]
 
@@ -123,7 +125,7 @@ def list_keys(directory: str | os.PathLike[str]) -> list[KeyInfo]:
     d = _key_dir(directory, create=False)
     infos = []
     for pub_path in sorted(d.glob("*.pub")):
-        public = _load_public(pub_path)
+        public = load_public_key(pub_path)
         kind: KeyKind = "owner-signing" if isinstance(public, ec.EllipticCurvePublicKey) else "device-agreement"
         priv_path = pub_path.with_suffix(".key")
         encrypted = _is_encrypted_pem(priv_path) if priv_path.is_file() else None
@@ -143,28 +145,28 @@ def list_keys(directory: str | os.PathLike[str]) -> list[KeyInfo]:
 
 # --- loading keys ----------------------------------------------------------------------------------------------
 def load_owner_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> OwnerPrivateKey:
-    key = _load_private(path, passphrase)
+    key = load_private_key(path, passphrase)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise KeyFileError(f"{path} is not an ECDSA P-256 owner signing key")
     return key
 
 
 def load_owner_public_key(path: str | os.PathLike[str]) -> OwnerPublicKey:
-    key = _load_public(path)
+    key = load_public_key(path)
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise KeyFileError(f"{path} is not an ECDSA P-256 owner public key")
     return key
 
 
 def load_device_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> DevicePrivateKey:
-    key = _load_private(path, passphrase)
+    key = load_private_key(path, passphrase)
     if not isinstance(key, x25519.X25519PrivateKey):
         raise KeyFileError(f"{path} is not an X25519 device private key")
     return key
 
 
 def load_device_public_key(path: str | os.PathLike[str]) -> DevicePublicKey:
-    key = _load_public(path)
+    key = load_public_key(path)
     if not isinstance(key, x25519.X25519PublicKey):
         raise KeyFileError(f"{path} is not an X25519 device public key")
     return key
@@ -213,7 +215,8 @@ def _is_encrypted_pem(path: Path) -> bool:
     return b"ENCRYPTED PRIVATE KEY" in path.read_bytes()[:64]
 
 
-def _load_private(path: str | os.PathLike[str], passphrase: bytes | None):  # type: ignore[no-untyped-def]
+def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None):  # type: ignore[no-untyped-def]
+    """Any PEM private key; typed errors for a missing or wrong passphrase and for what is not a key."""
     data = _read_key_file(path)
     encrypted = b"ENCRYPTED PRIVATE KEY" in data
     if encrypted and passphrase is None:
@@ -228,7 +231,8 @@ def _load_private(path: str | os.PathLike[str], passphrase: bytes | None):  # ty
         raise KeyFileError(f"{path} holds an unsupported private key") from exc
 
 
-def _load_public(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+def load_public_key(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+    """Any PEM SubjectPublicKeyInfo public key."""
     data = _read_key_file(path)
     try:
         return serialization.load_pem_public_key(data)
