@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from _machine import hardware  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -66,16 +67,7 @@ def machine_info() -> dict[str, str]:
         art_version = version("adversarial-robustness-toolbox")
     except Exception:  # noqa: BLE001 - informational only
         art_version = "?"
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    hw = f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}"
+    hw = hardware()
     versions = (f"Python {platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
                 f"ART {art_version}, scikit-learn {sklearn.__version__}, numpy {numpy.__version__}")
     return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from _machine import hardware  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -463,27 +464,11 @@ def machine_info() -> dict[str, str]:
 
     from edgeshield.bundles._ort import onnxruntime as ort
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB RAM"
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = (
         f"Python {platform.python_version()}, onnxruntime {ort.__version__}, cryptography {cryptography.__version__} "
         f"({backend.openssl_version_text()}), numpy {numpy.__version__}"
     )
-    hw = f"{cpu}, {cores} cores (os.cpu_count()={os.cpu_count()}), {mem}, {platform.system()} {platform.machine()}"
+    hw = hardware()
     return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
 
 

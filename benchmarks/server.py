@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from _machine import hardware  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -676,21 +677,6 @@ def machine_info() -> dict[str, str]:
     import httpx
     import uvicorn
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB RAM"
-    except OSError:
-        pass
     fs = "?"
     try:
         tmp = os.path.realpath(tempfile.gettempdir())
@@ -701,9 +687,7 @@ def machine_info() -> dict[str, str]:
                 best, fs = mnt, f"{kind} on {dev}"
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    hw = (f"{cpu}, {cores} cores (os.cpu_count()={os.cpu_count()}), {mem}, {platform.system()} "
-          f"{platform.machine()}; temp dir {tempfile.gettempdir()} ({fs})")
+    hw = f"{hardware()}; temp dir {tempfile.gettempdir()} ({fs})"
     versions = (f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, SQLite {sqlite3.sqlite_version}, "
                 f"uvicorn {uvicorn.__version__} (httptools {httptools.__version__}), fastapi {fastapi.__version__}, "
                 f"httpx {httpx.__version__}")

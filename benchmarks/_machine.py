@@ -1,0 +1,25 @@
+"""The machine note every benchmark prints: CPU model, usable cores, memory, OS (read from /proc where present)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def _proc_field(path: str, prefix: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def hardware() -> str:
+    cpu = _proc_field("/proc/cpuinfo", "model name") or "unknown CPU"
+    mem_kib = _proc_field("/proc/meminfo", "MemTotal")
+    mem = f"{int(mem_kib.split()[0]) / (1 << 20):.1f} GiB RAM" if mem_kib else "unknown RAM"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores (os.cpu_count()={os.cpu_count()}), {mem}, {platform.system()} {platform.machine()}"
