@@ -94,6 +94,18 @@ class DetectorMismatchError(InputError):
     """A detector file was calibrated for a different model than the one given."""
 
 
+class CertificateError(InvalidArgumentError):
+    """A certificate, CRL or peer certificate cannot be parsed or lacks what EdgeShield needs from it."""
+
+
+class UnknownSerialError(InvalidArgumentError):
+    """No certificate with that serial was issued by this CA."""
+
+
+class AlreadyRevokedError(InvalidArgumentError):
+    """The certificate is already revoked."""
+
+
 class MissingDependencyError(EdgeShieldError):
     """An optional extra (e.g. ``edgeshield[train]``) is needed for this command."""
 
@@ -139,6 +151,18 @@ class ChunkAuthenticationError(IntegrityError):
 
 class KeyCommitmentError(IntegrityError):
     """The unwrapped data key is not the one the signed manifest commits to (a forged or mixed-up key wrap)."""
+
+
+class CrlError(IntegrityError):
+    """A CRL is forged, expired, not yet valid, or older than the one already loaded."""
+
+
+class CertificateRevokedError(IntegrityError):
+    """The peer's certificate is revoked by the current CRL."""
+
+
+class CaIndexError(IntegrityError):
+    """The CA's index of issued certificates is corrupt."""
 
 
 class ModelSignatureError(IntegrityError):

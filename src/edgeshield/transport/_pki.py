@@ -43,14 +43,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
 from edgeshield.errors import (
+    AlreadyRevokedError,
+    CaIndexError,
+    CertificateError,
+    CrlError,
     EdgeShieldError,
-    IntegrityError,
     InvalidArgumentError,
     KeyFileError,
     NotAFileError,
     OutputExistsError,
     PassphraseError,
     PathNotFoundError,
+    UnknownSerialError,
 )
 
 ROLE_OID = x509.ObjectIdentifier("2.25.127714824559065485825676563085213816711.1")
@@ -405,10 +409,10 @@ def revoke(
         entries = _entries(index)
         match = [i for i, e in enumerate(entries) if e.serial == value]
         if not match:
-            raise InvalidArgumentError(f"no certificate with serial {_hex(value)} in {d}")
+            raise UnknownSerialError(f"no certificate with serial {_hex(value)} in {d}")
         i = match[0]
         if entries[i].revoked_at is not None:
-            raise InvalidArgumentError(f"certificate {_hex(value)} ({entries[i].name}) is already revoked")
+            raise AlreadyRevokedError(f"certificate {_hex(value)} ({entries[i].name}) is already revoked")
         revoked = replace(entries[i], revoked_at=_now(), revocation_reason=reason)
         index["certificates"][i] = _entry_to_json(revoked)
         _publish_crl(d, index, ca_cert, ca_key)
@@ -443,7 +447,7 @@ def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
-        raise InvalidArgumentError(f"{path} is not a PEM certificate") from exc
+        raise CertificateError(f"{path} is not a PEM certificate") from exc
 
 
 def load_crl(path: str | os.PathLike[str], issuer: x509.Certificate) -> tuple[x509.CertificateRevocationList, CrlInfo]:
@@ -452,15 +456,15 @@ def load_crl(path: str | os.PathLike[str], issuer: x509.Certificate) -> tuple[x5
     try:
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
-        raise InvalidArgumentError(f"{path} is not a PEM CRL") from exc
+        raise CertificateError(f"{path} is not a PEM CRL") from exc
     if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-        raise IntegrityError(f"{path} is not a CRL signed by {issuer.subject.rfc4514_string()}")
+        raise CrlError(f"{path} is not a CRL signed by {issuer.subject.rfc4514_string()}")
     try:
         number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound as exc:
-        raise IntegrityError(f"{path} has no CRL number") from exc
+        raise CrlError(f"{path} has no CRL number") from exc
     if crl.next_update_utc is None:
-        raise IntegrityError(f"{path} has no nextUpdate")
+        raise CrlError(f"{path} has no nextUpdate")
     info = CrlInfo(number, crl.last_update_utc, crl.next_update_utc, frozenset(r.serial_number for r in crl))
     return crl, info
 
@@ -521,10 +525,10 @@ def identity_from_der(der: bytes) -> Identity:
     try:
         cert = x509.load_der_x509_certificate(der)
     except (ValueError, TypeError) as exc:
-        raise InvalidArgumentError("peer certificate is not a DER X.509 certificate") from exc
+        raise CertificateError("peer certificate is not a DER X.509 certificate") from exc
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str):
-        raise InvalidArgumentError("peer certificate has no single common name")
+        raise CertificateError("peer certificate has no single common name")
     return Identity(cns[0].value, read_role(cert), cert.serial_number, _fingerprint(cert))
 
 
@@ -691,10 +695,10 @@ def _read_index(d: Path) -> dict[str, Any]:
     try:
         index = json.loads(_read_small(path, "CA index", limit=_MAX_FILE))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{path} is not valid JSON") from exc
+        raise CaIndexError(f"{path} is not valid JSON") from exc
     if not isinstance(index, dict) or index.get("format") != _INDEX_FORMAT or index.get("version") != 1 or \
             not isinstance(index.get("certificates"), list):
-        raise IntegrityError(f"{path} is not an EdgeShield CA index (version 1)")
+        raise CaIndexError(f"{path} is not an EdgeShield CA index (version 1)")
     _entries(index)  # validate every entry once, here
     return index
 
@@ -708,7 +712,7 @@ def _entries(index: dict[str, Any]) -> list[CertInfo]:
     try:
         return [_entry_from_json(e) for e in index["certificates"]]
     except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"CA index has a malformed certificate entry: {exc}") from exc
+        raise CaIndexError(f"CA index has a malformed certificate entry: {exc}") from exc
 
 
 def _entry_to_json(info: CertInfo) -> dict[str, object]:

@@ -31,7 +31,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgeshield._io import check_readable_file
-from edgeshield.errors import IntegrityError, InvalidArgumentError, KeyFileError, PassphraseError
+from edgeshield.errors import (
+    CertificateRevokedError,
+    CrlError,
+    IntegrityError,
+    InvalidArgumentError,
+    KeyFileError,
+    PassphraseError,
+)
 from edgeshield.transport._pki import (
     CA_CERT,
     CLOCK_SKEW,
@@ -99,20 +106,20 @@ def reload_crl(context: ssl.SSLContext, crl_path: PathLike) -> CrlInfo:
     crl_obj, info = _verified_crl(crl_path, issuers)
     now = datetime.now(timezone.utc)
     if info.next_update <= now:
-        raise IntegrityError(f"{crl_path} expired at {info.next_update.isoformat()}: publish a fresh CRL")
+        raise CrlError(f"{crl_path} expired at {info.next_update.isoformat()}: publish a fresh CRL")
     if info.last_update > now + CLOCK_SKEW:
-        raise IntegrityError(f"{crl_path} is not valid until {info.last_update.isoformat()}: check the clocks")
+        raise CrlError(f"{crl_path} is not valid until {info.last_update.isoformat()}: check the clocks")
     with _loaded_lock:
         previous = _loaded.get(context)
         if previous is not None:
             if info.number == previous.number and info.last_update == previous.last_update:
                 return previous
             if info.number <= previous.number:
-                raise IntegrityError(
+                raise CrlError(
                     f"{crl_path} has CRL number {info.number}, not newer than the loaded {previous.number}: refusing"
                 )
             if info.last_update <= previous.last_update:
-                raise IntegrityError(f"{crl_path} has no later lastUpdate than the loaded CRL, so cannot supersede it")
+                raise CrlError(f"{crl_path} has no later lastUpdate than the loaded CRL, so cannot supersede it")
         with tempfile.TemporaryDirectory(prefix="edgeshield-crl-") as tmp:
             clean = Path(tmp) / "crl.pem"
             clean.write_bytes(crl_obj.public_bytes(serialization.Encoding.PEM))
@@ -142,7 +149,7 @@ def peer_identity(conn: ssl.SSLSocket | ssl.SSLObject) -> Identity:
         raise InvalidArgumentError("the peer presented no certificate")
     identity = identity_from_der(der)
     if identity.serial in revoked_serials(conn.context):
-        raise IntegrityError(f"certificate 0x{identity.serial:x} ({identity.name}) is revoked")
+        raise CertificateRevokedError(f"certificate 0x{identity.serial:x} ({identity.name}) is revoked")
     return identity
 
 
@@ -178,7 +185,7 @@ def _verified_crl(crl_path: PathLike, issuers: list[x509.Certificate]) -> tuple[
             return load_crl(crl_path, issuer)
         except IntegrityError as exc:
             errors.append(exc)
-    raise errors[0] if len(issuers) == 1 else IntegrityError(f"{crl_path} is not signed by a CA this context trusts")
+    raise errors[0] if len(issuers) == 1 else CrlError(f"{crl_path} is not signed by a CA this context trusts")
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: PathLike, key: PathLike, passphrase: bytes | None) -> None:
