@@ -182,6 +182,45 @@ class ConnectionFailedError(EdgeShieldError):
     """No TLS connection to the server could be made (refused, handshake failed, certificate rejected)."""
 
 
+# --- audit log ---------------------------------------------------------------------------------------------------
+class AuditIntegrityError(IntegrityError):
+    """The audit log was altered. ``seq`` is the first bad entry (None when the fault is a checkpoint's alone),
+    ``tree_size`` the checkpoint involved (if any), ``reason`` a short machine-readable code."""
+
+    def __init__(self, message: str, *, reason: str, seq: int | None = None, tree_size: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.seq = seq
+        self.tree_size = tree_size
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": str(self), "reason": self.reason, "seq": self.seq, "tree_size": self.tree_size}
+
+
+class AuditChainError(AuditIntegrityError):
+    """An entry was edited, deleted, reordered, inserted or mangled: the hash chain breaks at ``seq``."""
+
+
+class AuditTruncatedError(AuditIntegrityError):
+    """Entries a checkpoint commits to are gone; ``seq`` is the first missing one."""
+
+
+class AuditCheckpointError(AuditIntegrityError):
+    """A checkpoint's root does not match the entries it covers (rewritten entries or a forged root)."""
+
+
+class AuditSignatureError(AuditCheckpointError):
+    """A checkpoint's signature is missing or does not verify under the device key."""
+
+
+class AuditWrongKeyError(AuditSignatureError):
+    """A checkpoint names a different signing key than the device key given."""
+
+
+class NotAnAuditLogError(InputError):
+    """The file is not an EdgeShield audit log database."""
+
+
 # --- 4: keys ------------------------------------------------------------------------------------------------------
 class KeyMaterialError(EdgeShieldError):
     """A key is missing, wrong, unreadable or of the wrong type."""
@@ -203,3 +242,7 @@ class NotARecipientError(KeyMaterialError):
 
 class KeyUnwrapError(KeyMaterialError):
     """The data key could not be unwrapped with the device key."""
+
+
+class AuditKeyMismatchError(KeyMaterialError):
+    """A log was opened for writing with a different signing key (or none) than its checkpoints were signed with."""
