@@ -56,7 +56,8 @@ def test_help_everywhere() -> None:
                  ["inspect"], ["run"], ["demo"], ["detect"], ["detect", "calibrate"], ["detect", "evaluate"],
                  ["audit"], ["audit", "verify"], ["audit", "show"], ["audit", "export"], ["audit", "keygen"],
                  ["pki"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"], ["pki", "crl"],
-                 ["serve"], ["client"], ["client", "predict"]):
+                 ["serve"], ["client"], ["client", "predict"],
+                 ["watermark"], ["watermark", "embed"], ["watermark", "verify"], ["watermark", "keygen"]):
         proc = cli(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, (args, proc.stderr)
 

@@ -1,0 +1,44 @@
+"""Model-extraction defence: per-client query monitoring (PRADA, OOD rate), rate limits and output hardening.
+
+The runtime path needs only numpy; PRADA's Shapiro–Wilk test imports scipy lazily.
+"""
+
+from edgeshield.extraction._harden import (
+    Chain,
+    LabelOnly,
+    OutputPolicy,
+    ReverseSigmoid,
+    Rounding,
+    TopK,
+    from_config,
+    top1_preserved,
+)
+from edgeshield.extraction._monitor import ACTIONS, Detector, QueryMonitor, ResponsePolicy, Signal, Verdict
+from edgeshield.extraction._prada import PradaDetector, PradaState, calibrate_delta, shapiro_w
+from edgeshield.extraction._ratelimit import RateLimiter, TokenBucket
+from edgeshield.extraction._signals import OodRateSignal, SignalState
+
+__all__ = [
+    "ACTIONS",
+    "Chain",
+    "Detector",
+    "LabelOnly",
+    "OodRateSignal",
+    "OutputPolicy",
+    "PradaDetector",
+    "PradaState",
+    "QueryMonitor",
+    "RateLimiter",
+    "ResponsePolicy",
+    "ReverseSigmoid",
+    "Rounding",
+    "Signal",
+    "SignalState",
+    "TokenBucket",
+    "TopK",
+    "Verdict",
+    "calibrate_delta",
+    "from_config",
+    "shapiro_w",
+    "top1_preserved",
+]
