@@ -33,6 +33,18 @@ def serve(
         typer.Option("--audit-durability", help="full: fsync every entry (survives power loss; default). "
                                                 "normal: survives a killed process but not a power cut; faster."),
     ] = "full",
+    rate_limit: Annotated[
+        list[str] | None,
+        typer.Option("--rate-limit", help="ROLE=RATE:BURST token bucket per client (inputs per second, burst); repeatable."),
+    ] = None,
+    extraction_monitor: Annotated[
+        str | None,
+        typer.Option("--extraction-monitor", help="Watch each client with PRADA; on alarm: flag, throttle, degrade or block."),
+    ] = None,
+    outputs: Annotated[
+        str | None,
+        typer.Option("--outputs", help='Return hardened probabilities, e.g. \'{"policy": "top_k", "k": 3}\' (default: labels only).'),
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
@@ -41,7 +53,24 @@ def serve(
     run_server(ServeConfig(bundle=bundle, owner_key=owner_key, device_key=device_key, ca=ca, cert=cert, key=key,
                            audit_db=audit_db, audit_key=audit_key, detector=detector, policy=policy, host=host,
                            port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body,
-                           audit_durability=audit_durability))
+                           audit_durability=audit_durability, rate_limits=_parse_rate_limits(rate_limit or []),
+                           extraction_action=extraction_monitor, outputs=outputs))
+
+
+def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:
+    from edgeshield.errors import InvalidArgumentError
+
+    out = []
+    for item in items:
+        role, _, spec = item.partition("=")
+        rate, _, burst = spec.partition(":")
+        try:
+            out.append((role, float(rate), float(burst)))
+        except ValueError:
+            raise InvalidArgumentError(f"--rate-limit expects ROLE=RATE:BURST, got {item!r}") from None
+        if not role:
+            raise InvalidArgumentError(f"--rate-limit expects ROLE=RATE:BURST, got {item!r}")
+    return tuple(out)
 
 
 client_app = typer.Typer(help="Talk to an EdgeShield server over mutual TLS.", no_args_is_help=True)

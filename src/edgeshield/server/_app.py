@@ -47,6 +47,10 @@ class ServerState:
     require_client_cert: bool = True
     metrics: Any = field(default=None)
     on_shutdown: list[Any] = field(default_factory=list)  # callables run at graceful shutdown, before the checkpoint
+    # model-extraction defence (edgeshield.extraction); all optional
+    rate_limiter: Any | None = None  # RateLimiter: per-client token buckets, per role; cost = batch size
+    monitor: Any | None = None  # QueryMonitor: per-client signals → flag / throttle / degrade / block
+    outputs: Any | None = None  # OutputPolicy for probabilities in answers; None: labels only
 
 
 class _Metrics:
@@ -217,6 +221,9 @@ def create_app(state: ServerState) -> Any:
             await _audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
                                                          "field": field_name})
             return JSONResponse({"error": str(exc), "field": field_name}, status_code=422)
+        refusal = await _extraction_gate(state, identity, actor, len(x), digest)
+        if refusal is not None:
+            return refusal
         try:
             result = await asyncio.wait_for(asyncio.to_thread(_infer, state, x), state.inference_timeout_s)
         except TimeoutError:
@@ -224,6 +231,7 @@ def create_app(state: ServerState) -> Any:
             return JSONResponse({"error": "inference timed out"}, status_code=504)
         except EdgeShieldError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
+        await _watch_extraction(state, identity, actor, x, result)
         counts = result.get("counts")
         await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None), "input_sha256": digest,
                                                "batch": int(len(x)), "decisions": counts})
@@ -232,6 +240,44 @@ def create_app(state: ServerState) -> Any:
         return JSONResponse(result)
 
     return SecurityMiddleware(app, state)
+
+
+async def _extraction_gate(state: ServerState, identity: Any, actor: str, batch: int, digest: str) -> Any:
+    """Refuse before inference: a client the monitor blocked (403) or one over its rate (429 + Retry-After)."""
+    if identity is None:
+        return None
+    action = state.monitor.action(identity.name) if state.monitor is not None else "allow"
+    if action == "block":
+        await _audit(state, "extraction.blocked", actor, {"input_sha256": digest})
+        return JSONResponse({"error": "client blocked: its queries look like model extraction"}, status_code=403)
+    role = "throttled" if action == "throttle" else identity.role
+    limiter = state.rate_limiter
+    if limiter is not None and role in limiter.roles and not limiter.allow(identity.name, role, cost=batch):
+        retry = limiter.retry_after(identity.name, role, cost=batch)
+        await _audit(state, "ratelimit.exceeded", actor, {"role": role, "batch": batch})
+        headers = {"retry-after": str(max(1, int(np.ceil(retry))))} if np.isfinite(retry) else {}
+        return JSONResponse({"error": "rate limit exceeded"}, status_code=429, headers=headers)
+    return None
+
+
+async def _watch_extraction(state: ServerState, identity: Any, actor: str, x: np.ndarray,
+                            result: dict[str, Any]) -> None:
+    """Feed the monitor, audit its alerts, and harden the answer for the client's current action."""
+    probs = result.pop("_probabilities", None)
+    if state.monitor is not None and identity is not None:
+        labels = np.array([-1 if p is None else p for p in result.get("predictions", [])]
+                          or [-1 if d["prediction"] is None else d["prediction"] for d in result.get("decisions", [])])
+        verdict = await asyncio.to_thread(state.monitor.observe, identity.name, x, labels)
+        if verdict.action != "allow":
+            await _audit(state, "extraction.alert", actor,
+                         {"action": verdict.action, "reasons": list(verdict.reasons)})
+        policy = state.monitor.response.output_for(verdict.action) or state.outputs
+    else:
+        policy = state.outputs
+    if probs is not None and policy is not None:
+        out = policy.apply(probs)
+        result.update({k: np.asarray(v).tolist() for k, v in out.items()} if isinstance(out, dict)
+                      else {"probabilities": np.asarray(out).tolist()})
 
 
 def _infer(state: ServerState, x: np.ndarray) -> dict[str, Any]:
@@ -244,6 +290,10 @@ def _infer(state: ServerState, x: np.ndarray) -> dict[str, Any]:
                 state.metrics.decisions.labels(k).inc(v)
         return {"decisions": [d.to_dict() for d in decisions], "counts": counts}
     name = state.session.get_inputs()[0].name
-    out = state.session.run(None, {name: x})[0]
-    preds = out.argmax(axis=-1).tolist() if out.ndim >= 2 else out.tolist()
-    return {"predictions": preds}
+    out = np.asarray(state.session.run(None, {name: x})[0])
+    result: dict[str, Any] = {"predictions": out.argmax(axis=-1).tolist() if out.ndim >= 2 else out.tolist()}
+    if state.outputs is not None and out.ndim == 2:  # probabilities only when an output policy says how
+        from edgeshield.adversarial._detectors import looks_like_probabilities, softmax
+
+        result["_probabilities"] = out if looks_like_probabilities(out) else softmax(out.astype(np.float64))
+    return result

@@ -39,6 +39,10 @@ class ServeConfig:
     crl_poll_s: float = 2.0
     log_level: str = "info"
     audit_durability: str = "full"  # "normal": no fsync per entry (survives kill -9, not a power cut)
+    # model-extraction defence
+    rate_limits: tuple[tuple[str, float, float], ...] = ()  # (role, tokens per second, burst); cost = batch size
+    extraction_action: str | None = None  # PRADA monitor on, and what an alarm does: flag/throttle/degrade/block
+    outputs: str | None = None  # JSON output-policy config, e.g. '{"policy": "top_k", "k": 3}'; None: labels only
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -61,6 +65,7 @@ def build_state(cfg: ServeConfig) -> ServerState:
         robust = RobustModel(opened.session, file)
         spec = file.input_spec
     rbac = Rbac(cfg.policy)
+    limiter, monitor, outputs = _extraction_defence(cfg)
     audit.append("server.startup", "server", {
         "bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "payload_sha256": m.payload_sha256,
         "model_version": m.model_version, "detector": str(cfg.detector) if cfg.detector else None,
@@ -69,7 +74,29 @@ def build_state(cfg: ServeConfig) -> ServerState:
     audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
                                            "model_sha256": _sha256(rbac.model_path)})
     return ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
-                       max_body_bytes=cfg.max_body_bytes, inference_timeout_s=cfg.inference_timeout_s)
+                       max_body_bytes=cfg.max_body_bytes, inference_timeout_s=cfg.inference_timeout_s,
+                       rate_limiter=limiter, monitor=monitor, outputs=outputs)
+
+
+def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
+    """Rate limiter, PRADA query monitor and output policy from the configuration (each optional)."""
+    from edgeshield.errors import InvalidArgumentError
+    from edgeshield.extraction import PradaDetector, QueryMonitor, RateLimiter, ResponsePolicy, from_config
+
+    limits = {role: (rate, burst) for role, rate, burst in cfg.rate_limits}
+    if cfg.extraction_action == "throttle" and "throttled" not in limits:
+        limits["throttled"] = (1.0, 10.0)  # what a throttled client gets unless configured
+    limiter = RateLimiter(limits) if limits else None
+    monitor = None
+    if cfg.extraction_action is not None:
+        monitor = QueryMonitor([PradaDetector()], response=ResponsePolicy(on_alarm={"prada": cfg.extraction_action}))
+    outputs = None
+    if cfg.outputs is not None:
+        try:
+            outputs = from_config(json.loads(cfg.outputs))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"output policy is not JSON: {exc}") from None
+    return limiter, monitor, outputs
 
 
 def _sha256(path: Path) -> str:
