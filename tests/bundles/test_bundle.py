@@ -448,3 +448,14 @@ def test_decrypt_model_gives_back_the_original_bytes(tmp_path: Path, keyset: Key
     m = protect(digits_model, tmp_path / "d.esb", keyset)
     model = bundles.decrypt_model(tmp_path / "d.esb", keyset.owner_pub, keyset.device_priv)
     assert hashlib.sha256(model).hexdigest() == m.model_sha256 and model == digits_model.read_bytes()
+
+
+def test_protect_can_embed_the_owner_watermark(tmp_path: Path, keyset: KeySet, digits_model: Path) -> None:
+    from edgeshield import watermark
+
+    key = watermark.generate_key(tmp_path / "wm.key")
+    m = protect(digits_model, tmp_path / "d.esb", keyset, watermark_key=key)
+    assert m.metadata["edgeshield.watermark"] == watermark.SCHEME
+    shipped = bundles.decrypt_model(tmp_path / "d.esb", keyset.owner_pub, keyset.device_priv)
+    assert watermark.verify(shipped, key).present
+    assert not watermark.verify(digits_model.read_bytes(), key).present

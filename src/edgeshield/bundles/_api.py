@@ -250,8 +250,13 @@ def protect(
     metadata: Mapping[str, str] | None = None,
     chunk_size: int = _stream.DEFAULT_CHUNK_SIZE,
     overwrite: bool = True,
+    watermark_key: bytes | None = None,
 ) -> Manifest:
-    """Encrypt ``model`` for ``recipients``, sign the manifest with ``signing_key`` and write ``out`` atomically."""
+    """Encrypt ``model`` for ``recipients``, sign the manifest with ``signing_key`` and write ``out`` atomically.
+
+    With ``watermark_key`` the owner's spread-spectrum watermark (``edgeshield.watermark``) is embedded first, in
+    memory, so the bundle carries the marked model and ``model_sha256`` is the marked model's digest.
+    """
     from edgeshield.bundles._image import build_image
 
     _stream.check_chunk_size(chunk_size)
@@ -270,6 +275,11 @@ def protect(
     if Path(out).resolve() == model_path.resolve():
         raise InvalidArgumentError("the bundle cannot overwrite its own model")
     model_bytes = model_path.read_bytes()
+    if watermark_key is not None:
+        from edgeshield.watermark import SCHEME, embed
+
+        model_bytes, _ = embed(model_bytes, watermark_key)
+        meta["edgeshield.watermark"] = SCHEME  # which scheme, never the key
     image = build_image(model_bytes)
     _check_loadable(image)
 

@@ -54,6 +54,10 @@ def protect(
         Path | None,
         typer.Option("--input-spec", help="Input spec JSON to store in the manifest (checked before every inference)."),
     ] = None,
+    watermark_key: Annotated[
+        Path | None,
+        typer.Option("--watermark-key", help="Embed the owner's watermark (from `watermark keygen`) before protecting."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
@@ -74,7 +78,7 @@ def protect(
         metadata[METADATA_KEY] = InputSpec.load(input_spec).to_json()
     manifest = bundles.protect(
         model, out, signing_key=owner, recipients=devices, model_version=model_version,
-        metadata=metadata, chunk_size=chunk_size,
+        metadata=metadata, chunk_size=chunk_size, watermark_key=_load_watermark_key(watermark_key),
     )
     if sigstore_sig is not None:
         from edgeshield.bundles._modelsigning import sign_model
@@ -93,6 +97,14 @@ def protect(
     if sigstore_sig is not None:
         console.print(f"model-signing signature -> {sigstore_sig}")
     _print_manifest(manifest, "manifest")
+
+
+def _load_watermark_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    from edgeshield.watermark import load_key
+
+    return load_key(path)
 
 
 def verify(

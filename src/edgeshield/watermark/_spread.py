@@ -32,6 +32,7 @@ import numpy as np
 from edgeshield._io import atomic_write_bytes, check_readable_file
 from edgeshield.errors import InvalidArgumentError, KeyFileError, UnsupportedModelError
 
+SCHEME = "spread-spectrum-v1"  # recorded in bundle metadata when protect embeds the mark
 KEY_SIZE = 32
 DEFAULT_STRENGTH = 0.25
 DEFAULT_POSITIONS = 2000
