@@ -34,3 +34,7 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert summary["audit"]["verified"] and summary["audit"]["checkpoints"] >= 1
     assert "does not match its hash" in summary["audit"]["tampered_copy"]
     assert {"server.startup", "inference.predict", "auth.forbidden", "auth.failure"} <= set(summary["audit"]["kinds"])
+    # extraction stage: the attacker is blocked early, the honest client served; the watermark proves ownership
+    assert summary["extraction"]["attacker_blocked_after_queries"] <= 500
+    assert summary["extraction"]["honest_requests_ok"] == 45
+    assert summary["watermark"]["marked_p"] < 1e-6 and summary["watermark"]["clean_z"] < 5

@@ -40,9 +40,9 @@ class Stage:
 
 
 def _stages() -> list[Stage]:
-    from edgeshield.demo import _adversarial, _bundles, _server
+    from edgeshield.demo import _adversarial, _bundles, _extraction, _server
 
-    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES]
+    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_extraction.STAGES]
 
 
 def run_demo(*, as_json: bool = False, workdir: str | None = None) -> dict[str, Any]:
