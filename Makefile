@@ -28,11 +28,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bundles.py --json benchmarks/results/bundles.json
 	$(PY) benchmarks/adversarial.py --json benchmarks/results/adversarial.json
 	$(PY) benchmarks/server.py --json benchmarks/results/server.json
+	$(PY) benchmarks/extraction.py --json benchmarks/results/extraction.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
 	$(PY) benchmarks/adversarial.py --quick
 	$(PY) benchmarks/server.py --quick
+	$(PY) benchmarks/extraction.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)

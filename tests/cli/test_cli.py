@@ -57,7 +57,8 @@ def test_help_everywhere() -> None:
                  ["audit"], ["audit", "verify"], ["audit", "show"], ["audit", "export"], ["audit", "keygen"],
                  ["pki"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"], ["pki", "crl"],
                  ["serve"], ["client"], ["client", "predict"],
-                 ["watermark"], ["watermark", "embed"], ["watermark", "verify"], ["watermark", "keygen"]):
+                 ["watermark"], ["watermark", "embed"], ["watermark", "verify"], ["watermark", "keygen"],
+                 ["extraction"], ["extraction", "evaluate"]):
         proc = cli(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, (args, proc.stderr)
 

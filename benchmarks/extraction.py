@@ -1,0 +1,177 @@
+"""Benchmark: the model-extraction defence on the digits model, served through the real server code path.
+
+    python benchmarks/extraction.py [--quick] [--json PATH]
+
+Protocol: see ``edgeshield/extraction/_evaluate.py`` (printed with the results). In short: the watermarked digits
+MLP served by ``create_app`` in-process with a QueryMonitor (PRADA + OOD rate, any alarm blocks); ART CopycatCNN
+and KnockoffNets with natural queries (x_train) and a Jacobian-augmentation (Papernot) synthetic attack, each at
+several budgets and output settings, one client identity per session; detection = queries answered before the first
+403; stolen-model fidelity/accuracy at detection and at full budget against the same app without monitor; benign
+sessions (random order, bursty, repetitive held-out digits); accuracy cost of each output policy for honest clients;
+watermark survival (fine-tuning, 30 % pruning, int8, the CopycatCNN-stolen model) and false claims.
+
+``--quick`` runs budgets 100 and 500, two output settings, fewer epochs and one independent model (< 1 minute).
+``--json PATH`` writes one flat JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from _machine import hardware  # benchmarks/_machine.py, beside this script
+from edgeshield._io import atomic_write_bytes
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+TARGET_QUERIES = 500
+TARGET_FIDELITY = 0.5
+
+
+def machine_info() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import torch
+
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    try:
+        from importlib.metadata import version
+
+        art_version = version("adversarial-robustness-toolbox")
+    except Exception:  # noqa: BLE001 - informational only
+        art_version = "?"
+    hw = hardware()
+    versions = (f"Python {platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
+                f"ART {art_version}, scikit-learn {sklearn.__version__}, numpy {numpy.__version__}")
+    return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def tables(result: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    from edgeshield.extraction._evaluate import session_rows
+
+    out = []
+    t = Table(title="Attack sessions (one client identity each; defended = monitor blocks on alarm)")
+    for col in ("attack", "outputs", "budget", "detected", "queries to 403", "fidelity @det", "accuracy @det",
+                "fidelity full (undefended)", "accuracy full (undefended)", "signals", "s"):
+        t.add_column(col, justify="left" if col in ("attack", "outputs", "signals") else "right")
+    for row, s in zip(session_rows(result["sessions"]), result["sessions"]):
+        t.add_row(*row[:9], ",".join(s["signals"]) or "-", row[9])
+    out.append(t)
+
+    flat = result["flat"]
+    t = Table(title="Per attack")
+    for col in ("attack", "sessions", "detected", "max queries to 403", "max fidelity @det", "max fidelity full"):
+        t.add_column(col, justify="left" if col == "attack" else "right")
+    for kind in sorted({s["attack"] for s in result["sessions"]}, key=["copycat", "knockoff", "jacobian"].index):
+        t.add_row(kind, _f(flat[f"{kind}_sessions"]), _f(flat[f"{kind}_detected"]),
+                  _f(flat[f"{kind}_max_queries_to_detect"]), _f(flat[f"{kind}_fidelity_at_detection_max"]),
+                  _f(flat[f"{kind}_fidelity_full_max"]))
+    out.append(t)
+
+    t = Table(title="Benign sessions (held-out digits x_test[225:])")
+    for col in ("client", "outputs", "queries", "batch", "flagged", "blocked after", "signals"):
+        t.add_column(col, justify="left" if col in ("client", "outputs", "signals") else "right")
+    for b in result["benign"]:
+        t.add_row(b["client"], b["outputs"], str(b["queries"]), str(b["batch"]), _f(b["flagged"]),
+                  _f(b["blocked_at"]), ",".join(b["signals"]) or "-")
+    out.append(t)
+
+    t = Table(title="Output hardening: what honest clients get on x_test (through the app)")
+    for col in ("policy", "top-1 accuracy", "accuracy drop", "NLL of true class"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for name, o in result["outputs"].items():
+        t.add_row(name, _f(o["accuracy"], 4), _f(o["accuracy_drop"], 4), _f(o["nll"]))
+    out.append(t)
+
+    wm = result["watermark"]
+    if wm:
+        t = Table(title="Watermark (edgeshield.watermark, 2000 positions, strength 0.25)")
+        for col in ("model", "watermark found", "z", "accuracy"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        t.add_row("watermarked victim", "yes", _f(wm["watermark_z_marked"], 2), _f(wm["watermark_accuracy_marked"], 4))
+        t.add_row(f"independently trained ×{wm['watermark_independent_models']}",
+                  f"{wm['watermark_false_claims']} false claims", f"max {_f(wm['watermark_z_independent_max'], 2)}", "-")
+        for name in ("finetune", "prune30", "int8", "copycat"):
+            if f"watermark_z_{name}" in wm:
+                t.add_row(name, _f(wm[f"watermark_survives_{name}"]), _f(wm[f"watermark_z_{name}"], 2),
+                          _f(wm[f"watermark_accuracy_{name}"], 4))
+        t.caption = (f"accuracy drop of embedding: {100 * wm['watermark_accuracy_drop']:.2f} points "
+                     f"({wm['watermark_accuracy_base']:.4f} -> {wm['watermark_accuracy_marked']:.4f})")
+        out.append(t)
+
+    t = Table(title="Targets")
+    for col in ("target", "measured", "met"):
+        t.add_column(col, justify="left" if col == "target" else "right")
+    n, d = flat["attack_sessions"], flat["attack_sessions_detected"]
+    mq = flat["max_queries_to_detect"]
+    t.add_row(f"every attack session detected within {TARGET_QUERIES} queries",
+              f"{d}/{n} detected, max {_f(mq)} queries", _f(d == n and mq is not None and mq <= TARGET_QUERIES))
+    t.add_row("no benign session flagged", f"{flat['benign_sessions_flagged']}/{flat['benign_sessions']} flagged",
+              _f(flat["benign_sessions_flagged"] == 0))
+    fd = flat["fidelity_at_detection_max"]
+    t.add_row(f"stolen-model fidelity at detection < {TARGET_FIDELITY:.0%}", f"max {_f(fd)} (detected sessions)",
+              _f(fd is not None and fd < TARGET_FIDELITY))
+    out.append(t)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="budgets 100 and 500, two output settings (< 1 minute)")
+    ap.add_argument("--json", metavar="PATH", help="write one flat JSON object")
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+
+    from edgeshield.extraction._evaluate import EvaluationConfig, evaluate
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    started = time.perf_counter()
+    info = machine_info()
+    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    load_start = os.getloadavg()[0]
+    cfg = EvaluationConfig.quick() if args.quick else EvaluationConfig()
+    with console.status("attacks through the app...") as status:
+        result = evaluate(cfg, progress=lambda m: status.update(m))
+    console.print(f"[bold]Protocol:[/bold] {result['protocol_text']}")
+    for t in tables(result):
+        console.print(t)
+    flat = dict(result["flat"])
+    flat.update(quick=args.quick, machine=info["machine"], protocol=result["protocol_text"],
+                date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), wall_s=time.perf_counter() - started,
+                loadavg_1min_start=load_start, loadavg_1min_end=os.getloadavg()[0])
+    console.print(f"{'quick' if args.quick else 'full'} run, {flat['wall_s']:.1f} s; 1-min load average "
+                  f"{load_start:.2f} at start, {flat['loadavg_1min_end']:.2f} at end.")
+    if args.json:
+        target = Path(args.json)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, (json.dumps(flat, indent=2, sort_keys=True) + "\n").encode())
+        console.print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""End-to-end evaluation of the model-extraction defence on the digits model, through the real server code path.
+
+The victim is the ASGI app of :mod:`edgeshield.server` (``create_app``), driven in-process over
+``httpx.ASGITransport`` with a verified client identity injected the way the TLS layer does it, so every query
+passes the same middleware, ``_extraction_gate`` (403 once the monitor blocked a client), inference and
+``_watch_extraction`` (monitor + output hardening) as in production. The served model is the shipped digits MLP
+with the owner's spread-spectrum watermark embedded (what an owner would deploy).
+
+Protocol (fixed; :func:`protocol_text` prints it with the results):
+
+* Monitor: ``QueryMonitor([PradaDetector(delta=0.9, min_samples=30), OodRateSignal.fit(x_train, x_test[:225])],
+  ResponsePolicy(on_alarm={"prada": "block", "ood_rate": "block"}))``. Output settings: full probabilities
+  (``TopK(10)``, i.e. unhardened), top-3 probabilities (``TopK(3)``) and labels only (no output policy).
+* Attacks, each one client identity, queries sent in requests of ``BATCH`` inputs:
+  ``copycat`` (ART ``CopycatCNN``, labels) and ``knockoff`` (ART ``KnockoffNets``, random sampling, soft labels where
+  the answers carry probabilities) with natural queries drawn from x_train (the attacker's own data); ``jacobian``:
+  Papernot et al.'s Jacobian-based dataset augmentation from 10 x_train seeds (one per class), step λ = 0.1,
+  substitute retrained each round (torch gradients of the substitute). Budgets in queries.
+* Detection point: the queries answered before the first 403. The stolen model "at detection" is trained on exactly
+  those answered queries; "full budget" is the same attack run against the same app without a monitor (the
+  undefended baseline) and trained on all answers. Substitute: a 64-128-64-10 MLP (the victim's architecture),
+  Adam 1e-3, batch 32, ``EPOCHS`` epochs. Fidelity = agreement with the victim's labels on x_test; accuracy on
+  y_test.
+* Benign sessions (same defended app, one identity each): held-out digits x_test[225:] in random order (batches of
+  10), bursty (batches of 100 back to back, the held-out set twice over), repetitive (the same 5 digits 40 times
+  each, batches of 10).
+* Output-hardening cost: top-1 accuracy of what an honest client receives for x_test under each policy.
+* Watermark (edgeshield.watermark, fixed key): accuracy drop of embedding; false claims on independently trained
+  MLPs; survival of fine-tuning, 30 % magnitude pruning, int8 dynamic quantisation, and the CopycatCNN-stolen model
+  (its weights written into the victim's ONNX graph under the victim's initializer names, so ``verify`` can look).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgeshield  # noqa: F401  # before onnxruntime
+
+__all__ = ["ATTACKS", "EvaluationConfig", "Gateway", "evaluate", "protocol_text"]
+
+ATTACKS = ("copycat", "knockoff", "jacobian")
+OUTPUT_SETTINGS = ("full_probs", "top3", "label_only")
+BATCH = 20
+EPOCHS = 30
+N_OOD_CAL = 225
+WATERMARK_KEY = bytes(range(32))
+PRADA_DELTA = 0.9
+PRADA_MIN_SAMPLES = 30
+JACOBIAN_STEP = 0.1
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    budgets: tuple[int, ...] = (100, 250, 500, 1000)
+    attacks: tuple[str, ...] = ATTACKS
+    outputs: tuple[str, ...] = OUTPUT_SETTINGS
+    epochs: int = EPOCHS
+    independent_models: int = 3
+    finetune_epochs: int = 5
+    benign: bool = True
+    watermark: bool = True
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> EvaluationConfig:
+        return cls(budgets=(100, 500), outputs=("top3", "label_only"), epochs=20, independent_models=1,
+                   finetune_epochs=3)
+
+
+def protocol_text(cfg: EvaluationConfig) -> str:
+    return (
+        "victim = watermarked digits MLP served by edgeshield.server.create_app in-process (httpx ASGITransport, "
+        "injected verified identity); monitor = PRADA(delta 0.9, min 30) + OodRateSignal(PCA fit on x_train, "
+        f"threshold at the 0.99 quantile of x_test[:{N_OOD_CAL}]), any alarm -> block (403); outputs "
+        f"{', '.join(cfg.outputs)}; attacks {', '.join(cfg.attacks)} at budgets {list(cfg.budgets)} queries, "
+        f"requests of {BATCH}; detection = queries answered before the first 403; stolen model = 64-128-64-10 MLP, "
+        f"Adam 1e-3, batch 32, {cfg.epochs} epochs, 'at detection' on the answered prefix, 'full' on all answers "
+        "from the same app without monitor; fidelity/accuracy on x_test; benign = x_test[225:] random order, "
+        "bursty (batches of 100, twice over), repetitive (5 digits x 40)."
+    )
+
+
+# --- the victim: the real app, in-process ------------------------------------------------------------------------
+class _Manifest:
+    bundle_id, model_sha256, model_version, created, metadata = "e" * 32, "ee" * 32, 1, "2026-11-25T00:00:00Z", {}
+
+
+def _with_identity(app: Any, identity: Any) -> Any:
+    """What the TLS protocol layer does for a verified connection: the identity in the ASGI tls extension."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "extensions": {"tls": {"edgeshield.identity": identity, "client_cert_error": None}}}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def _output_policy(name: str) -> Any:
+    from edgeshield.extraction import TopK
+
+    return {"full_probs": TopK(10), "top3": TopK(3), "label_only": None}[name]
+
+
+def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray) -> Any:
+    from edgeshield.extraction import OodRateSignal, PradaDetector, QueryMonitor, ResponsePolicy
+
+    return QueryMonitor([PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES),
+                         OodRateSignal.fit(x_train, x_ood_cal)],
+                        response=ResponsePolicy(on_alarm={"prada": "block", "ood_rate": "block"}))
+
+
+class Gateway:
+    """One ASGI app (one ``ServerState``) and a synchronous way to send it batches as named clients."""
+
+    def __init__(self, model_bytes: bytes, *, outputs: Any = None, monitor: Any = None) -> None:
+        from edgeshield.bundles._ort import onnxruntime as ort
+        from edgeshield.models import digits_input_spec
+        from edgeshield.server import Rbac, ServerState, create_app
+
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        self.state = ServerState(session=session, manifest=_Manifest(), rbac=Rbac(), audit=None,
+                                 spec=digits_input_spec(), outputs=outputs, monitor=monitor)
+        self.app = create_app(self.state)
+        self.loop = asyncio.new_event_loop()
+        self._clients: dict[str, Any] = {}
+        self._serial = 0
+
+    def _client(self, name: str) -> Any:
+        import httpx
+
+        from edgeshield.transport import Identity
+
+        if name not in self._clients:
+            self._serial += 1
+            who = Identity(name=name, role="client", serial=self._serial, fingerprint_sha256="00" * 32)
+            self._clients[name] = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=_with_identity(self.app, who)), base_url="https://edge")
+        return self._clients[name]
+
+    def post(self, name: str, x: np.ndarray) -> tuple[int, dict[str, Any]]:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+        r = self.loop.run_until_complete(self._client(name).post(
+            "/v1/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"}))
+        return r.status_code, r.json()
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            self.loop.run_until_complete(c.aclose())
+        self.loop.close()
+
+
+@dataclass
+class Transcript:
+    """What one client sent and got back; ``blocked_at`` = queries answered before the first 403."""
+
+    x: list[np.ndarray] = field(default_factory=list)
+    y: list[np.ndarray] = field(default_factory=list)  # per answered query: probabilities or one-hot labels
+    blocked_at: int | None = None
+    other_status: list[int] = field(default_factory=list)
+
+    @property
+    def answered(self) -> int:
+        return int(sum(len(a) for a in self.x))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.x:
+            return np.empty((0, 64), np.float32), np.empty((0, 10), np.float32)
+        return np.concatenate(self.x), np.concatenate(self.y)
+
+
+def _answer(body: dict[str, Any], n: int) -> np.ndarray:
+    if "probabilities" in body:
+        return np.asarray(body["probabilities"], dtype=np.float32)
+    labels = np.asarray(body.get("labels", body.get("predictions")), dtype=np.int64)
+    return np.eye(10, dtype=np.float32)[labels].reshape(n, 10)
+
+
+class Session:
+    """One attacker or benign identity: sends batches through a gateway, stops being served after a 403."""
+
+    def __init__(self, gateway: Gateway, name: str, batch: int = BATCH) -> None:
+        self.gateway, self.name, self.batch = gateway, name, batch
+        self.t = Transcript()
+
+    def query(self, x: np.ndarray) -> np.ndarray:
+        """Answers for ``x`` (rows of zeros for what was not answered: the client was blocked)."""
+        out = np.zeros((len(x), 10), dtype=np.float32)
+        for start in range(0, len(x), self.batch):
+            chunk = x[start : start + self.batch]
+            if self.t.blocked_at is not None:
+                break
+            status, body = self.gateway.post(self.name, chunk)
+            if status == 403:
+                self.t.blocked_at = self.t.answered
+                break
+            if status != 200:
+                self.t.other_status.append(status)
+                continue
+            ans = _answer(body, len(chunk))
+            self.t.x.append(np.asarray(chunk, dtype=np.float32))
+            self.t.y.append(ans)
+            out[start : start + len(chunk)] = ans
+        return out
+
+    @property
+    def blocked(self) -> bool:
+        return self.t.blocked_at is not None
+
+
+# --- substitutes ---------------------------------------------------------------------------------------------------
+def build_mlp() -> Any:
+    """Same layout as scripts/train_digits.py's build_mlp: 64 -> 128 -> 64 -> 10 (logits)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def thieved_classifier(seed: int) -> Any:
+    """A fresh MLP as an ART PyTorchClassifier with an optimizer (so ART's extraction attacks can fit it)."""
+    import torch
+    from art.estimators.classification import PyTorchClassifier
+
+    torch.manual_seed(seed)
+    model = build_mlp()
+    return PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(64,), nb_classes=10,
+                             optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), clip_values=(0.0, 1.0),
+                             device_type="cpu")
+
+
+def fit_substitute(x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> Any | None:
+    """Train a fresh thieved classifier on answered queries the way ART's extraction attacks do (batch 32)."""
+    if len(x) == 0:
+        return None
+    clf = thieved_classifier(seed)
+    np.random.seed(seed)
+    clf.fit(x, y, batch_size=32, nb_epochs=epochs, verbose=False)
+    return clf
+
+
+def _labels(clf: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(clf.predict(x.astype(np.float32))).argmax(axis=1)
+
+
+# --- attacks -------------------------------------------------------------------------------------------------------
+def _blackbox(session: Session) -> Any:
+    from art.estimators.classification import BlackBoxClassifier
+
+    return BlackBoxClassifier(session.query, input_shape=(64,), nb_classes=10, clip_values=(0.0, 1.0))
+
+
+def run_art_attack(kind: str, session: Session, pool: np.ndarray, budget: int, *, epochs: int, seed: int,
+                   soft: bool) -> Any:
+    """CopycatCNN or KnockoffNets (random sampling) against ``session``; returns the thieved ART classifier."""
+    from art.attacks.extraction import CopycatCNN, KnockoffNets
+
+    victim = _blackbox(session)
+    if kind == "copycat":
+        attack = CopycatCNN(victim, batch_size_fit=32, batch_size_query=session.batch, nb_epochs=epochs,
+                            nb_stolen=budget, use_probability=False)
+    else:
+        attack = KnockoffNets(victim, batch_size_fit=32, batch_size_query=session.batch, nb_epochs=epochs,
+                              nb_stolen=budget, sampling_strategy="random", verbose=False, use_probability=soft)
+    np.random.seed(seed)  # ART picks the stolen subset with np.random: same queries in both runs of a session
+    return attack.extract(pool, thieved_classifier=thieved_classifier(seed))
+
+
+def run_jacobian_attack(session: Session, seeds: np.ndarray, budget: int, *, epochs: int, seed: int,
+                        step: float = JACOBIAN_STEP) -> Any:
+    """Papernot et al. (2017): label seeds, train the substitute, augment x + λ·sign(∂F_y/∂x), repeat to budget."""
+    import torch
+
+    data = seeds[:budget].astype(np.float32)
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    clf = None
+    while data.size:
+        answers = session.query(data)
+        answered = session.t.answered - sum(len(a) for a in xs)
+        xs.append(data[:answered])
+        ys.append(answers[:answered])
+        x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+        clf = fit_substitute(x_all, y_all, epochs=epochs, seed=seed)
+        if session.blocked or len(x_all) >= budget:
+            break
+        model = clf.model  # ART wraps the module; gradients of the logit of the victim's label
+        xt = torch.from_numpy(x_all).requires_grad_(True)
+        logits = model(xt)
+        logits.gather(1, torch.from_numpy(y_all.argmax(axis=1)).long()[:, None]).sum().backward()
+        new = np.clip(x_all + step * np.sign(xt.grad.numpy()), 0.0, 1.0).astype(np.float32)
+        data = new[: budget - len(x_all)]
+    return clf
+
+
+# --- benign clients ------------------------------------------------------------------------------------------------
+def benign_streams(x_held: np.ndarray, seed: int) -> list[tuple[str, np.ndarray, int]]:
+    rng = np.random.default_rng(seed)
+    streams = [(f"random_{i}", x_held[rng.permutation(len(x_held))], 10) for i in range(3)]
+    streams += [(f"bursty_{i}", np.concatenate([x_held[rng.permutation(len(x_held))] for _ in range(2)]), 100)
+                for i in range(2)]
+    for i in range(2):
+        few = x_held[rng.choice(len(x_held), 5, replace=False)]
+        streams.append((f"repetitive_{i}", np.repeat(few, 40, axis=0)[rng.permutation(200)], 10))
+    return streams
+
+
+# --- watermark -----------------------------------------------------------------------------------------------------
+def _accuracy_onnx(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return float((np.asarray(sess.run(None, {name: x})[0]).argmax(axis=1) == y).mean())
+
+
+def _with_weights(model_bytes: bytes, weights: dict[str, np.ndarray]) -> bytes:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model_from_string(model_bytes)
+    for t in proto.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name], dtype=np.float32), t.name))
+    return proto.SerializeToString()
+
+
+def mlp_as_onnx(base: bytes, module: Any) -> bytes:
+    """A trained build_mlp() module's weights in the victim's ONNX graph (same names and shapes: inner.<k>.*)."""
+    return _with_weights(base, {f"inner.{k}": v.detach().numpy() for k, v in module.state_dict().items()})
+
+
+def _train(module: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> Any:
+    import torch
+
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(module(xt[idx]), yt[idx]).backward()
+            opt.step()
+    module.eval()
+    return module
+
+
+def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
+                       stolen: Any | None) -> dict[str, Any]:
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from edgeshield.adversarial._torch import onnx_to_torch
+    from edgeshield.watermark import verify
+
+    out: dict[str, Any] = {}
+    acc_base = _accuracy_onnx(base, split.x_test, split.y_test)
+    acc_marked = _accuracy_onnx(marked, split.x_test, split.y_test)
+    out["watermark_accuracy_base"], out["watermark_accuracy_marked"] = acc_base, acc_marked
+    out["watermark_accuracy_drop"] = acc_base - acc_marked
+    out["watermark_z_marked"] = verify(marked, WATERMARK_KEY).statistic
+    claims, zs = 0, []
+    for i in range(cfg.independent_models):
+        torch.manual_seed(100 + i)
+        model = mlp_as_onnx(base, _train(build_mlp(), split.x_train, split.y_train, 8, 100 + i))
+        r = verify(model, WATERMARK_KEY)
+        claims += int(r.present)
+        zs.append(r.statistic)
+    out["watermark_independent_models"] = cfg.independent_models
+    out["watermark_false_claims"] = claims
+    out["watermark_z_independent_max"] = max(zs) if zs else None
+    # fine-tuned copy
+    torch.manual_seed(0)
+    module = onnx_to_torch(marked)
+    _train(module, split.x_train, split.y_train, cfg.finetune_epochs, 0)
+    params = dict(module.named_parameters())
+    tuned = _with_weights(marked, {n: params[s].detach().numpy() for n, s in module._slots.items() if s in params})
+    # 30 % magnitude-pruned copy
+    pruned_w = {}
+    for t in onnx.load_model_from_string(marked).graph.initializer:
+        w = numpy_helper.to_array(t).copy()
+        if w.ndim >= 2:
+            w[np.abs(w) < np.quantile(np.abs(w), 0.3)] = 0.0
+            pruned_w[t.name] = w
+    pruned = _with_weights(marked, pruned_w)
+    # int8 dynamic quantisation
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgeshield-wm-") as tmp:
+        src, dst = Path(tmp) / "marked.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(marked)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        int8 = dst.read_bytes()
+    copies = {"finetune": tuned, "prune30": pruned, "int8": int8}
+    if stolen is not None:
+        copies["copycat"] = mlp_as_onnx(base, stolen.model)
+    for name, data in copies.items():
+        r = verify(data, WATERMARK_KEY)
+        out[f"watermark_survives_{name}"] = bool(r.present)
+        out[f"watermark_z_{name}"] = float(r.statistic)
+        out[f"watermark_accuracy_{name}"] = _accuracy_onnx(data, split.x_test, split.y_test)
+    if stolen is None:
+        out["watermark_survives_copycat"] = None
+    return out
+
+
+# --- the whole evaluation ------------------------------------------------------------------------------------------
+def _alarming(gateway: Gateway, client: str) -> list[str]:
+    """Which detectors of the monitor alarm for ``client`` now (PRADA's state is over its sliding window)."""
+    return [d.name for d in gateway.state.monitor.detectors if d.state(client).alarm]
+
+
+def _rate(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a == b).mean())
+
+
+def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns ``{"sessions", "benign", "outputs", "watermark", "flat", "protocol_text"}``."""
+    import torch
+
+    from edgeshield.models import digits_model_path, load_digits_split
+    from edgeshield.watermark import embed
+
+    cfg = cfg or EvaluationConfig()
+    say = progress or (lambda _msg: None)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    started = time.perf_counter()
+    split = load_digits_split()
+    base = digits_model_path().read_bytes()
+    marked, _ = embed(base, WATERMARK_KEY)
+    x_ood_cal, x_held = split.x_test[:N_OOD_CAL], split.x_test[N_OOD_CAL:]
+    rng = np.random.default_rng(cfg.seed)
+    pool = split.x_train
+    jac_seeds = np.stack([split.x_train[np.flatnonzero(split.y_train == c)[0]] for c in range(10)])
+
+    reference = Gateway(marked)
+    victim_labels = np.asarray(reference.state.session.run(None, {"input": split.x_test})[0]).argmax(axis=1)
+    reference.close()
+
+    def score(clf: Any | None) -> tuple[float | None, float | None]:
+        if clf is None:
+            return None, None
+        pred = _labels(clf, split.x_test)
+        return _rate(pred, victim_labels), _rate(pred, split.y_test)
+
+    sessions: list[dict[str, Any]] = []
+    benign: list[dict[str, Any]] = []
+    copycat_full: Any = None
+    for out_name in cfg.outputs:
+        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=build_monitor(split.x_train, x_ood_cal))
+        open_ = Gateway(marked, outputs=_output_policy(out_name))
+        soft = out_name != "label_only"
+        for kind in cfg.attacks:
+            for budget in cfg.budgets:
+                say(f"{out_name} {kind} {budget}")
+                seed = int(rng.integers(1 << 30))
+                name = f"{kind}-{budget}-{out_name}"
+                t0 = time.perf_counter()
+                attacker, baseline = Session(defended, name), Session(open_, name)
+                if kind == "jacobian":
+                    run_jacobian_attack(attacker, jac_seeds, budget, epochs=cfg.epochs, seed=seed)
+                    full = run_jacobian_attack(baseline, jac_seeds, budget, epochs=cfg.epochs, seed=seed)
+                else:
+                    run_art_attack(kind, attacker, pool, budget, epochs=cfg.epochs, seed=seed, soft=soft)
+                    full = run_art_attack(kind, baseline, pool, budget, epochs=cfg.epochs, seed=seed, soft=soft)
+                x_ans, y_ans = attacker.t.arrays()
+                at_det = fit_substitute(x_ans, y_ans, epochs=cfg.epochs, seed=seed) if attacker.blocked else None
+                fid_det, acc_det = score(at_det)
+                fid_full, acc_full = score(full)
+                if kind == "copycat" and out_name == "label_only" and budget == max(cfg.budgets):
+                    copycat_full = full
+                sessions.append({
+                    "attack": kind, "budget": budget, "outputs": out_name, "detected": attacker.blocked,
+                    "queries_to_detect": attacker.t.blocked_at, "answered": attacker.t.answered,
+                    "baseline_answered": baseline.t.answered,
+                    "fidelity_at_detection": fid_det, "accuracy_at_detection": acc_det,
+                    "fidelity_full": fid_full, "accuracy_full": acc_full,
+                    "signals": _alarming(defended, name), "seconds": time.perf_counter() - t0,
+                })
+        if cfg.benign:
+            for bname, stream, batch in benign_streams(x_held, cfg.seed):
+                s = Session(defended, f"benign-{bname}-{out_name}", batch=batch)
+                s.query(stream)
+                benign.append({"client": bname, "outputs": out_name, "queries": len(stream), "batch": batch,
+                               "flagged": s.blocked or defended.state.monitor.action(s.name) != "allow",
+                               "blocked_at": s.t.blocked_at, "signals": _alarming(defended, s.name)})
+        defended.close()
+        open_.close()
+
+    say("output hardening cost")
+    outputs = output_costs(marked, split)
+    wm: dict[str, Any] = {}
+    if cfg.watermark:
+        say("watermark")
+        wm = evaluate_watermark(base, marked, split, cfg, copycat_full)
+
+    detected = [s for s in sessions if s["detected"]]
+    flat: dict[str, Any] = {
+        "attack_sessions": len(sessions),
+        "attack_sessions_detected": len(detected),
+        "max_queries_to_detect": max((s["queries_to_detect"] for s in detected), default=None),
+        "fidelity_at_detection_max": max((s["fidelity_at_detection"] for s in detected), default=None),
+        "benign_sessions": len(benign),
+        "benign_sessions_flagged": sum(b["flagged"] for b in benign),
+        "benign_false_positive_rate": (sum(b["flagged"] for b in benign) / len(benign)) if benign else None,
+        "victim_accuracy": _rate(victim_labels, split.y_test),
+        "budgets": list(cfg.budgets),
+    }
+    for kind in cfg.attacks:
+        mine = [s for s in sessions if s["attack"] == kind]
+        det = [s for s in mine if s["detected"]]
+        flat[f"{kind}_sessions"] = len(mine)
+        flat[f"{kind}_detected"] = len(det)
+        flat[f"{kind}_max_queries_to_detect"] = max((s["queries_to_detect"] for s in det), default=None)
+        flat[f"{kind}_fidelity_at_detection_max"] = max((s["fidelity_at_detection"] for s in det), default=None)
+        flat[f"{kind}_fidelity_full_max"] = max((s["fidelity_full"] for s in mine), default=None)
+    for b in benign:
+        flat[f"benign_{b['client']}_{b['outputs']}_flagged"] = b["flagged"]
+    for name, o in outputs.items():
+        flat[f"output_{name}_accuracy"] = o["accuracy"]
+        flat[f"output_{name}_accuracy_drop"] = o["accuracy_drop"]
+    flat.update({k: v for k, v in wm.items()})
+    flat["evaluation_s"] = time.perf_counter() - started
+    return {"sessions": sessions, "benign": benign, "outputs": outputs, "watermark": wm, "flat": flat,
+            "protocol_text": protocol_text(cfg)}
+
+
+def output_costs(model_bytes: bytes, split: Any) -> dict[str, dict[str, Any]]:
+    """Top-1 accuracy an honest client gets on x_test under each output policy (through the app)."""
+    from edgeshield.extraction import LabelOnly, ReverseSigmoid, Rounding, TopK
+
+    policies: dict[str, Any] = {"none": TopK(10), "label_only": LabelOnly(), "top1": TopK(1), "top3": TopK(3),
+                                "rounding1": Rounding(1), "reverse_sigmoid": ReverseSigmoid()}
+    out: dict[str, dict[str, Any]] = {}
+    raw_acc = None
+    for name, policy in policies.items():
+        gw = Gateway(model_bytes, outputs=policy)
+        s = Session(gw, "honest", batch=100)
+        answers = s.query(split.x_test)
+        gw.close()
+        acc = _rate(answers.argmax(axis=1), split.y_test)
+        raw_acc = acc if raw_acc is None else raw_acc
+        nll = float(-np.log(np.clip(answers[np.arange(len(answers)), split.y_test], 1e-12, None)).mean())
+        out[name] = {"accuracy": acc, "accuracy_drop": raw_acc - acc,
+                     "nll": None if name == "label_only" else nll}
+    return out
+
+
+def session_rows(sessions: Sequence[dict[str, Any]]) -> list[list[str]]:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return [[s["attack"], s["outputs"], str(s["budget"]), "yes" if s["detected"] else "no", f(s["queries_to_detect"]),
+             f(s["fidelity_at_detection"]), f(s["accuracy_at_detection"]), f(s["fidelity_full"]),
+             f(s["accuracy_full"]), f"{s['seconds']:.1f}"] for s in sessions]
