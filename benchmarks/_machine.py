@@ -23,3 +23,21 @@ def hardware() -> str:
     mem = f"{int(mem_kib.split()[0]) / (1 << 20):.1f} GiB RAM" if mem_kib else "unknown RAM"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores (os.cpu_count()={os.cpu_count()}), {mem}, {platform.system()} {platform.machine()}"
+
+
+def eval_stack() -> str:
+    """Versions of the evaluation stack (ONNX Runtime, PyTorch, ART, scikit-learn, numpy)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
+    import sklearn
+    import torch
+
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    try:
+        art = version("adversarial-robustness-toolbox")
+    except PackageNotFoundError:
+        art = "?"
+    return (f"Python {platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
+            f"ART {art}, scikit-learn {sklearn.__version__}, numpy {numpy.__version__}")

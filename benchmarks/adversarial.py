@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import hardware  # benchmarks/_machine.py, beside this script
+from _machine import eval_stack, hardware  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -55,21 +55,7 @@ TARGET_FPR = 0.02
 
 
 def machine_info() -> dict[str, str]:
-    import numpy
-    import sklearn
-    import torch
-
-    from edgeshield.bundles._ort import onnxruntime as ort
-
-    try:
-        from importlib.metadata import version
-
-        art_version = version("adversarial-robustness-toolbox")
-    except Exception:  # noqa: BLE001 - informational only
-        art_version = "?"
-    hw = hardware()
-    versions = (f"Python {platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
-                f"ART {art_version}, scikit-learn {sklearn.__version__}, numpy {numpy.__version__}")
+    hw, versions = hardware(), eval_stack()
     return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
 
 
