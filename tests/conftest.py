@@ -11,6 +11,13 @@ import pytest
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
+from hypothesis import settings  # noqa: E402
+
+# CI must not depend on luck: property tests there use a fixed, per-test derandomised search (locally they explore).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 from edgeshield import keys  # noqa: E402
 
 

@@ -118,3 +118,13 @@ def test_bad_inputs():
         Rounding(2).apply(np.zeros((1, 3)))
     with pytest.raises(InvalidArgumentError):
         ReverseSigmoid(beta=0)
+
+
+def test_chain_keeps_the_original_label_through_near_ties():
+    # found by hypothesis: reverse sigmoid leaves near-ties that top-k + rounding used to resolve to another label
+    p = np.array([[0.1113086, 0.11108643, 0.11108643, 0.11108643, 0.11108643, 0.11108643, 0.11108643, 0.11108643,
+                   0.11108643],
+                  [0.12925697, 0.0, 0.0, 0.22574819, 0.12899897, 0.12899897, 0.12899897, 0.12899897, 0.12899897]])
+    out = Chain([ReverseSigmoid(), TopK(3), Rounding(2)]).apply(p)
+    assert top1_preserved(p, out).all()
+    _assert_probability_rows(out, *p.shape)

@@ -158,9 +158,16 @@ class Chain:
         self.terminal = self.policies[-1].terminal
 
     def apply(self, probs: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
-        out: Any = probs
+        # Each policy keeps the top-1 of *its* input, but near-ties after one stage can let the next pick another
+        # label (e.g. reverse sigmoid, then rounding): re-anchor to the original label after every stage.
+        original = _probs(probs)
+        out: Any = original
         for policy in self.policies:
-            out = policy.apply(out)
+            if policy.terminal:
+                # Every earlier stage keeps the original top-1 (ties included), so a label-only end answers the
+                # original label; applying it to the perturbed rows could break a tie the other way.
+                return policy.apply(original)
+            out = _restore_top1(original, policy.apply(out))
         return out
 
 
