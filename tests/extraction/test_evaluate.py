@@ -27,7 +27,7 @@ def result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
             pytest.importorskip("art.estimators.classification")
     from edgeshield.extraction._evaluate import EvaluationConfig, evaluate
 
-    cfg = EvaluationConfig(budgets=(60,), outputs=("label_only",), epochs=5, independent_models=1,
+    cfg = EvaluationConfig(budgets=(100,), outputs=("label_only",), epochs=5, independent_models=1,
                            finetune_epochs=1)
     return evaluate(cfg)
 
@@ -91,7 +91,13 @@ def test_gateway_blocks_after_alarm() -> None:
     monitor = QueryMonitor([PradaDetector(min_samples=5)], response=ResponsePolicy(on_alarm={"prada": "block"}))
     gw = Gateway(digits_model_path().read_bytes(), monitor=monitor)
     try:
-        x = np.repeat(load_digits_split().x_test[:2], 30, axis=0)  # exact repeats: d_min = 0 → PRADA alarms
+        rng = np.random.default_rng(0)  # Papernot-style synthetic queries: each a fixed L∞ step from an earlier one
+        pool, parts = load_digits_split().x_train[:10], []
+        for _ in range(3):
+            new = np.clip(pool + 0.1 * rng.choice([-1.0, 1.0], pool.shape), 0, 1)
+            parts.append(new)
+            pool = np.concatenate([pool, new])
+        x = np.concatenate([load_digits_split().x_train[:10], *parts]).astype(np.float32)
         s = Session(gw, "mallory", batch=10)
         answers = s.query(x)
         assert s.blocked and 0 < s.t.blocked_at < len(x)

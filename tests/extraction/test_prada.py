@@ -89,3 +89,11 @@ def test_shapiro_w_separates_normal_from_bimodal():
     assert shapiro_w(np.r_[np.zeros(150), np.ones(150)] + rng.normal(0, 0.01, 300)) < 0.8
     assert shapiro_w(np.ones(50)) == 0.0
     assert calibrate_delta(np.array([0.95, 0.97, 0.99]), quantile=0.0) == 0.95
+
+
+def test_exact_repeats_do_not_alarm(digits):
+    """Honest retries and resends (the same inputs again) teach an attacker nothing and must not look like one."""
+    detector = PradaDetector(delta=0.9, min_samples=30)
+    repeated = np.repeat(digits.x_test[:5], 40, axis=0)
+    states = _stream(detector, "retrying", np.array_split(repeated, 20), digits.predict)
+    assert not any(s.alarm for s in states)

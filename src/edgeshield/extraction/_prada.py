@@ -137,6 +137,10 @@ class PradaDetector:
             client.classes[label] = _ClassSet(deque([query], maxlen=self.max_history), deque(maxlen=self.max_history))
             return
         d_min = float(np.sqrt(((np.stack(cls.queries) - query) ** 2).sum(axis=1).min()))
+        if d_min == 0.0:
+            # An exact repeat teaches an attacker nothing new, while honest clients retry and resend all the time:
+            # counting its zero distance would wreck the normality test (measured: every repetitive client flagged).
+            return
         client.distances.append(d_min)
         if d_min > cls.threshold:
             cls.queries.append(query)
