@@ -41,3 +41,14 @@ def eval_stack() -> str:
         art = "?"
     return (f"Python {platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
             f"ART {art}, scikit-learn {sklearn.__version__}, numpy {numpy.__version__}")
+
+
+def open_report(width: int, info: dict[str, str]):  # type: ignore[no-untyped-def]
+    """A rich console (``width`` columns when not a terminal) that has printed the machine note."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=width)
+    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    return console

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import eval_stack, hardware  # benchmarks/_machine.py, beside this script
+from _machine import eval_stack, hardware, open_report  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -135,15 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write one flat JSON object, and the ROC plots next to it")
     args = ap.parse_args(argv)
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=150)
     started = time.perf_counter()
     info = machine_info()
-    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    console = open_report(150, info)
     target = Path(args.json) if args.json else None
     load_start = os.getloadavg()[0]
 

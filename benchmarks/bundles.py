@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import hardware  # benchmarks/_machine.py, beside this script
+from _machine import hardware, open_report  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -514,16 +514,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child_mem(args.kind, args.path, args.keys)))
         return 0
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=110)
     started = time.perf_counter()
     quick = args.quick
     info = machine_info()
-    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    console = open_report(110, info)
     reps_for = {"1mb": 5, "100mb": 3} if quick else {"1mb": 7, "100mb": 7, "1gb": 5}
     tp_reps = 3 if quick else 5
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import eval_stack, hardware  # benchmarks/_machine.py, beside this script
+from _machine import eval_stack, hardware, open_report  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -128,16 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write one flat JSON object")
     args = ap.parse_args(argv)
 
-    from rich.console import Console
 
     from edgeshield.extraction._evaluate import EvaluationConfig, evaluate
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)
     started = time.perf_counter()
     info = machine_info()
-    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    console = open_report(170, info)
     load_start = os.getloadavg()[0]
     cfg = EvaluationConfig.quick() if args.quick else EvaluationConfig()
     with console.status("attacks through the app...") as status:

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import hardware  # benchmarks/_machine.py, beside this script
+from _machine import hardware, open_report  # benchmarks/_machine.py, beside this script
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -733,16 +733,12 @@ def main(argv: list[str] | None = None) -> int:
             child_noaudit(prepared, args.port, args.audit_db)
         return 0
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=130)
     started = time.perf_counter()
     quick = args.quick
     info = machine_info()
-    console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
+    console = open_report(130, info)
     load_start = os.getloadavg()[0]
     busy0, total0 = _cpu_ticks()
     own0 = os.times()

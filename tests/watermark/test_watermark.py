@@ -24,20 +24,14 @@ KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
 
 
+from edgeshield.extraction._evaluate import _with_weights  # noqa: E402  (one helper writes weights back)
+
+
 def _accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     return float((sess.run(["logits"], {"input": x})[0].argmax(axis=1) == y).mean())
-
-
-def _with_weights(model_bytes: bytes, weights: dict[str, np.ndarray]) -> bytes:
-    """A copy of the ONNX model with the named initializers replaced."""
-    proto = onnx.load_model_from_string(model_bytes)
-    for t in proto.graph.initializer:
-        if t.name in weights:
-            t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name], dtype=np.float32), t.name))
-    return proto.SerializeToString()
 
 
 def _train_script():  # type: ignore[no-untyped-def]
