@@ -1,4 +1,4 @@
-"""Model-extraction defence: per-client query monitoring (PRADA, OOD rate), rate limits and output hardening.
+"""Model-extraction defence: per-client query monitoring (PRADA, OOD rate, query budget), rate limits and output hardening.
 
 The runtime path needs only numpy; PRADA's Shapiro–Wilk test imports scipy lazily.
 """
@@ -16,7 +16,7 @@ from edgeshield.extraction._harden import (
 from edgeshield.extraction._monitor import ACTIONS, Detector, QueryMonitor, ResponsePolicy, Signal, Verdict
 from edgeshield.extraction._prada import PradaDetector, PradaState, calibrate_delta, shapiro_w
 from edgeshield.extraction._ratelimit import RateLimiter, TokenBucket
-from edgeshield.extraction._signals import OodRateSignal, SignalState
+from edgeshield.extraction._signals import OodRateSignal, QueryBudget, SignalState
 
 __all__ = [
     "ACTIONS",
@@ -27,6 +27,7 @@ __all__ = [
     "OutputPolicy",
     "PradaDetector",
     "PradaState",
+    "QueryBudget",
     "QueryMonitor",
     "RateLimiter",
     "ResponsePolicy",
