@@ -221,6 +221,19 @@ class NotAnAuditLogError(InputError):
     """The file is not an EdgeShield audit log database."""
 
 
+# --- served-watermark evidence ----------------------------------------------------------------------------------
+class EvidenceIntegrityError(IntegrityError):
+    """A stored served-watermark evidence row was altered: its data no longer matches its digest. ``seq`` names it."""
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class NotAnEvidenceStoreError(InputError):
+    """The file is not an EdgeShield served-watermark evidence database."""
+
+
 # --- 4: keys ------------------------------------------------------------------------------------------------------
 class KeyMaterialError(EdgeShieldError):
     """A key is missing, wrong, unreadable or of the wrong type."""

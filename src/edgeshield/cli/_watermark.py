@@ -1,7 +1,9 @@
-"""`edgeshield watermark …`: embed and verify a keyed ownership watermark in an ONNX model's weights.
+"""`edgeshield watermark …`: embed and verify a keyed ownership watermark in an ONNX model's weights, and test a
+suspected extracted copy for the served (DAWN) watermark.
 
-`verify` answers a question, so finding no watermark is not a failure: it prints the statistic and p-value and
-exits 0 either way (`present: false` in JSON). Only bad input or a bad key file exit non-zero (2 and 4).
+`verify` and `verify-copy` answer a question, so finding no watermark is not a failure: they print the statistic
+and p-value and exit 0 either way (`present: false` in JSON). Only bad input, bad evidence or a bad key file exit
+non-zero (2, 3 and 4).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import typer
 
 from edgeshield.cli._common import JsonOpt, console, emit_json
 
-app = typer.Typer(help="Ownership watermarks: a keyed spread-spectrum mark in a model's weights.",
+app = typer.Typer(help="Ownership watermarks: a keyed spread-spectrum mark in a model's weights (embed, verify) "
+                       "and a served DAWN mark in its answers that survives extraction (verify-copy).",
                   no_args_is_help=True)
 
 KeyOpt = Annotated[Path, typer.Option("--key", help="The owner's secret watermark key (from `watermark keygen`).")]
@@ -85,3 +88,36 @@ def verify(
     console.print(f"watermark {verdict}: z = {result.statistic:.2f} over {result.positions_used} weights, "
                   f"p = {result.p_value:.3g} (bound {result.p_bound:.3g}, threshold {result.threshold:g})",
                   markup=False)
+
+
+@app.command("verify-copy")
+def verify_copy(
+    suspect: Annotated[Path, typer.Argument(help="The suspected copy (an ONNX model, e.g. one trained on our API).")],
+    evidence: Annotated[
+        Path, typer.Option("--evidence", help="The evidence store of watermarked answers the server kept (SQLite).")
+    ],
+    client: Annotated[
+        str | None, typer.Option("--client", help="Use only the evidence served to this client (default: all).")
+    ] = None,
+    classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes the model answers.")] = 10,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Claim the copy when the p-value is below this.")
+    ] = 1e-6,
+    as_json: JsonOpt = False,
+) -> None:
+    """Test SUSPECT for the served watermark; exit 0 whether or not it is found (see `present`)."""
+    from edgeshield._io import check_readable_file
+    from edgeshield.watermark import EvidenceStore
+    from edgeshield.watermark import verify_copy as run_verify_copy
+
+    data = check_readable_file(suspect, what="suspect model").read_bytes()
+    with EvidenceStore(evidence, create=False) as store:
+        x, labels, _, _ = store.load(client)
+    result = run_verify_copy(data, x, labels, classes=classes, threshold=threshold)
+    if as_json:
+        emit_json({**result.to_dict(), "client": client})
+        return
+    verdict = "PRESENT" if result.present else "not found"
+    console.print(f"served watermark {verdict}: {result.matches} of {result.evidence} watermarked answers "
+                  f"reproduced (null rate 1/{classes - 1}), p = {result.p_value:.3g} (threshold {result.threshold:g})",
+                  markup=False, soft_wrap=True)  # one line, however narrow the terminal
