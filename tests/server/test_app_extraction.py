@@ -7,14 +7,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from test_app_robust import with_identity
 
 from edgeshield.audit import AuditLog
-from edgeshield.extraction import PradaDetector, QueryMonitor, RateLimiter, ResponsePolicy, TopK
+from edgeshield.extraction import PradaDetector, QueryBudget, QueryMonitor, RateLimiter, ResponsePolicy, TopK
 from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 from edgeshield.server import Rbac, ServerState, create_app
 from edgeshield.transport import Identity
-
-from test_app_robust import with_identity
 
 
 class _Manifest:
@@ -83,6 +82,54 @@ async def test_extraction_campaign_blocked_honest_client_unaffected(tmp_path: An
 
 
 @pytest.mark.anyio
+async def test_the_batch_that_trips_a_block_is_not_answered(tmp_path: Any) -> None:
+    state = _state(tmp_path, monitor=QueryMonitor([QueryBudget(30)], response=ResponsePolicy(default="block")))
+    x = load_digits_split().x_test
+    async with _client(state, "mallory") as c:
+        assert (await c.post("/v1/predict", json={"inputs": x[:20].tolist()})).status_code == 200
+        assert (await c.post("/v1/predict", json={"inputs": x[:20].tolist()})).status_code == 200  # repeats: free
+        r = await c.post("/v1/predict", json={"inputs": x[20:40].tolist()})
+        assert r.status_code == 403 and "predictions" not in r.json()
+        assert (await c.post("/v1/predict", json={"inputs": x[:1].tolist()})).status_code == 403  # and it sticks
+    entries = list(state.audit.entries())  # type: ignore[union-attr]
+    alert = next(e for e in entries if e.kind == "extraction.alert")
+    assert alert.data["reasons"] == ["query_budget"] and alert.data["action"] == "block"
+    assert sum(e.kind == "extraction.blocked" for e in entries) == 2
+    assert sum(e.kind == "inference.predict" for e in entries) == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outputs", [None, TopK(10)])
+async def test_served_watermark_answers_marked_inputs_and_keeps_evidence(tmp_path: Any, outputs: Any) -> None:
+    from edgeshield.watermark import EvidenceStore, ServedWatermark, row_digests
+
+    wm = ServedWatermark(bytes(range(32)), 0.05, classes=10)
+    evidence = EvidenceStore(tmp_path / "evidence.db")
+    state = _state(tmp_path, served_watermark=wm, served_evidence=evidence, outputs=outputs)
+    split = load_digits_split()
+    honest = np.asarray(state.session.run(None, {"input": split.x_test})[0]).argmax(axis=1)
+    marked, _ = wm.marks(split.x_test)
+    assert 5 <= marked.sum() <= 45  # about 5 % of 450
+    got = []
+    async with _client(state, "carol") as c:
+        for batch in np.array_split(split.x_test, 15):
+            body = (await c.post("/v1/predict", json={"inputs": batch.tolist()})).json()
+            got += body["predictions"]
+            if outputs is not None:
+                assert (np.array(body["probabilities"]).argmax(axis=1) == np.array(body["predictions"])).all()
+    got = np.array(got)
+    expected, _ = wm.relabel(split.x_test, honest)
+    assert (got == expected).all() and (got[marked] != honest[marked]).all() and (got[~marked] == honest[~marked]).all()
+    x_ev, y_ev, clients, digests = evidence.load("carol")
+    assert len(x_ev) == marked.sum() and set(clients) == {"carol"}
+    assert sorted(digests) == sorted(row_digests(split.x_test[marked]))
+    served = [e for e in state.audit.entries() if e.kind == "watermark.served"]  # type: ignore[union-attr]
+    logged = [d for e in served for d in e.data["inputs_sha256"]]
+    assert sorted(logged) == sorted(digests) and all("inputs" not in e.data for e in served)  # digests, never raw
+    evidence.close()
+
+
+@pytest.mark.anyio
 async def test_hardened_probabilities(tmp_path: Any) -> None:
     state = _state(tmp_path, outputs=TopK(3))
     async with _client(state, "alice") as c:
@@ -119,3 +166,31 @@ def test_serve_configuration_of_the_defence(tmp_path: Any) -> None:
         _extraction_defence(ServeConfig(**base, outputs="{nope"))
     with pytest.raises(InvalidArgumentError):
         _extraction_defence(ServeConfig(**base, outputs='{"policy": "magic"}'))
+    with pytest.raises(InvalidArgumentError):  # a budget with nothing to do on alarm
+        _extraction_defence(ServeConfig(**base, query_budget=100))
+    _, monitor, _ = _extraction_defence(ServeConfig(**base, query_budget=100, extraction_action="block"))
+    assert [d.name for d in monitor.detectors] == ["prada", "query_budget"]
+    assert monitor.response.decide(["query_budget"]) == "block"
+
+
+def test_serve_configuration_of_the_served_watermark(tmp_path: Any) -> None:
+    from edgeshield.bundles._ort import onnxruntime as ort
+    from edgeshield.errors import InvalidArgumentError
+    from edgeshield.server._serve import ServeConfig, _served_watermark
+    from edgeshield.watermark import EvidenceStore, ServedWatermark, generate_key
+
+    p = tmp_path
+    base = dict(bundle=p, owner_key=p, device_key=p, ca=p, cert=p, key=p, audit_db=p, audit_key=p)
+    session = ort.InferenceSession(str(digits_model_path()), providers=["CPUExecutionProvider"])
+    assert _served_watermark(ServeConfig(**base), session) == (None, None)
+    key = p / "wm.key"
+    generate_key(key)
+    with pytest.raises(InvalidArgumentError, match="evidence"):  # marks nobody could ever check
+        _served_watermark(ServeConfig(**base, served_watermark_key=key), session)
+    with pytest.raises(InvalidArgumentError):
+        _served_watermark(ServeConfig(**base, served_watermark_evidence=p / "e.db"), session)
+    wm, evidence = _served_watermark(ServeConfig(**base, served_watermark_key=key, served_watermark_rate=0.02,
+                                                 served_watermark_evidence=p / "e.db"), session)
+    assert isinstance(wm, ServedWatermark) and wm.rate == 0.02 and wm.classes == 10
+    assert isinstance(evidence, EvidenceStore)
+    evidence.close()

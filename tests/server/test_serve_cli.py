@@ -40,12 +40,15 @@ def running(tmp_path: Path):  # type: ignore[no-untyped-def]
                  ["--name", "alice", "--role", "client"], ["--name", "aud", "--role", "auditor"]):
         assert cli("pki", "issue", ca, *args).returncode == 0
     assert cli("audit", "keygen", tmp_path / "audit.key").returncode == 0
+    (tmp_path / "wm.key").write_bytes(bytes(range(32)))  # fixed, so the test knows which inputs are marked
     port = _free_port()
     issued = ca / "issued"
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeshield", "serve", tmp_path / "m.esb", "--owner-key", k / "owner.pub",
          "--device-key", k / "device.key", "--ca", ca, "--cert", issued / "edge.crt", "--key", issued / "edge.key",
-         "--audit-db", tmp_path / "audit.db", "--audit-key", tmp_path / "audit.key", "--port", str(port)],
+         "--audit-db", tmp_path / "audit.db", "--audit-key", tmp_path / "audit.key", "--port", str(port),
+         "--extraction-monitor", "block", "--query-budget", "1000", "--served-watermark-key", tmp_path / "wm.key",
+         "--served-watermark-rate", "0.5", "--served-watermark-evidence", tmp_path / "evidence.db"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 30
@@ -90,4 +93,14 @@ def test_client_predict_and_refusals_then_graceful_shutdown(running: dict) -> No
     shown = __import__("json").loads(cli("audit", "show", running["tmp"] / "audit.db", "--json").stdout)
     kinds = [e["kind"] for e in (shown["entries"] if isinstance(shown, dict) else shown)]
     assert kinds[0] == "server.startup" and kinds[-1] == "server.shutdown"
-    assert {"inference.predict", "auth.forbidden", "auth.failure"} <= set(kinds)
+    assert {"inference.predict", "auth.forbidden", "auth.failure", "watermark.served"} <= set(kinds)
+    # the served watermark: alice's marked inputs are in the evidence store; the honest model does not repeat them
+    from edgeshield.models import digits_model_path
+    from edgeshield.watermark import ServedWatermark
+
+    marked, _ = ServedWatermark(bytes(range(32)), 0.5, classes=10).marks(load_digits_split().x_test[:5])
+    check = cli("watermark", "verify-copy", digits_model_path(), "--evidence", running["tmp"] / "evidence.db",
+                "--client", "alice", "--json")
+    assert check.returncode == 0, check.stderr
+    result = __import__("json").loads(check.stdout)
+    assert result["evidence"] == marked.sum() > 0 and result["matches"] == 0 and result["present"] is False

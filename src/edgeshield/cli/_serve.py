@@ -45,16 +45,39 @@ def serve(
         str | None,
         typer.Option("--outputs", help='Return hardened probabilities, e.g. \'{"policy": "top_k", "k": 3}\' (default: labels only).'),
     ] = None,
+    query_budget: Annotated[
+        int | None,
+        typer.Option("--query-budget", min=1, help="Most distinct inputs a client may send per --query-window "
+                                                   "before the --extraction-monitor action (repeats are free)."),
+    ] = None,
+    query_window: Annotated[float, typer.Option("--query-window", min=1.0, help="Query-budget window, seconds.")] = 86400.0,
+    served_watermark_key: Annotated[
+        Path | None,
+        typer.Option("--served-watermark-key", help="Owner watermark key: answer a keyed fraction of inputs with a "
+                                                    "watermark label, so a copy stolen through the API can be proven."),
+    ] = None,
+    served_watermark_rate: Annotated[
+        float, typer.Option("--served-watermark-rate", min=0.0001, max=0.5, help="Fraction of inputs marked.")
+    ] = 0.01,
+    served_watermark_evidence: Annotated[
+        Path | None,
+        typer.Option("--served-watermark-evidence", help="SQLite file keeping the marked inputs (for "
+                                                         "`watermark verify-copy`); required with the key."),
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
-    from edgeshield.server import ServeConfig, serve as run_server
+    from edgeshield.server import ServeConfig
+    from edgeshield.server import serve as run_server
 
     run_server(ServeConfig(bundle=bundle, owner_key=owner_key, device_key=device_key, ca=ca, cert=cert, key=key,
                            audit_db=audit_db, audit_key=audit_key, detector=detector, policy=policy, host=host,
                            port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body,
                            audit_durability=audit_durability, rate_limits=_parse_rate_limits(rate_limit or []),
-                           extraction_action=extraction_monitor, outputs=outputs))
+                           extraction_action=extraction_monitor, outputs=outputs, query_budget=query_budget,
+                           query_window_s=query_window, served_watermark_key=served_watermark_key,
+                           served_watermark_rate=served_watermark_rate,
+                           served_watermark_evidence=served_watermark_evidence))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:

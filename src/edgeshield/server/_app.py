@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from edgeshield.errors import EdgeShieldError, InputValidationError
 
 log = logging.getLogger("edgeshield.server")
+_BLOCKED = "client blocked: its queries look like model extraction"
 
 
 class AuditSink(Protocol):
@@ -51,6 +52,9 @@ class ServerState:
     rate_limiter: Any | None = None  # RateLimiter: per-client token buckets, per role; cost = batch size
     monitor: Any | None = None  # QueryMonitor: per-client signals → flag / throttle / degrade / block
     outputs: Any | None = None  # OutputPolicy for probabilities in answers; None: labels only
+    # ownership proof for stolen copies (edgeshield.watermark.ServedWatermark + EvidenceStore); optional
+    served_watermark: Any | None = None
+    served_evidence: Any | None = None  # raw watermarked inputs live here, never in the audit log
 
 
 class _Metrics:
@@ -231,7 +235,9 @@ def create_app(state: ServerState) -> Any:
             return JSONResponse({"error": "inference timed out"}, status_code=504)
         except EdgeShieldError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
-        await _watch_extraction(state, identity, actor, x, result)
+        refusal = await _watch_extraction(state, identity, actor, x, result, digest)
+        if refusal is not None:
+            return refusal
         counts = result.get("counts")
         await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None), "input_sha256": digest,
                                                "batch": int(len(x)), "decisions": counts})
@@ -249,7 +255,7 @@ async def _extraction_gate(state: ServerState, identity: Any, actor: str, batch:
     action = state.monitor.action(identity.name) if state.monitor is not None else "allow"
     if action == "block":
         await _audit(state, "extraction.blocked", actor, {"input_sha256": digest})
-        return JSONResponse({"error": "client blocked: its queries look like model extraction"}, status_code=403)
+        return JSONResponse({"error": _BLOCKED}, status_code=403)
     role = "throttled" if action == "throttle" else identity.role
     limiter = state.rate_limiter
     if limiter is not None and role in limiter.roles and not limiter.allow(identity.name, role, cost=batch):
@@ -261,8 +267,12 @@ async def _extraction_gate(state: ServerState, identity: Any, actor: str, batch:
 
 
 async def _watch_extraction(state: ServerState, identity: Any, actor: str, x: np.ndarray,
-                            result: dict[str, Any]) -> None:
-    """Feed the monitor, audit its alerts, and harden the answer for the client's current action."""
+                            result: dict[str, Any], digest: str) -> JSONResponse | None:
+    """Feed the monitor, audit its alerts, and harden the answer for the client's current action.
+
+    A batch whose verdict is ``block`` is refused (403) rather than answered: the queries that tripped the alarm
+    are exactly the ones an extraction attack wants answered.
+    """
     probs = result.pop("_probabilities", None)
     if state.monitor is not None and identity is not None:
         labels = np.array([-1 if p is None else p for p in result.get("predictions", [])]
@@ -271,13 +281,47 @@ async def _watch_extraction(state: ServerState, identity: Any, actor: str, x: np
         if verdict.action != "allow":
             await _audit(state, "extraction.alert", actor,
                          {"action": verdict.action, "reasons": list(verdict.reasons)})
+        if verdict.action == "block":
+            await _audit(state, "extraction.blocked", actor, {"input_sha256": digest})
+            return JSONResponse({"error": _BLOCKED}, status_code=403)
         policy = state.monitor.response.output_for(verdict.action) or state.outputs
     else:
         policy = state.outputs
+    if state.served_watermark is not None:
+        probs = await _serve_watermark(state, actor, x, result, probs)
     if probs is not None and policy is not None:
         out = policy.apply(probs)
         result.update({k: np.asarray(v).tolist() for k, v in out.items()} if isinstance(out, dict)
                       else {"probabilities": np.asarray(out).tolist()})
+    return None
+
+
+async def _serve_watermark(state: ServerState, actor: str, x: np.ndarray, result: dict[str, Any],
+                           probs: np.ndarray | None) -> np.ndarray | None:
+    """Answer the keyed fraction of inputs with the watermark label (DAWN); keep the evidence, audit its digests."""
+    from edgeshield.watermark import row_digests
+
+    wm = state.served_watermark
+    decisions = result.get("decisions")
+    raw = result["predictions"] if decisions is None else [d["prediction"] for d in decisions]
+    answered = np.array([p is not None for p in raw], dtype=bool)
+    labels, marked = wm.relabel(x, np.array([0 if p is None else p for p in raw], dtype=np.int64))
+    marked &= answered
+    if not marked.any():
+        return probs
+    for i in np.flatnonzero(marked):
+        if decisions is None:
+            result["predictions"][i] = int(labels[i])
+        else:
+            decisions[i]["prediction"] = int(labels[i])
+    if probs is not None:
+        probs, _ = wm.apply(x, probs)
+    rows, served = x[marked], labels[marked]
+    if state.served_evidence is not None:
+        await asyncio.to_thread(state.served_evidence.add, actor, rows, served)
+    await _audit(state, "watermark.served", actor, {"inputs_sha256": row_digests(rows),
+                                                    "labels": served.tolist()})
+    return probs
 
 
 def _infer(state: ServerState, x: np.ndarray) -> dict[str, Any]:

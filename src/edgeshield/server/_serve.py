@@ -43,6 +43,11 @@ class ServeConfig:
     rate_limits: tuple[tuple[str, float, float], ...] = ()  # (role, tokens per second, burst); cost = batch size
     extraction_action: str | None = None  # PRADA monitor on, and what an alarm does: flag/throttle/degrade/block
     outputs: str | None = None  # JSON output-policy config, e.g. '{"policy": "top_k", "k": 3}'; None: labels only
+    query_budget: int | None = None  # distinct inputs per client per window before the extraction action
+    query_window_s: float = 86400.0
+    served_watermark_key: Path | None = None  # DAWN ownership proof: key file, rate, evidence store
+    served_watermark_rate: float = 0.01
+    served_watermark_evidence: Path | None = None
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -66,30 +71,45 @@ def build_state(cfg: ServeConfig) -> ServerState:
         spec = file.input_spec
     rbac = Rbac(cfg.policy)
     limiter, monitor, outputs = _extraction_defence(cfg)
+    served, evidence = _served_watermark(cfg, opened.session)
     audit.append("server.startup", "server", {
         "bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "payload_sha256": m.payload_sha256,
         "model_version": m.model_version, "detector": str(cfg.detector) if cfg.detector else None,
-        "listen": f"{cfg.host}:{cfg.port}"})
+        "listen": f"{cfg.host}:{cfg.port}",
+        "served_watermark_rate": cfg.served_watermark_rate if served is not None else None})
     audit.append("model.load", "server", {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256})
     audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
                                            "model_sha256": _sha256(rbac.model_path)})
     return ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
                        max_body_bytes=cfg.max_body_bytes, inference_timeout_s=cfg.inference_timeout_s,
-                       rate_limiter=limiter, monitor=monitor, outputs=outputs)
+                       rate_limiter=limiter, monitor=monitor, outputs=outputs, served_watermark=served,
+                       served_evidence=evidence, on_shutdown=[evidence.close] if evidence is not None else [])
 
 
 def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
     """Rate limiter, PRADA query monitor and output policy from the configuration (each optional)."""
     from edgeshield.errors import InvalidArgumentError
-    from edgeshield.extraction import PradaDetector, QueryMonitor, RateLimiter, ResponsePolicy, from_config
+    from edgeshield.extraction import (
+        PradaDetector,
+        QueryBudget,
+        QueryMonitor,
+        RateLimiter,
+        ResponsePolicy,
+        from_config,
+    )
 
     limits = {role: (rate, burst) for role, rate, burst in cfg.rate_limits}
     if cfg.extraction_action == "throttle" and "throttled" not in limits:
         limits["throttled"] = (1.0, 10.0)  # what a throttled client gets unless configured
     limiter = RateLimiter(limits) if limits else None
     monitor = None
+    if cfg.query_budget is not None and cfg.extraction_action is None:
+        raise InvalidArgumentError("a query budget needs an extraction action (--extraction-monitor ACTION)")
     if cfg.extraction_action is not None:
-        monitor = QueryMonitor([PradaDetector()], response=ResponsePolicy(on_alarm={"prada": cfg.extraction_action}))
+        detectors: list[Any] = [PradaDetector()]
+        if cfg.query_budget is not None:
+            detectors.append(QueryBudget(cfg.query_budget, window_s=cfg.query_window_s))
+        monitor = QueryMonitor(detectors, response=ResponsePolicy(default=cfg.extraction_action))
     outputs = None
     if cfg.outputs is not None:
         try:
@@ -97,6 +117,27 @@ def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
         except json.JSONDecodeError as exc:
             raise InvalidArgumentError(f"output policy is not JSON: {exc}") from None
     return limiter, monitor, outputs
+
+
+def _served_watermark(cfg: ServeConfig, session: Any) -> tuple[Any, Any]:
+    """The DAWN served watermark and its evidence store, when configured (both or neither)."""
+    from edgeshield.errors import InvalidArgumentError
+
+    if cfg.served_watermark_key is None:
+        if cfg.served_watermark_evidence is not None:
+            raise InvalidArgumentError("--served-watermark-evidence needs --served-watermark-key")
+        return None, None
+    if cfg.served_watermark_evidence is None:
+        raise InvalidArgumentError("a served watermark needs an evidence file (--served-watermark-evidence), "
+                                   "or a stolen copy could never be proven")
+    from edgeshield.watermark import EvidenceStore, ServedWatermark, load_key
+
+    shape = session.get_outputs()[0].shape
+    classes = shape[-1] if shape and isinstance(shape[-1], int) else None
+    if classes is None or classes < 2:
+        raise InvalidArgumentError("a served watermark needs a classifier with a fixed number of classes")
+    return (ServedWatermark(load_key(cfg.served_watermark_key), cfg.served_watermark_rate, classes=classes),
+            EvidenceStore(cfg.served_watermark_evidence))
 
 
 def _sha256(path: Path) -> str:
