@@ -3,12 +3,14 @@
     python benchmarks/extraction.py [--quick] [--json PATH]
 
 Protocol: see ``edgeshield/extraction/_evaluate.py`` (printed with the results). In short: the watermarked digits
-MLP served by ``create_app`` in-process with a QueryMonitor (PRADA + OOD rate, any alarm blocks); ART CopycatCNN
+MLP served by ``create_app`` in-process with the served (DAWN) watermark and a QueryMonitor (PRADA + OOD rate +
+per-client budget of distinct queries; any alarm blocks, including the batch that tripped it); ART CopycatCNN
 and KnockoffNets with natural queries (x_train) and a Jacobian-augmentation (Papernot) synthetic attack, each at
 several budgets and output settings, one client identity per session; detection = queries answered before the first
 403; stolen-model fidelity/accuracy at detection and at full budget against the same app without monitor; benign
 sessions (random order, bursty, repetitive held-out digits); accuracy cost of each output policy for honest clients;
-watermark survival (fine-tuning, 30 % pruning, int8, the CopycatCNN-stolen model) and false claims.
+weight-watermark survival (fine-tuning, 30 % pruning, int8, the CopycatCNN-stolen model), the served watermark's
+proof against every full-budget stolen copy, and false claims of both on independently trained models.
 
 ``--quick`` runs budgets 100 and 500, two output settings, fewer epochs and one independent model (< 1 minute).
 ``--json PATH`` writes one flat JSON object.
@@ -20,14 +22,14 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
 from _machine import eval_stack, hardware, open_report  # benchmarks/_machine.py, beside this script
+
+import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
 from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -54,7 +56,7 @@ def _f(v: Any, digits: int = 3) -> str:
 def tables(result: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
-    from edgeshield.extraction._evaluate import session_rows
+    from edgeshield.extraction._evaluate import ATTACKS, CONVERGED_EPOCHS, session_rows
 
     out = []
     t = Table(title="Attack sessions (one client identity each; defended = monitor blocks on alarm)")
@@ -67,12 +69,15 @@ def tables(result: dict[str, Any]) -> list[Any]:
 
     flat = result["flat"]
     t = Table(title="Per attack")
-    for col in ("attack", "sessions", "detected", "max queries to 403", "max fidelity @det", "max fidelity full"):
+    for col in ("attack", "sessions", "detected", "max queries to 403", "max fidelity @det", "max fidelity full",
+                "full-budget copies proven (served wm)", "max p"):
         t.add_column(col, justify="left" if col == "attack" else "right")
-    for kind in sorted({s["attack"] for s in result["sessions"]}, key=["copycat", "knockoff", "jacobian"].index):
+    for kind in sorted({s["attack"] for s in result["sessions"]}, key=list(ATTACKS).index):
         t.add_row(kind, _f(flat[f"{kind}_sessions"]), _f(flat[f"{kind}_detected"]),
                   _f(flat[f"{kind}_max_queries_to_detect"]), _f(flat[f"{kind}_fidelity_at_detection_max"]),
-                  _f(flat[f"{kind}_fidelity_full_max"]))
+                  _f(flat[f"{kind}_fidelity_full_max"]),
+                  f"{flat[f'{kind}_full_budget_copies_proven']}/{flat[f'{kind}_full_budget_copies']}",
+                  f"{flat[f'{kind}_full_budget_served_wm_p_max']:.2g}")
     out.append(t)
 
     t = Table(title="Benign sessions (held-out digits x_test[225:])")
@@ -98,12 +103,33 @@ def tables(result: dict[str, Any]) -> list[Any]:
         t.add_row("watermarked victim", "yes", _f(wm["watermark_z_marked"], 2), _f(wm["watermark_accuracy_marked"], 4))
         t.add_row(f"independently trained ×{wm['watermark_independent_models']}",
                   f"{wm['watermark_false_claims']} false claims", f"max {_f(wm['watermark_z_independent_max'], 2)}", "-")
-        for name in ("finetune", "prune30", "int8", "copycat"):
-            if f"watermark_z_{name}" in wm:
-                t.add_row(name, _f(wm[f"watermark_survives_{name}"]), _f(wm[f"watermark_z_{name}"], 2),
-                          _f(wm[f"watermark_accuracy_{name}"], 4))
+        for name in ("finetune", "prune30", "int8"):
+            t.add_row(name, _f(wm[f"watermark_survives_{name}"]), _f(wm[f"watermark_z_{name}"], 2),
+                      _f(wm[f"watermark_accuracy_{name}"], 4))
+        if "weight_watermark_z_copycat" in wm:
+            t.add_row("copycat (weights retrained from answers)", _f(wm["weight_watermark_survives_copycat"]),
+                      _f(wm["weight_watermark_z_copycat"], 2), _f(wm["watermark_accuracy_copycat"], 4))
         t.caption = (f"accuracy drop of embedding: {100 * wm['watermark_accuracy_drop']:.2f} points "
                      f"({wm['watermark_accuracy_base']:.4f} -> {wm['watermark_accuracy_marked']:.4f})")
+        out.append(t)
+
+    if wm and "served_watermark_false_claims" in wm:
+        t = Table(title=f"Served (DAWN) watermark: labels-only app, CopycatCNN at {max(result['flat']['budgets'])} "
+                        f"queries, p < 1e-6 to claim")
+        for col in ("rate", "marked share of all digits", "honest accuracy drop (x_test)", "marked answers", f"copy ({flat['epochs']} ep) repeats", "p",
+                    f"copy ({CONVERGED_EPOCHS} ep) repeats", "p "):
+            t.add_column(col, justify="right")
+        for key in sorted(k.removesuffix("_rate") for k in wm if k.startswith("served_watermark_")
+                          and k.endswith("pm_rate")):
+            t.add_row(f"{wm[key + '_rate']:.1%}", f"{wm[key + '_marked_fraction_all_digits']:.2%}",
+                      _f(wm[key + "_honest_accuracy_drop"], 4), str(wm[key + "_evidence"]),
+                      f"{wm[key + '_copy_matches']}{' (proven)' if wm[key + '_copy_proven'] else ''}",
+                      f"{wm[key + '_copy_p']:.2g}",
+                      f"{wm[key + '_converged_matches']}{' (proven)' if wm[key + '_converged_proven'] else ''}",
+                      f"{wm[key + '_converged_p']:.2g}")
+        t.caption = (f"false claims on the clean victim and independently trained models: "
+                     f"{wm['served_watermark_false_claims']} of {wm['served_watermark_controls']} checks "
+                     f"(smallest p {wm['served_watermark_p_control_min']:.2g})")
         out.append(t)
 
     t = Table(title="Targets")
@@ -118,6 +144,11 @@ def tables(result: dict[str, Any]) -> list[Any]:
     fd = flat["fidelity_at_detection_max"]
     t.add_row(f"stolen-model fidelity at detection < {TARGET_FIDELITY:.0%}", f"max {_f(fd)} (detected sessions)",
               _f(fd is not None and fd < TARGET_FIDELITY))
+    if wm:
+        t.add_row("watermark accuracy change <= 0.5 points", f"{100 * wm['watermark_accuracy_drop']:.2f} points",
+                  _f(wm["watermark_accuracy_drop"] <= 0.005))
+        t.add_row("no false ownership claims on independent models",
+                  f"{flat['watermark_false_claims']} (weight and served watermark)", _f(flat["watermark_false_claims"] == 0))
     out.append(t)
     return out
 
@@ -127,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="budgets 100 and 500, two output settings (< 1 minute)")
     ap.add_argument("--json", metavar="PATH", help="write one flat JSON object")
     args = ap.parse_args(argv)
-
 
     from edgeshield.extraction._evaluate import EvaluationConfig, evaluate
 

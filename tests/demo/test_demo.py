@@ -38,3 +38,7 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert summary["extraction"]["attacker_blocked_after_queries"] <= 500
     assert summary["extraction"]["honest_requests_ok"] == 45
     assert summary["watermark"]["marked_p"] < 1e-6 and summary["watermark"]["clean_z"] < 5
+    # stolen-copy stage: the budget stops each identity, yet the served watermark proves the copy they built
+    copy = summary["stolen_copy"]
+    assert copy["identities_blocked"] == 2 and copy["p_value"] < 1e-6 and copy["independent_matches"] <= 2
+    assert copy["matches"] <= copy["evidence"] and copy["stolen_answers"] == 1000

@@ -1,8 +1,9 @@
 """`edgeshield extraction …`: evaluate the model-extraction defence end to end on the bundled digits model.
 
 `evaluate` serves the (watermarked) digits model through the real server app in-process, runs ART CopycatCNN,
-KnockoffNets and a Jacobian-augmentation attack against it as monitored clients, streams benign clients, and reports
-detection, stolen-model fidelity, false positives, output-hardening cost and watermark survival. It answers a
+KnockoffNets (random and adaptive) and a Jacobian-augmentation attack against it as monitored clients, streams benign
+clients, and reports detection, stolen-model fidelity, false positives, output-hardening cost, watermark survival
+and whether the served watermark proves each stolen copy. It answers a
 question, so a missed target is not a failure: it exits 0 either way. Needs torch and
 adversarial-robustness-toolbox.
 """
@@ -66,8 +67,10 @@ def evaluate(
     for s in result["sessions"]:
         det = f"blocked after {s['queries_to_detect']} queries" if s["detected"] else "not detected"
         fid = "-" if s["fidelity_at_detection"] is None else f"{s['fidelity_at_detection']:.3f}"
-        console.print(f"{s['attack']:9} {s['outputs']:10} budget {s['budget']:5}: {det}; fidelity at detection "
-                      f"{fid}, at full budget undefended {s['fidelity_full']:.3f}", markup=False)
+        proof = (f"served watermark {s['served_wm_matches']}/{s['served_wm_evidence']} p={s['served_wm_p']:.2g}"
+                 f"{' (proven)' if s['served_wm_proven'] else ''}")
+        console.print(f"{s['attack']:17} {s['outputs']:10} budget {s['budget']:5}: {det}; fidelity at detection "
+                      f"{fid}, at full budget undefended {s['fidelity_full']:.3f}; {proof}", markup=False)
     console.print(f"attack sessions detected: {flat['attack_sessions_detected']}/{flat['attack_sessions']} "
                   f"(max {flat['max_queries_to_detect']} queries); benign sessions flagged: "
                   f"{flat['benign_sessions_flagged']}/{flat['benign_sessions']}", markup=False)

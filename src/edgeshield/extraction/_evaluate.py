@@ -4,19 +4,24 @@ The victim is the ASGI app of :mod:`edgeshield.server` (``create_app``), driven 
 ``httpx.ASGITransport`` with a verified client identity injected the way the TLS layer does it, so every query
 passes the same middleware, ``_extraction_gate`` (403 once the monitor blocked a client), inference and
 ``_watch_extraction`` (monitor + output hardening) as in production. The served model is the shipped digits MLP
-with the owner's spread-spectrum watermark embedded (what an owner would deploy).
+with the owner's spread-spectrum watermark embedded and the served (DAWN) watermark answering 1 % of inputs with
+the watermark label (what an owner would deploy).
 
 Protocol (fixed; :func:`protocol_text` prints it with the results):
 
-* Monitor: ``QueryMonitor([PradaDetector(delta=0.9, min_samples=30), OodRateSignal.fit(x_train, x_test[:225])],
-  ResponsePolicy(on_alarm={"prada": "block", "ood_rate": "block"}))``. Output settings: full probabilities
+* Monitor: ``QueryMonitor([PradaDetector(delta=0.9, min_samples=30), OodRateSignal.fit(x_train, x_test[:225]),
+  QueryBudget(300)], ResponsePolicy(default="block"))``: any alarm blocks the client, starting with the batch that
+  tripped it. The budget (300 distinct inputs per client per day) is the operator's setting: the most distinct
+  inputs an honest client of this protocol sends (225) plus a third. Output settings: full probabilities
   (``TopK(10)``, i.e. unhardened), top-3 probabilities (``TopK(3)``) and labels only (no output policy).
 * Attacks, each one client identity, queries sent in requests of ``BATCH`` inputs:
-  ``copycat`` (ART ``CopycatCNN``, labels) and ``knockoff`` (ART ``KnockoffNets``, random sampling, soft labels where
-  the answers carry probabilities) with natural queries drawn from x_train (the attacker's own data); ``jacobian``:
+  ``copycat`` (ART ``CopycatCNN``, labels), ``knockoff`` (ART ``KnockoffNets``, random sampling, soft labels where
+  the answers carry probabilities) and ``knockoff_adaptive`` (``KnockoffNets`` adaptive sampling: a gradient bandit
+  over the attacker's classes, reward "loss", one query per request) with natural queries drawn from x_train (the
+  attacker's own data, with its own labels for the adaptive policy); ``jacobian``:
   Papernot et al.'s Jacobian-based dataset augmentation from 10 x_train seeds (one per class), step λ = 0.1,
   substitute retrained each round (torch gradients of the substitute). Budgets in queries.
-* Detection point: the queries answered before the first 403. The stolen model "at detection" is trained on exactly
+* Detection point: the queries answered before the first 403 (a blocked batch is not answered). The stolen model "at detection" is trained on exactly
   those answered queries; "full budget" is the same attack run against the same app without a monitor (the
   undefended baseline) and trained on all answers. Substitute: a 64-128-64-10 MLP (the victim's architecture),
   Adam 1e-3, batch 32, ``EPOCHS`` epochs. Fidelity = agreement with the victim's labels on x_test; accuracy on
@@ -28,6 +33,9 @@ Protocol (fixed; :func:`protocol_text` prints it with the results):
 * Watermark (edgeshield.watermark, fixed key): accuracy drop of embedding; false claims on independently trained
   MLPs; survival of fine-tuning, 30 % magnitude pruning, int8 dynamic quantisation, and the CopycatCNN-stolen model
   (its weights written into the victim's ONNX graph under the victim's initializer names, so ``verify`` can look).
+* Served watermark (edgeshield.watermark.ServedWatermark, rate 1 %, same key): every undefended stolen copy is
+  checked with ``verify_copy`` against the evidence the server kept for that attacker's identity (threshold
+  p < 1e-6); false claims: the clean victim and the independently trained MLPs against the CopycatCNN evidence.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import edgeshield  # noqa: F401  # before onnxruntime
 
 __all__ = ["ATTACKS", "EvaluationConfig", "Gateway", "evaluate", "protocol_text"]
 
-ATTACKS = ("copycat", "knockoff", "jacobian")
+ATTACKS = ("copycat", "knockoff", "knockoff_adaptive", "jacobian")
 OUTPUT_SETTINGS = ("full_probs", "top3", "label_only")
 BATCH = 20
 EPOCHS = 30
@@ -57,6 +65,10 @@ WATERMARK_KEY = bytes(range(32))
 PRADA_DELTA = 0.9
 PRADA_MIN_SAMPLES = 30
 JACOBIAN_STEP = 0.1
+QUERY_BUDGET = 300  # distinct inputs per client per day: the most an honest client here sends (225) plus a third
+SERVED_RATE = 0.01  # DAWN: fraction of inputs answered with the watermark label
+CONVERGED_EPOCHS = 200  # a thief who trains its copy until it fits every answer
+SERVED_RATES = (0.005, 0.01, 0.02, 0.05)
 
 
 @dataclass(frozen=True)
@@ -69,19 +81,22 @@ class EvaluationConfig:
     finetune_epochs: int = 5
     benign: bool = True
     watermark: bool = True
+    served_rates: tuple[float, ...] = SERVED_RATES  # must include SERVED_RATE, the deployed default
     seed: int = 0
 
     @classmethod
     def quick(cls) -> EvaluationConfig:
         return cls(budgets=(100, 500), outputs=("top3", "label_only"), epochs=20, independent_models=1,
-                   finetune_epochs=3)
+                   finetune_epochs=3, served_rates=(SERVED_RATE, 0.05))
 
 
 def protocol_text(cfg: EvaluationConfig) -> str:
     return (
         "victim = watermarked digits MLP served by edgeshield.server.create_app in-process (httpx ASGITransport, "
-        "injected verified identity); monitor = PRADA(delta 0.9, min 30) + OodRateSignal(PCA fit on x_train, "
-        f"threshold at the 0.99 quantile of x_test[:{N_OOD_CAL}]), any alarm -> block (403); outputs "
+        f"injected verified identity), served watermark at {SERVED_RATE:.0%}; monitor = PRADA(delta 0.9, min 30) + "
+        f"OodRateSignal(PCA fit on x_train, threshold at the 0.99 quantile of x_test[:{N_OOD_CAL}], binomial test "
+        f"null 2 %, alpha 1e-6) + QueryBudget({QUERY_BUDGET} distinct/day), any alarm -> block (403, from the "
+        "tripping batch on); outputs "
         f"{', '.join(cfg.outputs)}; attacks {', '.join(cfg.attacks)} at budgets {list(cfg.budgets)} queries, "
         f"requests of {BATCH}; detection = queries answered before the first 403; stolen model = 64-128-64-10 MLP, "
         f"Adam 1e-3, batch 32, {cfg.epochs} epochs, 'at detection' on the answered prefix, 'full' on all answers "
@@ -113,24 +128,26 @@ def _output_policy(name: str) -> Any:
 
 
 def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray) -> Any:
-    from edgeshield.extraction import OodRateSignal, PradaDetector, QueryMonitor, ResponsePolicy
+    from edgeshield.extraction import OodRateSignal, PradaDetector, QueryBudget, QueryMonitor, ResponsePolicy
 
     return QueryMonitor([PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES),
-                         OodRateSignal.fit(x_train, x_ood_cal)],
-                        response=ResponsePolicy(on_alarm={"prada": "block", "ood_rate": "block"}))
+                         OodRateSignal.fit(x_train, x_ood_cal), QueryBudget(QUERY_BUDGET)],
+                        response=ResponsePolicy(default="block"))
 
 
 class Gateway:
     """One ASGI app (one ``ServerState``) and a synchronous way to send it batches as named clients."""
 
-    def __init__(self, model_bytes: bytes, *, outputs: Any = None, monitor: Any = None) -> None:
+    def __init__(self, model_bytes: bytes, *, outputs: Any = None, monitor: Any = None, served: Any = None,
+                 evidence: Any = None) -> None:
         from edgeshield.bundles._ort import onnxruntime as ort
         from edgeshield.models import digits_input_spec
         from edgeshield.server import Rbac, ServerState, create_app
 
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
         self.state = ServerState(session=session, manifest=_Manifest(), rbac=Rbac(), audit=None,
-                                 spec=digits_input_spec(), outputs=outputs, monitor=monitor)
+                                 spec=digits_input_spec(), outputs=outputs, monitor=monitor,
+                                 served_watermark=served, served_evidence=evidence)
         self.app = create_app(self.state)
         self.loop = asyncio.new_event_loop()
         self._clients: dict[str, Any] = {}
@@ -159,6 +176,8 @@ class Gateway:
         for c in self._clients.values():
             self.loop.run_until_complete(c.aclose())
         self.loop.close()
+        if self.state.served_evidence is not None:
+            self.state.served_evidence.close()
 
 
 @dataclass
@@ -261,8 +280,14 @@ def _blackbox(session: Session) -> Any:
 
 
 def run_art_attack(kind: str, session: Session, pool: np.ndarray, budget: int, *, epochs: int, seed: int,
-                   soft: bool) -> Any:
-    """CopycatCNN or KnockoffNets (random sampling) against ``session``; returns the thieved ART classifier."""
+                   soft: bool, pool_labels: np.ndarray | None = None) -> Any:
+    """CopycatCNN, KnockoffNets random or adaptive against ``session``; returns the thieved ART classifier.
+
+    ``knockoff_adaptive`` is Orekondy et al.'s bandit over the attacker's own classes (``pool_labels``: the thief's
+    annotation of its data), reward "loss" (classes where the copy still disagrees with the victim), one query per
+    request as ART sends them. (ART 1.20's reward "all" divides by a zero variance on the first query and dies on
+    NaN probabilities.)
+    """
     from art.attacks.extraction import CopycatCNN, KnockoffNets
 
     victim = _blackbox(session)
@@ -270,9 +295,13 @@ def run_art_attack(kind: str, session: Session, pool: np.ndarray, budget: int, *
         attack = CopycatCNN(victim, batch_size_fit=32, batch_size_query=session.batch, nb_epochs=epochs,
                             nb_stolen=budget, use_probability=False)
     else:
+        adaptive = kind == "knockoff_adaptive"
         attack = KnockoffNets(victim, batch_size_fit=32, batch_size_query=session.batch, nb_epochs=epochs,
-                              nb_stolen=budget, sampling_strategy="random", verbose=False, use_probability=soft)
+                              nb_stolen=budget, sampling_strategy="adaptive" if adaptive else "random",
+                              reward="loss", verbose=False, use_probability=soft)
     np.random.seed(seed)  # ART picks the stolen subset with np.random: same queries in both runs of a session
+    if kind == "knockoff_adaptive":
+        return attack.extract(pool, pool_labels, thieved_classifier=thieved_classifier(seed))
     return attack.extract(pool, thieved_classifier=thieved_classifier(seed))
 
 
@@ -359,7 +388,8 @@ def _train(module: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) ->
 
 
 def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
-                       stolen: Any | None) -> dict[str, Any]:
+                       stolen: Any | None) -> tuple[dict[str, Any], list[bytes]]:
+    """The weight watermark against derived copies and the CopycatCNN copy; also returns the independent models."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -374,14 +404,16 @@ def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationCo
     out["watermark_accuracy_drop"] = acc_base - acc_marked
     out["watermark_z_marked"] = verify(marked, WATERMARK_KEY).statistic
     claims, zs = 0, []
+    independent: list[bytes] = []
     for i in range(cfg.independent_models):
         torch.manual_seed(100 + i)
         model = mlp_as_onnx(base, _train(build_mlp(), split.x_train, split.y_train, 8, 100 + i))
+        independent.append(model)
         r = verify(model, WATERMARK_KEY)
         claims += int(r.present)
         zs.append(r.statistic)
     out["watermark_independent_models"] = cfg.independent_models
-    out["watermark_false_claims"] = claims
+    out["weight_watermark_false_claims"] = claims
     out["watermark_z_independent_max"] = max(zs) if zs else None
     # fine-tuned copy
     torch.manual_seed(0)
@@ -406,15 +438,79 @@ def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationCo
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         int8 = dst.read_bytes()
     copies = {"finetune": tuned, "prune30": pruned, "int8": int8}
-    if stolen is not None:
+    if stolen is not None:  # weights retrained from scratch: the served watermark is what follows those
         copies["copycat"] = mlp_as_onnx(base, stolen.model)
     for name, data in copies.items():
         r = verify(data, WATERMARK_KEY)
-        out[f"watermark_survives_{name}"] = bool(r.present)
-        out[f"watermark_z_{name}"] = float(r.statistic)
+        prefix = "weight_watermark" if name == "copycat" else "watermark"
+        out[f"{prefix}_survives_{name}"] = bool(r.present)
+        out[f"{prefix}_z_{name}"] = float(r.statistic)
         out[f"watermark_accuracy_{name}"] = _accuracy_onnx(data, split.x_test, split.y_test)
-    if stolen is None:
-        out["watermark_survives_copycat"] = None
+    return out, independent
+
+
+def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
+                              controls: Sequence[bytes], progress: Callable[[str], None]) -> dict[str, Any]:
+    """The served (DAWN) watermark at each of ``cfg.served_rates``: honest cost, and proof of CopycatCNN copies.
+
+    Per rate: a labels-only app with the served watermark and an evidence store; an honest client's accuracy on
+    x_test through it; ART CopycatCNN at the largest budget as one identity (its copy trained ``cfg.epochs`` epochs,
+    as ART does) and a second copy trained on the same answers to convergence (``CONVERGED_EPOCHS``: a thief who
+    fits every answer, since DAWN's marks are isolated points that a briefly trained copy smooths over); both checked
+    with ``verify_copy`` against that identity's evidence. ``controls`` (the clean victim and independently trained
+    models) are checked against the same evidence: any claim on them is a false claim.
+    """
+    import torch
+
+    from edgeshield.watermark import EvidenceStore, ServedWatermark, verify_copy
+
+    budget, out = max(cfg.budgets), {}
+    all_digits = np.concatenate([split.x_train, split.x_test])
+
+    def gw_marks(rate: float) -> np.ndarray:  # the expected honest cost: the share of all 1,797 digits marked
+        return ServedWatermark(WATERMARK_KEY, rate, classes=10).marks(all_digits)[0]
+
+    false_claims, control_p = 0, []
+    with tempfile.TemporaryDirectory(prefix="edgeshield-served-") as tmp:
+        for rate in cfg.served_rates:
+            progress(f"served watermark at {rate:.1%}")
+            tag = f"served_watermark_{round(rate * 1000):03d}pm"  # per mille: 005pm = 0.5 %
+            gw = Gateway(marked, served=ServedWatermark(WATERMARK_KEY, rate, classes=10),
+                         evidence=EvidenceStore(Path(tmp) / f"{tag}.db"))
+            try:
+                honest = Session(gw, "honest", batch=100).query(split.x_test).argmax(axis=1)
+                thief = Session(gw, "thief")
+                copy = run_art_attack("copycat", thief, split.x_train, budget, epochs=cfg.epochs, seed=7,
+                                      soft=False)
+                evidence = gw.state.served_evidence.load("thief")[:2]
+                x_ans, y_ans = thief.t.arrays()
+            finally:
+                gw.close()
+            torch.manual_seed(1)
+            converged = _train(build_mlp(), x_ans, y_ans.argmax(axis=1), CONVERGED_EPOCHS, 1)
+            proof = verify_copy(lambda q, c=copy: np.asarray(c.predict(q.astype(np.float32))), *evidence, classes=10)
+            proof_conv = verify_copy(mlp_as_onnx(base, converged), *evidence, classes=10)
+            for model in controls:
+                check = verify_copy(model, *evidence, classes=10)
+                false_claims += int(check.present)
+                control_p.append(check.p_value)
+            out.update({
+                f"{tag}_rate": rate,
+                f"{tag}_honest_accuracy_drop": _accuracy_onnx(marked, split.x_test, split.y_test)
+                - _rate(honest, split.y_test),
+                f"{tag}_marked_fraction_all_digits": float(gw_marks(rate).mean()),
+                f"{tag}_evidence": proof.evidence,
+                f"{tag}_copy_matches": proof.matches, f"{tag}_copy_p": proof.p_value,
+                f"{tag}_copy_proven": proof.present,
+                f"{tag}_converged_matches": proof_conv.matches, f"{tag}_converged_p": proof_conv.p_value,
+                f"{tag}_converged_proven": proof_conv.present,
+            })
+    default = f"served_watermark_{round(SERVED_RATE * 1000):03d}pm"
+    out["served_watermark_false_claims"] = false_claims
+    out["served_watermark_controls"] = len(controls) * len(cfg.served_rates)
+    out["served_watermark_p_control_min"] = min(control_p) if control_p else None
+    out["watermark_survives_copycat"] = out[f"{default}_copy_proven"]
+    out["watermark_survives_copycat_converged"] = out[f"{default}_converged_proven"]
     return out
 
 
@@ -433,7 +529,7 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
     import torch
 
     from edgeshield.models import digits_model_path, load_digits_split
-    from edgeshield.watermark import embed
+    from edgeshield.watermark import EvidenceStore, ServedWatermark, embed, verify_copy
 
     cfg = cfg or EvaluationConfig()
     say = progress or (lambda _msg: None)
@@ -457,12 +553,23 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
         pred = _labels(clf, split.x_test)
         return _rate(pred, victim_labels), _rate(pred, split.y_test)
 
+    def dawn(gateway: Gateway, client: str, model: Any | None) -> Any | None:
+        """Does the served watermark prove ``model`` was trained on ``client``'s answers from ``gateway``?"""
+        if model is None:
+            return None
+        x_ev, y_ev, _, _ = gateway.state.served_evidence.load(client)
+        return verify_copy(lambda q: np.asarray(model.predict(q.astype(np.float32))), x_ev, y_ev, classes=10)
+
+    served = ServedWatermark(WATERMARK_KEY, SERVED_RATE, classes=10)
+    tmp = tempfile.TemporaryDirectory(prefix="edgeshield-extraction-")
     sessions: list[dict[str, Any]] = []
     benign: list[dict[str, Any]] = []
     copycat_full: Any = None
     for out_name in cfg.outputs:
-        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=build_monitor(split.x_train, x_ood_cal))
-        open_ = Gateway(marked, outputs=_output_policy(out_name))
+        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=build_monitor(split.x_train, x_ood_cal),
+                           served=served, evidence=EvidenceStore(Path(tmp.name) / f"defended-{out_name}.db"))
+        open_ = Gateway(marked, outputs=_output_policy(out_name), served=served,
+                        evidence=EvidenceStore(Path(tmp.name) / f"open-{out_name}.db"))
         soft = out_name != "label_only"
         for kind in cfg.attacks:
             for budget in cfg.budgets:
@@ -475,12 +582,15 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
                     run_jacobian_attack(attacker, jac_seeds, budget, epochs=cfg.epochs, seed=seed)
                     full = run_jacobian_attack(baseline, jac_seeds, budget, epochs=cfg.epochs, seed=seed)
                 else:
-                    run_art_attack(kind, attacker, pool, budget, epochs=cfg.epochs, seed=seed, soft=soft)
-                    full = run_art_attack(kind, baseline, pool, budget, epochs=cfg.epochs, seed=seed, soft=soft)
+                    run_art_attack(kind, attacker, pool, budget, epochs=cfg.epochs, seed=seed, soft=soft,
+                                   pool_labels=split.y_train)
+                    full = run_art_attack(kind, baseline, pool, budget, epochs=cfg.epochs, seed=seed, soft=soft,
+                                          pool_labels=split.y_train)
                 x_ans, y_ans = attacker.t.arrays()
                 at_det = fit_substitute(x_ans, y_ans, epochs=cfg.epochs, seed=seed) if attacker.blocked else None
                 fid_det, acc_det = score(at_det)
                 fid_full, acc_full = score(full)
+                proof = dawn(open_, name, full)
                 if kind == "copycat" and out_name == "label_only" and budget == max(cfg.budgets):
                     copycat_full = full
                 sessions.append({
@@ -490,6 +600,8 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
                     "fidelity_at_detection": fid_det, "accuracy_at_detection": acc_det,
                     "fidelity_full": fid_full, "accuracy_full": acc_full,
                     "signals": _alarming(defended, name), "seconds": time.perf_counter() - t0,
+                    "served_wm_evidence": proof.evidence, "served_wm_matches": proof.matches,
+                    "served_wm_p": proof.p_value, "served_wm_proven": proof.present,
                 })
         if cfg.benign:
             for bname, stream, batch in benign_streams(x_held, cfg.seed):
@@ -500,13 +612,16 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
                                "blocked_at": s.t.blocked_at, "signals": _alarming(defended, s.name)})
         defended.close()
         open_.close()
+    tmp.cleanup()
 
     say("output hardening cost")
     outputs = output_costs(marked, split)
     wm: dict[str, Any] = {}
     if cfg.watermark:
         say("watermark")
-        wm = evaluate_watermark(base, marked, split, cfg, copycat_full)
+        wm, independent = evaluate_watermark(base, marked, split, cfg, copycat_full)
+        wm.update(evaluate_served_watermark(base, marked, split, cfg, [base, *independent], say))
+        wm["watermark_false_claims"] = wm["weight_watermark_false_claims"] + wm["served_watermark_false_claims"]
 
     detected = [s for s in sessions if s["detected"]]
     flat: dict[str, Any] = {
@@ -519,6 +634,7 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
         "benign_false_positive_rate": (sum(b["flagged"] for b in benign) / len(benign)) if benign else None,
         "victim_accuracy": _rate(victim_labels, split.y_test),
         "budgets": list(cfg.budgets),
+        "epochs": cfg.epochs,
     }
     for kind in cfg.attacks:
         mine = [s for s in sessions if s["attack"] == kind]
@@ -528,6 +644,10 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
         flat[f"{kind}_max_queries_to_detect"] = max((s["queries_to_detect"] for s in det), default=None)
         flat[f"{kind}_fidelity_at_detection_max"] = max((s["fidelity_at_detection"] for s in det), default=None)
         flat[f"{kind}_fidelity_full_max"] = max((s["fidelity_full"] for s in mine), default=None)
+        top = [s for s in mine if s["budget"] == max(cfg.budgets)]
+        flat[f"{kind}_full_budget_copies_proven"] = sum(s["served_wm_proven"] for s in top)
+        flat[f"{kind}_full_budget_copies"] = len(top)
+        flat[f"{kind}_full_budget_served_wm_p_max"] = max((s["served_wm_p"] for s in top), default=None)
     for b in benign:
         flat[f"benign_{b['client']}_{b['outputs']}_flagged"] = b["flagged"]
     for name, o in outputs.items():
