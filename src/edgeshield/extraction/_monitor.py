@@ -25,8 +25,11 @@ _SEVERITY = {action: rank for rank, action in enumerate(ACTIONS)}
 
 
 class Signal(Protocol):
-    name: str
-    alarm: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def alarm(self) -> bool: ...
 
     @property
     def stats(self) -> dict[str, Any]: ...
