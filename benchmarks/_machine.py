@@ -52,3 +52,17 @@ def open_report(width: int, info: dict[str, str]):  # type: ignore[no-untyped-de
         console = Console(width=width)
     console.print(f"[bold]Machine:[/bold] {info['hardware']}\n[bold]Software:[/bold] {info['versions']}")
     return console
+
+
+def write_report(console, path: str | None, results: dict, also: str = "") -> None:  # type: ignore[no-untyped-def]
+    """With ``--json PATH``: the flat results as sorted, indented JSON, written atomically; says so on ``console``."""
+    if not path:
+        return
+    import json
+
+    from edgeshield._io import atomic_write_bytes
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+    console.print(f"wrote {target}{also}")

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import eval_stack, hardware, open_report  # benchmarks/_machine.py, beside this script
-from edgeshield._io import atomic_write_bytes
+from _machine import eval_stack, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -184,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"{'quick' if args.quick else 'full'} run, {flat['wall_s']:.1f} s; 1-min load average "
                   f"{load_start:.2f} at start, {flat['loadavg_1min_end']:.2f} at end.")
     if target:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, (json.dumps(flat, indent=2, sort_keys=True) + "\n").encode())
-        console.print(f"wrote {target} and {', '.join(sorted(Path(p).name for p in result['roc_png'].values()))}")
+        write_report(console, args.json, flat,
+                     also=f" and {', '.join(sorted(Path(p).name for p in result['roc_png'].values()))}")
     return 0
 
 

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from _machine import eval_stack, hardware, open_report  # benchmarks/_machine.py, beside this script
+from _machine import eval_stack, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from edgeshield._io import atomic_write_bytes
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -177,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 loadavg_1min_start=load_start, loadavg_1min_end=os.getloadavg()[0])
     console.print(f"{'quick' if args.quick else 'full'} run, {flat['wall_s']:.1f} s; 1-min load average "
                   f"{load_start:.2f} at start, {flat['loadavg_1min_end']:.2f} at end.")
-    if args.json:
-        target = Path(args.json)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, (json.dumps(flat, indent=2, sort_keys=True) + "\n").encode())
-        console.print(f"wrote {target}")
+    write_report(console, args.json, flat)
     return 0
 
 

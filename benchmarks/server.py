@@ -62,8 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import hardware, open_report  # benchmarks/_machine.py, beside this script
-from edgeshield._io import atomic_write_bytes
+from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -1031,11 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         f"server's, which compresses the plain server's lead. Background: other processes used "
         f"{100 * (r['other_processes_cpu_share'] or 0):.0f}% of the machine's CPU during the run; 1-min load average {load_start:.2f} at start, {r['loadavg_1min_end']:.2f} at end."
     )
-    if args.json:
-        target = Path(args.json)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, (json.dumps(r, indent=2, sort_keys=True) + "\n").encode())
-        console.print(f"wrote {target}")
+    write_report(console, args.json, r)
     return 0
 
 
