@@ -20,7 +20,7 @@ import io
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,31 +329,30 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
         rows = [x[i : i + 1] for i in range(min(len(x), 64))]
         rm.decide(x)  # warm-up
         session.run(None, {name_in: x})
-        p1, r1, pb, rb = [], [], [], []
-        for i in range(single_reps):
-            xi = rows[i % len(rows)]
-            t0 = time.perf_counter_ns()
-            session.run(None, {name_in: xi})
-            t1 = time.perf_counter_ns()
-            rm.decide(xi)
-            t2 = time.perf_counter_ns()
-            p1.append(t1 - t0)
-            r1.append(t2 - t1)
-        for _ in range(batch_reps):
-            t0 = time.perf_counter_ns()
-            session.run(None, {name_in: x})
-            t1 = time.perf_counter_ns()
-            rm.decide(x)
-            t2 = time.perf_counter_ns()
-            pb.append(t1 - t0)
-            rb.append(t2 - t1)
-        plain1, rob1 = statistics.median(p1) / 1e3, statistics.median(r1) / 1e3
-        plainb, robb = statistics.median(pb) / 1e9, statistics.median(rb) / 1e9
+        p1, r1 = _median_ns(session, rm, (rows[i % len(rows)] for i in range(single_reps)))
+        pb, rb = _median_ns(session, rm, (x for _ in range(batch_reps)))
+        plain1, rob1 = p1 / 1e3, r1 / 1e3
+        plainb, robb = pb / 1e9, rb / 1e9
         out[label] = {"latency_plain_us": plain1, "latency_robust_us": rob1, "latency_ratio": rob1 / plain1,
                       "throughput_plain_per_s": len(x) / plainb, "throughput_robust_per_s": len(x) / robb,
                       "throughput_ratio": robb / plainb, "batch": len(x), "reps_single": single_reps,
                       "reps_batch": batch_reps}
     return out
+
+
+def _median_ns(session: Any, rm: Any, inputs: Iterable[np.ndarray]) -> tuple[float, float]:
+    """Median ns of plain ORT and of robust inference, each input run through both back to back."""
+    name_in = session.get_inputs()[0].name
+    plain, robust = [], []
+    for xi in inputs:
+        t0 = time.perf_counter_ns()
+        session.run(None, {name_in: xi})
+        t1 = time.perf_counter_ns()
+        rm.decide(xi)
+        t2 = time.perf_counter_ns()
+        plain.append(t1 - t0)
+        robust.append(t2 - t1)
+    return statistics.median(plain), statistics.median(robust)
 
 
 # --- ROC plots --------------------------------------------------------------------------------------------------
