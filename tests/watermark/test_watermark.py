@@ -24,7 +24,12 @@ KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
 
 
-from edgeshield.extraction._evaluate import _with_weights  # noqa: E402  (one helper writes weights back)
+from edgeshield.extraction._evaluate import (  # noqa: E402  (the harness's copies: one way to make each)
+    _train,
+    _with_weights,
+    magnitude_pruned,
+    trained_weights,
+)
 
 
 def _accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
@@ -129,19 +134,8 @@ def test_survives_fine_tuning(marked: bytes, split) -> None:  # type: ignore[no-
     from edgeshield.adversarial._torch import onnx_to_torch
 
     torch.manual_seed(0)
-    module = onnx_to_torch(marked)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
-    xt, yt = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        order = torch.randperm(len(xt), generator=gen)
-        for start in range(0, len(order), 64):
-            idx = order[start : start + 64]
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(module(xt[idx]), yt[idx]).backward()
-            opt.step()
-    params = dict(module.named_parameters())
-    tuned_weights = {name: params[slot].detach().numpy() for name, slot in module._slots.items() if slot in params}
+    module = _train(onnx_to_torch(marked), split.x_train, split.y_train, 10, 0)
+    tuned_weights = trained_weights(module)
     assert {"inner.0.weight", "inner.2.weight", "inner.4.weight"} <= tuned_weights.keys()
     tuned = _with_weights(marked, tuned_weights)
     assert tuned != marked and _accuracy(tuned, split.x_test, split.y_test) > 0.95
@@ -152,13 +146,7 @@ def test_survives_fine_tuning(marked: bytes, split) -> None:  # type: ignore[no-
 
 
 def test_survives_magnitude_pruning(marked: bytes, split) -> None:  # type: ignore[no-untyped-def]
-    weights = {}
-    for t in onnx.load_model_from_string(marked).graph.initializer:
-        w = numpy_helper.to_array(t).copy()
-        if w.ndim >= 2:
-            w[np.abs(w) < np.quantile(np.abs(w), 0.3)] = 0.0
-            weights[t.name] = w
-    pruned = _with_weights(marked, weights)
+    pruned = magnitude_pruned(marked, 0.3)
     assert _accuracy(pruned, split.x_test, split.y_test) > 0.95
     r = verify(pruned, KEY)
     print(f"pruned 30%: z={r.statistic:.2f} p={r.p_value:.3g} bound={r.p_bound:.3g}")

@@ -387,12 +387,30 @@ def _train(module: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) ->
     return module
 
 
+def trained_weights(module: Any) -> dict[str, np.ndarray]:
+    """An ``onnx_to_torch`` module's parameters under the ONNX initializer names they came from."""
+    params = dict(module.named_parameters())
+    return {name: params[slot].detach().numpy() for name, slot in module._slots.items() if slot in params}
+
+
+def magnitude_pruned(model_bytes: bytes, fraction: float) -> bytes:
+    """The model with the smallest ``fraction`` of each weight matrix (rank >= 2) by magnitude set to zero."""
+    import onnx
+    from onnx import numpy_helper
+
+    pruned = {}
+    for t in onnx.load_model_from_string(model_bytes).graph.initializer:
+        w = numpy_helper.to_array(t).copy()
+        if w.ndim >= 2:
+            w[np.abs(w) < np.quantile(np.abs(w), fraction)] = 0.0
+            pruned[t.name] = w
+    return _with_weights(model_bytes, pruned)
+
+
 def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
                        stolen: Any | None) -> tuple[dict[str, Any], list[bytes]]:
     """The weight watermark against derived copies and the CopycatCNN copy; also returns the independent models."""
-    import onnx
     import torch
-    from onnx import numpy_helper
 
     from edgeshield.adversarial._torch import onnx_to_torch
     from edgeshield.watermark import verify
@@ -419,16 +437,8 @@ def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationCo
     torch.manual_seed(0)
     module = onnx_to_torch(marked)
     _train(module, split.x_train, split.y_train, cfg.finetune_epochs, 0)
-    params = dict(module.named_parameters())
-    tuned = _with_weights(marked, {n: params[s].detach().numpy() for n, s in module._slots.items() if s in params})
-    # 30 % magnitude-pruned copy
-    pruned_w = {}
-    for t in onnx.load_model_from_string(marked).graph.initializer:
-        w = numpy_helper.to_array(t).copy()
-        if w.ndim >= 2:
-            w[np.abs(w) < np.quantile(np.abs(w), 0.3)] = 0.0
-            pruned_w[t.name] = w
-    pruned = _with_weights(marked, pruned_w)
+    tuned = _with_weights(marked, trained_weights(module))
+    pruned = magnitude_pruned(marked, 0.3)
     # int8 dynamic quantisation
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
