@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _serving import mtls_client, protected_digits, serving
 
-from edgeshield import audit, bundles, keys, transport
-from edgeshield.adversarial import METADATA_KEY
-from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
-from edgeshield.server import ServeConfig, make_server
+from edgeshield import audit, transport
+from edgeshield.models import load_digits_split
+from edgeshield.server import ServeConfig
 
 MAX_BODY = 64 * 1024
 N_REQUESTS = 240
@@ -36,39 +36,21 @@ EXPECTED = {"valid": 200, "bad_json": 422, "wrong_shape": 422, "nan_npy": 422, "
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("load")
-    k = root / "keys"
-    keys.init_keys(k)
-    bundles.protect(digits_model_path(), root / "digits.esb", signing_key=keys.load_owner_private_key(k / "owner.key"),
-                    recipients=[keys.load_device_public_key(k / "device.pub")],
-                    metadata={METADATA_KEY: digits_input_spec().to_json()})
+    bundle, k = protected_digits(root)
     ca = root / "ca"
     transport.init_ca(ca)
     server = transport.issue(ca, name="edge-1", role="server", server=True, sans=["127.0.0.1"])
     certs = {"alice": transport.issue(ca, name="alice", role="client"),
              "aud": transport.issue(ca, name="aud", role="auditor")}
     audit.generate_signing_key(root / "audit.key")
-    cfg = ServeConfig(bundle=root / "digits.esb", owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
+    cfg = ServeConfig(bundle=bundle, owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
                       cert=server.cert_path, key=server.key_path, audit_db=root / "audit.db",
                       audit_key=root / "audit.key", host="127.0.0.1", port=0, max_body_bytes=MAX_BODY)
-    srv, watcher = make_server(cfg)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    watcher.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"root": root, "ca": ca, "certs": certs, "url": f"https://127.0.0.1:{port}"}
-    srv.should_exit = True
-    watcher.stop.set()
-    thread.join(timeout=15)
+    with serving(cfg) as (_srv, _watcher, port):
+        yield {"root": root, "ca": ca, "certs": certs, "url": f"https://127.0.0.1:{port}"}
 
 
-def _client(world: dict[str, Any], name: str) -> httpx.Client:
-    cert = world["certs"][name]
-    ctx = transport.client_context(world["ca"] / "ca.crt", cert.cert_path, cert.key_path)
-    return httpx.Client(base_url=world["url"], verify=ctx, timeout=10)
+_client = mtls_client
 
 
 def _requests() -> list[tuple[str, bytes, dict[str, str]]]:

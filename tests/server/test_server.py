@@ -6,19 +6,17 @@ import datetime as dt
 import io
 import json
 import ssl
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from _serving import mtls_client, protected_digits, serving
 
-from edgeshield import audit, bundles, keys, transport
-from edgeshield.adversarial import METADATA_KEY
-from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
-from edgeshield.server import ServeConfig, make_server
+from edgeshield import audit, transport
+from edgeshield.models import digits_model_path, load_digits_split
+from edgeshield.server import ServeConfig
 
 ROLES = {"alice": "client", "otto": "operator", "aud": "auditor", "adm": "admin"}
 
@@ -26,11 +24,7 @@ ROLES = {"alice": "client", "otto": "operator", "aud": "auditor", "adm": "admin"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("server")
-    keys.init_keys(root / "keys")
-    k = root / "keys"
-    bundles.protect(digits_model_path(), root / "digits.esb", signing_key=keys.load_owner_private_key(k / "owner.key"),
-                    recipients=[keys.load_device_public_key(k / "device.pub")],
-                    metadata={METADATA_KEY: digits_input_spec().to_json()})
+    bundle, k = protected_digits(root)
     ca, other = root / "ca", root / "other-ca"
     transport.init_ca(ca)
     transport.init_ca(other)
@@ -42,29 +36,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                        not_after=now - dt.timedelta(days=1))
     certs["mallory"] = transport.issue(ca, name="mallory", role="client")
     audit.generate_signing_key(root / "audit.key")
-    cfg = ServeConfig(bundle=root / "digits.esb", owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
+    cfg = ServeConfig(bundle=bundle, owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
                       cert=server.cert_path, key=server.key_path, audit_db=root / "audit.db",
                       audit_key=root / "audit.key", port=0, max_body_bytes=64 * 1024, crl_poll_s=0.1)
-    srv, watcher = make_server(cfg)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    watcher.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"root": root, "ca": ca, "certs": certs, "url": f"https://127.0.0.1:{port}", "port": port,
-           "watcher": watcher, "server": srv}
-    srv.should_exit = True
-    watcher.stop.set()
-    thread.join(timeout=15)
+    with serving(cfg) as (srv, watcher, port):
+        yield {"root": root, "ca": ca, "certs": certs, "url": f"https://127.0.0.1:{port}", "port": port,
+               "watcher": watcher, "server": srv}
 
 
-def client(world: dict[str, Any], name: str, **kw: Any) -> httpx.Client:
-    cert = world["certs"][name]
-    ctx = transport.client_context(world["ca"] / "ca.crt", cert.cert_path, cert.key_path)
-    return httpx.Client(base_url=world["url"], verify=ctx, timeout=10, **kw)
+client = mtls_client
 
 
 def refused(world: dict[str, Any], ctx: ssl.SSLContext) -> bool:
