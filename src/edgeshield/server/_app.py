@@ -304,9 +304,12 @@ async def _serve_watermark(state: ServerState, actor: str, x: np.ndarray, result
     wm = state.served_watermark
     decisions = result.get("decisions")
     raw = result["predictions"] if decisions is None else [d["prediction"] for d in decisions]
-    answered = np.array([p is not None for p in raw], dtype=bool)
-    labels, marked = wm.relabel(x, np.array([0 if p is None else p for p in raw], dtype=np.int64))
-    marked &= answered
+    if probs is not None:  # one keyed pass: a marked row's new top-1 is its watermark label
+        probs, marked = wm.apply(x, probs)
+        labels = probs.argmax(axis=1)
+    else:
+        labels, marked = wm.relabel(x, np.array([0 if p is None else p for p in raw], dtype=np.int64))
+        marked &= np.array([p is not None for p in raw], dtype=bool)  # a rejected input gets no label to mark
     if not marked.any():
         return probs
     for i in np.flatnonzero(marked):
@@ -314,8 +317,6 @@ async def _serve_watermark(state: ServerState, actor: str, x: np.ndarray, result
             result["predictions"][i] = int(labels[i])
         else:
             decisions[i]["prediction"] = int(labels[i])
-    if probs is not None:
-        probs, _ = wm.apply(x, probs)
     rows, served = x[marked], labels[marked]
     if state.served_evidence is not None:
         await asyncio.to_thread(state.served_evidence.add, actor, rows, served)
