@@ -477,16 +477,13 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
     budget, out = max(cfg.budgets), {}
     all_digits = np.concatenate([split.x_train, split.x_test])
 
-    def gw_marks(rate: float) -> np.ndarray:  # the expected honest cost: the share of all 1,797 digits marked
-        return ServedWatermark(WATERMARK_KEY, rate, classes=10).marks(all_digits)[0]
-
     false_claims, control_p = 0, []
     with tempfile.TemporaryDirectory(prefix="edgeshield-served-") as tmp:
         for rate in cfg.served_rates:
             progress(f"served watermark at {rate:.1%}")
             tag = f"served_watermark_{round(rate * 1000):03d}pm"  # per mille: 005pm = 0.5 %
-            gw = Gateway(marked, served=ServedWatermark(WATERMARK_KEY, rate, classes=10),
-                         evidence=EvidenceStore(Path(tmp) / f"{tag}.db"))
+            served = ServedWatermark(WATERMARK_KEY, rate, classes=10)
+            gw = Gateway(marked, served=served, evidence=EvidenceStore(Path(tmp) / f"{tag}.db"))
             try:
                 honest = Session(gw, "honest", batch=100).query(split.x_test).argmax(axis=1)
                 thief = Session(gw, "thief")
@@ -508,7 +505,8 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
                 f"{tag}_rate": rate,
                 f"{tag}_honest_accuracy_drop": _accuracy_onnx(marked, split.x_test, split.y_test)
                 - _rate(honest, split.y_test),
-                f"{tag}_marked_fraction_all_digits": float(gw_marks(rate).mean()),
+                # the expected honest cost: the share of all 1,797 digits marked
+                f"{tag}_marked_fraction_all_digits": float(served.marks(all_digits)[0].mean()),
                 f"{tag}_evidence": proof.evidence,
                 f"{tag}_copy_matches": proof.matches, f"{tag}_copy_p": proof.p_value,
                 f"{tag}_copy_proven": proof.present,
