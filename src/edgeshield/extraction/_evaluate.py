@@ -495,7 +495,7 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
                 gw.close()
             torch.manual_seed(1)
             converged = _train(build_mlp(), x_ans, y_ans.argmax(axis=1), CONVERGED_EPOCHS, 1)
-            proof = verify_copy(lambda q, c=copy: np.asarray(c.predict(q.astype(np.float32))), *evidence, classes=10)
+            proof = verify_copy(copy.predict, *evidence, classes=10)
             proof_conv = verify_copy(mlp_as_onnx(base, converged), *evidence, classes=10)
             for model in controls:
                 check = verify_copy(model, *evidence, classes=10)
@@ -566,7 +566,7 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
         if model is None:
             return None
         x_ev, y_ev, _, _ = gateway.state.served_evidence.load(client)
-        return verify_copy(lambda q: np.asarray(model.predict(q.astype(np.float32))), x_ev, y_ev, classes=10)
+        return verify_copy(model.predict, x_ev, y_ev, classes=10)  # evidence rows are float32 already
 
     served = ServedWatermark(WATERMARK_KEY, SERVED_RATE, classes=10)
     tmp = tempfile.TemporaryDirectory(prefix="edgeshield-extraction-")
