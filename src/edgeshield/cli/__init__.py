@@ -14,7 +14,7 @@ import click
 import typer
 
 from edgeshield import __version__
-from edgeshield.cli import _audit, _bundles, _detect, _extraction, _keys, _pki, _serve, _watermark
+from edgeshield.cli import _audit, _bundles, _client, _detect, _extraction, _keys, _pki, _serve, _watermark
 from edgeshield.cli._common import err_console
 from edgeshield.errors import EXIT_GENERAL, EXIT_INPUT, EdgeShieldError
 
@@ -31,7 +31,7 @@ app.add_typer(_audit.app, name="audit")
 app.add_typer(_pki.app, name="pki")
 app.add_typer(_watermark.app, name="watermark")
 app.add_typer(_extraction.app, name="extraction")
-app.add_typer(_serve.client_app, name="client")
+app.add_typer(_client.app, name="client")
 app.command("serve")(_serve.serve)
 app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)
