@@ -1,9 +1,10 @@
 """The ASGI application: authenticated, authorised, validated and audited inference on one protected bundle.
 
-Every request passes the security middleware first: the client identity comes only from the TLS client
-certificate the server verified (``scope["extensions"]["tls"]``), the RBAC policy decides per role, path and
-method, bodies are size-limited, and every refusal is written to the audit log before the answer goes out.
-Predictions are audited as metadata (client, role, SHA-256 of the input bytes, decisions), never the raw input.
+Every request passes :class:`~edgeshield.server._middleware.SecurityMiddleware` first (identity from the verified
+TLS client certificate, revocation, routing, RBAC, limits, body). ``/v1/predict`` then parses the body against
+the model's input spec with every limit checked before allocation (``_parse``), validates it, runs the extraction
+gate, inference, the extraction watch, output hardening and the served watermark, and audits the prediction as
+metadata (client, role, SHA-256 of the input bytes, decisions), never the raw input.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
-import json
-import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,10 +20,14 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from edgeshield.errors import EdgeShieldError, InputValidationError
+from edgeshield.errors import EdgeShieldError, InputValidationError, InvalidArgumentError
+from edgeshield.server import _openapi
+from edgeshield.server._limits import Limits
+from edgeshield.server._middleware import SecurityMiddleware, audit
+from edgeshield.server._parse import BodyRejected, parse_inputs
 
-log = logging.getLogger("edgeshield.server")
 _BLOCKED = "client blocked: its queries look like model extraction"
+_audit = audit  # the predict pipeline below audits through the same helper as the middleware
 
 
 class AuditSink(Protocol):
@@ -40,12 +42,16 @@ class ServerState:
     manifest: Any
     rbac: Any | None  # edgeshield.server._rbac.Rbac; None only for the plain benchmark baseline
     audit: AuditSink | None
-    spec: Any | None = None  # InputSpec
+    spec: Any | None = None  # InputSpec; None: derived from the model's declared input at start-up
     robust: Any | None = None  # RobustModel
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch: int = 1024
     inference_timeout_s: float = 10.0
     require_client_cert: bool = True
+    limits: Limits = field(default_factory=Limits)
+    # Why a verified identity must be refused *now* (its certificate revoked since the handshake, or the CRL
+    # expired while failing closed), or None; set by ``make_server`` from the live TLS context.
+    revocation: Callable[[Any], str | None] | None = None
     metrics: Any = field(default=None)
     on_shutdown: list[Any] = field(default_factory=list)  # callables run at graceful shutdown, before the checkpoint
     # model-extraction defence (edgeshield.extraction); all optional
@@ -59,121 +65,41 @@ class ServerState:
 
 class _Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("edgeshield_requests", "HTTP requests by path and status", ["path", "status"],
+        self.requests = Counter("edgeshield_requests", "HTTP requests by route and status", ["path", "status"],
                                 registry=self.registry)
         self.decisions = Counter("edgeshield_decisions", "Robust-inference decisions", ["decision"],
                                  registry=self.registry)
         self.latency = Histogram("edgeshield_request_seconds", "Request latency", ["path"], registry=self.registry)
+        self.connections_refused = Counter("edgeshield_connections_refused", "Connections refused before or "
+                                           "during the TLS handshake, by reason", ["reason"], registry=self.registry)
+        self.crl_seconds_left = Gauge("edgeshield_crl_seconds_to_next_update", "Seconds until the loaded CRL's "
+                                      "nextUpdate (negative: expired)", registry=self.registry)
 
 
-def _identity(scope: dict[str, Any]) -> tuple[Any | None, str]:
-    """(verified identity, reason when there is none) from the TLS extension the server put in the scope."""
-    tls = (scope.get("extensions") or {}).get("tls")
-    if not tls:
-        return None, "not a TLS connection"
-    return tls.get("edgeshield.identity"), tls.get("client_cert_error") or "no client certificate"
+def input_spec_for(session: Any, spec: Any | None) -> Any:
+    """The spec requests are checked against: the given one, which must fit the model, else the model's own."""
+    from edgeshield.adversarial import InputSpec
 
-
-async def _audit(state: ServerState, kind: str, actor: str, data: dict[str, Any]) -> None:
-    """Commit an audit entry before the response is sent (SQLite FULL sync runs in a worker thread)."""
-    if state.audit is not None:
-        await asyncio.to_thread(state.audit.append, kind, actor, data)
-
-
-async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class SecurityMiddleware:
-    """Authentication (verified client certificate), RBAC, body-size limit, metrics — before any handler runs."""
-
-    def __init__(self, app: Any, state: ServerState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state, path, method = self.state, scope["path"], scope["method"]
-        started = time.perf_counter()
-        status_box = {"status": 500}
-
-        async def send_tracking(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-            await send(message)
-
-        try:
-            identity, reason = _identity(scope)
-            if state.require_client_cert:
-                if identity is None:  # e.g. a session resumed after its certificate was revoked
-                    await _audit(state, "auth.failure", "anonymous", {"path": path, "reason": reason})
-                    await _send_json(send_tracking, 401, {"error": f"not authenticated: {reason}"})
-                    return
-                if state.rbac is not None and not state.rbac.allowed(identity.role, path, method):
-                    await _audit(state, "auth.forbidden", identity.name,
-                                 {"role": identity.role, "path": path, "method": method, "serial": identity.serial})
-                    await _send_json(send_tracking, 403, {"error": f"role {identity.role!r} may not {method} {path}"})
-                    return
-            declared = dict(scope.get("headers") or []).get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
-                await _send_json(send_tracking, 413, {"error": f"request body over {state.max_body_bytes} bytes"})
-                return
-            scope = {**scope, "state": {**(scope.get("state") or {}), "identity": identity}}
-            await self.app(scope, _limited(receive, state.max_body_bytes), send_tracking)
-        finally:
-            if state.metrics is not None:
-                state.metrics.requests.labels(path, str(status_box["status"])).inc()
-                state.metrics.latency.labels(path).observe(time.perf_counter() - started)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-def _limited(receive: Any, limit: int) -> Any:
-    seen = {"n": 0}
-
-    async def wrapped() -> dict[str, Any]:
-        message = await receive()
-        if message["type"] == "http.request":
-            seen["n"] += len(message.get("body", b""))
-            if seen["n"] > limit:
-                raise BodyTooLarge
-        return message
-
-    return wrapped
-
-
-def _parse_inputs(body: bytes, content_type: str, spec: Any) -> np.ndarray:
-    if content_type.startswith("application/x-npy"):
-        try:
-            return np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise ValueError(f"body is not a .npy array: {exc}") from None
-    try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"body is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "inputs" not in doc:
-        raise ValueError('JSON body must be an object with "inputs"')
-    dtype = spec.dtype if spec is not None else "float32"
-    try:
-        return np.asarray(doc["inputs"], dtype=dtype)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"inputs are not a numeric array: {exc}") from None
+    model = InputSpec.from_session(session)  # single-input models only, with a supported dtype
+    if spec is None:
+        return model
+    if len(spec.shape) != len(model.shape) or spec.dtype != model.dtype:
+        raise InvalidArgumentError(f"the input spec ({spec.dtype} rank {len(spec.shape)}) does not fit the model's "
+                                   f"input ({model.dtype} rank {len(model.shape)})")
+    for axis, (want, have) in enumerate(zip(spec.shape, model.shape)):
+        if have is not None and want != have:
+            raise InvalidArgumentError(f"the input spec's axis {axis} is {want}, the model's is fixed at {have}")
+    return spec
 
 
 def create_app(state: ServerState) -> Any:
-    """The FastAPI application for ``state`` (OpenAPI at /openapi.json)."""
+    """The FastAPI application for ``state`` (OpenAPI at /openapi.json), behind the security middleware."""
     if state.metrics is None:
         state.metrics = _Metrics()
+    state.spec = input_spec_for(state.session, state.spec)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
@@ -187,54 +113,61 @@ def create_app(state: ServerState) -> Any:
             if checkpoint is not None:
                 await asyncio.to_thread(checkpoint)
 
-    app = FastAPI(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "internal server error"}, status_code=500)  # the middleware logs and audits
 
-    @app.get("/healthz", summary="Liveness")
+    app = FastAPI(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  exception_handlers={Exception: internal_error})
+
+    @app.get("/healthz", summary="Liveness", response_model=_openapi.Health, responses=_openapi.COMMON)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model", summary="Manifest summary of the served bundle")
+    @app.get("/v1/model", summary="Manifest summary of the served bundle", response_model=_openapi.ModelInfo,
+             responses=_openapi.COMMON)
     async def model() -> dict[str, Any]:
         m = state.manifest
         return {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "model_version": m.model_version,
                 "created": m.created, "metadata": m.metadata, "detector": state.robust is not None}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=_openapi.METRICS)
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/predict", summary="Predict a batch (JSON {\"inputs\": [...]} or application/x-npy)")
-    async def predict(request: Request) -> JSONResponse:
+    @app.post("/v1/predict", summary="Predict a batch (JSON {\"inputs\": [...]} or application/x-npy)",
+              response_model=_openapi.Prediction, response_model_exclude_none=True, responses=_openapi.PREDICT,
+              openapi_extra=_openapi.predict_request_body(state.spec, state.max_batch))
+    async def predict(request: Request) -> Any:
         identity = request.scope.get("state", {}).get("identity")
         actor = identity.name if identity is not None else "anonymous"
-        try:
-            body = await request.body()
-        except BodyTooLarge:
-            return JSONResponse({"error": f"request body over {state.max_body_bytes} bytes"}, status_code=413)
+        body = await request.body()
         digest = hashlib.sha256(body).hexdigest()
         try:
-            x = _parse_inputs(body, request.headers.get("content-type", ""), state.spec)
-            if state.spec is not None:
-                state.spec.validate(x)
-            if x.ndim == 0 or len(x) > state.max_batch:
-                raise ValueError(f"batch must have between 1 and {state.max_batch} inputs")
-        except (ValueError, InputValidationError) as exc:
+            x = parse_inputs(body, request.headers.get("content-type", ""), state.spec, max_batch=state.max_batch)
+            state.spec.validate(x)
+        except (BodyRejected, InputValidationError) as exc:
+            status = exc.status if isinstance(exc, BodyRejected) else 422
             field_name = getattr(exc, "field", None)
             await _audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
-                                                         "field": field_name})
-            return JSONResponse({"error": str(exc), "field": field_name}, status_code=422)
+                                                         "field": field_name, "status": status})
+            return JSONResponse({"error": str(exc), "field": field_name}, status_code=status)
         refusal = await _extraction_gate(state, identity, actor, len(x), digest)
         if refusal is not None:
             return refusal
         try:
             result = await asyncio.wait_for(asyncio.to_thread(_infer, state, x), state.inference_timeout_s)
         except TimeoutError:
-            await _audit(state, "inference.timeout", actor, {"input_sha256": digest})
+            await _audit(state, "inference.timeout", actor, {"input_sha256": digest,
+                                                            "timeout_s": state.inference_timeout_s})
             return JSONResponse({"error": "inference timed out"}, status_code=504)
-        except EdgeShieldError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=422)
+        except Exception as exc:
+            if not isinstance(exc, EdgeShieldError) and not _from_onnxruntime(exc):
+                raise
+            await _audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
+                                                         "field": None, "status": 422})
+            return JSONResponse({"error": str(exc), "field": None}, status_code=422)
         refusal = await _watch_extraction(state, identity, actor, x, result, digest)
         if refusal is not None:
             return refusal
@@ -245,7 +178,20 @@ def create_app(state: ServerState) -> Any:
             await _audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
         return JSONResponse(result)
 
-    return SecurityMiddleware(app, state)
+    original_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi.security(original_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return SecurityMiddleware(app, state, app.routes)
+
+
+def _from_onnxruntime(exc: Exception) -> bool:
+    """ONNX Runtime refused an input that passed the spec (InvalidArgument and kin): the client's input, not a bug."""
+    return type(exc).__module__.startswith("onnxruntime")
 
 
 async def _extraction_gate(state: ServerState, identity: Any, actor: str, batch: int, digest: str) -> Any:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import ssl
 import threading
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeshield._io import check_readable_file
 from edgeshield.server._app import ServerState
+from edgeshield.server._crl import CrlGuard, CrlWatcher
+from edgeshield.server._limits import Limits
+from edgeshield.server._listener import ConnectionEvents, ConnectionGate, GateProtocol
 
 log = logging.getLogger("edgeshield.server")
 PathLike = str | os.PathLike[str]
@@ -48,6 +53,10 @@ class ServeConfig:
     served_watermark_key: Path | None = None  # DAWN ownership proof: key file, rate, evidence store
     served_watermark_rate: float = 0.01
     served_watermark_evidence: Path | None = None
+    # what one client may hold (connections, handshakes, time, concurrency): see edgeshield.server._limits
+    limits: Limits = field(default_factory=Limits)
+    crl_expired: str = "fail-closed"  # or "keep-last": keep revoking with the last CRL's serials, loudly
+    crl_warn_days: float = 2.0  # warn (log, metric, audit) this long before the CRL's nextUpdate
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -82,7 +91,7 @@ def build_state(cfg: ServeConfig) -> ServerState:
                                            "model_sha256": _sha256(rbac.model_path)})
     return ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
                        max_body_bytes=cfg.max_body_bytes, inference_timeout_s=cfg.inference_timeout_s,
-                       rate_limiter=limiter, monitor=monitor, outputs=outputs, served_watermark=served,
+                       limits=cfg.limits, rate_limiter=limiter, monitor=monitor, outputs=outputs, served_watermark=served,
                        served_evidence=evidence, on_shutdown=[evidence.close] if evidence is not None else [])
 
 
@@ -146,49 +155,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class HandshakeFailures:
-    """Counts failed TLS handshakes and writes them to the audit log at most once per ``interval`` seconds.
-
-    A failed handshake happens on the event loop, before any request; writing an fsync'd audit entry there for each
-    one would let unauthenticated peers stall every connection and grow the log without bound. So the loop only
-    counts (by reason), and a background thread records one ``auth.failure`` entry per interval with the counts.
-    """
-
-    def __init__(self, state: ServerState, interval: float = 1.0) -> None:
-        self.state, self.interval = state, interval
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgeshield-handshake-audit", daemon=True)
-
-    def record(self, reason: str) -> None:
-        with self._lock:
-            self._counts[reason] = self._counts.get(reason, 0) + 1
-
-    def flush(self) -> None:
-        with self._lock:
-            counts, self._counts = self._counts, {}
-        if counts and self.state.audit is not None:
-            self.state.audit.append("auth.failure", "anonymous",
-                                    {"stage": "tls-handshake", "count": sum(counts.values()), "reasons": counts})
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.flush()
-
-
-def tls_context(cfg: ServeConfig, failures: HandshakeFailures) -> ssl.SSLContext:
+def tls_context(cfg: ServeConfig, events: ConnectionEvents) -> ssl.SSLContext:
     """The server's TLS 1.3 mutual-auth context, whose failed handshakes are counted for the audit log."""
     from edgeshield.transport import server_context
 
-    ctx = server_context(cfg.ca, cfg.cert, cfg.key, crl=cfg.crl, passphrase=cfg.passphrase)
+    ctx = server_context(cfg.ca, cfg.cert, cfg.key, crl=cfg.crl, passphrase=cfg.passphrase,
+                         allow_expired_crl=cfg.crl_expired == "keep-last")
 
     class AuditingSSLObject(ssl.SSLObject):
         # asyncio drives handshakes through SSLObject.do_handshake; a failure here never reaches the app.
@@ -198,46 +170,11 @@ def tls_context(cfg: ServeConfig, failures: HandshakeFailures) -> ssl.SSLContext
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as exc:
-                failures.record((exc.reason or type(exc).__name__)[:100])
+                events.handshake_failed((exc.reason or type(exc).__name__)[:100])
                 raise
 
     ctx.sslobject_class = AuditingSSLObject
     return ctx
-
-
-class CrlWatcher(threading.Thread):
-    """Reloads the CRL into the live context when the file changes (no restart) and audits each reload."""
-
-    def __init__(self, ctx: ssl.SSLContext, crl_path: Path, state: ServerState, poll_s: float) -> None:
-        super().__init__(name="edgeshield-crl", daemon=True)
-        self.ctx, self.path, self.state, self.poll_s = ctx, crl_path, state, poll_s
-        self.stop = threading.Event()
-        self._mtime = crl_path.stat().st_mtime_ns
-
-    def check(self) -> bool:
-        from edgeshield.errors import EdgeShieldError
-        from edgeshield.transport import reload_crl
-
-        mtime = self.path.stat().st_mtime_ns
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            info = reload_crl(self.ctx, self.path)
-        except EdgeShieldError as exc:
-            if self.state.audit is not None:
-                self.state.audit.append("crl.reload_failed", "server", {"reason": str(exc)[:200]})
-            return False
-        if self.state.audit is not None:
-            self.state.audit.append("crl.reload", "server", {"crl_number": info.number, "revoked": len(info.revoked)})
-        return True
-
-    def run(self) -> None:
-        while not self.stop.wait(self.poll_s):
-            try:
-                self.check()
-            except OSError:
-                continue
 
 
 def crl_path_for(cfg: ServeConfig) -> Path:
@@ -245,20 +182,32 @@ def crl_path_for(cfg: ServeConfig) -> Path:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line; messages never contain secrets or raw inputs (only what the code logs)."""
+    """One JSON object per log line, a traceback included as one field; messages never contain secrets or raw
+    inputs (only what the code logs)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
-                           "logger": record.name, "msg": record.getMessage()})
+        line: dict[str, Any] = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                                "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            line["exc_type"] = record.exc_info[0].__name__
+            line["traceback"] = "".join(traceback.format_exception(*record.exc_info))
+        return json.dumps(line)
 
 
 def log_config(level: str = "info") -> dict[str, Any]:
+    """Every logger, ours, uvicorn's and any library's, writes one JSON object per line to stderr.
+
+    The root logger takes whatever a library logs (at WARNING and above), Python warnings are routed into logging,
+    and pycasbin's per-request "Request: ... ---> False" lines are silenced: every denial is in the audit log.
+    """
+    ours = {name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "edgeshield")}
     return {
         "version": 1, "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-        "loggers": {name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "edgeshield")},
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
+        "loggers": {**ours, "casbin": {"level": "ERROR"}, "py.warnings": {"level": "ERROR"}},
     }
 
 
@@ -268,9 +217,45 @@ def _server_class() -> type:
 
     import uvicorn
 
-    class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, killing the process before our own
-        clean-up (the audit log's shutdown entry) runs; this variant just returns, so ``serve`` exits 0."""
+    from edgeshield.errors import EdgeShieldError
+    from edgeshield.server._tls_scope import TlsHttpToolsProtocol
+
+    class GuardedServer(uvicorn.Server):
+        """uvicorn behind EdgeShield's own listener (admission before TLS, a handshake deadline; ``_listener``).
+
+        It also returns from SIGINT/SIGTERM instead of re-raising them after the graceful shutdown (which would kill
+        the process before our own clean-up, the audit log's shutdown entry), so ``serve`` exits 0.
+        """
+
+        gate: ConnectionGate
+
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await self.lifespan.startup()
+            if self.lifespan.should_exit:
+                self.should_exit = True
+                return
+            config, loop = self.config, asyncio.get_running_loop()
+            self.gate.loop = loop
+
+            def http(address: str) -> asyncio.Protocol:
+                return TlsHttpToolsProtocol(config=config, server_state=self.server_state,
+                                            app_state=self.lifespan.state, _loop=loop, gate=self.gate,
+                                            address=address)
+
+            try:
+                server = await loop.create_server(lambda: GateProtocol(self.gate, http), host=config.host,
+                                                  port=config.port, backlog=config.backlog)
+            except OSError as exc:
+                await self.lifespan.shutdown()
+                raise EdgeShieldError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+            self.servers = [server]
+            host, port = server.sockets[0].getsockname()[:2]
+            log.info("serving on https://%s:%d (mutual TLS 1.3)", host, port)
+            self.started = True
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            self.gate.abort_handshakes()
+            await super().shutdown(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self):  # type: ignore[no-untyped-def]
@@ -284,30 +269,38 @@ def _server_class() -> type:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    return GracefulServer
+    return GuardedServer
 
 
 def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any, CrlWatcher]:
-    """A configured ``uvicorn.Server`` (not started) and its CRL watcher."""
+    """A configured ``uvicorn.Server`` behind EdgeShield's listener (not started) and its CRL watcher."""
     import uvicorn
 
     from edgeshield.server._app import create_app
-    from edgeshield.server._tls_scope import TlsHttpToolsProtocol
 
     check_readable_file(cfg.cert, what="server certificate")
     check_readable_file(cfg.key, what="server key")
     state = state or build_state(cfg)
-    failures = HandshakeFailures(state)
-    state.on_shutdown.append(failures.stop)
-    failures.start()
-    ctx = tls_context(cfg, failures)
+    events = ConnectionEvents(state)
+    state.on_shutdown.append(events.stop)
+    ctx = tls_context(cfg, events)
+    guard = CrlGuard(ctx, cfg.crl_expired)
+    state.revocation = guard.refusal
+    app = create_app(state)
+    events.start()
     config = uvicorn.Config(
-        create_app(state), host=cfg.host, port=cfg.port, http=TlsHttpToolsProtocol,
-        ssl_context_factory=lambda _config, _default: ctx,
-        timeout_keep_alive=5, timeout_graceful_shutdown=10, limit_concurrency=256, log_config=log_config(cfg.log_level),
+        # The stdlib event loop: uvloop's start_tls drops a ClientHello that arrived before the upgrade and the
+        # handshake hangs (MagicStack/uvloop#707), which the listener's TLS-after-admission design depends on.
+        app, host=cfg.host, port=cfg.port, loop="asyncio", timeout_keep_alive=max(1, round(cfg.limits.keep_alive_s)),
+        timeout_graceful_shutdown=10, limit_concurrency=None, log_config=log_config(cfg.log_level),
         server_header=False, date_header=False,
     )
-    return _server_class()(config), CrlWatcher(ctx, crl_path_for(cfg), state, cfg.crl_poll_s)
+    server = _server_class()(config)
+    server.gate = ConnectionGate(cfg.limits, ctx, events)
+    watcher = CrlWatcher(guard, crl_path_for(cfg), state, cfg.crl_poll_s, warn_before_s=cfg.crl_warn_days * 86400,
+                         on_reload=server.gate.close_revoked_threadsafe)
+    watcher.check_expiry()
+    return server, watcher
 
 
 def serve(cfg: ServeConfig) -> None:

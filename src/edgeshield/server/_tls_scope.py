@@ -1,19 +1,30 @@
-"""Put the verified client certificate into the ASGI scope, where uvicorn does not.
+"""uvicorn's HTTP protocol, once per TLS connection: the verified client certificate in the ASGI scope, and the
+limits that only make sense after the handshake.
 
-uvicorn terminates TLS but never exposes the peer certificate to the application. Its HTTP protocol objects are
-created per connection after asyncio has completed the TLS handshake (so the certificate has already been
-verified against the CA, the CRL and TLS 1.3 only); these subclasses read it from the transport's SSL object and
-publish it through the ASGI TLS extension (``scope["extensions"]["tls"]``, as the ASGI spec defines it) for every
-request on that connection.
+uvicorn terminates HTTP but never exposes the peer certificate to the application. The protocol object is created
+per connection after the listener (``_listener``) has completed the TLS handshake, so the certificate has already
+been verified against the CA, the CRL and TLS 1.3 only; this subclass reads it from the transport's SSL object and
+publishes it through the ASGI TLS extension (``scope["extensions"]["tls"]``, as the ASGI spec defines it) for every
+request on that connection. It also
+
+- counts the connection against its identity; over ``max_connections_per_identity`` the connection is marked and
+  every request on it answered 503 by the middleware;
+- closes a connection that has not delivered a complete request head within ``request_head_timeout_s`` of
+  becoming idle (just opened, or its last response sent): slowloris clients and connections that never send a
+  request cannot hold a slot for longer than that;
+- gives its slot back to the gate when it closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+if TYPE_CHECKING:
+    from edgeshield.server._listener import ConnectionGate
 
 
 def tls_extension(transport: Any) -> dict[str, Any] | None:
@@ -54,12 +65,59 @@ def _wrap(app: Any, tls: dict[str, Any] | None) -> Any:
 
 
 class TlsHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, gate: ConnectionGate | None = None, address: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate, self.address = gate, address
+        self.identity: Any = None  # set once counted against the gate
+        self._head_timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.app = _wrap(self.app, tls_extension(transport))
+        tls = tls_extension(transport)
+        identity = tls.get("edgeshield.identity") if tls else None
+        if self.gate is not None and identity is not None and tls is not None:
+            if self.gate.bind(identity.name, self):
+                self.identity = identity
+            else:
+                tls["edgeshield.over_cap"] = True
+        self.app = _wrap(self.app, tls)
+        self._arm_head_timer()
 
+    def _arm_head_timer(self) -> None:
+        if self.gate is None:
+            return
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.gate.limits.request_head_timeout_s, self._head_timeout)
 
-class TlsH11Protocol(H11Protocol):
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.app = _wrap(self.app, tls_extension(transport))
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            if self.gate is not None:
+                self.gate.events.refused("request head timeout")
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # idle again (not closing, nothing pipelined)
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self.gate is not None:
+            if self.identity is not None:
+                self.gate.unbind(self.identity.name, self)
+                self.identity = None
+            if self.address is not None:
+                self.gate.release(self.address)
+                self.address = None
+        super().connection_lost(exc)

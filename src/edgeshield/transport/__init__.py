@@ -36,7 +36,14 @@ from edgeshield.transport._pki import (
     validate_name,
     validate_role,
 )
-from edgeshield.transport._tls import client_context, peer_identity, reload_crl, revoked_serials, server_context
+from edgeshield.transport._tls import (
+    client_context,
+    loaded_crl,
+    peer_identity,
+    reload_crl,
+    revoked_serials,
+    server_context,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -56,6 +63,7 @@ __all__ = [
     "init_ca",
     "issue",
     "list_certs",
+    "loaded_crl",
     "load_crl",
     "parse_san",
     "parse_serial",

@@ -60,11 +60,13 @@ _loaded_lock = threading.Lock()
 
 
 def server_context(ca: PathLike, cert: PathLike, key: PathLike, *, crl: PathLike | None = None,
-                   passphrase: bytes | None = None) -> ssl.SSLContext:
+                   passphrase: bytes | None = None, allow_expired_crl: bool = False) -> ssl.SSLContext:
     """A TLS 1.3 server context that requires a client certificate from ``ca`` which its CRL does not revoke.
 
     ``ca`` is a CA directory (its ``ca.crt`` and ``crl.pem`` are used) or a CA certificate file, in which case
     ``crl`` must be given: this server never runs without revocation checking. ``passphrase`` decrypts ``key``.
+    ``allow_expired_crl`` accepts a CRL past its nextUpdate (see :func:`reload_crl`); OpenSSL then refuses every
+    full handshake until the caller clears ``VERIFY_CRL_CHECK_LEAF`` and checks serials itself.
     """
     ca_path, crl_path = _resolve_ca(ca, crl, need_crl=True)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -74,7 +76,7 @@ def server_context(ca: PathLike, cert: PathLike, key: PathLike, *, crl: PathLike
     _load_chain(ctx, cert, key, passphrase)
     _load_ca(ctx, ca_path)
     assert crl_path is not None
-    reload_crl(ctx, crl_path)
+    reload_crl(ctx, crl_path, allow_expired=allow_expired_crl)
     return ctx
 
 
@@ -93,19 +95,20 @@ def client_context(ca: PathLike, cert: PathLike, key: PathLike, *,
     return ctx
 
 
-def reload_crl(context: ssl.SSLContext, crl_path: PathLike) -> CrlInfo:
+def reload_crl(context: ssl.SSLContext, crl_path: PathLike, *, allow_expired: bool = False) -> CrlInfo:
     """Load a newer CRL into a live server context; every later full handshake is checked against it.
 
-    The CRL must be signed by a CA the context trusts, be current, and be newer than the one loaded before (an older
-    CRL number is refused as a rollback; the same CRL again is a no-op). Only the parsed CRL is handed to OpenSSL,
-    so a certificate appended to the file cannot sneak into the trust store.
+    The CRL must be signed by a CA the context trusts, be current (unless ``allow_expired``: an operator's explicit
+    choice to keep revoking with the last CRL rather than refuse everyone), and be newer than the one loaded before
+    (an older CRL number is refused as a rollback; the same CRL again is a no-op). Only the parsed CRL is handed to
+    OpenSSL, so a certificate appended to the file cannot sneak into the trust store.
     """
     issuers = [x509.load_der_x509_certificate(der) for der in context.get_ca_certs(binary_form=True)]
     if not issuers:
         raise InvalidArgumentError("the context trusts no CA to check a CRL against")
     crl_obj, info = _verified_crl(crl_path, issuers)
     now = datetime.now(timezone.utc)
-    if info.next_update <= now:
+    if info.next_update <= now and not allow_expired:
         raise CrlError(f"{crl_path} expired at {info.next_update.isoformat()}: publish a fresh CRL")
     if info.last_update > now + CLOCK_SKEW:
         raise CrlError(f"{crl_path} is not valid until {info.last_update.isoformat()}: check the clocks")
@@ -129,6 +132,12 @@ def reload_crl(context: ssl.SSLContext, crl_path: PathLike) -> CrlInfo:
                 raise InvalidArgumentError(f"OpenSSL refused {crl_path}: {exc.reason or exc}") from exc
         _loaded[context] = info
     return info
+
+
+def loaded_crl(context: ssl.SSLContext) -> CrlInfo | None:
+    """The CRL the context last loaded (its number, dates and revoked serials), or None."""
+    with _loaded_lock:
+        return _loaded.get(context)
 
 
 def revoked_serials(context: ssl.SSLContext) -> frozenset[int]:

@@ -1,0 +1,261 @@
+"""The server's own TCP listener: admission before the TLS handshake, TLS with a deadline, then HTTP.
+
+uvicorn only sees a connection once asyncio has finished its TLS handshake, which costs the server about 2.7 ms of
+CPU for a mutual-TLS client and by default may take 60 s. So EdgeShield listens on plain TCP itself: each new
+connection is first admitted by the :class:`ConnectionGate` (per-address connection cap and handshake rate, a
+global cap), then upgraded with ``loop.start_tls`` under ``handshake_timeout_s``, and only then handed to
+uvicorn's HTTP protocol (``_tls_scope.TlsHttpToolsProtocol``), which enforces the request-head timeout and the
+per-identity connection cap. Refusals before TLS can only be a closed connection; they are counted and written
+to the audit log at most once a second (:class:`ConnectionEvents`), so a flood cannot stall the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from edgeshield.server._limits import Limits, address_key
+
+if TYPE_CHECKING:
+    from edgeshield.server._app import ServerState
+
+log = logging.getLogger("edgeshield.server")
+_MAX_BUCKETS = 4096
+
+
+class ConnectionEvents:
+    """Counts failed handshakes and refused connections, and audits them at most once per ``interval`` seconds.
+
+    Both happen on the event loop before any request; an fsync'd audit entry for each would let unauthenticated
+    peers stall every connection and grow the log without bound. So the loop only counts (by reason), and a
+    background thread records one ``auth.failure`` (stage ``tls-handshake``) and one ``connection.refused`` entry
+    per interval with the counts.
+    """
+
+    def __init__(self, state: ServerState, interval: float = 1.0) -> None:
+        self.state, self.interval = state, interval
+        self._lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        self._refusals: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgeshield-connection-audit", daemon=True)
+
+    def handshake_failed(self, reason: str) -> None:
+        with self._lock:
+            self._failures[reason] = self._failures.get(reason, 0) + 1
+
+    def refused(self, reason: str) -> None:
+        with self._lock:
+            self._refusals[reason] = self._refusals.get(reason, 0) + 1
+        metrics = self.state.metrics
+        if metrics is not None:
+            metrics.connections_refused.labels(reason).inc()
+
+    def flush(self) -> None:
+        with self._lock:
+            failures, self._failures = self._failures, {}
+            refusals, self._refusals = self._refusals, {}
+        if self.state.audit is None:
+            return
+        if failures:
+            self.state.audit.append("auth.failure", "anonymous", {"stage": "tls-handshake",
+                                                                  "count": sum(failures.values()), "reasons": failures})
+        if refusals:
+            self.state.audit.append("connection.refused", "anonymous",
+                                    {"count": sum(refusals.values()), "reasons": refusals})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+class _Bucket:
+    """Token bucket of full handshakes for one address."""
+
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens, self.stamp = burst, now
+
+
+class ConnectionGate:
+    """Who holds which connections; every method runs on the event loop thread."""
+
+    def __init__(self, limits: Limits, ssl_context: ssl.SSLContext, events: ConnectionEvents) -> None:
+        self.limits, self.ssl_context, self.events = limits, ssl_context, events
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._by_identity: dict[str, set[Any]] = {}  # identity name -> its HTTP protocols
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- before TLS --
+    def admit(self, address: str) -> str | None:
+        """Take a connection slot for ``address``, or say why not."""
+        lim = self.limits
+        if self.total >= lim.max_connections:
+            return "server connection cap"
+        if self._by_address.get(address, 0) >= lim.max_connections_per_address:
+            return "per-address connection cap"
+        now = time.monotonic()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_BUCKETS:
+                self._prune(now)
+            bucket = self._buckets[address] = _Bucket(lim.handshake_burst_per_address, now)
+        bucket.tokens = min(lim.handshake_burst_per_address,
+                            bucket.tokens + (now - bucket.stamp) * lim.handshakes_per_second_per_address)
+        bucket.stamp = now
+        if bucket.tokens < 1:
+            return "per-address handshake rate"
+        bucket.tokens -= 1
+        self.total += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+        return None
+
+    def _prune(self, now: float) -> None:
+        """Forget addresses whose bucket has refilled: they would start full anyway."""
+        lim = self.limits
+        full = [a for a, b in self._buckets.items()
+                if b.tokens + (now - b.stamp) * lim.handshakes_per_second_per_address >= lim.handshake_burst_per_address]
+        for a in full:
+            del self._buckets[a]
+
+    def release(self, address: str) -> None:
+        self.total -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
+
+    def connections_from(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    # -- after TLS --
+    def bind(self, name: str, protocol: Any) -> bool:
+        """Count ``protocol`` against identity ``name``; False (and not counted) when the identity is at its cap."""
+        held = self._by_identity.setdefault(name, set())
+        if len(held) >= self.limits.max_connections_per_identity:
+            if not held:
+                del self._by_identity[name]
+            return False
+        held.add(protocol)
+        return True
+
+    def unbind(self, name: str, protocol: Any) -> None:
+        held = self._by_identity.get(name)
+        if held is not None:
+            held.discard(protocol)
+            if not held:
+                del self._by_identity[name]
+
+    def connections_of(self, name: str) -> int:
+        return len(self._by_identity.get(name, ()))
+
+    def close_revoked(self, serials: Iterable[int]) -> int:
+        """Close every live connection whose certificate serial is in ``serials``; how many were closed."""
+        revoked = frozenset(serials)
+        closed = 0
+        for protocols in list(self._by_identity.values()):
+            for protocol in list(protocols):
+                if protocol.identity is not None and protocol.identity.serial in revoked:
+                    protocol.transport.close()
+                    closed += 1
+        if closed:
+            for _ in range(closed):
+                self.events.refused("certificate revoked: live connection closed")
+        return closed
+
+    def close_revoked_threadsafe(self, serials: Iterable[int]) -> None:
+        """From another thread (the CRL watcher): schedule :meth:`close_revoked` on the event loop."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.close_revoked, frozenset(serials))
+
+    # -- handshakes in progress --
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def abort_handshakes(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+
+
+class _Handover(asyncio.Protocol):
+    """Holds what the TLS layer delivers between the end of the handshake and the HTTP protocol taking over."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+
+    def hand_over(self, transport: asyncio.BaseTransport, protocol: asyncio.Protocol) -> None:
+        transport.set_protocol(protocol)
+        for chunk in self.data:
+            protocol.data_received(chunk)
+        if self.eof:
+            protocol.eof_received()
+        if self.lost is not None:
+            protocol.connection_lost(self.lost[0])
+
+
+class GateProtocol(asyncio.Protocol):
+    """The listener's protocol for one TCP connection: admit it, upgrade it to TLS in time, hand it to HTTP."""
+
+    def __init__(self, gate: ConnectionGate, make_http: Callable[[str], asyncio.Protocol]) -> None:
+        self.gate, self.make_http = gate, make_http
+
+    def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TCP transport
+        transport.pause_reading()  # nothing may be read before start_tls owns the connection
+        address = address_key(transport.get_extra_info("peername"))
+        refusal = self.gate.admit(address)
+        if refusal is not None:
+            self.gate.events.refused(refusal)
+            transport.abort()
+            return
+        self.gate.track(asyncio.get_running_loop().create_task(self._upgrade(transport, address)))
+
+    async def _upgrade(self, transport: Any, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        pending = _Handover()
+        try:
+            tls = await loop.start_tls(transport, pending, self.gate.ssl_context, server_side=True,
+                                       ssl_handshake_timeout=self.gate.limits.handshake_timeout_s)
+        except BaseException as exc:
+            self.gate.release(address)
+            transport.abort()
+            if isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc):
+                self.gate.events.refused("TLS handshake timeout")
+            if not isinstance(exc, Exception):
+                raise  # cancelled at shutdown
+            return
+        if tls is None:  # the peer went away as the handshake finished
+            self.gate.release(address)
+            return
+        http = self.make_http(address)
+        http.connection_made(tls)
+        pending.hand_over(tls, http)

@@ -1,0 +1,230 @@
+"""The security middleware every request passes before any handler runs.
+
+In order: the verified client identity (401 without one), its revocation status *now* (401 and the connection
+closed once its certificate is revoked, even on a connection opened before), the per-identity connection cap
+(503), routing (404 unknown path, 405 wrong method), RBAC (403), the in-flight limits (503), then the body: 413
+over the size limit, 408 when it does not arrive in time. Every refusal is written to the audit log before the
+answer goes out. An exception no handler expected is logged with its traceback, audited as ``server.error`` and
+answered with a JSON 500; it never escapes to uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import Match
+
+if TYPE_CHECKING:
+    from edgeshield.server._app import ServerState
+
+log = logging.getLogger("edgeshield.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+RETRY_AFTER_BUSY_S = 1
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def identity_of(scope: Scope) -> tuple[Any | None, str]:
+    """(verified identity, reason when there is none) from the TLS extension the server put in the scope."""
+    tls = (scope.get("extensions") or {}).get("tls")
+    if not tls:
+        return None, "not a TLS connection"
+    return tls.get("edgeshield.identity"), tls.get("client_cert_error") or "no client certificate"
+
+
+async def audit(state: ServerState, kind: str, actor: str, data: dict[str, Any]) -> None:
+    """Commit an audit entry before the response is sent (SQLite FULL sync runs in a worker thread)."""
+    if state.audit is not None:
+        await asyncio.to_thread(state.audit.append, kind, actor, data)
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def read_body(receive: Receive, limit: int, timeout_s: float) -> bytes:
+    """The whole request body: at most ``limit`` bytes, all of it within ``timeout_s`` (slow uploads are cut)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    chunks, size = [], 0
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise BodyTimeout
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except TimeoutError:
+            raise BodyTimeout from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the disconnect, as the server's own receive does
+
+    return replayed
+
+
+class SecurityMiddleware:
+    """Authentication, revocation, routing, RBAC, limits, body reading, error containment, metrics."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, routes: list[Any]) -> None:
+        from edgeshield.server._limits import InFlight
+
+        self.app, self.state, self.routes = app, state, routes
+        self.in_flight = InFlight(state.limits.max_in_flight, state.limits.max_in_flight_per_identity)
+
+    def _route(self, scope: Scope) -> tuple[str | None, set[str]]:
+        """(route path when a route takes this method, methods the path takes when only the method is wrong)."""
+        allowed: set[str] = set()
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route.path, allowed
+            if match == Match.PARTIAL:
+                allowed |= set(getattr(route, "methods", ()) or ())
+        return None, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, method = self.state, scope["method"]
+        started = time.perf_counter()
+        status = {"code": 0}
+        label = "unmatched"  # metrics are labelled by route, never by the raw path a client chose
+
+        async def tracking(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        identity, reason = identity_of(scope)
+        actor = identity.name if identity is not None else "anonymous"
+
+        async def refuse(code: int, kind: str, data: dict[str, Any], error: str, *, field: str | None = None,
+                         headers: dict[str, str] | None = None) -> None:
+            await audit(state, kind, actor, {"status": code, **data})
+            body: dict[str, Any] = {"error": error}
+            if field is not None:
+                body["field"] = field
+            await send_json(tracking, code, body, headers)
+
+        close = {"connection": "close"}
+        busy = {"retry-after": str(RETRY_AFTER_BUSY_S)}
+        path = scope["path"]
+        slot: str | None = None
+        try:
+            if state.require_client_cert:
+                if identity is None:  # e.g. a session resumed after its certificate was revoked
+                    await refuse(401, "auth.failure", {"path": path[:200], "reason": reason},
+                                 f"not authenticated: {reason}")
+                    return
+                problem = state.revocation(identity) if state.revocation is not None else None
+                if problem is not None:
+                    await refuse(401, "auth.failure", {"path": path[:200], "reason": problem,
+                                                       "serial": identity.serial}, f"not authenticated: {problem}",
+                                 headers=close)
+                    return
+                tls = (scope.get("extensions") or {}).get("tls") or {}
+                if tls.get("edgeshield.over_cap"):
+                    await refuse(503, "server.busy", {"reason": "connections per identity",
+                                                      "limit": state.limits.max_connections_per_identity},
+                                 "too many connections for this identity", headers={**busy, **close})
+                    return
+            route, allowed = self._route(scope)
+            if route is None:
+                if allowed:
+                    await refuse(405, "request.method_not_allowed", {"path": path[:200], "method": method[:16]},
+                                 f"{method} is not allowed here", headers={"allow": ", ".join(sorted(allowed))})
+                else:
+                    await refuse(404, "request.not_found", {"path": path[:200], "method": method[:16]},
+                                 "no such endpoint")
+                return
+            label = route
+            if (state.require_client_cert and state.rbac is not None
+                    and not state.rbac.allowed(identity.role, route, method)):
+                await refuse(403, "auth.forbidden", {"role": identity.role, "path": route, "method": method,
+                                                     "serial": identity.serial},
+                             f"role {identity.role!r} may not {method} {route}")
+                return
+            key = actor if identity is not None else "anonymous"
+            if not self.in_flight.acquire(key):
+                await refuse(503, "server.busy", {"reason": "requests in flight", "path": route,
+                                                  "in_flight": self.in_flight.count}, "server busy: retry later",
+                             headers=busy)
+                return
+            slot = key
+            declared = dict(scope.get("headers") or []).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
+                await refuse(413, "request.too_large", {"path": route, "declared": int(declared)},
+                             f"request body over {state.max_body_bytes} bytes", headers=close)
+                return
+            try:
+                body = await read_body(receive, state.max_body_bytes, state.limits.body_timeout_s)
+            except BodyTooLarge:
+                await refuse(413, "request.too_large", {"path": route}, f"request body over {state.max_body_bytes} "
+                             "bytes", headers=close)
+                return
+            except BodyTimeout:
+                await refuse(408, "request.timeout", {"path": route, "timeout_s": state.limits.body_timeout_s},
+                             "request body too slow", headers=close)
+                return
+            except ClientGone:
+                return
+            scope = {**scope, "state": {**(scope.get("state") or {}), "identity": identity}}
+            await self.app(scope, _replay(body, receive), tracking)
+        except Exception as exc:  # a bug: contain it, leave evidence, answer cleanly
+            log.exception("unhandled error on %s %s", method, label)
+            try:
+                await audit(state, "server.error", actor, {"path": label, "method": method[:16],
+                                                          "error": type(exc).__name__})
+            except Exception:
+                log.exception("the server.error audit entry could not be written")
+            if not status["code"]:
+                await send_json(tracking, 500, {"error": "internal server error"})
+        finally:
+            if slot is not None:
+                self.in_flight.release(slot)
+            if state.metrics is not None:
+                state.metrics.requests.labels(label, str(status["code"] or 500)).inc()
+                state.metrics.latency.labels(label).observe(time.perf_counter() - started)
