@@ -15,7 +15,7 @@ import typer
 
 from edgeshield import __version__
 from edgeshield.cli import _audit, _bundles, _client, _detect, _extraction, _keys, _pki, _serve, _watermark
-from edgeshield.cli._common import err_console
+from edgeshield.cli._common import err_console, requires
 from edgeshield.errors import EXIT_GENERAL, EXIT_INPUT, EdgeShieldError
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command("run")(_bundles.run)
 
 
 @app.command("demo")
+@requires("demo")
 def demo(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     workdir: str | None = typer.Option(None, "--workdir", help="Keep the demo's files here instead of a temp dir."),

@@ -11,7 +11,16 @@ from rich.table import Table
 
 from edgeshield import bundles, keys
 from edgeshield._io import check_readable_file
-from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json, parse_meta
+from edgeshield.cli._common import (
+    JsonOpt,
+    PassphraseEnvOpt,
+    console,
+    emit_json,
+    given,
+    gradient_detector_file,
+    parse_meta,
+    requires,
+)
 from edgeshield.errors import InvalidArgumentError, OutputExistsError
 
 OwnerPubOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
@@ -36,6 +45,8 @@ def _print_manifest(manifest: bundles.Manifest, title: str) -> None:
     console.print(table)
 
 
+@requires("owner")
+@requires("owner", "model_signing", "OpenSSL", when=given("sigstore_sig"))
 def protect(
     model: Annotated[Path, typer.Argument(help="The ONNX model to protect.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle file to write (atomically).")],
@@ -107,6 +118,7 @@ def _load_watermark_key(path: Path | None) -> bytes | None:
     return load_key(path)
 
 
+@requires("owner", "model_signing", "OpenSSL", when=given("sigstore_sig"))
 def verify(
     bundle: Annotated[Path | None, typer.Argument(help="The bundle to verify.")] = None,
     owner_key: OwnerPubOpt = ...,  # type: ignore[assignment]
@@ -157,6 +169,7 @@ def inspect(
     _print_manifest(manifest, f"{bundle} ({'verified' if verified else 'NOT verified: pass --owner-key'})")
 
 
+@requires("eval", "torch", "onnx", when=gradient_detector_file("detector"))
 def run(
     bundle: Annotated[Path, typer.Argument(help="The bundle to run.")],
     owner_key: OwnerPubOpt,

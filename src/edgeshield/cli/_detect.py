@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeshield import bundles, keys
-from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json, given, listed, requires
 from edgeshield.errors import InvalidArgumentError
 
 app = typer.Typer(help="Adversarial-input detectors: calibrate to a target FPR, evaluate against ART attacks.",
@@ -43,6 +43,7 @@ def open_with_spec(bundle: Path, owner_key: Path, device_key: Path, passphrase_e
 
 
 @app.command("calibrate")
+@requires("eval", "torch", "onnx", when=listed("detectors", "gradient"))
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="The protected model.")],
     owner_key: OwnerOpt,
@@ -97,6 +98,8 @@ def calibrate(
 
 
 @app.command("evaluate")
+@requires("eval")
+@requires("eval", "matplotlib", when=given("out_dir"))
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="The protected model.")],
     owner_key: OwnerOpt,

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from edgeshield.cli._common import JsonOpt, console, emit_json
+from edgeshield.cli._common import JsonOpt, console, emit_json, requires
 
 app = typer.Typer(help="Model-extraction defence: end-to-end evaluation.", no_args_is_help=True)
 
@@ -26,6 +26,7 @@ def _group() -> None:
 
 
 @app.command("evaluate")
+@requires("eval")
 def evaluate(
     quick: Annotated[bool, typer.Option("--quick", help="Budgets 100 and 500, two output settings (< 1 minute).")]
     = False,

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from edgeshield.cli._common import JsonOpt, console, emit_json
+from edgeshield.cli._common import JsonOpt, console, emit_json, requires
 
 app = typer.Typer(help="Ownership watermarks: a keyed spread-spectrum mark in a model's weights (embed, verify) "
                        "and a served DAWN mark in its answers that survives extraction (verify-copy).",
@@ -43,6 +43,7 @@ def keygen(
 
 
 @app.command("embed")
+@requires("owner")
 def embed(
     model: Annotated[Path, typer.Argument(help="The ONNX model to mark.")],
     key: KeyOpt,
@@ -68,6 +69,7 @@ def embed(
 
 
 @app.command("verify")
+@requires("owner")
 def verify(
     model: Annotated[Path, typer.Argument(help="The suspect ONNX model (fine-tuned, pruned or quantised copies too).")],
     key: KeyOpt,

@@ -67,7 +67,7 @@ def load_digits_split(*, test_size: float = DIGITS_TEST_SIZE, seed: int = DIGITS
         from sklearn.model_selection import train_test_split
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(
-            "the digits data set needs scikit-learn: install edgeshield[demo]"
+            "the digits data set needs scikit-learn: pip install 'edgeshield[demo]'"
         ) from exc
     import numpy as np
 

@@ -27,7 +27,7 @@ class Rbac:
         try:
             import casbin
         except ImportError:
-            raise MissingDependencyError("the server needs pycasbin: pip install 'edgeshield[server]'") from None
+            raise MissingDependencyError("the server needs casbin, a core dependency: pip install edgeshield") from None
         self.policy_path = check_readable_file(policy or default_policy_path(), what="RBAC policy")
         self.model_path = check_readable_file(model or default_model_path(), what="RBAC model")
         try:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
-from edgeshield.errors import InvalidArgumentError, KeyFileError, UnsupportedModelError
+from edgeshield.errors import InvalidArgumentError, KeyFileError, MissingDependencyError, UnsupportedModelError
 
 SCHEME = "spread-spectrum-v1"  # recorded in bundle metadata when protect embeds the mark
 KEY_SIZE = 32
@@ -130,8 +130,11 @@ def _select(key: bytes, shapes: dict[str, tuple[int, ...]], positions: int) -> d
 
 # --- model access --------------------------------------------------------------------------------------------------
 def _load(model_bytes: bytes):  # type: ignore[no-untyped-def]
-    import onnx
-    from google.protobuf.message import DecodeError
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        raise MissingDependencyError("weight watermarks need onnx: pip install 'edgeshield[owner]'") from None
 
     if not isinstance(model_bytes, (bytes, bytearray, memoryview)):
         raise InvalidArgumentError(f"expected the model's bytes, not {type(model_bytes).__name__}")
