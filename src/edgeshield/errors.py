@@ -50,6 +50,10 @@ class UnsupportedModelError(InputError):
     """The model is not a loadable ONNX model (or uses a feature bundles do not support)."""
 
 
+class ExternalDataError(UnsupportedModelError):
+    """An ONNX model's external data is missing, too short, or outside the model's directory."""
+
+
 class UnsupportedFormatVersionError(InputError):
     """A bundle declares a format version this build cannot read."""
 
@@ -100,6 +104,10 @@ class CertificateError(InvalidArgumentError):
 
 class UnknownSerialError(InvalidArgumentError):
     """No certificate with that serial was issued by this CA."""
+
+
+class UnknownCertificateError(InvalidArgumentError):
+    """No valid certificate has that name (or several do: the name is ambiguous)."""
 
 
 class AlreadyRevokedError(InvalidArgumentError):
@@ -182,6 +190,12 @@ class ConnectionFailedError(EdgeShieldError):
     """No TLS connection to the server could be made (refused, handshake failed, certificate rejected)."""
 
 
+class CertificateRefusedError(ConnectionFailedError):
+    """The server refused our client certificate during the TLS handshake (revoked, expired or another CA's)."""
+
+    exit_code = EXIT_KEY
+
+
 # --- audit log ---------------------------------------------------------------------------------------------------
 class AuditIntegrityError(IntegrityError):
     """The audit log was altered. ``seq`` is the first bad entry (None when the fault is a checkpoint's alone),
@@ -217,8 +231,46 @@ class AuditWrongKeyError(AuditSignatureError):
     """A checkpoint names a different signing key than the device key given."""
 
 
+class AuditCheckpointLinkError(AuditCheckpointError):
+    """A checkpoint and its chained ``audit.checkpoint`` entry disagree, or one of the two is missing (a checkpoint
+    row removed, reordered or forged beside the chain)."""
+
+
+class AuditUncoveredError(AuditIntegrityError):
+    """Entries no checkpoint covers, where the caller required every entry to be covered (``--require-checkpoint``);
+    ``seq`` is the first uncovered entry."""
+
+
+class AuditNotExtendedError(AuditIntegrityError):
+    """The log does not extend a checkpoint a witness saw: it was cut back below it (``reason`` ``cut-back``) or
+    rewritten (``rewritten``); ``tree_size`` is the witnessed size."""
+
+
 class NotAnAuditLogError(InputError):
     """The file is not an EdgeShield audit log database."""
+
+
+class MalformedNoteError(InputError):
+    """A signed note, checkpoint, verifier key or witness request does not follow its C2SP format."""
+
+
+class NoteSignatureError(IntegrityError):
+    """A signed note carries no valid signature from a trusted key, or a trusted key's signature fails to verify."""
+
+
+class WitnessRefusedError(EdgeShieldError):
+    """A witness refused a request (``status`` is its HTTP status: 403 untrusted signature, 404 unknown log, ...);
+    the exit code follows the status (403: key, other 4xx: input, else general)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"witness refused the request ({status}): {message}")
+        self.status = status
+        self.exit_code = EXIT_KEY if status == 403 else EXIT_INPUT if 400 <= status < 500 else EXIT_GENERAL
+
+
+class WitnessInconsistentError(AuditIntegrityError):
+    """A witness holds a checkpoint this log does not extend (it answered 422, or holds a larger tree than the
+    log's newest checkpoint): the log was rewritten or cut back after the witness saw it."""
 
 
 # --- served-watermark evidence ----------------------------------------------------------------------------------

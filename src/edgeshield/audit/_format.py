@@ -27,6 +27,10 @@ GENESIS_HASH = bytes(32)
 ENTRY_DOMAIN = b"edgeshield/audit/entry/v1\x00"
 ORIGIN_PREFIX = "edgeshield/audit/"
 UNSIGNED_ORIGIN = ORIGIN_PREFIX + "unsigned"
+CHECKPOINT_KIND = "audit.checkpoint"  # the chained copy of every checkpoint
+MIGRATED_KIND = "audit.migrated"  # a schema 1 log was upgraded here
+RESERVED_PREFIX = "audit."  # kinds only the log itself writes
+LOG_ACTOR = "audit"
 MAX_DATA_BYTES = 16 * 1024
 MAX_DEPTH = 16
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(?:[.-][a-z0-9_]+)*$")
@@ -50,6 +54,16 @@ def check_kind(kind: object) -> str:
             f"invalid audit kind {kind!r}: use up to {_MAX_KIND} lowercase letters, digits and '_', "
             "in parts joined by '.' or '-' (e.g. 'inference.request')"
         )
+    return kind
+
+
+def check_caller_kind(kind: object) -> str:
+    """A kind a caller may append: valid, and not one of the ``audit.*`` kinds the log writes itself."""
+    check_kind(kind)
+    assert isinstance(kind, str)
+    if kind.startswith(RESERVED_PREFIX):
+        raise InvalidArgumentError(f"audit kind {kind!r} is reserved: kinds starting with {RESERVED_PREFIX!r} are "
+                                   "written by the log itself")
     return kind
 
 
@@ -164,6 +178,12 @@ def note_key_hash(name: str, public_key: Ed25519PublicKey) -> bytes:
     """C2SP signed-note key ID: SHA-256(name || 0x0A || 0x01 || 32-byte Ed25519 key)[:4]."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(name.encode() + b"\n\x01" + raw).digest()[:4]
+
+
+def checkpoint_entry_data(tree_size: int, root: bytes, key_id_: str | None, signature: bytes | None) -> dict[str, Any]:
+    """The data of a checkpoint's chained ``audit.checkpoint`` entry: the checkpoint itself, base64 as in its note."""
+    return {"key_id": key_id_, "root": base64.b64encode(root).decode(), "tree_size": tree_size,
+            "signature": base64.b64encode(signature).decode() if signature is not None else None}
 
 
 @dataclass(frozen=True)

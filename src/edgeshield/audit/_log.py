@@ -1,12 +1,13 @@
-"""The append-only audit log: SQLite rows chained by hash, with signed Merkle checkpoints over them.
+"""The append-only audit log: SQLite rows chained by hash, with signed Merkle checkpoints chained among them.
 
 Each entry's hash covers the previous entry's hash, so editing, dropping, reordering or inserting a row breaks the
 chain at that row. The chain alone is unkeyed, though: whoever holds the file could rewrite everything after an
 edit. Checkpoints close that gap: every ``checkpoint_every`` entries the device signs (Ed25519) the RFC 9162 Merkle
-root of all entries so far, so a rewrite is caught at the first checkpoint it crosses, truncation below a
-checkpoint is caught by its tree size, and anyone can be given inclusion and consistency proofs. Entries after the
-latest checkpoint are protected by the chain only, and a log deleted back to an earlier checkpoint (checkpoints
-included) looks whole: keep or publish checkpoints elsewhere to rule that out.
+root of all entries so far and appends the checkpoint itself as the next entry (``audit.checkpoint``), in the same
+transaction. A rewrite is caught at the first checkpoint it crosses, truncation below a checkpoint by its tree
+size, and removing or reordering a checkpoint by the chain. What the device alone cannot show is a log cut back to
+right after an older checkpoint, or rewritten by someone holding the signing key: publish checkpoints to a witness
+(``edgeshield.audit.publish``) for that. Verification rules: ``_verify``; the file itself: ``_store``.
 """
 
 from __future__ import annotations
@@ -17,99 +18,90 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeshield._io import atomic_writer, check_readable_file
-from edgeshield.audit import _merkle
+from edgeshield._io import atomic_writer
+from edgeshield.audit import _merkle, _store
 from edgeshield.audit._format import (
+    CHECKPOINT_KIND,
     GENESIS_HASH,
+    LOG_ACTOR,
+    MIGRATED_KIND,
     Checkpoint,
     Entry,
     canonical_data,
     canonical_json,
     chain_hash,
     check_actor,
-    check_kind,
+    check_caller_kind,
+    checkpoint_entry_data,
     checkpoint_text,
     entry_leaf,
     key_id,
     origin_for,
     utc_now,
 )
+from edgeshield.audit._verify import CHECKPOINT_COLUMNS, ENTRY_COLUMNS, SCHEMA_VERSION, VerifyReport, scan
 from edgeshield.errors import (
     AuditChainError,
     AuditCheckpointError,
+    AuditCheckpointLinkError,
     AuditIntegrityError,
     AuditKeyMismatchError,
     AuditSignatureError,
     AuditTruncatedError,
+    AuditUncoveredError,
     AuditWrongKeyError,
-    EdgeShieldError,
     InvalidArgumentError,
     KeyMaterialError,
-    NotAFileError,
     NotAnAuditLogError,
     PathNotFoundError,
-    UnsupportedFormatVersionError,
 )
 
-APPLICATION_ID = 0x45534131  # "ESA1": marks a SQLite file as an EdgeShield audit log
-SCHEMA_VERSION = 1
+__all__ = [
+    "AuditChainError", "AuditCheckpointError", "AuditCheckpointLinkError", "AuditIntegrityError",
+    "AuditKeyMismatchError", "AuditLog", "AuditSignatureError", "AuditTruncatedError", "AuditUncoveredError",
+    "AuditWrongKeyError", "ConsistencyProof", "InclusionProof", "NotAnAuditLogError", "RecoveryReport",
+    "VerifyReport",
+]
+
+APPLICATION_ID = _store.APPLICATION_ID
 _BATCH = 1000
-
-_APPEND_ONLY = "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END"
-_SCHEMA = (
-    "CREATE TABLE entries (seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, "
-    "data TEXT NOT NULL, prev_hash BLOB NOT NULL, entry_hash BLOB NOT NULL)",
-    "CREATE TABLE checkpoints (tree_size INTEGER PRIMARY KEY, root BLOB NOT NULL, ts TEXT NOT NULL, key_id TEXT, "
-    "signature BLOB)",
-    # Append-only by construction: the triggers stop mistakes, not attackers (who can drop them; verify() catches
-    # what they do next).
-    f"CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries {_APPEND_ONLY}",
-    f"CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries {_APPEND_ONLY}",
-    f"CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints {_APPEND_ONLY}",
-    f"CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints {_APPEND_ONLY}",
-    f"PRAGMA application_id={APPLICATION_ID}",
-    f"PRAGMA user_version={SCHEMA_VERSION}",
-)
 
 
 # --- results ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class VerifyReport:
-    """What :meth:`AuditLog.verify` checked and found intact."""
+class RecoveryReport:
+    """What :meth:`AuditLog.recover` found (``verified``) and did: the ``server.recovered`` entry and the checkpoint
+    covering it when entries were left uncovered, else both None."""
 
-    entries: int
-    checkpoints: int
-    latest_checkpoint: int | None  # tree size of the newest checkpoint
-    head_hash: bytes  # chain hash of the last entry (32 zero bytes for an empty log)
-    root: bytes  # Merkle root over all entries
-    signatures_checked: bool
-    key_id: str | None  # key every checkpoint was checked against, when signatures_checked
+    verified: VerifyReport
+    entry: Entry | None = None
+    checkpoint: Checkpoint | None = None
 
     @property
-    def unanchored(self) -> int:
-        """Entries after the newest checkpoint: protected by the chain only until the next checkpoint."""
-        return self.entries - (self.latest_checkpoint or 0)
+    def recovered(self) -> bool:
+        return self.entry is not None
+
+    @property
+    def uncovered(self) -> int:
+        return self.verified.uncovered
+
+    @property
+    def uncovered_seqs(self) -> range:
+        return range(self.verified.covered, self.verified.entries)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": True,
-            "entries": self.entries,
-            "checkpoints": self.checkpoints,
-            "latest_checkpoint": self.latest_checkpoint,
-            "unanchored_entries": self.unanchored,
-            "head_hash": self.head_hash.hex(),
-            "root": self.root.hex(),
-            "signatures_checked": self.signatures_checked,
-            "key_id": self.key_id,
-        }
+        return {"recovered": self.recovered, "uncovered_entries": self.uncovered,
+                "first_seq": self.uncovered_seqs.start if self.uncovered else None,
+                "last_seq": self.uncovered_seqs.stop - 1 if self.uncovered else None,
+                "entry_seq": self.entry.seq if self.entry else None,
+                "checkpoint": self.checkpoint.tree_size if self.checkpoint else None,
+                "verified": self.verified.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -148,15 +140,28 @@ class ConsistencyProof:
                 "new_root": self.new_root.hex(), "path": [p.hex() for p in self.path]}
 
 
+
+@dataclass
+class _Tx:
+    """One write transaction's view of the log's end: its size, last hash and (when known) Merkle frontier."""
+
+    size: int
+    prev_hash: bytes
+    frontier: _merkle.Frontier | None
+    schema: int = SCHEMA_VERSION
+    written: list[Entry] = field(default_factory=list)
+
+
 # --- the log ------------------------------------------------------------------------------------------------------
 class AuditLog:
     """An append-only, tamper-evident audit log in one SQLite file (WAL, ``synchronous=FULL``).
 
     ``append`` commits one entry (and, every ``checkpoint_every`` entries, a checkpoint signed with
-    ``signing_key``) in a single transaction before returning, so a crash never loses an acknowledged entry.
-    Appends are serialised by a lock and safe from any thread; reads use their own short-lived connections.
-    Log metadata and digests, never raw model inputs: entries are kept forever and exported to auditors.
-    ``readonly=True`` opens an existing log for verification and export without ever writing to it.
+    ``signing_key`` together with its chained entry) in a single transaction before returning, so a crash never
+    loses an acknowledged entry. Appends are serialised by a lock and safe from any thread; reads use their own
+    short-lived connections. Log metadata and digests, never raw model inputs: entries are kept forever and exported
+    to auditors. ``readonly=True`` opens an existing log for verification and export without ever writing to it.
+    A schema 1 log (checkpoints not chained) is read as it is, and migrated when opened for writing.
     """
 
     def __init__(
@@ -188,28 +193,33 @@ class AuditLog:
         self._frontier_size = -1
         self._conn: sqlite3.Connection | None = None
         if readonly:
-            check_readable_file(self.path, what="audit log")
+            _store.check_file(self.path, must_exist=True)
             with self._reader() as conn:
-                _check_schema(conn, self.path)
+                _store.check_schema(conn, self.path)
         else:
             self._conn = self._open_writer()
 
     # -- opening --
     def _open_writer(self) -> sqlite3.Connection:
-        if self.path.exists() and not self.path.is_file():
-            raise NotAFileError(f"audit log is not a regular file: {self.path}")
+        exists = _store.check_file(self.path, must_exist=False)
         parent = self.path.parent if str(self.path.parent) else Path(".")
-        if not parent.is_dir():
+        if not exists and not parent.is_dir():
             raise PathNotFoundError(f"audit log directory not found: {parent}")
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _store.db_error(exc, self.path) from exc
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if _check_schema(conn, self.path, allow_empty=True):
+                schema = _store.check_schema(conn, self.path, allow_empty=not exists)
+                if schema:
                     self._check_signing_mode(conn)
                 else:
-                    for statement in _SCHEMA:
+                    for statement in _store.SCHEMA:
                         conn.execute(statement)
+                if schema == 1:
+                    self._migrate(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -220,9 +230,9 @@ class AuditLog:
             # still survives a killed process (the commit is in the WAL file) but not a power cut.
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             conn.close()
-            raise NotAnAuditLogError(f"{self.path} is not an audit log database: {exc}") from exc
+            raise _store.db_error(exc, self.path) from exc
         except BaseException:
             conn.close()
             raise
@@ -237,24 +247,20 @@ class AuditLog:
             raise AuditKeyMismatchError(f"{self.path}: checkpoints are signed by {row[0] or 'no key'}, but the log "
                                         f"was opened with {self._key_id or 'no signing key'}")
 
-    @contextlib.contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
-        """A fresh read-only connection; one read transaction gives a consistent snapshot next to the writer."""
-        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
-        try:
-            conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise NotAnAuditLogError(f"cannot open audit log {self.path}: {exc}") from exc
-        try:
-            conn.execute("BEGIN")
-            yield conn
-        except sqlite3.OperationalError as exc:
-            raise EdgeShieldError(f"cannot read audit log {self.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            raise AuditIntegrityError(f"audit log {self.path} is unreadable or corrupt: {exc}",
-                                      reason="corrupt") from exc
-        finally:
-            conn.close()
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2, inside the opening transaction: verify the log as schema 1 (with this log's key), then
+        seal it with an ``audit.migrated`` entry and a chained checkpoint over everything before it. Old checkpoint
+        rows stay as legacy rows: the new checkpoint covers every entry they covered."""
+        report, frontier = scan(conn, self._public_key, schema=1)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        tx = _Tx(report.entries, report.head_hash, frontier)
+        self._insert_entry(conn, tx, MIGRATED_KIND, LOG_ACTOR, {
+            "from_schema": 1, "to_schema": SCHEMA_VERSION, "legacy_checkpoints": report.checkpoints,
+            "latest_legacy_checkpoint": report.latest_checkpoint})
+        self._insert_checkpoint(conn, tx)
+
+    def _reader(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return _store.reader(self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -273,6 +279,11 @@ class AuditLog:
         """Key id of the signing key, or None for a log whose checkpoints are unsigned."""
         return self._key_id
 
+    @property
+    def origin(self) -> str:
+        """The origin line of this log's checkpoints (``edgeshield/audit/<key id>``)."""
+        return origin_for(self._key_id)
+
     # -- writing --
     def _writer(self) -> sqlite3.Connection:
         if self.readonly:
@@ -281,83 +292,109 @@ class AuditLog:
             raise InvalidArgumentError(f"audit log {self.path} is closed")
         return self._conn
 
-    def append(self, kind: str, actor: str, data: dict[str, Any] | None = None) -> Entry:
-        """Commit one entry and return it; it is on disk (fsynced) when this returns.
-
-        ``kind`` is a dotted lowercase event name, ``actor`` who caused it, ``data`` a small JSON object (at most
-        16 KiB): decisions, ids and SHA-256 digests, never raw model inputs or outputs.
-        """
-        check_kind(kind)
-        check_actor(actor)
-        text, parsed = canonical_data({} if data is None else data)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[tuple[sqlite3.Connection, _Tx]]:
+        """BEGIN IMMEDIATE .. COMMIT under the lock; the cached frontier follows only committed state."""
         with self._lock:
             conn = self._writer()
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 row = conn.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-                seq, prev = (row[0] + 1, row[1]) if row else (0, GENESIS_HASH)
-                ts = utc_now()
-                leaf = entry_leaf(seq, ts, kind, actor, parsed)
-                entry = Entry(seq, ts, kind, actor, parsed, prev, chain_hash(prev, leaf))
-                conn.execute("INSERT INTO entries (seq, ts, kind, actor, data, prev_hash, entry_hash) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, ts, kind, actor, text, prev, entry.entry_hash))
-                frontier = None
-                if self._frontier is not None and self._frontier_size == seq:
-                    frontier = _merkle.frontier_append(self._frontier, _merkle.leaf_hash(leaf))
-                if self.checkpoint_every and (seq + 1) % self.checkpoint_every == 0:
-                    if frontier is None:
-                        frontier = self._load_frontier(conn)
-                    self._insert_checkpoint(conn, seq + 1, _merkle.frontier_root(frontier))
+                size, prev = (row[0] + 1, bytes(row[1])) if row else (0, GENESIS_HASH)
+                tx = _Tx(size, prev, self._frontier if self._frontier_size == size else None)
+                yield conn, tx
                 conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise _store.db_error(exc, self.path) from exc
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self._frontier, self._frontier_size = (frontier, seq + 1) if frontier is not None else (None, -1)
+            self._frontier, self._frontier_size = (tx.frontier, tx.size) if tx.frontier is not None else (None, -1)
+
+    def _insert_entry(self, conn: sqlite3.Connection, tx: _Tx, kind: str, actor: str,
+                      data: dict[str, Any] | tuple[str, dict[str, Any]], ts: str | None = None) -> Entry:
+        text, parsed = data if isinstance(data, tuple) else canonical_data(data)
+        seq, ts = tx.size, ts or utc_now()
+        leaf = entry_leaf(seq, ts, kind, actor, parsed)
+        entry = Entry(seq, ts, kind, actor, parsed, tx.prev_hash, chain_hash(tx.prev_hash, leaf))
+        conn.execute(f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (seq, ts, kind, actor, text, entry.prev_hash, entry.entry_hash))
+        if tx.frontier is not None:
+            tx.frontier = _merkle.frontier_append(tx.frontier, _merkle.leaf_hash(leaf))
+        tx.size, tx.prev_hash = seq + 1, entry.entry_hash
+        tx.written.append(entry)
         return entry
 
-    def checkpoint(self) -> Checkpoint:
-        """Commit (or return the existing) checkpoint over every entry so far, signed when the log has a key.
-
-        Before its first checkpoint in a process the log verifies itself, so the device never signs a root over
-        a chain that was tampered with.
-        """
-        with self._lock:
-            conn = self._writer()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                size = _size(conn)
-                row = conn.execute("SELECT tree_size, root, ts, key_id, signature FROM checkpoints "
-                                   "WHERE tree_size = ?", (size,)).fetchone()
-                if row is not None:
-                    conn.execute("COMMIT")
-                    return _checkpoint(row)
-                if self._frontier is not None and self._frontier_size == size:
-                    frontier = self._frontier
-                else:
-                    frontier = self._load_frontier(conn)
-                cp = self._insert_checkpoint(conn, size, _merkle.frontier_root(frontier))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            self._frontier, self._frontier_size = frontier, size
-            return cp
-
-    def _load_frontier(self, conn: sqlite3.Connection) -> _merkle.Frontier:
-        # The full check runs inside the writer's transaction, so nothing can change between checking and signing.
-        _report, frontier = _scan(conn, self._public_key)
-        return frontier
-
-    def _insert_checkpoint(self, conn: sqlite3.Connection, size: int, root: bytes) -> Checkpoint:
+    def _insert_checkpoint(self, conn: sqlite3.Connection, tx: _Tx) -> Checkpoint:
+        """Sign the root over every entry so far and chain the checkpoint in as the next entry."""
+        if tx.frontier is None:
+            # The full check runs inside the writer's transaction, so nothing can change between checking and
+            # signing: the device never signs a root over a chain that was tampered with.
+            _report, tx.frontier = scan(conn, self._public_key, tx.schema)
+        size, root = tx.size, _merkle.frontier_root(tx.frontier)
         signature = None
         if self._signing_key is not None:
             signature = self._signing_key.sign(checkpoint_text(origin_for(self._key_id), size, root).encode())
         cp = Checkpoint(size, root, utc_now(), self._key_id, signature)
-        conn.execute("INSERT INTO checkpoints (tree_size, root, ts, key_id, signature) VALUES (?, ?, ?, ?, ?)",
+        conn.execute(f"INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                      (cp.tree_size, cp.root, cp.ts, cp.key_id, cp.signature))
+        self._insert_entry(conn, tx, CHECKPOINT_KIND, LOG_ACTOR,
+                           checkpoint_entry_data(size, root, self._key_id, signature), ts=cp.ts)
         return cp
+
+    def append(self, kind: str, actor: str, data: dict[str, Any] | None = None) -> Entry:
+        """Commit one entry and return it; it is on disk (fsynced) when this returns.
+
+        ``kind`` is a dotted lowercase event name (``audit.*`` is the log's own), ``actor`` who caused it, ``data`` a
+        small JSON object (at most 16 KiB): decisions, ids and SHA-256 digests, never raw model inputs or outputs.
+        """
+        check_caller_kind(kind)
+        check_actor(actor)
+        canonical = canonical_data({} if data is None else data)  # refuse bad data before taking the lock
+        with self._transaction() as (conn, tx):
+            due = self.checkpoint_every and (tx.size + 1) % self.checkpoint_every == 0
+            if due and tx.frontier is None:  # check what is there before adding to it and signing over it
+                _report, tx.frontier = scan(conn, self._public_key, tx.schema)
+            entry = self._insert_entry(conn, tx, kind, actor, canonical)
+            if due:
+                self._insert_checkpoint(conn, tx)
+        return entry
+
+    def checkpoint(self) -> Checkpoint:
+        """Commit a checkpoint over every entry so far (signed when the log has a key), chained in as the next
+        entry; when nothing is uncovered, return the newest checkpoint instead (so it is idempotent).
+
+        Before its first checkpoint in a process the log verifies itself, so the device never signs a root over
+        a chain that was tampered with.
+        """
+        with self._transaction() as (conn, tx):
+            row = conn.execute(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size DESC "
+                               "LIMIT 1").fetchone()
+            if row is not None and _covers_all(conn, row[0], tx.size):
+                return _checkpoint(row)
+            return self._insert_checkpoint(conn, tx)
+
+    def recover(self, *, actor: str = "server", kind: str = "server.recovered") -> RecoveryReport:
+        """Start-up recovery: verify the whole log and every checkpoint (with this log's key), then, if entries a
+        crash left uncovered exist, append a ``kind`` entry saying how many and which, and a checkpoint covering it.
+
+        Raises the :class:`AuditIntegrityError` subclass of the first fault when the log does not verify (a server
+        should then refuse to start). All of it runs in one write transaction.
+        """
+        check_caller_kind(kind)
+        check_actor(actor)
+        with self._transaction() as (conn, tx):
+            report, tx.frontier = scan(conn, self._public_key, tx.schema)
+            if not report.uncovered:
+                return RecoveryReport(report)
+            entry = self._insert_entry(conn, tx, kind, actor, {
+                "uncovered": report.uncovered, "first_seq": report.covered, "last_seq": report.entries - 1,
+                "latest_checkpoint": report.latest_checkpoint})
+            cp = self._insert_checkpoint(conn, tx)
+            return RecoveryReport(report, entry, cp)
 
     # -- reading --
     def __len__(self) -> int:
@@ -370,8 +407,8 @@ class AuditLog:
         while stop is None or seq < stop:
             limit = _BATCH if stop is None else min(_BATCH, stop - seq)
             with self._reader() as conn:
-                rows = conn.execute("SELECT seq, ts, kind, actor, data, prev_hash, entry_hash FROM entries "
-                                    "WHERE seq >= ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+                rows = conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE seq >= ? ORDER BY seq LIMIT ?",
+                                    (seq, limit)).fetchall()
             if not rows:
                 return
             for row in rows:
@@ -383,34 +420,43 @@ class AuditLog:
         if n < 0:
             raise InvalidArgumentError(f"cannot show {n} entries")
         with self._reader() as conn:
-            rows = conn.execute("SELECT seq, ts, kind, actor, data, prev_hash, entry_hash FROM entries "
-                                "ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
+            rows = conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
         return [_entry(r) for r in reversed(rows)]
 
     def checkpoints(self) -> list[Checkpoint]:
         with self._reader() as conn:
-            rows = conn.execute("SELECT tree_size, root, ts, key_id, signature FROM checkpoints "
-                                "ORDER BY tree_size").fetchall()
+            rows = conn.execute(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size").fetchall()
         return [_checkpoint(r) for r in rows]
 
     def latest_checkpoint(self) -> Checkpoint | None:
         with self._reader() as conn:
-            row = conn.execute("SELECT tree_size, root, ts, key_id, signature FROM checkpoints "
-                               "ORDER BY tree_size DESC LIMIT 1").fetchone()
+            row = conn.execute(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size DESC "
+                               "LIMIT 1").fetchone()
         return _checkpoint(row) if row else None
 
     # -- verifying and proving --
-    def verify(self, *, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
-        """Recompute the whole chain and every checkpoint root; check signatures against ``public_key``.
+    def verify(self, *, public_key: Ed25519PublicKey | None = None, require_checkpoint: bool = False) -> VerifyReport:
+        """Recompute the whole chain, every checkpoint root and its chained entry; check signatures against
+        ``public_key``; report how many entries no checkpoint covers.
 
         Without ``public_key`` a log opened with a signing key checks against that key; a read-only log then checks
         roots only (``report.signatures_checked`` is False). Raises an :class:`AuditIntegrityError` subclass naming
-        the first bad entry (``seq``) or checkpoint (``tree_size``).
+        the first bad entry (``seq``) or checkpoint (``tree_size``); with ``require_checkpoint``, uncovered entries
+        raise :class:`AuditUncoveredError`.
         """
         if public_key is not None and not isinstance(public_key, Ed25519PublicKey):
             raise KeyMaterialError(f"the checkpoint key must be an Ed25519 public key, got {type(public_key).__name__}")
         with self._reader() as conn:
-            report, _ = _scan(conn, public_key or self._public_key)
+            schema = _store.check_schema(conn, self.path)
+            _store.quick_check(conn, self.path)
+            report, _ = scan(conn, public_key or self._public_key, schema)
+        if require_checkpoint and report.uncovered:
+            last = report.entries - 1
+            span = f"entry {report.covered}" if report.covered == last else f"entries {report.covered}..{last}"
+            raise AuditUncoveredError(
+                f"{report.uncovered} of {report.entries} entries are not covered by any checkpoint ({span}): they are "
+                "protected by the hash chain only", reason="uncovered", seq=report.covered,
+                tree_size=report.latest_checkpoint)
         return report
 
     def inclusion_proof(self, seq: int, tree_size: int | None = None) -> InclusionProof:
@@ -436,7 +482,7 @@ class AuditLog:
         n_entries = n_cps = 0
         with self._reader() as conn, atomic_writer(path, overwrite=overwrite) as fh:
             cps = [_checkpoint(r) for r in conn.execute(
-                "SELECT tree_size, root, ts, key_id, signature FROM checkpoints ORDER BY tree_size")]
+                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size")]
             pending = iter(cps)
             nxt = next(pending, None)
 
@@ -448,8 +494,7 @@ class AuditLog:
                     nxt = next(pending, None)
 
             flush_checkpoints(0)
-            for row in conn.execute("SELECT seq, ts, kind, actor, data, prev_hash, entry_hash FROM entries "
-                                    "ORDER BY seq"):
+            for row in conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY seq"):
                 fh.write(canonical_json({"type": "entry", **_entry(row).to_dict()}).encode() + b"\n")
                 n_entries += 1
                 flush_checkpoints(row[0] + 1)
@@ -458,22 +503,14 @@ class AuditLog:
 
 
 # --- private helpers ----------------------------------------------------------------------------------------------
-def _check_schema(conn: sqlite3.Connection, path: Path, *, allow_empty: bool = False) -> bool:
-    """True when ``conn`` holds an audit log; False for an empty database when ``allow_empty``."""
-    try:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as exc:
-        raise NotAnAuditLogError(f"{path} is not an audit log database: {exc}") from exc
-    if app_id == 0 and not tables and allow_empty:
+def _covers_all(conn: sqlite3.Connection, tree_size: int, size: int) -> bool:
+    """Does the checkpoint at ``tree_size`` cover a log of ``size`` entries (itself, or its own entry last)?"""
+    if tree_size == size:
+        return True
+    if tree_size != size - 1:
         return False
-    if app_id != APPLICATION_ID or not {"entries", "checkpoints"} <= tables:
-        raise NotAnAuditLogError(f"{path} is not an EdgeShield audit log")
-    if version > SCHEMA_VERSION:
-        raise UnsupportedFormatVersionError(f"{path} is audit log schema {version}; this build reads up to "
-                                            f"{SCHEMA_VERSION}")
-    return True
+    row = conn.execute("SELECT kind FROM entries WHERE seq = ?", (tree_size,)).fetchone()
+    return row is not None and row[0] == CHECKPOINT_KIND
 
 
 def _size(conn: sqlite3.Connection) -> int:
@@ -510,116 +547,3 @@ def _leaf_hashes(conn: sqlite3.Connection, size: int) -> list[bytes]:
                                   seq=seq) from exc
         hashes.append(_merkle.leaf_hash(entry_leaf(seq, ts, kind, actor, parsed)))
     return hashes
-
-
-def _is_hash(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == 32
-
-
-def _row_problem(row: tuple[Any, ...]) -> str | None:
-    _seq, ts, kind, actor, data, prev, h = row
-    if not all(isinstance(v, str) for v in (ts, kind, actor, data)):
-        return "a text column holds a non-text value"
-    if not (_is_hash(prev) and _is_hash(h)):
-        return "a hash column is not a 32-byte blob"
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        return "its data is not JSON"
-    if canonical_json(parsed) != data:
-        return "its data is not in canonical form"
-    return None
-
-
-def _scan(conn: sqlite3.Connection, public_key: Ed25519PublicKey | None) -> tuple[VerifyReport, _merkle.Frontier]:
-    """Walk every entry and checkpoint once, in order; raise at the first fault, else report."""
-    want_kid = key_id(public_key) if public_key is not None else None
-    cps = [tuple(r) for r in conn.execute("SELECT tree_size, root, ts, key_id, signature FROM checkpoints "
-                                          "ORDER BY tree_size")]
-    ci = 0
-    frontier: _merkle.Frontier = ()
-    anchored = 0  # tree size of the last checkpoint found good
-
-    def check_checkpoints(size: int) -> None:
-        nonlocal ci, anchored
-        while ci < len(cps) and cps[ci][0] == size:
-            _check_checkpoint(cps[ci], _merkle.frontier_root(frontier), public_key, want_kid, anchored)
-            anchored = size
-            ci += 1
-
-    if cps and (not isinstance(cps[0][0], int) or cps[0][0] < 0):
-        raise AuditCheckpointError(f"checkpoint with invalid tree size {cps[0][0]!r}", reason="malformed-checkpoint",
-                                   tree_size=None)
-    check_checkpoints(0)
-    expected, prev_hash, prev_row = 0, GENESIS_HASH, None
-    for row in conn.execute("SELECT seq, ts, kind, actor, data, prev_hash, entry_hash FROM entries ORDER BY seq"):
-        seq = row[0]
-        if seq != expected:
-            if seq > expected:
-                raise AuditChainError(f"entry {expected} is missing (the next stored entry is {seq})",
-                                      reason="missing", seq=expected)
-            raise AuditChainError(f"unexpected entry {seq} before entry {expected}", reason="inserted", seq=seq)
-        problem = _row_problem(row)
-        if problem:
-            raise AuditChainError(f"entry {seq} is malformed: {problem}", reason="malformed", seq=seq)
-        _, ts, kind, actor, data, stored_prev, stored_hash = row
-        leaf = entry_leaf(seq, ts, kind, actor, json.loads(data))
-        if stored_prev != prev_hash:
-            raise _link_error(seq, row, leaf, prev_row)
-        if chain_hash(prev_hash, leaf) != stored_hash:
-            raise AuditChainError(f"entry {seq} does not match its hash (edited entry)", reason="edited", seq=seq)
-        frontier = _merkle.frontier_append(frontier, _merkle.leaf_hash(leaf))
-        prev_hash, prev_row, expected = stored_hash, row, expected + 1
-        check_checkpoints(expected)
-    if ci < len(cps):
-        raise AuditTruncatedError(
-            f"the log ends at {expected} entries but a checkpoint covers {cps[-1][0]}: entries from {expected} on "
-            "were removed", reason="truncated", seq=expected, tree_size=cps[-1][0])
-    report = VerifyReport(
-        entries=expected,
-        checkpoints=len(cps),
-        latest_checkpoint=cps[-1][0] if cps else None,
-        head_hash=prev_hash,
-        root=_merkle.frontier_root(frontier),
-        signatures_checked=public_key is not None,
-        key_id=want_kid,
-    )
-    return report, frontier
-
-
-def _link_error(seq: int, row: tuple[Any, ...], leaf: bytes, prev_row: tuple[Any, ...] | None) -> AuditChainError:
-    # Entry ``seq`` does not point at the entry before it. Decide which of the two is the bad one: if ``seq`` is
-    # intact by itself (its hash matches its own stored back-link), or it shares its back-link with the previous
-    # entry, then the previous entry is the impostor (an inserted or rewritten-and-rehashed row).
-    stored_prev, stored_hash = row[5], row[6]
-    self_consistent = chain_hash(stored_prev, leaf) == stored_hash
-    if prev_row is not None and (self_consistent or prev_row[5] == stored_prev):
-        bad = seq - 1
-        return AuditChainError(f"entry {bad} is not the entry that entry {seq} was chained to (inserted or "
-                               "rewritten entry)", reason="replaced", seq=bad)
-    return AuditChainError(f"entry {seq} does not link to entry {seq - 1} (deleted, reordered or inserted entries)",
-                           reason="broken-link", seq=seq)
-
-
-def _check_checkpoint(cp: tuple[Any, ...], actual_root: bytes, public_key: Ed25519PublicKey | None,
-                      want_kid: str | None, anchored: int) -> None:
-    size, root, _ts, kid, sig = cp
-    if public_key is not None:
-        if sig is None:
-            raise AuditSignatureError(f"checkpoint at tree size {size} is unsigned", reason="unsigned",
-                                      tree_size=size)
-        if kid != want_kid:
-            raise AuditWrongKeyError(f"checkpoint at tree size {size} is signed by key {kid}, not the device key "
-                                     f"{want_kid}", reason="wrong-key", tree_size=size)
-        if not _is_hash(root):
-            raise AuditCheckpointError(f"checkpoint at tree size {size} has a malformed root",
-                                       reason="malformed-checkpoint", tree_size=size)
-        try:
-            public_key.verify(bytes(sig), checkpoint_text(origin_for(kid), size, root).encode())
-        except (InvalidSignature, TypeError, ValueError) as exc:
-            raise AuditSignatureError(f"checkpoint at tree size {size} has a bad signature (forged checkpoint)",
-                                      reason="bad-signature", tree_size=size) from exc
-    if root != actual_root:
-        span = f"entries {anchored}..{size - 1}" if size > anchored else "the empty log"
-        raise AuditCheckpointError(f"checkpoint at tree size {size} does not match {span}: an entry there was "
-                                   "rewritten, or the checkpoint is forged", reason="root-mismatch", tree_size=size)
