@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test bench bench-quick model clean
+.PHONY: demo test device-check bench bench-quick model clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found"; exit 2; }
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+	$(PY) scripts/check_device_install.py
+
+# A plain `pip install .` (no extras) into a fresh .venv-device, then every device-side command run there for real.
+device-check: $(STAMP)
+	$(PY) scripts/check_device_install.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bundles.py --json benchmarks/results/bundles.json
@@ -41,4 +46,4 @@ model: $(STAMP)
 	$(PY) scripts/train_digits.py --out src/edgeshield/models/digits.onnx
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build dist
+	rm -rf $(VENV) .venv-device .pytest_cache .hypothesis build dist

@@ -1,0 +1,373 @@
+"""Install EdgeShield with no extras into a fresh venv and run every device-side command there for real.
+
+    .venv/bin/python scripts/check_device_install.py [--venv .venv-device] [--keep]
+
+Run it with the full development venv (``make test`` / ``make device-check`` do): the owner-side inputs — a
+protected bundle, the digits data as ``.npy`` files — are made with it first, since ``protect`` needs onnx and the
+data scikit-learn. Then, in the fresh venv (``pip install .``, non-editable; torch, onnx, scipy, scikit-learn,
+ART, matplotlib and model-signing must be absent afterwards):
+
+* keys, pki, audit keygen, verify, inspect, run (plain and with a detector), detect calibrate, watermark keygen;
+* ``serve`` with every runtime flag (``SERVE_FLAGS``), started as a real process, queried with ``client predict``
+  by an honest client past the point where PRADA's Shapiro–Wilk test runs and by a synthetic prober that PRADA
+  must block (403, never 500), then stopped with SIGTERM (exit 0);
+* audit verify / show / export on the log it wrote, watermark verify-copy on the evidence it kept;
+* the owner and evaluation commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
+
+To cover a new ``serve`` flag, add one line to ``SERVE_FLAGS``; a new device command, one ``Step`` to the list in
+``device_steps`` (or ``after_serve_steps`` if it reads what the server wrote); a new owner/eval command, one line to
+``NEEDS_EXTRA``. ``{name}`` in an argument is filled from the context (files made so far, values steps saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT = ("torch", "onnx", "onnxscript", "scipy", "sklearn", "art", "matplotlib", "model_signing")
+BUNDLE = ["{bundle}", "--owner-key", "keys/owner.pub", "--device-key", "keys/device.key"]
+TLS = ["--ca", "pki/ca.crt"]
+
+# Every runtime flag of `serve`, one line each (a flag that takes no value: ("--flag",)).
+SERVE_FLAGS: list[tuple[str, ...]] = [
+    ("--ca", "pki"),
+    ("--cert", "pki/issued/edge.crt"),
+    ("--key", "pki/issued/edge.key"),
+    ("--audit-db", "audit.db"),
+    ("--audit-key", "audit.key"),
+    ("--host", "127.0.0.1"),
+    ("--port", "{port}"),
+    ("--detector", "detector.json"),
+    ("--policy", "policy.csv"),
+    ("--rate-limit", "client=500:1000"),
+    ("--extraction-monitor", "block"),
+    ("--query-budget", "1000"),  # far above what the clients send: a block here can only come from PRADA
+    ("--query-window", "3600"),
+    ("--outputs", '{"policy": "top_k", "k": 3}'),
+    ("--served-watermark-key", "wm.key"),
+    ("--served-watermark-rate", "0.05"),
+    ("--served-watermark-evidence", "evidence.db"),
+    ("--audit-durability", "normal"),
+    ("--max-body", "1048576"),
+]
+
+# Owner and evaluation commands: on a plain install each must fail with one line naming this extra.
+NEEDS_EXTRA: list[tuple[str, list[str]]] = [
+    ("owner", ["protect", "digits.onnx", "--out", "again.esb", "--signing-key", "keys/owner.key",
+               "--recipient", "keys/device.pub"]),
+    ("owner", ["verify", "--model", "digits.onnx", "--sigstore-sig", "digits.sig", "--owner-key", "keys/owner.pub"]),
+    ("owner", ["watermark", "embed", "digits.onnx", "--key", "wm.key", "--out", "marked.onnx"]),
+    ("owner", ["watermark", "verify", "digits.onnx", "--key", "wm.key"]),
+    ("eval", ["detect", "evaluate", *BUNDLE, "--detector", "detector.json", "--data", "eval.npy",
+              "--labels", "eval_labels.npy", "--quick"]),
+    ("eval", ["detect", "calibrate", *BUNDLE, "--clean", "clean.npy", "--detectors", "gradient",
+              "--out", "gradient.json"]),
+    ("eval", ["extraction", "evaluate", "--quick"]),
+    ("demo", ["demo"]),
+]
+
+
+@dataclass
+class Step:
+    """One command in the device venv: ``argv`` after ``edgeshield``, the exit code it must give (None: any but 0),
+    and a check of its output."""
+
+    name: str
+    argv: list[str]
+    rc: int | None = 0
+    check: Callable[[subprocess.CompletedProcess[str], dict[str, str]], None] | None = None
+
+
+@dataclass
+class Checker:
+    work: Path
+    edgeshield: Path
+    context: dict[str, str] = field(default_factory=dict)
+    done: int = 0
+
+    def fill(self, argv: list[str]) -> list[str]:
+        return [re.sub(r"\{(\w+)\}", lambda m: self.context[m.group(1)], a) for a in argv]
+
+    def device(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.edgeshield), *self.fill(list(argv))], cwd=self.work, env=clean_env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def run(self, step: Step) -> subprocess.CompletedProcess[str]:
+        t0 = time.monotonic()
+        proc = self.device(*step.argv)
+        try:
+            if proc.returncode != step.rc and not (step.rc is None and proc.returncode != 0):
+                raise CheckFailed(f"exit {proc.returncode}, expected {'non-zero' if step.rc is None else step.rc}")
+            if "Traceback" in proc.stderr:
+                raise CheckFailed("printed a traceback")
+            if step.check is not None:
+                step.check(proc, self.context)
+        except CheckFailed as exc:
+            raise CheckFailed(f"{step.name}: {exc}\n  argv: {self.fill(step.argv)}\n  stdout: {proc.stdout[-2000:]}"
+                              f"\n  stderr: {proc.stderr[-2000:]}") from None
+        self.ok(step.name, t0)
+        return proc
+
+    def ok(self, name: str, t0: float) -> None:
+        self.done += 1
+        print(f"  ok  {name} ({time.monotonic() - t0:.1f} s)", flush=True)
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["ORT_DISABLE_TELEMETRY"] = "1"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def sh(*cmd: object, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise CheckFailed(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                          f"{proc.stderr[-3000:]}")
+    return proc
+
+
+# --- 1. the fresh venv --------------------------------------------------------------------------------------------
+def make_venv(venv: Path) -> Path:
+    t0 = time.monotonic()
+    if venv.exists():
+        shutil.rmtree(venv)
+    sh(sys.executable, "-m", "venv", venv)
+    py = venv / "bin" / "python"
+    sh(py, "-m", "pip", "install", "--quiet", str(ROOT), cwd=ROOT)  # no extras, not editable
+    found = sh(py, "-c", "import importlib.util as u, sys; "
+                         f"print(' '.join(m for m in {ABSENT!r} if u.find_spec(m)))").stdout.split()
+    expect(not found, f"a plain install pulled in {found}")
+    where = sh(py, "-c", "import edgeshield; print(edgeshield.__file__)", cwd=venv).stdout.strip()
+    expect(Path(where).resolve().is_relative_to(venv.resolve()), f"edgeshield imported from {where}, not the venv")
+    size = sum(f.stat().st_size for f in (venv / "lib").rglob("*") if f.is_file()) / 2**20
+    print(f"  ok  fresh venv, pip install . (no extras): none of {', '.join(ABSENT)}; {size:.0f} MiB "
+          f"({time.monotonic() - t0:.1f} s)", flush=True)
+    return venv / "bin" / "edgeshield"
+
+
+# --- 2. owner-side inputs, made with the full venv -----------------------------------------------------------------
+def owner_inputs(work: Path) -> None:
+    """The protected bundle and data files a device receives; needs onnx and scikit-learn (this interpreter's)."""
+    t0 = time.monotonic()
+    code = """
+import json, shutil, numpy as np
+from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
+s = load_digits_split()
+np.save("clean.npy", s.x_test[:150]); np.save("reference.npy", s.x_train)
+np.save("input.npy", s.x_test[150:170]); np.save("eval.npy", s.x_test[170:230])
+np.save("eval_labels.npy", s.y_test[170:230])
+for i in range(3):  # an honest client: distinct real digits
+    np.save(f"honest{i}.npy", s.x_test[230 + 40 * i:270 + 40 * i])
+# a synthetic prober: one digit with one pixel moved one grey level, as in Jacobian-style extraction
+seed = s.x_test[0]
+probes = np.repeat(seed[None], 80, axis=0)
+for j in range(80):
+    p = j % 64
+    probes[j, p] = probes[j, p] + 1 / 16 if probes[j, p] < 1 else probes[j, p] - 1 / 16
+np.save("probe0.npy", probes[:40]); np.save("probe1.npy", probes[40:])
+shutil.copy(digits_model_path(), "digits.onnx")
+open("spec.json", "w").write(digits_input_spec().to_json())
+"""
+    sh(sys.executable, "-c", code, cwd=work)
+    sh(sys.executable, "-m", "edgeshield", "protect", "digits.onnx", "--out", "digits.esb", "--signing-key",
+       "keys/owner.key", "--recipient", "keys/device.pub", "--input-spec", "spec.json", cwd=work)
+    shutil.copy(ROOT / "src/edgeshield/server/policy/policy.csv", work / "policy.csv")
+    print(f"  ok  owner side (full venv): protected digits.esb, clean/reference/input .npy "
+          f"({time.monotonic() - t0:.1f} s)", flush=True)
+
+
+# --- 3. device commands -------------------------------------------------------------------------------------------
+def save_json(key: str, path: str) -> Callable[[subprocess.CompletedProcess[str], dict[str, str]], None]:
+    """A check that stores ``json[path]`` (dotted) of the command's --json output as ``{key}``."""
+
+    def check(proc: subprocess.CompletedProcess[str], ctx: dict[str, str]) -> None:
+        value = json.loads(proc.stdout)
+        for part in path.split("."):
+            value = value[part]
+        ctx[key] = str(value)
+
+    return check
+
+
+def contains(*needles: str) -> Callable[[subprocess.CompletedProcess[str], dict[str, str]], None]:
+    def check(proc: subprocess.CompletedProcess[str], ctx: dict[str, str]) -> None:
+        for needle in needles:
+            expect(needle in proc.stdout + proc.stderr, f"output lacks {needle!r}")
+
+    return check
+
+
+def device_steps() -> list[Step]:
+    return [
+        Step("keys device", ["keys", "device", "keys", "--name", "gateway-7"]),
+        Step("keys list", ["keys", "list", "keys", "--json"], check=contains("gateway-7", "owner", "device")),
+        Step("verify", ["verify", "{bundle}", "--owner-key", "keys/owner.pub"], check=contains("authentic")),
+        Step("inspect", ["inspect", "{bundle}", "--owner-key", "keys/owner.pub", "--json"],
+             check=contains('"verified": true')),
+        Step("run", ["run", *BUNDLE, "--input", "input.npy", "--output", "out.npy", "--json"],
+             check=contains('"predictions"')),
+        Step("detect calibrate", ["detect", "calibrate", *BUNDLE, "--clean", "clean.npy", "--reference",
+                                  "reference.npy", "--out", "detector.json"]),
+        Step("run --detector", ["run", *BUNDLE, "--input", "input.npy", "--detector", "detector.json", "--json"],
+             check=contains('"decisions"')),
+        Step("watermark keygen", ["watermark", "keygen", "wm.key"]),
+        Step("pki init", ["pki", "init", "pki"]),
+        Step("pki issue (server)", ["pki", "issue", "pki", "--name", "edge", "--role", "server", "--server",
+                                    "--san", "127.0.0.1"]),
+        Step("pki issue (honest client)", ["pki", "issue", "pki", "--name", "alice", "--role", "client"]),
+        Step("pki issue (prober)", ["pki", "issue", "pki", "--name", "mallory", "--role", "client"]),
+        Step("pki issue (to revoke)", ["pki", "issue", "pki", "--name", "bob", "--role", "client", "--json"],
+             check=save_json("bob_serial", "serial")),
+        Step("pki revoke", ["pki", "revoke", "pki", "--serial", "{bob_serial}", "--reason", "key-compromise"]),
+        Step("pki crl", ["pki", "crl", "pki"]),
+        Step("pki list", ["pki", "list", "pki", "--json"], check=contains("revoked", "alice")),
+        Step("audit keygen", ["audit", "keygen", "audit.key"]),
+    ]
+
+
+def client(name: str, batch: str, rc: int | None = 0, check=None) -> Step:  # type: ignore[no-untyped-def]
+    return Step(f"client predict ({name}, {batch})",
+                ["client", "predict", "--url", "https://127.0.0.1:{port}", *TLS, "--cert", f"pki/issued/{name}.crt",
+                 "--key", f"pki/issued/{name}.key", "--input", batch, "--json"], rc=rc, check=check)
+
+
+def queries() -> list[Step]:
+    blocked = contains("blocked")
+    return [
+        # 40 distinct digits each: from the second request on, PRADA holds > 30 distances and runs Shapiro–Wilk
+        *(client("alice", f"honest{i}.npy", check=contains('"decisions"')) for i in range(3)),
+        client("mallory", "probe0.npy", rc=4, check=blocked),  # W of near-equal distances: blocked (403)
+        client("mallory", "probe1.npy", rc=4, check=blocked),
+        client("alice", "honest0.npy", check=contains('"decisions"')),  # the honest client is still served
+        client("bob", "input.npy", rc=None),  # revoked before the server started: refused
+    ]
+
+
+def after_serve_steps() -> list[Step]:
+    return [
+        Step("audit verify", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub", "--json"]),
+        Step("audit show", ["audit", "show", "audit.db", "--last", "500", "--json"],
+             check=contains("extraction.blocked", "\"prada\"", "server.startup")),
+        Step("audit export", ["audit", "export", "audit.db", "--out", "audit.jsonl"]),
+        Step("watermark verify-copy", ["watermark", "verify-copy", "digits.onnx", "--evidence", "evidence.db",
+                                       "--json"], check=contains('"present"')),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_and_query(c: Checker) -> None:
+    t0 = time.monotonic()
+    c.context["port"] = str(free_port())
+    argv = ["serve", *BUNDLE] + [a for flag in SERVE_FLAGS for a in flag]
+    log = (c.work / "serve.log").open("w")
+    server = subprocess.Popen([str(c.edgeshield), *c.fill(argv)], cwd=c.work, env=clean_env(), stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            expect(server.poll() is None, f"serve exited {server.returncode} at start-up:\n{tail(c.work)}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", int(c.context["port"]))) == 0:
+                    break
+            expect(time.monotonic() < deadline, f"serve not listening after 60 s:\n{tail(c.work)}")
+            time.sleep(0.2)
+        c.ok(f"serve with {len(SERVE_FLAGS)} flags listening", t0)
+        for step in queries():
+            c.run(step)
+        t0 = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        rc = server.wait(timeout=30)
+        expect(rc == 0, f"serve exited {rc} on SIGTERM:\n{tail(c.work)}")
+        c.ok("serve stopped by SIGTERM, exit 0", t0)
+        expect(" 500 " not in (c.work / "serve.log").read_text(), f"the server answered 500:\n{tail(c.work)}")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def tail(work: Path) -> str:
+    path = work / "serve.log"
+    return path.read_text()[-3000:] if path.exists() else "(no server log)"
+
+
+def needs_extra(c: Checker) -> None:
+    for extra, argv in NEEDS_EXTRA:
+        t0 = time.monotonic()
+        proc = c.device(*argv)
+        lines = proc.stderr.strip().splitlines()
+        hint = f"pip install 'edgeshield[{extra}]'"
+        expect(proc.returncode != 0 and len(lines) == 1 and hint in lines[0] and proc.stdout == "",
+               f"`{' '.join(argv[:2])}` on a plain install: exit {proc.returncode}, stdout {proc.stdout[-500:]!r}, "
+               f"stderr {proc.stderr[-1000:]!r}; expected one line naming {hint}")
+        c.ok(f"{' '.join(a for a in argv[:2] if not a.startswith('{'))} refused: needs [{extra}]", t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-device", help="Where to create the fresh venv.")
+    parser.add_argument("--keep", action="store_true", help="Keep the work directory (printed) for inspection.")
+    args = parser.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("sklearn") is None:
+        print("check_device_install: run me with the full development venv (.venv/bin/python): the owner-side "
+              "inputs need onnx and scikit-learn", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="edgeshield-device-"))
+    print(f"device install check (work dir {work})", flush=True)
+    try:
+        c = Checker(work, make_venv(args.venv.resolve()))
+        c.context["bundle"] = "digits.esb"
+        c.run(Step("keys init", ["keys", "init", "keys"]))
+        owner_inputs(work)
+        for step in device_steps():
+            c.run(step)
+        serve_and_query(c)
+        for step in after_serve_steps():
+            c.run(step)
+        needs_extra(c)
+    except (CheckFailed, subprocess.TimeoutExpired) as exc:
+        print(f"device install check FAILED: {exc}", file=sys.stderr)
+        print(f"(work dir kept: {work})", file=sys.stderr)
+        return 1
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"device install check OK: {c.done} steps, {time.monotonic() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
