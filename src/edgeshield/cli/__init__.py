@@ -14,9 +14,11 @@ import click
 import typer
 
 from edgeshield import __version__
-from edgeshield.cli import _audit, _bundles, _client, _detect, _extraction, _keys, _pki, _serve, _watermark
+from edgeshield.cli import _audit, _bundles, _client, _detect, _extraction, _help, _keys, _pki, _serve, _watermark
 from edgeshield.cli._common import err_console, requires
 from edgeshield.errors import EXIT_GENERAL, EXIT_INPUT, EdgeShieldError
+
+_help.install()  # --help never cuts an option name, however narrow the terminal
 
 app = typer.Typer(
     name="edgeshield",

@@ -1,18 +1,65 @@
-"""`edgeshield serve`: the server a device runs."""
+"""`edgeshield serve`: the server a device runs.
+
+Every option can come from three places, the first that has it winning: the command line, an environment variable
+``EDGESHIELD_<OPTION>`` (``--owner-key`` is ``EDGESHIELD_OWNER_KEY``; the bundle ``EDGESHIELD_BUNDLE``), and a
+TOML file given with ``--config serve.toml`` whose keys are the option names without their dashes
+(``owner-key = "keys/owner.pub"``; repeatable options take a list; relative paths are relative to the file).
+"""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 
 from edgeshield import keys
 from edgeshield.cli._common import PassphraseEnvOpt
+from edgeshield.errors import InvalidArgumentError
+
+ENV_PREFIX = "EDGESHIELD"
+_LIMITS, _REVOCATION, _EXTRACTION = "Connection limits", "Revocation", "Model-extraction defence"
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config FILE``: its keys become defaults for the options not given on the command line or in the env."""
+    if value is None:
+        return None
+    from edgeshield._io import check_readable_file
+
+    path = check_readable_file(value, what="serve config")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"{path} is not valid TOML: {exc}") from None
+    by_key: dict[str, click.Parameter] = {}
+    for param in ctx.command.params:
+        if isinstance(param, click.Argument) and param.name:
+            by_key[param.name] = param
+        for opt in getattr(param, "opts", ()):
+            if opt.startswith("--"):
+                by_key[opt[2:]] = param
+    defaults: dict[str, Any] = {}
+    for key, item in data.items():
+        param = by_key.get(key)
+        if param is None or param.name is None or param.name == "config":
+            known = ", ".join(sorted(k for k in by_key if k != "config"))
+            raise InvalidArgumentError(f"{path}: unknown key {key!r}; the keys are the serve options: {known}")
+        if isinstance(item, dict):
+            raise InvalidArgumentError(f"{path}: {key} must be a value or a list, not a table")
+        if isinstance(param.type, click.Path) or (isinstance(param.type, click.types.FuncParamType)
+                                                   and param.type.func is Path):
+            item = [str(path.parent / Path(v)) for v in item] if isinstance(item, list) else str(path.parent / item)
+        defaults[param.name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def serve(
-    bundle: Annotated[Path, typer.Argument(help="The protected model to serve.")],
+    bundle: Annotated[Path, typer.Argument(help="The protected model to serve.", envvar=f"{ENV_PREFIX}_BUNDLE",
+                                           show_default=False)],
     owner_key: Annotated[Path, typer.Option("--owner-key", help="The model owner's public key.")],
     device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key.")],
     ca: Annotated[Path, typer.Option("--ca", help="CA directory from `pki init` (ca.crt + crl.pem).")],
@@ -20,66 +67,146 @@ def serve(
     key: Annotated[Path, typer.Option("--key", help="Server private key.")],
     audit_db: Annotated[Path, typer.Option("--audit-db", help="Audit log (SQLite), created if missing.")],
     audit_key: Annotated[Path, typer.Option("--audit-key", help="Ed25519 key signing audit checkpoints (`audit keygen`).")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", is_eager=True, callback=_load_config,
+                     help="TOML file of serve options (keys are the option names: owner-key = \"…\"); the command "
+                          "line and EDGESHIELD_* environment variables override it."),
+    ] = None,
     detector: Annotated[Path | None, typer.Option("--detector", help="Detector file: robust inference.")] = None,
     policy: Annotated[Path | None, typer.Option("--policy", help="RBAC policy CSV (default: the shipped one).")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
-    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    max_body: Annotated[int, typer.Option("--max-body", min=1, help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most inputs in one request.")] = 1024,
+    inference_timeout: Annotated[
+        float, typer.Option("--inference-timeout", min=0.001, help="Seconds before inference answers 504.")
+    ] = 10.0,
     audit_durability: Annotated[
         str,
         typer.Option("--audit-durability", help="full: fsync every entry (survives power loss; default). "
                                                 "normal: survives a killed process but not a power cut; faster."),
     ] = "full",
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    handshake_timeout: Annotated[
+        float, typer.Option("--handshake-timeout", min=0.1, rich_help_panel=_LIMITS,
+                            help="Seconds a client has to finish the TLS handshake.")
+    ] = 10.0,
+    request_head_timeout: Annotated[
+        float, typer.Option("--request-head-timeout", min=0.1, rich_help_panel=_LIMITS,
+                            help="Seconds an idle connection has to deliver a complete request head.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", min=0.1, rich_help_panel=_LIMITS,
+                            help="Seconds a request has to deliver its whole body (else 408).")
+    ] = 30.0,
+    keep_alive: Annotated[
+        float, typer.Option("--keep-alive", min=1.0, rich_help_panel=_LIMITS, help="Idle keep-alive, seconds.")
+    ] = 5.0,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", min=1, rich_help_panel=_LIMITS, help="Open connections in all.")
+    ] = 512,
+    max_connections_per_address: Annotated[
+        int, typer.Option("--max-connections-per-address", min=1, rich_help_panel=_LIMITS,
+                          help="Open connections per client address (an IPv6 /64), before TLS.")
+    ] = 64,
+    handshake_rate: Annotated[
+        float, typer.Option("--handshake-rate", min=0.01, rich_help_panel=_LIMITS,
+                            help="TLS handshakes per second per client address.")
+    ] = 20.0,
+    handshake_burst: Annotated[
+        int, typer.Option("--handshake-burst", min=1, rich_help_panel=_LIMITS,
+                          help="Handshakes a client address may make at once.")
+    ] = 40,
+    max_connections_per_identity: Annotated[
+        int, typer.Option("--max-connections-per-identity", min=1, rich_help_panel=_LIMITS,
+                          help="Open connections per client certificate identity (more: 503).")
+    ] = 16,
+    max_in_flight: Annotated[
+        int, typer.Option("--max-in-flight", min=1, rich_help_panel=_LIMITS, help="Requests served at once.")
+    ] = 64,
+    max_in_flight_per_identity: Annotated[
+        int, typer.Option("--max-in-flight-per-identity", min=1, rich_help_panel=_LIMITS,
+                          help="Requests one identity may have served at once (more: 503).")
+    ] = 8,
+    crl_expired: Annotated[
+        str, typer.Option("--crl-expired", rich_help_panel=_REVOCATION,
+                          help="When the CRL passes nextUpdate: fail-closed (refuse everyone; default) or keep-last "
+                               "(keep revoking with the last CRL's serials, loudly logged).")
+    ] = "fail-closed",
+    crl_warn_days: Annotated[
+        float, typer.Option("--crl-warn-days", min=0.0, rich_help_panel=_REVOCATION,
+                            help="Warn (log, metric, audit) this many days before the CRL's nextUpdate.")
+    ] = 2.0,
+    crl_poll: Annotated[
+        float, typer.Option("--crl-poll", min=0.1, rich_help_panel=_REVOCATION,
+                            help="Seconds between checks of crl.pem for a new CRL.")
+    ] = 2.0,
     rate_limit: Annotated[
         list[str] | None,
-        typer.Option("--rate-limit", help="ROLE=RATE:BURST token bucket per client (inputs per second, burst); repeatable."),
+        typer.Option("--rate-limit", rich_help_panel=_EXTRACTION,
+                     help="ROLE=RATE:BURST token bucket per client (inputs per second, burst); repeatable."),
     ] = None,
     extraction_monitor: Annotated[
         str | None,
-        typer.Option("--extraction-monitor", help="Watch each client with PRADA; on alarm: flag, throttle, degrade or block."),
+        typer.Option("--extraction-monitor", rich_help_panel=_EXTRACTION,
+                     help="Watch each client with PRADA; on alarm: flag, throttle, degrade or block."),
     ] = None,
     outputs: Annotated[
         str | None,
-        typer.Option("--outputs", help='Return hardened probabilities, e.g. \'{"policy": "top_k", "k": 3}\' (default: labels only).'),
+        typer.Option("--outputs", rich_help_panel=_EXTRACTION,
+                     help='Return hardened probabilities, e.g. \'{"policy": "top_k", "k": 3}\' (default: labels only).'),
     ] = None,
     query_budget: Annotated[
         int | None,
-        typer.Option("--query-budget", min=1, help="Most distinct inputs a client may send per --query-window "
-                                                   "before the --extraction-monitor action (repeats are free)."),
+        typer.Option("--query-budget", min=1, rich_help_panel=_EXTRACTION,
+                     help="Most distinct inputs a client may send per --query-window before the --extraction-monitor "
+                          "action (repeats are free)."),
     ] = None,
-    query_window: Annotated[float, typer.Option("--query-window", min=1.0, help="Query-budget window, seconds.")] = 86400.0,
+    query_window: Annotated[
+        float, typer.Option("--query-window", min=1.0, rich_help_panel=_EXTRACTION, help="Query-budget window, seconds.")
+    ] = 86400.0,
     served_watermark_key: Annotated[
         Path | None,
-        typer.Option("--served-watermark-key", help="Owner watermark key: answer a keyed fraction of inputs with a "
-                                                    "watermark label, so a copy stolen through the API can be proven."),
+        typer.Option("--served-watermark-key", rich_help_panel=_EXTRACTION,
+                     help="Owner watermark key: answer a keyed fraction of inputs with a watermark label, so a copy "
+                          "stolen through the API can be proven."),
     ] = None,
     served_watermark_rate: Annotated[
-        float, typer.Option("--served-watermark-rate", min=0.0001, max=0.5, help="Fraction of inputs marked.")
+        float, typer.Option("--served-watermark-rate", min=0.0001, max=0.5, rich_help_panel=_EXTRACTION,
+                            help="Fraction of inputs marked.")
     ] = 0.01,
     served_watermark_evidence: Annotated[
         Path | None,
-        typer.Option("--served-watermark-evidence", help="SQLite file keeping the marked inputs (for "
-                                                         "`watermark verify-copy`); required with the key."),
+        typer.Option("--served-watermark-evidence", rich_help_panel=_EXTRACTION,
+                     help="SQLite file keeping the marked inputs (for `watermark verify-copy`); required with the key."),
     ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
     from edgeshield.server import ServeConfig
     from edgeshield.server import serve as run_server
+    from edgeshield.server._limits import Limits
 
+    limits = Limits(handshake_timeout_s=handshake_timeout, max_connections=max_connections,
+                    max_connections_per_address=max_connections_per_address,
+                    handshakes_per_second_per_address=handshake_rate, handshake_burst_per_address=handshake_burst,
+                    max_connections_per_identity=max_connections_per_identity,
+                    request_head_timeout_s=request_head_timeout, keep_alive_s=keep_alive, body_timeout_s=body_timeout,
+                    max_in_flight=max_in_flight, max_in_flight_per_identity=max_in_flight_per_identity)
     run_server(ServeConfig(bundle=bundle, owner_key=owner_key, device_key=device_key, ca=ca, cert=cert, key=key,
                            audit_db=audit_db, audit_key=audit_key, detector=detector, policy=policy, host=host,
                            port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body,
-                           audit_durability=audit_durability, rate_limits=_parse_rate_limits(rate_limit or []),
-                           extraction_action=extraction_monitor, outputs=outputs, query_budget=query_budget,
-                           query_window_s=query_window, served_watermark_key=served_watermark_key,
-                           served_watermark_rate=served_watermark_rate,
-                           served_watermark_evidence=served_watermark_evidence))
+                           max_batch=max_batch, inference_timeout_s=inference_timeout, crl_poll_s=crl_poll,
+                           log_level=log_level, audit_durability=audit_durability,
+                           rate_limits=_parse_rate_limits(rate_limit or []), extraction_action=extraction_monitor,
+                           outputs=outputs, query_budget=query_budget, query_window_s=query_window,
+                           served_watermark_key=served_watermark_key, served_watermark_rate=served_watermark_rate,
+                           served_watermark_evidence=served_watermark_evidence, limits=limits,
+                           crl_expired=crl_expired, crl_warn_days=crl_warn_days))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:
-    from edgeshield.errors import InvalidArgumentError
-
     out = []
     for item in items:
         role, _, spec = item.partition("=")

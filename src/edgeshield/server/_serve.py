@@ -40,6 +40,7 @@ class ServeConfig:
     port: int = 8443
     passphrase: bytes | None = None  # for the device key, the server key and the audit key
     max_body_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 1024
     inference_timeout_s: float = 10.0
     crl_poll_s: float = 2.0
     log_level: str = "info"
@@ -57,6 +58,20 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     crl_expired: str = "fail-closed"  # or "keep-last": keep revoking with the last CRL's serials, loudly
     crl_warn_days: float = 2.0  # warn (log, metric, audit) this long before the CRL's nextUpdate
+
+    def __post_init__(self) -> None:
+        from edgeshield.errors import InvalidArgumentError
+        from edgeshield.server._crl import CRL_POLICIES
+
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise InvalidArgumentError(f"log level must be debug, info, warning or error, not {self.log_level!r}")
+        if self.crl_expired not in CRL_POLICIES:
+            raise InvalidArgumentError(f"--crl-expired must be one of {', '.join(CRL_POLICIES)}, not "
+                                       f"{self.crl_expired!r}")
+        for name in ("max_body_bytes", "max_batch", "inference_timeout_s", "crl_poll_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidArgumentError(f"{name} must be a positive number, got {value!r}")
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -90,8 +105,8 @@ def build_state(cfg: ServeConfig) -> ServerState:
     audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
                                            "model_sha256": _sha256(rbac.model_path)})
     return ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
-                       max_body_bytes=cfg.max_body_bytes, inference_timeout_s=cfg.inference_timeout_s,
-                       limits=cfg.limits, rate_limiter=limiter, monitor=monitor, outputs=outputs, served_watermark=served,
+                       max_body_bytes=cfg.max_body_bytes, max_batch=cfg.max_batch,
+                       inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter, monitor=monitor, outputs=outputs, served_watermark=served,
                        served_evidence=evidence, on_shutdown=[evidence.close] if evidence is not None else [])
 
 
