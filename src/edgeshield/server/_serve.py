@@ -83,6 +83,12 @@ def build_state(cfg: ServeConfig) -> ServerState:
 
     audit = AuditLog(cfg.audit_db, signing_key=load_signing_key(cfg.audit_key, cfg.passphrase),
                      durability=cfg.audit_durability)
+    # The whole log must verify before the device serves again (a tampered log stops it: exit 3), and entries a
+    # crash left without a checkpoint are covered now, with a server.recovered entry saying which.
+    recovery = audit.recover()
+    if recovery.recovered:
+        log.warning("audit log: %d entries a crash left without a checkpoint are now covered (server.recovered)",
+                    recovery.uncovered)
     opened = bundles.open_bundle(cfg.bundle, keys.load_owner_public_key(cfg.owner_key),
                                  keys.load_device_private_key(cfg.device_key, cfg.passphrase))
     m = opened.manifest
