@@ -6,16 +6,15 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _auditlogs import kill_writer_mid_append
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeshield import audit, keys
@@ -511,43 +510,6 @@ def test_unsigned_log(tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
 
 
 # --- durability and concurrency -------------------------------------------------------------------------------------
-WRITER = """
-import sys
-from edgeshield import audit
-log = audit.AuditLog(sys.argv[1], signing_key=audit.load_signing_key(sys.argv[2]), checkpoint_every=25)
-i = 0
-while True:
-    log.append("test.tick", "writer", {"i": i})
-    sys.stdout.write(f"{i}\\n")
-    sys.stdout.flush()
-    i += 1
-"""
-
-
-def kill_writer_mid_append(db: Path, key: Path, at_least: int = 120) -> list[int]:
-    """Run WRITER until it reported ``at_least`` appends, SIGKILL it (very likely inside an append transaction),
-    and return the ``i`` of every append it acknowledged."""
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(key)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reported: list[int] = []
-    deadline = time.monotonic() + 60
-    try:
-        assert proc.stdout is not None
-        while len(reported) < at_least and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            reported.append(int(line))
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, err
-    reported += [int(x) for x in out.split("\n")[:-1]]  # complete lines only
-    assert len(reported) >= at_least, err
-    assert reported == list(range(len(reported)))
-    return reported
-
-
 def test_sigkill_loses_no_committed_entry(tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
     db = tmp_path / "audit.db"
     reported = kill_writer_mid_append(db, tmp_path / "audit.key")

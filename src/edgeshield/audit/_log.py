@@ -206,8 +206,8 @@ class AuditLog:
         if not exists and not parent.is_dir():
             raise PathNotFoundError(f"audit log directory not found: {parent}")
         try:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
+            conn = _store.connect(self.path)
+        except _store.SQLITE_ERRORS as exc:
             raise _store.db_error(exc, self.path) from exc
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -230,7 +230,7 @@ class AuditLog:
             # still survives a killed process (the commit is in the WAL file) but not a power cut.
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        except sqlite3.Error as exc:
+        except _store.SQLITE_ERRORS as exc:
             conn.close()
             raise _store.db_error(exc, self.path) from exc
         except BaseException:
@@ -304,7 +304,7 @@ class AuditLog:
                 tx = _Tx(size, prev, self._frontier if self._frontier_size == size else None)
                 yield conn, tx
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except _store.SQLITE_ERRORS as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise _store.db_error(exc, self.path) from exc

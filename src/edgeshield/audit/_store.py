@@ -28,6 +28,7 @@ APPLICATION_ID = 0x45534131  # "ESA1": marks a SQLite file as an EdgeShield audi
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEADER = 100  # bytes of the SQLite database header
 _NEAR_MAGIC = 10  # a header agreeing with the magic in this many of its 16 bytes is a damaged SQLite file
+_PLAUSIBLE_SCHEMA = 99  # schema numbers a newer EdgeShield might write; anything larger is a damaged header
 
 _APPEND_ONLY = "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END"
 TRIGGERS = ("entries_no_update", "entries_no_delete", "checkpoints_no_update", "checkpoints_no_delete")
@@ -78,9 +79,18 @@ def check_file(path: Path, *, must_exist: bool) -> bool:
     return True
 
 
-def db_error(exc: sqlite3.Error, path: Path) -> EdgeShieldError:
+# SQLite errors, and the UnicodeDecodeError Python raises when a corrupt schema makes SQLite's own error message
+# (or a schema name) undecodable.
+SQLITE_ERRORS = (sqlite3.Error, UnicodeDecodeError)
+
+
+def db_error(exc: sqlite3.Error | UnicodeDecodeError, path: Path) -> EdgeShieldError:
     """What an SQLite error means for an audit log: corruption is integrity, anything else a plain failure."""
+    if isinstance(exc, UnicodeDecodeError):
+        return _damaged(path, "SQLite reads text that is not UTF-8 in its own schema")
     name = getattr(exc, "sqlite_errorname", "")
+    if "unsupported file format" in str(exc):  # SQLite's schema format byte: 1-4 since 2006, anything else damage
+        return _damaged(path, f"SQLite reports: {exc}")
     if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or (
             isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) and not name):
         return _damaged(path, f"SQLite reports: {exc}")
@@ -92,9 +102,10 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, allow_empty: bool = Fa
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error as exc:
+        table_sql = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    except SQLITE_ERRORS as exc:
         raise db_error(exc, path) from exc
+    tables = set(table_sql)
     ours = {"entries", "checkpoints"} <= tables
     if app_id == 0 and not tables and allow_empty:
         return 0
@@ -104,12 +115,32 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, allow_empty: bool = Fa
         raise NotAnAuditLogError(f"{path} is not an EdgeShield audit log")
     if not ours:
         raise _damaged(path, "the audit tables are missing")
-    if version > SCHEMA_VERSION:
+    if (table_sql["entries"], table_sql["checkpoints"]) != (SCHEMA[0], SCHEMA[1]):
+        raise _damaged(path, "its table definitions were altered")
+    if SCHEMA_VERSION < version <= _PLAUSIBLE_SCHEMA:
         raise UnsupportedFormatVersionError(f"{path} is audit log schema {version}; this build reads up to "
                                             f"{SCHEMA_VERSION}")
-    if version < 1:
+    if not 1 <= version <= SCHEMA_VERSION:
         raise _damaged(path, f"its schema version reads {version}")
     return int(version)
+
+
+class UndecodableText(bytes):
+    """A text column whose bytes are not UTF-8 (a flipped byte): not a ``str``, so verify calls the row malformed."""
+
+
+def _text(raw: bytes) -> str | UndecodableText:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return UndecodableText(raw)
+
+
+def connect(target: str | Path, **kwargs: object) -> sqlite3.Connection:
+    """``sqlite3.connect`` for audit logs: text that is not UTF-8 is read as :class:`UndecodableText`, not an error."""
+    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False, **kwargs)  # type: ignore[arg-type]
+    conn.text_factory = _text
+    return conn
 
 
 @contextlib.contextmanager
@@ -117,13 +148,13 @@ def reader(path: Path) -> Iterator[sqlite3.Connection]:
     """A fresh read-only connection; one read transaction gives a consistent snapshot next to the writer."""
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
+        conn = connect(uri, uri=True)
+    except SQLITE_ERRORS as exc:
         raise db_error(exc, path) from exc
     try:
         conn.execute("BEGIN")
         yield conn
-    except sqlite3.Error as exc:
+    except SQLITE_ERRORS as exc:
         raise db_error(exc, path) from exc
     finally:
         conn.close()

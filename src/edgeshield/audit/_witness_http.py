@@ -52,7 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._log(resp.status, resp.reason)
 
     def _log(self, status: int, reason: str) -> None:
-        log.info(json.dumps({"event": "witness.request", "method": self.command, "path": self.path[:100],
+        log.info(json.dumps({"event": "witness.request", "method": self.command,
+                             "path": (getattr(self, "path", None) or "")[:100],
                              "status": status, "client": self.client_address[0], "reason": reason[:200]}))
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
@@ -87,14 +88,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # http.server answers unknown methods with 501 and odd HTTP versions with 505: for a client's mistake, a
-        # 4xx. Unknown methods are refused like any method an endpoint does not take.
+        # http.server answers unknown methods with 501 and odd HTTP versions with 505, as HTML, and a request line
+        # it cannot parse as HTTP/0.9 (no status line): for a client's mistake, a 4xx with a one-line reason.
         if code == HTTPStatus.NOT_IMPLEMENTED:
             code, message = HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed"
         elif code >= 500:
             code = HTTPStatus.BAD_REQUEST
         self.close_connection = True
-        super().send_error(code, message, explain)
+        self.request_version = self.protocol_version
+        self._send(WitnessResponse.refuse(code, (message or HTTPStatus(code).phrase).replace("\n", " ")[:200]))
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         pass  # requests are logged as JSON by _log; http.server's own lines would break the one-object-a-line log
