@@ -14,9 +14,10 @@ ART, matplotlib and model-signing must be absent afterwards):
 * audit verify / show / export on the log it wrote, watermark verify-copy on the evidence it kept;
 * the owner and evaluation commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
 
-To cover a new ``serve`` flag, add one line to ``SERVE_FLAGS``; a new device command, one ``Step`` to the list in
-``device_steps`` (or ``after_serve_steps`` if it reads what the server wrote); a new owner/eval command, one line to
-``NEEDS_EXTRA``. ``{name}`` in an argument is filled from the context (files made so far, values steps saved).
+To cover a new ``serve`` flag, add one line to ``SERVE_FLAGS`` (and the file it reads, if any, to ``FILES``); a new
+device command, one ``Step`` in ``device_steps`` (``after_serve_steps`` if it reads what the server wrote,
+``queries`` if it talks to the running server); a new owner/eval command, one line in ``NEEDS_EXTRA``. ``{name}`` in
+an argument is filled from the context (``bundle``, ``port``, and what steps saved, e.g. ``bob_serial``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--audit-durability", "normal"),
     ("--max-body", "1048576"),
 ]
+
+# Flags of `serve` this check does not pass, each with the reason; any other flag missing from SERVE_FLAGS fails it.
+SERVE_FLAGS_NOT_RUN: dict[str, str] = {
+    "--passphrase-env": "the keys here are unencrypted (passphrases: tests/keys, tests/cli)",
+}
+
+# Small files the device commands read, written into the work directory first (e.g. a serve.toml for --config).
+FILES: dict[str, str] = {}
 
 # Owner and evaluation commands: on a plain install each must fail with one line naming this extra.
 NEEDS_EXTRA: list[tuple[str, list[str]]] = [
@@ -285,6 +294,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def unexercised_serve_flags() -> list[str]:
+    """`serve` options (from the CLI itself) that neither SERVE_FLAGS, BUNDLE nor SERVE_FLAGS_NOT_RUN covers."""
+    import typer.main
+
+    from edgeshield.cli import app
+
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    options = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--help"}
+    covered = {f[0] for f in SERVE_FLAGS} | {a for a in BUNDLE if a.startswith("--")} | set(SERVE_FLAGS_NOT_RUN)
+    return sorted(options - covered)
+
+
 def serve_and_query(c: Checker) -> None:
     t0 = time.monotonic()
     c.context["port"] = str(free_port())
@@ -345,12 +366,20 @@ def main(argv: list[str] | None = None) -> int:
         print("check_device_install: run me with the full development venv (.venv/bin/python): the owner-side "
               "inputs need onnx and scikit-learn", file=sys.stderr)
         return 2
+    missing = unexercised_serve_flags()
+    if missing:
+        print(f"device install check FAILED: serve flags not exercised: {', '.join(missing)}; add each to "
+              "SERVE_FLAGS in scripts/check_device_install.py (one line: the flag and a value that works)",
+              file=sys.stderr)
+        return 1
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="edgeshield-device-"))
     print(f"device install check (work dir {work})", flush=True)
     try:
         c = Checker(work, make_venv(args.venv.resolve()))
         c.context["bundle"] = "digits.esb"
+        for name, text in FILES.items():
+            (work / name).write_text(text)
         c.run(Step("keys init", ["keys", "init", "keys"]))
         owner_inputs(work)
         for step in device_steps():
