@@ -3,6 +3,7 @@ next start covers them (``server.recovered``); a log that was tampered with stop
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
@@ -41,7 +42,7 @@ def device(tmp_path: Path) -> dict[str, Path]:
     conf = tmp_path / "serve.toml"
     conf.write_text(f'bundle = "m.esb"\nowner-key = "keys/owner.pub"\ndevice-key = "keys/device.key"\nca = "ca"\n'
                     f'cert = "ca/issued/edge.crt"\nkey = "ca/issued/edge.key"\naudit-db = "audit.db"\n'
-                    f'audit-key = "audit.key"\nport = {_free_port()}\nlog-level = "warning"\n')
+                    f'audit-key = "audit.key"\nport = {_free_port()}\nlog-level = "info"\n')
     return {"root": tmp_path, "conf": conf, "ca": ca}
 
 
@@ -70,6 +71,21 @@ def _predict(d: dict[str, Path], port: int, n: int) -> None:
             assert c.post("/v1/predict", json={"inputs": [[0.5] * 64]}).status_code == 200
 
 
+def _forbidden(d: dict[str, Path], port: int) -> None:
+    ctx = transport.client_context(d["ca"] / "ca.crt", d["ca"] / "issued" / "alice.crt",
+                                   d["ca"] / "issued" / "alice.key")
+    with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ctx, timeout=10) as c:
+        assert c.get("/metrics").status_code == 403
+        assert c.get("/nowhere").status_code == 404
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def test_a_killed_server_is_recovered_at_the_next_start(device: dict[str, Path]) -> None:
     proc, port = _start(device)
     _predict(device, port, 5)
@@ -80,8 +96,11 @@ def test_a_killed_server_is_recovered_at_the_next_start(device: dict[str, Path])
     assert uncovered.returncode == 3  # the crash left entries no checkpoint covers
     proc, port = _start(device)
     _predict(device, port, 1)
+    _forbidden(device, port)  # a denial: pycasbin would print "Request: ... ---> False" outside the JSON log
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert stderr and all(_is_json_object(line) for line in stderr.splitlines()), stderr[-2000:]
     kinds = [e.kind for e in audit.AuditLog(db, readonly=True).entries()]
     restart = kinds.index("server.startup", 1)
     assert kinds.count("server.recovered") == 1 and kinds.index("server.recovered") < restart

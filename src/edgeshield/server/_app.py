@@ -75,6 +75,10 @@ class _Metrics:
         self.latency = Histogram("edgeshield_request_seconds", "Request latency", ["path"], registry=self.registry)
         self.connections_refused = Counter("edgeshield_connections_refused", "Connections refused before or "
                                            "during the TLS handshake, by reason", ["reason"], registry=self.registry)
+        self.connections_open = Gauge("edgeshield_connections_open", "Open connections, handshakes included",
+                                      registry=self.registry)
+        self.busiest_address = Gauge("edgeshield_connections_busiest_address", "Open connections of the client "
+                                     "address holding the most", registry=self.registry)
         self.crl_seconds_left = Gauge("edgeshield_crl_seconds_to_next_update", "Seconds until the loaded CRL's "
                                       "nextUpdate (negative: expired)", registry=self.registry)
 

@@ -142,8 +142,9 @@ class ConnectionGate:
         else:
             del self._by_address[address]
 
-    def connections_from(self, address: str) -> int:
-        return self._by_address.get(address, 0)
+    def busiest_address(self) -> int:
+        """Connections held by the address holding the most (a metric: who is close to the per-address cap)."""
+        return max(self._by_address.values(), default=0)
 
     # -- after TLS --
     def bind(self, name: str, protocol: Any) -> bool:
@@ -162,9 +163,6 @@ class ConnectionGate:
             held.discard(protocol)
             if not held:
                 del self._by_identity[name]
-
-    def connections_of(self, name: str) -> int:
-        return len(self._by_identity.get(name, ()))
 
     def close_revoked(self, serials: Iterable[int]) -> int:
         """Close every live connection whose certificate serial is in ``serials``; how many were closed."""

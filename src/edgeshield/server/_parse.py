@@ -136,7 +136,8 @@ def _parse_json(body: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
     _check_batch(len(inputs), max_batch)
     dtype = np.dtype(spec.dtype)
     try:  # integers go through float64 so that 1.5 is refused rather than truncated to 1
-        x = np.asarray(inputs, dtype=np.float64 if dtype.kind in "iu" else dtype)
+        with np.errstate(over="ignore"):  # 1e39 as float32 is inf, which the spec then refuses by name
+            x = np.asarray(inputs, dtype=np.float64 if dtype.kind in "iu" else dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BodyRejected(422, f"inputs are not a numeric array of one shape: {str(exc)[:160]}", "inputs") from None
     _check_shape(x.shape, spec, max_batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.config
 import os
 import ssl
 import threading
@@ -301,6 +302,8 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any
 
     check_readable_file(cfg.cert, what="server certificate")
     check_readable_file(cfg.key, what="server key")
+    logging.config.dictConfig(log_config(cfg.log_level))  # JSON lines from the first one: start-up logs too
+    logging.captureWarnings(True)  # a library's warnings.warn goes to the JSON log, never bare to stderr
     state = state or build_state(cfg)
     events = ConnectionEvents(state)
     state.on_shutdown.append(events.stop)
@@ -317,7 +320,9 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any
         server_header=False, date_header=False,
     )
     server = _server_class()(config)
-    server.gate = ConnectionGate(cfg.limits, ctx, events)
+    server.gate = gate = ConnectionGate(cfg.limits, ctx, events)
+    state.metrics.connections_open.set_function(lambda: gate.total)
+    state.metrics.busiest_address.set_function(gate.busiest_address)
     watcher = CrlWatcher(guard, crl_path_for(cfg), state, cfg.crl_poll_s, warn_before_s=cfg.crl_warn_days * 86400,
                          on_reload=server.gate.close_revoked_threadsafe)
     watcher.check_expiry()
