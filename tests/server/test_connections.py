@@ -209,3 +209,17 @@ def test_a_revoked_certificate_loses_its_open_connection(world: dict[str, Any], 
         raw.close()
     assert answered == 0
     assert not reply.startswith(b"HTTP/1.1 200")
+
+
+def test_malformed_http_is_a_400_and_counted_for_the_audit_log(world: dict[str, Any]) -> None:
+    with _tls(world, "trudy", HONEST) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: edge\r\nContent-Length: abc\r\n\r\n")
+        sock.settimeout(4.0)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    deadline = time.monotonic() + 5  # counted on the event loop, written at most once a second
+    while time.monotonic() < deadline:
+        reasons = {r for e in _audit_kinds(world) if e.kind == "connection.refused" for r in e.data["reasons"]}
+        if "malformed HTTP request" in reasons:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no connection.refused entry for the malformed request")

@@ -102,6 +102,13 @@ class TlsHttpToolsProtocol(HttpToolsProtocol):
                 self.gate.events.refused("request head timeout")
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """httptools refused the request's framing (bad request line, headers or lengths): count it for the audit
+        log like the other protocol-level refusals, then answer uvicorn's 400 and close."""
+        if self.gate is not None:
+            self.gate.events.refused("malformed HTTP request")
+        super().send_400_response(msg)
+
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
         super().on_headers_complete()
