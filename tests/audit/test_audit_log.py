@@ -689,3 +689,36 @@ def test_durability_modes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidArgumentError):
         AuditLog(tmp_path / "x.db", durability="off")
     assert sqlite3.connect(tmp_path / "full.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@needs_cli
+def test_issue_9_removed_checkpoints_are_no_longer_a_clean_exit_0(signed_log: Path, tmp_path: Path) -> None:
+    """Regression (issue 9): deleting every checkpoint (or only the newest), editing an entry and recomputing the
+    chain verified with exit 0 ("0 checkpoints", "intact")."""
+    from _auditlogs import tamper_module
+
+    tamper = tamper_module()
+    pub = tmp_path / "audit.pub"
+    for variant in ("every", "newest"):
+        db = tmp_path / f"{variant}.db"
+        db.write_bytes(signed_log.read_bytes())
+        conn = tamper.attacker(db)
+        conn.execute("UPDATE entries SET data = '{\"i\":999}' WHERE seq = 13")
+        conn.execute("DELETE FROM checkpoints" + (" WHERE tree_size = 30" if variant == "newest" else ""))
+        tamper.rechain(conn)
+        conn.close()
+        needle = "not in the checkpoint table" if variant == "every" else "checkpoint at tree size 20 does not match"
+        assert_one_line_error(cli("audit", "verify", db, "--checkpoint-key", pub), 3, needle)
+        # ... and an attacker who also removes the checkpoints' chained entries is left with a log nothing covers:
+        conn = tamper.attacker(db)
+        conn.execute("DELETE FROM entries WHERE kind = 'audit.checkpoint'"
+                     + (" AND seq = 30" if variant == "newest" else ""))
+        tamper.rechain(conn)
+        conn.close()
+        if variant == "every":
+            plain = cli("audit", "verify", db, "--checkpoint-key", pub)
+            assert plain.returncode == 0 and "intact" not in plain.stdout and "signatures verified" not in plain.stdout
+            assert "35 of 35 entries are NOT covered" in plain.stdout
+        else:  # checkpoint 30's root is gone, but 20's still binds entry 13
+            assert_one_line_error(cli("audit", "verify", db, "--checkpoint-key", pub), 3, "tree size 20")
+        assert_one_line_error(cli("audit", "verify", db, "--checkpoint-key", pub, "--require-checkpoint"), 3, "")
