@@ -50,6 +50,10 @@ class UnsupportedModelError(InputError):
     """The model is not a loadable ONNX model (or uses a feature bundles do not support)."""
 
 
+class ExternalDataError(UnsupportedModelError):
+    """An ONNX model's external data is missing, too short, or outside the model's directory."""
+
+
 class UnsupportedFormatVersionError(InputError):
     """A bundle declares a format version this build cannot read."""
 
@@ -100,6 +104,10 @@ class CertificateError(InvalidArgumentError):
 
 class UnknownSerialError(InvalidArgumentError):
     """No certificate with that serial was issued by this CA."""
+
+
+class UnknownCertificateError(InvalidArgumentError):
+    """No valid certificate has that name (or several do: the name is ambiguous)."""
 
 
 class AlreadyRevokedError(InvalidArgumentError):
@@ -180,6 +188,12 @@ class ServerRefusedError(EdgeShieldError):
 
 class ConnectionFailedError(EdgeShieldError):
     """No TLS connection to the server could be made (refused, handshake failed, certificate rejected)."""
+
+
+class CertificateRefusedError(ConnectionFailedError):
+    """The server refused our client certificate during the TLS handshake (revoked, expired or another CA's)."""
+
+    exit_code = EXIT_KEY
 
 
 # --- audit log ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from edgeshield import transport
 from edgeshield.cli._pki import app as pki_app
 from edgeshield.errors import (
+    AlreadyRevokedError,
     EdgeShieldError,
     IntegrityError,
     InvalidArgumentError,
@@ -29,6 +30,7 @@ from edgeshield.errors import (
     OutputExistsError,
     PassphraseError,
     PathNotFoundError,
+    UnknownCertificateError,
 )
 
 
@@ -387,6 +389,49 @@ def test_revoke_refusals(ca: Path) -> None:
     assert crl_number(load_crl(ca)) == 2
 
 
+def test_revoke_by_name_revokes_the_one_active_certificate(ca: Path) -> None:
+    old = transport.issue(ca, name="alice", role="operator")
+    transport.revoke(ca, old.serial)
+    new = transport.issue(ca, name="alice", role="operator")  # re-issued: the name now has a revoked and a valid one
+    transport.issue(ca, name="bob", role="client")
+    revoked = transport.revoke(ca, name="alice", reason="key-compromise")
+    assert revoked.serial == new.serial and revoked.revocation_reason == "key-compromise"
+    assert {r.serial_number for r in load_crl(ca)} == {old.serial, new.serial}
+    assert {c.name: c.status() for c in transport.list_certs(ca)}["bob"] == "valid"
+
+
+def test_revoke_by_name_refusals(ca: Path) -> None:
+    alice = transport.issue(ca, name="alice", role="operator")
+    now = datetime.now(timezone.utc)
+    transport.issue(ca, name="gone", role="client", not_before=now - timedelta(days=9), not_after=now - timedelta(days=1))
+    crl_before = crl_number(load_crl(ca))
+    with pytest.raises(UnknownCertificateError, match="no certificate named 'carol'"):
+        transport.revoke(ca, name="carol")
+    with pytest.raises(UnknownCertificateError, match="expired"):  # an expired one is revoked by --serial, if at all
+        transport.revoke(ca, name="gone")
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        transport.revoke(ca, alice.serial, name="alice")
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        transport.revoke(ca)
+    with pytest.raises(InvalidArgumentError, match="invalid name"):
+        transport.revoke(ca, name="../alice")
+    transport.revoke(ca, name="alice")
+    with pytest.raises(AlreadyRevokedError, match="already revoked"):
+        transport.revoke(ca, name="alice")
+    assert crl_number(load_crl(ca)) == crl_before + 1  # only the one real revocation published a CRL
+
+
+def test_revoke_by_an_ambiguous_name_is_refused(ca: Path) -> None:
+    alice = transport.issue(ca, name="alice", role="operator")
+    index = json.loads((ca / "index.json").read_text())
+    twin = dict(index["certificates"][0], serial=f"{alice.serial + 1:x}")  # an index edited by hand
+    index["certificates"].append(twin)
+    (ca / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UnknownCertificateError, match="2 valid certificates are named 'alice'.*--serial"):
+        transport.revoke(ca, name="alice")
+    assert transport.revoke(ca, alice.serial).status() == "revoked"
+
+
 def test_update_crl_renews_dates_and_number(ca: Path) -> None:
     alice = transport.issue(ca, name="alice", role="operator")
     transport.revoke(ca, alice.serial)
@@ -498,6 +543,20 @@ def test_cli_init_issue_list_revoke_crl(tmp_path: Path, monkeypatch: pytest.Monk
     assert r.exit_code == 0 and json.loads(r.stdout)["crl_number"] == 3, r.output
     r = runner.invoke(pki_app, ["list", str(d)])
     assert r.exit_code == 0 and "revoked" in r.stdout and "alice" in r.stdout
+
+
+def test_cli_revoke_by_name(ca: Path) -> None:
+    runner = CliRunner()
+    alice = transport.issue(ca, name="alice", role="operator")
+    r = runner.invoke(pki_app, ["revoke", str(ca), "--name", "alice", "--reason", "superseded", "--json"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.stdout)
+    assert shown["serial"] == hex(alice.serial) and shown["status"] == "revoked"
+    for args, error in ((["--name", "alice"], AlreadyRevokedError), (["--name", "nobody"], UnknownCertificateError),
+                        (["--name", "alice", "--serial", hex(alice.serial)], InvalidArgumentError),
+                        ([], InvalidArgumentError)):
+        r = runner.invoke(pki_app, ["revoke", str(ca), *args])
+        assert isinstance(r.exception, error) and r.exception.exit_code == 2, (args, r.exception)
 
 
 @pytest.mark.parametrize(

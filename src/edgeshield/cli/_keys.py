@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from edgeshield import keys
 from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.cli._tables import table
 
 app = typer.Typer(help="Create and list owner signing keys and device keys.", no_args_is_help=True)
 
@@ -20,13 +21,13 @@ def _show(infos: list[keys.KeyInfo], as_json: bool, title: str) -> None:
     if as_json:
         emit_json({"keys": [k.to_dict() for k in infos]})
         return
-    table = Table(title=title)
-    for col in ("name", "kind", "key id", "public key", "private key"):
-        table.add_column(col)
+    t = table(title, ("name", "kind", "key id", "files"), whole=("kind", "key id"))
     for k in infos:
-        private = "-" if k.private_path is None else f"{k.private_path.name}{' (encrypted)' if k.encrypted else ''}"
-        table.add_row(k.name, k.kind, k.key_id, k.public_path.name, private)
-    console.print(table)
+        files = k.public_path.name
+        if k.private_path is not None:  # stacked under the public key's: a long name folds once, not twice
+            files += f"\n{k.private_path.name}{' (encrypted)' if k.encrypted else ''}"
+        t.add_row(*(Text(cell) for cell in (k.name, k.kind, k.key_id, files)))
+    console.print(t)
 
 
 @app.command("init")

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from edgeshield import transport
 from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.cli._tables import fields, table
+from edgeshield.errors import InvalidArgumentError
 from edgeshield.keys import passphrase_from_env
 
 app = typer.Typer(help="A device CA: issue client and server certificates with roles, revoke them.",
@@ -19,13 +21,30 @@ DirArg = Annotated[Path, typer.Argument(help="CA directory.")]
 
 
 def _show(certs: list[transport.CertInfo], title: str) -> None:
-    table = Table(title=title)
-    table.add_column("serial", overflow="fold")  # folded, never cut: it is what `revoke --serial` takes
-    for col in ("name", "role", "kind", "not after (UTC)", "status"):
-        table.add_column(col)
+    """Two lines per certificate: what it is, then its serial whole on a line of its own (what `revoke --serial`
+    takes; 42 characters do not fit beside five other columns at 80)."""
+    t = table(title, ("name", "role (kind), status, expiry / serial"))
+    # A long name folds before the serial has to: leave the second column the serial's 42 characters (+ borders).
+    t.columns[0].max_width = max(12, console.width - 7 - 42)
     for c in certs:
-        table.add_row(c.serial_hex, c.name, c.role, c.kind, c.not_after.strftime("%Y-%m-%d %H:%M"), c.status())
-    console.print(table)
+        t.add_row(Text(c.name, style="bold"),
+                  Text(f"{c.role} ({c.kind}), {c.status()}, not after {c.not_after.strftime('%Y-%m-%d %H:%M')} UTC"))
+        t.add_row(Text("  serial", style="dim"), Text(c.serial_hex), end_section=c is not certs[-1])
+    console.print(t)
+
+
+def _show_one(info: transport.CertInfo, title: str) -> None:
+    """Everything about one certificate, one field a line (the fingerprint's 64 digits fit at 80 columns)."""
+    rows = [("serial", info.serial_hex), ("name", info.name), ("role", info.role), ("kind", info.kind),
+            ("not before", f"{info.not_before.strftime('%Y-%m-%d %H:%M')} UTC"),
+            ("not after", f"{info.not_after.strftime('%Y-%m-%d %H:%M')} UTC")]
+    if info.sans:
+        rows.append(("SANs", "\n".join(info.sans)))
+    rows += [("fingerprint", info.fingerprint_sha256), ("status", info.status())]
+    if info.revoked_at is not None:
+        rows.append(("revoked", f"{info.revoked_at.strftime('%Y-%m-%d %H:%M')} UTC"
+                                f"{f' ({info.revocation_reason})' if info.revocation_reason else ''}"))
+    console.print(fields(title, rows))
 
 
 @app.command("init")
@@ -71,26 +90,31 @@ def issue(
     if as_json:
         emit_json(issued.to_dict())
         return
-    _show([issued.info], f"issued {issued.cert_path} and {issued.key_path}")
+    _show_one(issued.info, f"issued {issued.cert_path} and {issued.key_path}")
 
 
 @app.command("revoke")
 def revoke(
     directory: DirArg,
-    serial: Annotated[str, typer.Option("--serial", help="Serial, decimal or hex with 0x.")],
+    serial: Annotated[str | None, typer.Option("--serial", help="Serial, decimal or hex with 0x.")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Name of the certificate to revoke (its one unexpired certificate).")
+    ] = None,
     reason: Annotated[
         str | None, typer.Option("--reason", help=f"One of: {', '.join(transport.REVOCATION_REASONS)}.")
     ] = None,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Revoke a certificate and publish a new crl.pem; servers take it with reload_crl."""
-    info = transport.revoke(directory, transport.parse_serial(serial), reason=reason,
-                            passphrase=passphrase_from_env(passphrase_env))
+    """Revoke a certificate, by --serial or by --name, and publish a new crl.pem; servers reload it."""
+    if (serial is None) == (name is None):
+        raise InvalidArgumentError("give exactly one of --serial and --name")
+    info = transport.revoke(directory, None if serial is None else transport.parse_serial(serial), name=name,
+                            reason=reason, passphrase=passphrase_from_env(passphrase_env))
     if as_json:
         emit_json(info.to_dict())
         return
-    _show([info], f"revoked {info.serial_hex}; new CRL in {Path(directory) / 'crl.pem'}")
+    _show_one(info, f"revoked {info.name}; new CRL in {Path(directory) / 'crl.pem'}")
 
 
 @app.command("crl")

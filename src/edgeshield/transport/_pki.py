@@ -54,6 +54,7 @@ from edgeshield.errors import (
     OutputExistsError,
     PassphraseError,
     PathNotFoundError,
+    UnknownCertificateError,
     UnknownSerialError,
 )
 
@@ -393,13 +394,24 @@ def issue(
 
 def revoke(
     directory: str | os.PathLike[str],
-    serial: int | str,
+    serial: int | str | None = None,
     *,
+    name: str | None = None,
     reason: str | None = None,
     passphrase: bytes | None = None,
 ) -> CertInfo:
-    """Mark ``serial`` revoked in the index and publish a new CRL listing every revoked serial."""
-    value = parse_serial(serial)
+    """Mark one certificate revoked in the index and publish a new CRL listing every revoked serial.
+
+    Give exactly one of ``serial`` and ``name``. A name picks the one certificate of that name that is still active
+    (not revoked, not expired), which ``issue`` keeps unique. A name with no active certificate is refused
+    (``AlreadyRevokedError`` when all of its certificates are revoked, else ``UnknownCertificateError``), and so is
+    one with several (an index edited by hand): use the serial then.
+    """
+    if (serial is None) == (name is None):
+        raise InvalidArgumentError("give exactly one of a serial and a name")
+    value = parse_serial(serial) if serial is not None else None
+    if name is not None:
+        validate_name(name)
     if reason is not None and reason not in REVOCATION_REASONS:
         raise InvalidArgumentError(f"unknown revocation reason {reason!r}: use one of {', '.join(REVOCATION_REASONS)}")
     d = _ca_dir(directory)
@@ -407,16 +419,40 @@ def revoke(
         index = _read_index(d)
         ca_cert, ca_key = _load_ca(d, passphrase)  # before changing anything: a wrong passphrase changes nothing
         entries = _entries(index)
-        match = [i for i, e in enumerate(entries) if e.serial == value]
-        if not match:
-            raise UnknownSerialError(f"no certificate with serial {_hex(value)} in {d}")
-        i = match[0]
+        i = _find_serial(entries, value, d) if value is not None else _find_name(entries, name or "", d)
         if entries[i].revoked_at is not None:
-            raise AlreadyRevokedError(f"certificate {_hex(value)} ({entries[i].name}) is already revoked")
+            raise AlreadyRevokedError(f"certificate {entries[i].serial_hex} ({entries[i].name}) is already revoked")
         revoked = replace(entries[i], revoked_at=_now(), revocation_reason=reason)
         index["certificates"][i] = _entry_to_json(revoked)
         _publish_crl(d, index, ca_cert, ca_key)
     return revoked
+
+
+def _find_serial(entries: list[CertInfo], serial: int, d: Path) -> int:
+    match = [i for i, e in enumerate(entries) if e.serial == serial]
+    if not match:
+        raise UnknownSerialError(f"no certificate with serial {_hex(serial)} in {d}")
+    return match[0]
+
+
+def _find_name(entries: list[CertInfo], name: str, d: Path) -> int:
+    """The index of the one active certificate (not revoked, not expired: what `issue` keeps unique) named ``name``."""
+    now = _now()
+    same = [i for i, e in enumerate(entries) if e.name == name]
+    valid = [i for i in same if entries[i].revoked_at is None and now < entries[i].not_after]
+    if len(valid) == 1:
+        return valid[0]
+    if len(valid) > 1:
+        serials = ", ".join(entries[i].serial_hex for i in valid)
+        raise UnknownCertificateError(f"{len(valid)} valid certificates are named {name!r} ({serials}): "
+                                      "revoke one by --serial")
+    if not same:
+        raise UnknownCertificateError(f"no certificate named {name!r} in {d}")
+    if all(entries[i].revoked_at is not None for i in same):
+        last = entries[same[-1]]
+        raise AlreadyRevokedError(f"certificate {last.serial_hex} ({name}) is already revoked")
+    states = ", ".join(f"{entries[i].serial_hex} {entries[i].status(now)}" for i in same)
+    raise UnknownCertificateError(f"no valid certificate named {name!r} ({states}): revoke one by --serial")
 
 
 def update_crl(directory: str | os.PathLike[str], *, passphrase: bytes | None = None,
