@@ -366,7 +366,12 @@ def test_independent_reader_runs_the_model(
     else:
         assert n == 1
     assert hashlib.sha256(plaintext).hexdigest() == manifest["plaintext_sha256"]
-    assert manifest["model_version"] == 7 and manifest["metadata"] == {"name": "digits"}
+    assert manifest["model_version"] == 7 and manifest["metadata"]["name"] == "digits"
+    # the one other entry: the model's inputs and outputs, as docs/bundle-format.md describes them
+    assert json.loads(manifest["metadata"].pop("edgeshield.model_io")) == {
+        "inputs": [{"dtype": "float32", "name": "input", "shape": ["batch", 64]}],
+        "outputs": [{"dtype": "float32", "name": "logits", "shape": ["batch", 10]}]}
+    assert manifest["metadata"] == {"name": "digits"}
     assert manifest["model_sha256"] == hashlib.sha256(models.digits_model_path().read_bytes()).hexdigest()
     img = manifest["image"]
     assert img["weights_offset"] % 64 == 0 and img["weights_size"] > 0

@@ -65,7 +65,10 @@ def test_help_everywhere() -> None:
 
 def test_protect_json_and_inspect_show_no_secret(world: dict[str, Path]) -> None:
     manifest = world["protect_json"]["manifest"]
-    assert manifest["model_version"] == 7 and manifest["metadata"] == {"stage": "prod", "team": "vision"}
+    assert manifest["model_version"] == 7
+    # the owner's labels, and the model's inputs and outputs that protect records beside them
+    assert manifest["metadata"].keys() == {"stage", "team", "edgeshield.model_io"}
+    assert manifest["metadata"]["team"] == "vision" and manifest["metadata"]["stage"] == "prod"
     for args in (("inspect", world["bundle"], "--json"), ("inspect", world["bundle"])):
         proc = cli(*args)
         assert proc.returncode == 0
@@ -95,6 +98,20 @@ def test_verify_and_run(world: dict[str, Path]) -> None:
     assert strict.returncode == 0 and json.loads(strict.stdout)["predictions"] == preds
     assert np.load(out).shape == (25, 10)
     assert (np.array(preds) == np.load(world["root"] / "labels.npy")).mean() > 0.9
+
+
+def test_run_output_refuses_an_existing_file_unless_forced(world: dict[str, Path], tmp_path: Path) -> None:
+    k = world["keys"]
+    run = ("run", world["bundle"], "--owner-key", k / "owner.pub", "--device-key", k / "device.key",
+           "--input", world["x"], "--output")
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"keep me")
+    assert_one_line_error(cli(*run, out), 2, "exists; use --force")
+    assert out.read_bytes() == b"keep me"  # like protect and audit export: untouched
+    assert_one_line_error(cli(*run, world["bundle"], "--force"), 2, "must not be the bundle")
+    proc = cli(*run, out, "--force", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(out).shape == (25, 10)
 
 
 def test_model_signing_signature_round_trip(world: dict[str, Path], tmp_path: Path) -> None:

@@ -15,10 +15,13 @@ from edgeshield.bundles._api import (
     OpenBundle,
     decrypt_model,
     inspect,
+    model_io,
     open_bundle,
     open_session,
     protect,
     verify,
 )
+from edgeshield.bundles._modelio import ModelIO, TensorInfo
 
-__all__ = ["Manifest", "OpenBundle", "decrypt_model", "inspect", "open_bundle", "open_session", "protect", "verify"]
+__all__ = ["Manifest", "ModelIO", "OpenBundle", "TensorInfo", "decrypt_model", "inspect", "model_io", "open_bundle",
+           "open_session", "protect", "verify"]

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgeshield._io import atomic_writer, check_readable_file
-from edgeshield.bundles import _format, _stream, _wrap
+from edgeshield._progress import ProgressCallback, report
+from edgeshield.bundles import _format, _modelio, _stream, _wrap
 from edgeshield.errors import (
     InvalidArgumentError,
     KeyCommitmentError,
@@ -124,6 +125,11 @@ def verify(bundle: PathLike, owner_key: OwnerPublicKey) -> Manifest:
         manifest = _authenticated_manifest(read_at, size, owner_key)
         _check_payload_digest(read_at, size, manifest)
     return manifest
+
+
+def model_io(manifest: Manifest) -> _modelio.ModelIO | None:
+    """The model's inputs and outputs as ``protect`` recorded them, or None for a bundle made before it did."""
+    return _modelio.from_metadata(manifest.metadata)
 
 
 def inspect(bundle: PathLike, owner_key: OwnerPublicKey | None = None) -> tuple[Manifest, bool]:
@@ -251,13 +257,18 @@ def protect(
     chunk_size: int = _stream.DEFAULT_CHUNK_SIZE,
     overwrite: bool = True,
     watermark_key: bytes | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Manifest:
     """Encrypt ``model`` for ``recipients``, sign the manifest with ``signing_key`` and write ``out`` atomically.
 
-    With ``watermark_key`` the owner's spread-spectrum watermark (``edgeshield.watermark``) is embedded first, in
-    memory, so the bundle carries the marked model and ``model_sha256`` is the marked model's digest.
+    A model stored with ONNX external data (the only way to ship one over 2 GB) is read together with its data
+    files, which must lie in the model's directory. The model's inputs and outputs are recorded in the signed
+    metadata (``edgeshield.model_io``, see ``_modelio``). With ``watermark_key`` the owner's spread-spectrum
+    watermark (``edgeshield.watermark``) is embedded first, in memory, so the bundle carries the marked model and
+    ``model_sha256`` is the marked model's digest. ``progress`` (see ``edgeshield._progress``) hears the bytes read,
+    sealed, hashed and written.
     """
-    from edgeshield.bundles._image import build_image
+    from edgeshield.bundles._image import build_image, has_external_data
 
     _stream.check_chunk_size(chunk_size)
     if not recipients:
@@ -268,6 +279,10 @@ def protect(
         meta = _format.validate_metadata(dict(metadata or {}))
     except MalformedBundleError as exc:
         raise InvalidArgumentError(str(exc)) from None
+    reserved = sorted(k for k in meta if _modelio.is_reserved(k))
+    if reserved:
+        raise InvalidArgumentError(f"metadata key {reserved[0]!r} is reserved: protect records the model's inputs "
+                                   "and outputs there itself")
     recipient_ids = [key_id(r) for r in recipients]
     if len(set(recipient_ids)) != len(recipient_ids):
         raise InvalidArgumentError("the same recipient key is given twice")
@@ -278,10 +293,18 @@ def protect(
     if watermark_key is not None:
         from edgeshield.watermark import SCHEME, embed
 
+        if has_external_data(model_bytes):
+            raise InvalidArgumentError("the weight watermark needs a self-contained ONNX model; this one keeps its "
+                                       "weights in external data files")
         model_bytes, _ = embed(model_bytes, watermark_key)
         meta["edgeshield.watermark"] = SCHEME  # which scheme, never the key
-    image = build_image(model_bytes)
+    image = build_image(model_bytes, model_path=model_path, progress=progress)
+    io_entries = image.io.to_metadata()
+    if len(meta) + len(io_entries) <= _format.MAX_METADATA_ENTRIES:  # else it is left out: inspect says so
+        meta.update(io_entries)
+    report(progress, "check that ONNX Runtime loads it", 0, 1)
     _check_loadable(image)
+    report(progress, "check that ONNX Runtime loads it", 1, 1)
 
     data_key = os.urandom(_stream.KEY_SIZE)
     mac_keys = [os.urandom(_stream.KEY_SIZE) for _ in recipients]
@@ -293,17 +316,22 @@ def protect(
     # Encryption is deterministic for a given key and nonce sequence: pass one only hashes and MACs, pass two
     # writes, so neither the ciphertext nor a temporary file is ever needed in full.
     n_chunks = _stream.chunk_count(image.size, chunk_size)
+    sealed_size = _stream.payload_size(image.size, chunk_size)
     macs = [AESGCM(k) for k in mac_keys]
     chunk_digests: list[bytes] = []
     chunk_tags: list[list[bytes]] = [[] for _ in recipients]
+    done = 0
     for i, chunk in enumerate(sealed()):
         chunk_digests.append(hashlib.sha256(chunk).digest())
         for tags, mac in zip(chunk_tags, macs):
             tags.append(_stream.chunk_mac(mac, i, i == n_chunks - 1, chunk))
+        done += len(chunk)
+        report(progress, "encrypt, hash and MAC", done, sealed_size, unit="B")
     payload_sha256 = _stream.digest_of_chunk_digests(chunk_digests)
     plain_hash = hashlib.sha256()
     for offset in range(0, image.size, 1 << 20):
         plain_hash.update(image.read_at(offset, min(1 << 20, image.size - offset)))
+        report(progress, "hash the plaintext", min(offset + (1 << 20), image.size), image.size, unit="B")
 
     manifest = _format.Manifest(
         bundle_id=bundle_id.hex(),
@@ -317,7 +345,7 @@ def protect(
         chunk_size=chunk_size,
         plaintext_size=image.size,
         plaintext_sha256=plain_hash.hexdigest(),
-        payload_size=_stream.payload_size(image.size, chunk_size),
+        payload_size=sealed_size,
         payload_sha256=payload_sha256.hex(),
         data_key_commitment=_format.data_key_commitment(bundle_id, data_key),
         recipients=tuple(
@@ -334,8 +362,11 @@ def protect(
     signature = signing_key.sign(_format.signed_message(manifest_raw), ec.ECDSA(hashes.SHA256()))
     with atomic_writer(out, overwrite=overwrite) as fh:
         fh.write(_format.encode_header(manifest_raw, signature))
+        done = 0
         for chunk in sealed():
             fh.write(chunk)
+            done += len(chunk)
+            report(progress, "encrypt and write", done, sealed_size, unit="B")
     return manifest
 
 

@@ -7,16 +7,28 @@ session without a second full copy of the protobuf: that is what keeps opening a
 file in time and memory. An independent reader can rebuild an ordinary ONNX model by writing the weights section
 to a file named ``edgeshield.weights`` next to the graph.
 
+Models over 2 GB cannot be one protobuf: ONNX keeps their tensors in *external data* files beside the model.
+``build_image`` reads those (only from the model's own directory) straight into the weights section, so such a
+model becomes an ordinary bundle and the device side needs nothing new. Tensors outside the main graph's
+initializers (node attributes, subgraphs) are read back into the graph instead.
+
 Only the owner side (``protect``) needs the ``onnx`` package; the device never imports this module.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from edgeshield._progress import ProgressCallback, report
 from edgeshield.bundles._format import WEIGHTS_LOCATION, Image
-from edgeshield.errors import MissingDependencyError, UnsupportedModelError
+from edgeshield.bundles._modelio import ModelIO, from_onnx_graph
+from edgeshield.errors import ExternalDataError, MissingDependencyError, UnsupportedModelError
 
 ALIGNMENT = 64
 EXTERNALIZE_THRESHOLD = 1024  # bytes; smaller tensors stay inside the graph
@@ -27,6 +39,7 @@ class PlainImage:
     graph: bytes
     weights: bytes | bytearray
     layout: Image
+    io: ModelIO  # the graph's inputs and outputs, recorded in the manifest's metadata
 
     @property
     def size(self) -> int:
@@ -52,8 +65,13 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def build_image(model_bytes: bytes) -> PlainImage:
-    """Validate ``model_bytes`` as a self-contained ONNX model and split it into graph and weights."""
+def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None = None,
+                progress: ProgressCallback | None = None) -> PlainImage:
+    """Validate ``model_bytes`` as an ONNX model and split it into graph and weights.
+
+    A model whose tensors live in external data files (how ONNX stores models over 2 GB) needs ``model_path``, the
+    file the bytes came from: the data files are read from its directory, and a location outside it is refused.
+    """
     try:
         import onnx
         from google.protobuf.message import DecodeError
@@ -61,35 +79,236 @@ def build_image(model_bytes: bytes) -> PlainImage:
         raise MissingDependencyError("protecting a model needs the onnx package: pip install 'edgeshield[owner]'") from None
     try:
         model = onnx.load_model_from_string(model_bytes)
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raise UnsupportedModelError(
-                    f"initializer {tensor.name!r} refers to an external data file; give a self-contained ONNX model"
-                )
-        onnx.checker.check_model(model)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise UnsupportedModelError(f"not a valid ONNX model: {_first_line(exc)}") from None
+    external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external and model_path is None:
+        raise ExternalDataError(f"tensor {external[0].name!r} refers to an external data file: protect the model "
+                                "from its file, so that the data files beside it can be read")
+    data = _ExternalData(Path(model_path).parent if model_path is not None else Path("."))
+    try:
+        sources = {id(t): data.locate(t) for t in external}  # every location checked before anything is read
+        # Checking the file, not the bytes, lets the checker find the external data where the model keeps it.
+        onnx.checker.check_model(os.fspath(model_path) if external else model)
     except (DecodeError, onnx.checker.ValidationError, RuntimeWarning, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(f"not a valid ONNX model: {first}") from None
+        data.close()
+        raise UnsupportedModelError(f"not a valid ONNX model: {_first_line(exc)}") from None
+    except BaseException:
+        data.close()
+        raise
     if not model.graph.node:
+        data.close()
         raise UnsupportedModelError("not a valid ONNX model: the graph has no nodes")
+    io = from_onnx_graph(model.graph)
 
-    weights = bytearray()
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNALIZE_THRESHOLD:
-            continue
-        offset = _align(len(weights))
-        weights.extend(bytes(offset - len(weights)))
-        raw = tensor.raw_data
-        weights.extend(raw)
-        tensor.ClearField("raw_data")
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", WEIGHTS_LOCATION), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+    with data:
+        # Tensors outside the main graph's initializers (node attributes, subgraphs) stay inside the graph: read
+        # their external data inline. They are small in practice; the 2 GB limit of a graph applies to them.
+        main = {id(t) for t in model.graph.initializer}
+        for tensor in external:
+            if id(tensor) not in main:
+                buf = bytearray(sources[id(tensor)].length)
+                data.read_into(sources[id(tensor)], memoryview(buf))
+                tensor.raw_data = bytes(buf)
+                _clear_external(tensor)
+        # Lay out the weights section first and allocate it once: no reallocation, so no transient second copy.
+        placements: list[tuple[Any, int, int]] = []
+        size = 0
+        for tensor in model.graph.initializer:
+            if id(tensor) in sources:
+                length = sources[id(tensor)].length
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNALIZE_THRESHOLD:
+                length = len(tensor.raw_data)
+            else:
+                continue
+            offset = _align(size)
+            placements.append((tensor, offset, length))
+            size = offset + length
+        weights = bytearray(size)
+        view = memoryview(weights)
+        done = 0
+        for tensor, offset, length in placements:
+            if id(tensor) in sources:
+                data.read_into(sources[id(tensor)], view[offset : offset + length])
+            else:
+                view[offset : offset + length] = tensor.raw_data
+                tensor.ClearField("raw_data")
+            _clear_external(tensor)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", WEIGHTS_LOCATION), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            done += length
+            report(progress, "read weights", done, size, unit="B")
+        del view
     graph = model.SerializeToString()
     layout = Image(graph_size=len(graph), weights_offset=_align(len(graph)), weights_size=len(weights))
-    return PlainImage(graph=graph, weights=weights, layout=layout)
+    return PlainImage(graph=graph, weights=weights, layout=layout, io=io)
+
+
+def has_external_data(model_bytes: bytes) -> bool:
+    """Whether any tensor of the (parseable) model refers to an external data file."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+    except Exception:  # unparseable: build_image reports it properly
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers, sparse initializers, node attributes, and those of subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _clear_external(tensor: Any) -> None:
+    tensor.ClearField("data_location")
+    del tensor.external_data[:]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one tensor's bytes are: a checked, opened file, an offset and a length."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+class _ExternalData:
+    """The external data files of one model, read only from the model's own directory.
+
+    A location must be a relative path that stays inside that directory once every ``..`` and symbolic link is
+    resolved, and name a regular file (not a symbolic link, which ONNX refuses too) holding at least
+    ``offset + length`` bytes; each tensor's length must be what its type and shape need. Anything else is an ``ExternalDataError`` naming the tensor, before any byte is read.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._root: Path | None = None
+        self._files: dict[Path, Any] = {}
+
+    def __enter__(self) -> _ExternalData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+    def locate(self, tensor: Any) -> _Source:
+        entries = {e.key: e.value for e in tensor.external_data}
+        name = tensor.name
+        location = entries.get("location", "")
+        if not location or "\x00" in location:
+            raise ExternalDataError(f"tensor {name!r} has external data without a file location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ExternalDataError(f"tensor {name!r}: external data location {location!r} is an absolute path; "
+                                    "it must be a file in the model's directory")
+        if self._root is None:
+            self._root = self.directory.resolve()
+        candidate = self._root / location
+        try:
+            resolved = candidate.resolve(strict=True)
+        except FileNotFoundError:
+            if ".." in Path(location).parts:
+                raise ExternalDataError(f"tensor {name!r}: external data location {location!r} leaves the "
+                                        "model's directory") from None
+            raise ExternalDataError(f"tensor {name!r}: external data file {location!r} not found in "
+                                    f"{self.directory}") from None
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a component that is not a directory
+            raise ExternalDataError(f"tensor {name!r}: external data file {location!r} cannot be opened: "
+                                    f"{exc.strerror or exc}") from None
+        if not resolved.is_relative_to(self._root):
+            raise ExternalDataError(f"tensor {name!r}: external data location {location!r} leaves the model's "
+                                    "directory (through '..' or a symbolic link)")
+        if candidate.is_symlink():  # ONNX's own checker refuses these too, wherever they point
+            raise ExternalDataError(f"tensor {name!r}: external data file {location!r} is a symbolic link; put the "
+                                    "file itself in the model's directory")
+        fh = self._open(resolved, name, location)
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else None
+        except ValueError:
+            raise ExternalDataError(f"tensor {name!r}: external data offset/length must be integers") from None
+        size = os.fstat(fh.fileno()).st_size
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ExternalDataError(f"tensor {name!r}: external data file {location!r} is too short ({size} bytes; "
+                                    f"the tensor needs bytes {offset} to {offset + length})")
+        expected = _tensor_nbytes(tensor)
+        if expected is not None and expected != length:
+            raise ExternalDataError(f"tensor {name!r}: its external data has {length} bytes, its type and shape "
+                                    f"need {expected}")
+        return _Source(resolved, offset, length)
+
+    def _open(self, resolved: Path, name: str, location: str) -> Any:
+        if resolved not in self._files:
+            if not resolved.is_file():  # before opening: a FIFO would block the open
+                raise ExternalDataError(f"tensor {name!r}: external data location {location!r} is not a regular "
+                                        "file")
+            try:
+                fh = open(resolved, "rb")  # noqa: SIM115 - kept open for the reads, closed by close()
+            except OSError as exc:
+                raise ExternalDataError(f"tensor {name!r}: external data file {location!r} cannot be opened: "
+                                        f"{exc.strerror or exc}") from None
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                fh.close()
+                raise ExternalDataError(f"tensor {name!r}: external data location {location!r} is not a regular "
+                                        "file")
+            self._files[resolved] = fh
+        return self._files[resolved]
+
+    def read_into(self, source: _Source, out: memoryview) -> None:
+        fh = self._files[source.path]
+        fh.seek(source.offset)
+        got = 0
+        while got < source.length:
+            n = fh.readinto(out[got:])
+            if not n:  # the file shrank since it was checked
+                raise ExternalDataError(f"external data file {source.path.name!r} ended early")
+            got += n
+
+
+def _tensor_nbytes(tensor: Any) -> int | None:
+    """Bytes a tensor of this type and shape holds as raw data (None where that is not a fixed multiple)."""
+    import onnx
+
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    name = onnx.TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in onnx.TensorProto.DataType.values() \
+        else ""
+    bits = 4 if name in ("INT4", "UINT4", "FLOAT4E2M1") else 2 if name in ("INT2", "UINT2") else None
+    count = math.prod(tensor.dims)
+    if bits is not None:
+        return -(-count * bits // 8)  # packed, rounded up to whole bytes
+    if name.startswith("FLOAT6"):
+        return None
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def rebuild_model(plaintext: Any, layout: Image) -> bytes:

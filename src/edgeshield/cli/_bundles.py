@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from edgeshield import bundles, keys
 from edgeshield._io import check_readable_file
@@ -21,6 +21,8 @@ from edgeshield.cli._common import (
     parse_meta,
     requires,
 )
+from edgeshield.cli._progress import progress_bars
+from edgeshield.cli._tables import fields, table
 from edgeshield.errors import InvalidArgumentError, OutputExistsError
 
 OwnerPubOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
@@ -30,19 +32,38 @@ def _summary(manifest: bundles.Manifest) -> dict[str, Any]:
     return manifest.to_public_dict()
 
 
+def _io_summary(manifest: bundles.Manifest) -> dict[str, Any] | None:
+    io = bundles.model_io(manifest)
+    return None if io is None else io.to_dict()
+
+
 def _print_manifest(manifest: bundles.Manifest, title: str) -> None:
-    table = Table(title=title, show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    """The manifest as a key/value list (hashes whole at 80 columns), then the model's inputs and outputs."""
+    from edgeshield.bundles._modelio import is_reserved
+
     d = manifest.to_public_dict()
-    for key in (
+    rows = [(key, str(d[key])) for key in (
         "bundle_id", "created", "model_format", "model_version", "model_size", "model_sha256", "signer_key_id",
         "chunk_size", "payload_size", "payload_sha256", "aead", "key_wrap",
-    ):
-        table.add_row(key, str(d[key]))
-    table.add_row("recipients", ", ".join(manifest.recipient_key_ids))
-    table.add_row("metadata", ", ".join(f"{k}={v}" for k, v in sorted(manifest.metadata.items())) or "-")
-    console.print(table)
+    )]
+    rows.append(("recipients", "\n".join(manifest.recipient_key_ids)))  # one key id a line: never split
+    shown = sorted((k, v) for k, v in manifest.metadata.items() if not is_reserved(k))
+    rows.append(("metadata", "\n".join(f"{k}={v}" for k, v in shown) or "-"))
+    console.print(fields(title, rows))
+    print_model_io(bundles.model_io(manifest))
+
+
+def print_model_io(io: bundles.ModelIO | None) -> None:
+    """The recorded inputs and outputs as a table (names fold, never cut), or why there are none."""
+    if io is None:
+        console.print("inputs and outputs: not recorded (a bundle protected before EdgeShield recorded them, or "
+                      "too many to fit its metadata)", markup=False)
+        return
+    t = table("model inputs and outputs", ("", "name", "dtype", "shape"))
+    for kind, tensors in (("input", io.inputs), ("output", io.outputs)):
+        for tensor in tensors:
+            t.add_row(kind, Text(tensor.name), Text(tensor.dtype), Text(tensor.shape_text()))
+    console.print(t)
 
 
 @requires("owner")
@@ -87,10 +108,12 @@ def protect(
         from edgeshield.adversarial import METADATA_KEY, InputSpec
 
         metadata[METADATA_KEY] = InputSpec.load(input_spec).to_json()
-    manifest = bundles.protect(
-        model, out, signing_key=owner, recipients=devices, model_version=model_version,
-        metadata=metadata, chunk_size=chunk_size, watermark_key=_load_watermark_key(watermark_key),
-    )
+    with progress_bars() as progress:
+        manifest = bundles.protect(
+            model, out, signing_key=owner, recipients=devices, model_version=model_version,
+            metadata=metadata, chunk_size=chunk_size, watermark_key=_load_watermark_key(watermark_key),
+            progress=progress,
+        )
     if sigstore_sig is not None:
         from edgeshield.bundles._modelsigning import sign_model
 
@@ -102,7 +125,7 @@ def protect(
             raise
     if as_json:
         emit_json({"bundle": str(out), "sigstore_signature": str(sigstore_sig) if sigstore_sig else None,
-                   "manifest": _summary(manifest)})
+                   "manifest": _summary(manifest), "model_io": _io_summary(manifest)})
         return
     console.print(f"[green]protected[/] {model} -> {out} ({out.stat().st_size} bytes)")
     if sigstore_sig is not None:
@@ -164,7 +187,7 @@ def inspect(
     """Print a bundle's manifest (never a secret). Unverified unless --owner-key is given."""
     manifest, verified = bundles.inspect(bundle, keys.load_owner_public_key(owner_key) if owner_key else None)
     if as_json:
-        emit_json({"verified": verified, "manifest": _summary(manifest)})
+        emit_json({"verified": verified, "manifest": _summary(manifest), "model_io": _io_summary(manifest)})
         return
     _print_manifest(manifest, f"{bundle} ({'verified' if verified else 'NOT verified: pass --owner-key'})")
 
@@ -184,6 +207,7 @@ def run(
         bool,
         typer.Option("--check-digest", help="Also check the SHA-256 payload digest (pins one file even against the owner)."),
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -191,6 +215,11 @@ def run(
     from edgeshield.bundles import _predict
 
     check_readable_file(input, what="input")
+    if output is not None:  # before any work, like protect and audit export
+        if output.exists() and not force:
+            raise OutputExistsError(f"{output} exists; use --force to overwrite it")
+        if output.resolve() == bundle.resolve():
+            raise InvalidArgumentError("--output must not be the bundle itself")
     device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device, check_digest=check_digest)
     x = _predict.load_npy(input)
@@ -244,14 +273,13 @@ def _run_robust(opened: bundles.OpenBundle, detector: Path, x: Any, output: Path
         emit_json({"decisions": [d.to_dict() for d in decisions], "counts": counts,
                    "bundle_id": opened.manifest.bundle_id, "output": str(output) if output else None})
         return
-    table = Table(title=f"robust inference ({file.decision} detector, target FPR {file.target_fpr})")
-    for col in ("#", "decision", "prediction", "score", "reject above"):
-        table.add_column(col)
+    t = table(f"robust inference ({file.decision} detector, target FPR {file.target_fpr})",
+              ("#", "decision", "prediction", "score", "reject above"))
     for i, d in enumerate(decisions[:50]):
         style = {"accept": "green", "flag": "yellow", "reject": "red"}[d.decision]
-        table.add_row(str(i), f"[{style}]{d.decision}[/]", "-" if d.prediction is None else str(d.prediction),
-                      f"{d.score:.4g}", f"{d.threshold:.4g}")
-    console.print(table)
+        t.add_row(str(i), f"[{style}]{d.decision}[/]", "-" if d.prediction is None else str(d.prediction),
+                  f"{d.score:.4g}", f"{d.threshold:.4g}")
+    console.print(t)
     if len(decisions) > 50:
         console.print(f"(first 50 of {len(decisions)} shown)")
     console.print(f"accepted {counts['accept']}, flagged {counts['flag']}, rejected {counts['reject']}")
