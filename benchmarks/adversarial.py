@@ -98,16 +98,22 @@ def run(quick: bool, png_dir: Path | None, console: Any) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     session, sha = opened.session, opened.manifest.model_sha256
-    with console.status("calibrating on the calibration half..."):
+    from edgeshield._progress import report
+    from edgeshield.cli._progress import progress_bars
+
+    # Progress on stderr, drawn only when the evaluation reports (between attacks and timings), never while it times.
+    with progress_bars(background=False) as progress:
+        report(progress, "calibrate on the calibration half", 0, 2, note="with the gradient detector")
         file = calibrate(session, x_cal, model_sha256=sha, input_spec=spec, target_fpr=TARGET_FPR,
                          detectors=("squeeze", "noise", "reconstruction", "gradient"), reference=split.x_train,
                          torch_model=torch_model, noise={"seed": NOISE_SEED})
+        report(progress, "calibrate on the calibration half", 1, 2, note="runtime detectors only")
         runtime_file = calibrate(session, x_cal, model_sha256=sha, input_spec=spec, target_fpr=TARGET_FPR,
                                  detectors=("squeeze", "noise", "reconstruction"), reference=split.x_train,
                                  noise={"seed": NOISE_SEED})
-    with console.status("attacks, detection, adaptive attack, cost..."):
+        report(progress, "calibrate on the calibration half", 2, 2)
         result = evaluate(session, torch_model, file, x_eval, y_eval, quick=quick, out_dir=png_dir,
-                          extra={"ensemble_runtime": runtime_file})
+                          extra={"ensemble_runtime": runtime_file}, progress=progress)
     result["calibration_accuracy"] = float((OnnxClassifier(session).predict(x_cal) == y_cal).mean())
     supplements: dict[str, Any] = {}
     if not quick:
@@ -116,10 +122,15 @@ def run(quick: bool, png_dir: Path | None, console: Any) -> dict[str, Any]:
         clean_scores = {n: d.scores(x_eval) for n, (d, _) in dets.items()}
         correct = clf.predict(x_eval) == y_eval
         x, y = x_eval[correct], y_eval[correct]
-        with console.status("supplementary adaptive budgets..."):
-            supplements["eps0125"] = run_adaptive(torch_model, clf, file, dets, clean_scores, x, y, eps=2 / 16)
+        with progress_bars(background=False) as progress:
+            report(progress, "supplementary adaptive budgets", 0, 2, note="ε = 2/16")
+            supplements["eps0125"] = run_adaptive(torch_model, clf, file, dets, clean_scores, x, y, eps=2 / 16,
+                                                  progress=progress)
+            report(progress, "supplementary adaptive budgets", 1, 2, note="no grid")
             supplements["nogrid"] = run_adaptive(torch_model, clf, file, dets, clean_scores, x, y, eps=0.1,
-                                                 quantum=0.0, spec=dataclasses.replace(spec, quantum=None))
+                                                 quantum=0.0, spec=dataclasses.replace(spec, quantum=None),
+                                                 progress=progress)
+            report(progress, "supplementary adaptive budgets", 2, 2)
     result["supplements"] = supplements
     result["protocol_text"] = _protocol_text(quick, len(x_eval))
     return result

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from edgeshield._progress import report
 from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -210,7 +211,7 @@ class Bench:
         self.models = prepared["models"]
 
     # 2. open time -----------------------------------------------------------------------------------------------
-    def open_times(self, m: dict[str, Any], reps: int) -> dict[str, Any]:
+    def open_times(self, m: dict[str, Any], reps: int, progress: Any = None) -> dict[str, Any]:
         import numpy as np
 
         ort, bundles = self.ort, self.bundles
@@ -233,12 +234,14 @@ class Bench:
         t_plain: list[float] = []
         t_bundle: list[float] = []
         for i in range(reps):  # alternate which goes first
+            report(progress, f"{m['label']}: open time (alternating repetitions)", i, reps)  # between timings
             order = [(plain, t_plain), (bundle, t_bundle)]
             for fn, acc in order if i % 2 == 0 else reversed(order):
                 acc.append(_timed(fn))
+        report(progress, f"{m['label']}: open time (alternating repetitions)", reps, reps)
         return {"plain": t_plain, "bundle": t_bundle}
 
-    def open_breakdown(self, m: dict[str, Any], reps: int) -> dict[str, list[float]]:
+    def open_breakdown(self, m: dict[str, Any], reps: int, progress: Any = None) -> dict[str, list[float]]:
         """The stages of ``open_bundle`` timed one by one (same private helpers it calls, same order)."""
         import hmac
 
@@ -307,17 +310,20 @@ class Bench:
         hash_only()
         plain_no_prepack()
         out: dict[str, list[float]] = {k: [] for k in ("signature", "hash_only", "decrypt", "session", "plain_no_prepack")}
-        for _ in range(reps):
+        task = f"{m['label']}: where the opening time goes"
+        for i in range(reps):
+            report(progress, task, i, reps)  # between timings
             out["signature"].append(_timed(header_and_signature))
             out["hash_only"].append(_timed(hash_only))
             t_dec, t_sess = decrypt_then_session()
             out["decrypt"].append(t_dec)
             out["session"].append(t_sess)
             out["plain_no_prepack"].append(_timed(plain_no_prepack))
+        report(progress, task, reps, reps)
         return out
 
     # 3. throughput ----------------------------------------------------------------------------------------------
-    def throughput(self, m: dict[str, Any], reps: int) -> dict[str, Any]:
+    def throughput(self, m: dict[str, Any], reps: int, progress: Any = None) -> dict[str, Any]:
         import hashlib
         import hmac
 
@@ -405,9 +411,11 @@ class Bench:
             for _, fn in cases:  # warm-up
                 _timed(fn)
             samples: dict[str, list[float]] = {name: [] for name, _ in cases}
-            for _ in range(reps):  # interleaved, so drift hits every case alike
+            for i in range(reps):  # interleaved, so drift hits every case alike
+                report(progress, "decryption throughput (100 MB bundle)", i, reps)  # between timings
                 for name, fn in cases:
                     samples[name].append(_timed(fn))
+            report(progress, "decryption throughput (100 MB bundle)", reps, reps)
             plain = bytes(device(None)())
             if hashlib.sha256(plain).hexdigest() != manifest.plaintext_sha256:
                 raise AssertionError("decrypted image does not match the manifest's plaintext digest")
@@ -442,9 +450,10 @@ class Bench:
         return res
 
     # 4. memory --------------------------------------------------------------------------------------------------
-    def memory(self, m: dict[str, Any]) -> dict[str, Any]:
+    def memory(self, m: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {"warnings": []}
-        for kind, path in (("bundle", m["bundle"]), ("plain", m["model"])):
+        for i, (kind, path) in enumerate((("bundle", m["bundle"]), ("plain", m["model"]))):
+            report(progress, f"{m['label']}: peak memory (fresh subprocesses)", i, 2, note=kind)
             r = _run_child(["mem", "--kind", kind, "--path", path, "--keys", str(self.keydir)])
             out[kind] = r
             out[f"{kind}_ratio"] = (r["peak"] - r["baseline"]) / m["model_bytes"]
@@ -452,6 +461,7 @@ class Bench:
                 out["warnings"].append(
                     f"{m['label']} {kind}: ru_maxrss {r['peak'] / MB:.0f} MB differs from VmHWM {r['vm_hwm'] / MB:.0f} MB"
                 )
+        report(progress, f"{m['label']}: peak memory (fresh subprocesses)", 2, 2)
         return out
 
 
@@ -527,23 +537,24 @@ def main(argv: list[str] | None = None) -> int:
     own0 = _own_cpu_s()
     workdir = Path(tempfile.mkdtemp(prefix="edgeshield-bench-"))
     results: dict[str, Any] = {}
+    from edgeshield.cli._progress import progress_bars
+
     try:
-        with console.status("generating and protecting models (untimed)..."):
+        # Progress on stderr, drawn only between measurements: no refresh thread competes with what is timed.
+        with progress_bars(background=False) as progress:
+            report(progress, "generate and protect models (untimed)", 0, 1)
             cmd = ["prepare", "--dir", str(workdir)] + (["--quick"] if quick else [])
             prepared = _run_child(cmd)
-        bench = Bench(prepared, quick)
-        opens, breakdown, mem = {}, {}, {}
-        for m in bench.models:
-            label, reps = m["label"], reps_for[m["label"]]
-            with console.status(f"{label}: open time ({reps} alternating repetitions)..."):
-                opens[label] = bench.open_times(m, reps)
-            with console.status(f"{label}: where the opening time goes..."):
-                breakdown[label] = bench.open_breakdown(m, reps)
-            with console.status(f"{label}: peak memory (fresh subprocesses)..."):
-                mem[label] = bench.memory(m)
-        m100 = next(m for m in bench.models if m["label"] == "100mb")
-        with console.status("decryption throughput (100 MB bundle)..."):
-            tp = bench.throughput(m100, tp_reps)
+            report(progress, "generate and protect models (untimed)", 1, 1)
+            bench = Bench(prepared, quick)
+            opens, breakdown, mem = {}, {}, {}
+            for m in bench.models:
+                label, reps = m["label"], reps_for[m["label"]]
+                opens[label] = bench.open_times(m, reps, progress)
+                breakdown[label] = bench.open_breakdown(m, reps, progress)
+                mem[label] = bench.memory(m, progress)
+            m100 = next(m for m in bench.models if m["label"] == "100mb")
+            tp = bench.throughput(m100, tp_reps, progress)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

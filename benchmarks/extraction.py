@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     console = open_report(170, info)
     load_start = os.getloadavg()[0]
     cfg = EvaluationConfig.quick() if args.quick else EvaluationConfig()
-    with console.status("attacks through the app...") as status:
-        result = evaluate(cfg, progress=lambda m: status.update(m))
+    from edgeshield.cli._progress import progress_bars
+
+    with progress_bars(background=False) as progress:  # drawn between sessions only: nothing draws while timing
+        result = evaluate(cfg, progress=progress)
     console.print(f"[bold]Protocol:[/bold] {result['protocol_text']}")
     for t in tables(result):
         console.print(t)

@@ -41,6 +41,7 @@ Protocol (fixed; every figure comes from this run, all traffic goes to 127.0.0.1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -58,11 +59,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
 from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
+from edgeshield._progress import ProgressCallback, report
+from edgeshield.cli._progress import progress_bars
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -714,6 +718,16 @@ def _mib(x: int | None) -> str:
     return "-" if x is None else f"{x / (1 << 20):.1f}"
 
 
+STAGES = 6
+
+
+@contextlib.contextmanager
+def _stage(progress: ProgressCallback, i: int, what: str) -> Iterator[None]:
+    """Advance the step counter on stderr (drawn only here, between stages: never while a stage measures)."""
+    report(progress, "server benchmark", i, STAGES, note=what)
+    yield
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer handshakes, requests and rows (< 1 minute)")
@@ -743,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     own0 = os.times()
     work = Path(tempfile.mkdtemp(prefix="edgeshield-srvbench-"))
     servers: dict[str, ServerProc] = {}
+    stack = contextlib.ExitStack()
+    progress = stack.enter_context(progress_bars(background=False))
     try:
-        with console.status("keys, bundle, CA, certificates (untimed)..."):
+        with _stage(progress, 0, "keys, bundle, CA, certificates (untimed)"):
             p = prepare(work)
             (work / "prepared.json").write_text(json.dumps(p))
             bodies = _bodies()
@@ -767,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
                               p["audit_key"], "--host", HOST, "--port", str(ports["secure_normal"]), "--max-body",
                               str(MAX_BODY), "--audit-durability", "normal"],
         }
-        with console.status("starting the four servers..."):
+        with _stage(progress, 1, "starting the four servers"):
             for name in argv:
                 servers[name] = ServerProc(name, argv[name], ports[name], work / f"{name}.log")
             for name, s in servers.items():
@@ -779,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_secure_started = secure.rss_after_start
 
         n_hs = _size("handshakes", quick)
-        with console.status(f"handshakes ({n_hs} of each, alternating)..."):
+        with _stage(progress, 2, f"handshakes ({n_hs} of each, alternating)"):
             ref = OpenSslServer(p, work / "openssl.log") if shutil.which("openssl") else None
             ref_port = None
             try:
@@ -789,13 +805,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if ref is not None:
                     ref.stop()
-        with console.status("requests: sequential and concurrent..."):
+        with _stage(progress, 3, "requests: sequential and concurrent"):
             rq = bench_requests(p, servers, quick, bodies)
         servers["secure_noaudit"].stop()
         servers["secure_normal"].stop()
-        with console.status("audit log vs. plain SQLite..."):
+        with _stage(progress, 4, "audit log vs. plain SQLite"):
             au = bench_audit(work, _size("audit_rows", quick))
-        with console.status(f"bounded load test ({_size('load_requests', quick)} requests)..."):
+        with _stage(progress, 5, f"bounded load test ({_size('load_requests', quick)} requests)"):
             ld = bench_load(p, secure, quick, bodies)
         secure_exit = secure.stop()
         plain.stop()
@@ -803,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         log_tail = secure.log_path.read_text(errors="replace")
         server_tracebacks = log_tail.count("Traceback")
     finally:
+        stack.close()
         for s in servers.values():
             if s.proc.poll() is None:
                 s.stop()

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeshield._progress import ProgressCallback, report
 from edgeshield.adversarial._calibrate import DetectorFile
 from edgeshield.adversarial._detectors import Detector, OnnxClassifier
 from edgeshield.adversarial._spec import InputSpec
@@ -157,12 +158,14 @@ def adaptive_attack(
     penalties: Sequence[str] = ("sum", "hinge"),
     noise_draws: int = 4,
     seed: int = 0,
+    progress: ProgressCallback | None = None,
 ) -> AdaptiveResult:
     """Run the adaptive attack over a λ × loss × penalty sweep on correctly classified ``x`` (labels ``y``).
 
     ``quantum`` defaults to the detector file's input spec's; ``spec`` (default: the file's) is what validation
     means for the end-to-end figure. Success counts are over ``x``; the headline is the configuration with the
-    highest end-to-end success (misclassified ∧ valid ∧ not rejected by the decision detector).
+    highest end-to-end success (misclassified ∧ valid ∧ not rejected by the decision detector). ``progress``
+    hears "adaptive attack sweep" before each configuration and when the sweep is done.
     """
     import torch
 
@@ -198,25 +201,26 @@ def adaptive_attack(
     was_training = torch_model.training
     torch_model.eval()
     sweep, best_run = [], None
+    configs = [(loss_kind, pen_kind, lam) for loss_kind in losses for pen_kind in penalties for lam in lambdas
+               if not (lam == 0 and pen_kind != penalties[0])]  # λ = 0 has no penalty: one run per loss is enough
     try:
-        for loss_kind in losses:
-            for pen_kind in penalties:
-                for lam in lambdas:
-                    if lam == 0 and pen_kind != penalties[0]:
-                        continue  # λ = 0 has no penalty: one run per loss is enough
-                    t0 = time.perf_counter()
-                    x_adv = _run(torch, sur, x0, y_t, lo, hi, project, judge, taus, float(lam), loss_kind,
-                                 pen_kind, step, iters)
-                    mis, ok, rej = judge(x_adv)
-                    row = {"lambda": float(lam), "loss": loss_kind, "penalty": pen_kind,
-                           "success": float(mis.mean()),
-                           "detection_rate": float(rej[mis].mean()) if mis.any() else None,
-                           "validation_reject_rate": float((~ok)[mis].mean()) if mis.any() else None,
-                           "end_to_end_success": float((mis & ok & ~rej).mean()),
-                           "seconds": time.perf_counter() - t0}
-                    sweep.append(row)
-                    if best_run is None or row["end_to_end_success"] > best_run[0]["end_to_end_success"]:
-                        best_run = (row, x_adv)
+        for step_no, (loss_kind, pen_kind, lam) in enumerate(configs):
+            report(progress, "adaptive attack sweep", step_no, len(configs),
+                   note=f"{loss_kind} loss, {pen_kind} penalty, λ={lam:g}")
+            t0 = time.perf_counter()
+            x_adv = _run(torch, sur, x0, y_t, lo, hi, project, judge, taus, float(lam), loss_kind,
+                         pen_kind, step, iters)
+            mis, ok, rej = judge(x_adv)
+            row = {"lambda": float(lam), "loss": loss_kind, "penalty": pen_kind,
+                   "success": float(mis.mean()),
+                   "detection_rate": float(rej[mis].mean()) if mis.any() else None,
+                   "validation_reject_rate": float((~ok)[mis].mean()) if mis.any() else None,
+                   "end_to_end_success": float((mis & ok & ~rej).mean()),
+                   "seconds": time.perf_counter() - t0}
+            sweep.append(row)
+            if best_run is None or row["end_to_end_success"] > best_run[0]["end_to_end_success"]:
+                best_run = (row, x_adv)
+        report(progress, "adaptive attack sweep", len(configs), len(configs))
     finally:
         torch_model.train(was_training)
     assert best_run is not None

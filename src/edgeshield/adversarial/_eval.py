@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeshield._progress import ProgressCallback, report
 from edgeshield.adversarial._adaptive import adaptive_attack, valid_mask
 from edgeshield.adversarial._calibrate import DetectorFile, build_all
 from edgeshield.adversarial._detectors import Detector, OnnxClassifier
@@ -71,8 +72,10 @@ def torch_model_for_bundle(bundle: str | os.PathLike[str], owner_key_path: str |
 # --- attacks ----------------------------------------------------------------------------------------------------
 def run_attacks(torch_model: Any, x: np.ndarray, y: np.ndarray, *, nb_classes: int, quick: bool = False,
                 attacks: Sequence[str] | None = None, clip_values: tuple[float, float] | None = (0.0, 1.0),
-                seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Generate untargeted adversarial examples for ``x`` (true labels ``y``): ``{name: {x_adv, seconds, budget}}``."""
+                seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, dict[str, Any]]:
+    """Generate untargeted adversarial examples for ``x`` (true labels ``y``): ``{name: {x_adv, seconds, budget}}``.
+
+    ``progress`` hears "ART attacks" before each attack starts (its name as the note) and once all are done."""
     import torch
 
     from edgeshield.adversarial._torch import art_classifier
@@ -97,7 +100,8 @@ def run_attacks(torch_model: Any, x: np.ndarray, y: np.ndarray, *, nb_classes: i
         ) from None
     est = art_classifier(torch_model, input_shape=tuple(x.shape[1:]), nb_classes=nb_classes, clip_values=clip_values)
     out: dict[str, dict[str, Any]] = {}
-    for name in names:
+    for i, name in enumerate(names):
+        report(progress, "ART attacks", i, len(names), note=name)
         b = budgets[name]
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -121,6 +125,7 @@ def run_attacks(torch_model: Any, x: np.ndarray, y: np.ndarray, *, nb_classes: i
         t0 = time.perf_counter()
         x_adv = np.asarray(atk.generate(x=x, **kw), dtype=np.float32)
         out[name] = {"x_adv": x_adv, "seconds": time.perf_counter() - t0, "budget": budget_text(name, b)}
+    report(progress, "ART attacks", len(names), len(names))
     return out
 
 
@@ -203,13 +208,14 @@ def _score_block(name: str, dets: Mapping[str, tuple[Detector, float]], clean_sc
 def evaluate(session: Any, torch_model: Any, detector_file: DetectorFile, x_eval: np.ndarray, y_eval: np.ndarray, *,
              quick: bool = False, attacks: Sequence[str] | None = None, out_dir: str | os.PathLike[str] | None = None,
              extra: Mapping[str, DetectorFile] | None = None, adaptive: bool = True, measure_cost: bool = True,
-             adaptive_eps: float = 0.1, seed: int = 0) -> dict[str, Any]:
+             adaptive_eps: float = 0.1, seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Attack, detect, attack adaptively and time; see the module docstring. ``x_eval`` must not be the data the
     detector file was calibrated on. ``extra`` maps a label to another detector file for the same model (e.g. an
     ensemble without the gradient detector) whose decision detector is evaluated and timed alongside.
 
     Returns ``{"flat": {...}, "attacks": {...}, "adaptive": {...}, "cost": {...}, "roc_png": {...}, ...}``; the
-    ROC plots (one per attack, every detector a curve) are written to ``out_dir`` when given.
+    ROC plots (one per attack, every detector a curve) are written to ``out_dir`` when given. ``progress`` (see
+    ``edgeshield._progress``) hears each stage: clean scoring, each attack, scoring, each adaptive sweep step, cost.
     """
     spec = detector_file.input_spec
     x_eval = spec.validate(x_eval)
@@ -227,16 +233,21 @@ def evaluate(session: Any, torch_model: Any, detector_file: DetectorFile, x_eval
     x, y = x_eval[correct], y_eval[correct]
     decision = detector_file.decision
     dets = detectors_with_thresholds(detector_file, clf, torch_model, extra)
-    clean_scores = {n: d.scores(x_eval) for n, (d, _) in dets.items()}
+    clean_scores = {}
+    for i, (n, (d, _)) in enumerate(dets.items()):
+        report(progress, "score clean inputs", i, len(dets), note=n)
+        clean_scores[n] = d.scores(x_eval)
+    report(progress, "score clean inputs", len(dets), len(dets))
     fpr = {n: float((clean_scores[n] > thr).mean()) for n, (_, thr) in dets.items()}
     clean_valid = valid_mask(spec, x_eval)
 
     clip = (spec.min if spec.min is not None else float(x_eval.min()),
             spec.max if spec.max is not None else float(x_eval.max()))
     runs = run_attacks(torch_model, x, y, nb_classes=nb_classes, quick=quick, attacks=attacks, clip_values=clip,
-                       seed=seed)
+                       seed=seed, progress=progress)
     per_attack: dict[str, dict[str, Any]] = {}
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
+        report(progress, "score adversarial examples", i, len(runs), note=name)
         xa = run["x_adv"]
         success = clf.predict(xa) != y
         block = _score_block(name, dets, clean_scores, xa, success, valid_mask(spec, xa), decision)
@@ -245,14 +256,16 @@ def evaluate(session: Any, torch_model: Any, detector_file: DetectorFile, x_eval
                      mean_linf=float(np.abs(delta).max(1).mean()) if len(delta) else None,
                      mean_l2=float(np.linalg.norm(delta, axis=1).mean()) if len(delta) else None)
         per_attack[name] = block
+    report(progress, "score adversarial examples", len(runs), len(runs))
 
     adaptive_block = None
     if adaptive:
         adaptive_block = run_adaptive(torch_model, clf, detector_file, dets, clean_scores, x, y, quick=quick,
-                                      eps=adaptive_eps, seed=seed)
+                                      eps=adaptive_eps, seed=seed, progress=progress)
     cost = None
     if measure_cost:
-        cost = measure_cost_ratios(session, detector_file, torch_model, x_eval, extra=extra, quick=quick)
+        cost = measure_cost_ratios(session, detector_file, torch_model, x_eval, extra=extra, quick=quick,
+                                   progress=progress)
 
     roc = {}
     if out_dir is not None:
@@ -279,7 +292,7 @@ def evaluate(session: Any, torch_model: Any, detector_file: DetectorFile, x_eval
 def run_adaptive(torch_model: Any, clf: OnnxClassifier, file: DetectorFile,
                  dets: Mapping[str, tuple[Detector, float]], clean_scores: Mapping[str, np.ndarray],
                  x: np.ndarray, y: np.ndarray, *, quick: bool = False, eps: float = 0.1, quantum: float | None = None,
-                 spec: Any = None, seed: int = 0) -> dict[str, Any]:
+                 spec: Any = None, seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """The adaptive attack's sweep and its strongest configuration, scored by every detector like the others.
 
     ``quantum``/``spec`` override what the attacker projects onto and aims to pass (default: the file's spec);
@@ -292,7 +305,7 @@ def run_adaptive(torch_model: Any, clf: OnnxClassifier, file: DetectorFile,
         kw["quantum"] = quantum
     if spec is not None:
         kw["spec"] = spec
-    res = adaptive_attack(torch_model, clf, file, dets[file.decision][0], x, y, **kw)
+    res = adaptive_attack(torch_model, clf, file, dets[file.decision][0], x, y, progress=progress, **kw)
     success = clf.predict(res.x_adv) != y
     block = _score_block("adaptive", dets, clean_scores, res.x_adv, success, valid_mask(file.input_spec, res.x_adv),
                          file.decision)
@@ -311,7 +324,7 @@ def run_adaptive(torch_model: Any, clf: OnnxClassifier, file: DetectorFile,
 # --- cost -------------------------------------------------------------------------------------------------------
 def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: np.ndarray, *,
                         names: Sequence[str] = COST_DETECTORS, extra: Mapping[str, DetectorFile] | None = None,
-                        quick: bool = False) -> dict[str, dict[str, float]]:
+                        quick: bool = False, progress: ProgressCallback | None = None) -> dict[str, dict[str, float]]:
     """Median batch-of-1 latency and batch throughput of ``RobustModel.decide`` ÷ plain ``session.run``.
 
     Plain and robust calls alternate, so drift of the machine hits both alike. ``x`` must pass the spec.
@@ -325,7 +338,8 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
     for label, f in (extra or {}).items():
         models[label] = RobustModel(session, f, torch_model=torch_model)
     out: dict[str, dict[str, float]] = {}
-    for label, rm in models.items():
+    for k, (label, rm) in enumerate(models.items()):
+        report(progress, "time robust inference", k, len(models), note=label)  # between timings, never inside
         rows = [x[i : i + 1] for i in range(min(len(x), 64))]
         rm.decide(x)  # warm-up
         session.run(None, {name_in: x})
@@ -337,6 +351,7 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
                       "throughput_plain_per_s": len(x) / plainb, "throughput_robust_per_s": len(x) / robb,
                       "throughput_ratio": robb / plainb, "batch": len(x), "reps_single": single_reps,
                       "reps_batch": batch_reps}
+    report(progress, "time robust inference", len(models), len(models))
     return out
 
 

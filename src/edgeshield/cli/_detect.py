@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from edgeshield import bundles, keys
 from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json, given, listed, requires
+from edgeshield.cli._progress import progress_bars
+from edgeshield.cli._tables import never_cut, table
 from edgeshield.errors import InvalidArgumentError
 
 app = typer.Typer(help="Adversarial-input detectors: calibrate to a target FPR, evaluate against ART attacks.",
@@ -87,13 +88,12 @@ def calibrate(
     if as_json:
         emit_json(result.to_dict() | {"path": str(out)})
         return
-    table = Table(title=f"detectors calibrated on {len(x)} clean inputs, target FPR {target_fpr}")
-    for col in ("detector", "reject threshold", "flag threshold", "FPR (reject)", "FPR (flag)"):
-        table.add_column(col)
+    t = table(f"detectors calibrated on {len(x)} clean inputs, target FPR {target_fpr}",
+              ("detector", "reject threshold", "flag threshold", "FPR (reject)", "FPR (flag)"))
     for d in result.detectors:
-        table.add_row(d.name + (" (decides)" if d.name == result.decision else ""), f"{d.reject_threshold:.4g}",
-                      f"{d.flag_threshold:.4g}", f"{d.calibration['fpr_reject']:.3f}", f"{d.calibration['fpr_flag']:.3f}")
-    console.print(table)
+        t.add_row(d.name + (" (decides)" if d.name == result.decision else ""), f"{d.reject_threshold:.4g}",
+                  f"{d.flag_threshold:.4g}", f"{d.calibration['fpr_reject']:.3f}", f"{d.calibration['fpr_flag']:.3f}")
+    console.print(t)
     console.print(f"written to {out}")
 
 
@@ -132,11 +132,13 @@ def evaluate(
     opened, _ = open_with_spec(bundle, owner_key, device_key, passphrase_env, None, x)
     file.check_model(opened.manifest.model_sha256)
     torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
-    result = run_evaluation(opened.session, torch_model, file, x, y, quick=quick, out_dir=out_dir)
+    with progress_bars() as progress:  # on stderr: minutes of attacks, never silent
+        result = run_evaluation(opened.session, torch_model, file, x, y, quick=quick, out_dir=out_dir,
+                                progress=progress)
     if as_json:
         emit_json(jsonable(result))
         return
-    for table in report_tables(result):
-        console.print(table)
+    for report in report_tables(result):
+        console.print(never_cut(report))
     if result["roc_png"]:
         console.print(f"ROC plots: {', '.join(result['roc_png'].values())}")

@@ -57,7 +57,10 @@ def evaluate(
         cfg = dataclasses.replace(cfg, budgets=values)
     if no_watermark:
         cfg = dataclasses.replace(cfg, watermark=False)
-    result = run_evaluation(cfg)
+    from edgeshield.cli._progress import progress_bars
+
+    with progress_bars() as progress:
+        result = run_evaluation(cfg, progress=progress)
     flat = result["flat"]
     if out is not None:
         atomic_write_bytes(out, (json.dumps(flat, indent=2, sort_keys=True) + "\n").encode())

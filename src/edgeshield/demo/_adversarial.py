@@ -41,6 +41,7 @@ def _attack_and_defend(ctx: DemoContext) -> str:
 
     kdir, split, half = ctx.state["kdir"], ctx.state["split"], ctx.state["half"]
     x, y = split.x_test[half:], split.y_test[half:]
+    ctx.step(0, 4, "FGSM")
     model = bundles.decrypt_model(ctx.state["bundle"], keys.load_owner_public_key(kdir / "owner.pub"),
                                   keys.load_device_private_key(kdir / "device.key"))
     with warnings.catch_warnings():
@@ -48,15 +49,16 @@ def _attack_and_defend(ctx: DemoContext) -> str:
         from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
 
         classifier = art_classifier(onnx_to_torch(model), input_shape=(64,), nb_classes=10)
-        attacked = {
-            "FGSM ε=0.1": FastGradientMethod(classifier, eps=0.1).generate(x),
-            "PGD ε=0.1": ProjectedGradientDescent(classifier, eps=0.1, eps_step=0.01, max_iter=40,
-                                                  verbose=False).generate(x),
-        }
+        attacked = {"FGSM ε=0.1": FastGradientMethod(classifier, eps=0.1).generate(x)}
+        ctx.step(1, 4, "PGD, 40 iterations")
+        attacked["PGD ε=0.1"] = ProjectedGradientDescent(classifier, eps=0.1, eps_step=0.01, max_iter=40,
+                                                         verbose=False).generate(x)
+    ctx.step(2, 4, "robust inference on clean digits")
     robust = RobustModel(ctx.state["session"], ctx.state["detector"])
     rows = {}
     clean = robust.predict(x)
     rows["clean"] = _count(clean, np.ones(len(x), bool))
+    ctx.step(3, 4, "robust inference on the attacks")
     for name, xa in attacked.items():
         xa = xa.astype(np.float32)
         fooled = robust.clf.predict(xa) != y

@@ -29,6 +29,7 @@ def _protect(ctx: DemoContext) -> str:
         recipients=[keys.load_device_public_key(kdir / "device.pub")],
         model_version=1,
         metadata={"model": "digits-mlp", "demo": "true", METADATA_KEY: digits_input_spec().to_json()},
+        progress=ctx.progress,
     )
     ctx.state["bundle"] = out
     ctx.summary["bundle"] = {"bytes": out.stat().st_size, "model_sha256": manifest.model_sha256}
@@ -38,7 +39,7 @@ def _protect(ctx: DemoContext) -> str:
 def _verify(ctx: DemoContext) -> str:
     manifest = bundles.verify(ctx.state["bundle"], keys.load_owner_public_key(ctx.state["kdir"] / "owner.pub"))
     ctx.summary["verified"] = True
-    return f"signature and ciphertext digest check out (bundle {manifest.bundle_id[:12]}…), no device key used"
+    return f"signature and ciphertext digest check out (bundle {manifest.bundle_id}), no device key used"
 
 
 def _tamper(ctx: DemoContext) -> str:

@@ -104,23 +104,29 @@ def _stolen_copy(ctx: DemoContext) -> str:
     gateway = Gateway(digits_model_path().read_bytes(), served=served,
                       evidence=watermark.EvidenceStore(ctx.workdir / "served-evidence.db"),
                       monitor=QueryMonitor([QueryBudget(budget)], response=ResponsePolicy(default="block")))
+    steps = 6
     try:
         stolen_x, stolen_y, blocked = [], [], 0
         for start in (0, 600):  # each identity tries 600 distinct natural digits
+            ctx.step(start // 600, steps, f"Sybil thief {start // 600 + 1} of 2 queries")
             thief = Session(gateway, f"sybil-{start // 600}")
             thief.query(split.x_train[start : start + 600])
             blocked += thief.blocked
             x, y = thief.t.arrays()
             stolen_x.append(x)
             stolen_y.append(y.argmax(axis=1))
+        ctx.step(2, steps, "an honest client queries")
         honest = Session(gateway, "alice", batch=50)
         honest_answers = honest.query(split.x_test).argmax(axis=1)
         honest_ok = honest.t.answered
     finally:
         gateway.close()
     x, y = np.concatenate(stolen_x), np.concatenate(stolen_y)
+    ctx.step(3, steps, "the thief trains its copy")
     copy = MLPClassifier((128, 64), max_iter=400, random_state=0).fit(x, y)  # the thief fits its answers
+    ctx.step(4, steps, "an independent model is trained (the control)")
     independent = MLPClassifier((128, 64), max_iter=400, random_state=1).fit(split.x_train, split.y_train)
+    ctx.step(5, steps, "the served watermark is checked")
     with watermark.EvidenceStore(ctx.workdir / "served-evidence.db", create=False) as store:
         ev_x, ev_y, _, _ = store.load()
     proof = watermark.verify_copy(copy.predict_proba, ev_x, ev_y, classes=10)

@@ -45,7 +45,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 import edgeshield  # noqa: F401  # before onnxruntime
+from edgeshield._progress import ProgressCallback, report
 
 __all__ = ["ATTACKS", "EvaluationConfig", "Gateway", "evaluate", "protocol_text"]
 
@@ -460,7 +461,7 @@ def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationCo
 
 
 def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
-                              controls: Sequence[bytes], progress: Callable[[str], None]) -> dict[str, Any]:
+                              controls: Sequence[bytes], progress: ProgressCallback | None = None) -> dict[str, Any]:
     """The served (DAWN) watermark at each of ``cfg.served_rates``: honest cost, and proof of CopycatCNN copies.
 
     Per rate: a labels-only app with the served watermark and an evidence store; an honest client's accuracy on
@@ -479,8 +480,8 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
 
     false_claims, control_p = 0, []
     with tempfile.TemporaryDirectory(prefix="edgeshield-served-") as tmp:
-        for rate in cfg.served_rates:
-            progress(f"served watermark at {rate:.1%}")
+        for i, rate in enumerate(cfg.served_rates):
+            report(progress, "served watermark", i, len(cfg.served_rates), note=f"at {rate:.1%}")
             tag = f"served_watermark_{round(rate * 1000):03d}pm"  # per mille: 005pm = 0.5 %
             served = ServedWatermark(WATERMARK_KEY, rate, classes=10)
             gw = Gateway(marked, served=served, evidence=EvidenceStore(Path(tmp) / f"{tag}.db"))
@@ -513,6 +514,7 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
                 f"{tag}_converged_matches": proof_conv.matches, f"{tag}_converged_p": proof_conv.p_value,
                 f"{tag}_converged_proven": proof_conv.present,
             })
+        report(progress, "served watermark", len(cfg.served_rates), len(cfg.served_rates))
     default = f"served_watermark_{round(SERVED_RATE * 1000):03d}pm"
     out["served_watermark_false_claims"] = false_claims
     out["served_watermark_controls"] = len(controls) * len(cfg.served_rates)
@@ -532,15 +534,17 @@ def _rate(a: np.ndarray, b: np.ndarray) -> float:
     return float((a == b).mean())
 
 
-def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns ``{"sessions", "benign", "outputs", "watermark", "flat", "protocol_text"}``."""
+def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns ``{"sessions", "benign", "outputs", "watermark", "flat", "protocol_text"}``.
+
+    ``progress`` (see ``edgeshield._progress``) hears each attack session, the benign sessions and the watermark
+    checks as they finish."""
     import torch
 
     from edgeshield.models import digits_model_path, load_digits_split
     from edgeshield.watermark import EvidenceStore, ServedWatermark, embed, verify_copy
 
     cfg = cfg or EvaluationConfig()
-    say = progress or (lambda _msg: None)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     started = time.perf_counter()
     split = load_digits_split()
@@ -573,6 +577,8 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
     sessions: list[dict[str, Any]] = []
     benign: list[dict[str, Any]] = []
     copycat_full: Any = None
+    n_attacks = len(cfg.outputs) * len(cfg.attacks) * len(cfg.budgets)
+    n_benign = len(cfg.outputs) * len(benign_streams(x_held, cfg.seed)) if cfg.benign else 0
     for out_name in cfg.outputs:
         defended = Gateway(marked, outputs=_output_policy(out_name), monitor=build_monitor(split.x_train, x_ood_cal),
                            served=served, evidence=EvidenceStore(Path(tmp.name) / f"defended-{out_name}.db"))
@@ -581,7 +587,8 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
         soft = out_name != "label_only"
         for kind in cfg.attacks:
             for budget in cfg.budgets:
-                say(f"{out_name} {kind} {budget}")
+                report(progress, "attack sessions", len(sessions), n_attacks,
+                       note=f"{kind}, {budget} queries, {out_name}")
                 seed = int(rng.integers(1 << 30))
                 name = f"{kind}-{budget}-{out_name}"
                 t0 = time.perf_counter()
@@ -618,17 +625,21 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: Callable[[str], None
                 benign.append({"client": bname, "outputs": out_name, "queries": len(stream), "batch": batch,
                                "flagged": s.blocked or defended.state.monitor.action(s.name) != "allow",
                                "blocked_at": s.t.blocked_at, "signals": _alarming(defended, s.name)})
+                report(progress, "benign sessions", len(benign), n_benign)
         defended.close()
         open_.close()
     tmp.cleanup()
 
-    say("output hardening cost")
+    report(progress, "attack sessions", len(sessions), n_attacks)
+    report(progress, "output hardening cost", 0, 1)
     outputs = output_costs(marked, split)
+    report(progress, "output hardening cost", 1, 1)
     wm: dict[str, Any] = {}
     if cfg.watermark:
-        say("watermark")
+        report(progress, "weight watermark", 0, 1)
         wm, independent = evaluate_watermark(base, marked, split, cfg, copycat_full)
-        wm.update(evaluate_served_watermark(base, marked, split, cfg, [base, *independent], say))
+        report(progress, "weight watermark", 1, 1)
+        wm.update(evaluate_served_watermark(base, marked, split, cfg, [base, *independent], progress))
         wm["watermark_false_claims"] = wm["weight_watermark_false_claims"] + wm["served_watermark_false_claims"]
 
     detected = [s for s in sessions if s["detected"]]
