@@ -63,6 +63,24 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--served-watermark-evidence", "evidence.db"),
     ("--audit-durability", "normal"),
     ("--max-body", "1048576"),
+    ("--config", "serve.toml"),  # see FILES; the flags here override it
+    ("--max-batch", "64"),
+    ("--inference-timeout", "10"),
+    ("--log-level", "info"),
+    ("--handshake-timeout", "5"),
+    ("--request-head-timeout", "5"),
+    ("--body-timeout", "10"),
+    ("--keep-alive", "5"),
+    ("--max-connections", "64"),
+    ("--max-connections-per-address", "32"),
+    ("--handshake-rate", "50"),
+    ("--handshake-burst", "50"),
+    ("--max-connections-per-identity", "8"),
+    ("--max-in-flight", "16"),
+    ("--max-in-flight-per-identity", "4"),
+    ("--crl-expired", "fail-closed"),
+    ("--crl-warn-days", "2"),
+    ("--crl-poll", "1"),
 ]
 
 # Flags of `serve` this check does not pass, each with the reason; any other flag missing from SERVE_FLAGS fails it.
@@ -71,7 +89,7 @@ SERVE_FLAGS_NOT_RUN: dict[str, str] = {
 }
 
 # Small files the device commands read, written into the work directory first (e.g. a serve.toml for --config).
-FILES: dict[str, str] = {}
+FILES: dict[str, str] = {"serve.toml": "max-body = 2097152\nlog-level = \"warning\"\n"}
 
 # Owner and evaluation commands: on a plain install each must fail with one line naming this extra.
 NEEDS_EXTRA: list[tuple[str, list[str]]] = [
