@@ -144,7 +144,7 @@ def test_a_fake_migration_cannot_excuse_missing_checkpoint_entries(tmp_path: Pat
     assert info.value.reason == "bad-migration"
 
 
-# --- damaged files versus files that are not audit logs -----------------------------------------------------------------
+# --- damaged files versus files that are not audit logs ---------------------------------------------------------
 @pytest.fixture
 def good_log(tmp_path: Path, device_key: Ed25519PrivateKey) -> Path:
     with audit.AuditLog(tmp_path / "audit.db", signing_key=device_key, checkpoint_every=10) as log:

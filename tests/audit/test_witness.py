@@ -38,10 +38,10 @@ tamper = tamper_module()
 # RFC 6962 consistency proof between them, and a witness key.
 M_VKEY = "monkeys+db4d9f7e+AULaJMvTtDLHPUcUrjdDad9vDlh/PTfC2VV60JUtCfWT"
 W_SKEY = "PRIVATE+KEY+witness+f13a86db+AaLa/dfyBhyo/m0Z7WCi98ENVZWtrP8pxgRNrx7tIWiA"
-M_INIT = ("monkeys\n5\n41smjBUiAU70EtKlT6lIOIYtRTYxYXsDB+XHfcvu/BE=\n\n— monkeys 202fftzGl3LVoqjXfwCFZZXs8I+5G22+Ek2K0AOy"
-          "BuSJ/8/CZawNF+6fNlTKOCd622pbzJNkkJFWuw9DbicZCkEx9AY=\n")
-M_NEXT = ("monkeys\n8\nV8K9aklZ4EPB+RMOk1/8VsJUdFZR77GDtZUQq84vSbo=\n\n— monkeys 202ffoUEboiQYpHzICeaFmoy3RNviHTpAxYrq/eO"
-          "4QQVQMvu9UebKBMX2MJC76NLthZaKsnKbCA8GxrjePZhvDCH7Ag=\n")
+M_INIT = ("monkeys\n5\n41smjBUiAU70EtKlT6lIOIYtRTYxYXsDB+XHfcvu/BE=\n\n"
+          "— monkeys 202fftzGl3LVoqjXfwCFZZXs8I+5G22+Ek2K0AOyBuSJ/8/CZawNF+6fNlTKOCd622pbzJNkkJFWuw9DbicZCkEx9AY=\n")
+M_NEXT = ("monkeys\n8\nV8K9aklZ4EPB+RMOk1/8VsJUdFZR77GDtZUQq84vSbo=\n\n"
+          "— monkeys 202ffoUEboiQYpHzICeaFmoy3RNviHTpAxYrq/eO4QQVQMvu9UebKBMX2MJC76NLthZaKsnKbCA8GxrjePZhvDCH7Ag=\n")
 CONS_PROOF = [bytes.fromhex(h) for h in (
     "b9e1d62618f7fee8034e4c5010f727ab24d8e4705cb296c374bf2025a87a10d2",
     "aac66cd7a79ce4012d80762fe8eec3a77f22d1ca4145c3f4cee022e7efcd599d",
@@ -359,7 +359,7 @@ def test_client_certificates_from_the_device_pki(tmp_path: Path, pki: dict[str, 
         server.server_close()
 
 
-# --- the CLI, with the witness as a real process -------------------------------------------------------------------------
+# --- the CLI, with the witness as a real process -----------------------------------------------------------------
 def cli(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgeshield", *map(str, args)], capture_output=True, text=True,
                           timeout=120, **kw)
@@ -441,4 +441,5 @@ def test_malformed_notes_for_verify_against(tmp_path: Path, device: dict[str, An
         audit.verify_against(log, b"not a note", public_key=device["pub"])
     other = Ed25519PrivateKey.generate()
     with pytest.raises(InputError):  # a checkpoint of another log
-        audit.verify_against(log, log.latest_checkpoint().signed_note(other.public_key()), public_key=other.public_key())
+        audit.verify_against(log, log.latest_checkpoint().signed_note(other.public_key()),
+                             public_key=other.public_key())

@@ -138,7 +138,8 @@ def _text(raw: bytes) -> str | UndecodableText:
 
 def connect(target: str | Path, **kwargs: object) -> sqlite3.Connection:
     """``sqlite3.connect`` for audit logs: text that is not UTF-8 is read as :class:`UndecodableText`, not an error."""
-    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False, **kwargs)  # type: ignore[arg-type]
+    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False,
+                           **kwargs)  # type: ignore[arg-type]
     conn.text_factory = _text
     return conn
 
