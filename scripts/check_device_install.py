@@ -7,17 +7,21 @@ protected bundle, the digits data as ``.npy`` files — are made with it first, 
 data scikit-learn. Then, in the fresh venv (``pip install .``, non-editable; torch, onnx, scipy, scikit-learn,
 ART, matplotlib and model-signing must be absent afterwards):
 
-* keys, pki, audit keygen, verify, inspect, run (plain and with a detector), detect calibrate, watermark keygen;
-* ``serve`` with every runtime flag (``SERVE_FLAGS``), started as a real process, queried with ``client predict``
-  by an honest client past the point where PRADA's Shapiro–Wilk test runs and by a synthetic prober that PRADA
-  must block (403, never 500), then stopped with SIGTERM (exit 0);
-* audit verify / show / export on the log it wrote, watermark verify-copy on the evidence it kept;
+* keys, pki (revoke by serial and by name), audit keygen / vkey / witness keygen, verify, inspect, run (plain,
+  with a detector, with --check-digest), detect calibrate, watermark keygen;
+* ``serve`` with every runtime flag (``SERVE_FLAGS``; a flag missing there fails the check), started as a real
+  process, queried with ``client predict`` by an honest client past the point where PRADA's Shapiro–Wilk test runs
+  and by a synthetic prober that PRADA must block (403, never 500), ``client model`` and ``client health``, then
+  stopped with SIGTERM (exit 0);
+* audit verify (--require-checkpoint) / show / export on the log it wrote, watermark verify-copy on the evidence it
+  kept; ``audit witness serve`` as a second process, ``audit publish`` to it, ``audit verify --against/--witness``;
 * the owner and evaluation commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
 
 To cover a new ``serve`` flag, add one line to ``SERVE_FLAGS`` (and the file it reads, if any, to ``FILES``); a new
 device command, one ``Step`` in ``device_steps`` (``after_serve_steps`` if it reads what the server wrote,
-``queries`` if it talks to the running server); a new owner/eval command, one line in ``NEEDS_EXTRA``. ``{name}`` in
-an argument is filled from the context (``bundle``, ``port``, and what steps saved, e.g. ``bob_serial``).
+``queries`` if it talks to the running server, ``witness_steps`` if to the witness); a new owner/eval command, one
+line in ``NEEDS_EXTRA``. ``{name}`` in an argument is filled from the context (``bundle``, ``port``,
+``witness_port`` and what steps saved, e.g. ``bob_serial``, ``log_vkey``).
 """
 
 from __future__ import annotations
@@ -258,6 +262,8 @@ def device_steps() -> list[Step]:
              check=contains('"verified": true')),
         Step("run", ["run", *BUNDLE, "--input", "input.npy", "--output", "out.npy", "--json"],
              check=contains('"predictions"')),
+        Step("run --check-digest --force", ["run", *BUNDLE, "--input", "input.npy", "--output", "out.npy", "--force",
+                                            "--check-digest"]),
         Step("detect calibrate", ["detect", "calibrate", *BUNDLE, "--clean", "clean.npy", "--reference",
                                   "reference.npy", "--out", "detector.json"]),
         Step("run --detector", ["run", *BUNDLE, "--input", "input.npy", "--detector", "detector.json", "--json"],
@@ -271,9 +277,15 @@ def device_steps() -> list[Step]:
         Step("pki issue (to revoke)", ["pki", "issue", "pki", "--name", "bob", "--role", "client", "--json"],
              check=save_json("bob_serial", "serial")),
         Step("pki revoke", ["pki", "revoke", "pki", "--serial", "{bob_serial}", "--reason", "key-compromise"]),
+        Step("pki issue (to revoke by name)", ["pki", "issue", "pki", "--name", "carol", "--role", "client"]),
+        Step("pki revoke --name", ["pki", "revoke", "pki", "--name", "carol"]),
+        Step("pki issue (witness)", ["pki", "issue", "pki", "--name", "witness", "--role", "server", "--server",
+                                     "--san", "127.0.0.1"]),
         Step("pki crl", ["pki", "crl", "pki"]),
         Step("pki list", ["pki", "list", "pki", "--json"], check=contains("revoked", "alice")),
         Step("audit keygen", ["audit", "keygen", "audit.key"]),
+        Step("audit vkey", ["audit", "vkey", "audit.pub", "--json"], check=save_json("log_vkey", "vkey")),
+        Step("audit witness keygen", ["audit", "witness", "keygen", "witness.key", "--name", "witness.test/w1"]),
     ]
 
 
@@ -291,18 +303,42 @@ def queries() -> list[Step]:
         client("mallory", "probe0.npy", rc=4, check=blocked),  # W of near-equal distances: blocked (403)
         client("mallory", "probe1.npy", rc=4, check=blocked),
         client("alice", "honest0.npy", check=contains('"decisions"')),  # the honest client is still served
+        Step("client model", ["client", "model", "--url", "https://127.0.0.1:{port}", *TLS, "--cert",
+                              "pki/issued/alice.crt", "--key", "pki/issued/alice.key", "--json"]),
+        Step("client health", ["client", "health", "--url", "https://127.0.0.1:{port}", *TLS, "--cert",
+                               "pki/issued/alice.crt", "--key", "pki/issued/alice.key"]),
         client("bob", "input.npy", rc=None),  # revoked before the server started: refused
     ]
 
 
 def after_serve_steps() -> list[Step]:
     return [
-        Step("audit verify", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub", "--json"]),
+        Step("audit verify", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub", "--require-checkpoint",
+                              "--json"]),
         Step("audit show", ["audit", "show", "audit.db", "--last", "500", "--json"],
              check=contains("extraction.blocked", "\"prada\"", "server.startup")),
         Step("audit export", ["audit", "export", "audit.db", "--out", "audit.jsonl"]),
         Step("watermark verify-copy", ["watermark", "verify-copy", "digits.onnx", "--evidence", "evidence.db",
                                        "--json"], check=contains('"present"')),
+    ]
+
+
+# The witness (another host in real life; here 127.0.0.1), run from the same plain install.
+WITNESS = ["audit", "witness", "serve", "--signing-key", "witness.key", "--db", "witness.db", "--tls-cert",
+           "pki/issued/witness.crt", "--tls-key", "pki/issued/witness.key", "--client-ca", "pki", "--log", "{log_vkey}",
+           "--host", "127.0.0.1", "--port", "{witness_port}"]
+AS_ALICE = ["--ca", "pki/ca.crt", "--cert", "pki/issued/alice.crt", "--key", "pki/issued/alice.key"]
+
+
+def witness_steps() -> list[Step]:
+    url = "https://127.0.0.1:{witness_port}"
+    return [
+        Step("audit publish", ["audit", "publish", "audit.db", "--witness", url, "--checkpoint-key", "audit.pub",
+                               *AS_ALICE, "--witness-key", "witness.vkey", "--out", "cosigned.note"]),
+        Step("audit verify --against", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub",
+                                        "--against", "cosigned.note", "--witness-key", "witness.vkey"]),
+        Step("audit verify --witness", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub",
+                                        "--witness", url, *AS_ALICE, "--witness-key", "witness.vkey"]),
     ]
 
 
@@ -324,41 +360,49 @@ def unexercised_serve_flags() -> list[str]:
     return sorted(options - covered)
 
 
-def serve_and_query(c: Checker) -> None:
+def run_service(c: Checker, name: str, argv: list[str], port: str, steps: list[Step]) -> str:
+    """Start ``edgeshield ARGV`` as a real process on a free port (``{port}``), wait until it listens, run ``steps``
+    against it, stop it with SIGTERM (it must exit 0); returns its log."""
     t0 = time.monotonic()
-    c.context["port"] = str(free_port())
+    c.context[port] = str(free_port())
+    path = c.work / f"{name.replace(' ', '-')}.log"
+    with path.open("w") as log:
+        proc = subprocess.Popen([str(c.edgeshield), *c.fill(argv)], cwd=c.work, env=clean_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                expect(proc.poll() is None, f"{name} exited {proc.returncode} at start-up:\n{tail(path)}")
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", int(c.context[port]))) == 0:
+                        break
+                expect(time.monotonic() < deadline, f"{name} not listening after 60 s:\n{tail(path)}")
+                time.sleep(0.2)
+            c.ok(f"{name} listening", t0)
+            for step in steps:
+                c.run(step)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+            expect(rc == 0, f"{name} exited {rc} on SIGTERM:\n{tail(path)}")
+            c.ok(f"{name} stopped by SIGTERM, exit 0", t0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return path.read_text()
+
+
+def serve_and_query(c: Checker) -> None:
     argv = ["serve", *BUNDLE] + [a for flag in SERVE_FLAGS for a in flag]
-    log = (c.work / "serve.log").open("w")
-    server = subprocess.Popen([str(c.edgeshield), *c.fill(argv)], cwd=c.work, env=clean_env(), stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            expect(server.poll() is None, f"serve exited {server.returncode} at start-up:\n{tail(c.work)}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", int(c.context["port"]))) == 0:
-                    break
-            expect(time.monotonic() < deadline, f"serve not listening after 60 s:\n{tail(c.work)}")
-            time.sleep(0.2)
-        c.ok(f"serve with {len(SERVE_FLAGS)} flags listening", t0)
-        for step in queries():
-            c.run(step)
-        t0 = time.monotonic()
-        server.send_signal(signal.SIGTERM)
-        rc = server.wait(timeout=30)
-        expect(rc == 0, f"serve exited {rc} on SIGTERM:\n{tail(c.work)}")
-        c.ok("serve stopped by SIGTERM, exit 0", t0)
-        expect(" 500 " not in (c.work / "serve.log").read_text(), f"the server answered 500:\n{tail(c.work)}")
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        log.close()
+    log = run_service(c, f"serve with {len(SERVE_FLAGS)} flags", argv, "port", queries())
+    answers = re.findall(r'HTTP/[\d.]+\\?" (\d{3})', log)  # uvicorn's access log, one line per request
+    expect("200" in answers and "403" in answers, f"no access-log lines for the requests:\n{log[-3000:]}")
+    expect("500" not in answers, f"the server answered 500:\n{log[-3000:]}")
 
 
-def tail(work: Path) -> str:
-    path = work / "serve.log"
-    return path.read_text()[-3000:] if path.exists() else "(no server log)"
+def tail(path: Path) -> str:
+    return path.read_text()[-3000:] if path.exists() else "(no log)"
 
 
 def needs_extra(c: Checker) -> None:
@@ -405,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_and_query(c)
         for step in after_serve_steps():
             c.run(step)
+        run_service(c, "audit witness serve", WITNESS, "witness_port", witness_steps())
         needs_extra(c)
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         print(f"device install check FAILED: {exc}", file=sys.stderr)
