@@ -52,9 +52,9 @@ class Stage:
 
 
 def _stages() -> list[Stage]:
-    from edgeshield.demo import _adversarial, _bundles, _extraction, _server
+    from edgeshield.demo import _adversarial, _bundles, _extraction, _hardening, _server
 
-    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_extraction.STAGES]
+    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_hardening.STAGES, *_extraction.STAGES]
 
 
 @contextlib.contextmanager
