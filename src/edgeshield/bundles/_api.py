@@ -298,7 +298,9 @@ def protect(
                                        "weights in external data files")
         model_bytes, _ = embed(model_bytes, watermark_key)
         meta["edgeshield.watermark"] = SCHEME  # which scheme, never the key
-    image = build_image(model_bytes, model_path=model_path, progress=progress)
+    image = build_image(model_bytes, model_path=model_path, from_file=watermark_key is None, progress=progress)
+    model_sha256, model_size = hashlib.sha256(model_bytes).hexdigest(), len(model_bytes)
+    del model_bytes  # the image holds what is needed; the model's bytes would only add to the peak below
     io_entries = image.io.to_metadata()
     if len(meta) + len(io_entries) <= _format.MAX_METADATA_ENTRIES:  # else it is left out: inspect says so
         meta.update(io_entries)
@@ -338,8 +340,8 @@ def protect(
         created=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         model_format="onnx",
         model_version=model_version,
-        model_sha256=hashlib.sha256(model_bytes).hexdigest(),
-        model_size=len(model_bytes),
+        model_sha256=model_sha256,
+        model_size=model_size,
         metadata=meta,
         signer_key_id=key_id(signing_key.public_key()),
         chunk_size=chunk_size,

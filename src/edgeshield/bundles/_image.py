@@ -65,12 +65,14 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None = None,
+def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None = None, from_file: bool = True,
                 progress: ProgressCallback | None = None) -> PlainImage:
     """Validate ``model_bytes`` as an ONNX model and split it into graph and weights.
 
     A model whose tensors live in external data files (how ONNX stores models over 2 GB) needs ``model_path``, the
     file the bytes came from: the data files are read from its directory, and a location outside it is refused.
+    ``from_file`` says the bytes are that file's (not, say, a watermarked copy): the ONNX checker then reads the
+    file itself, which costs one transient copy of the model instead of two.
     """
     try:
         import onnx
@@ -88,8 +90,10 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
     data = _ExternalData(Path(model_path).parent if model_path is not None else Path("."))
     try:
         sources = {id(t): data.locate(t) for t in external}  # every location checked before anything is read
-        # Checking the file, not the bytes, lets the checker find the external data where the model keeps it.
-        onnx.checker.check_model(os.fspath(model_path) if external else model)
+        # Checking the file, not the bytes, lets the checker find the external data where the model keeps it (and
+        # spares a serialised copy of the whole model next to the checker's own).
+        onnx.checker.check_model(os.fspath(model_path) if model_path is not None and (external or from_file)
+                                 else model)
     except (DecodeError, onnx.checker.ValidationError, RuntimeWarning, ValueError) as exc:
         data.close()
         raise UnsupportedModelError(f"not a valid ONNX model: {_first_line(exc)}") from None
