@@ -21,6 +21,7 @@ from edgeshield.errors import InvalidArgumentError
 
 ENV_PREFIX = "EDGESHIELD"
 _LIMITS, _REVOCATION, _EXTRACTION = "Connection limits", "Revocation", "Model-extraction defence"
+_WITNESS = "Audit witness"
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
@@ -181,6 +182,36 @@ def serve(
         typer.Option("--served-watermark-evidence", rich_help_panel=_EXTRACTION,
                      help="SQLite file keeping the marked inputs (for `watermark verify-copy`); required with the key."),
     ] = None,
+    witness: Annotated[
+        str | None,
+        typer.Option("--witness", metavar="URL", rich_help_panel=_WITNESS,
+                     help="Publish each new audit checkpoint to this witness (C2SP tlog-witness, HTTPS) in the "
+                          "background; the cosigned note is kept beside the log."),
+    ] = None,
+    witness_ca: Annotated[
+        Path | None, typer.Option("--witness-ca", rich_help_panel=_WITNESS,
+                                  help="CA certificate the witness's TLS certificate chains to.")
+    ] = None,
+    witness_cert: Annotated[
+        Path | None, typer.Option("--witness-cert", rich_help_panel=_WITNESS,
+                                  help="Client certificate to present to the witness (with --witness-cert-key).")
+    ] = None,
+    witness_cert_key: Annotated[
+        Path | None, typer.Option("--witness-cert-key", rich_help_panel=_WITNESS, help="Its private key.")
+    ] = None,
+    witness_vkey: Annotated[
+        list[str] | None,
+        typer.Option("--witness-vkey", metavar="VKEY", rich_help_panel=_WITNESS,
+                     help="The witness's cosignature verifier key (C2SP vkey, or a file holding one); repeatable."),
+    ] = None,
+    witness_every: Annotated[
+        float, typer.Option("--witness-every", min=1.0, rich_help_panel=_WITNESS,
+                            help="Seconds between publications (only when the log has a newer checkpoint).")
+    ] = 60.0,
+    witness_note: Annotated[
+        Path | None, typer.Option("--witness-note", rich_help_panel=_WITNESS,
+                                  help="Where to keep the newest cosigned checkpoint (default: AUDIT_DB.cosigned).")
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
@@ -203,7 +234,10 @@ def serve(
                            outputs=outputs, query_budget=query_budget, query_window_s=query_window,
                            served_watermark_key=served_watermark_key, served_watermark_rate=served_watermark_rate,
                            served_watermark_evidence=served_watermark_evidence, limits=limits,
-                           crl_expired=crl_expired, crl_warn_days=crl_warn_days))
+                           crl_expired=crl_expired, crl_warn_days=crl_warn_days, witness_url=witness,
+                           witness_ca=witness_ca, witness_cert=witness_cert, witness_cert_key=witness_cert_key,
+                           witness_vkeys=tuple(witness_vkey or ()), witness_every_s=witness_every,
+                           witness_note=witness_note))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:

@@ -54,6 +54,7 @@ class ServerState:
     revocation: Callable[[Any], str | None] | None = None
     metrics: Any = field(default=None)
     on_shutdown: list[Any] = field(default_factory=list)  # callables run at graceful shutdown, before the checkpoint
+    after_shutdown: list[Any] = field(default_factory=list)  # callables run after the shutdown checkpoint
     # model-extraction defence (edgeshield.extraction); all optional
     rate_limiter: Any | None = None  # RateLimiter: per-client token buckets, per role; cost = batch size
     monitor: Any | None = None  # QueryMonitor: per-client signals → flag / throttle / degrade / block
@@ -116,6 +117,8 @@ def create_app(state: ServerState) -> Any:
             checkpoint = getattr(state.audit, "checkpoint", None)
             if checkpoint is not None:
                 await asyncio.to_thread(checkpoint)
+        for hook in state.after_shutdown:  # e.g. publish the shutdown checkpoint to the witness
+            await asyncio.to_thread(hook)
 
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
         return JSONResponse({"error": "internal server error"}, status_code=500)  # the middleware logs and audits

@@ -59,6 +59,14 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     crl_expired: str = "fail-closed"  # or "keep-last": keep revoking with the last CRL's serials, loudly
     crl_warn_days: float = 2.0  # warn (log, metric, audit) this long before the CRL's nextUpdate
+    # publish audit checkpoints to a witness off the device (C2SP tlog-witness over TLS 1.3); all optional
+    witness_url: str | None = None
+    witness_ca: Path | None = None  # CA the witness's TLS certificate chains to
+    witness_cert: Path | None = None  # client certificate to present to the witness, with its key
+    witness_cert_key: Path | None = None
+    witness_vkeys: tuple[str, ...] = ()  # the witness's cosignature verifier keys (vkey text or a file holding one)
+    witness_every_s: float = 60.0
+    witness_note: Path | None = None  # where the newest cosigned checkpoint is kept (default: beside the log)
 
     def __post_init__(self) -> None:
         from edgeshield.errors import InvalidArgumentError
@@ -82,8 +90,9 @@ def build_state(cfg: ServeConfig) -> ServerState:
     from edgeshield.audit import AuditLog, load_signing_key
     from edgeshield.server._rbac import Rbac
 
-    audit = AuditLog(cfg.audit_db, signing_key=load_signing_key(cfg.audit_key, cfg.passphrase),
-                     durability=cfg.audit_durability)
+    signing_key = load_signing_key(cfg.audit_key, cfg.passphrase)
+    audit = AuditLog(cfg.audit_db, signing_key=signing_key, durability=cfg.audit_durability)
+    publisher = _witness_publisher(cfg, audit, signing_key.public_key())  # checked before anything starts
     # The whole log must verify before the device serves again (a tampered log stops it: exit 3), and entries a
     # crash left without a checkpoint are covered now, with a server.recovered entry saying which.
     recovery = audit.recover()
@@ -111,10 +120,36 @@ def build_state(cfg: ServeConfig) -> ServerState:
     audit.append("model.load", "server", {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256})
     audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
                                            "model_sha256": _sha256(rbac.model_path)})
-    return ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
-                       max_body_bytes=cfg.max_body_bytes, max_batch=cfg.max_batch,
-                       inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter, monitor=monitor, outputs=outputs, served_watermark=served,
-                       served_evidence=evidence, on_shutdown=[evidence.close] if evidence is not None else [])
+    state = ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
+                        max_body_bytes=cfg.max_body_bytes, max_batch=cfg.max_batch,
+                        inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter,
+                        monitor=monitor, outputs=outputs, served_watermark=served, served_evidence=evidence,
+                        on_shutdown=[evidence.close] if evidence is not None else [])
+    if publisher is not None:
+        publisher.start()
+        state.after_shutdown.append(publisher.finish)
+    return state
+
+
+def _witness_publisher(cfg: ServeConfig, audit_log: Any, public_key: Any) -> Any:
+    """The background publisher of audit checkpoints to ``cfg.witness_url``, or None without one."""
+    from edgeshield import audit
+    from edgeshield.errors import InvalidArgumentError
+    from edgeshield.server._publisher import WitnessPublisher
+
+    if cfg.witness_url is None:
+        if cfg.witness_ca or cfg.witness_cert or cfg.witness_vkeys:
+            raise InvalidArgumentError("--witness-ca, --witness-cert and --witness-vkey need --witness URL")
+        return None
+    if cfg.witness_ca is None:
+        raise InvalidArgumentError("--witness needs --witness-ca: the CA the witness's TLS certificate chains to")
+    vkeys = [audit.parse_vkey(Path(v).read_text(encoding="utf-8") if Path(v).is_file() else v)
+             for v in cfg.witness_vkeys]
+    ctx = audit.witness_client_context(cfg.witness_ca, cfg.witness_cert, cfg.witness_cert_key,
+                                       passphrase=cfg.passphrase)
+    note = cfg.witness_note or cfg.audit_db.with_name(cfg.audit_db.name + ".cosigned")
+    return WitnessPublisher(audit_log, audit.WitnessClient(cfg.witness_url, ctx), public_key, witness_keys=vkeys,
+                            every_s=cfg.witness_every_s, note_path=note)
 
 
 def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
