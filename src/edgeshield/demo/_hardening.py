@@ -48,7 +48,8 @@ def _start(ctx: DemoContext, limits: Any) -> tuple[Any, Any, threading.Thread, i
     if not server.started:
         raise DemoFailure("the server did not start")
     port = server.servers[0].sockets[0].getsockname()[1]
-    return server, watcher, thread, port, {"ca": ca, "certs": certs, "db": work / "audit.db"}
+    return server, watcher, thread, port, {"ca": ca, "certs": certs, "db": work / "audit.db",
+                                           "audit_key": work / "audit.key"}
 
 
 def _hardening(ctx: DemoContext) -> str:
@@ -155,6 +156,7 @@ def _hardening(ctx: DemoContext) -> str:
         watcher.stop.set()
         thread.join(timeout=15)
     ctx.tables.append(table)
+    ctx.state["hardening"] = w
     ctx.summary["hardening"] = {"attacker_peak_connections": held["peak"], "honest_served": served,
                                 "honest_slowest_ms": round(slowest * 1000), "hostile_bodies": len(HOSTILE),
                                 "revoked_open_connection": after}
@@ -162,4 +164,65 @@ def _hardening(ctx: DemoContext) -> str:
             f"certificate's open connection: {after}")
 
 
-STAGES = [Stage("Hold the server against slow clients, hostile bodies and a revocation", _hardening)]
+def _witness(ctx: DemoContext) -> str:
+    """Publish the device's audit checkpoint to a witness over TLS 1.3, then cut the log back to an older
+    checkpoint: on the device alone the cut is invisible; against the witness's cosigned checkpoint it is not."""
+    import sqlite3
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from rich.table import Table
+
+    w = ctx.state["hardening"]
+    key = audit.load_signing_key(w["audit_key"])
+    pub = key.public_key()
+    log = audit.AuditLog(w["db"], signing_key=key)
+    older = log.latest_checkpoint()  # the server's shutdown checkpoint
+    for i in range(3):  # the device keeps working after it: three more events, then a checkpoint
+        log.append("demo.event", "server", {"n": i})
+    newest = log.checkpoint()
+    log.close()
+    if older is None or newest.tree_size <= older.tree_size:
+        raise DemoFailure("the audit log has no older checkpoint to cut back to")
+    cert = transport.issue(w["ca"], name="witness", role="server", server=True, sans=["127.0.0.1"])
+    vkey = audit.log_vkey(pub)
+    witness = audit.Witness(w["db"].with_name("witness.db"), Ed25519PrivateKey.generate(), "witness.demo/w1",
+                            {vkey.name: [vkey]})
+    wserver = audit.WitnessServer(witness, ("127.0.0.1", 0),
+                                  audit.witness_server_context(cert.cert_path, cert.key_path))
+    audit.serve_in_thread(wserver)
+    client = audit.WitnessClient(f"https://127.0.0.1:{wserver.server_address[1]}",
+                                 audit.witness_client_context(w["ca"] / "ca.crt"))
+    table = Table(title="the audit log, its witness, and a log cut back to an older checkpoint")
+    for col in ("step", "on the device alone", "with the witness"):
+        table.add_column(col)
+    try:
+        published = audit.publish(audit.AuditLog(w["db"], readonly=True), client, public_key=pub,
+                                  witness_keys=[witness.vkey])
+        table.add_row(f"publish checkpoint {newest.tree_size}", "-",
+                      f"cosigned by {', '.join(published.verified_witnesses)}")
+        with sqlite3.connect(w["db"]) as conn:  # the attacker with the file: back to the older checkpoint
+            for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+                conn.execute(f'DROP TRIGGER "{name}"')
+            conn.execute("DELETE FROM entries WHERE seq > ?", (older.tree_size,))
+            conn.execute("DELETE FROM checkpoints WHERE tree_size > ?", (older.tree_size,))
+        cut = audit.AuditLog(w["db"], readonly=True)
+        report = cut.verify(public_key=pub, require_checkpoint=True)
+        try:
+            audit.verify_against(cut, published.note, public_key=pub, witness_keys=[witness.vkey])
+        except audit.AuditNotExtendedError as exc:
+            caught = str(exc)
+        else:
+            raise DemoFailure("a log cut back below the witnessed checkpoint verified against it")
+        table.add_row(f"cut the log back to checkpoint {older.tree_size}",
+                      f"verify: {report.entries} entries, all covered: looks intact",
+                      f"verify --against the cosigned note: {caught}")
+    finally:
+        wserver.shutdown()
+    ctx.tables.append(table)
+    ctx.summary["witness"] = {"published": newest.tree_size, "cut_back_to": older.tree_size, "caught": caught}
+    return (f"checkpoint {newest.tree_size} cosigned by the witness; the log cut back to {older.tree_size} passes "
+            "verify on the device but not against the witness")
+
+
+STAGES = [Stage("Hold the server against slow clients, hostile bodies and a revocation", _hardening),
+          Stage("Catch a cut-back audit log with a witness off the device", _witness)]
