@@ -137,6 +137,8 @@ def test_connection_failures_are_explained(world: Any, capsys: pytest.CaptureFix
         free = s.getsockname()[1]
     line = one_line_error(capsys, client(world, "alice", "health", url=f"https://127.0.0.1:{free}"), 1)
     assert "connection refused" in line
+    line = one_line_error(capsys, client(world, "alice", "health", url=world["url"].replace("https", "http")), 2)
+    assert "https://" in line
 
 
 @pytest.fixture(scope="module")

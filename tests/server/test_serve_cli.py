@@ -83,7 +83,7 @@ def test_client_predict_and_refusals_then_graceful_shutdown(running: dict) -> No
     stranger = cli("client", "predict", "--url", running["url"], "--cert", other / "issued" / "alice.crt",
                    "--key", other / "issued" / "alice.key", "--ca", running["ca"] / "ca.crt",
                    "--input", running["tmp"] / "x.npy")
-    assert_one_line_error(stranger, 1, "cannot reach")
+    assert_one_line_error(stranger, 4, "server refused our certificate")  # another CA's: named as such, exit 4
     proc = running["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0

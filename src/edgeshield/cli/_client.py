@@ -31,7 +31,7 @@ from rich.text import Text
 from edgeshield import keys
 from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
 from edgeshield.cli._tables import fields
-from edgeshield.errors import CertificateRefusedError, ConnectionFailedError, ServerRefusedError
+from edgeshield.errors import CertificateRefusedError, ConnectionFailedError, InvalidArgumentError, ServerRefusedError
 
 if TYPE_CHECKING:
     import httpx
@@ -69,6 +69,8 @@ class _Server:
 def _server(url: str, ca: Path, cert: Path, key: Path, passphrase_env: str | None, timeout: float) -> _Server:
     from edgeshield.transport import client_context
 
+    if not url.lower().startswith("https://"):
+        raise InvalidArgumentError(f"--url must be an https:// URL (the server speaks only mutual TLS), not {url!r}")
     ctx = client_context(ca, cert, key, passphrase=keys.passphrase_from_env(passphrase_env))
     return _Server(url.rstrip("/"), ctx, timeout, cert, ca)
 
@@ -138,8 +140,8 @@ def _explain(server: _Server, exc: Exception) -> Exception:
         verdict = _probe(server)
         if verdict is not None:
             return _refused(server, verdict or None)
-        return ConnectionFailedError(f"{server.url} closed the connection without answering (it accepts our "
-                                     "certificate: a connection limit or a server restart?)")
+        return ConnectionFailedError(f"{server.url} closed the connection without answering (a new connection "
+                                     "is accepted, so not our certificate: a server limit or a restart?)")
     for e in chain:
         if isinstance(e, ssl.SSLError):
             return ConnectionFailedError(f"TLS handshake with {server.url} failed: {e.reason or e}")
@@ -201,8 +203,7 @@ def _local_hints(server: _Server) -> list[str]:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        hints.append(f"{server.cert} is not issued by the CA in {server.ca} (the server's CA; does the server "
-                     "trust another?)")
+        hints.append(f"{server.cert} is not issued by the CA of {ca_path}, which issued the server's certificate")
     return hints
 
 
