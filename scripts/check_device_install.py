@@ -14,7 +14,8 @@ ART, matplotlib and model-signing must be absent afterwards):
   and by a synthetic prober that PRADA must block (403, never 500), ``client model`` and ``client health``, then
   stopped with SIGTERM (exit 0);
 * audit verify (--require-checkpoint) / show / export on the log it wrote, watermark verify-copy on the evidence it
-  kept; ``audit witness serve`` as a second process, ``audit publish`` to it, ``audit verify --against/--witness``;
+  kept; ``audit witness serve`` as a second process (serve publishes to it), ``audit publish``, ``audit verify
+  --against/--witness``;
 * the owner and evaluation commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
 
 To cover a new ``serve`` flag, add one line to ``SERVE_FLAGS`` (and the file it reads, if any, to ``FILES``); a new
@@ -85,6 +86,13 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--crl-expired", "fail-closed"),
     ("--crl-warn-days", "2"),
     ("--crl-poll", "1"),
+    ("--witness", "https://127.0.0.1:{witness_port}"),  # the witness runs while serve does (WITNESS)
+    ("--witness-ca", "pki/ca.crt"),
+    ("--witness-cert", "pki/issued/edge-device.crt"),
+    ("--witness-cert-key", "pki/issued/edge-device.key"),
+    ("--witness-vkey", "witness.vkey"),
+    ("--witness-every", "1"),
+    ("--witness-note", "serve-cosigned.note"),
 ]
 
 # Flags of `serve` this check does not pass, each with the reason; any other flag missing from SERVE_FLAGS fails it.
@@ -279,6 +287,8 @@ def device_steps() -> list[Step]:
         Step("pki revoke", ["pki", "revoke", "pki", "--serial", "{bob_serial}", "--reason", "key-compromise"]),
         Step("pki issue (to revoke by name)", ["pki", "issue", "pki", "--name", "carol", "--role", "client"]),
         Step("pki revoke --name", ["pki", "revoke", "pki", "--name", "carol"]),
+        Step("pki issue (device, to the witness)", ["pki", "issue", "pki", "--name", "edge-device", "--role",
+                                                    "client"]),
         Step("pki issue (witness)", ["pki", "issue", "pki", "--name", "witness", "--role", "server", "--server",
                                      "--san", "127.0.0.1"]),
         Step("pki crl", ["pki", "crl", "pki"]),
@@ -337,6 +347,8 @@ def witness_steps() -> list[Step]:
                                *AS_ALICE, "--witness-key", "witness.vkey", "--out", "cosigned.note"]),
         Step("audit verify --against", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub",
                                         "--against", "cosigned.note", "--witness-key", "witness.vkey"]),
+        Step("audit verify --against (serve --witness's note)", ["audit", "verify", "audit.db", "--checkpoint-key",
+             "audit.pub", "--against", "serve-cosigned.note", "--witness-key", "witness.vkey"]),
         Step("audit verify --witness", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub",
                                         "--witness", url, *AS_ALICE, "--witness-key", "witness.vkey"]),
     ]
@@ -360,9 +372,10 @@ def unexercised_serve_flags() -> list[str]:
     return sorted(options - covered)
 
 
-def run_service(c: Checker, name: str, argv: list[str], port: str, steps: list[Step]) -> str:
+def run_service(c: Checker, name: str, argv: list[str], port: str, steps: list[Step | Callable[[], None]]) -> str:
     """Start ``edgeshield ARGV`` as a real process on a free port (``{port}``), wait until it listens, run ``steps``
-    against it, stop it with SIGTERM (it must exit 0); returns its log."""
+    (a ``Step``, or a callable for a nested service) against it, stop it with SIGTERM (it must exit 0); returns its
+    log."""
     t0 = time.monotonic()
     c.context[port] = str(free_port())
     path = c.work / f"{name.replace(' ', '-')}.log"
@@ -380,7 +393,7 @@ def run_service(c: Checker, name: str, argv: list[str], port: str, steps: list[S
                 time.sleep(0.2)
             c.ok(f"{name} listening", t0)
             for step in steps:
-                c.run(step)
+                c.run(step) if isinstance(step, Step) else step()
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=30)
@@ -446,10 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         owner_inputs(work)
         for step in device_steps():
             c.run(step)
-        serve_and_query(c)
-        for step in after_serve_steps():
-            c.run(step)
-        run_service(c, "audit witness serve", WITNESS, "witness_port", witness_steps())
+        # the witness first: serve publishes its checkpoints to it (--witness), and the audit steps check them there
+        run_service(c, "audit witness serve", WITNESS, "witness_port",
+                    [lambda: serve_and_query(c), *after_serve_steps(), *witness_steps()])
         needs_extra(c)
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         print(f"device install check FAILED: {exc}", file=sys.stderr)
