@@ -118,6 +118,7 @@ EXPECTED = {
     "protect": {"owner"},
     "verify": {"owner"},  # only with --sigstore-sig
     "run": {"eval"},  # only with a gradient --detector
+    "serve": {"eval"},  # only with a gradient --detector
     "demo": {"demo"},
     "detect calibrate": {"eval"},  # only with --detectors gradient
     "detect evaluate": {"eval"},

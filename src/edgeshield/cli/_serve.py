@@ -16,7 +16,7 @@ import click
 import typer
 
 from edgeshield import keys
-from edgeshield.cli._common import PassphraseEnvOpt
+from edgeshield.cli._common import PassphraseEnvOpt, gradient_detector_file, requires
 from edgeshield.errors import InvalidArgumentError
 
 ENV_PREFIX = "EDGESHIELD"
@@ -58,6 +58,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
     return value
 
 
+@requires("eval", "torch", "onnx", when=gradient_detector_file("detector"))
 def serve(
     bundle: Annotated[Path, typer.Argument(help="The protected model to serve.", envvar=f"{ENV_PREFIX}_BUNDLE",
                                            show_default=False)],

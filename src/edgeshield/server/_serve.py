@@ -99,15 +99,21 @@ def build_state(cfg: ServeConfig) -> ServerState:
     if recovery.recovered:
         log.warning("audit log: %d entries a crash left without a checkpoint are now covered (server.recovered)",
                     recovery.uncovered)
-    opened = bundles.open_bundle(cfg.bundle, keys.load_owner_public_key(cfg.owner_key),
-                                 keys.load_device_private_key(cfg.device_key, cfg.passphrase))
+    owner, device = keys.load_owner_public_key(cfg.owner_key), keys.load_device_private_key(cfg.device_key,
+                                                                                             cfg.passphrase)
+    opened = bundles.open_bundle(cfg.bundle, owner, device)
     m = opened.manifest
     spec = InputSpec.from_metadata(m.metadata)
     robust = None
     if cfg.detector is not None:
         file = DetectorFile.load(cfg.detector)
         file.check_model(m.model_sha256)
-        robust = RobustModel(opened.session, file)
+        torch_model = None
+        if "gradient" in file.decision_detectors():  # the one detector that needs PyTorch ([eval]) on the device
+            from edgeshield.adversarial._torch import onnx_to_torch
+
+            torch_model = onnx_to_torch(bundles.decrypt_model(cfg.bundle, owner, device))
+        robust = RobustModel(opened.session, file, torch_model=torch_model)
         spec = file.input_spec
     rbac = Rbac(cfg.policy)
     limiter, monitor, outputs = _extraction_defence(cfg)
