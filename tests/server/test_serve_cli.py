@@ -92,7 +92,7 @@ def test_client_predict_and_refusals_then_graceful_shutdown(running: dict) -> No
     assert verify.returncode == 0, verify.stderr
     shown = __import__("json").loads(cli("audit", "show", running["tmp"] / "audit.db", "--json").stdout)
     kinds = [e["kind"] for e in (shown["entries"] if isinstance(shown, dict) else shown)]
-    assert kinds[0] == "server.startup" and kinds[-1] == "server.shutdown"
+    assert kinds[0] == "server.startup" and kinds[-2:] == ["server.shutdown", "audit.checkpoint"]  # ends covered
     assert {"inference.predict", "auth.forbidden", "auth.failure", "watermark.served"} <= set(kinds)
     # the served watermark: alice's marked inputs are in the evidence store; the honest model does not repeat them
     from edgeshield.models import digits_model_path
