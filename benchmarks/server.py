@@ -9,7 +9,8 @@ Protocol (fixed; every figure comes from this run, all traffic goes to 127.0.0.1
    a ``client`` certificate and an ``auditor`` certificate, and an audit signing key. Three servers run as
    subprocesses, each on its own loopback port, so that the client (this process) never shares a GIL with them:
    * secure: ``python -m edgeshield serve`` (mutual TLS 1.3, RBAC, input validation, audit log with a FULL-sync
-     commit per request; no detector; ``--max-body 65536``);
+     commit per request; no detector; ``--max-body 65536``; the per-address handshake rate and connection cap
+     lifted, since this benchmark handshakes back to back from one address);
    * plain: the same ``create_app`` on a ``ServerState`` with rbac=None, audit=None, spec=None,
      require_client_cert=False, under plain uvicorn (no TLS), same uvicorn settings (httptools, keep-alive 5 s,
      limit_concurrency 256, the same JSON access log to a file);
@@ -72,6 +73,12 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 HOST = "127.0.0.1"
 MAX_BODY = 64 * 1024
+# Handshakes are measured back to back from one address, so the per-address handshake rate and connection cap (a
+# policy against floods, measured in benchmarks/hardening.py) are lifted for the secure servers here.
+UNCAPPED = {"handshakes_per_second_per_address": 1e6, "handshake_burst_per_address": 1_000_000,
+            "max_connections_per_address": 512}
+UNCAPPED_FLAGS = ["--handshake-rate", "1000000", "--handshake-burst", "1000000",
+                  "--max-connections-per-address", "512"]
 TARGET_FULL_HS_MS = 2.0
 TARGET_RESUMED_HS_MS = 1.0
 TARGET_RPS_RATIO = 0.7
@@ -134,11 +141,12 @@ def _free_port() -> int:
 
 def _serve_config(p: dict[str, Any], port: int, audit_db: str) -> Any:
     from edgeshield.server import ServeConfig
+    from edgeshield.server._limits import Limits
 
     return ServeConfig(bundle=Path(p["bundle"]), owner_key=Path(p["owner_pub"]), device_key=Path(p["device_key"]),
                        ca=Path(p["ca"]), cert=Path(p["server_crt"]), key=Path(p["server_key"]),
                        audit_db=Path(audit_db), audit_key=Path(p["audit_key"]), host=HOST, port=port,
-                       max_body_bytes=MAX_BODY)
+                       max_body_bytes=MAX_BODY, limits=Limits(**UNCAPPED))
 
 
 def child_plain(p: dict[str, Any], port: int) -> None:
@@ -772,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             "secure": [sys.executable, "-m", "edgeshield", "serve", p["bundle"], "--owner-key", p["owner_pub"],
                        "--device-key", p["device_key"], "--ca", p["ca"], "--cert", p["server_crt"], "--key",
                        p["server_key"], "--audit-db", str(secure_db), "--audit-key", p["audit_key"], "--host", HOST,
-                       "--port", str(ports["secure"]), "--max-body", str(MAX_BODY)],
+                       "--port", str(ports["secure"]), "--max-body", str(MAX_BODY), *UNCAPPED_FLAGS],
             "plain": [*me, "--_child", "plain", "--port", str(ports["plain"])],
             "secure_noaudit": [*me, "--_child", "noaudit", "--port", str(ports["secure_noaudit"]),
                                "--audit-db", str(work / "audit-noaudit.db")],
@@ -781,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--device-key", p["device_key"], "--ca", p["ca"], "--cert", p["server_crt"], "--key",
                               p["server_key"], "--audit-db", str(work / "audit-normal.db"), "--audit-key",
                               p["audit_key"], "--host", HOST, "--port", str(ports["secure_normal"]), "--max-body",
-                              str(MAX_BODY), "--audit-durability", "normal"],
+                              str(MAX_BODY), "--audit-durability", "normal", *UNCAPPED_FLAGS],
         }
         with _stage(progress, 1, "starting the four servers"):
             for name in argv:
