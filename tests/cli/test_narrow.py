@@ -218,3 +218,18 @@ def test_tables_built_elsewhere_fold_instead_of_cutting() -> None:
     c.print(never_cut(t))
     text = c.export_text()
     assert "…" not in text and "x" * 100 in re.sub(r"[│\s]", "", text)
+
+
+@pytest.mark.parametrize("at", [80, 50], indirect=True)
+def test_audit_show_keeps_every_entry_hash_and_its_data_whole(tmp_path: Path, at: int) -> None:
+    from edgeshield import audit
+
+    log = audit.AuditLog(tmp_path / "a.db", signing_key=audit.generate_signing_key(tmp_path / "a.key"))
+    entries = [log.append("inference.predict", "alice", {"input_sha256": f"{i:02x}" * 32, "batch": i})
+               for i in range(3)]
+    log.close()
+    out = run("audit", "show", tmp_path / "a.db", "--last", "5")
+    assert not any(e in out for e in ELLIPSIS), out
+    flat = "".join(line.strip().strip("│").replace("│", "").replace(" ", "") for line in out.splitlines())
+    for e in entries:
+        assert e.entry_hash.hex() in flat and e.data["input_sha256"] in flat

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from edgeshield import audit, keys
 from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.cli._tables import table
 from edgeshield.errors import InvalidArgumentError, OutputExistsError
 
 app = typer.Typer(help="Verify, inspect and export tamper-evident audit logs; publish them to a witness.",
@@ -182,14 +183,12 @@ def show(
         emit_json({"size": len(log), "entries": [e.to_dict() for e in entries],
                    "latest_checkpoint": latest.to_dict() if latest else None})
         return
-    table = Table(title=f"{db}: last {len(entries)} of {len(log)} entries")
-    for col in ("seq", "time (UTC)", "kind", "actor", "data", "hash"):
-        table.add_column(col, overflow="fold")
+    # one cell per entry, stacked: time, kind and actor; the data in full; the whole 64-digit chain hash
+    shown = table(f"{db}: last {len(entries)} of {len(log)} entries", ("seq", "entry"), whole=("seq",))
     for e in entries:
         data = json.dumps(e.data, sort_keys=True, separators=(",", ":"))
-        table.add_row(str(e.seq), e.ts, e.kind, e.actor, data if len(data) <= 80 else data[:77] + "...",
-                      e.entry_hash.hex()[:16])
-    console.print(table)
+        shown.add_row(str(e.seq), Text(f"{e.ts}  {e.kind}  {e.actor}\n{data}\nhash {e.entry_hash.hex()}"))
+    console.print(shown)
     if latest is not None:
         console.print(f"latest checkpoint: tree size {latest.tree_size}, key {latest.key_id or 'unsigned'}",
                       markup=False)
