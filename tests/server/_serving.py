@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +10,7 @@ import httpx
 from edgeshield import bundles, keys, transport
 from edgeshield.adversarial import METADATA_KEY
 from edgeshield.models import digits_input_spec, digits_model_path
-from edgeshield.server import ServeConfig, make_server
+from edgeshield.server import running as serving  # noqa: F401  (the tests' name for it)
 
 
 def protected_digits(root: Path) -> tuple[Path, Path]:
@@ -26,25 +22,6 @@ def protected_digits(root: Path) -> tuple[Path, Path]:
                     recipients=[keys.load_device_public_key(k / "device.pub")],
                     metadata={METADATA_KEY: digits_input_spec().to_json()})
     return bundle, k
-
-
-@contextmanager
-def serving(cfg: ServeConfig) -> Iterator[tuple[Any, Any, int]]:
-    """``make_server(cfg)`` running in a thread with its CRL watcher: yields (server, watcher, port), then stops."""
-    srv, watcher = make_server(cfg)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    watcher.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    try:
-        yield srv, watcher, srv.servers[0].sockets[0].getsockname()[1]
-    finally:
-        srv.should_exit = True
-        watcher.stop.set()
-        thread.join(timeout=15)
 
 
 def mtls_client(world: dict[str, Any], name: str, **kw: Any) -> httpx.Client:

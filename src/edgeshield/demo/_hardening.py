@@ -26,8 +26,9 @@ HOSTILE = {  # each once an HTTP 500; now a 4xx with a one-line reason
 }
 
 
-def _start(ctx: DemoContext, limits: Any) -> tuple[Any, Any, threading.Thread, int, dict[str, Any]]:
-    from edgeshield.server import ServeConfig, make_server
+def _config(ctx: DemoContext, limits: Any) -> tuple[Any, dict[str, Any]]:
+    """A fresh CA, certificates and audit key, and the server's configuration with ``limits``."""
+    from edgeshield.server import ServeConfig
 
     work, kdir = ctx.workdir / "hardening", ctx.state["kdir"]
     ca = work / "ca"
@@ -38,28 +39,32 @@ def _start(ctx: DemoContext, limits: Any) -> tuple[Any, Any, threading.Thread, i
     cfg = ServeConfig(bundle=ctx.state["bundle"], owner_key=kdir / "owner.pub", device_key=kdir / "device.key", ca=ca,
                       cert=server_cert.cert_path, key=server_cert.key_path, audit_db=work / "audit.db",
                       audit_key=work / "audit.key", port=0, log_level="error", crl_poll_s=0.2, limits=limits)
-    server, watcher = make_server(cfg)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    watcher.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not server.started:
-        raise DemoFailure("the server did not start")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, watcher, thread, port, {"ca": ca, "certs": certs, "db": work / "audit.db",
-                                           "audit_key": work / "audit.key"}
+    return cfg, {"ca": ca, "certs": certs, "db": work / "audit.db", "audit_key": work / "audit.key"}
 
 
 def _hardening(ctx: DemoContext) -> str:
-    from rich.table import Table
-
+    from edgeshield.server import running
     from edgeshield.server._limits import Limits
 
     limits = Limits(max_connections_per_address=12, max_connections_per_identity=4, handshake_timeout_s=1.5,
                     request_head_timeout_s=1.5)
-    server, watcher, thread, port, w = _start(ctx, limits)
+    cfg, w = _config(ctx, limits)
+    with running(cfg) as (server, _watcher, port):
+        table, held, served, slowest, after = _attack(ctx, server, port, limits, w)
+    ctx.tables.append(table)
+    ctx.state["hardening"] = w
+    ctx.summary["hardening"] = {"attacker_peak_connections": held["peak"], "honest_served": served,
+                                "honest_slowest_ms": round(slowest * 1000), "hostile_bodies": len(HOSTILE),
+                                "revoked_open_connection": after}
+    return (f"honest client 30/30 served during a slow attack; {len(HOSTILE)} hostile bodies 422; a revoked "
+            f"certificate's open connection: {after}")
+
+
+def _attack(ctx: DemoContext, server: Any, port: int, limits: Any,
+            w: dict[str, Any]) -> tuple[Any, dict[str, int], int, float, str]:
+    """The three attacks against the running server; the table and what was seen."""
+    from rich.table import Table
+
     url = f"https://127.0.0.1:{port}"
 
     def ctx_for(name: str) -> ssl.SSLContext:
@@ -74,94 +79,83 @@ def _hardening(ctx: DemoContext) -> str:
     for col in ("attack", "what the server did", "honest client"):
         table.add_column(col)
     x = {"inputs": [[0.5] * 64]}
-    try:
-        # 1. one address holds stalled handshakes, idle and slowloris connections, re-opening what gets closed
-        stop, held = threading.Event(), {"peak": 0, "cut": 0}
+    # 1. one address holds stalled handshakes, idle and slowloris connections, re-opening what gets closed
+    stop, held = threading.Event(), {"peak": 0, "cut": 0}
 
-        def attack() -> None:
-            with ExitStack() as stack:
-                sockets: list[socket.socket] = []
-                while not stop.is_set():
-                    for sock in select.select(sockets, [], [], 0)[0]:  # what the server closed, the attacker reopens
-                        try:
-                            closed = not sock.recv(1)
-                        except (ssl.SSLWantReadError, BlockingIOError):
-                            closed = False  # a TLS session ticket, not data
-                        except OSError:
-                            closed = True
-                        if closed:
-                            sockets.remove(sock)
-                            sock.close()
-                            held["cut"] += 1
+    def attack() -> None:
+        with ExitStack() as stack:
+            sockets: list[socket.socket] = []
+            while not stop.is_set():
+                for sock in select.select(sockets, [], [], 0)[0]:  # what the server closed, the attacker reopens
                     try:
-                        sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(ATTACKER, 0))
-                        if len(sockets) % 3:  # two in three finish TLS and then idle or trickle a header
-                            sock = ctx_for("mallory").wrap_socket(sock, server_hostname="127.0.0.1")
-                            sock.sendall(b"POST /v1/predict HTTP/1.1\r\n" if len(sockets) % 3 == 2 else b"")
-                        sock.setblocking(False)
-                        sockets.append(stack.enter_context(sock))
-                    except (OSError, ssl.SSLError):
-                        held["cut"] += 1  # refused before or during the handshake
-                    stop.wait(0.02)
+                        closed = not sock.recv(1)
+                    except (ssl.SSLWantReadError, BlockingIOError):
+                        closed = False  # a TLS session ticket, not data
+                    except OSError:
+                        closed = True
+                    if closed:
+                        sockets.remove(sock)
+                        sock.close()
+                        held["cut"] += 1
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(ATTACKER, 0))
+                    if len(sockets) % 3:  # two in three finish TLS and then idle or trickle a header
+                        sock = ctx_for("mallory").wrap_socket(sock, server_hostname="127.0.0.1")
+                        sock.sendall(b"POST /v1/predict HTTP/1.1\r\n" if len(sockets) % 3 == 2 else b"")
+                    sock.setblocking(False)
+                    sockets.append(stack.enter_context(sock))
+                except (OSError, ssl.SSLError):
+                    held["cut"] += 1  # refused before or during the handshake
+                stop.wait(0.02)
 
-        attacker = threading.Thread(target=attack, daemon=True)
-        attacker.start()
-        served, slowest = 0, 0.0
-        with client("alice", HONEST) as alice:
-            for i in range(30):
-                ctx.step(i, 40, "slow attacker holding connections")
-                t0 = time.monotonic()
-                served += alice.post("/v1/predict", json=x).status_code == 200
-                slowest = max(slowest, time.monotonic() - t0)
-                with contextlib.suppress(RuntimeError):  # the server's own count, read across threads
-                    held["peak"] = max(held["peak"], server.gate.busiest_address())
-                time.sleep(0.1)
-        stop.set()
-        attacker.join(timeout=10)
-        if served != 30 or slowest > 2.0:
-            raise DemoFailure(f"the honest client was served {served} of 30 (slowest {slowest:.2f} s) under attack")
-        table.add_row(f"slowloris, idle and stalled connections from {ATTACKER}",
-                      f"held {held['peak']} at most (cap {limits.max_connections_per_address} per address), each "
-                      f"cut after {limits.request_head_timeout_s:g} s or refused: {held['cut']} connections",
-                      f"30/30 answered, slowest {slowest * 1000:.0f} ms")
-        # 2. bodies that once made it answer 500
-        with client("alice", HONEST) as alice:
-            codes = {what: alice.post("/v1/predict", content=body, headers={"content-type": "application/json"})
-                     for what, body in HOSTILE.items()}
-        if any(r.status_code != 422 for r in codes.values()):
-            raise DemoFailure(f"a hostile body was not refused with 422: {[r.status_code for r in codes.values()]}")
-        table.add_row(", ".join(HOSTILE), "422 each, before allocating: " + codes["400-digit number"].json()["error"],
-                      "-")
-        # 3. a certificate revoked while its connection is open
-        ctx.step(32, 40, "revoking a certificate with an open connection")
-        with client("lost-laptop", HONEST) as laptop:
-            if laptop.post("/v1/predict", json=x).status_code != 200:
-                raise DemoFailure("the laptop was not served before its revocation")
-            transport.revoke(w["ca"], name="lost-laptop")
-            deadline = time.monotonic() + 10
-            while not any(e.kind == "crl.reload" for e in audit.AuditLog(w["db"], readonly=True).tail(20)):
-                if time.monotonic() > deadline:
-                    raise DemoFailure("the server did not reload the CRL")
-                time.sleep(0.1)
-            try:
-                after = str(laptop.post("/v1/predict", json=x).status_code)
-            except httpx.HTTPError:
-                after = "connection closed"
-        if after == "200":
-            raise DemoFailure("a revoked certificate was served on its open connection")
-        table.add_row("lost laptop's certificate revoked mid-connection",
-                      f"CRL reloaded without restart; the open connection: {after}", "-")
-    finally:
-        server.should_exit = True
-        watcher.stop.set()
-        thread.join(timeout=15)
-    ctx.tables.append(table)
-    ctx.state["hardening"] = w
-    ctx.summary["hardening"] = {"attacker_peak_connections": held["peak"], "honest_served": served,
-                                "honest_slowest_ms": round(slowest * 1000), "hostile_bodies": len(HOSTILE),
-                                "revoked_open_connection": after}
-    return (f"honest client 30/30 served during a slow attack; {len(HOSTILE)} hostile bodies 422; a revoked "
-            f"certificate's open connection: {after}")
+    attacker = threading.Thread(target=attack, daemon=True)
+    attacker.start()
+    served, slowest = 0, 0.0
+    with client("alice", HONEST) as alice:
+        for i in range(30):
+            ctx.step(i, 40, "slow attacker holding connections")
+            t0 = time.monotonic()
+            served += alice.post("/v1/predict", json=x).status_code == 200
+            slowest = max(slowest, time.monotonic() - t0)
+            with contextlib.suppress(RuntimeError):  # the server's own count, read across threads
+                held["peak"] = max(held["peak"], server.gate.busiest_address())
+            time.sleep(0.1)
+    stop.set()
+    attacker.join(timeout=10)
+    if served != 30 or slowest > 2.0:
+        raise DemoFailure(f"the honest client was served {served} of 30 (slowest {slowest:.2f} s) under attack")
+    table.add_row(f"slowloris, idle and stalled connections from {ATTACKER}",
+                  f"held {held['peak']} at most (cap {limits.max_connections_per_address} per address), each "
+                  f"cut after {limits.request_head_timeout_s:g} s or refused: {held['cut']} connections",
+                  f"30/30 answered, slowest {slowest * 1000:.0f} ms")
+    # 2. bodies that once made it answer 500
+    with client("alice", HONEST) as alice:
+        codes = {what: alice.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+                 for what, body in HOSTILE.items()}
+    if any(r.status_code != 422 for r in codes.values()):
+        raise DemoFailure(f"a hostile body was not refused with 422: {[r.status_code for r in codes.values()]}")
+    table.add_row(", ".join(HOSTILE), "422 each, before allocating: " + codes["400-digit number"].json()["error"],
+                  "-")
+    # 3. a certificate revoked while its connection is open
+    ctx.step(32, 40, "revoking a certificate with an open connection")
+    with client("lost-laptop", HONEST) as laptop:
+        if laptop.post("/v1/predict", json=x).status_code != 200:
+            raise DemoFailure("the laptop was not served before its revocation")
+        transport.revoke(w["ca"], name="lost-laptop")
+        deadline = time.monotonic() + 10
+        while not any(e.kind == "crl.reload" for e in audit.AuditLog(w["db"], readonly=True).tail(20)):
+            if time.monotonic() > deadline:
+                raise DemoFailure("the server did not reload the CRL")
+            time.sleep(0.1)
+        try:
+            after = str(laptop.post("/v1/predict", json=x).status_code)
+        except httpx.HTTPError:
+            after = "connection closed"
+    if after == "200":
+        raise DemoFailure("a revoked certificate was served on its open connection")
+    table.add_row("lost laptop's certificate revoked mid-connection",
+                  f"CRL reloaded without restart; the open connection: {after}", "-")
+    return table, held, served, slowest, after
 
 
 def _witness(ctx: DemoContext) -> str:

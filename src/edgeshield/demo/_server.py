@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
 
 import httpx
 
@@ -24,7 +22,7 @@ def _serve(ctx: DemoContext) -> str:
     from rich.table import Table
 
     from edgeshield.models import load_digits_split
-    from edgeshield.server import ServeConfig, make_server
+    from edgeshield.server import ServeConfig, running
 
     work, kdir = ctx.workdir / "server", ctx.state["kdir"]
     ca, other = work / "ca", work / "other-ca"
@@ -38,15 +36,6 @@ def _serve(ctx: DemoContext) -> str:
     cfg = ServeConfig(bundle=ctx.state["bundle"], owner_key=kdir / "owner.pub", device_key=kdir / "device.key",
                       ca=ca, cert=server_cert.cert_path, key=server_cert.key_path, audit_db=work / "audit.db",
                       audit_key=work / "audit.key", port=0, log_level="warning")
-    server, watcher = make_server(cfg)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not server.started:
-        raise DemoFailure("the server did not start")
-    url = f"https://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     x = load_digits_split().x_test[:8].tolist()
     calls = [
         ("alice (client)", "POST", "/v1/predict", {"json": {"inputs": x}}, "200"),
@@ -56,10 +45,12 @@ def _serve(ctx: DemoContext) -> str:
         ("aud (auditor)", "POST", "/v1/predict", {"json": {"inputs": x}}, "403"),
         ("eve (another CA)", "GET", "/healthz", {}, "TLS handshake refused"),
     ]
-    table = Table(title=f"mutual TLS 1.3 calls to {url}")
+    table = Table(title="mutual TLS 1.3 calls")
     for col in ("client", "request", "answer", "expected"):
         table.add_column(col)
-    try:
+    with running(cfg) as (_server, _watcher, port):
+        url = f"https://127.0.0.1:{port}"
+        table.title = f"mutual TLS 1.3 calls to {url}"
         for who, method, path, kw, expected in calls:
             cert = certs[who]
             got = _status(transport.client_context(ca / "ca.crt", cert.cert_path, cert.key_path), url, method, path, **kw)
@@ -70,9 +61,6 @@ def _serve(ctx: DemoContext) -> str:
         table.add_row("(no certificate)", "GET /healthz", got, "TLS handshake refused")
         if got != "TLS handshake refused":
             raise DemoFailure("a client without a certificate got through")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
     ctx.tables.append(table)
     ctx.state["audit_db"], ctx.state["audit_pub"] = work / "audit.db", work / "audit.pub"
     ctx.summary["server"] = {"calls": [{"client": c[0], "request": f"{c[1]} {c[2]}", "expected": c[4]} for c in calls]}

@@ -3,6 +3,6 @@ inference, Prometheus metrics, and every security event in the tamper-evident au
 
 from edgeshield.server._app import ServerState, create_app
 from edgeshield.server._rbac import ROLES, Rbac
-from edgeshield.server._serve import ServeConfig, build_state, make_server, serve
+from edgeshield.server._serve import ServeConfig, build_state, make_server, running, serve
 
-__all__ = ["ROLES", "Rbac", "ServeConfig", "ServerState", "build_state", "create_app", "make_server", "serve"]
+__all__ = ["ROLES", "Rbac", "ServeConfig", "ServerState", "build_state", "create_app", "make_server", "running", "serve"]

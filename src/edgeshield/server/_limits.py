@@ -84,8 +84,13 @@ class InFlight:
 
     def release(self, key: str) -> None:
         self.count -= 1
-        held = self._by_key[key] - 1
-        if held:
-            self._by_key[key] = held
-        else:
-            del self._by_key[key]
+        count_down(self._by_key, key)
+
+
+def count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer for ``key``; a key at zero is forgotten, so the map stays as small as what is held now."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

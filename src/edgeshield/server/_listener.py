@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from edgeshield.server._limits import Limits, address_key
+from edgeshield.server._limits import Limits, address_key, count_down
 
 if TYPE_CHECKING:
     from edgeshield.server._app import ServerState
@@ -136,11 +136,7 @@ class ConnectionGate:
 
     def release(self, address: str) -> None:
         self.total -= 1
-        left = self._by_address[address] - 1
-        if left:
-            self._by_address[address] = left
-        else:
-            del self._by_address[address]
+        count_down(self._by_address, address)
 
     def busiest_address(self) -> int:
         """Connections held by the address holding the most (a metric: who is close to the per-address cap)."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import logging.config
 import os
 import ssl
 import threading
+import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +278,6 @@ def log_config(level: str = "info") -> dict[str, Any]:
 
 
 def _server_class() -> type:
-    import contextlib
     import signal
 
     import uvicorn
@@ -368,6 +370,30 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any
                          on_reload=server.gate.close_revoked_threadsafe)
     watcher.check_expiry()
     return server, watcher
+
+
+@contextlib.contextmanager
+def running(cfg: ServeConfig, state: ServerState | None = None, *,
+            start_timeout_s: float = 20.0) -> Iterator[tuple[Any, CrlWatcher, int]]:
+    """``make_server(cfg)`` serving on a background thread, with its CRL watcher: yields (server, watcher, port)
+    once it listens, and shuts it down gracefully (audit shutdown entry and checkpoint) when the block ends."""
+    from edgeshield.errors import EdgeShieldError
+
+    server, watcher = make_server(cfg, state)
+    thread = threading.Thread(target=server.run, name="edgeshield-server", daemon=True)
+    thread.start()
+    watcher.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise EdgeShieldError(f"the server did not start within {start_timeout_s:g} s")
+            time.sleep(0.02)
+        yield server, watcher, server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        watcher.stop.set()
+        thread.join(timeout=15)
 
 
 def serve(cfg: ServeConfig) -> None:
