@@ -187,7 +187,7 @@ class SecurityMiddleware:
                                                      "serial": identity.serial},
                              f"role {identity.role!r} may not {method} {route}")
                 return
-            key = actor if identity is not None else "anonymous"
+            key = actor  # the identity's name ("anonymous" only where no certificate is required)
             if not self.in_flight.acquire(key):
                 await refuse(503, "server.busy", {"reason": "requests in flight", "path": route,
                                                   "in_flight": self.in_flight.count}, "server busy: retry later",
