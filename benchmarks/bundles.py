@@ -42,6 +42,7 @@ from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
 from edgeshield._progress import report
+
 from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
@@ -59,7 +60,6 @@ SIZES = [("1mb", 1 * MB, 512), ("100mb", 100 * MB, 1024), ("1gb", 1000 * MB, 102
 # --- model generation and protection (runs in a child process) --------------------------------------------------
 def _make_model(path: Path, target_bytes: int, dim: int, seed: int) -> int:
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     block = dim * dim * 4

@@ -25,9 +25,9 @@ import sys
 import time
 from typing import Any
 
-from _machine import eval_stack, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
-
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+
+from _machine import eval_stack, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 

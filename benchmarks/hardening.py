@@ -54,10 +54,11 @@ from typing import Any
 
 import numpy as np
 
-import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
+import edgeshield  # before onnxruntime: switches its telemetry off
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.cli._progress import progress_bars
+
+from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 HOST, ATTACKER, HONEST = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 LIMITS = {"max-connections-per-address": 32, "max-connections-per-identity": 8, "handshake-timeout": 2.0,

@@ -65,9 +65,10 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
-from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.cli._progress import progress_bars
+
+from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -387,7 +388,7 @@ def bench_handshakes(p: dict[str, Any], secure: ServerProc, plain: ServerProc, n
                 lat["ref_resumed"].append(ref_res)
     out: dict[str, Any] = {k: _ms(v) for k, v in lat.items()}
     # CPU per connection (+ one GET /healthz), each kind in its own pass so the server's time can be attributed
-    m = max(1, min(lat["full"] and len(lat["full"]) or 1, 200))
+    m = max(1, min((lat["full"] and len(lat["full"])) or 1, 200))
     cpu: dict[str, float | None] = {}
     for kind, server in (("full", secure), ("resumed", secure), ("plain", plain)):
         c0 = server.cpu_s()

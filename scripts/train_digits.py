@@ -22,9 +22,9 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from edgeshield._io import atomic_write_bytes  # noqa: E402
-from edgeshield.errors import MissingDependencyError  # noqa: E402
-from edgeshield.models import (  # noqa: E402
+from edgeshield._io import atomic_write_bytes
+from edgeshield.errors import MissingDependencyError
+from edgeshield.models import (
     DIGITS_INPUT_NAME,
     DIGITS_NUM_CLASSES,
     DIGITS_NUM_FEATURES,

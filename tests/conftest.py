@@ -11,7 +11,7 @@ import pytest
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings
 
 # CI must not depend on luck: property tests there use a fixed, per-test derandomised search (locally they explore).
 settings.register_profile("ci", derandomize=True, print_blob=True)

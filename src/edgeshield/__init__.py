@@ -8,7 +8,7 @@ import os as _os
 
 _os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-from edgeshield.errors import EdgeShieldError  # noqa: E402
+from edgeshield.errors import EdgeShieldError
 
 __version__ = "0.1.0"
 __all__ = ["EdgeShieldError", "__version__"]

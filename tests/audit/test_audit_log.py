@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _auditlogs import kill_writer_mid_append
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeshield import audit, keys
@@ -25,7 +24,6 @@ from edgeshield.audit._format import (
     checkpoint_entry_data,
     checkpoint_text,
     entry_leaf,
-    note_key_hash,
     origin_for,
 )
 from edgeshield.errors import (
@@ -35,6 +33,8 @@ from edgeshield.errors import (
     PassphraseError,
     PathNotFoundError,
 )
+
+from _auditlogs import kill_writer_mid_append
 
 N_ENTRIES, EVERY = 35, 10  # 35 appends; checkpoints at tree sizes 10, 20, 30, each chained in as that entry
 SIZE = N_ENTRIES + 3  # entries 0..37; 31..37 are covered by no checkpoint

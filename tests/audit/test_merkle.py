@@ -81,7 +81,7 @@ def test_hasher_vectors() -> None:
     assert merkle.EMPTY_ROOT == hashlib.sha256(b"").digest()
 
 
-@pytest.mark.parametrize("size", range(0, 9))
+@pytest.mark.parametrize("size", range(9))
 def test_roots_match_reference(size: int) -> None:
     assert merkle.root(LEAVES[:size]) == root_of(size)
 

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from _auditlogs import flip_byte, kill_writer_mid_append, make_v1_log, offset_of
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from edgeshield import audit
 from edgeshield.errors import InputError, UnsupportedFormatVersionError
+
+from _auditlogs import flip_byte, kill_writer_mid_append, make_v1_log, offset_of
 
 
 @pytest.fixture

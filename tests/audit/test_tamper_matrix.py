@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from _auditlogs import tamper_module
 
 tamper = tamper_module()

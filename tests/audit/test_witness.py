@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _auditlogs import tamper_module
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +30,8 @@ from edgeshield.errors import (
     MalformedNoteError,
     NoteSignatureError,
 )
+
+from _auditlogs import tamper_module
 
 tamper = tamper_module()
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KeySet, make_matmul_model
 
 from edgeshield import bundles
 from edgeshield.bundles._ort import onnxruntime as ort
 from edgeshield.errors import ExternalDataError, InvalidArgumentError, UnsupportedModelError
+
+from conftest import KeySet, make_matmul_model
 
 
 def _save_external(src: Path, dst: Path, *, one_file: bool, location: str = "weights.bin") -> Path:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import KeySet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -17,6 +16,8 @@ from edgeshield.bundles import _format
 from edgeshield.bundles._modelio import METADATA_KEY, ModelIO, TensorInfo, from_metadata
 from edgeshield.cli import app
 from edgeshield.errors import InvalidArgumentError, MalformedBundleError
+
+from conftest import KeySet
 
 
 def _protect(model: Path, out: Path, keyset: KeySet, **kw) -> bundles.Manifest:  # type: ignore[no-untyped-def]

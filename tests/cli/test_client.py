@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from _serving import protected_digits, serving  # noqa: E402  (tests/server/_serving.py)
+from edgeshield import audit, transport
+from edgeshield.cli import main
+from edgeshield.cli._client import REFUSED
+from edgeshield.server import ServeConfig
 
-from edgeshield import audit, transport  # noqa: E402
-from edgeshield.cli import main  # noqa: E402
-from edgeshield.cli._client import REFUSED  # noqa: E402
-from edgeshield.server import ServeConfig  # noqa: E402
+from _serving import protected_digits, serving
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import KeySet, make_matmul_model
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -18,6 +17,8 @@ from edgeshield import bundles
 from edgeshield._progress import Step
 from edgeshield.cli import app
 from edgeshield.cli._progress import progress_bars
+
+from conftest import KeySet, make_matmul_model
 
 
 def _by_task(steps: list[Step]) -> dict[str, list[Step]]:

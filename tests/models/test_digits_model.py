@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from edgeshield.models import (  # noqa: E402
+from edgeshield.models import (
     DIGITS_INPUT_NAME,
     DIGITS_OUTPUT_NAME,
     DigitsSplit,

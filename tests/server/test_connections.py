@@ -13,11 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from _serving import protected_digits, serving
 
 from edgeshield import audit, transport
 from edgeshield.server import ServeConfig
 from edgeshield.server._limits import Limits
+
+from _serving import protected_digits, serving
 
 LIMITS = Limits(handshake_timeout_s=1.0, request_head_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=1.0,
                 max_connections=64, max_connections_per_address=8, max_connections_per_identity=3,

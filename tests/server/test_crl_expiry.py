@@ -11,13 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-from _serving import protected_digits, serving
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from edgeshield import audit, transport
 from edgeshield.errors import CrlError
 from edgeshield.server import ServeConfig, make_server
+
+from _serving import protected_digits, serving
 
 X = {"inputs": [[0.5] * 64]}
 

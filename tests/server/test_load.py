@@ -18,11 +18,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from _serving import mtls_client, protected_digits, serving
 
 from edgeshield import audit, transport
 from edgeshield.models import load_digits_split
 from edgeshield.server import ServeConfig
+
+from _serving import mtls_client, protected_digits, serving
 
 MAX_BODY = 64 * 1024
 N_REQUESTS = 240

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _serving import protected_digits, serving
 
 from edgeshield import audit, transport
 from edgeshield.server import ServeConfig
+
+from _serving import protected_digits, serving
 
 # 413 is a rejection too: a schema cannot say how many bytes a batch of `maxItems` inputs takes as JSON.
 CONFIG = """\

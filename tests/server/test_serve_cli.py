@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from edgeshield import bundles, keys, transport
 from edgeshield.models import load_digits_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
-from test_cli import assert_one_line_error, cli  # noqa: E402
+from test_cli import assert_one_line_error, cli
 
 
 def _free_port() -> int:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _serving import protected_digits
 
 from edgeshield import audit, bundles, keys, transport
 from edgeshield.adversarial import calibrate
 from edgeshield.models import digits_input_spec, load_digits_split
 from edgeshield.server import ServeConfig, build_state
+
+from _serving import protected_digits
 
 pytest.importorskip("torch")
 

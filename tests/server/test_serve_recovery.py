@@ -19,7 +19,7 @@ from edgeshield import audit, bundles, keys, transport
 from edgeshield.models import digits_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
-from test_cli import assert_one_line_error, cli  # noqa: E402
+from test_cli import assert_one_line_error, cli
 
 
 def _free_port() -> int:

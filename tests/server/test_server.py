@@ -12,11 +12,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from _serving import mtls_client, protected_digits, serving
 
 from edgeshield import audit, transport
 from edgeshield.models import digits_model_path, load_digits_split
 from edgeshield.server import ServeConfig
+
+from _serving import mtls_client, protected_digits, serving
 
 ROLES = {"alice": "client", "otto": "operator", "aud": "auditor", "adm": "admin"}
 

@@ -12,12 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
-from _serving import protected_digits, serving
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeshield import audit, transport
 from edgeshield.errors import AuditNotExtendedError, InvalidArgumentError
 from edgeshield.server import ServeConfig, build_state
+
+from _serving import protected_digits, serving
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import re
 import stat
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -72,7 +72,7 @@ def test_init_creates_ca_files_with_permissions(tmp_path: Path, algorithm: str) 
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign and not ku.value.digital_signature
     cert.verify_directly_issued_by(cert)
-    assert timedelta(days=29) < cert.not_valid_after_utc - datetime.now(timezone.utc) <= timedelta(days=30)
+    assert timedelta(days=29) < cert.not_valid_after_utc - datetime.now(UTC) <= timedelta(days=30)
     assert info.algorithm == algorithm and info.serial == cert.serial_number and not info.encrypted
     # An empty CRL, signed, numbered and with a nextUpdate about a week out.
     crl = load_crl(d)
@@ -80,7 +80,7 @@ def test_init_creates_ca_files_with_permissions(tmp_path: Path, algorithm: str) 
     assert crl.is_signature_valid(cert.public_key())  # type: ignore[arg-type]
     assert crl_number(crl) == 1
     assert crl.next_update_utc is not None
-    assert timedelta(days=6) < crl.next_update_utc - datetime.now(timezone.utc) <= timedelta(days=7)
+    assert timedelta(days=6) < crl.next_update_utc - datetime.now(UTC) <= timedelta(days=7)
     index = json.loads((d / "index.json").read_text())
     assert index["certificates"] == [] and index["crl"]["number"] == 1
     assert transport.list_certs(d) == []
@@ -185,7 +185,7 @@ def test_issue_client_certificate_contents(ca: Path) -> None:
     assert aki.key_identifier == ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     with pytest.raises(x509.ExtensionNotFound):
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert timedelta(days=29) < cert.not_valid_after_utc - datetime.now(timezone.utc) <= timedelta(days=30)
+    assert timedelta(days=29) < cert.not_valid_after_utc - datetime.now(UTC) <= timedelta(days=30)
     info = issued.info
     assert (info.name, info.role, info.kind, info.status()) == ("alice", "operator", "client", "valid")
     assert info.not_after == cert.not_valid_after_utc and info.not_before == cert.not_valid_before_utc
@@ -262,7 +262,7 @@ def test_stray_files_without_an_index_entry_are_not_overwritten(ca: Path) -> Non
 
 
 def test_validity_overrides_issue_an_expired_certificate(ca: Path) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     issued = transport.issue(ca, name="old", role="client", not_before=now - timedelta(days=10),
                              not_after=now - timedelta(days=1))
     cert = load_cert(issued.cert_path)
@@ -273,7 +273,7 @@ def test_validity_overrides_issue_an_expired_certificate(ca: Path) -> None:
 
 
 def test_bad_validity_overrides_are_refused(ca: Path) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with pytest.raises(InvalidArgumentError, match="timezone"):
         transport.issue(ca, name="a", role="client", not_before=datetime(2020, 1, 1))
     with pytest.raises(InvalidArgumentError, match="before it starts"):
@@ -311,7 +311,7 @@ def test_concurrent_issues_all_reach_the_index(ca: Path) -> None:
 # --- roles and identities -----------------------------------------------------------------------------------------
 def _self_signed(subject: list[x509.NameAttribute], extra: list[x509.ExtensionType] | None = None) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     b = (x509.CertificateBuilder().subject_name(x509.Name(subject)).issuer_name(x509.Name(subject))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now).not_valid_after(now + timedelta(days=1)))
@@ -363,7 +363,7 @@ def test_revoke_publishes_a_crl_with_every_revoked_serial(ca: Path) -> None:
     assert crl1.last_update_utc < crl2.last_update_utc < crl3.last_update_utc
     for crl in (crl2, crl3):
         assert crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
-        assert crl.next_update_utc is not None and crl.next_update_utc > datetime.now(timezone.utc) + timedelta(days=6)
+        assert crl.next_update_utc is not None and crl.next_update_utc > datetime.now(UTC) + timedelta(days=6)
     assert {r.serial_number for r in crl3} == {alice.serial, bob.serial}
     entry = crl3.get_revoked_certificate_by_serial_number(alice.serial)
     assert entry is not None
@@ -402,7 +402,7 @@ def test_revoke_by_name_revokes_the_one_active_certificate(ca: Path) -> None:
 
 def test_revoke_by_name_refusals(ca: Path) -> None:
     alice = transport.issue(ca, name="alice", role="operator")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     transport.issue(ca, name="gone", role="client", not_before=now - timedelta(days=9), not_after=now - timedelta(days=1))
     crl_before = crl_number(load_crl(ca))
     with pytest.raises(UnknownCertificateError, match="no certificate named 'carol'"):
@@ -441,7 +441,7 @@ def test_update_crl_renews_dates_and_number(ca: Path) -> None:
     assert info.number == crl_number(after) == crl_number(before) + 1
     assert after.last_update_utc > before.last_update_utc
     assert after.next_update_utc is not None
-    assert timedelta(days=1) < after.next_update_utc - datetime.now(timezone.utc) <= timedelta(days=2)
+    assert timedelta(days=1) < after.next_update_utc - datetime.now(UTC) <= timedelta(days=2)
     assert {r.serial_number for r in after} == {alice.serial}
 
 

@@ -6,10 +6,10 @@ import queue
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from cryptography import x509
@@ -246,7 +246,7 @@ def test_client_certificate_from_another_ca_is_refused(pki: Pki, serve: Serve) -
 
 
 def test_expired_client_certificate_is_refused(pki: Pki, serve: Serve) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     old = transport.issue(pki.ca, name="old", role="operator", not_before=now - timedelta(days=30),
                           not_after=now - timedelta(days=1))
     server = serve()
@@ -254,7 +254,7 @@ def test_expired_client_certificate_is_refused(pki: Pki, serve: Serve) -> None:
 
 
 def test_not_yet_valid_client_certificate_is_refused(pki: Pki, serve: Serve) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     early = transport.issue(pki.ca, name="early", role="operator", not_before=now + timedelta(days=1),
                             not_after=now + timedelta(days=30))
     server = serve()
@@ -359,7 +359,7 @@ def test_reload_refuses_rollbacks_foreign_and_stale_crls(pki: Pki, tmp_path: Pat
         transport.reload_crl(ctx, rollback)
     with pytest.raises(IntegrityError, match="not a CRL signed by"):
         transport.reload_crl(ctx, pki.other_ca / "crl.pem")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = tmp_path / "expired.pem"
     expired.write_bytes(_signed_crl(pki.ca, number=99, last_update=now - timedelta(days=9),
                                     next_update=now - timedelta(days=2)))
@@ -371,7 +371,7 @@ def test_reload_refuses_rollbacks_foreign_and_stale_crls(pki: Pki, tmp_path: Pat
 
 
 def test_expired_crl_stops_the_server_from_starting(pki: Pki, tmp_path: Path) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     stale = tmp_path / "stale.pem"
     stale.write_bytes(_signed_crl(pki.ca, number=5, last_update=now - timedelta(days=9),
                                   next_update=now - timedelta(days=2)))

@@ -43,8 +43,8 @@ from edgeshield.errors import (
     EdgeShieldError,
     InvalidArgumentError,
     MalformedNoteError,
-    NoteSignatureError,
     NotAFileError,
+    NoteSignatureError,
 )
 
 MAX_PROOF_LINES = 63

@@ -56,7 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "path": (getattr(self, "path", None) or "")[:100],
                              "status": status, "client": self.client_address[0], "reason": reason[:200]}))
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         if self.path != "/add-checkpoint":
             self._send(WitnessResponse.refuse(404, "no such endpoint"))
             return
@@ -75,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(self.server.witness.add_checkpoint(body))
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         match = _CHECKPOINT_PATH.match(self.path)
         note = self.server.witness.checkpoint_by_hash(match.group(1)) if match else None
         if note is None:
@@ -84,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(WitnessResponse(200, note.encode(), NOTE_CONTENT_TYPE, "checkpoint"))
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:

@@ -30,9 +30,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 from edgeshield._io import check_readable_file
 from edgeshield.errors import (

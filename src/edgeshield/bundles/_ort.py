@@ -9,6 +9,6 @@ import os
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-import onnxruntime  # noqa: E402
+import onnxruntime
 
 __all__ = ["onnxruntime"]

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -163,7 +163,7 @@ def verify(
                   "consistency proof", markup=False)
     if result.witness_checked:
         for name, ts in zip(result.cosigned_by, result.cosigned_at, strict=True):
-            when = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             console.print(f"  cosigned by witness {name} at {when}", markup=False)
     else:
         console.print("  witness cosignature NOT checked (give --witness-key)", markup=False)

@@ -84,7 +84,7 @@ def _run(ctx: DemoContext) -> str:
     for name, sess in (("bundle", session), ("plain", plain)):
         pred = sess.run(None, {DIGITS_INPUT_NAME: split.x_test})[0].argmax(axis=1)
         acc[name] = float((pred == split.y_test).mean())
-    ctx.summary["accuracy"] = acc | {"test_examples": int(len(split.y_test))}
+    ctx.summary["accuracy"] = acc | {"test_examples": len(split.y_test)}
     if acc["bundle"] != acc["plain"]:
         raise DemoFailure(f"bundle accuracy {acc['bundle']:.4f} differs from the plain model's {acc['plain']:.4f}")
     return f"accuracy {acc['bundle']:.4f} on {len(split.y_test)} test digits, equal to the plain model's"

@@ -135,7 +135,7 @@ def _stolen_copy(ctx: DemoContext) -> str:
     if blocked != 2 or honest_ok != len(split.x_test) or not proof.present or control.present:
         raise DemoFailure(f"stolen copy: {blocked}/2 identities stopped, honest client {honest_ok} answers, "
                           f"copy proven {proof.present}, independent model claimed {control.present}")
-    ctx.summary["stolen_copy"] = {"stolen_answers": int(len(x)), "identities_blocked": blocked,
+    ctx.summary["stolen_copy"] = {"stolen_answers": len(x), "identities_blocked": blocked,
                                   "copy_fidelity": fidelity, "evidence": proof.evidence, "matches": proof.matches,
                                   "p_value": proof.p_value, "independent_matches": control.matches}
     return (f"2 Sybil thieves each stopped at the {budget}-input budget, honest client served; {len(x)} answers "

@@ -180,7 +180,7 @@ def create_app(state: ServerState) -> Any:
             return refusal
         counts = result.get("counts")
         await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None), "input_sha256": digest,
-                                               "batch": int(len(x)), "decisions": counts})
+                                               "batch": len(x), "decisions": counts})
         if counts and (counts.get("reject") or counts.get("flag")):
             await _audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
         return JSONResponse(result)

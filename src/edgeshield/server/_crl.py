@@ -19,7 +19,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ class CrlGuard:
         from edgeshield.transport import loaded_crl
 
         info = loaded_crl(self.ctx)
-        return None if info is None else (info.next_update - datetime.now(timezone.utc)).total_seconds()
+        return None if info is None else (info.next_update - datetime.now(UTC)).total_seconds()
 
     def refusal(self, identity: Any) -> str | None:
         """Why ``identity`` must not be served now (revoked since its handshake, or no current CRL), or None."""

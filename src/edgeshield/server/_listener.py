@@ -84,7 +84,7 @@ class ConnectionEvents:
 class _Bucket:
     """Token bucket of full handshakes for one address."""
 
-    __slots__ = ("tokens", "stamp")
+    __slots__ = ("stamp", "tokens")
 
     def __init__(self, burst: float, now: float) -> None:
         self.tokens, self.stamp = burst, now

@@ -30,13 +30,13 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -52,7 +52,6 @@ from edgeshield.errors import (
     KeyFileError,
     NotAFileError,
     OutputExistsError,
-    PassphraseError,
     PathNotFoundError,
     UnknownCertificateError,
     UnknownSerialError,
@@ -570,7 +569,7 @@ def identity_from_der(der: bytes) -> Identity:
 
 # --- private helpers ----------------------------------------------------------------------------------------------
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _hex(serial: int) -> str:
@@ -606,8 +605,8 @@ def _validity(now: datetime, days: int, not_before: datetime | None, not_after: 
     for when in (not_before, not_after):
         if when is not None and when.tzinfo is None:
             raise InvalidArgumentError("not_before/not_after must be timezone-aware datetimes")
-    start = (not_before.astimezone(timezone.utc) if not_before else now - CLOCK_SKEW).replace(microsecond=0)
-    end = (not_after.astimezone(timezone.utc) if not_after else start + CLOCK_SKEW + timedelta(days=days))
+    start = (not_before.astimezone(UTC) if not_before else now - CLOCK_SKEW).replace(microsecond=0)
+    end = (not_after.astimezone(UTC) if not_after else start + CLOCK_SKEW + timedelta(days=days))
     end = end.replace(microsecond=0)
     if end <= start:
         raise InvalidArgumentError("the certificate would end before it starts")
@@ -791,4 +790,4 @@ def _parse_time(text: str) -> datetime:
     when = datetime.fromisoformat(text)
     if when.tzinfo is None:
         raise ValueError(f"time without a timezone: {text!r}")
-    return when.astimezone(timezone.utc)
+    return when.astimezone(UTC)

@@ -24,7 +24,7 @@ import ssl
 import tempfile
 import threading
 import weakref
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -107,7 +107,7 @@ def reload_crl(context: ssl.SSLContext, crl_path: PathLike, *, allow_expired: bo
     if not issuers:
         raise InvalidArgumentError("the context trusts no CA to check a CRL against")
     crl_obj, info = _verified_crl(crl_path, issuers)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if info.next_update <= now and not allow_expired:
         raise CrlError(f"{crl_path} expired at {info.next_update.isoformat()}: publish a fresh CRL")
     if info.last_update > now + CLOCK_SKEW:
