@@ -18,6 +18,7 @@ from typing import Literal
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
 from edgeshield.errors import (
@@ -77,7 +78,7 @@ class KeyInfo:
         }
 
 
-def key_id(public_key: OwnerPublicKey | DevicePublicKey) -> str:
+def key_id(public_key: PublicKeyTypes) -> str:
     """Short, stable id of a public key: SHA-256 of its DER SubjectPublicKeyInfo, first 16 hex digits."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()[:16]
@@ -215,7 +216,7 @@ def _is_encrypted_pem(path: Path) -> bool:
     return b"ENCRYPTED PRIVATE KEY" in path.read_bytes()[:64]
 
 
-def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None):  # type: ignore[no-untyped-def]
+def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> PrivateKeyTypes:
     """Any PEM private key; typed errors for a missing or wrong passphrase and for what is not a key."""
     data = _read_key_file(path)
     encrypted = b"ENCRYPTED PRIVATE KEY" in data
@@ -231,7 +232,7 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = No
         raise KeyFileError(f"{path} holds an unsupported private key") from exc
 
 
-def load_public_key(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+def load_public_key(path: str | os.PathLike[str]) -> PublicKeyTypes:
     """Any PEM SubjectPublicKeyInfo public key."""
     data = _read_key_file(path)
     try:
