@@ -39,6 +39,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
@@ -504,7 +505,8 @@ def load_crl(path: str | os.PathLike[str], issuer: x509.Certificate) -> tuple[x5
     return crl, info
 
 
-def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None, *, what: str = "private key") -> Any:
+def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None, *,
+                     what: str = "private key") -> PrivateKeyTypes:
     """A PEM private key, with a PassphraseError when it is encrypted and the passphrase is missing or wrong."""
     from edgeshield.keys import load_private_key as load_pem_private_key
 
@@ -512,7 +514,7 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None, *, 
     return load_pem_private_key(path, passphrase)
 
 
-def check_key_pair(cert: x509.Certificate, key: Any, cert_path: str | os.PathLike[str],
+def check_key_pair(cert: x509.Certificate, key: PrivateKeyTypes, cert_path: str | os.PathLike[str],
                    key_path: str | os.PathLike[str]) -> None:
     """Refuse a private key that does not belong to the certificate (OpenSSL would only say "key values mismatch")."""
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -580,7 +582,7 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def _hash_for(key: CaPrivateKey) -> hashes.HashAlgorithm | None:
+def _hash_for(key: CaPrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -711,10 +713,9 @@ def _publish_crl(d: Path, index: dict[str, Any], ca_cert: x509.Certificate, ca_k
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
     )
-    revoked = [e for e in _entries(index) if e.revoked_at is not None]
-    for e in revoked:
-        assert e.revoked_at is not None
-        rb = x509.RevokedCertificateBuilder().serial_number(e.serial).revocation_date(e.revoked_at)
+    revoked = [(e, e.revoked_at) for e in _entries(index) if e.revoked_at is not None]
+    for e, revoked_at in revoked:
+        rb = x509.RevokedCertificateBuilder().serial_number(e.serial).revocation_date(revoked_at)
         if e.revocation_reason:
             rb = rb.add_extension(x509.CRLReason(REVOCATION_REASONS[e.revocation_reason]), critical=False)
         builder = builder.add_revoked_certificate(rb.build())
@@ -722,7 +723,7 @@ def _publish_crl(d: Path, index: dict[str, Any], ca_cert: x509.Certificate, ca_k
     index["crl"] = {"number": number, "last_update": last_update.isoformat(), "next_update": next_update.isoformat()}
     _write_index(d, index)
     atomic_write_bytes(d / CRL_FILE, crl.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
-    return CrlInfo(number, last_update, next_update, frozenset(e.serial for e in revoked))
+    return CrlInfo(number, last_update, next_update, frozenset(e.serial for e, _ in revoked))
 
 
 def _read_index(d: Path) -> dict[str, Any]:

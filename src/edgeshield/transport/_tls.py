@@ -68,14 +68,15 @@ def server_context(ca: PathLike, cert: PathLike, key: PathLike, *, crl: PathLike
     ``allow_expired_crl`` accepts a CRL past its nextUpdate (see :func:`reload_crl`); OpenSSL then refuses every
     full handshake until the caller clears ``VERIFY_CRL_CHECK_LEAF`` and checks serials itself.
     """
-    ca_path, crl_path = _resolve_ca(ca, crl, need_crl=True)
+    ca_path, crl_path = _resolve_ca(ca, crl)
+    if crl_path is None:
+        raise InvalidArgumentError("give the CA's CRL (crl=...): the server always checks revocation")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _tls13_only(ctx)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
     _load_chain(ctx, cert, key, passphrase)
     _load_ca(ctx, ca_path)
-    assert crl_path is not None
     reload_crl(ctx, crl_path, allow_expired=allow_expired_crl)
     return ctx
 
@@ -84,7 +85,7 @@ def client_context(ca: PathLike, cert: PathLike, key: PathLike, *,
                    passphrase: bytes | None = None) -> ssl.SSLContext:
     """A TLS 1.3 client context that presents ``cert`` and accepts only a server certified by ``ca`` for the host
     name or IP address it connects to. ``ca`` is a CA directory or a CA certificate file."""
-    ca_path, _ = _resolve_ca(ca, None, need_crl=False)
+    ca_path, _ = _resolve_ca(ca, None)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _tls13_only(ctx)
     ctx.check_hostname = True
@@ -169,14 +170,12 @@ def _tls13_only(ctx: ssl.SSLContext) -> None:
     ctx.options |= ssl.OP_NO_COMPRESSION
 
 
-def _resolve_ca(ca: PathLike, crl: PathLike | None, *, need_crl: bool) -> tuple[Path, Path | None]:
+def _resolve_ca(ca: PathLike, crl: PathLike | None) -> tuple[Path, Path | None]:
+    """The CA certificate and the CRL: a CA directory's own, or the files given (no CRL if none is given)."""
     p = Path(ca)
     if p.is_dir():
         return check_readable_file(p / CA_CERT, what="CA certificate"), Path(crl) if crl else p / CRL_FILE
-    ca_path = check_readable_file(p, what="CA certificate")
-    if need_crl and crl is None:
-        raise InvalidArgumentError("give the CA's CRL (crl=...): the server always checks revocation")
-    return ca_path, Path(crl) if crl else None
+    return check_readable_file(p, what="CA certificate"), Path(crl) if crl else None
 
 
 def _load_ca(ctx: ssl.SSLContext, ca_path: Path) -> None:
