@@ -150,6 +150,16 @@ def test_symbolic_links_are_refused(tmp_path: Path, keyset: KeySet, plain: Path)
     _refused(model, tmp_path / "m.esb", keyset, "leaves the model's directory")
 
 
+def test_a_symbolic_link_loop_is_refused_with_a_typed_error(tmp_path: Path, keyset: KeySet, plain: Path) -> None:
+    # Path.resolve raises RuntimeError (not OSError) for a loop on Python 3.11; its message used to be built from
+    # OSError.strerror, so protect crashed with AttributeError instead of refusing the model.
+    model = _bad_model(tmp_path, plain)
+    (tmp_path / "model" / "weights.bin").unlink()
+    (tmp_path / "model" / "loop.bin").symlink_to("weights.bin")
+    (tmp_path / "model" / "weights.bin").symlink_to("loop.bin")
+    _refused(model, tmp_path / "m.esb", keyset, "cannot be opened")
+
+
 def test_missing_short_and_mismatched_data_files_are_refused(tmp_path: Path, keyset: KeySet, plain: Path) -> None:
     model = _bad_model(tmp_path, plain)
     data = tmp_path / "model" / "weights.bin"

@@ -240,9 +240,10 @@ class _ExternalData:
                                         "model's directory") from None
             raise ExternalDataError(f"tensor {name!r}: external data file {location!r} not found in "
                                     f"{self.directory}") from None
-        except (OSError, RuntimeError) as exc:  # a symlink loop, a component that is not a directory
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError), a component that is not a directory
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or exc
             raise ExternalDataError(f"tensor {name!r}: external data file {location!r} cannot be opened: "
-                                    f"{exc.strerror or exc}") from None
+                                    f"{reason}") from None
         if not resolved.is_relative_to(self._root):
             raise ExternalDataError(f"tensor {name!r}: external data location {location!r} leaves the model's "
                                     "directory (through '..' or a symbolic link)")
