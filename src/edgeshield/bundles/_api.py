@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -36,7 +36,10 @@ from edgeshield.errors import (
 from edgeshield.keys import DevicePrivateKey, DevicePublicKey, OwnerPrivateKey, OwnerPublicKey, key_id
 
 if TYPE_CHECKING:
-    import onnxruntime
+    import numpy as np
+
+    from edgeshield.bundles._image import PlainImage
+    from edgeshield.bundles._ort import onnxruntime
 
 Manifest = _format.Manifest
 PathLike = str | os.PathLike[str]
@@ -72,7 +75,8 @@ def _authenticated_manifest(read_at: _stream.ReadAt, size: int, owner_key: Owner
     try:
         owner_key.verify(header.signature, _format.signed_message(header.manifest_raw), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise SignatureError("bundle signature is invalid: the manifest was altered or not signed by this owner") from None
+        raise SignatureError("bundle signature is invalid: the manifest was altered or not signed by this "
+                             "owner") from None
     manifest = _format.decode_manifest(header.manifest_raw)
     if manifest.signer_key_id != expected_id:  # signed, so this can only be a writer bug; still never trust it
         raise WrongOwnerKeyError("bundle manifest names a different signer than the key that signed it")
@@ -94,7 +98,8 @@ def _claimed_signer(manifest_raw: bytes) -> str | None:
     return None
 
 
-def _payload_args(read_at: _stream.ReadAt, size: int, manifest: _format.Manifest) -> tuple[bytes, int, int, _stream.ReadAt]:
+def _payload_args(read_at: _stream.ReadAt, size: int,
+                  manifest: _format.Manifest) -> tuple[bytes, int, int, _stream.ReadAt]:
     payload_offset = size - manifest.payload_size
     return (
         bytes.fromhex(manifest.bundle_id),
@@ -107,7 +112,7 @@ def _payload_args(read_at: _stream.ReadAt, size: int, manifest: _format.Manifest
 def _check_payload_digest(read_at: _stream.ReadAt, size: int, manifest: _format.Manifest) -> None:
     """Gateway check: the sealed chunks hash to the signed payload digest."""
     digest, _ = _stream.process_payload(None, *_payload_args(read_at, size, manifest))
-    assert digest is not None
+    assert digest is not None  # noqa: S101 - narrows the type: process_payload hashes unless digest=False
     _compare_digest(digest, manifest)
 
 
@@ -143,7 +148,7 @@ def inspect(bundle: PathLike, owner_key: OwnerPublicKey | None = None) -> tuple[
 
 def _decrypt_image(
     bundle: PathLike, owner_key: OwnerPublicKey, device_key: DevicePrivateKey, check_digest: bool
-) -> tuple[Manifest, Any]:
+) -> tuple[Manifest, np.ndarray[tuple[int], np.dtype[np.uint8]]]:
     """Authenticate and decrypt a bundle into a private in-memory buffer (a uint8 numpy array)."""
     with _open_for_read(bundle) as (read_at, size):
         manifest = _authenticated_manifest(read_at, size, owner_key)
@@ -151,7 +156,8 @@ def _decrypt_image(
         stanza = next((r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id)), None)
         if stanza is None:
             raise NotARecipientError(
-                f"device key {device_id} is not a recipient of this bundle (recipients: {', '.join(manifest.recipient_key_ids)})"
+                f"device key {device_id} is not a recipient of this bundle "
+                f"(recipients: {', '.join(manifest.recipient_key_ids)})"
             )
         bundle_id = bytes.fromhex(manifest.bundle_id)
         data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bundle_id)
@@ -163,10 +169,10 @@ def _decrypt_image(
         # matches the signed manifest, so not even another recipient (which knows the data key) can swap the model.
         plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
         digest, mac = _stream.process_payload(
-            data_key, *_payload_args(read_at, size, manifest), memoryview(plaintext), mac_key=mac_key,
+            data_key, *_payload_args(read_at, size, manifest), plaintext.data, mac_key=mac_key,
             digest=check_digest,
         )
-        assert mac is not None
+        assert mac is not None  # noqa: S101 - narrows the type: process_payload MACs whenever mac_key is given
         if digest is not None:
             _compare_digest(digest, manifest)
         if not hmac.compare_digest(mac.hex(), stanza.payload_mac):
@@ -224,7 +230,7 @@ def open_session(
 
 def _create_session(
     graph: bytes,
-    weights: Any,
+    weights: np.ndarray[tuple[int], np.dtype[np.uint8]],
     image: _format.Image,
     options: onnxruntime.SessionOptions | None,
     providers: Sequence[str] | None,
@@ -240,7 +246,7 @@ def _create_session(
         opts.add_external_initializers_from_files_in_memory([image.weights_location], [weights], [image.weights_size])
     try:
         return ort.InferenceSession(graph, opts, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # onnxruntime raises its own untyped exceptions for unloadable models
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped exceptions for unloadable models
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"ONNX Runtime cannot load the bundled model: {first}") from None
 
@@ -325,7 +331,7 @@ def protect(
     done = 0
     for i, chunk in enumerate(sealed()):
         chunk_digests.append(hashlib.sha256(chunk).digest())
-        for tags, mac in zip(chunk_tags, macs):
+        for tags, mac in zip(chunk_tags, macs, strict=True):
             tags.append(_stream.chunk_mac(mac, i, i == n_chunks - 1, chunk))
         done += len(chunk)
         report(progress, "encrypt, hash and MAC", done, sealed_size, unit="B")
@@ -356,7 +362,7 @@ def protect(
                 _wrap.wrap_key(data_key + mac_key, r, bundle_id),
                 _stream.digest_of_chunk_digests(tags).hex(),
             )
-            for rid, r, mac_key, tags in zip(recipient_ids, recipients, mac_keys, chunk_tags)
+            for rid, r, mac_key, tags in zip(recipient_ids, recipients, mac_keys, chunk_tags, strict=True)
         ),
         image=image.layout,
     )
@@ -372,7 +378,7 @@ def protect(
     return manifest
 
 
-def _check_loadable(image: Any) -> None:
+def _check_loadable(image: PlainImage) -> None:
     """Refuse to ship a bundle that ONNX Runtime could not open on the device."""
     import numpy as np
 

@@ -20,7 +20,7 @@ import json
 import re
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from edgeshield.bundles import _stream, _wrap
 from edgeshield.errors import (
@@ -134,13 +134,16 @@ class Manifest:
         return canonical_json(self.to_dict())
 
 
-def _req(d: dict[str, Any], key: str, typ: type, where: str = "manifest") -> Any:
+_T = TypeVar("_T")
+
+
+def _req(d: dict[str, Any], key: str, typ: type[_T], where: str = "manifest") -> _T:
     if key not in d:
         raise MalformedBundleError(f"{where} lacks field {key!r}")
     value = d[key]
     if typ is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT):
         raise MalformedBundleError(f"{where} field {key!r} must be an integer between 0 and 2**63-1")
-    if typ is not int and not isinstance(value, typ):
+    if not isinstance(value, typ):  # an int has passed the check above
         raise MalformedBundleError(f"{where} field {key!r} must be of type {typ.__name__}")
     return value
 
@@ -255,7 +258,8 @@ def _check_consistency(m: Manifest) -> None:
     img = m.image
     if img.weights_location != WEIGHTS_LOCATION:
         raise MalformedBundleError("manifest weights location is unsupported")
-    if img.graph_size == 0 or img.graph_size > img.weights_offset or img.weights_offset + img.weights_size != m.plaintext_size:
+    if (img.graph_size == 0 or img.graph_size > img.weights_offset
+            or img.weights_offset + img.weights_size != m.plaintext_size):
         raise MalformedBundleError("manifest image layout does not match the plaintext size")
     if len({r.key_id for r in m.recipients}) != len(m.recipients):
         raise MalformedBundleError("manifest lists a recipient twice")
@@ -295,7 +299,8 @@ def parse_header(read_at: _stream.ReadAt, file_size: int) -> Header:
         raise TruncatedBundleError("bundle is truncated inside its header")
     version, manifest_len = struct.unpack(">HI", head[8:PREFIX_SIZE])
     if version != FORMAT_VERSION:
-        raise UnsupportedFormatVersionError(f"unsupported bundle format version {version} (this build reads {FORMAT_VERSION})")
+        raise UnsupportedFormatVersionError(f"unsupported bundle format version {version} "
+                                            f"(this build reads {FORMAT_VERSION})")
     if not 0 < manifest_len <= MAX_MANIFEST_SIZE:
         raise MalformedBundleError(f"manifest length {manifest_len} is out of range")
     if PREFIX_SIZE + manifest_len + 2 > file_size:

@@ -17,18 +17,23 @@ Only the owner side (``protect``) needs the ``onnx`` package; the device never i
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.bundles._format import WEIGHTS_LOCATION, Image
 from edgeshield.bundles._modelio import ModelIO, from_onnx_graph
 from edgeshield.errors import ExternalDataError, MissingDependencyError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
 
 ALIGNMENT = 64
 EXTERNALIZE_THRESHOLD = 1024  # bytes; smaller tensors stay inside the graph
@@ -50,7 +55,7 @@ class PlainImage:
         g, w0 = self.layout.graph_size, self.layout.weights_offset
         if offset >= w0:
             return memoryview(self.weights)[offset - w0 : offset - w0 + length]
-        parts = []
+        parts: list[bytes | memoryview] = []
         end = offset + length
         if offset < g:
             parts.append(self.graph[offset : min(end, g)])
@@ -78,7 +83,8 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
         import onnx
         from google.protobuf.message import DecodeError
     except ImportError:
-        raise MissingDependencyError("protecting a model needs the onnx package: pip install 'edgeshield[owner]'") from None
+        raise MissingDependencyError("protecting a model needs the onnx package: "
+                                     "pip install 'edgeshield[owner]'") from None
     try:
         model = onnx.load_model_from_string(model_bytes)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
@@ -116,7 +122,7 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
                 tensor.raw_data = bytes(buf)
                 _clear_external(tensor)
         # Lay out the weights section first and allocate it once: no reallocation, so no transient second copy.
-        placements: list[tuple[Any, int, int]] = []
+        placements: list[tuple[onnx.TensorProto, int, int]] = []
         size = 0
         for tensor in model.graph.initializer:
             if id(tensor) in sources:
@@ -156,7 +162,7 @@ def has_external_data(model_bytes: bytes) -> bool:
 
     try:
         model = onnx.load_model_from_string(model_bytes)
-    except Exception:  # unparseable: build_image reports it properly
+    except Exception:  # noqa: BLE001 - unparseable, whatever onnx raises: build_image reports it properly
         return False
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
 
@@ -165,7 +171,7 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _all_tensors(graph: Any) -> Iterator[Any]:
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every tensor a graph holds: initializers, sparse initializers, node attributes, and those of subgraphs."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -182,7 +188,7 @@ def _all_tensors(graph: Any) -> Iterator[Any]:
                 yield from _all_tensors(sub)
 
 
-def _clear_external(tensor: Any) -> None:
+def _clear_external(tensor: onnx.TensorProto) -> None:
     tensor.ClearField("data_location")
     del tensor.external_data[:]
 
@@ -201,13 +207,14 @@ class _ExternalData:
 
     A location must be a relative path that stays inside that directory once every ``..`` and symbolic link is
     resolved, and name a regular file (not a symbolic link, which ONNX refuses too) holding at least
-    ``offset + length`` bytes; each tensor's length must be what its type and shape need. Anything else is an ``ExternalDataError`` naming the tensor, before any byte is read.
+    ``offset + length`` bytes; each tensor's length must be what its type and shape need. Anything else is an
+    ``ExternalDataError`` naming the tensor, before any byte is read.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._root: Path | None = None
-        self._files: dict[Path, Any] = {}
+        self._files: dict[Path, io.BufferedReader] = {}
 
     def __enter__(self) -> _ExternalData:
         return self
@@ -220,7 +227,7 @@ class _ExternalData:
             fh.close()
         self._files.clear()
 
-    def locate(self, tensor: Any) -> _Source:
+    def locate(self, tensor: onnx.TensorProto) -> _Source:
         entries = {e.key: e.value for e in tensor.external_data}
         name = tensor.name
         location = entries.get("location", "")
@@ -268,7 +275,7 @@ class _ExternalData:
                                     f"need {expected}")
         return _Source(resolved, offset, length)
 
-    def _open(self, resolved: Path, name: str, location: str) -> Any:
+    def _open(self, resolved: Path, name: str, location: str) -> io.BufferedReader:
         if resolved not in self._files:
             if not resolved.is_file():  # before opening: a FIFO would block the open
                 raise ExternalDataError(f"tensor {name!r}: external data location {location!r} is not a regular "
@@ -296,7 +303,7 @@ class _ExternalData:
             got += n
 
 
-def _tensor_nbytes(tensor: Any) -> int | None:
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     """Bytes a tensor of this type and shape holds as raw data (None where that is not a fixed multiple)."""
     import onnx
 
@@ -305,7 +312,7 @@ def _tensor_nbytes(tensor: Any) -> int | None:
     name = onnx.TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in onnx.TensorProto.DataType.values() \
         else ""
     bits = 4 if name in ("INT4", "UINT4", "FLOAT4E2M1") else 2 if name in ("INT2", "UINT2") else None
-    count = math.prod(tensor.dims)
+    count: int = math.prod(tensor.dims)
     if bits is not None:
         return -(-count * bits // 8)  # packed, rounded up to whole bytes
     if name.startswith("FLOAT6"):
@@ -316,13 +323,14 @@ def _tensor_nbytes(tensor: Any) -> int | None:
         return None
 
 
-def rebuild_model(plaintext: Any, layout: Image) -> bytes:
+def rebuild_model(plaintext: np.ndarray[tuple[int], np.dtype[np.uint8]], layout: Image) -> bytes:
     """Inverse of :func:`build_image`: put the weights back inline and return self-contained ONNX bytes."""
     try:
         import onnx
     except ImportError:
-        raise MissingDependencyError("rebuilding the model needs the onnx package: pip install 'edgeshield[owner]'") from None
-    buf = memoryview(plaintext)
+        raise MissingDependencyError("rebuilding the model needs the onnx package: "
+                                     "pip install 'edgeshield[owner]'") from None
+    buf = plaintext.data
     model = onnx.load_model_from_string(bytes(buf[: layout.graph_size]))
     base = layout.weights_offset
     for tensor in model.graph.initializer:
@@ -333,4 +341,5 @@ def rebuild_model(plaintext: Any, layout: Image) -> bytes:
         tensor.raw_data = bytes(buf[base + offset : base + offset + length])
         tensor.ClearField("data_location")
         del tensor.external_data[:]
-    return model.SerializeToString()
+    rebuilt: bytes = model.SerializeToString()  # protobuf ships no type information
+    return rebuilt

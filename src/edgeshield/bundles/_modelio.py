@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeshield.errors import MalformedBundleError
+
+if TYPE_CHECKING:
+    import onnx
 
 METADATA_KEY = "edgeshield.model_io"
 _PIECE = 1024  # = the format's largest metadata value
@@ -60,7 +63,7 @@ class ModelIO:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, d: Any) -> ModelIO:
+    def from_dict(cls, d: object) -> ModelIO:
         if not isinstance(d, dict) or set(d) != {"inputs", "outputs"}:
             raise MalformedBundleError(f"metadata {METADATA_KEY} must hold exactly 'inputs' and 'outputs'")
         return cls(_tensors(d["inputs"], "inputs"), _tensors(d["outputs"], "outputs"))
@@ -81,7 +84,7 @@ def is_reserved(key: str) -> bool:
     return key == METADATA_KEY or key.startswith(METADATA_KEY + ".")
 
 
-def _tensors(items: Any, where: str) -> tuple[TensorInfo, ...]:
+def _tensors(items: object, where: str) -> tuple[TensorInfo, ...]:
     if not isinstance(items, list):
         raise MalformedBundleError(f"metadata {METADATA_KEY}: {where} must be a list")
     out = []
@@ -117,14 +120,14 @@ def from_metadata(metadata: Mapping[str, str]) -> ModelIO | None:
 _NUMPY_NAMES = {"FLOAT": "float32", "DOUBLE": "float64"}
 
 
-def from_onnx_graph(graph: Any) -> ModelIO:
+def from_onnx_graph(graph: onnx.GraphProto) -> ModelIO:
     """Inputs (other than initializers, which old IR versions also list as inputs) and outputs of ``graph``."""
     initializers = {t.name for t in graph.initializer}
     return ModelIO(tuple(_info(v) for v in graph.input if v.name not in initializers),
                    tuple(_info(v) for v in graph.output))
 
 
-def _info(value: Any) -> TensorInfo:
+def _info(value: onnx.ValueInfoProto) -> TensorInfo:
     import onnx
 
     kind = value.type.WhichOneof("value")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
 from edgeshield.errors import InputError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from edgeshield.bundles._ort import onnxruntime
 
 
 def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
@@ -34,7 +37,7 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tenso
                "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(float16)": np.float16}
 
 
-def run_batch(session: Any, x: np.ndarray) -> np.ndarray:
+def run_batch(session: onnxruntime.InferenceSession, x: np.ndarray) -> np.ndarray:
     """Run one batch through a single-input session and return its first output."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -49,7 +52,7 @@ def run_batch(session: Any, x: np.ndarray) -> np.ndarray:
         x = x.astype(want)
     if x.ndim != len(spec.shape):
         raise InputError(f"input has shape {x.shape}; the model expects rank {len(spec.shape)} {spec.shape}")
-    for axis, (got, dim) in enumerate(zip(x.shape, spec.shape)):
+    for axis, (got, dim) in enumerate(zip(x.shape, spec.shape, strict=True)):  # the ranks are equal: checked above
         if isinstance(dim, int) and got != dim:
             raise InputError(f"input has shape {x.shape}; axis {axis} must be {dim} ({spec.shape})")
     if x.size == 0:
@@ -60,5 +63,6 @@ def run_batch(session: Any, x: np.ndarray) -> np.ndarray:
 def labels(outputs: np.ndarray) -> list[Any]:
     """Class labels for classifier logits/probabilities (argmax of the last axis), else the values themselves."""
     if outputs.ndim >= 2 and np.issubdtype(outputs.dtype, np.floating):
-        return outputs.argmax(axis=-1).tolist()
-    return outputs.tolist()
+        outputs = outputs.argmax(axis=-1)
+    values: list[Any] = outputs.tolist()
+    return values

@@ -44,6 +44,8 @@ MAX_CHUNKS = 2**32
 
 # Reads ``length`` bytes at ``offset`` of the payload.
 ReadAt = Callable[[int, int], bytes]
+# Reads ``length`` bytes at ``offset`` of the plaintext being sealed (a view of it will do).
+ReadPlain = Callable[[int, int], bytes | memoryview]
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -76,7 +78,7 @@ def _bounds(plaintext_size: int, chunk_size: int, index: int) -> tuple[int, int]
 
 
 def encrypt_chunks(
-    key: bytes, aad: bytes, plaintext_size: int, chunk_size: int, read_plain: ReadAt
+    key: bytes, aad: bytes, plaintext_size: int, chunk_size: int, read_plain: ReadPlain
 ) -> Iterator[bytes]:
     """Yield the sealed chunks (ciphertext || tag) in order; ``read_plain(offset, n)`` supplies the plaintext."""
     check_chunk_size(chunk_size)
@@ -118,6 +120,7 @@ def process_payload(
     mac = AESGCM(mac_key) if mac_key is not None else None
     if aead is not None and (out is None or len(out) != plaintext_size):
         raise InvalidArgumentError("decryption needs an output buffer of the plaintext size")
+    decrypt = (aead, out) if aead is not None and out is not None else None  # both or neither, as just checked
 
     def one(i: int) -> tuple[bytes, bytes]:
         start, length = _bounds(plaintext_size, chunk_size, i)
@@ -125,10 +128,10 @@ def process_payload(
         if len(sealed) != length + TAG_SIZE:
             raise ChunkAuthenticationError(f"chunk {i} is truncated")
         last = i == n - 1
-        if aead is not None:
-            assert out is not None
+        if decrypt is not None:
+            aead, buf = decrypt
             try:
-                aead.decrypt_into(nonce(i, last), sealed, aad, out[start : start + length])
+                aead.decrypt_into(nonce(i, last), sealed, aad, buf[start : start + length])
             except InvalidTag:
                 raise ChunkAuthenticationError(f"chunk {i} of {n} failed authentication") from None
         return (
