@@ -59,12 +59,11 @@ def check_kind(kind: object) -> str:
 
 def check_caller_kind(kind: object) -> str:
     """A kind a caller may append: valid, and not one of the ``audit.*`` kinds the log writes itself."""
-    check_kind(kind)
-    assert isinstance(kind, str)
-    if kind.startswith(RESERVED_PREFIX):
-        raise InvalidArgumentError(f"audit kind {kind!r} is reserved: kinds starting with {RESERVED_PREFIX!r} are "
-                                   "written by the log itself")
-    return kind
+    checked = check_kind(kind)
+    if checked.startswith(RESERVED_PREFIX):
+        raise InvalidArgumentError(f"audit kind {checked!r} is reserved: kinds starting with {RESERVED_PREFIX!r} "
+                                   "are written by the log itself")
+    return checked
 
 
 def check_actor(actor: object) -> str:

@@ -107,8 +107,8 @@ def _path(m: int, hashes: Sequence[bytes], lo: int, hi: int) -> list[bytes]:
         return []
     k = _split(n)
     if m < k:
-        return _path(m, hashes, lo, lo + k) + [_mth(hashes, lo + k, hi)]
-    return _path(m - k, hashes, lo + k, hi) + [_mth(hashes, lo, lo + k)]
+        return [*_path(m, hashes, lo, lo + k), _mth(hashes, lo + k, hi)]
+    return [*_path(m - k, hashes, lo + k, hi), _mth(hashes, lo, lo + k)]
 
 
 def inclusion_proof_from_hashes(index: int, hashes: Sequence[bytes]) -> list[bytes]:
@@ -157,8 +157,8 @@ def _subproof(m: int, hashes: Sequence[bytes], lo: int, hi: int, b: bool) -> lis
         return [] if b else [_mth(hashes, lo, hi)]
     k = _split(n)
     if m <= k:
-        return _subproof(m, hashes, lo, lo + k, b) + [_mth(hashes, lo + k, hi)]
-    return _subproof(m - k, hashes, lo + k, hi, False) + [_mth(hashes, lo, lo + k)]
+        return [*_subproof(m, hashes, lo, lo + k, b), _mth(hashes, lo + k, hi)]
+    return [*_subproof(m - k, hashes, lo + k, hi, False), _mth(hashes, lo, lo + k)]
 
 
 def consistency_proof_from_hashes(m: int, hashes: Sequence[bytes]) -> list[bytes]:

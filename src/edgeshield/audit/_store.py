@@ -33,10 +33,10 @@ _PLAUSIBLE_SCHEMA = 99  # schema numbers a newer EdgeShield might write; anythin
 _APPEND_ONLY = "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END"
 TRIGGERS = ("entries_no_update", "entries_no_delete", "checkpoints_no_update", "checkpoints_no_delete")
 SCHEMA = (
-    "CREATE TABLE entries (seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, "
-    "data TEXT NOT NULL, prev_hash BLOB NOT NULL, entry_hash BLOB NOT NULL)",
-    "CREATE TABLE checkpoints (tree_size INTEGER PRIMARY KEY, root BLOB NOT NULL, ts TEXT NOT NULL, key_id TEXT, "
-    "signature BLOB)",
+    ("CREATE TABLE entries (seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, "
+     "data TEXT NOT NULL, prev_hash BLOB NOT NULL, entry_hash BLOB NOT NULL)"),
+    ("CREATE TABLE checkpoints (tree_size INTEGER PRIMARY KEY, root BLOB NOT NULL, ts TEXT NOT NULL, key_id TEXT, "
+     "signature BLOB)"),
     # Append-only by construction: the triggers stop mistakes, not attackers (who can drop them; verify() catches
     # what they do next).
     f"CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries {_APPEND_ONLY}",
@@ -136,10 +136,9 @@ def _text(raw: bytes) -> str | UndecodableText:
         return UndecodableText(raw)
 
 
-def connect(target: str | Path, **kwargs: object) -> sqlite3.Connection:
+def connect(target: str | Path, *, uri: bool = False) -> sqlite3.Connection:
     """``sqlite3.connect`` for audit logs: text that is not UTF-8 is read as :class:`UndecodableText`, not an error."""
-    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False,
-                           **kwargs)  # type: ignore[arg-type]
+    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False, uri=uri)
     conn.text_factory = _text
     return conn
 

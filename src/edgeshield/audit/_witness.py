@@ -55,10 +55,10 @@ APPLICATION_ID = 0x45535731  # "ESW1": an EdgeShield witness store
 _REFUSED_KEPT = 100  # refused-but-signed checkpoints kept per origin, as evidence of log misbehaviour
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS checkpoints (origin TEXT PRIMARY KEY, tree_size INTEGER NOT NULL, "
-    "root BLOB NOT NULL, note TEXT NOT NULL, ts TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS refused (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, old_size INTEGER NOT NULL, "
-    "note TEXT NOT NULL, reason TEXT NOT NULL, ts TEXT NOT NULL)",
+    ("CREATE TABLE IF NOT EXISTS checkpoints (origin TEXT PRIMARY KEY, tree_size INTEGER NOT NULL, "
+     "root BLOB NOT NULL, note TEXT NOT NULL, ts TEXT NOT NULL)"),
+    ("CREATE TABLE IF NOT EXISTS refused (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, old_size INTEGER NOT NULL, "
+     "note TEXT NOT NULL, reason TEXT NOT NULL, ts TEXT NOT NULL)"),
     f"PRAGMA application_id={APPLICATION_ID}",
 )
 

@@ -16,18 +16,20 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from edgeshield._io import check_readable_file
 from edgeshield.audit._witness import MAX_REQUEST_BYTES, NOTE_CONTENT_TYPE, Witness, WitnessResponse
 from edgeshield.errors import KeyFileError
 
 log = logging.getLogger("edgeshield.audit.witness")
+# What socketserver hands a server: a connected socket for TCP (all this server ever gets), (data, socket) for UDP.
+_Request = socket.socket | tuple[bytes, socket.socket]
 _CHECKPOINT_PATH = re.compile(r"^/([0-9a-f]{64})/checkpoint$")
 
 
@@ -38,7 +40,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: WitnessServer
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_s
+        # typeshed declares StreamRequestHandler.timeout a ClassVar; socketserver reads it from the instance, and
+        # each server has its own timeout.
+        self.timeout = self.server.timeout_s  # type: ignore[misc]
         super().setup()
 
     def _send(self, resp: WitnessResponse) -> None:
@@ -98,7 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.request_version = self.protocol_version
         self._send(WitnessResponse.refuse(code, (message or HTTPStatus(code).phrase).replace("\n", " ")[:200]))
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
         pass  # requests are logged as JSON by _log; http.server's own lines would break the one-object-a-line log
 
 
@@ -107,6 +111,7 @@ class WitnessServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    server_address: tuple[str, int]  # an AF_INET server: (host, port)
 
     def __init__(self, witness: Witness, address: tuple[str, int], ssl_context: ssl.SSLContext, *,
                  timeout: float = 10.0, max_connections: int = 64) -> None:
@@ -121,7 +126,7 @@ class WitnessServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"https://{host}:{port}"
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, request: _Request, client_address: tuple[str, int]) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)  # full: close at once rather than queue
             return
@@ -131,13 +136,14 @@ class WitnessServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def process_request_thread(self, request: _Request, client_address: tuple[str, int]) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
+    def finish_request(self, request: socket.socket,  # type: ignore[override]  # TCP: always a socket (see _Request)
+                       client_address: tuple[str, int]) -> None:
         request.settimeout(self.timeout_s)
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True)
@@ -146,14 +152,15 @@ class WitnessServer(ThreadingHTTPServer):
                                  "reason": type(exc).__name__}))
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            _Handler(tls, client_address, self)
         except (OSError, ssl.SSLError):
             pass  # the peer went away or timed out
         finally:
             tls.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception(json.dumps({"event": "witness.error", "client": client_address[0]}))
+    def handle_error(self, request: _Request, client_address: tuple[str, int]) -> None:
+        # socketserver calls this from inside its except clause, so the exception being handled is logged with it.
+        log.exception(json.dumps({"event": "witness.error", "client": client_address[0]}))  # noqa: LOG004
 
 
 def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str], *,
