@@ -1,4 +1,5 @@
-"""Model-extraction defence: per-client query monitoring (PRADA, OOD rate, query budget), rate limits and output hardening.
+"""Model-extraction defence: per-client query monitoring (PRADA, OOD rate, query budget), rate limits and output
+hardening.
 
 The runtime path needs only numpy: PRADA's Shapiro–Wilk test is edgeshield._stats.shapiro, not scipy's.
 """

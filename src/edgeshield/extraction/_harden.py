@@ -56,7 +56,8 @@ def _restore_top1(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 def top1_preserved(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Per row: the original top-1 label attains the maximum of the hardened row."""
     rows = np.arange(len(before))
-    return after[rows, before.argmax(axis=1)] >= after.max(axis=1)
+    kept: np.ndarray = after[rows, before.argmax(axis=1)] >= after.max(axis=1)
+    return kept
 
 
 class LabelOnly:
@@ -84,7 +85,8 @@ class TopK:
         drop = np.argsort(-p, axis=1, kind="stable")[:, self.k :]
         out = p.copy()
         np.put_along_axis(out, drop, 0.0, axis=1)
-        return out / np.maximum(out.sum(axis=1, keepdims=True), _EPS)
+        renormalised: np.ndarray = out / np.maximum(out.sum(axis=1, keepdims=True), _EPS)
+        return renormalised
 
 
 class Rounding:
@@ -113,7 +115,8 @@ class Rounding:
         order = np.argsort(-remainder, axis=1, kind="stable")
         bump = np.arange(p.shape[1])[None, :] < spare[:, None]
         np.put_along_axis(base, order, np.take_along_axis(base, order, axis=1) + bump, axis=1)
-        return base / units
+        rounded: np.ndarray = base / units
+        return rounded
 
 
 class ReverseSigmoid:
@@ -161,13 +164,16 @@ class Chain:
         # Each policy keeps the top-1 of *its* input, but near-ties after one stage can let the next pick another
         # label (e.g. reverse sigmoid, then rounding): re-anchor to the original label after every stage.
         original = _probs(probs)
-        out: Any = original
+        out = original
         for policy in self.policies:
             if policy.terminal:
                 # Every earlier stage keeps the original top-1 (ties included), so a label-only end answers the
                 # original label; applying it to the perturbed rows could break a tie the other way.
                 return policy.apply(original)
-            out = _restore_top1(original, policy.apply(out))
+            step = policy.apply(out)
+            if isinstance(step, dict):
+                raise InvalidArgumentError(f"{type(policy).__name__} answered labels but is not terminal")
+            out = _restore_top1(original, step)
         return out
 
 

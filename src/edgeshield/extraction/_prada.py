@@ -109,7 +109,7 @@ class PradaDetector:
         if len(flat) != len(labels):
             raise InvalidArgumentError("PRADA needs one predicted label per query")
         client = self._clients.setdefault(client_id, _Client(distances=deque(maxlen=self.max_distances)))
-        for query, label in zip(flat, labels):
+        for query, label in zip(flat, labels, strict=True):  # equal lengths: checked above
             self._add(client, query, int(label))
         return self.state(client_id)
 

@@ -16,13 +16,13 @@ weights, copies trained from scratch); ``_served`` for the served scheme, its nu
 
 from __future__ import annotations
 
+from edgeshield._arrays import row_digests
 from edgeshield.watermark._served import (
     DEFAULT_RATE,
     SERVED_SCHEME,
     CopyVerifyResult,
     EvidenceStore,
     ServedWatermark,
-    row_digests,
     verify_copy,
 )
 from edgeshield.watermark._spread import (

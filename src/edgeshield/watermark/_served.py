@@ -132,7 +132,8 @@ class ServedWatermark:
         target = (top + offset[rows]) % self.classes
         top_vals, target_vals = out[rows, top].copy(), out[rows, target].copy()
         out[rows, top], out[rows, target] = target_vals, top_vals
-        for r, t in zip(rows, target):  # a tie for the top: move a sliver of mass so the watermark label wins
+        # A tie for the top: move a sliver of mass so that the watermark label wins.
+        for r, t in zip(rows, target, strict=True):
             m = out[r, t]
             tied = np.nonzero(out[r] == m)[0]
             if len(tied) > 1:
@@ -280,7 +281,7 @@ class EvidenceStore:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         shape = json.dumps(list(c.shape[1:]))
         rows = [(now, client, d, int(label), shape, _DTYPE, c[i].tobytes())
-                for i, (d, label) in enumerate(zip(row_digests(c), lab))]
+                for i, (d, label) in enumerate(zip(row_digests(c), lab, strict=True))]
         with self._lock:
             conn = self._db()
             before = conn.total_changes

@@ -26,11 +26,15 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
 from edgeshield.errors import InvalidArgumentError, KeyFileError, MissingDependencyError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import onnx
 
 SCHEME = "spread-spectrum-v1"  # recorded in bundle metadata when protect embeds the mark
 KEY_SIZE = 32
@@ -120,7 +124,7 @@ def _select(key: bytes, shapes: dict[str, tuple[int, ...]], positions: int) -> d
     chosen = np.sort(np.argsort(scores, kind="stable")[:n])
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     start = 0
-    for name, w in zip(names, words):
+    for name, w in zip(names, words, strict=True):
         mine = chosen[(chosen >= start) & (chosen < start + len(w))] - start
         if len(mine):
             out[name] = (mine, np.where(w[mine] & np.uint32(1), 1.0, -1.0))
@@ -129,7 +133,7 @@ def _select(key: bytes, shapes: dict[str, tuple[int, ...]], positions: int) -> d
 
 
 # --- model access --------------------------------------------------------------------------------------------------
-def _load(model_bytes: bytes):  # type: ignore[no-untyped-def]
+def _load(model_bytes: bytes) -> onnx.ModelProto:
     try:
         import onnx
         from google.protobuf.message import DecodeError
@@ -150,7 +154,7 @@ def _load(model_bytes: bytes):  # type: ignore[no-untyped-def]
     return model
 
 
-def _float_weights(model) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+def _float_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     out = {}
@@ -161,7 +165,7 @@ def _float_weights(model) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-d
     return out
 
 
-def _dequantised_weights(model) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+def _dequantised_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Float views of ``*_quantized`` int8/uint8 weights, under the name (and layout) they had before quantising."""
     from onnx import numpy_helper
 
