@@ -164,6 +164,18 @@ def test_detector_file_round_trip_and_model_binding(detector_file: DetectorFile,
         DetectorFile.load(tmp_path / "bad.json")
 
 
+def test_median_smoothing_needs_a_two_dimensional_image_shape(session, split) -> None:  # type: ignore[no-untyped-def]
+    # An empty or one-dimensional image_shape used to be accepted and then fail when scoring (AssertionError,
+    # IndexError); calibrating with a spec whose image_shape is 1-D chose median smoothing and crashed the same way.
+    clf = OnnxClassifier(session)
+    for shape in ((), (64,)):
+        with pytest.raises(InvalidArgumentError, match="image_shape"):
+            SqueezeDetector(clf, median=2, image_shape=shape)
+    flat = InputSpec.from_dict(SPEC.to_dict() | {"image_shape": [64]})
+    file = calibrate(session, split.x_test[:200], model_sha256="ab" * 32, input_spec=flat, detectors=("squeeze",))
+    assert file.get("squeeze").params["median"] is None
+
+
 def test_calibration_argument_checks(session, split) -> None:  # type: ignore[no-untyped-def]
     kw = {"model_sha256": "ab" * 32, "input_spec": SPEC}
     for bad in ({"target_fpr": 0.0}, {"target_fpr": 0.02, "flag_fpr": 0.01}, {"detectors": ("magic",)},

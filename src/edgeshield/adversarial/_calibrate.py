@@ -194,7 +194,7 @@ def calibrate(
     # Defaults chosen on the digits evaluation (benchmarks/adversarial.py): 3-bit squeezing; median smoothing
     # only for images of at least 16×16 (on 8×8 digits a 2×2 median changes clean predictions too often).
     image = list(input_spec.image_shape) if input_spec.image_shape else None
-    big_image = image is not None and min(image[-2:]) >= 16
+    big_image = image is not None and len(image) >= 2 and min(image[-2:]) >= 16
     defaults: dict[str, dict[str, Any]] = {
         "squeeze": {"bits": 3, "median": 2 if big_image else None, "image_shape": image,
                     "value_range": [lo, hi]} | (squeeze or {}),

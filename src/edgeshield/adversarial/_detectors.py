@@ -126,8 +126,9 @@ class SqueezeDetector:
             raise InvalidArgumentError("feature squeezing needs at least one squeezer (bits or median)")
         if bits is not None and not 1 <= bits <= 16:
             raise InvalidArgumentError("bit depth must be between 1 and 16")
-        if median is not None and (median < 2 or image_shape is None):
-            raise InvalidArgumentError("median smoothing needs a window of at least 2 and the input's image_shape")
+        if median is not None and (median < 2 or image_shape is None or len(image_shape) < 2):
+            raise InvalidArgumentError("median smoothing needs a window of at least 2 and the input's image_shape "
+                                       "(height and width at least)")
         self.clf, self.bits, self.median = clf, bits, median
         self.image_shape = tuple(image_shape) if image_shape else None
         self.value_range = (float(value_range[0]), float(value_range[1]))
