@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,11 @@ from edgeshield.adversarial._detectors import (
 )
 from edgeshield.adversarial._spec import InputSpec
 from edgeshield.errors import DetectorMismatchError, InvalidArgumentError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgeshield.bundles._ort import onnxruntime
 
 FORMAT = "edgeshield.detector"
 VERSION = 1
@@ -108,11 +113,13 @@ class DetectorFile:
     def check_model(self, model_sha256: str) -> None:
         if model_sha256 != self.model_sha256:
             raise DetectorMismatchError(
-                f"detector file was calibrated for model {self.model_sha256[:16]}…, not this model ({model_sha256[:16]}…)"
+                f"detector file was calibrated for model {self.model_sha256[:16]}…, "
+                f"not this model ({model_sha256[:16]}…)"
             )
 
 
-def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier, torch_model: Any = None) -> Detector:
+def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier,
+                   torch_model: torch.nn.Module | None = None) -> Detector:
     if name == "squeeze":
         return SqueezeDetector(clf, bits=params.get("bits"), median=params.get("median"),
                                image_shape=params.get("image_shape"), value_range=tuple(params["value_range"]))
@@ -124,14 +131,15 @@ def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier, torch
         return ReconstructionDetector(np.array(params["mean"]), np.array(params["components"]), norm=params["norm"])
     if name == "gradient":
         if torch_model is None:
-            raise MissingDependencyError("the gradient detector needs the PyTorch model (pip install 'edgeshield[eval]')")
+            raise MissingDependencyError("the gradient detector needs the PyTorch model "
+                                         "(pip install 'edgeshield[eval]')")
         from edgeshield.adversarial._torch import GradientDetector
 
         return GradientDetector(torch_model, **params)
     raise InvalidArgumentError(f"unknown detector {name!r}; known: {', '.join(KNOWN_DETECTORS)}, ensemble")
 
 
-def build_all(file: DetectorFile, clf: OnnxClassifier, torch_model: Any = None,
+def build_all(file: DetectorFile, clf: OnnxClassifier, torch_model: torch.nn.Module | None = None,
               names: Sequence[str] | None = None) -> dict[str, Detector]:
     """Instantiate the named detectors of a file (all by default); an ensemble brings its members along."""
     wanted = list(names or [d.name for d in file.detectors])
@@ -156,7 +164,7 @@ def _calibrated(det: Detector, clean: np.ndarray, target_fpr: float, flag_fpr: f
 
 
 def calibrate(
-    session: Any,
+    session: onnxruntime.InferenceSession,
     clean: np.ndarray,
     *,
     model_sha256: str,
@@ -164,7 +172,7 @@ def calibrate(
     target_fpr: float = 0.02,
     flag_fpr: float | None = None,
     detectors: Sequence[str] = RUNTIME_DETECTORS,
-    torch_model: Any = None,
+    torch_model: torch.nn.Module | None = None,
     squeeze: dict[str, Any] | None = None,
     noise: dict[str, Any] | None = None,
     reference: np.ndarray | None = None,
@@ -183,7 +191,8 @@ def calibrate(
     clean = input_spec.validate(clean)
     if len(clean) * target_fpr < 1:
         raise InvalidArgumentError(
-            f"{len(clean)} clean examples cannot calibrate an FPR of {target_fpr}: need at least {math.ceil(1 / target_fpr)}"
+            f"{len(clean)} clean examples cannot calibrate an FPR of {target_fpr}: "
+            f"need at least {math.ceil(1 / target_fpr)}"
         )
     unknown = [d for d in detectors if d not in KNOWN_DETECTORS]
     if unknown or not detectors:

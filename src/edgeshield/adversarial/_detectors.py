@@ -19,12 +19,15 @@ All detectors run the original and the transformed copies through the model in o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from edgeshield.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from edgeshield.bundles._ort import onnxruntime
 
 
 class Detector(Protocol):
@@ -38,7 +41,7 @@ class Detector(Protocol):
 class OnnxClassifier:
     """Softmax probabilities from a single-input, single-logits-output ONNX Runtime session."""
 
-    def __init__(self, session: Any, *, batch_size: int = 4096) -> None:
+    def __init__(self, session: onnxruntime.InferenceSession, *, batch_size: int = 4096) -> None:
         inputs = session.get_inputs()
         if len(inputs) != 1:
             raise InvalidArgumentError("detectors need a single-input classifier")
@@ -50,7 +53,8 @@ class OnnxClassifier:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         if len(x) <= self.batch_size:
-            return self.session.run(self.output_names, {self.input_name: x})[0]
+            out: np.ndarray = self.session.run(self.output_names, {self.input_name: x})[0]
+            return out
         return np.concatenate([
             self.session.run(self.output_names, {self.input_name: x[i : i + self.batch_size]})[0]
             for i in range(0, len(x), self.batch_size)
@@ -63,7 +67,8 @@ class OnnxClassifier:
         return z if self._outputs_probs else softmax(z)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.logits(x).argmax(axis=1)
+        labels: np.ndarray = self.logits(x).argmax(axis=1)
+        return labels
 
 
 def looks_like_probabilities(z: np.ndarray) -> bool:
@@ -73,20 +78,21 @@ def looks_like_probabilities(z: np.ndarray) -> bool:
 
 def softmax(z: np.ndarray) -> np.ndarray:
     """Row softmax of logits."""
-    e = np.exp(z - z.max(axis=1, keepdims=True))
+    e: np.ndarray = np.exp(z - z.max(axis=1, keepdims=True))
     e /= e.sum(axis=1, keepdims=True)
     return e
 
 
 def _l1(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.abs(p - q).sum(axis=1)
+    dist: np.ndarray = np.abs(p - q).sum(axis=1)
+    return dist
 
 
 # --- squeezers -------------------------------------------------------------------------------------------------
 def bit_depth(x: np.ndarray, bits: int, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
     """Quantise values in [lo, hi] to 2**bits levels."""
     scale = (2**bits - 1) / (hi - lo)
-    y = np.clip(x, lo, hi)  # a fresh array, then everything in place: this runs on every robust inference
+    y: np.ndarray = np.clip(x, lo, hi)  # a fresh array, then everything in place: this runs on every robust inference
     y -= lo
     y *= scale
     np.round(y, out=y)
@@ -137,8 +143,7 @@ class SqueezeDetector:
         out = []
         if self.bits is not None:
             out.append(bit_depth(x, self.bits, *self.value_range))
-        if self.median is not None:
-            assert self.image_shape is not None
+        if self.median is not None and self.image_shape is not None:  # the constructor sets both or no median
             out.append(median_smooth(x, self.median, self.image_shape))
         return out
 
@@ -222,7 +227,8 @@ class ReconstructionDetector:
     def scores(self, x: np.ndarray) -> np.ndarray:
         centred = x.reshape(len(x), -1).astype(np.float64) - self.mean
         residual = centred - (centred @ self.components.T) @ self.components
-        return np.abs(residual).sum(axis=1) if self.norm == "l1" else np.linalg.norm(residual, axis=1)
+        dist: np.ndarray = np.abs(residual).sum(axis=1) if self.norm == "l1" else np.linalg.norm(residual, axis=1)
+        return dist
 
     def params(self) -> dict[str, Any]:
         return {"norm": self.norm, "mean": self.mean.tolist(), "components": self.components.tolist()}
@@ -242,9 +248,10 @@ class EnsembleDetector:
     def scores(self, x: np.ndarray) -> np.ndarray:
         return self.scores_with_probs(x, None)[0]
 
-    def scores_with_probs(self, x: np.ndarray, clf: OnnxClassifier | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def scores_with_probs(self, x: np.ndarray,
+                          clf: OnnxClassifier | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         parts, probs = [], None
-        for member, scale in zip(self.members, self.scales):
+        for member, scale in zip(self.members, self.scales, strict=True):  # one scale per member: checked
             score, member_probs = scores_with_probs(member, x, clf if probs is None else None)
             probs = member_probs if probs is None else probs
             parts.append(score / scale)
@@ -258,7 +265,8 @@ def scores_with_probs(
     detector: Detector, x: np.ndarray, clf: OnnxClassifier | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores plus the model's probabilities on ``x`` when the detector computes them anyway (else from ``clf``)."""
-    fused = getattr(detector, "scores_with_probs", None)
+    # Not part of the Detector protocol: squeeze, noise and the ensemble compute the probabilities anyway.
+    fused: Callable[..., tuple[np.ndarray, np.ndarray | None]] | None = getattr(detector, "scores_with_probs", None)
     if fused is not None:
         return fused(x) if not isinstance(detector, EnsembleDetector) else fused(x, clf)
     return detector.scores(x), (clf.probs(x) if clf is not None else None)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from edgeshield.adversarial._calibrate import DetectorFile, build_all
 from edgeshield.adversarial._detectors import OnnxClassifier, scores_with_probs
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgeshield.bundles._ort import onnxruntime
 
 Verdict = Literal["accept", "flag", "reject"]
 
@@ -30,8 +35,8 @@ class Decision:
 class RobustModel:
     """A session guarded by an input spec and a calibrated detector."""
 
-    def __init__(self, session: Any, detector_file: DetectorFile, *, torch_model: Any = None,
-                 detector: str | None = None) -> None:
+    def __init__(self, session: onnxruntime.InferenceSession, detector_file: DetectorFile, *,
+                 torch_model: torch.nn.Module | None = None, detector: str | None = None) -> None:
         self.file = detector_file
         self.spec = detector_file.input_spec
         self.clf = OnnxClassifier(session)
@@ -71,5 +76,5 @@ class BatchDecision:
         return [
             Decision(_VERDICTS[v], float(s), self.threshold, self.flag_threshold, self.detector,
                      None if v == REJECT else int(p))
-            for v, s, p in zip(self.verdicts.tolist(), self.scores.tolist(), self.predictions.tolist())
+            for v, s, p in zip(self.verdicts.tolist(), self.scores.tolist(), self.predictions.tolist(), strict=True)
         ]

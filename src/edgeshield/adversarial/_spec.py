@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from edgeshield.errors import (
     InputShapeError,
     InvalidArgumentError,
 )
+
+if TYPE_CHECKING:
+    from edgeshield.bundles._ort import onnxruntime
 
 METADATA_KEY = "edgeshield.input_spec"
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8"}
@@ -73,7 +76,7 @@ class InputSpec:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, d: Any) -> InputSpec:
+    def from_dict(cls, d: object) -> InputSpec:
         if not isinstance(d, dict) or "shape" not in d:
             raise InvalidArgumentError("input spec must be a JSON object with at least a 'shape'")
         unknown = set(d) - {"shape", "dtype", "min", "max", "allow_nan", "allow_inf", "image_shape", "quantum"}
@@ -110,7 +113,8 @@ class InputSpec:
         return None if text is None else cls.from_json(text)
 
     @classmethod
-    def from_session(cls, session: Any, *, min: float | None = None, max: float | None = None) -> InputSpec:
+    def from_session(cls, session: onnxruntime.InferenceSession, *,
+                     min: float | None = None, max: float | None = None) -> InputSpec:  # noqa: A002 - public keywords
         """Shape and dtype from a single-input ONNX Runtime session (symbolic dimensions become free)."""
         inputs = session.get_inputs()
         if len(inputs) != 1:
@@ -123,13 +127,14 @@ class InputSpec:
         return cls(shape=shape, dtype=dtype, min=min, max=max)
 
     # --- checking ----------------------------------------------------------------------------------------------
-    def validate(self, x: Any) -> np.ndarray:
+    def validate(self, x: object) -> np.ndarray:
         """Return ``x`` as an array if it satisfies the spec, else raise the error naming the offending field."""
         if not isinstance(x, np.ndarray):
             raise InputDtypeError("type", f"expected a numpy array, got {type(x).__name__}")
         if x.ndim != len(self.shape):
-            raise InputShapeError("shape", f"rank {x.ndim} {tuple(x.shape)}, expected rank {len(self.shape)} {self._shape_text()}")
-        for axis, (got, want) in enumerate(zip(x.shape, self.shape)):
+            raise InputShapeError("shape", f"rank {x.ndim} {tuple(x.shape)}, "
+                                           f"expected rank {len(self.shape)} {self._shape_text()}")
+        for axis, (got, want) in enumerate(zip(x.shape, self.shape, strict=True)):  # equal ranks: checked above
             if want is not None and got != want:
                 raise InputShapeError(f"shape[{axis}]", f"got {got}, expected {want} (spec {self._shape_text()})")
         if x.shape[0] == 0:
