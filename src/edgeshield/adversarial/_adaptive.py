@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +35,15 @@ from edgeshield.adversarial._calibrate import DetectorFile
 from edgeshield.adversarial._detectors import Detector, OnnxClassifier
 from edgeshield.adversarial._spec import InputSpec
 from edgeshield.errors import InputValidationError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from edgeshield.bundles._ort import onnxruntime
+
+    # Judging a batch of iterates: (misclassified, valid, rejected), one bool per example.
+    _Judge = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 HINGE_AT = 0.9
 MARGIN_CAP = 2.0
@@ -61,13 +71,14 @@ def decision_members(file: DetectorFile) -> list[tuple[str, float]]:
 class Surrogate:
     """Differentiable torch versions of a detector file's detectors, for one batch shape."""
 
-    def __init__(self, torch_model: Any, file: DetectorFile, names: Sequence[str], shape: tuple[int, ...], *,
-                 noise_draws: int = 4, seed: int = 1234) -> None:
+    def __init__(self, torch_model: torch.nn.Module, file: DetectorFile, names: Sequence[str],
+                 shape: tuple[int, ...], *, noise_draws: int = 4, seed: int = 1234) -> None:
         import torch
 
-        self.torch, self.model, self.names = torch, torch_model, list(names)
+        self.torch: ModuleType = torch
+        self.model, self.names = torch_model, list(names)
         self.params = {n: file.get(n).params for n in self.names}
-        self.draws = None
+        self.draws = torch.empty((0, *shape))  # the noise member's draws (none without that member)
         if "noise" in self.params:
             gen = torch.Generator().manual_seed(seed)
             self.draws = torch.randn((noise_draws, *shape), generator=gen) * float(self.params["noise"]["sigma"])
@@ -76,13 +87,13 @@ class Surrogate:
             self.mean = torch.tensor(p["mean"], dtype=torch.float32)
             self.components = torch.tensor(p["components"], dtype=torch.float32)
 
-    def scores(self, x: Any) -> tuple[Any, dict[str, Any]]:
+    def scores(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and per-member surrogate scores; ``x`` must require grad (for the gradient member)."""
         torch = self.torch
         F = torch.nn.functional
         z = self.model(x)
         p = F.softmax(z, dim=1)
-        out: dict[str, Any] = {}
+        out: dict[str, Tensor] = {}
         for name in self.names:
             prm = self.params[name]
             if name == "squeeze":
@@ -119,7 +130,7 @@ class Surrogate:
         return z, out
 
 
-def _median_smooth(torch: Any, x: Any, size: int, image_shape: Sequence[int]) -> Any:
+def _median_smooth(torch: ModuleType, x: Tensor, size: int, image_shape: Sequence[int]) -> Tensor:
     """Differentiable twin of ``median_smooth`` (reflect padding; even windows average the two middle values)."""
     F = torch.nn.functional
     h, w = image_shape[-2], image_shape[-1]
@@ -141,8 +152,8 @@ class AdaptiveResult:
 
 
 def adaptive_attack(
-    torch_model: Any,
-    session_or_clf: Any,
+    torch_model: torch.nn.Module,
+    session_or_clf: onnxruntime.InferenceSession | OnnxClassifier,
     detector_file: DetectorFile,
     decision_detector: Detector,
     x: np.ndarray,
@@ -187,7 +198,7 @@ def adaptive_attack(
     if quantum:  # the grid points inside the box
         lo_g, hi_g = torch.ceil(lo / quantum - 1e-4) * quantum, torch.floor(hi / quantum + 1e-4) * quantum
 
-    def project(v: Any) -> Any:
+    def project(v: Tensor) -> Tensor:
         if not quantum:
             return v
         return torch.minimum(torch.maximum(torch.round(v / quantum) * quantum, lo_g), hi_g)
@@ -200,7 +211,8 @@ def adaptive_attack(
 
     was_training = torch_model.training
     torch_model.eval()
-    sweep, best_run = [], None
+    sweep: list[dict[str, Any]] = []
+    best_run: tuple[dict[str, Any], np.ndarray] | None = None
     configs = [(loss_kind, pen_kind, lam) for loss_kind in losses for pen_kind in penalties for lam in lambdas
                if not (lam == 0 and pen_kind != penalties[0])]  # λ = 0 has no penalty: one run per loss is enough
     try:
@@ -211,7 +223,7 @@ def adaptive_attack(
             x_adv = _run(torch, sur, x0, y_t, lo, hi, project, judge, taus, float(lam), loss_kind,
                          pen_kind, step, iters)
             mis, ok, rej = judge(x_adv)
-            row = {"lambda": float(lam), "loss": loss_kind, "penalty": pen_kind,
+            row: dict[str, Any] = {"lambda": float(lam), "loss": loss_kind, "penalty": pen_kind,
                    "success": float(mis.mean()),
                    "detection_rate": float(rej[mis].mean()) if mis.any() else None,
                    "validation_reject_rate": float((~ok)[mis].mean()) if mis.any() else None,
@@ -223,14 +235,16 @@ def adaptive_attack(
         report(progress, "adaptive attack sweep", len(configs), len(configs))
     finally:
         torch_model.train(was_training)
-    assert best_run is not None
+    if best_run is None:  # no configuration ran
+        raise InvalidArgumentError("the adaptive attack needs at least one loss, one penalty and one λ")
     best = dict(best_run[0]) | {"eps": eps, "step": step, "iters": iters, "quantum": quantum,
                                 "noise_draws": noise_draws, "members": [m for m, _ in members]}
     return AdaptiveResult(best_run[1], best, sweep)
 
 
-def _run(torch: Any, sur: Surrogate, x0: Any, y: Any, lo: Any, hi: Any, project: Any, judge: Any,
-         taus: dict[str, float], lam: float, loss_kind: str, pen_kind: str, step: float, iters: int) -> np.ndarray:
+def _run(torch: ModuleType, sur: Surrogate, x0: Tensor, y: Tensor, lo: Tensor, hi: Tensor,
+         project: Callable[[Tensor], Tensor], judge: _Judge, taus: dict[str, float], lam: float, loss_kind: str,
+         pen_kind: str, step: float, iters: int) -> np.ndarray:
     F = torch.nn.functional
     x = x0.clone()
     kept = project(x0).numpy().copy()

@@ -22,7 +22,7 @@ import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,14 @@ from edgeshield.adversarial._calibrate import DetectorFile, build_all
 from edgeshield.adversarial._detectors import Detector, OnnxClassifier
 from edgeshield.errors import InvalidArgumentError, MissingDependencyError
 
+if TYPE_CHECKING:
+    import torch
+    from rich.table import Table
+
+    from edgeshield.adversarial._robust import RobustModel
+    from edgeshield.adversarial._spec import InputSpec
+    from edgeshield.bundles._ort import onnxruntime
+
 ATTACKS = ("fgsm", "pgd", "cw", "deepfool", "hopskipjump")
 COST_DETECTORS = ("squeeze", "noise", "reconstruction", "ensemble")
 DETECTION_TARGET, FPR_TARGET, SQUEEZE_COST_TARGET = 0.97, 0.02, 3.0
@@ -39,7 +47,7 @@ DETECTION_TARGET, FPR_TARGET, SQUEEZE_COST_TARGET = 0.97, 0.02, 3.0
 
 def attack_budgets(quick: bool = False) -> dict[str, dict[str, Any]]:
     """The ART attacks and their budgets (``--quick``: fewer iterations, no HopSkipJump)."""
-    full = {
+    full: dict[str, dict[str, Any]] = {
         "fgsm": {"norm": "inf", "eps": 0.1},
         "pgd": {"norm": "inf", "eps": 0.1, "eps_step": 0.01, "max_iter": 40},
         "cw": {"confidence": 0.0, "max_iter": 20, "binary_search_steps": 5, "batch_size": 256},
@@ -60,7 +68,8 @@ def budget_text(name: str, b: Mapping[str, Any]) -> str:
 
 # --- the model as torch -----------------------------------------------------------------------------------------
 def torch_model_for_bundle(bundle: str | os.PathLike[str], owner_key_path: str | os.PathLike[str],
-                           device_key_path: str | os.PathLike[str], passphrase_env: str | None = None) -> Any:
+                           device_key_path: str | os.PathLike[str],
+                           passphrase_env: str | None = None) -> torch.nn.Module:
     """Decrypt a bundle's model in memory and convert it to an eval-mode torch module returning logits."""
     from edgeshield import bundles, keys
     from edgeshield.adversarial._torch import onnx_to_torch
@@ -70,7 +79,7 @@ def torch_model_for_bundle(bundle: str | os.PathLike[str], owner_key_path: str |
 
 
 # --- attacks ----------------------------------------------------------------------------------------------------
-def run_attacks(torch_model: Any, x: np.ndarray, y: np.ndarray, *, nb_classes: int, quick: bool = False,
+def run_attacks(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, nb_classes: int, quick: bool = False,
                 attacks: Sequence[str] | None = None, clip_values: tuple[float, float] | None = (0.0, 1.0),
                 seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, dict[str, Any]]:
     """Generate untargeted adversarial examples for ``x`` (true labels ``y``): ``{name: {x_adv, seconds, budget}}``.
@@ -168,7 +177,7 @@ def _auroc(clean: np.ndarray, adv: np.ndarray) -> float | None:
     return float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv]))
 
 
-def detectors_with_thresholds(file: DetectorFile, clf: OnnxClassifier, torch_model: Any,
+def detectors_with_thresholds(file: DetectorFile, clf: OnnxClassifier, torch_model: torch.nn.Module | None,
                extra: Mapping[str, DetectorFile] | None) -> dict[str, tuple[Detector, float]]:
     dets = {n: (d, file.get(n).reject_threshold) for n, d in build_all(file, clf, torch_model).items()}
     for label, f in (extra or {}).items():
@@ -205,7 +214,8 @@ def _score_block(name: str, dets: Mapping[str, tuple[Detector, float]], clean_sc
 
 
 # --- the whole evaluation ---------------------------------------------------------------------------------------
-def evaluate(session: Any, torch_model: Any, detector_file: DetectorFile, x_eval: np.ndarray, y_eval: np.ndarray, *,
+def evaluate(session: onnxruntime.InferenceSession, torch_model: torch.nn.Module, detector_file: DetectorFile,
+             x_eval: np.ndarray, y_eval: np.ndarray, *,
              quick: bool = False, attacks: Sequence[str] | None = None, out_dir: str | os.PathLike[str] | None = None,
              extra: Mapping[str, DetectorFile] | None = None, adaptive: bool = True, measure_cost: bool = True,
              adaptive_eps: float = 0.1, seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -289,10 +299,11 @@ def evaluate(session: Any, torch_model: Any, detector_file: DetectorFile, x_eval
     return result
 
 
-def run_adaptive(torch_model: Any, clf: OnnxClassifier, file: DetectorFile,
+def run_adaptive(torch_model: torch.nn.Module, clf: OnnxClassifier, file: DetectorFile,
                  dets: Mapping[str, tuple[Detector, float]], clean_scores: Mapping[str, np.ndarray],
                  x: np.ndarray, y: np.ndarray, *, quick: bool = False, eps: float = 0.1, quantum: float | None = None,
-                 spec: Any = None, seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, Any]:
+                 spec: InputSpec | None = None, seed: int = 0,
+                 progress: ProgressCallback | None = None) -> dict[str, Any]:
     """The adaptive attack's sweep and its strongest configuration, scored by every detector like the others.
 
     ``quantum``/``spec`` override what the attacker projects onto and aims to pass (default: the file's spec);
@@ -322,7 +333,8 @@ def run_adaptive(torch_model: Any, clf: OnnxClassifier, file: DetectorFile,
 
 
 # --- cost -------------------------------------------------------------------------------------------------------
-def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: np.ndarray, *,
+def measure_cost_ratios(session: onnxruntime.InferenceSession, file: DetectorFile,
+                        torch_model: torch.nn.Module | None, x: np.ndarray, *,
                         names: Sequence[str] = COST_DETECTORS, extra: Mapping[str, DetectorFile] | None = None,
                         quick: bool = False, progress: ProgressCallback | None = None) -> dict[str, dict[str, float]]:
     """Median batch-of-1 latency and batch throughput of ``RobustModel.decide`` ÷ plain ``session.run``.
@@ -355,7 +367,8 @@ def measure_cost_ratios(session: Any, file: DetectorFile, torch_model: Any, x: n
     return out
 
 
-def _median_ns(session: Any, rm: Any, inputs: Iterable[np.ndarray]) -> tuple[float, float]:
+def _median_ns(session: onnxruntime.InferenceSession, rm: RobustModel,
+               inputs: Iterable[np.ndarray]) -> tuple[float, float]:
     """Median ns of plain ORT and of robust inference, each input run through both back to back."""
     name_in = session.get_inputs()[0].name
     plain, robust = [], []
@@ -388,7 +401,7 @@ def write_roc_plots(out_dir: str | os.PathLike[str], blocks: Mapping[str, Mappin
         fig = Figure(figsize=(11, 4.8), dpi=100)
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, 2)
-        for ax, xmax in zip(axes, (1.0, 0.1)):
+        for ax, xmax in zip(axes, (1.0, 0.1), strict=True):
             for i, (det, info) in enumerate(block["detectors"].items()):
                 adv, clean = info["scores"], clean_scores[det]
                 if not len(adv):
@@ -501,7 +514,7 @@ def _mark(ok: bool) -> str:
     return "[green]met[/green]" if ok else "[red]MISSED[/red]"
 
 
-def report_tables(result: Mapping[str, Any]) -> list[Any]:
+def report_tables(result: Mapping[str, Any]) -> list[Table]:
     """Rich tables: attacks, detection (AUROC) per attack and detector, the adaptive sweep, cost, targets."""
     from rich.table import Table
 
@@ -546,7 +559,8 @@ def report_tables(result: Mapping[str, Any]) -> list[Any]:
 
     cost = result.get("cost")
     if cost:
-        t = Table(title="Cost of robust inference (RobustModel.decide, vectorised) ÷ plain session.run, medians, alternating")
+        t = Table(title="Cost of robust inference (RobustModel.decide, vectorised) ÷ plain session.run, medians, "
+                        "alternating")
         batch = next(iter(cost.values()))["batch"]
         for col in ("detector", "plain µs (batch 1)", "robust µs", "ratio", f"plain /s (batch {batch})",
                     "robust /s", "ratio", "target"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     import onnx
     import torch
     from art.estimators.classification import PyTorchClassifier
+    from torch import Tensor
+
+    # A converted node: its input tensors (None for an omitted optional input) -> its output tensors.
+    _Kernel = Callable[..., tuple[Tensor, ...]]
 
 __all__ = ["SUPPORTED_OPS", "GradientDetector", "art_classifier", "onnx_to_torch"]
 
@@ -35,7 +40,7 @@ SUPPORTED_OPS = frozenset({
 })  # fmt: skip
 
 
-def _import_torch() -> Any:
+def _import_torch() -> ModuleType:
     try:
         import torch
     except ImportError:
@@ -103,11 +108,11 @@ def onnx_to_torch(model_bytes: bytes, *, strip_softmax: bool = True) -> torch.nn
             raise UnsupportedModelError(f"op {op} is not supported by the ONNX→PyTorch bridge")
 
     used = {name for node in nodes for name in node.input if name} | {output_name}
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Tensor] = {}
     for t in graph.initializer:
         if t.name in used:
             tensors[t.name] = _to_torch(t, onnx, torch)
-    steps = []
+    steps: list[tuple[_Kernel, list[str], list[str]]] = []
     for node in nodes:
         if node.op_type == "Constant":
             tensors[node.output[0]] = _constant_value(node, onnx, torch)
@@ -162,7 +167,7 @@ def _needed_nodes(
     return order
 
 
-def _to_torch(tensor: onnx.TensorProto, onnx: Any, torch: Any) -> torch.Tensor:
+def _to_torch(tensor: onnx.TensorProto, onnx: ModuleType, torch: ModuleType) -> Tensor:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         raise UnsupportedModelError(
             f"initializer {tensor.name!r} refers to an external data file; give a self-contained ONNX model"
@@ -174,7 +179,7 @@ def _to_torch(tensor: onnx.TensorProto, onnx: Any, torch: Any) -> torch.Tensor:
     return _from_numpy(array, tensor.name, torch)
 
 
-def _from_numpy(array: np.ndarray, name: str, torch: Any) -> torch.Tensor:
+def _from_numpy(array: np.ndarray, name: str, torch: ModuleType) -> Tensor:
     if np.issubdtype(array.dtype, np.floating):
         return torch.from_numpy(np.array(array, dtype=np.float32))
     if np.issubdtype(array.dtype, np.integer):
@@ -184,7 +189,7 @@ def _from_numpy(array: np.ndarray, name: str, torch: Any) -> torch.Tensor:
     raise UnsupportedModelError(f"tensor {name!r} has element type {array.dtype}, which the bridge does not support")
 
 
-def _constant_value(node: onnx.NodeProto, onnx: Any, torch: Any) -> torch.Tensor:
+def _constant_value(node: onnx.NodeProto, onnx: ModuleType, torch: ModuleType) -> Tensor:
     attrs = {a.name: a for a in node.attribute}
     if "value" in attrs:
         return _to_torch(attrs["value"].t, onnx, torch)
@@ -198,14 +203,16 @@ def _constant_value(node: onnx.NodeProto, onnx: Any, torch: Any) -> torch.Tensor
 
 
 @functools.cache
-def _graph_module_class() -> type:
+def _graph_module_class() -> type[torch.nn.Module]:
     """Defined on first use so that importing this module does not import torch."""
-    torch = _import_torch()
+    _import_torch()  # a typed error when PyTorch is missing
+    import torch
 
     class OnnxGraphModule(torch.nn.Module):
         """Evaluates a converted ONNX graph; ``forward`` takes the single input and returns the chosen output."""
 
-        def __init__(self, input_name: str, output_name: str, tensors: dict[str, Any], steps: list) -> None:
+        def __init__(self, input_name: str, output_name: str, tensors: dict[str, Tensor],
+                     steps: list[tuple[_Kernel, list[str], list[str]]]) -> None:
             super().__init__()
             self.input_name, self.output_name = input_name, output_name
             self._steps = steps
@@ -225,7 +232,8 @@ def _graph_module_class() -> type:
             env[self.input_name] = x
             for fn, ins, outs in self._steps:
                 results = fn(*[env[i] if i else None for i in ins])
-                for name, value in zip(outs, results):
+                # A kernel may answer fewer outputs than the node declares (Dropout's mask): those stay unset.
+                for name, value in zip(outs, results, strict=False):
                     if name:
                         env[name] = value
             return env[self.output_name]
@@ -237,7 +245,7 @@ def _graph_module_class() -> type:
 
 
 # --- kernels: one builder per op, attributes read once at conversion time ----------------------------------------
-def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable[..., tuple]:
+def _kernel(node: onnx.NodeProto, opset: int, onnx: ModuleType, torch: ModuleType) -> _Kernel:
     F = torch.nn.functional
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     op = node.op_type
@@ -256,7 +264,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
         f = simple[op]
         return lambda *xs: (f(*xs),)
     if op == "Div":
-        def div(a: Any, b: Any) -> tuple:
+        def div(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
             if a.is_floating_point() or b.is_floating_point():
                 return (a / b,)
             return (torch.div(a, b, rounding_mode="trunc"),)  # ONNX integer division truncates
@@ -271,7 +279,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
             return lambda x: (f(x, dim=axis),)
         axis = int(attrs.get("axis", 1))  # before opset 13: coerce to 2-D at axis, normalise each row
 
-        def coerced(x: Any) -> tuple:
+        def coerced(x: Tensor) -> tuple[Tensor, ...]:
             a = axis % x.dim() if x.dim() else 0
             return (f(x.reshape(int(np.prod(x.shape[:a], dtype=np.int64)), -1), dim=1).reshape(x.shape),)
         return coerced
@@ -279,7 +287,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
         alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
         ta, tb = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
 
-        def gemm(a: Any, b: Any, c: Any = None) -> tuple:
+        def gemm(a: Tensor, b: Tensor, c: Tensor | None = None) -> tuple[Tensor, ...]:
             y = (a.t() if ta else a) @ (b.t() if tb else b)
             if alpha != 1.0:
                 y = alpha * y
@@ -290,7 +298,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
     if op == "Flatten":
         axis = int(attrs.get("axis", 1))
 
-        def flatten(x: Any) -> tuple:
+        def flatten(x: Tensor) -> tuple[Tensor, ...]:
             a = axis % x.dim() if axis < 0 else axis
             return (x.reshape(int(np.prod(x.shape[:a], dtype=np.int64)), -1),)
         return flatten
@@ -299,7 +307,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
             raise unsupported("a shape attribute (opset < 5)")
         allowzero = int(attrs.get("allowzero", 0))
 
-        def reshape(x: Any, shape: Any) -> tuple:
+        def reshape(x: Tensor, shape: Tensor) -> tuple[Tensor, ...]:
             dims = ints(shape)
             if not allowzero:
                 dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
@@ -314,12 +322,14 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
     if op in ("Squeeze", "Unsqueeze"):
         attr_axes = attrs.get("axes")
 
-        def squeeze(x: Any, axes_t: Any = None) -> tuple:
+        def squeeze(x: Tensor, axes_t: Tensor | None = None) -> tuple[Tensor, ...]:
             axes = ints(axes_t) if axes_t is not None else attr_axes
             if op == "Squeeze":
                 if axes is None:
                     return (torch.squeeze(x),)
                 return (x.squeeze(tuple(a % x.dim() for a in axes)),)
+            if axes is None:  # not valid ONNX: Unsqueeze has axes, as an attribute or (opset 13+) an input
+                raise unsupported("no axes")
             rank = x.dim() + len(axes)
             for a in sorted(a % rank for a in axes):
                 x = x.unsqueeze(a)
@@ -328,7 +338,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
     if op == "Clip":
         lo_attr, hi_attr = attrs.get("min"), attrs.get("max")
 
-        def clip(x: Any, lo: Any = None, hi: Any = None) -> tuple:
+        def clip(x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> tuple[Tensor, ...]:
             lo = lo if lo is not None else lo_attr
             hi = hi if hi is not None else hi_attr
             if lo is None and hi is None:
@@ -339,7 +349,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
         if int(attrs.get("training_mode", 0)):
             raise unsupported("training_mode=1")
 
-        def dropout(x: Any, ratio: Any = None, training: Any = None) -> tuple:
+        def dropout(x: Tensor, ratio: Tensor | None = None, training: Tensor | None = None) -> tuple[Tensor, ...]:
             if training is not None and bool(training):
                 raise UnsupportedModelError("op Dropout in training mode is not supported by the ONNX→PyTorch bridge")
             return (x, torch.ones_like(x, dtype=torch.bool))
@@ -353,7 +363,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
 
         # Written out rather than F.batch_norm, which refuses running statistics that require grad (ours are
         # parameters like every other float initializer).
-        def batch_norm(x: Any, s: Any, b: Any, m: Any, v: Any) -> tuple:
+        def batch_norm(x: Tensor, s: Tensor, b: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, ...]:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             scale = s * torch.rsqrt(v + eps)
             return (x * scale.reshape(shape) + (b - m * scale).reshape(shape),)
@@ -365,7 +375,8 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: Any, torch: Any) -> Callable
     raise unsupported("this configuration")  # pragma: no cover - SUPPORTED_OPS and the builders agree
 
 
-def _spatial_kernel(op: str, node: Any, attrs: dict, unsupported: Callable, torch: Any) -> Callable[..., tuple]:
+def _spatial_kernel(op: str, node: onnx.NodeProto, attrs: dict[str, Any],
+                    unsupported: Callable[[str], UnsupportedModelError], torch: ModuleType) -> _Kernel:
     """Conv, MaxPool and AveragePool over 2-D images (NCHW)."""
     F = torch.nn.functional
     auto_pad = attrs.get("auto_pad", b"NOTSET")
@@ -392,12 +403,12 @@ def _spatial_kernel(op: str, node: Any, attrs: dict, unsupported: Callable, torc
     if op == "Conv":
         group = int(attrs.get("group", 1))
 
-        def conv(x: Any, w: Any, b: Any = None) -> tuple:
+        def conv(x: Tensor, w: Tensor, b: Tensor | None = None) -> tuple[Tensor, ...]:
             if x.dim() != 4:
                 raise UnsupportedModelError(f"op Conv on a {x.dim()}-D input is not supported (only 2-D images)")
             if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
                 extra = []
-                for size, s, d, k in zip(x.shape[2:], strides, dilations, w.shape[2:]):
+                for size, s, d, k in zip(x.shape[2:], strides, dilations, w.shape[2:], strict=True):
                     total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
                     small, big = total // 2, total - total // 2
                     extra.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
@@ -417,7 +428,7 @@ def _spatial_kernel(op: str, node: Any, attrs: dict, unsupported: Callable, torc
         if len([o for o in node.output if o]) > 1:
             raise unsupported("an Indices output")
 
-        def maxpool(x: Any) -> tuple:
+        def maxpool(x: Tensor) -> tuple[Tensor, ...]:
             padding: Any = (pads[0], pads[1])
             if not symmetric:
                 x, padding = F.pad(x, explicit, value=float("-inf")), 0
@@ -479,7 +490,7 @@ class GradientDetector:
             self.model.train(was_training)
         return out
 
-    def _batch_scores(self, torch: Any, xb: torch.Tensor) -> np.ndarray:
+    def _batch_scores(self, torch: ModuleType, xb: Tensor) -> np.ndarray:
         logits = self.model(xb)
         if logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
             raise UnsupportedModelError(
