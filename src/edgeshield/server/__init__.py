@@ -5,4 +5,5 @@ from edgeshield.server._app import ServerState, create_app
 from edgeshield.server._rbac import ROLES, Rbac
 from edgeshield.server._serve import ServeConfig, build_state, make_server, running, serve
 
-__all__ = ["ROLES", "Rbac", "ServeConfig", "ServerState", "build_state", "create_app", "make_server", "running", "serve"]
+__all__ = ["ROLES", "Rbac", "ServeConfig", "ServerState", "build_state", "create_app", "make_server", "running",
+           "serve"]

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from edgeshield.errors import EdgeShieldError, InputValidationError, InvalidArgumentError
 from edgeshield.server import _openapi
@@ -26,42 +27,37 @@ from edgeshield.server._limits import Limits
 from edgeshield.server._middleware import SecurityMiddleware, audit
 from edgeshield.server._parse import BodyRejected, parse_inputs
 
+if TYPE_CHECKING:
+    from edgeshield.adversarial import InputSpec, RobustModel
+    from edgeshield.bundles._ort import onnxruntime
+    from edgeshield.extraction import OutputPolicy, QueryMonitor, RateLimiter
+    from edgeshield.server._rbac import Rbac
+    from edgeshield.transport import Identity
+    from edgeshield.watermark import EvidenceStore, ServedWatermark
+
 _BLOCKED = "client blocked: its queries look like model extraction"
 _audit = audit  # the predict pipeline below audits through the same helper as the middleware
 
 
 class AuditSink(Protocol):
-    def append(self, kind: str, actor: str, data: dict[str, Any]) -> Any: ...
+    """Where the server's audit entries go (``edgeshield.audit.AuditLog``, which also checkpoints at shutdown)."""
+
+    def append(self, kind: str, actor: str, data: dict[str, Any]) -> object: ...
 
 
-@dataclass
-class ServerState:
-    """What the app serves and how it decides; built once at start-up by ``serve``."""
+class ModelSummary(Protocol):
+    """What ``/v1/model`` shows of the served bundle: the fields of its ``bundles.Manifest``."""
 
-    session: Any
-    manifest: Any
-    rbac: Any | None  # edgeshield.server._rbac.Rbac; None only for the plain benchmark baseline
-    audit: AuditSink | None
-    spec: Any | None = None  # InputSpec; None: derived from the model's declared input at start-up
-    robust: Any | None = None  # RobustModel
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_batch: int = 1024
-    inference_timeout_s: float = 10.0
-    require_client_cert: bool = True
-    limits: Limits = field(default_factory=Limits)
-    # Why a verified identity must be refused *now* (its certificate revoked since the handshake, or the CRL
-    # expired while failing closed), or None; set by ``make_server`` from the live TLS context.
-    revocation: Callable[[Any], str | None] | None = None
-    metrics: Any = field(default=None)
-    on_shutdown: list[Any] = field(default_factory=list)  # callables run at graceful shutdown, before the checkpoint
-    after_shutdown: list[Any] = field(default_factory=list)  # callables run after the shutdown checkpoint
-    # model-extraction defence (edgeshield.extraction); all optional
-    rate_limiter: Any | None = None  # RateLimiter: per-client token buckets, per role; cost = batch size
-    monitor: Any | None = None  # QueryMonitor: per-client signals → flag / throttle / degrade / block
-    outputs: Any | None = None  # OutputPolicy for probabilities in answers; None: labels only
-    # ownership proof for stolen copies (edgeshield.watermark.ServedWatermark + EvidenceStore); optional
-    served_watermark: Any | None = None
-    served_evidence: Any | None = None  # raw watermarked inputs live here, never in the audit log
+    @property
+    def bundle_id(self) -> str: ...
+    @property
+    def model_sha256(self) -> str: ...
+    @property
+    def model_version(self) -> int: ...
+    @property
+    def created(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
 
 
 class _Metrics:
@@ -84,7 +80,47 @@ class _Metrics:
                                       "nextUpdate (negative: expired)", registry=self.registry)
 
 
-def input_spec_for(session: Any, spec: Any | None) -> Any:
+@dataclass
+class ServerState:
+    """What the app serves and how it decides; built once at start-up by ``serve``."""
+
+    session: onnxruntime.InferenceSession
+    manifest: ModelSummary  # the bundle's Manifest
+    rbac: Rbac | None  # None only for the plain benchmark baseline
+    audit: AuditSink | None
+    spec: InputSpec | None = None  # None: derived from the model's declared input at start-up
+    robust: RobustModel | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 1024
+    inference_timeout_s: float = 10.0
+    require_client_cert: bool = True
+    limits: Limits = field(default_factory=Limits)
+    # Why a verified identity must be refused *now* (its certificate revoked since the handshake, or the CRL
+    # expired while failing closed), or None; set by ``make_server`` from the live TLS context.
+    revocation: Callable[[Identity], str | None] | None = None
+    metrics: _Metrics = field(default_factory=_Metrics)
+    # callables run at graceful shutdown, before the checkpoint, and after it
+    on_shutdown: list[Callable[[], object]] = field(default_factory=list)
+    after_shutdown: list[Callable[[], object]] = field(default_factory=list)
+    # model-extraction defence (edgeshield.extraction); all optional
+    rate_limiter: RateLimiter | None = None  # per-client token buckets, per role; cost = batch size
+    monitor: QueryMonitor | None = None  # per-client signals → flag / throttle / degrade / block
+    outputs: OutputPolicy | None = None  # for probabilities in answers; None: labels only
+    # ownership proof for stolen copies; optional
+    served_watermark: ServedWatermark | None = None
+    served_evidence: EvidenceStore | None = None  # raw watermarked inputs live here, never in the audit log
+
+
+class _App(FastAPI):
+    """FastAPI whose OpenAPI document also states the mutual-TLS security scheme (built once, then cached)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = _openapi.security(super().openapi())
+        return self.openapi_schema
+
+
+def input_spec_for(session: onnxruntime.InferenceSession, spec: InputSpec | None) -> InputSpec:
     """The spec requests are checked against: the given one, which must fit the model, else the model's own."""
     from edgeshield.adversarial import InputSpec
 
@@ -94,20 +130,18 @@ def input_spec_for(session: Any, spec: Any | None) -> Any:
     if len(spec.shape) != len(model.shape) or spec.dtype != model.dtype:
         raise InvalidArgumentError(f"the input spec ({spec.dtype} rank {len(spec.shape)}) does not fit the model's "
                                    f"input ({model.dtype} rank {len(model.shape)})")
-    for axis, (want, have) in enumerate(zip(spec.shape, model.shape)):
+    for axis, (want, have) in enumerate(zip(spec.shape, model.shape, strict=True)):  # equal ranks: checked
         if have is not None and want != have:
             raise InvalidArgumentError(f"the input spec's axis {axis} is {want}, the model's is fixed at {have}")
     return spec
 
 
-def create_app(state: ServerState) -> Any:
+def create_app(state: ServerState) -> SecurityMiddleware:
     """The FastAPI application for ``state`` (OpenAPI at /openapi.json), behind the security middleware."""
-    if state.metrics is None:
-        state.metrics = _Metrics()
-    state.spec = input_spec_for(state.session, state.spec)
+    spec = state.spec = input_spec_for(state.session, state.spec)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: Any) -> Any:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         # Graceful shutdown: flush pending records, note the shutdown, anchor every entry under a signed checkpoint.
         for hook in state.on_shutdown:
@@ -123,7 +157,7 @@ def create_app(state: ServerState) -> Any:
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
         return JSONResponse({"error": "internal server error"}, status_code=500)  # the middleware logs and audits
 
-    app = FastAPI(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
+    app = _App(title="EdgeShield inference server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   exception_handlers={Exception: internal_error})
 
     @app.get("/healthz", summary="Liveness", response_model=_openapi.Health, responses=_openapi.COMMON)
@@ -145,15 +179,15 @@ def create_app(state: ServerState) -> Any:
 
     @app.post("/v1/predict", summary="Predict a batch (JSON {\"inputs\": [...]} or application/x-npy)",
               response_model=_openapi.Prediction, response_model_exclude_none=True, responses=_openapi.PREDICT,
-              openapi_extra=_openapi.predict_request_body(state.spec, state.max_batch))
-    async def predict(request: Request) -> Any:
-        identity = request.scope.get("state", {}).get("identity")
+              openapi_extra=_openapi.predict_request_body(spec, state.max_batch))
+    async def predict(request: Request) -> Response:
+        identity: Identity | None = request.scope.get("state", {}).get("identity")
         actor = identity.name if identity is not None else "anonymous"
         body = await request.body()
         digest = hashlib.sha256(body).hexdigest()
         try:
-            x = parse_inputs(body, request.headers.get("content-type", ""), state.spec, max_batch=state.max_batch)
-            state.spec.validate(x)
+            x = parse_inputs(body, request.headers.get("content-type", ""), spec, max_batch=state.max_batch)
+            spec.validate(x)
         except (BodyRejected, InputValidationError) as exc:
             status = exc.status if isinstance(exc, BodyRejected) else 422
             field_name = getattr(exc, "field", None)
@@ -179,21 +213,14 @@ def create_app(state: ServerState) -> Any:
         if refusal is not None:
             return refusal
         counts = result.get("counts")
-        await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None), "input_sha256": digest,
-                                               "batch": len(x), "decisions": counts})
+        await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None),
+                                                         "input_sha256": digest, "batch": len(x), "decisions": counts})
         if counts and (counts.get("reject") or counts.get("flag")):
             await _audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
         return JSONResponse(result)
 
-    original_openapi = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = _openapi.security(original_openapi())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-    return SecurityMiddleware(app, state, app.routes)
+    # Every route of this app is a starlette Route (FastAPI's APIRoute, the OpenAPI document): routed by path.
+    return SecurityMiddleware(app, state, [r for r in app.routes if isinstance(r, Route)])
 
 
 def _from_onnxruntime(exc: Exception) -> bool:
@@ -201,7 +228,8 @@ def _from_onnxruntime(exc: Exception) -> bool:
     return type(exc).__module__.startswith("onnxruntime")
 
 
-async def _extraction_gate(state: ServerState, identity: Any, actor: str, batch: int, digest: str) -> Any:
+async def _extraction_gate(state: ServerState, identity: Identity | None, actor: str, batch: int,
+                           digest: str) -> JSONResponse | None:
     """Refuse before inference: a client the monitor blocked (403) or one over its rate (429 + Retry-After)."""
     if identity is None:
         return None
@@ -219,7 +247,7 @@ async def _extraction_gate(state: ServerState, identity: Any, actor: str, batch:
     return None
 
 
-async def _watch_extraction(state: ServerState, identity: Any, actor: str, x: np.ndarray,
+async def _watch_extraction(state: ServerState, identity: Identity | None, actor: str, x: np.ndarray,
                             result: dict[str, Any], digest: str) -> JSONResponse | None:
     """Feed the monitor, audit its alerts, and harden the answer for the client's current action.
 
@@ -241,7 +269,7 @@ async def _watch_extraction(state: ServerState, identity: Any, actor: str, x: np
     else:
         policy = state.outputs
     if state.served_watermark is not None:
-        probs = await _serve_watermark(state, actor, x, result, probs)
+        probs = await _serve_watermark(state, state.served_watermark, actor, x, result, probs)
     if probs is not None and policy is not None:
         out = policy.apply(probs)
         result.update({k: np.asarray(v).tolist() for k, v in out.items()} if isinstance(out, dict)
@@ -249,12 +277,11 @@ async def _watch_extraction(state: ServerState, identity: Any, actor: str, x: np
     return None
 
 
-async def _serve_watermark(state: ServerState, actor: str, x: np.ndarray, result: dict[str, Any],
-                           probs: np.ndarray | None) -> np.ndarray | None:
+async def _serve_watermark(state: ServerState, wm: ServedWatermark, actor: str, x: np.ndarray,
+                           result: dict[str, Any], probs: np.ndarray | None) -> np.ndarray | None:
     """Answer the keyed fraction of inputs with the watermark label (DAWN); keep the evidence, audit its digests."""
     from edgeshield.watermark import row_digests
 
-    wm = state.served_watermark
     decisions = result.get("decisions")
     raw = result["predictions"] if decisions is None else [d["prediction"] for d in decisions]
     if probs is not None:  # one keyed pass: a marked row's new top-1 is its watermark label

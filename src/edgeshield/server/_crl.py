@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edgeshield.server._app import ServerState
+    from edgeshield.transport import Identity
 
 log = logging.getLogger("edgeshield.server")
 CRL_POLICIES = ("fail-closed", "keep-last")
@@ -46,7 +47,7 @@ class CrlGuard:
         info = loaded_crl(self.ctx)
         return None if info is None else (info.next_update - datetime.now(UTC)).total_seconds()
 
-    def refusal(self, identity: Any) -> str | None:
+    def refusal(self, identity: Identity) -> str | None:
         """Why ``identity`` must not be served now (revoked since its handshake, or no current CRL), or None."""
         from edgeshield.transport import revoked_serials
 

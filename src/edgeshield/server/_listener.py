@@ -17,12 +17,13 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgeshield.server._limits import Limits, address_key, count_down
 
 if TYPE_CHECKING:
     from edgeshield.server._app import ServerState
+    from edgeshield.server._tls_scope import TlsHttpToolsProtocol
 
 log = logging.getLogger("edgeshield.server")
 _MAX_BUCKETS = 4096
@@ -98,7 +99,7 @@ class ConnectionGate:
         self.total = 0
         self._by_address: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
-        self._by_identity: dict[str, set[Any]] = {}  # identity name -> its HTTP protocols
+        self._by_identity: dict[str, set[TlsHttpToolsProtocol]] = {}  # identity name -> its HTTP protocols
         self._handshakes: set[asyncio.Task[None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -129,8 +130,8 @@ class ConnectionGate:
     def _prune(self, now: float) -> None:
         """Forget addresses whose bucket has refilled: they would start full anyway."""
         lim = self.limits
-        full = [a for a, b in self._buckets.items()
-                if b.tokens + (now - b.stamp) * lim.handshakes_per_second_per_address >= lim.handshake_burst_per_address]
+        rate, burst = lim.handshakes_per_second_per_address, lim.handshake_burst_per_address
+        full = [a for a, b in self._buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]
         for a in full:
             del self._buckets[a]
 
@@ -143,7 +144,7 @@ class ConnectionGate:
         return max(self._by_address.values(), default=0)
 
     # -- after TLS --
-    def bind(self, name: str, protocol: Any) -> bool:
+    def bind(self, name: str, protocol: TlsHttpToolsProtocol) -> bool:
         """Count ``protocol`` against identity ``name``; False (and not counted) when the identity is at its cap."""
         held = self._by_identity.setdefault(name, set())
         if len(held) >= self.limits.max_connections_per_identity:
@@ -153,7 +154,7 @@ class ConnectionGate:
         held.add(protocol)
         return True
 
-    def unbind(self, name: str, protocol: Any) -> None:
+    def unbind(self, name: str, protocol: TlsHttpToolsProtocol) -> None:
         held = self._by_identity.get(name)
         if held is not None:
             held.discard(protocol)
@@ -223,7 +224,8 @@ class GateProtocol(asyncio.Protocol):
     def __init__(self, gate: ConnectionGate, make_http: Callable[[str], asyncio.Protocol]) -> None:
         self.gate, self.make_http = gate, make_http
 
-    def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TCP transport
+    # asyncio declares BaseTransport; a TCP server's protocol gets a full Transport (asyncio's or uvloop's).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         transport.pause_reading()  # nothing may be read before start_tls owns the connection
         address = address_key(transport.get_extra_info("peername"))
         refusal = self.gate.admit(address)
@@ -233,7 +235,7 @@ class GateProtocol(asyncio.Protocol):
             return
         self.gate.track(asyncio.get_running_loop().create_task(self._upgrade(transport, address)))
 
-    async def _upgrade(self, transport: Any, address: str) -> None:
+    async def _upgrade(self, transport: asyncio.Transport, address: str) -> None:
         loop = asyncio.get_running_loop()
         pending = _Handover()
         try:

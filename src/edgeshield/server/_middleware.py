@@ -14,21 +14,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from starlette.routing import Match
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from edgeshield.server._app import ServerState
+    from edgeshield.transport import Identity
 
 log = logging.getLogger("edgeshield.server")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RETRY_AFTER_BUSY_S = 1
 
@@ -45,7 +41,7 @@ class ClientGone(Exception):
     pass
 
 
-def identity_of(scope: Scope) -> tuple[Any | None, str]:
+def identity_of(scope: Scope) -> tuple[Identity | None, str]:
     """(verified identity, reason when there is none) from the TLS extension the server put in the scope."""
     tls = (scope.get("extensions") or {}).get("tls")
     if not tls:
@@ -107,7 +103,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 class SecurityMiddleware:
     """Authentication, revocation, routing, RBAC, limits, body reading, error containment, metrics."""
 
-    def __init__(self, app: ASGIApp, state: ServerState, routes: list[Any]) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, routes: Sequence[Route]) -> None:
         from edgeshield.server._limits import InFlight
 
         self.app, self.state, self.routes = app, state, routes
@@ -181,7 +177,7 @@ class SecurityMiddleware:
                                  "no such endpoint")
                 return
             label = route
-            if (state.require_client_cert and state.rbac is not None
+            if (state.require_client_cert and identity is not None and state.rbac is not None
                     and not state.rbac.allowed(identity.role, route, method)):
                 await refuse(403, "auth.forbidden", {"role": identity.role, "path": route, "method": method,
                                                      "serial": identity.serial},

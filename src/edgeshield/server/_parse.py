@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Any
 
 import numpy as np
 
@@ -72,7 +71,7 @@ def _check_shape(shape: tuple[int, ...], spec: InputSpec, max_batch: int) -> Non
     if len(shape) != len(spec.shape):
         raise BodyRejected(422, f"input has rank {len(shape)} {shape}, the model takes rank {len(spec.shape)}", "shape")
     _check_batch(shape[0], max_batch)
-    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+    for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):  # equal ranks: checked above
         if axis and want is not None and got != want:
             raise BodyRejected(422, f"input axis {axis} is {got}, the model takes {want}", f"shape[{axis}]")
         if axis and got == 0:
@@ -149,7 +148,7 @@ def _parse_json(body: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
     return x
 
 
-def _longest_run(mask: np.ndarray[Any, Any]) -> int:
+def _longest_run(mask: np.ndarray) -> int:
     """Length of the longest run of True in a 1-D boolean array."""
     if not mask.any():
         return 0

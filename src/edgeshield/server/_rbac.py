@@ -23,7 +23,8 @@ def default_model_path() -> Path:
 class Rbac:
     """``allowed(role, path, method)``; the policy is read once at start-up (edit the CSV, restart or reload)."""
 
-    def __init__(self, policy: str | os.PathLike[str] | None = None, model: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, policy: str | os.PathLike[str] | None = None,
+                 model: str | os.PathLike[str] | None = None) -> None:
         try:
             import casbin
         except ImportError:
@@ -32,7 +33,7 @@ class Rbac:
         self.model_path = check_readable_file(model or default_model_path(), what="RBAC model")
         try:
             self._enforcer = casbin.Enforcer(str(self.model_path), str(self.policy_path))
-        except Exception as exc:  # casbin raises plain exceptions for malformed files
+        except Exception as exc:  # noqa: BLE001 - casbin raises plain exceptions for malformed files
             raise InvalidArgumentError(f"cannot load the RBAC policy {self.policy_path}: {exc}") from None
 
     def allowed(self, role: str | None, path: str, method: str) -> bool:

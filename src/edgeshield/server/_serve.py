@@ -8,20 +8,31 @@ import json
 import logging
 import logging.config
 import os
+import socket
 import ssl
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgeshield._io import check_readable_file
 from edgeshield.server._app import ServerState
 from edgeshield.server._crl import CrlGuard, CrlWatcher
 from edgeshield.server._limits import Limits
 from edgeshield.server._listener import ConnectionEvents, ConnectionGate, GateProtocol
+
+if TYPE_CHECKING:
+    import uvicorn
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from edgeshield.audit import AuditLog
+    from edgeshield.bundles._ort import onnxruntime
+    from edgeshield.extraction import Detector, OutputPolicy, QueryMonitor, RateLimiter
+    from edgeshield.server._publisher import WitnessPublisher
+    from edgeshield.watermark import EvidenceStore, ServedWatermark
 
 log = logging.getLogger("edgeshield.server")
 PathLike = str | os.PathLike[str]
@@ -140,7 +151,8 @@ def build_state(cfg: ServeConfig) -> ServerState:
     return state
 
 
-def _witness_publisher(cfg: ServeConfig, audit_log: Any, public_key: Any) -> Any:
+def _witness_publisher(cfg: ServeConfig, audit_log: AuditLog,
+                       public_key: Ed25519PublicKey) -> WitnessPublisher | None:
     """The background publisher of audit checkpoints to ``cfg.witness_url``, or None without one."""
     from edgeshield import audit
     from edgeshield.errors import InvalidArgumentError
@@ -161,7 +173,7 @@ def _witness_publisher(cfg: ServeConfig, audit_log: Any, public_key: Any) -> Any
                             every_s=cfg.witness_every_s, note_path=note)
 
 
-def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
+def _extraction_defence(cfg: ServeConfig) -> tuple[RateLimiter | None, QueryMonitor | None, OutputPolicy | None]:
     """Rate limiter, PRADA query monitor and output policy from the configuration (each optional)."""
     from edgeshield.errors import InvalidArgumentError
     from edgeshield.extraction import (
@@ -181,7 +193,7 @@ def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
     if cfg.query_budget is not None and cfg.extraction_action is None:
         raise InvalidArgumentError("a query budget needs an extraction action (--extraction-monitor ACTION)")
     if cfg.extraction_action is not None:
-        detectors: list[Any] = [PradaDetector()]
+        detectors: list[Detector] = [PradaDetector()]
         if cfg.query_budget is not None:
             detectors.append(QueryBudget(cfg.query_budget, window_s=cfg.query_window_s))
         monitor = QueryMonitor(detectors, response=ResponsePolicy(default=cfg.extraction_action))
@@ -194,7 +206,8 @@ def _extraction_defence(cfg: ServeConfig) -> tuple[Any, Any, Any]:
     return limiter, monitor, outputs
 
 
-def _served_watermark(cfg: ServeConfig, session: Any) -> tuple[Any, Any]:
+def _served_watermark(cfg: ServeConfig, session: onnxruntime.InferenceSession,
+                      ) -> tuple[ServedWatermark, EvidenceStore] | tuple[None, None]:
     """The DAWN served watermark and its evidence store, when configured (both or neither)."""
     from edgeshield.errors import InvalidArgumentError
 
@@ -277,7 +290,19 @@ def log_config(level: str = "info") -> dict[str, Any]:
     }
 
 
-def _server_class() -> type:
+class GuardedServer(Protocol):
+    """What ``make_server`` returns: a ``uvicorn.Server`` behind EdgeShield's connection gate (the class itself is
+    made by ``_server_class``, so that uvicorn is imported only to serve)."""
+
+    gate: ConnectionGate
+    started: bool
+    should_exit: bool
+    servers: list[asyncio.Server]
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None: ...
+
+
+def _server_class() -> Callable[[uvicorn.Config], GuardedServer]:
     import signal
 
     import uvicorn
@@ -294,7 +319,7 @@ def _server_class() -> type:
 
         gate: ConnectionGate
 
-        async def startup(self, sockets: list[Any] | None = None) -> None:
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await self.lifespan.startup()
             if self.lifespan.should_exit:
                 self.should_exit = True
@@ -318,12 +343,12 @@ def _server_class() -> type:
             log.info("serving on https://%s:%d (mutual TLS 1.3)", host, port)
             self.started = True
 
-        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             self.gate.abort_handshakes()
             await super().shutdown(sockets)
 
         @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def]
+        def capture_signals(self) -> Iterator[None]:
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
@@ -337,7 +362,7 @@ def _server_class() -> type:
     return GuardedServer
 
 
-def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any, CrlWatcher]:
+def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[GuardedServer, CrlWatcher]:
     """A configured ``uvicorn.Server`` behind EdgeShield's listener (not started) and its CRL watcher."""
     import uvicorn
 
@@ -374,7 +399,7 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Any
 
 @contextlib.contextmanager
 def running(cfg: ServeConfig, state: ServerState | None = None, *,
-            start_timeout_s: float = 20.0) -> Iterator[tuple[Any, CrlWatcher, int]]:
+            start_timeout_s: float = 20.0) -> Iterator[tuple[GuardedServer, CrlWatcher, int]]:
     """``make_server(cfg)`` serving on a background thread, with its CRL watcher: yields (server, watcher, port)
     once it listens, and shuts it down gracefully (audit shutdown entry and checkpoint) when the block ends."""
     from edgeshield.errors import EdgeShieldError

@@ -24,10 +24,15 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState as UvicornServerState
+
     from edgeshield.server._listener import ConnectionGate
+    from edgeshield.transport import Identity
 
 
-def tls_extension(transport: Any) -> dict[str, Any] | None:
+def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
     """The ASGI TLS extension for a connection, plus EdgeShield's verified identity (or why there is none).
 
     ``peer_identity`` re-checks the serial against the server's current CRL: a TLS 1.3 session resumed from a
@@ -55,8 +60,8 @@ def tls_extension(transport: Any) -> dict[str, Any] | None:
     }
 
 
-def _wrap(app: Any, tls: dict[str, Any] | None) -> Any:
-    async def with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:
+def _wrap(app: ASGIApp, tls: dict[str, Any] | None) -> ASGIApp:
+    async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
         if tls is not None and scope["type"] in ("http", "websocket"):
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "tls": tls}}
         await app(scope, receive, send)
@@ -65,14 +70,16 @@ def _wrap(app: Any, tls: dict[str, Any] | None) -> Any:
 
 
 class TlsHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, gate: ConnectionGate | None = None, address: str | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Config, server_state: UvicornServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None, *, gate: ConnectionGate | None = None,
+                 address: str | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
         self.gate, self.address = gate, address
-        self.identity: Any = None  # set once counted against the gate
+        self.identity: Identity | None = None  # set once counted against the gate
         self._head_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    # asyncio declares BaseTransport; an HTTP protocol always gets a full Transport (uvicorn narrows it alike).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         tls = tls_extension(transport)
         identity = tls.get("edgeshield.identity") if tls else None
