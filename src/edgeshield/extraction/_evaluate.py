@@ -21,11 +21,11 @@ Protocol (fixed; :func:`protocol_text` prints it with the results):
   attacker's own data, with its own labels for the adaptive policy); ``jacobian``:
   Papernot et al.'s Jacobian-based dataset augmentation from 10 x_train seeds (one per class), step λ = 0.1,
   substitute retrained each round (torch gradients of the substitute). Budgets in queries.
-* Detection point: the queries answered before the first 403 (a blocked batch is not answered). The stolen model "at detection" is trained on exactly
-  those answered queries; "full budget" is the same attack run against the same app without a monitor (the
-  undefended baseline) and trained on all answers. Substitute: a 64-128-64-10 MLP (the victim's architecture),
-  Adam 1e-3, batch 32, ``EPOCHS`` epochs. Fidelity = agreement with the victim's labels on x_test; accuracy on
-  y_test.
+* Detection point: the queries answered before the first 403 (a blocked batch is not answered). The stolen model
+  "at detection" is trained on exactly those answered queries; "full budget" is the same attack run against the
+  same app without a monitor (the undefended baseline) and trained on all answers. Substitute: a 64-128-64-10 MLP
+  (the victim's architecture), Adam 1e-3, batch 32, ``EPOCHS`` epochs. Fidelity = agreement with the victim's
+  labels on x_test; accuracy on y_test.
 * Benign sessions (same defended app, one identity each): held-out digits x_test[225:] in random order (batches of
   10), bursty (batches of 100 back to back, the held-out set twice over), repetitive (the same 5 digits 40 times
   each, batches of 10).
@@ -48,12 +48,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 import edgeshield  # noqa: F401  # before onnxruntime
 from edgeshield._progress import ProgressCallback, report
+
+if TYPE_CHECKING:
+    import httpx
+    import torch
+    from art.estimators.classification import BlackBoxClassifier, PyTorchClassifier
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from edgeshield.extraction import OutputPolicy, QueryMonitor
+    from edgeshield.extraction._monitor import Signal
+    from edgeshield.models import DigitsSplit
+    from edgeshield.transport import Identity
+    from edgeshield.watermark import CopyVerifyResult, EvidenceStore, ServedWatermark
 
 __all__ = ["ATTACKS", "EvaluationConfig", "Gateway", "evaluate", "protocol_text"]
 
@@ -107,14 +119,21 @@ def protocol_text(cfg: EvaluationConfig) -> str:
 
 
 # --- the victim: the real app, in-process ------------------------------------------------------------------------
+@dataclass(frozen=True)
 class _Manifest:
-    bundle_id, model_sha256, model_version, created, metadata = "e" * 32, "ee" * 32, 1, "2026-11-25T00:00:00Z", {}
+    """Stands in for the served bundle's manifest: what /v1/model shows."""
+
+    bundle_id: str = "e" * 32
+    model_sha256: str = "ee" * 32
+    model_version: int = 1
+    created: str = "2026-11-25T00:00:00Z"
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _with_identity(app: Any, identity: Any) -> Any:
+def _with_identity(app: ASGIApp, identity: Identity) -> ASGIApp:
     """What the TLS protocol layer does for a verified connection: the identity in the ASGI tls extension."""
 
-    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope = {**scope, "extensions": {"tls": {"edgeshield.identity": identity, "client_cert_error": None}}}
         await app(scope, receive, send)
@@ -122,13 +141,13 @@ def _with_identity(app: Any, identity: Any) -> Any:
     return wrapped
 
 
-def _output_policy(name: str) -> Any:
+def _output_policy(name: str) -> OutputPolicy | None:
     from edgeshield.extraction import TopK
 
     return {"full_probs": TopK(10), "top3": TopK(3), "label_only": None}[name]
 
 
-def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray) -> Any:
+def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray) -> QueryMonitor:
     from edgeshield.extraction import OodRateSignal, PradaDetector, QueryBudget, QueryMonitor, ResponsePolicy
 
     return QueryMonitor([PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES),
@@ -139,8 +158,8 @@ def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray) -> Any:
 class Gateway:
     """One ASGI app (one ``ServerState``) and a synchronous way to send it batches as named clients."""
 
-    def __init__(self, model_bytes: bytes, *, outputs: Any = None, monitor: Any = None, served: Any = None,
-                 evidence: Any = None) -> None:
+    def __init__(self, model_bytes: bytes, *, outputs: OutputPolicy | None = None, monitor: QueryMonitor | None = None,
+                 served: ServedWatermark | None = None, evidence: EvidenceStore | None = None) -> None:
         from edgeshield.bundles._ort import onnxruntime as ort
         from edgeshield.models import digits_input_spec
         from edgeshield.server import Rbac, ServerState, create_app
@@ -151,10 +170,10 @@ class Gateway:
                                  served_watermark=served, served_evidence=evidence)
         self.app = create_app(self.state)
         self.loop = asyncio.new_event_loop()
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
         self._serial = 0
 
-    def _client(self, name: str) -> Any:
+    def _client(self, name: str) -> httpx.AsyncClient:
         import httpx
 
         from edgeshield.transport import Identity
@@ -240,14 +259,14 @@ class Session:
 
 
 # --- substitutes ---------------------------------------------------------------------------------------------------
-def build_mlp() -> Any:
+def build_mlp() -> torch.nn.Sequential:
     """Same layout as scripts/train_digits.py's build_mlp: 64 -> 128 -> 64 -> 10 (logits)."""
     from torch import nn
 
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def thieved_classifier(seed: int) -> Any:
+def thieved_classifier(seed: int) -> PyTorchClassifier:
     """A fresh MLP as an ART PyTorchClassifier with an optimizer (so ART's extraction attacks can fit it)."""
     import torch
     from art.estimators.classification import PyTorchClassifier
@@ -259,7 +278,7 @@ def thieved_classifier(seed: int) -> Any:
                              device_type="cpu")
 
 
-def fit_substitute(x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> Any | None:
+def fit_substitute(x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> PyTorchClassifier | None:
     """Train a fresh thieved classifier on answered queries the way ART's extraction attacks do (batch 32)."""
     if len(x) == 0:
         return None
@@ -269,19 +288,19 @@ def fit_substitute(x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> A
     return clf
 
 
-def _labels(clf: Any, x: np.ndarray) -> np.ndarray:
+def _labels(clf: PyTorchClassifier, x: np.ndarray) -> np.ndarray:
     return np.asarray(clf.predict(x.astype(np.float32))).argmax(axis=1)
 
 
 # --- attacks -------------------------------------------------------------------------------------------------------
-def _blackbox(session: Session) -> Any:
+def _blackbox(session: Session) -> BlackBoxClassifier:
     from art.estimators.classification import BlackBoxClassifier
 
     return BlackBoxClassifier(session.query, input_shape=(64,), nb_classes=10, clip_values=(0.0, 1.0))
 
 
 def run_art_attack(kind: str, session: Session, pool: np.ndarray, budget: int, *, epochs: int, seed: int,
-                   soft: bool, pool_labels: np.ndarray | None = None) -> Any:
+                   soft: bool, pool_labels: np.ndarray | None = None) -> PyTorchClassifier:
     """CopycatCNN, KnockoffNets random or adaptive against ``session``; returns the thieved ART classifier.
 
     ``knockoff_adaptive`` is Orekondy et al.'s bandit over the attacker's own classes (``pool_labels``: the thief's
@@ -307,7 +326,7 @@ def run_art_attack(kind: str, session: Session, pool: np.ndarray, budget: int, *
 
 
 def run_jacobian_attack(session: Session, seeds: np.ndarray, budget: int, *, epochs: int, seed: int,
-                        step: float = JACOBIAN_STEP) -> Any:
+                        step: float = JACOBIAN_STEP) -> PyTorchClassifier | None:
     """Papernot et al. (2017): label seeds, train the substitute, augment x + λ·sign(∂F_y/∂x), repeat to budget."""
     import torch
 
@@ -322,13 +341,14 @@ def run_jacobian_attack(session: Session, seeds: np.ndarray, budget: int, *, epo
         ys.append(answers[:answered])
         x_all, y_all = np.concatenate(xs), np.concatenate(ys)
         clf = fit_substitute(x_all, y_all, epochs=epochs, seed=seed)
-        if session.blocked or len(x_all) >= budget:
+        if clf is None or session.blocked or len(x_all) >= budget:  # None: nothing was answered
             break
         model = clf.model  # ART wraps the module; gradients of the logit of the victim's label
         xt = torch.from_numpy(x_all).requires_grad_(True)
         logits = model(xt)
-        logits.gather(1, torch.from_numpy(y_all.argmax(axis=1)).long()[:, None]).sum().backward()
-        new = np.clip(x_all + step * np.sign(xt.grad.numpy()), 0.0, 1.0).astype(np.float32)
+        (grad,) = torch.autograd.grad(logits.gather(1, torch.from_numpy(y_all.argmax(axis=1)).long()[:, None]).sum(),
+                                      xt)
+        new = np.clip(x_all + step * np.sign(grad.numpy()), 0.0, 1.0).astype(np.float32)
         data = new[: budget - len(x_all)]
     return clf
 
@@ -365,12 +385,12 @@ def _with_weights(model_bytes: bytes, weights: dict[str, np.ndarray]) -> bytes:
     return proto.SerializeToString()
 
 
-def mlp_as_onnx(base: bytes, module: Any) -> bytes:
+def mlp_as_onnx(base: bytes, module: torch.nn.Module) -> bytes:
     """A trained build_mlp() module's weights in the victim's ONNX graph (same names and shapes: inner.<k>.*)."""
     return _with_weights(base, {f"inner.{k}": v.detach().numpy() for k, v in module.state_dict().items()})
 
 
-def _train(module: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> Any:
+def _train(module: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> torch.nn.Module:
     import torch
 
     opt = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -389,7 +409,9 @@ def _train(module: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) ->
 
 
 def trained_weights(module: Any) -> dict[str, np.ndarray]:
-    """An ``onnx_to_torch`` module's parameters under the ONNX initializer names they came from."""
+    """An ``onnx_to_torch`` module's parameters under the ONNX initializer names they came from.
+
+    ``module`` is that function's graph module (a class it defines on first use), read through its ``_slots``."""
     params = dict(module.named_parameters())
     return {name: params[slot].detach().numpy() for name, slot in module._slots.items() if slot in params}
 
@@ -408,8 +430,8 @@ def magnitude_pruned(model_bytes: bytes, fraction: float) -> bytes:
     return _with_weights(model_bytes, pruned)
 
 
-def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
-                       stolen: Any | None) -> tuple[dict[str, Any], list[bytes]]:
+def evaluate_watermark(base: bytes, marked: bytes, split: DigitsSplit, cfg: EvaluationConfig,
+                       stolen: PyTorchClassifier | None) -> tuple[dict[str, Any], list[bytes]]:
     """The weight watermark against derived copies and the CopycatCNN copy; also returns the independent models."""
     import torch
 
@@ -441,7 +463,8 @@ def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationCo
     tuned = _with_weights(marked, trained_weights(module))
     pruned = magnitude_pruned(marked, 0.3)
     # int8 dynamic quantisation
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    # A submodule _ort does not re-export; importing edgeshield (above) has switched telemetry off already.
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: TID251
 
     with tempfile.TemporaryDirectory(prefix="edgeshield-wm-") as tmp:
         src, dst = Path(tmp) / "marked.onnx", Path(tmp) / "int8.onnx"
@@ -460,7 +483,7 @@ def evaluate_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationCo
     return out, independent
 
 
-def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: EvaluationConfig,
+def evaluate_served_watermark(base: bytes, marked: bytes, split: DigitsSplit, cfg: EvaluationConfig,
                               controls: Sequence[bytes], progress: ProgressCallback | None = None) -> dict[str, Any]:
     """The served (DAWN) watermark at each of ``cfg.served_rates``: honest cost, and proof of CopycatCNN copies.
 
@@ -475,7 +498,7 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
 
     from edgeshield.watermark import EvidenceStore, ServedWatermark, verify_copy
 
-    budget, out = max(cfg.budgets), {}
+    budget, out = max(cfg.budgets), dict[str, Any]()
     all_digits = np.concatenate([split.x_train, split.x_test])
 
     false_claims, control_p = 0, []
@@ -484,13 +507,14 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
             report(progress, "served watermark", i, len(cfg.served_rates), note=f"at {rate:.1%}")
             tag = f"served_watermark_{round(rate * 1000):03d}pm"  # per mille: 005pm = 0.5 %
             served = ServedWatermark(WATERMARK_KEY, rate, classes=10)
-            gw = Gateway(marked, served=served, evidence=EvidenceStore(Path(tmp) / f"{tag}.db"))
+            store = EvidenceStore(Path(tmp) / f"{tag}.db")
+            gw = Gateway(marked, served=served, evidence=store)
             try:
                 honest = Session(gw, "honest", batch=100).query(split.x_test).argmax(axis=1)
                 thief = Session(gw, "thief")
                 copy = run_art_attack("copycat", thief, split.x_train, budget, epochs=cfg.epochs, seed=7,
                                       soft=False)
-                evidence = gw.state.served_evidence.load("thief")[:2]
+                evidence = store.load("thief")[:2]
                 x_ans, y_ans = thief.t.arrays()
             finally:
                 gw.close()
@@ -525,9 +549,19 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: Any, cfg: Evalu
 
 
 # --- the whole evaluation ------------------------------------------------------------------------------------------
+@runtime_checkable
+class _Stateful(Protocol):
+    """A monitor detector that can say where a client stands without a new batch (all of ours can)."""
+
+    def state(self, client_id: str) -> Signal: ...
+
+
 def _alarming(gateway: Gateway, client: str) -> list[str]:
     """Which detectors of the monitor alarm for ``client`` now (PRADA's state is over its sliding window)."""
-    return [d.name for d in gateway.state.monitor.detectors if d.state(client).alarm]
+    monitor = gateway.state.monitor
+    if monitor is None:
+        return []
+    return [d.name for d in monitor.detectors if isinstance(d, _Stateful) and d.state(client).alarm]
 
 
 def _rate(a: np.ndarray, b: np.ndarray) -> float:
@@ -559,28 +593,30 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
     victim_labels = np.asarray(reference.state.session.run(None, {"input": split.x_test})[0]).argmax(axis=1)
     reference.close()
 
-    def score(clf: Any | None) -> tuple[float | None, float | None]:
+    def score(clf: PyTorchClassifier | None) -> tuple[float | None, float | None]:
         if clf is None:
             return None, None
         pred = _labels(clf, split.x_test)
         return _rate(pred, victim_labels), _rate(pred, split.y_test)
 
-    def dawn(gateway: Gateway, client: str, model: Any | None) -> Any | None:
+    def dawn(gateway: Gateway, client: str, model: PyTorchClassifier | None) -> CopyVerifyResult | None:
         """Does the served watermark prove ``model`` was trained on ``client``'s answers from ``gateway``?"""
-        if model is None:
+        store = gateway.state.served_evidence
+        if model is None or store is None:
             return None
-        x_ev, y_ev, _, _ = gateway.state.served_evidence.load(client)
+        x_ev, y_ev, _, _ = store.load(client)
         return verify_copy(model.predict, x_ev, y_ev, classes=10)  # evidence rows are float32 already
 
     served = ServedWatermark(WATERMARK_KEY, SERVED_RATE, classes=10)
     tmp = tempfile.TemporaryDirectory(prefix="edgeshield-extraction-")
     sessions: list[dict[str, Any]] = []
     benign: list[dict[str, Any]] = []
-    copycat_full: Any = None
+    copycat_full: PyTorchClassifier | None = None
     n_attacks = len(cfg.outputs) * len(cfg.attacks) * len(cfg.budgets)
     n_benign = len(cfg.outputs) * len(benign_streams(x_held, cfg.seed)) if cfg.benign else 0
     for out_name in cfg.outputs:
-        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=build_monitor(split.x_train, x_ood_cal),
+        monitor = build_monitor(split.x_train, x_ood_cal)
+        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=monitor,
                            served=served, evidence=EvidenceStore(Path(tmp.name) / f"defended-{out_name}.db"))
         open_ = Gateway(marked, outputs=_output_policy(out_name), served=served,
                         evidence=EvidenceStore(Path(tmp.name) / f"open-{out_name}.db"))
@@ -615,15 +651,18 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
                     "fidelity_at_detection": fid_det, "accuracy_at_detection": acc_det,
                     "fidelity_full": fid_full, "accuracy_full": acc_full,
                     "signals": _alarming(defended, name), "seconds": time.perf_counter() - t0,
-                    "served_wm_evidence": proof.evidence, "served_wm_matches": proof.matches,
-                    "served_wm_p": proof.p_value, "served_wm_proven": proof.present,
+                    # no proof without a copy (a session nothing was answered to)
+                    "served_wm_evidence": proof.evidence if proof is not None else None,
+                    "served_wm_matches": proof.matches if proof is not None else None,
+                    "served_wm_p": proof.p_value if proof is not None else None,
+                    "served_wm_proven": proof.present if proof is not None else False,
                 })
         if cfg.benign:
             for bname, stream, batch in benign_streams(x_held, cfg.seed):
                 s = Session(defended, f"benign-{bname}-{out_name}", batch=batch)
                 s.query(stream)
                 benign.append({"client": bname, "outputs": out_name, "queries": len(stream), "batch": batch,
-                               "flagged": s.blocked or defended.state.monitor.action(s.name) != "allow",
+                               "flagged": s.blocked or monitor.action(s.name) != "allow",
                                "blocked_at": s.t.blocked_at, "signals": _alarming(defended, s.name)})
                 report(progress, "benign sessions", len(benign), n_benign)
         defended.close()
@@ -672,17 +711,17 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
     for name, o in outputs.items():
         flat[f"output_{name}_accuracy"] = o["accuracy"]
         flat[f"output_{name}_accuracy_drop"] = o["accuracy_drop"]
-    flat.update({k: v for k, v in wm.items()})
+    flat.update(wm)
     flat["evaluation_s"] = time.perf_counter() - started
     return {"sessions": sessions, "benign": benign, "outputs": outputs, "watermark": wm, "flat": flat,
             "protocol_text": protocol_text(cfg)}
 
 
-def output_costs(model_bytes: bytes, split: Any) -> dict[str, dict[str, Any]]:
+def output_costs(model_bytes: bytes, split: DigitsSplit) -> dict[str, dict[str, Any]]:
     """Top-1 accuracy an honest client gets on x_test under each output policy (through the app)."""
     from edgeshield.extraction import LabelOnly, ReverseSigmoid, Rounding, TopK
 
-    policies: dict[str, Any] = {"none": TopK(10), "label_only": LabelOnly(), "top1": TopK(1), "top3": TopK(3),
+    policies: dict[str, OutputPolicy] = {"none": TopK(10), "label_only": LabelOnly(), "top1": TopK(1), "top3": TopK(3),
                                 "rounding1": Rounding(1), "reverse_sigmoid": ReverseSigmoid()}
     out: dict[str, dict[str, Any]] = {}
     raw_acc = None

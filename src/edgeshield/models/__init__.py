@@ -19,6 +19,8 @@ from edgeshield.errors import MissingDependencyError
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgeshield.adversarial import InputSpec
+
 __all__ = [
     "DIGITS_INPUT_NAME",
     "DIGITS_NUM_CLASSES",
@@ -85,7 +87,7 @@ def load_digits_split(*, test_size: float = DIGITS_TEST_SIZE, seed: int = DIGITS
     )
 
 
-def digits_input_spec():  # type: ignore[no-untyped-def]
+def digits_input_spec() -> InputSpec:
     """The digits model's input spec: a batch of 64 float32 pixels in [0, 1], an 8×8 image each."""
     from edgeshield.adversarial import InputSpec
 
