@@ -44,7 +44,7 @@ KeyOpt = Annotated[Path | None, typer.Option("--key", help="Private key of --cer
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, max=300.0, help="Seconds to wait for the witness.")]
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(str, Enum):  # noqa: UP042 - a StrEnum would change what str() and format() of a member give
     jsonl = "jsonl"
 
 
@@ -145,13 +145,14 @@ def verify(
 
         note = check_readable_file(against, what="checkpoint note").read_bytes()
         source = str(against)
-    else:
-        assert witness is not None
+    elif witness is not None:
         client = _witness_client(witness, ca, cert, key, passphrase_env, timeout)
         fetched = client.checkpoint(audit.log_vkey(public_key).name)
         if fetched is None:
             raise audit.WitnessRefusedError(404, f"the witness at {witness} has cosigned no checkpoint of this log")
         note, source = fetched.encode(), witness
+    else:  # not reached: without either flag the plain verification above has run and returned
+        raise InvalidArgumentError("give --against or --witness")
     result = audit.verify_against(log, note, public_key=public_key, witness_keys=_witness_keys(witness_key),
                                   require_checkpoint=require_checkpoint)
     if as_json:
@@ -334,7 +335,7 @@ def _load_config(path: Path | None) -> dict[str, Any]:
     return config
 
 
-def _logs(config_logs: Any, flags: list[str] | None) -> dict[str, list[audit.Vkey]]:
+def _logs(config_logs: object, flags: list[str] | None) -> dict[str, list[audit.Vkey]]:
     logs: dict[str, list[audit.Vkey]] = {}
     entries: list[tuple[str | None, str]] = [(None, v) for v in flags or []]
     if not isinstance(config_logs, list | type(None)):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
@@ -24,6 +25,10 @@ from edgeshield.cli._common import (
 from edgeshield.cli._progress import progress_bars
 from edgeshield.cli._tables import fields, table
 from edgeshield.errors import InvalidArgumentError, OutputExistsError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 OwnerPubOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
 
@@ -88,7 +93,8 @@ def protect(
     ] = None,
     watermark_key: Annotated[
         Path | None,
-        typer.Option("--watermark-key", help="Embed the owner's watermark (from `watermark keygen`) before protecting."),
+        typer.Option("--watermark-key",
+                     help="Embed the owner's watermark (from `watermark keygen`) before protecting."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
     passphrase_env: PassphraseEnvOpt = None,
@@ -144,8 +150,10 @@ def _load_watermark_key(path: Path | None) -> bytes | None:
 @requires("owner", "model_signing", "OpenSSL", when=given("sigstore_sig"))
 def verify(
     bundle: Annotated[Path | None, typer.Argument(help="The bundle to verify.")] = None,
-    owner_key: OwnerPubOpt = ...,  # type: ignore[assignment]
-    model: Annotated[Path | None, typer.Option("--model", help="A plain model to check against --sigstore-sig.")] = None,
+    *,
+    owner_key: OwnerPubOpt,
+    model: Annotated[Path | None,
+                     typer.Option("--model", help="A plain model to check against --sigstore-sig.")] = None,
     sigstore_sig: Annotated[
         Path | None, typer.Option("--sigstore-sig", help="An OpenSSF model-signing signature of --model.")
     ] = None,
@@ -197,7 +205,7 @@ def run(
     bundle: Annotated[Path, typer.Argument(help="The bundle to run.")],
     owner_key: OwnerPubOpt,
     device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")],
-    input: Annotated[Path, typer.Option("--input", help="Input batch as a .npy file.")],
+    input: Annotated[Path, typer.Option("--input", help="Input batch as a .npy file.")],  # noqa: A002 - --input
     output: Annotated[Path | None, typer.Option("--output", help="Save the raw model outputs here (.npy).")] = None,
     detector: Annotated[
         Path | None,
@@ -205,7 +213,8 @@ def run(
     ] = None,
     check_digest: Annotated[
         bool,
-        typer.Option("--check-digest", help="Also check the SHA-256 payload digest (pins one file even against the owner)."),
+        typer.Option("--check-digest",
+                     help="Also check the SHA-256 payload digest (pins one file even against the owner)."),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
     passphrase_env: PassphraseEnvOpt = None,
@@ -224,7 +233,7 @@ def run(
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device, check_digest=check_digest)
     x = _predict.load_npy(input)
     if detector is not None:
-        def torch_model():  # type: ignore[no-untyped-def]
+        def torch_model() -> torch.nn.Module:
             from edgeshield.adversarial._eval import torch_model_for_bundle
 
             return torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
@@ -249,8 +258,8 @@ def run(
         console.print(f"outputs {tuple(outputs.shape)} saved to {output}")
 
 
-def _run_robust(opened: bundles.OpenBundle, detector: Path, x: Any, output: Path | None, as_json: bool,
-                torch_model: Any) -> None:
+def _run_robust(opened: bundles.OpenBundle, detector: Path, x: np.ndarray, output: Path | None, as_json: bool,
+                torch_model: Callable[[], torch.nn.Module]) -> None:
     """Validate, score and decide; rejected inputs get no prediction.
 
     ``torch_model`` builds the PyTorch twin of the model, only called when the file's decision detector needs

@@ -214,7 +214,7 @@ def predict(
     cert: CertOpt,
     key: KeyOpt,
     ca: CaOpt,
-    input: Annotated[Path, typer.Option("--input", help="Input batch (.npy).")],
+    input: Annotated[Path, typer.Option("--input", help="Input batch (.npy).")],  # noqa: A002 - names --input
     timeout: TimeoutOpt = 30.0,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,

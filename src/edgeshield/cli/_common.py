@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import click
 import typer
@@ -60,7 +60,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 Arguments = Mapping[str, Any]
-_F = TypeVar("_F", bound=Callable[..., Any])
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 _NEEDS = "__edgeshield_needs__"
 
 
@@ -86,14 +87,15 @@ def importable(module: str) -> bool:
         return False
 
 
-def requires(extra: str, *modules: str, when: Callable[[Arguments], bool] | None = None) -> Callable[[_F], _F]:
+def requires(extra: str, *modules: str,
+             when: Callable[[Arguments], bool] | None = None) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Declare that a command needs ``modules`` (default: the extra's, ``EXTRA_MODULES``), optionally only ``when``
     its arguments (by parameter name) say so. Goes *under* ``@app.command(...)``; stacks."""
     if extra not in EXTRA_MODULES:
         raise ValueError(f"unknown extra {extra!r}; pyproject.toml defines {sorted(EXTRA_MODULES)}")
     need = Need(extra, tuple(modules) or EXTRA_MODULES[extra], when)
 
-    def decorate(func: _F) -> _F:
+    def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
         needs: list[Need] | None = getattr(func, _NEEDS, None)
         if needs is not None:  # already checked by a @requires below this one: one check for all
             needs.insert(0, need)
@@ -102,14 +104,14 @@ def requires(extra: str, *modules: str, when: Callable[[Arguments], bool] | None
         signature = inspect.signature(func)
 
         @functools.wraps(func)
-        def checked(*args: Any, **kwargs: Any) -> Any:
+        def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             bound = signature.bind_partial(*args, **kwargs)
             bound.apply_defaults()
             check_needs(needs, bound.arguments)
             return func(*args, **kwargs)
 
         setattr(checked, _NEEDS, needs)
-        return checked  # type: ignore[return-value]
+        return checked
 
     return decorate
 

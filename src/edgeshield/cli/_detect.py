@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -12,6 +12,11 @@ from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
 from edgeshield.cli._progress import progress_bars
 from edgeshield.cli._tables import never_cut, table
 from edgeshield.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgeshield.adversarial import InputSpec
 
 app = typer.Typer(help="Adversarial-input detectors: calibrate to a target FPR, evaluate against ART attacks.",
                   no_args_is_help=True)
@@ -26,20 +31,19 @@ SpecOpt = Annotated[
 
 
 def open_with_spec(bundle: Path, owner_key: Path, device_key: Path, passphrase_env: str | None,
-                   input_spec: Path | None, clean=None):  # type: ignore[no-untyped-def]
+                   input_spec: Path | None, clean: np.ndarray | None = None) -> tuple[bundles.OpenBundle, InputSpec]:
     """Open a bundle and work out its input spec: file > bundle metadata > model + clean-data range."""
     from edgeshield.adversarial import InputSpec
 
     device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device)
     if input_spec is not None:
-        spec = InputSpec.load(input_spec)
-    else:
-        spec = InputSpec.from_metadata(opened.manifest.metadata)
-        if spec is None:
-            if clean is None:
-                raise InvalidArgumentError("the bundle carries no input spec: pass --input-spec")
-            spec = InputSpec.from_session(opened.session, min=float(clean.min()), max=float(clean.max()))
+        return opened, InputSpec.load(input_spec)
+    spec = InputSpec.from_metadata(opened.manifest.metadata)
+    if spec is None:
+        if clean is None:
+            raise InvalidArgumentError("the bundle carries no input spec: pass --input-spec")
+        spec = InputSpec.from_session(opened.session, min=float(clean.min()), max=float(clean.max()))
     return opened, spec
 
 
@@ -51,7 +55,8 @@ def calibrate(
     device_key: DeviceOpt,
     clean: Annotated[Path, typer.Option("--clean", help="Clean held-out inputs (.npy) to calibrate on.")],
     out: Annotated[Path, typer.Option("--out", help="Detector file to write (JSON, atomically).")],
-    target_fpr: Annotated[float, typer.Option("--target-fpr", help="Largest false-positive rate on clean data.")] = 0.02,
+    target_fpr: Annotated[float,
+                          typer.Option("--target-fpr", help="Largest false-positive rate on clean data.")] = 0.02,
     flag_fpr: Annotated[float | None, typer.Option("--flag-fpr", help="FPR of the (looser) flag threshold.")] = None,
     detectors: Annotated[
         str | None,
@@ -60,7 +65,8 @@ def calibrate(
     ] = None,
     reference: Annotated[
         Path | None,
-        typer.Option("--reference", help="Clean reference inputs (.npy, e.g. the training set) for the reconstruction detector."),
+        typer.Option("--reference", help="Clean reference inputs (.npy, e.g. the training set) for the "
+                                         "reconstruction detector."),
     ] = None,
     input_spec: SpecOpt = None,
     passphrase_env: PassphraseEnvOpt = None,
@@ -107,7 +113,8 @@ def evaluate(
     detector: Annotated[Path, typer.Option("--detector", help="Detector file from `detect calibrate` for this model.")],
     data: Annotated[Path, typer.Option("--data", help="Clean evaluation inputs (.npy), NOT the calibration set.")],
     labels: Annotated[Path, typer.Option("--labels", help="Their true labels (.npy, 1-D integers).")],
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer iterations, no HopSkipJump, small adaptive sweep.")] = False,
+    quick: Annotated[bool,
+                     typer.Option("--quick", help="Fewer iterations, no HopSkipJump, small adaptive sweep.")] = False,
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", help="Write one ROC plot per attack here (roc_<attack>.png).")
     ] = None,

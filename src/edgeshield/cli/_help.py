@@ -18,22 +18,25 @@ help test at 80 columns (tests/cli/test_narrow.py) fails if a Typer upgrade chan
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.columns import Columns
+from rich.console import Console, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 _WRAPPING_COLUMNS = 2  # the last two columns of an options panel, metavar and help text, wrap; the others hold names
 _MIN_HELP = 30  # columns left for metavar and help text before names are allowed to fold
+_INSTALLED: set[Callable[..., None]] = set()  # our printers, so that install() wraps Typer's only once
 
 
-def _width(cell: Any) -> int:
+def _width(cell: RenderableType) -> int:
     return cell.cell_len if isinstance(cell, Text) else 0
 
 
-def _fold(renderable: Any) -> None:
+def _fold(renderable: RenderableType) -> None:
     if isinstance(renderable, Text):
         renderable.overflow = "fold"
     elif isinstance(renderable, Columns):
@@ -44,11 +47,11 @@ def _fold(renderable: Any) -> None:
 class _NeverCut:
     """A console stand-in that fixes a help panel's table just before the panel is printed."""
 
-    def __init__(self, console: Any, *, keep_names_whole: bool) -> None:
+    def __init__(self, console: Console, *, keep_names_whole: bool) -> None:
         self._console = console
         self._keep_names_whole = keep_names_whole
 
-    def print(self, renderable: Any, *args: Any, **kwargs: Any) -> None:
+    def print(self, renderable: RenderableType, *args: Any, **kwargs: Any) -> None:
         table = renderable.renderable if isinstance(renderable, Panel) else None
         if isinstance(table, Table):
             names = table.columns[:-_WRAPPING_COLUMNS]
@@ -64,7 +67,7 @@ class _NeverCut:
                     _fold(cell)
         self._console.print(renderable, *args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # everything else is the real console's
         return getattr(self._console, name)
 
 
@@ -74,11 +77,12 @@ def install() -> None:
 
     for name, keep_names_whole in (("_print_options_panel", True), ("_print_commands_panel", False)):
         original = getattr(rich_utils, name)
-        if getattr(original, "_edgeshield", False):
+        if original in _INSTALLED:
             continue
 
-        def printer(*, console: Any, _original: Any = original, _keep: bool = keep_names_whole, **kwargs: Any) -> None:
+        def printer(*, console: Console, _original: Callable[..., None] = original, _keep: bool = keep_names_whole,
+                    **kwargs: Any) -> None:
             _original(console=_NeverCut(console, keep_names_whole=_keep), **kwargs)
 
-        printer._edgeshield = True  # type: ignore[attr-defined]
+        _INSTALLED.add(printer)
         setattr(rich_utils, name, printer)

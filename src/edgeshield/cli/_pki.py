@@ -42,8 +42,8 @@ def _show_one(info: transport.CertInfo, title: str) -> None:
         rows.append(("SANs", "\n".join(info.sans)))
     rows += [("fingerprint", info.fingerprint_sha256), ("status", info.status())]
     if info.revoked_at is not None:
-        rows.append(("revoked", f"{info.revoked_at.strftime('%Y-%m-%d %H:%M')} UTC"
-                                f"{f' ({info.revocation_reason})' if info.revocation_reason else ''}"))
+        rows.append(("revoked", (f"{info.revoked_at.strftime('%Y-%m-%d %H:%M')} UTC"
+                                 f"{f' ({info.revocation_reason})' if info.revocation_reason else ''}")))
     console.print(fields(title, rows))
 
 

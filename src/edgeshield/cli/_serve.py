@@ -44,16 +44,18 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
                 by_key[opt[2:]] = param
     defaults: dict[str, Any] = {}
     for key, item in data.items():
-        param = by_key.get(key)
-        if param is None or param.name is None or param.name == "config":
+        target = by_key.get(key)
+        if target is None or target.name is None or target.name == "config":
             known = ", ".join(sorted(k for k in by_key if k != "config"))
             raise InvalidArgumentError(f"{path}: unknown key {key!r}; the keys are the serve options: {known}")
         if isinstance(item, dict):
             raise InvalidArgumentError(f"{path}: {key} must be a value or a list, not a table")
-        if isinstance(param.type, click.Path) or (isinstance(param.type, click.types.FuncParamType)
-                                                   and param.type.func is Path):
-            item = [str(path.parent / Path(v)) for v in item] if isinstance(item, list) else str(path.parent / item)
-        defaults[param.name] = item
+        if isinstance(target.type, click.Path) or (isinstance(target.type, click.types.FuncParamType)
+                                                    and target.type.func is Path):
+            defaults[target.name] = ([str(path.parent / Path(v)) for v in item] if isinstance(item, list)
+                                     else str(path.parent / item))
+        else:
+            defaults[target.name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -68,7 +70,8 @@ def serve(
     cert: Annotated[Path, typer.Option("--cert", help="Server certificate (`pki issue --server`).")],
     key: Annotated[Path, typer.Option("--key", help="Server private key.")],
     audit_db: Annotated[Path, typer.Option("--audit-db", help="Audit log (SQLite), created if missing.")],
-    audit_key: Annotated[Path, typer.Option("--audit-key", help="Ed25519 key signing audit checkpoints (`audit keygen`).")],
+    audit_key: Annotated[Path, typer.Option("--audit-key",
+                                            help="Ed25519 key signing audit checkpoints (`audit keygen`).")],
     config: Annotated[
         Path | None,
         typer.Option("--config", is_eager=True, callback=_load_config,
@@ -79,7 +82,8 @@ def serve(
     policy: Annotated[Path | None, typer.Option("--policy", help="RBAC policy CSV (default: the shipped one).")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
-    max_body: Annotated[int, typer.Option("--max-body", min=1, help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    max_body: Annotated[int, typer.Option("--max-body", min=1,
+                                          help="Largest request body in bytes.")] = 4 * 1024 * 1024,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most inputs in one request.")] = 1024,
     inference_timeout: Annotated[
         float, typer.Option("--inference-timeout", min=0.001, help="Seconds before inference answers 504.")
@@ -157,7 +161,8 @@ def serve(
     outputs: Annotated[
         str | None,
         typer.Option("--outputs", rich_help_panel=_EXTRACTION,
-                     help='Return hardened probabilities, e.g. \'{"policy": "top_k", "k": 3}\' (default: labels only).'),
+                     help='Return hardened probabilities, e.g. \'{"policy": "top_k", "k": 3}\' '
+                          '(default: labels only).'),
     ] = None,
     query_budget: Annotated[
         int | None,
@@ -166,7 +171,8 @@ def serve(
                           "action (repeats are free)."),
     ] = None,
     query_window: Annotated[
-        float, typer.Option("--query-window", min=1.0, rich_help_panel=_EXTRACTION, help="Query-budget window, seconds.")
+        float, typer.Option("--query-window", min=1.0, rich_help_panel=_EXTRACTION,
+                            help="Query-budget window, seconds.")
     ] = 86400.0,
     served_watermark_key: Annotated[
         Path | None,
@@ -181,7 +187,8 @@ def serve(
     served_watermark_evidence: Annotated[
         Path | None,
         typer.Option("--served-watermark-evidence", rich_help_panel=_EXTRACTION,
-                     help="SQLite file keeping the marked inputs (for `watermark verify-copy`); required with the key."),
+                     help="SQLite file keeping the marked inputs (for `watermark verify-copy`); "
+                          "required with the key."),
     ] = None,
     witness: Annotated[
         str | None,

@@ -8,10 +8,12 @@ rich's default for a column is ``overflow="ellipsis"``: at 80 columns a 64-digit
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TypeVar
 
 from rich.table import Table
 from rich.text import Text
+
+_R = TypeVar("_R")
 
 
 def table(title: str, columns: Sequence[str], *, whole: Iterable[str] = ()) -> Table:
@@ -35,7 +37,7 @@ def fields(title: str | None, rows: Iterable[tuple[str, str]]) -> Table:
     return t
 
 
-def never_cut(renderable: Any) -> Any:
+def never_cut(renderable: _R) -> _R:
     """Make a table built elsewhere (the evaluation reports, the demo) fold instead of cutting; returns it."""
     if isinstance(renderable, Table):
         for column in renderable.columns:
