@@ -36,7 +36,7 @@ class DemoContext:
     workdir: Path
     summary: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
-    tables: list[Any] = field(default_factory=list)  # extra rich tables a stage wants shown
+    tables: list[Table] = field(default_factory=list)  # extra rich tables a stage wants shown
     progress: ProgressCallback | None = None  # set by run_demo while a stage runs
 
     def step(self, done: int, total: int | None, note: str = "") -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeshield import bundles, keys
 from edgeshield.demo import DemoContext, DemoFailure, Stage
+
+if TYPE_CHECKING:
+    from edgeshield.adversarial import Decision
 
 TARGET_FPR = 0.02
 
@@ -29,8 +33,8 @@ def _calibrate(ctx: DemoContext) -> str:
                      input_spec=digits_input_spec(), target_fpr=TARGET_FPR, reference=split.x_train)
     ctx.state.update(detector=file, session=opened.session, split=split, half=half)
     ens = file.get("ensemble")
-    ctx.summary["detector"] = {d.name: {"reject_threshold": d.reject_threshold, "fpr_calibration": d.calibration["fpr_reject"]}
-                               for d in file.detectors}
+    ctx.summary["detector"] = {d.name: {"reject_threshold": d.reject_threshold,
+                                        "fpr_calibration": d.calibration["fpr_reject"]} for d in file.detectors}
     return (f"squeeze + noise + reconstruction → ensemble, thresholds for ≤ {TARGET_FPR:.0%} FPR on {half} clean "
             f"digits (calibration FPR {ens.calibration['fpr_reject']:.1%})")
 
@@ -55,12 +59,12 @@ def _attack_and_defend(ctx: DemoContext) -> str:
                                                          verbose=False).generate(x)
     ctx.step(2, 4, "robust inference on clean digits")
     robust = RobustModel(ctx.state["session"], ctx.state["detector"])
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     clean = robust.predict(x)
     rows["clean"] = _count(clean, np.ones(len(x), bool))
     ctx.step(3, 4, "robust inference on the attacks")
-    for name, xa in attacked.items():
-        xa = xa.astype(np.float32)
+    for name, generated in attacked.items():
+        xa = generated.astype(np.float32)
         fooled = robust.clf.predict(xa) != y
         decisions = robust.predict(xa)
         rows[name] = _count(decisions, fooled) | {"fooled_undefended": float(fooled.mean())}
@@ -73,14 +77,14 @@ def _attack_and_defend(ctx: DemoContext) -> str:
             f"{pgd['fooled_undefended']:.0%}, the detector rejected {pgd['reject_of_fooled']}/{pgd['fooled']} of those")
 
 
-def _count(decisions: list, fooled: np.ndarray) -> dict:  # type: ignore[type-arg]
+def _count(decisions: list[Decision], fooled: np.ndarray) -> dict[str, int]:
     verdicts = np.array([d.decision for d in decisions])
     return {"accept": int((verdicts == "accept").sum()), "flag": int((verdicts == "flag").sum()),
             "reject": int((verdicts == "reject").sum()), "fooled": int(fooled.sum()),
             "reject_of_fooled": int(((verdicts == "reject") & fooled).sum())}
 
 
-def _print_table(ctx: DemoContext, rows: dict, n: int) -> None:  # type: ignore[type-arg]
+def _print_table(ctx: DemoContext, rows: dict[str, dict[str, Any]], n: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"robust inference on {n} held-out digits (ensemble detector, target FPR {TARGET_FPR:.0%})")

@@ -139,8 +139,8 @@ def _stolen_copy(ctx: DemoContext) -> str:
                                   "copy_fidelity": fidelity, "evidence": proof.evidence, "matches": proof.matches,
                                   "p_value": proof.p_value, "independent_matches": control.matches}
     return (f"2 Sybil thieves each stopped at the {budget}-input budget, honest client served; {len(x)} answers "
-            f"stolen (copy agrees {fidelity:.0%} with the victim); served watermark at {served.rate:.0%}: the copy repeats "
-            f"{proof.matches}/{proof.evidence} marked answers (p = {proof.p_value:.1e}), an independent model "
+            f"stolen (copy agrees {fidelity:.0%} with the victim); served watermark at {served.rate:.0%}: the copy "
+            f"repeats {proof.matches}/{proof.evidence} marked answers (p = {proof.p_value:.1e}), an independent model "
             f"{control.matches}")
 
 

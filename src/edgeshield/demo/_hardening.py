@@ -10,12 +10,19 @@ import ssl
 import threading
 import time
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from edgeshield import audit, transport
 from edgeshield.demo import DemoContext, DemoFailure, Stage
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from edgeshield.server import ServeConfig
+    from edgeshield.server._limits import Limits
+    from edgeshield.server._serve import GuardedServer
 
 ATTACKER, HONEST = "127.0.0.2", "127.0.0.3"  # two loopback addresses: the per-address caps tell them apart
 HOSTILE = {  # each once an HTTP 500; now a 4xx with a one-line reason
@@ -26,7 +33,7 @@ HOSTILE = {  # each once an HTTP 500; now a 4xx with a one-line reason
 }
 
 
-def _config(ctx: DemoContext, limits: Any) -> tuple[Any, dict[str, Any]]:
+def _config(ctx: DemoContext, limits: Limits) -> tuple[ServeConfig, dict[str, Any]]:
     """A fresh CA, certificates and audit key, and the server's configuration with ``limits``."""
     from edgeshield.server import ServeConfig
 
@@ -60,8 +67,8 @@ def _hardening(ctx: DemoContext) -> str:
             f"certificate's open connection: {after}")
 
 
-def _attack(ctx: DemoContext, server: Any, port: int, limits: Any,
-            w: dict[str, Any]) -> tuple[Any, dict[str, int], int, float, str]:
+def _attack(ctx: DemoContext, server: GuardedServer, port: int, limits: Limits,
+            w: dict[str, Any]) -> tuple[Table, dict[str, int], int, float, str]:
     """The three attacks against the running server; the table and what was seen."""
     from rich.table import Table
 

@@ -53,7 +53,8 @@ def _serve(ctx: DemoContext) -> str:
         table.title = f"mutual TLS 1.3 calls to {url}"
         for who, method, path, kw, expected in calls:
             cert = certs[who]
-            got = _status(transport.client_context(ca / "ca.crt", cert.cert_path, cert.key_path), url, method, path, **kw)
+            client = transport.client_context(ca / "ca.crt", cert.cert_path, cert.key_path)
+            got = _status(client, url, method, path, **kw)
             table.add_row(who, f"{method} {path}", got, expected)
             if got != expected:
                 raise DemoFailure(f"{who} {method} {path}: got {got}, expected {expected}")
