@@ -69,7 +69,8 @@ def rechain_and_resign(conn: sqlite3.Connection, key: Ed25519PrivateKey | None) 
     kid = key_id(key.public_key()) if key is not None else None
     conn.execute("DELETE FROM entries")
     prev, frontier = GENESIS_HASH, ()
-    for seq, (_old, ts, kind, actor, data) in enumerate(rows):
+    for seq, (_old, ts, kind, actor, stored) in enumerate(rows):
+        data = stored
         if key is not None and seq in sizes:
             root = merkle.frontier_root(frontier)
             sig = key.sign(checkpoint_text(origin_for(kid), seq, root).encode())

@@ -259,7 +259,8 @@ class Bench:
                 stanza = next(r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id))
                 bundle_id = bytes.fromhex(manifest.bundle_id)
                 data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, self.device_priv, bundle_id)
-                if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
+                commitment = _format.data_key_commitment(bundle_id, data_key)
+                if not hmac.compare_digest(commitment, manifest.data_key_commitment):
                     raise AssertionError("data key commitment mismatch")
             return manifest, stanza, data_key, mac_key
 
@@ -309,7 +310,8 @@ class Bench:
         decrypt_then_session()  # warm-up
         hash_only()
         plain_no_prepack()
-        out: dict[str, list[float]] = {k: [] for k in ("signature", "hash_only", "decrypt", "session", "plain_no_prepack")}
+        stages = ("signature", "hash_only", "decrypt", "session", "plain_no_prepack")
+        out: dict[str, list[float]] = {k: [] for k in stages}
         task = f"{m['label']}: where the opening time goes"
         for i in range(reps):
             report(progress, task, i, reps)  # between timings
@@ -360,7 +362,8 @@ class Bench:
                 def run() -> Any:
                     out = np.empty(total, dtype=np.uint8)  # fresh, as open_bundle allocates one per call
                     digest, mac = _stream.process_payload(
-                        data_key, aad, total, chunk, read_sealed, memoryview(out), mac_key=mac_key, digest=False, workers=workers
+                        data_key, aad, total, chunk, read_sealed, memoryview(out), mac_key=mac_key, digest=False,
+                        workers=workers,
                     )
                     if digest is not None or mac is None or not hmac.compare_digest(mac.hex(), stanza.payload_mac):
                         raise AssertionError("payload MAC mismatch")
@@ -427,7 +430,7 @@ class Bench:
         res["pipeline_workers"] = min(4, os.cpu_count() or 1)  # process_payload's own default
         res["bytes"] = total
         res["sealed_bytes"] = manifest.payload_size
-        del sealed
+        sealed.clear()  # the chunks go; the closures above, done with, keep an empty list
         gc.collect()
 
         # Fernet on the same plaintext (the decrypted image); fall back to a 32 MB sample if the full size is slow.
@@ -445,7 +448,8 @@ class Bench:
         res["fernet_bytes"] = len(sample)
         res["fernet_s"] = statistics.median(fernet)
         res["fernet_mbps"] = len(sample) / statistics.median(fernet) / MB
-        del token, sample
+        token = b""  # the lambda above, done with, keeps an empty token
+        del sample
         gc.collect()
         return res
 
@@ -459,7 +463,8 @@ class Bench:
             out[f"{kind}_ratio"] = (r["peak"] - r["baseline"]) / m["model_bytes"]
             if r["vm_hwm"] > 0 and abs(r["peak"] - r["vm_hwm"]) > 0.02 * r["peak"]:
                 out["warnings"].append(
-                    f"{m['label']} {kind}: ru_maxrss {r['peak'] / MB:.0f} MB differs from VmHWM {r['vm_hwm'] / MB:.0f} MB"
+                    f"{m['label']} {kind}: ru_maxrss {r['peak'] / MB:.0f} MB differs from "
+                    f"VmHWM {r['vm_hwm'] / MB:.0f} MB"
                 )
         report(progress, f"{m['label']}: peak memory (fresh subprocesses)", 2, 2)
         return out
@@ -686,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         "sum = header+sig+unwrap+commit + device decrypt+MAC + session from memory (the stages of open_session, "
         "which no longer hashes the ciphertext); 'open session' is open_session's median from the table above; "
-        "'gateway verify' is verify() with no device key (signature + SHA-256 hash list), not part of the sum; 'plain, prepacking off' is the plain-file session with "
+        "'gateway verify' is verify() with no device key (signature + SHA-256 hash list), not part of the sum; "
+        "'plain, prepacking off' is the plain-file session with "
         "session.disable_prepacking=1, to show how much of session creation is ONNX Runtime re-packing MatMul weights."
     )
 

@@ -60,7 +60,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
     for col in ("attack", "outputs", "budget", "detected", "queries to 403", "fidelity @det", "accuracy @det",
                 "fidelity full (undefended)", "accuracy full (undefended)", "signals", "s"):
         t.add_column(col, justify="left" if col in ("attack", "outputs", "signals") else "right")
-    for row, s in zip(session_rows(result["sessions"]), result["sessions"]):
+    for row, s in zip(session_rows(result["sessions"]), result["sessions"], strict=True):
         t.add_row(*row[:9], ",".join(s["signals"]) or "-", row[9])
     out.append(t)
 
@@ -99,7 +99,8 @@ def tables(result: dict[str, Any]) -> list[Any]:
             t.add_column(col, justify="left" if col == "model" else "right")
         t.add_row("watermarked victim", "yes", _f(wm["watermark_z_marked"], 2), _f(wm["watermark_accuracy_marked"], 4))
         t.add_row(f"independently trained ×{wm['watermark_independent_models']}",
-                  f"{wm['watermark_false_claims']} false claims", f"max {_f(wm['watermark_z_independent_max'], 2)}", "-")
+                  f"{wm['watermark_false_claims']} false claims",
+                  f"max {_f(wm['watermark_z_independent_max'], 2)}", "-")
         for name in ("finetune", "prune30", "int8"):
             t.add_row(name, _f(wm[f"watermark_survives_{name}"]), _f(wm[f"watermark_z_{name}"], 2),
                       _f(wm[f"watermark_accuracy_{name}"], 4))
@@ -113,8 +114,8 @@ def tables(result: dict[str, Any]) -> list[Any]:
     if wm and "served_watermark_false_claims" in wm:
         t = Table(title=f"Served (DAWN) watermark: labels-only app, CopycatCNN at {max(result['flat']['budgets'])} "
                         f"queries, p < 1e-6 to claim")
-        for col in ("rate", "marked share of all digits", "honest accuracy drop (x_test)", "marked answers", f"copy ({flat['epochs']} ep) repeats", "p",
-                    f"copy ({CONVERGED_EPOCHS} ep) repeats", "p "):
+        for col in ("rate", "marked share of all digits", "honest accuracy drop (x_test)", "marked answers",
+                    f"copy ({flat['epochs']} ep) repeats", "p", f"copy ({CONVERGED_EPOCHS} ep) repeats", "p "):
             t.add_column(col, justify="right")
         for key in sorted(k.removesuffix("_rate") for k in wm if k.startswith("served_watermark_")
                           and k.endswith("pm_rate")):
@@ -145,7 +146,8 @@ def tables(result: dict[str, Any]) -> list[Any]:
         t.add_row("watermark accuracy change <= 0.5 points", f"{100 * wm['watermark_accuracy_drop']:.2f} points",
                   _f(wm["watermark_accuracy_drop"] <= 0.005))
         t.add_row("no false ownership claims on independent models",
-                  f"{flat['watermark_false_claims']} (weight and served watermark)", _f(flat["watermark_false_claims"] == 0))
+                  f"{flat['watermark_false_claims']} (weight and served watermark)",
+                  _f(flat["watermark_false_claims"] == 0))
     out.append(t)
     return out
 

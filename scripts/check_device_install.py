@@ -142,7 +142,7 @@ class Checker:
 
     def device(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.edgeshield), *self.fill(list(argv))], cwd=self.work, env=clean_env(),
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
     def run(self, step: Step) -> subprocess.CompletedProcess[str]:
         t0 = time.monotonic()
@@ -183,7 +183,7 @@ def clean_env() -> dict[str, str]:
 
 def sh(*cmd: object, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     if proc.returncode != 0:
         raise CheckFailed(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                           f"{proc.stderr[-3000:]}")

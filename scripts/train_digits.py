@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(o_test - t_test).max())
         raise RuntimeError(f"ONNX logits differ from torch (max abs diff on test split {diff:.3g})")
 
-    print(f"torch: train accuracy {accuracy(t_train, split.y_train):.4f}, test accuracy {accuracy(t_test, split.y_test):.4f}")
-    print(f"onnx:  train accuracy {accuracy(o_train, split.y_train):.4f}, test accuracy {accuracy(o_test, split.y_test):.4f}")
+    print(f"torch: train accuracy {accuracy(t_train, split.y_train):.4f}, "
+          f"test accuracy {accuracy(t_test, split.y_test):.4f}")
+    print(f"onnx:  train accuracy {accuracy(o_train, split.y_train):.4f}, "
+          f"test accuracy {accuracy(o_test, split.y_test):.4f}")
 
     atomic_write_bytes(args.out, model_bytes)
     print(f"wrote {args.out} ({len(model_bytes)} bytes)")
