@@ -58,7 +58,7 @@ def detector_file(session, split) -> DetectorFile:  # type: ignore[no-untyped-de
 
 # --- input specs -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "x,error,field",
+    ("x", "error", "field"),
     [
         (np.zeros((2, 63), np.float32), InputShapeError, "shape[1]"),
         (np.zeros((2, 8, 8), np.float32), InputShapeError, "shape"),
@@ -194,7 +194,7 @@ def test_robust_inference_decisions(session, split, detector_file: DetectorFile)
     decisions = robust.predict(x)
     plain = OnnxClassifier(session).predict(x)
     ens = detector_file.get("ensemble")
-    for d, p in zip(decisions, plain):
+    for d, p in zip(decisions, plain, strict=True):
         assert d.detector == "ensemble" and d.threshold == ens.reject_threshold
         expected = "reject" if d.score > ens.reject_threshold else "flag" if d.score > ens.flag_threshold else "accept"
         assert d.decision == expected

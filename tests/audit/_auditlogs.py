@@ -53,10 +53,10 @@ def kill_writer_mid_append(db: Path, key: Path, at_least: int = 120) -> list[int
 
 
 V1_SCHEMA = (
-    "CREATE TABLE entries (seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, "
-    "data TEXT NOT NULL, prev_hash BLOB NOT NULL, entry_hash BLOB NOT NULL)",
-    "CREATE TABLE checkpoints (tree_size INTEGER PRIMARY KEY, root BLOB NOT NULL, ts TEXT NOT NULL, key_id TEXT, "
-    "signature BLOB)",
+    ("CREATE TABLE entries (seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, "
+     "data TEXT NOT NULL, prev_hash BLOB NOT NULL, entry_hash BLOB NOT NULL)"),
+    ("CREATE TABLE checkpoints (tree_size INTEGER PRIMARY KEY, root BLOB NOT NULL, ts TEXT NOT NULL, key_id TEXT, "
+     "signature BLOB)"),
     "PRAGMA application_id=1163084081",
     "PRAGMA user_version=1",
 )

@@ -78,7 +78,8 @@ def test_plaintext_sizes_around_the_chunk_size(tmp_path: Path, keyset: KeySet, t
         out = tmp_path / f"c{chunk}.esb"
         m = protect(tiny_model, out, keyset, chunk_size=chunk)
         assert m.payload_size == _stream.payload_size(size, chunk)
-        np.testing.assert_array_equal(run_model(bundles.open_session(out, keyset.owner_pub, keyset.device_priv), x), want)
+        session = bundles.open_session(out, keyset.owner_pub, keyset.device_priv)
+        np.testing.assert_array_equal(run_model(session, x), want)
 
 
 def test_multi_megabyte_model_round_trip(tmp_path: Path, keyset: KeySet) -> None:
@@ -97,10 +98,12 @@ def test_several_recipients_each_open_it(tmp_path: Path, keyset: KeySet, tiny_mo
         recipients=[keyset.device_pub, keys.load_device_public_key(second.public_path)],
     )
     for name in ("device", "edge-2"):
-        bundles.open_session(tmp_path / "m.esb", keyset.owner_pub, keys.load_device_private_key(keyset.dir / f"{name}.key"))
+        device = keys.load_device_private_key(keyset.dir / f"{name}.key")
+        bundles.open_session(tmp_path / "m.esb", keyset.owner_pub, device)
 
 
-def test_inspect_without_key_is_unverified_and_shows_no_secret(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
+def test_inspect_without_key_is_unverified_and_shows_no_secret(tmp_path: Path, keyset: KeySet,
+                                                                tiny_model: Path) -> None:
     m = protect(tiny_model, tmp_path / "m.esb", keyset)
     shown, verified = bundles.inspect(tmp_path / "m.esb")
     assert shown == m and not verified
@@ -208,7 +211,8 @@ def test_edited_and_reserialised_manifest_is_rejected(tmp_path: Path, keyset: Ke
 def test_resigned_by_an_attacker_is_a_wrong_owner(
     tmp_path: Path, keyset: KeySet, other_keyset: KeySet, tiny_model: Path
 ) -> None:
-    bundles.protect(tiny_model, tmp_path / "evil.esb", signing_key=other_keyset.owner_priv, recipients=[keyset.device_pub])
+    bundles.protect(tiny_model, tmp_path / "evil.esb", signing_key=other_keyset.owner_priv,
+                    recipients=[keyset.device_pub])
     errors = _rejected(tmp_path / "evil.esb", keyset)
     assert all(isinstance(e, WrongOwnerKeyError) and e.exit_code == 3 for e in errors)
 
@@ -226,7 +230,8 @@ def test_unknown_format_version(tmp_path: Path, keyset: KeySet, tiny_model: Path
     data = bytearray(_bundle_bytes(tmp_path, keyset, tiny_model))
     data[8:10] = struct.pack(">H", 2)
     (tmp_path / "v2.esb").write_bytes(bytes(data))
-    assert all(isinstance(e, UnsupportedFormatVersionError) and e.exit_code == 2 for e in _rejected(tmp_path / "v2.esb", keyset))
+    assert all(isinstance(e, UnsupportedFormatVersionError) and e.exit_code == 2
+               for e in _rejected(tmp_path / "v2.esb", keyset))
 
 
 def test_not_a_bundle_empty_directory_and_missing(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
@@ -243,7 +248,7 @@ def test_not_a_bundle_empty_directory_and_missing(tmp_path: Path, keyset: KeySet
 
 
 @pytest.mark.parametrize(
-    "content,error",
+    ("content", "error"),
     [
         (b"", EmptyFileError),
         (b"this is not an onnx model\n" * 10, UnsupportedModelError),
@@ -336,7 +341,8 @@ def test_device_rejects_a_key_wrap_the_manifest_does_not_commit_to(
         bundles.open_session(bad, keyset.owner_pub, keyset.device_priv)
 
 
-def test_hostile_unsigned_manifest_values_are_rejected_cleanly(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
+def test_hostile_unsigned_manifest_values_are_rejected_cleanly(tmp_path: Path, keyset: KeySet,
+                                                               tiny_model: Path) -> None:
     manifest, signature, payload = _split(_bundle_bytes(tmp_path, keyset, tiny_model))
     for value in ("\u00e9" * 16, "ABCDEF0123456789", 12345, None):
         d = json.loads(manifest)
@@ -348,14 +354,15 @@ def test_hostile_unsigned_manifest_values_are_rejected_cleanly(tmp_path: Path, k
 
 
 @pytest.mark.parametrize(
-    "field,value",
+    ("field", "value"),
     [
         ("bundle_id", "00112233445566778899aabbccddeeff\n"),
         ("created", "2026-11-25T10:00:00Z\n"),
         ("created", "\u0662026-11-25T10:00:00Z"),
         ("model_version", 2**63),
         ("metadata", {"k": "\ud800"}),
-        ("image", {"graph_size": 1, "weights_offset": 1, "weights_size": 1, "weights_location": "edgeshield.weights", "x": 1}),
+        ("image", {"graph_size": 1, "weights_offset": 1, "weights_size": 1, "weights_location": "edgeshield.weights",
+                   "x": 1}),
     ],
 )
 def test_signed_but_invalid_manifest_values(

@@ -97,7 +97,8 @@ def test_attribute_tensors_with_external_data_are_read_back_into_the_graph(tmp_p
     (tmp_path / "m").mkdir()
     onnx.save_model(proto, str(tmp_path / "m" / "c.onnx"), save_as_external_data=True, location="c.bin",
                     size_threshold=0, convert_attribute=True)
-    assert onnx.load(str(tmp_path / "m" / "c.onnx"), load_external_data=False).graph.node[0].attribute[0].t.external_data
+    graph = onnx.load(str(tmp_path / "m" / "c.onnx"), load_external_data=False).graph
+    assert graph.node[0].attribute[0].t.external_data
     _protect(tmp_path / "m" / "c.onnx", tmp_path / "c.esb", keyset)
     session = bundles.open_session(tmp_path / "c.esb", keyset.owner_pub, keyset.device_priv)
     x = np.ones((2, 64), np.float32)

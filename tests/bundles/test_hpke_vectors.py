@@ -123,7 +123,7 @@ class Context:
     seq: int = 0
 
     def _nonce(self, seq: int) -> bytes:
-        return bytes(a ^ b for a, b in zip(self.base_nonce, i2osp(seq, N_N)))
+        return bytes(a ^ b for a, b in zip(self.base_nonce, i2osp(seq, N_N), strict=True))
 
     def seal_at(self, seq: int, aad: bytes, pt: bytes) -> bytes:
         return AESGCM(self.key).encrypt(self._nonce(seq), pt, aad)
@@ -406,7 +406,7 @@ def test_product_suite_is_the_one_under_test():
 
 
 def test_product_wrap_opens_with_reference():
-    device, sk, pk = _device()
+    device, sk, _pk = _device()
     wrapped = _wrap.wrap_key(SECRET, device.public_key(), BUNDLE_ID)
     assert len(wrapped) == _wrap.WRAPPED_KEY_SIZE
     enc, ct = wrapped[:32], wrapped[32:]

@@ -126,7 +126,8 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         raise ReaderError("Malformed", "format")
     if m["format_version"] != 1:
         raise ReaderError("UnsupportedFormatVersion", "manifest")
-    if m["aead"] != "AES-256-GCM-STREAM-v1" or m["key_wrap"] != "HPKE-Base/DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM":
+    if (m["aead"] != "AES-256-GCM-STREAM-v1"
+            or m["key_wrap"] != "HPKE-Base/DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"):
         raise ReaderError("Malformed", "suite")
     if m["model_format"] != "onnx":
         raise ReaderError("Malformed", "model format")
@@ -142,7 +143,8 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     img = m["image"]
     if img["weights_location"] != WEIGHTS_FILE:
         raise ReaderError("Malformed", "weights location")
-    if not 0 < img["graph_size"] <= img["weights_offset"] or img["weights_offset"] + img["weights_size"] != m["plaintext_size"]:
+    if (not 0 < img["graph_size"] <= img["weights_offset"]
+            or img["weights_offset"] + img["weights_size"] != m["plaintext_size"]):
         raise ReaderError("Malformed", "image layout")
     recipients = m["recipients"]
     if not isinstance(recipients, list) or not recipients:
@@ -287,7 +289,8 @@ def write_onnx(manifest: dict[str, Any], plaintext: bytes, directory: Path) -> P
     img = manifest["image"]
     graph_path = directory / "model.onnx"
     graph_path.write_bytes(plaintext[: img["graph_size"]])
-    (directory / WEIGHTS_FILE).write_bytes(plaintext[img["weights_offset"] : img["weights_offset"] + img["weights_size"]])
+    start = img["weights_offset"]
+    (directory / WEIGHTS_FILE).write_bytes(plaintext[start : start + img["weights_size"]])
     return graph_path
 
 
@@ -386,7 +389,7 @@ def test_independent_reader_runs_the_model(
     got = rebuilt.run(None, {"input": x})
     want = original.run(None, {"input": x})
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
 
 
@@ -430,7 +433,8 @@ def test_independent_reader_rejects_flipped_payload_byte(
     assert payload_mac(mac_key, chunks) != m["recipients"][0]["payload_mac"]
 
 
-def test_independent_reader_rejects_missing_last_chunk(small_chunk_bundle: bytes, owner_pub: Any, device_key: Any) -> None:
+def test_independent_reader_rejects_missing_last_chunk(small_chunk_bundle: bytes, owner_pub: Any,
+                                                       device_key: Any) -> None:
     p, m = gateway_verify(small_chunk_bundle, owner_pub)
     chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
     assert len(chunks) > 2
@@ -533,7 +537,7 @@ def test_independent_reader_rejects_another_recipients_payload_mac(
     two_device_bundle: bytes, owner_pub: Any, device_key: Any, device_b_key: Any, keydir: Path, tmp_path: Path
 ) -> None:
     """Swap the two recipients' payload MACs and re-sign: the gateway cannot tell, each device refuses."""
-    p, m = gateway_verify(two_device_bundle, owner_pub)
+    p, _m = gateway_verify(two_device_bundle, owner_pub)
     swapped = json.loads(p.manifest_raw)
     first, second = swapped["recipients"]
     first["payload_mac"], second["payload_mac"] = second["payload_mac"], first["payload_mac"]

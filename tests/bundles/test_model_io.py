@@ -101,7 +101,8 @@ _tensor = st.builds(TensorInfo, _names, st.sampled_from(["float32", "int64", "bo
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(_tensor, max_size=30), st.lists(_tensor, max_size=30))
-def test_any_description_round_trips_through_valid_metadata(inputs: list[TensorInfo], outputs: list[TensorInfo]) -> None:
+def test_any_description_round_trips_through_valid_metadata(inputs: list[TensorInfo],
+                                                            outputs: list[TensorInfo]) -> None:
     io = ModelIO(tuple(inputs), tuple(outputs))
     entries = io.to_metadata()
     _format.validate_metadata(entries)  # every piece is a valid metadata value

@@ -90,7 +90,8 @@ def test_any_truncation_is_rejected(stream: tuple[bytes, int], data: st.DataObje
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(min_size=100, max_size=2000), st.integers(16, 48), st.data())
-def test_reordered_dropped_duplicated_or_extended_chunks_are_rejected(plain: bytes, chunk: int, data: st.DataObject) -> None:
+def test_reordered_dropped_duplicated_or_extended_chunks_are_rejected(plain: bytes, chunk: int,
+                                                                      data: st.DataObject) -> None:
     chunks = seal(plain, chunk)
     n = len(chunks)
     assert n >= 3
@@ -99,11 +100,11 @@ def test_reordered_dropped_duplicated_or_extended_chunks_are_rejected(plain: byt
     full = len(plain)
     attacks = {
         # Each tampered stream is fed with the plaintext size an attacker would have to claim for it.
-        "swap": (chunks[:i] + [chunks[j]] + chunks[i + 1 : j] + [chunks[i]] + chunks[j + 1 :], full),
+        "swap": ([*chunks[:i], chunks[j], *chunks[i + 1:j], chunks[i], *chunks[j + 1:]], full),
         "drop last": (chunks[:-1], (n - 1) * chunk),
         "drop middle": (chunks[:i] + chunks[i + 1 :], full - chunk),
-        "duplicate": (chunks[: i + 1] + [chunks[i]] + chunks[i + 1 : -1] + [chunks[-1]], full + chunk),
-        "extend": (chunks + [chunks[-1]], full + len(chunks[-1]) - _stream.TAG_SIZE),
+        "duplicate": ([*chunks[:i + 1], chunks[i], *chunks[i + 1:-1], chunks[-1]], full + chunk),
+        "extend": ([*chunks, chunks[-1]], full + len(chunks[-1]) - _stream.TAG_SIZE),
     }
     for name, (tampered, size) in attacks.items():
         if len(tampered) == n and tampered == chunks:

@@ -45,7 +45,7 @@ def _help(path: list[str], width: int) -> str:
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=lambda p: " ".join(p) or "edgeshield")
 def test_help_cuts_nothing(path: list[str], width: int) -> None:
     out = _help(path, width)
-    command = dict((tuple(p), c) for p, c in COMMANDS)[tuple(path)]
+    command = {tuple(p): c for p, c in COMMANDS}[tuple(path)]
     # only the ellipses the help texts themselves contain (a "…" written in a sentence), none from cutting
     texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
     if isinstance(command, click.Group):
@@ -114,7 +114,7 @@ def boxed_cells(out: str, starts: Callable[[list[str]], bool]) -> list[list[str]
         if starts(cells) or not rows:
             rows.append(cells)
         else:
-            rows[-1] = [a + b for a, b in zip(rows[-1], cells)]
+            rows[-1] = [a + b for a, b in zip(rows[-1], cells, strict=False)]
     return rows
 
 
@@ -195,7 +195,7 @@ def test_pki_tables_keep_serials_and_fingerprints_whole(world: dict, at: int) ->
 def test_inspect_at_80_columns_in_a_real_terminal_width(world: dict) -> None:  # type: ignore[type-arg]
     """The real thing once: a subprocess that learns its width from COLUMNS, as a terminal sets it."""
     proc = subprocess.run([sys.executable, "-m", "edgeshield", "inspect", str(world["bundle"])], capture_output=True,
-                          text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120)
+                          text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert max(len(line) for line in proc.stdout.splitlines()) <= 80
     assert not any(e in proc.stdout for e in ELLIPSIS)

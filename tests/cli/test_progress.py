@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +34,7 @@ def _well_formed(steps: list[Step]) -> dict[str, list[Step]]:
     tasks = _by_task(steps)
     for name, seen in tasks.items():
         assert len({s.total for s in seen}) == 1, name
-        assert all(a.done <= b.done for a, b in zip(seen, seen[1:])), name
+        assert all(a.done <= b.done for a, b in itertools.pairwise(seen)), name
         assert seen[-1].done == seen[-1].total, name
     return tasks
 
@@ -77,7 +78,8 @@ def test_bars_are_drawn_on_a_terminal_and_nowhere_else() -> None:
 def test_protect_json_stays_one_document_with_progress_on(tmp_path: Path, keyset: KeySet) -> None:
     model = make_matmul_model(tmp_path / "m.onnx", d=64)
     r = CliRunner().invoke(app, ["protect", str(model), "--out", str(tmp_path / "m.esb"), "--signing-key",
-                                 str(keyset.dir / "owner.key"), "--recipient", str(keyset.dir / "device.pub"), "--json"])
+                                 str(keyset.dir / "owner.key"), "--recipient", str(keyset.dir / "device.pub"),
+                                 "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["bundle"] == str(tmp_path / "m.esb")
 

@@ -31,7 +31,7 @@ main()
 
 def cli_without(blocked: tuple[str, ...], *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", _BLOCKED_RUN, ",".join(blocked), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
+                          capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
 
 
 @pytest.fixture(scope="module")

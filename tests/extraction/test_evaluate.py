@@ -96,7 +96,8 @@ def test_served_watermark_costs_exactly_its_marks(result) -> None:  # type: igno
 def test_watermark_figures(result) -> None:  # type: ignore[no-untyped-def]
     flat = result["flat"]
     assert flat["watermark_false_claims"] == 0 and flat["watermark_accuracy_drop"] <= 0.005
-    assert flat["watermark_survives_finetune"] and flat["watermark_survives_prune30"] and flat["watermark_survives_int8"]
+    assert (flat["watermark_survives_finetune"] and flat["watermark_survives_prune30"]
+            and flat["watermark_survives_int8"])
     # 100 queries at a 1 % served-watermark rate leave about one marked answer: too little evidence to claim a copy
     assert flat["watermark_survives_copycat"] is False and flat["weight_watermark_survives_copycat"] is False
     assert flat["served_watermark_false_claims"] == 0

@@ -54,7 +54,8 @@ async def test_rate_limit_per_role(tmp_path: Any) -> None:
 
 @pytest.mark.anyio
 async def test_extraction_campaign_blocked_honest_client_unaffected(tmp_path: Any) -> None:
-    monitor = QueryMonitor([PradaDetector(delta=0.9, min_samples=30)], response=ResponsePolicy(on_alarm={"prada": "block"}))
+    monitor = QueryMonitor([PradaDetector(delta=0.9, min_samples=30)],
+                           response=ResponsePolicy(on_alarm={"prada": "block"}))
     state = _state(tmp_path, monitor=monitor)
     split = load_digits_split()
     rng = np.random.default_rng(0)
@@ -120,7 +121,7 @@ async def test_served_watermark_answers_marked_inputs_and_keeps_evidence(tmp_pat
     got = np.array(got)
     expected, _ = wm.relabel(split.x_test, honest)
     assert (got == expected).all() and (got[marked] != honest[marked]).all() and (got[~marked] == honest[~marked]).all()
-    x_ev, y_ev, clients, digests = evidence.load("carol")
+    x_ev, _y_ev, clients, digests = evidence.load("carol")
     assert len(x_ev) == marked.sum() and set(clients) == {"carol"}
     assert sorted(digests) == sorted(row_digests(split.x_test[marked]))
     served = [e for e in state.audit.entries() if e.kind == "watermark.served"]  # type: ignore[union-attr]
@@ -152,9 +153,10 @@ def test_serve_configuration_of_the_defence(tmp_path: Any) -> None:
     from edgeshield.server._serve import ServeConfig, _extraction_defence
 
     p = Path(tmp_path)
-    base = dict(bundle=p, owner_key=p, device_key=p, ca=p, cert=p, key=p, audit_db=p, audit_key=p)
+    base = {"bundle": p, "owner_key": p, "device_key": p, "ca": p, "cert": p, "key": p, "audit_db": p, "audit_key": p}
     limits = _parse_rate_limits(["client=2:10", "operator=50:100"])
-    limiter, monitor, outputs = _extraction_defence(ServeConfig(**base, rate_limits=limits, extraction_action="throttle",
+    limiter, monitor, outputs = _extraction_defence(ServeConfig(**base, rate_limits=limits,
+                                                                extraction_action="throttle",
                                                                 outputs='{"policy": "top_k", "k": 2}'))
     assert limiter.roles == {"client": (2.0, 10.0), "operator": (50.0, 100.0), "throttled": (1.0, 10.0)}
     assert monitor is not None and isinstance(outputs, TopK)
@@ -180,7 +182,7 @@ def test_serve_configuration_of_the_served_watermark(tmp_path: Any) -> None:
     from edgeshield.watermark import EvidenceStore, ServedWatermark, generate_key
 
     p = tmp_path
-    base = dict(bundle=p, owner_key=p, device_key=p, ca=p, cert=p, key=p, audit_db=p, audit_key=p)
+    base = {"bundle": p, "owner_key": p, "device_key": p, "ca": p, "cert": p, "key": p, "audit_db": p, "audit_key": p}
     session = ort.InferenceSession(str(digits_model_path()), providers=["CPUExecutionProvider"])
     assert _served_watermark(ServeConfig(**base), session) == (None, None)
     key = p / "wm.key"

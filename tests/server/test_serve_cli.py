@@ -57,7 +57,7 @@ def running(tmp_path: Path):  # type: ignore[no-untyped-def]
             break
         except OSError:
             if proc.poll() is not None:
-                raise AssertionError(proc.stderr.read())
+                raise AssertionError(proc.stderr.read()) from None
             time.sleep(0.1)
     np.save(tmp_path / "x.npy", load_digits_split().x_test[:5])
     yield {"tmp": tmp_path, "ca": ca, "issued": issued, "url": f"https://127.0.0.1:{port}", "proc": proc}

@@ -68,8 +68,9 @@ def test_checkpoints_reach_the_witness_and_a_cut_back_log_is_caught(world: dict[
             src.backup(dst)  # a consistent copy of the log as it is now: what an attacker will later put back
     final = audit.AuditLog(db, readonly=True)
     note = (world["root"] / "audit.db.cosigned").read_text()
+    # the shutdown checkpoint, cosigned, and the log ends covered
     report = audit.verify_against(final, note, public_key=world["pub"], witness_keys=[world["witness"].vkey],
-                                  require_checkpoint=True)  # the shutdown checkpoint, cosigned, and the log ends covered
+                                  require_checkpoint=True)
     assert report.tree_size == final.latest_checkpoint().tree_size  # type: ignore[union-attr]
     held = world["witness"].checkpoint(audit.log_vkey(world["pub"]).name)
     assert held is not None and f"\n{report.tree_size}\n" in held

@@ -275,7 +275,7 @@ def test_validity_overrides_issue_an_expired_certificate(ca: Path) -> None:
 def test_bad_validity_overrides_are_refused(ca: Path) -> None:
     now = datetime.now(UTC)
     with pytest.raises(InvalidArgumentError, match="timezone"):
-        transport.issue(ca, name="a", role="client", not_before=datetime(2020, 1, 1))
+        transport.issue(ca, name="a", role="client", not_before=datetime(2020, 1, 1))  # noqa: DTZ001 - naive on purpose
     with pytest.raises(InvalidArgumentError, match="before it starts"):
         transport.issue(ca, name="a", role="client", not_before=now, not_after=now - timedelta(seconds=5))
     with pytest.raises(InvalidArgumentError, match="outlive the CA"):
@@ -403,7 +403,8 @@ def test_revoke_by_name_revokes_the_one_active_certificate(ca: Path) -> None:
 def test_revoke_by_name_refusals(ca: Path) -> None:
     alice = transport.issue(ca, name="alice", role="operator")
     now = datetime.now(UTC)
-    transport.issue(ca, name="gone", role="client", not_before=now - timedelta(days=9), not_after=now - timedelta(days=1))
+    transport.issue(ca, name="gone", role="client", not_before=now - timedelta(days=9),
+                    not_after=now - timedelta(days=1))
     crl_before = crl_number(load_crl(ca))
     with pytest.raises(UnknownCertificateError, match="no certificate named 'carol'"):
         transport.revoke(ca, name="carol")
@@ -427,7 +428,7 @@ def test_revoke_by_an_ambiguous_name_is_refused(ca: Path) -> None:
     twin = dict(index["certificates"][0], serial=f"{alice.serial + 1:x}")  # an index edited by hand
     index["certificates"].append(twin)
     (ca / "index.json").write_text(json.dumps(index))
-    with pytest.raises(UnknownCertificateError, match="2 valid certificates are named 'alice'.*--serial"):
+    with pytest.raises(UnknownCertificateError, match=r"2 valid certificates are named 'alice'.*--serial"):
         transport.revoke(ca, name="alice")
     assert transport.revoke(ca, alice.serial).status() == "revoked"
 

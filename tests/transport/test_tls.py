@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import ssl
@@ -79,10 +80,8 @@ class TlsServer:
                         continue
                     tls.sendall(PAYLOAD_PREFIX + f"{identity.name}:{identity.role}".encode())
                     self.outcomes.put(ServerOutcome(True, identity, tls.session_reused))
-                    try:
+                    with contextlib.suppress(OSError):
                         tls.recv(1)  # wait for the client to finish
-                    except OSError:
-                        pass
             except (ssl.SSLError, OSError) as exc:
                 self.outcomes.put(ServerOutcome(False, error=exc))
             finally:

@@ -207,7 +207,7 @@ def served() -> dict[str, np.ndarray]:
 
 
 def _lookup(x: np.ndarray, labels: np.ndarray) -> dict[str, int]:
-    return dict(zip(row_digests(x), labels.tolist()))
+    return dict(zip(row_digests(x), labels.tolist(), strict=True))
 
 
 def test_a_copy_that_learnt_the_answers_is_detected(served: dict[str, np.ndarray]) -> None:
