@@ -34,12 +34,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPublicKeyTypes,
+    CertificatePublicKeyTypes,
+    PrivateKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
@@ -493,7 +497,8 @@ def load_crl(path: str | os.PathLike[str], issuer: x509.Certificate) -> tuple[x5
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise CertificateError(f"{path} is not a PEM CRL") from exc
-    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+    key = issuer.public_key()
+    if crl.issuer != issuer.subject or not _can_sign(key) or not crl.is_signature_valid(key):
         raise CrlError(f"{path} is not a CRL signed by {issuer.subject.rfc4514_string()}")
     try:
         number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
@@ -580,6 +585,11 @@ def _hex(serial: int) -> str:
 
 def _fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _can_sign(key: CertificatePublicKeyTypes) -> TypeGuard[CertificateIssuerPublicKeyTypes]:
+    """Whether a certificate's key is of a kind that signs certificates and CRLs (X25519/X448 keys do not)."""
+    return isinstance(key, get_args(CertificateIssuerPublicKeyTypes))
 
 
 def _hash_for(key: CaPrivateKey) -> hashes.SHA256 | None:
