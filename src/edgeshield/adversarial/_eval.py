@@ -34,6 +34,7 @@ from edgeshield.errors import InvalidArgumentError, MissingDependencyError
 
 if TYPE_CHECKING:
     import torch
+    from art.estimators.classification import PyTorchClassifier
     from rich.table import Table
 
     from edgeshield.adversarial._robust import RobustModel
@@ -138,7 +139,7 @@ def run_attacks(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, n
     return out
 
 
-def _seeded_boundary_init(est: Any, x: np.ndarray, y: np.ndarray, clip: tuple[float, float] | None,
+def _seeded_boundary_init(est: PyTorchClassifier, x: np.ndarray, y: np.ndarray, clip: tuple[float, float] | None,
                           seed: int, tries: int = 100) -> np.ndarray:
     """HopSkipJump's own initialisation (a uniform-random misclassified input, binary-searched towards the input
     on the segment between them to 0.001), but from a seeded generator: ART draws it from an unseeded

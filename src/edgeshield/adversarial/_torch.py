@@ -253,7 +253,7 @@ def _kernel(node: onnx.NodeProto, opset: int, onnx: ModuleType, torch: ModuleTyp
     def unsupported(what: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"op {op} with {what} is not supported by the ONNX→PyTorch bridge")
 
-    def ints(t: Any) -> list[int]:
+    def ints(t: Tensor) -> list[int]:
         return [int(v) for v in t.reshape(-1).tolist()]
 
     simple = {
@@ -413,7 +413,7 @@ def _spatial_kernel(op: str, node: onnx.NodeProto, attrs: dict[str, Any],
                     small, big = total // 2, total - total // 2
                     extra.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
                 x = F.pad(x, (*extra[1], *extra[0]))
-                padding: Any = 0
+                padding: int | tuple[int, int] = 0
             elif symmetric:
                 padding = (pads[0], pads[1])
             else:
@@ -429,7 +429,7 @@ def _spatial_kernel(op: str, node: onnx.NodeProto, attrs: dict[str, Any],
             raise unsupported("an Indices output")
 
         def maxpool(x: Tensor) -> tuple[Tensor, ...]:
-            padding: Any = (pads[0], pads[1])
+            padding: int | tuple[int, int] = (pads[0], pads[1])
             if not symmetric:
                 x, padding = F.pad(x, explicit, value=float("-inf")), 0
             return (F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode),)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 
 from edgeshield import bundles, keys
 from edgeshield.demo import DemoContext, DemoFailure, Stage
+
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
 
 
 def _extraction(ctx: DemoContext) -> str:
@@ -30,7 +34,7 @@ def _extraction(ctx: DemoContext) -> str:
     def client(name: str) -> httpx.AsyncClient:
         who = Identity(name=name, role="client", serial=len(name), fingerprint_sha256="00" * 32)
 
-        async def with_identity(scope, receive, send):  # type: ignore[no-untyped-def]
+        async def with_identity(scope: Scope, receive: Receive, send: Send) -> None:
             # what the mTLS layer does for a verified connection (see the server stage for the real thing)
             if scope["type"] == "http":
                 scope = {**scope, "extensions": {"tls": {"edgeshield.identity": who}}}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import ssl
+from typing import Any
 
 import httpx
 
@@ -10,7 +12,7 @@ from edgeshield import audit, transport
 from edgeshield.demo import DemoContext, DemoFailure, Stage
 
 
-def _status(ctx_ssl, url: str, method: str, path: str, **kw) -> str:  # type: ignore[no-untyped-def]
+def _status(ctx_ssl: ssl.SSLContext, url: str, method: str, path: str, **kw: Any) -> str:
     try:
         with httpx.Client(base_url=url, verify=ctx_ssl, timeout=10) as c:
             return str(c.request(method, path, **kw).status_code)
