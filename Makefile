@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test device-check bench bench-quick model clean
+.PHONY: demo test lint device-check bench bench-quick model clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found"; exit 2; }
@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/edgeshield demo
 
-test: $(STAMP)
+# Lint and type-check first, so a lint or type error fails CI before the slow steps run.
+test: $(STAMP) lint
 	$(PY) -m pytest
 	$(PY) scripts/check_device_install.py
+
+# ruff over all the Python in the repository, mypy over the package (both configured in pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m mypy
 
 # A plain `pip install .` (no extras) into a fresh .venv-device, then every device-side command run there for real.
 device-check: $(STAMP)
@@ -46,4 +52,4 @@ model: $(STAMP)
 	$(PY) scripts/train_digits.py --out src/edgeshield/models/digits.onnx
 
 clean:
-	rm -rf $(VENV) .venv-device .pytest_cache .hypothesis build dist
+	rm -rf $(VENV) .venv-device .pytest_cache .hypothesis .mypy_cache .ruff_cache build dist
