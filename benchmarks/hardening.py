@@ -8,7 +8,8 @@ Protocol (fixed; every figure comes from this run; all traffic goes to 127.0.0.1
    example: the server derives the spec from the model), a fresh device CA with certificates for an honest client,
    an attacker, a fuzzer (admin role, so no request is refused by RBAC alone) and one certificate to revoke; a
    ``serve.toml`` with small connection limits (per address 32, per identity 8, handshake and request-head deadlines
-   2 s, body 3 s). The server is a subprocess (`python -m edgeshield serve --config serve.toml`).
+   2 s, body 3 s; handshakes 200/s per address, so the fuzzer's reconnections are never refused). The server is a
+   subprocess (`python -m edgeshield serve --config serve.toml`).
 1. Fuzz: ``fuzz_requests`` requests from a seeded generator through mutual TLS: random JSON trees (wrapped in
    ``{"inputs": ...}`` or not), numeric batches of random shapes with huge, tiny and long numbers, random bytes under
    JSON / .npy / other content types, .npy headers claiming random dtypes and shapes up to 4e8 x 64, nesting up to
@@ -61,8 +62,11 @@ from edgeshield.cli._progress import progress_bars
 from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 HOST, ATTACKER, HONEST = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+# Small caps, so the attack reaches them; a handshake rate high enough for the fuzzer, which reconnects after every
+# refusal that closes its connection (413, 408) — the rate cap itself is tested in tests/server/test_listener.py.
 LIMITS = {"max-connections-per-address": 32, "max-connections-per-identity": 8, "handshake-timeout": 2.0,
-          "request-head-timeout": 2.0, "body-timeout": 3.0, "max-body": 65536}
+          "request-head-timeout": 2.0, "body-timeout": 3.0, "max-body": 65536, "handshake-rate": 200.0,
+          "handshake-burst": 200}
 SIZES = {"fuzz": (400, 3000), "attack_s": (6, 20)}
 STAGES = 6
 
