@@ -40,12 +40,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/adversarial.py --json benchmarks/results/adversarial.json
 	$(PY) benchmarks/server.py --json benchmarks/results/server.json
 	$(PY) benchmarks/extraction.py --json benchmarks/results/extraction.json
+	$(PY) benchmarks/hardening.py --json benchmarks/results/hardening.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
 	$(PY) benchmarks/adversarial.py --quick
 	$(PY) benchmarks/server.py --quick
 	$(PY) benchmarks/extraction.py --quick
+	$(PY) benchmarks/hardening.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)

@@ -1,10 +1,10 @@
 """The server's own TCP listener: admission before the TLS handshake, TLS with a deadline, then HTTP.
 
 uvicorn only sees a connection once asyncio has finished its TLS handshake, which costs the server about 2.7 ms of
-CPU for a mutual-TLS client and by default may take 60 s. So EdgeShield listens on plain TCP itself: each new
-connection is first admitted by the :class:`ConnectionGate` (per-address connection cap and handshake rate, a
-global cap), then upgraded with ``loop.start_tls`` under ``handshake_timeout_s``, and only then handed to
-uvicorn's HTTP protocol (``_tls_scope.TlsHttpToolsProtocol``), which enforces the request-head timeout and the
+CPU for a mutual-TLS client and by default may take 60 s. So EdgeShield accepts connections itself (:class:`Listener`):
+each one is first admitted by the :class:`ConnectionGate` (per-address connection cap and handshake rate, a global
+cap), then wrapped in TLS under ``handshake_timeout_s`` (``loop.connect_accepted_socket``, so uvloop's native TLS
+stays in use), and only then handed to uvicorn's HTTP protocol (``_tls_scope.TlsHttpToolsProtocol``), which enforces the request-head timeout and the
 per-identity connection cap. Refusals before TLS can only be a closed connection; they are counted and written
 to the audit log at most once a second (:class:`ConnectionEvents`), so a flood cannot stall the log.
 """
@@ -12,7 +12,9 @@ to the audit log at most once a second (:class:`ConnectionEvents`), so a flood c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -190,68 +192,66 @@ class ConnectionGate:
             task.cancel()
 
 
-class _Handover(asyncio.Protocol):
-    """Holds what the TLS layer delivers between the end of the handshake and the HTTP protocol taking over."""
+class Listener:
+    """The listening socket and its accept loop: each accepted connection is admitted by the gate, then wrapped in
+    TLS with a deadline (``connect_accepted_socket``) and given to the HTTP protocol ``make_http`` builds.
 
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost: tuple[Exception | None] | None = None
+    Accepting ourselves is what lets the gate see the peer's address before a single byte of TLS is processed. It
+    has what uvicorn expects of ``server.servers``: ``sockets``, ``close()`` and ``wait_closed()``.
+    """
 
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-
-    def hand_over(self, transport: asyncio.BaseTransport, protocol: asyncio.Protocol) -> None:
-        transport.set_protocol(protocol)
-        for chunk in self.data:
-            protocol.data_received(chunk)
-        if self.eof:
-            protocol.eof_received()
-        if self.lost is not None:
-            protocol.connection_lost(self.lost[0])
-
-
-class GateProtocol(asyncio.Protocol):
-    """The listener's protocol for one TCP connection: admit it, upgrade it to TLS in time, hand it to HTTP."""
-
-    def __init__(self, gate: ConnectionGate, make_http: Callable[[str], asyncio.Protocol]) -> None:
+    def __init__(self, sock: socket.socket, gate: ConnectionGate,
+                 make_http: Callable[[str], asyncio.Protocol]) -> None:
+        sock.setblocking(False)
+        self.sockets = [sock]
         self.gate, self.make_http = gate, make_http
+        self._task: asyncio.Task[None] | None = None
 
-    # asyncio declares BaseTransport; a TCP server's protocol gets a full Transport (asyncio's or uvloop's).
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        transport.pause_reading()  # nothing may be read before start_tls owns the connection
-        address = address_key(transport.get_extra_info("peername"))
-        refusal = self.gate.admit(address)
-        if refusal is not None:
-            self.gate.events.refused(refusal)
-            transport.abort()
-            return
-        self.gate.track(asyncio.get_running_loop().create_task(self._upgrade(transport, address)))
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._accept(), name="edgeshield-accept")
 
-    async def _upgrade(self, transport: asyncio.Transport, address: str) -> None:
+    async def _accept(self) -> None:
+        loop, listening = asyncio.get_running_loop(), self.sockets[0]
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listening)
+            except OSError as exc:  # e.g. out of file descriptors: keep the server up, try again shortly
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            address = address_key(peer)
+            refusal = self.gate.admit(address)
+            if refusal is not None:
+                self.gate.events.refused(refusal)
+                conn.close()
+                continue
+            self.gate.track(loop.create_task(self._handshake(conn, address)))
+
+    async def _handshake(self, conn: socket.socket, address: str) -> None:
         loop = asyncio.get_running_loop()
-        pending = _Handover()
         try:
-            tls = await loop.start_tls(transport, pending, self.gate.ssl_context, server_side=True,
-                                       ssl_handshake_timeout=self.gate.limits.handshake_timeout_s)
-        except BaseException as exc:
+            await loop.connect_accepted_socket(lambda: self.make_http(address), conn, ssl=self.gate.ssl_context,
+                                               ssl_handshake_timeout=self.gate.limits.handshake_timeout_s)
+        except BaseException as exc:  # refused, timed out, the peer gone, or cancelled at shutdown
             self.gate.release(address)
-            transport.abort()
-            if isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc):
+            conn.close()
+            if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
                 self.gate.events.refused("TLS handshake timeout")
             if not isinstance(exc, Exception):
-                raise  # cancelled at shutdown
-            return
-        if tls is None:  # the peer went away as the handshake finished
-            self.gate.release(address)
-            return
-        http = self.make_http(address)
-        http.connection_made(tls)
-        pending.hand_over(tls, http)
+                raise
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sockets[0].close()
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket for ``host``:``port`` (IPv4 or IPv6, whichever the host name is)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)

@@ -22,7 +22,7 @@ from edgeshield._io import check_readable_file
 from edgeshield.server._app import ServerState
 from edgeshield.server._crl import CrlGuard, CrlWatcher
 from edgeshield.server._limits import Limits
-from edgeshield.server._listener import ConnectionEvents, ConnectionGate, GateProtocol
+from edgeshield.server._listener import ConnectionEvents, ConnectionGate, Listener, listening_socket
 
 if TYPE_CHECKING:
     import uvicorn
@@ -333,12 +333,12 @@ def _server_class() -> Callable[[uvicorn.Config], GuardedServer]:
                                             address=address)
 
             try:
-                server = await loop.create_server(lambda: GateProtocol(self.gate, http), host=config.host,
-                                                  port=config.port, backlog=config.backlog)
+                server = Listener(listening_socket(config.host, config.port, config.backlog), self.gate, http)
             except OSError as exc:
                 await self.lifespan.shutdown()
                 raise EdgeShieldError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-            self.servers = [server]
+            server.start()
+            self.servers = [server]  # type: ignore[list-item]  # uvicorn only calls close() and wait_closed()
             host, port = server.sockets[0].getsockname()[:2]
             log.info("serving on https://%s:%d (mutual TLS 1.3)", host, port)
             self.started = True
@@ -381,9 +381,7 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Gua
     app = create_app(state)
     events.start()
     config = uvicorn.Config(
-        # The stdlib event loop: uvloop's start_tls drops a ClientHello that arrived before the upgrade and the
-        # handshake hangs (MagicStack/uvloop#707), which the listener's TLS-after-admission design depends on.
-        app, host=cfg.host, port=cfg.port, loop="asyncio", timeout_keep_alive=max(1, round(cfg.limits.keep_alive_s)),
+        app, host=cfg.host, port=cfg.port, timeout_keep_alive=max(1, round(cfg.limits.keep_alive_s)),
         timeout_graceful_shutdown=10, limit_concurrency=None, log_config=log_config(cfg.log_level),
         server_header=False, date_header=False,
     )
