@@ -1,12 +1,13 @@
 """The server's own TCP listener: admission before the TLS handshake, TLS with a deadline, then HTTP.
 
 uvicorn only sees a connection once asyncio has finished its TLS handshake, which costs the server about 2.7 ms of
-CPU for a mutual-TLS client and by default may take 60 s. So EdgeShield accepts connections itself (:class:`Listener`):
-each one is first admitted by the :class:`ConnectionGate` (per-address connection cap and handshake rate, a global
-cap), then wrapped in TLS under ``handshake_timeout_s`` (``loop.connect_accepted_socket``, so uvloop's native TLS
-stays in use), and only then handed to uvicorn's HTTP protocol (``_tls_scope.TlsHttpToolsProtocol``), which enforces the request-head timeout and the
-per-identity connection cap. Refusals before TLS can only be a closed connection; they are counted and written
-to the audit log at most once a second (:class:`ConnectionEvents`), so a flood cannot stall the log.
+CPU for a mutual-TLS client and by default may take 60 s. So EdgeShield accepts connections itself
+(:class:`Listener`): each one is first admitted by the :class:`ConnectionGate` (per-address connection cap and
+handshake rate, a global cap), then wrapped in TLS under ``handshake_timeout_s`` (``loop.connect_accepted_socket``,
+so uvloop's native TLS stays in use), and only then handed to uvicorn's HTTP protocol
+(``_tls_scope.TlsHttpToolsProtocol``), which enforces the request-head timeout and the per-identity connection cap.
+Refusals before TLS can only be a closed connection; they are counted and written to the audit log at most once a
+second (:class:`ConnectionEvents`), so a flood cannot stall the log.
 """
 
 from __future__ import annotations
