@@ -13,7 +13,8 @@ Protocol (fixed; every figure comes from this run, all traffic goes to 127.0.0.1
      lifted, since this benchmark handshakes back to back from one address);
    * plain: the same ``create_app`` on a ``ServerState`` with rbac=None, audit=None, spec=None,
      require_client_cert=False, under plain uvicorn (no TLS), same uvicorn settings (httptools, keep-alive 5 s,
-     limit_concurrency 256, the same JSON access log to a file);
+     limit_concurrency 256, the same JSON access log to a file); the app still parses each body against the spec
+     it derives from the model (shape, dtype, NaN/Inf), as every EdgeShield server does;
    * secure-no-audit (attribution only): the secure server with ``state.audit = None`` (mTLS + RBAC + validation).
 1. Handshakes, alternating per iteration against the secure server: TCP connect only; TCP connect + full mTLS 1.3
    handshake (Python ``ssl`` socket, client certificate, ``TCP_NODELAY``); TCP connect + resumed handshake with the
