@@ -37,6 +37,7 @@ device-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bundles.py --json benchmarks/results/bundles.json
+	$(PY) benchmarks/protect.py --json benchmarks/results/protect.json
 	$(PY) benchmarks/adversarial.py --json benchmarks/results/adversarial.json
 	$(PY) benchmarks/server.py --json benchmarks/results/server.json
 	$(PY) benchmarks/extraction.py --json benchmarks/results/extraction.json
@@ -44,6 +45,7 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
+	$(PY) benchmarks/protect.py --quick
 	$(PY) benchmarks/adversarial.py --quick
 	$(PY) benchmarks/server.py --quick
 	$(PY) benchmarks/extraction.py --quick

@@ -29,10 +29,8 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,19 @@ from typing import Any
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
 from edgeshield._progress import report
 
-from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
+from _machine import (  # benchmarks/_machine.py and _models.py, beside this script
+    Background,
+    bundle_stack,
+    hardware,
+    hwm_warning,
+    open_report,
+    peak_rss_bytes,
+    rss_bytes,
+    run_child,
+    vm_hwm_bytes,
+    write_report,
+)
+from _models import write_matmul_chain
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -59,35 +69,9 @@ SIZES = [("1mb", 1 * MB, 512), ("100mb", 100 * MB, 1024), ("1gb", 1000 * MB, 102
 
 # --- model generation and protection (runs in a child process) --------------------------------------------------
 def _make_model(path: Path, target_bytes: int, dim: int, seed: int) -> int:
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    block = dim * dim * 4
-    blocks = max(1, round(target_bytes / block))
-    rng = np.random.default_rng(seed)
-    scale = np.float32(1.0 / np.sqrt(dim))  # keeps activations bounded along the chain
-    inits, nodes = [], []
-    prev = "x"
-    for i in range(blocks):
-        w = rng.standard_normal((dim, dim), dtype=np.float32)
-        w *= scale
-        inits.append(numpy_helper.from_array(w, name=f"w{i}"))
-        del w
-        out = "y" if i == blocks - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"matmul{i}"))
-        prev = out
-    graph = helper.make_graph(
-        nodes,
-        "matmul_chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeshield-bench")
-    model.ir_version = 10
-    data = model.SerializeToString()
-    del model, graph, inits
-    path.write_bytes(data)
+    """A self-contained MatMul chain of about ``target_bytes`` (benchmarks/_models.py); returns its block count."""
+    blocks = max(1, round(target_bytes / (dim * dim * 4)))
+    write_matmul_chain(path, blocks=blocks, dim=dim, seed=seed)
     return blocks
 
 
@@ -126,19 +110,6 @@ def _child_prepare(workdir: Path, quick: bool) -> dict[str, Any]:
 
 
 # --- peak memory (each measurement in a fresh child process) ----------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
 def _child_mem(kind: str, path: str, keydir: str) -> dict[str, Any]:
     from edgeshield import bundles, keys
     from edgeshield.bundles._ort import onnxruntime as ort
@@ -148,35 +119,23 @@ def _child_mem(kind: str, path: str, keydir: str) -> dict[str, Any]:
     import numpy  # noqa: F401  # onnxruntime imports it anyway; make sure it is in the baseline
 
     gc.collect()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     t0 = time.perf_counter()
     if kind == "bundle":
         session = bundles.open_session(path, owner_pub, device_priv)
     else:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    hwm = _vm_hwm_bytes()  # the same high-water mark, for this process image only
-    after = _rss_bytes()
+    peak = peak_rss_bytes()
+    hwm = vm_hwm_bytes()  # the same high-water mark, for this process image only
+    after = rss_bytes()
     del session
     return {"baseline": baseline, "peak": peak, "vm_hwm": hwm, "after": after, "elapsed_s": elapsed}
 
 
 def _run_child(args: list[str]) -> dict[str, Any]:
-    """Run this script's ``--_child`` mode in a fresh interpreter and return the JSON it prints.
-
-    The child is started through ``sh`` without ``exec``: on Linux ru_maxrss survives ``execve`` and a child forked
-    directly from this (large) process would report this process's peak as its own. ``sh`` is small, and the
-    interpreter it forks starts with a clean high-water mark.
-    """
-    env = dict(os.environ, ORT_DISABLE_TELEMETRY="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", *args]
-    proc = subprocess.run(
-        ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd], env=env, capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """This script's ``--_child`` mode in a fresh interpreter, through ``sh`` (see ``_machine.run_child``)."""
+    return run_child(__file__, args)
 
 
 # --- timing helpers ---------------------------------------------------------------------------------------------
@@ -461,42 +420,17 @@ class Bench:
             r = _run_child(["mem", "--kind", kind, "--path", path, "--keys", str(self.keydir)])
             out[kind] = r
             out[f"{kind}_ratio"] = (r["peak"] - r["baseline"]) / m["model_bytes"]
-            if r["vm_hwm"] > 0 and abs(r["peak"] - r["vm_hwm"]) > 0.02 * r["peak"]:
-                out["warnings"].append(
-                    f"{m['label']} {kind}: ru_maxrss {r['peak'] / MB:.0f} MB differs from "
-                    f"VmHWM {r['vm_hwm'] / MB:.0f} MB"
-                )
+            warning = hwm_warning(f"{m['label']} {kind}", r)
+            if warning:
+                out["warnings"].append(warning)
         report(progress, f"{m['label']}: peak memory (fresh subprocesses)", 2, 2)
         return out
 
 
 # --- reporting --------------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, str]:
-    import cryptography
-    import numpy
-    from cryptography.hazmat.backends.openssl import backend
-
-    from edgeshield.bundles._ort import onnxruntime as ort
-
-    versions = (
-        f"Python {platform.python_version()}, onnxruntime {ort.__version__}, cryptography {cryptography.__version__} "
-        f"({backend.openssl_version_text()}), numpy {numpy.__version__}"
-    )
-    hw = hardware()
+    hw, versions = hardware(), bundle_stack()
     return {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of the whole machine from /proc/stat."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return sum(v[:8]) - idle, sum(v[:8])
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def _fmt(x: float | None, nd: int = 1) -> str:
@@ -537,9 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     reps_for = {"1mb": 5, "100mb": 3} if quick else {"1mb": 7, "100mb": 7, "1gb": 5}
     tp_reps = 3 if quick else 5
 
-    load_start = os.getloadavg()[0]
-    busy0, total0 = _cpu_ticks()
-    own0 = _own_cpu_s()
+    background = Background()
     workdir = Path(tempfile.mkdtemp(prefix="edgeshield-bench-"))
     results: dict[str, Any] = {}
     from edgeshield.cli._progress import progress_bars
@@ -564,10 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    busy1, total1 = _cpu_ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    others_cpu_s = max(0.0, (busy1 - busy0) / hz - (_own_cpu_s() - own0))
-    machine_cpu_s = (total1 - total0) / hz
+    results.update(background.stop())
 
     # ---- assemble the flat result --------------------------------------------------------------------------------
     results.update(
@@ -634,10 +563,6 @@ def main(argv: list[str] | None = None) -> int:
         decrypt_vs_gateway_verify=tp["pipeline_mbps"] / tp["gateway_mbps"],
     )
     results["wall_s"] = time.perf_counter() - started
-    results["loadavg_1min_start"] = load_start
-    results["loadavg_1min_end"] = os.getloadavg()[0]
-    results["other_processes_cpu_s"] = others_cpu_s
-    results["other_processes_cpu_share"] = others_cpu_s / machine_cpu_s if machine_cpu_s else None
     results["memory_warnings"] = "; ".join(w for lb in mem for w in mem[lb]["warnings"]) or None
 
     # ---- print ---------------------------------------------------------------------------------------------------
@@ -750,9 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if results["memory_warnings"]:
         console.print(f"[yellow]memory: {results['memory_warnings']}[/yellow]")
     console.print(
-        f"{'quick' if quick else 'full'} run, {results['wall_s']:.1f} s; MB = 10^6 bytes. Background: other processes "
-        f"used {others_cpu_s:.1f} CPU-s ({100 * (results['other_processes_cpu_share'] or 0):.0f}% of the machine) "
-        f"during the run; 1-min load average {load_start:.2f} at start, {results['loadavg_1min_end']:.2f} at end."
+        f"{'quick' if quick else 'full'} run, {results['wall_s']:.1f} s; MB = 10^6 bytes. {Background.note(results)}"
     )
 
     write_report(console, args.json, results)

@@ -69,7 +69,7 @@ import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry of
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.cli._progress import progress_bars
 
-from _machine import hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
+from _machine import hardware, open_report, temp_dir, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -692,17 +692,7 @@ def machine_info() -> dict[str, str]:
     import httpx
     import uvicorn
 
-    fs = "?"
-    try:
-        tmp = os.path.realpath(tempfile.gettempdir())
-        best = ""
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mnt, kind = line.split()[:3]
-            if (tmp == mnt or tmp.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                best, fs = mnt, f"{kind} on {dev}"
-    except OSError:
-        pass
-    hw = f"{hardware()}; temp dir {tempfile.gettempdir()} ({fs})"
+    hw = f"{hardware()}; {temp_dir()}"
     versions = (f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, SQLite {sqlite3.sqlite_version}, "
                 f"uvicorn {uvicorn.__version__} (httptools {httptools.__version__}), fastapi {fastapi.__version__}, "
                 f"httpx {httpx.__version__}")
