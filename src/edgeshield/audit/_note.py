@@ -177,15 +177,20 @@ def parse_signature_lines(data: str) -> tuple[NoteSignature, ...]:
     return tuple(parse_signature_line(x) for x in lines)
 
 
+def decode_bounded(data: bytes, limit: int, what: str) -> str:
+    """``data`` as UTF-8 text, refused (``MalformedNoteError``) when over ``limit`` bytes or not UTF-8."""
+    if len(data) > limit:
+        raise MalformedNoteError(f"{what} over {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedNoteError(f"{what} is not UTF-8") from exc
+
+
 def parse_note(data: bytes | str) -> Note:
     """Split a signed note into its text and signatures (nothing is verified here)."""
     if isinstance(data, bytes):
-        if len(data) > MAX_NOTE_BYTES:
-            raise MalformedNoteError(f"a note over {MAX_NOTE_BYTES} bytes")
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedNoteError("a note must be UTF-8") from exc
+        data = decode_bounded(data, MAX_NOTE_BYTES, "a note")
     if len(data.encode()) > MAX_NOTE_BYTES:
         raise MalformedNoteError(f"a note over {MAX_NOTE_BYTES} bytes")
     _check_text_chars(data)

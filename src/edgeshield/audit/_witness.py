@@ -33,6 +33,7 @@ from edgeshield.audit._note import (
     b64,
     b64decode_strict,
     cosign,
+    decode_bounded,
     format_note,
     make_vkey,
     parse_checkpoint,
@@ -73,12 +74,7 @@ class AddCheckpointRequest:
 
 def parse_add_checkpoint(body: bytes) -> AddCheckpointRequest:
     """Parse an add-checkpoint body: ``old N``, proof lines, a blank line, the checkpoint note."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise MalformedNoteError(f"request over {MAX_REQUEST_BYTES} bytes")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MalformedNoteError("the request is not UTF-8") from exc
+    text = decode_bounded(body, MAX_REQUEST_BYTES, "the request")
     head, sep, note = text.partition("\n\n")
     if not sep:
         raise MalformedNoteError("the request needs an empty line between the proof and the checkpoint")
