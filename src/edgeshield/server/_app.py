@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from edgeshield.watermark import EvidenceStore, ServedWatermark
 
 _BLOCKED = "client blocked: its queries look like model extraction"
-_audit = audit  # the predict pipeline below audits through the same helper as the middleware
 
 
 class AuditSink(Protocol):
@@ -147,7 +146,7 @@ def create_app(state: ServerState) -> SecurityMiddleware:
         for hook in state.on_shutdown:
             await asyncio.to_thread(hook)
         if state.audit is not None:
-            await _audit(state, "server.shutdown", "server", {})
+            await audit(state, "server.shutdown", "server", {})
             checkpoint = getattr(state.audit, "checkpoint", None)
             if checkpoint is not None:
                 await asyncio.to_thread(checkpoint)
@@ -191,7 +190,7 @@ def create_app(state: ServerState) -> SecurityMiddleware:
         except (BodyRejected, InputValidationError) as exc:
             status = exc.status if isinstance(exc, BodyRejected) else 422
             field_name = getattr(exc, "field", None)
-            await _audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
+            await audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
                                                          "field": field_name, "status": status})
             return JSONResponse({"error": str(exc), "field": field_name}, status_code=status)
         refusal = await _extraction_gate(state, identity, actor, len(x), digest)
@@ -200,23 +199,23 @@ def create_app(state: ServerState) -> SecurityMiddleware:
         try:
             result = await asyncio.wait_for(asyncio.to_thread(_infer, state, x), state.inference_timeout_s)
         except TimeoutError:
-            await _audit(state, "inference.timeout", actor, {"input_sha256": digest,
+            await audit(state, "inference.timeout", actor, {"input_sha256": digest,
                                                             "timeout_s": state.inference_timeout_s})
             return JSONResponse({"error": "inference timed out"}, status_code=504)
         except Exception as exc:
             if not isinstance(exc, EdgeShieldError) and not _from_onnxruntime(exc):
                 raise
-            await _audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
+            await audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
                                                          "field": None, "status": 422})
             return JSONResponse({"error": str(exc), "field": None}, status_code=422)
         refusal = await _watch_extraction(state, identity, actor, x, result, digest)
         if refusal is not None:
             return refusal
         counts = result.get("counts")
-        await _audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None),
+        await audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None),
                                                          "input_sha256": digest, "batch": len(x), "decisions": counts})
         if counts and (counts.get("reject") or counts.get("flag")):
-            await _audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
+            await audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
         return JSONResponse(result)
 
     # Every route of this app is a starlette Route (FastAPI's APIRoute, the OpenAPI document): routed by path.
@@ -235,13 +234,13 @@ async def _extraction_gate(state: ServerState, identity: Identity | None, actor:
         return None
     action = state.monitor.action(identity.name) if state.monitor is not None else "allow"
     if action == "block":
-        await _audit(state, "extraction.blocked", actor, {"input_sha256": digest})
+        await audit(state, "extraction.blocked", actor, {"input_sha256": digest})
         return JSONResponse({"error": _BLOCKED}, status_code=403)
     role = "throttled" if action == "throttle" else identity.role
     limiter = state.rate_limiter
     if limiter is not None and role in limiter.roles and not limiter.allow(identity.name, role, cost=batch):
         retry = limiter.retry_after(identity.name, role, cost=batch)
-        await _audit(state, "ratelimit.exceeded", actor, {"role": role, "batch": batch})
+        await audit(state, "ratelimit.exceeded", actor, {"role": role, "batch": batch})
         headers = {"retry-after": str(max(1, int(np.ceil(retry))))} if np.isfinite(retry) else {}
         return JSONResponse({"error": "rate limit exceeded"}, status_code=429, headers=headers)
     return None
@@ -260,10 +259,10 @@ async def _watch_extraction(state: ServerState, identity: Identity | None, actor
                           or [-1 if d["prediction"] is None else d["prediction"] for d in result.get("decisions", [])])
         verdict = await asyncio.to_thread(state.monitor.observe, identity.name, x, labels)
         if verdict.action != "allow":
-            await _audit(state, "extraction.alert", actor,
+            await audit(state, "extraction.alert", actor,
                          {"action": verdict.action, "reasons": list(verdict.reasons)})
         if verdict.action == "block":
-            await _audit(state, "extraction.blocked", actor, {"input_sha256": digest})
+            await audit(state, "extraction.blocked", actor, {"input_sha256": digest})
             return JSONResponse({"error": _BLOCKED}, status_code=403)
         policy = state.monitor.response.output_for(verdict.action) or state.outputs
     else:
@@ -300,7 +299,7 @@ async def _serve_watermark(state: ServerState, wm: ServedWatermark, actor: str, 
     rows, served = x[marked], labels[marked]
     if state.served_evidence is not None:
         await asyncio.to_thread(state.served_evidence.add, actor, rows, served)
-    await _audit(state, "watermark.served", actor, {"inputs_sha256": row_digests(rows),
+    await audit(state, "watermark.served", actor, {"inputs_sha256": row_digests(rows),
                                                     "labels": served.tolist()})
     return probs
 

@@ -49,14 +49,15 @@ class CrlGuard:
 
     def refusal(self, identity: Identity) -> str | None:
         """Why ``identity`` must not be served now (revoked since its handshake, or no current CRL), or None."""
-        from edgeshield.transport import revoked_serials
+        from edgeshield.transport import loaded_crl
 
-        if identity.serial in revoked_serials(self.ctx):
+        info = loaded_crl(self.ctx)  # one look-up per request: the serials and the dates of the same CRL
+        if info is None:
+            return None
+        if identity.serial in info.revoked:
             return f"certificate 0x{identity.serial:x} ({identity.name}) is revoked"
-        if self.policy == "fail-closed":
-            left = self.seconds_left()
-            if left is not None and left <= 0:
-                return "the server's CRL has expired, so revocation cannot be checked"
+        if self.policy == "fail-closed" and info.next_update <= datetime.now(UTC):
+            return "the server's CRL has expired, so revocation cannot be checked"
         return None
 
     def apply(self, expired: bool) -> None:
