@@ -92,7 +92,8 @@ def _edit(conn: sqlite3.Connection, seq: int, data: str = '{"i":999}') -> None:
     conn.execute("UPDATE entries SET data = ? WHERE seq = ?", (data, seq))
 
 
-def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
+    """XOR one byte of the file in place (also used by tests/audit through ``_auditlogs``)."""
     with path.open("r+b") as fh:
         fh.seek(offset)
         b = fh.read(1)[0]
@@ -241,10 +242,10 @@ CASES: list[Case] = [
     Case("replace_with_other_key_log", "replace the file with a new log signed by another key",
          file=lambda p, x: _new_log(p, x.other, EVERY)),
     Case("flipped_byte_in_an_entry", "flip one bit of an entry's bytes in the file",
-         file=lambda p, x: _flip(p, _offset(p, b'{"i":17}') + 5)),
+         file=lambda p, x: flip_byte(p, _offset(p, b'{"i":17}') + 5)),
     Case("flipped_byte_in_a_page_header", "flip the type byte of a b-tree page",
-         file=lambda p, x: _flip(p, 4096, 0xFF)),
-    Case("flipped_byte_in_the_header", "flip one byte of the SQLite header's magic", file=lambda p, x: _flip(p, 5)),
+         file=lambda p, x: flip_byte(p, 4096, 0xFF)),
+    Case("flipped_byte_in_the_header", "flip one byte of the SQLite header's magic", file=lambda p, x: flip_byte(p, 5)),
     Case("file_cut_short", "cut the file to half its size", file=lambda p, x: _cut(p, p.stat().st_size // 2)),
     Case("file_cut_to_zero", "cut the file to zero bytes", file=lambda p, x: _cut(p, 0)),
     Case("edit_uncovered_entry", "edit an entry no checkpoint covers yet and recompute the chain", base="running",

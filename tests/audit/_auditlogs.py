@@ -89,11 +89,8 @@ def make_v1_log(path: Path, key: Ed25519PrivateKey | None, n: int, every: int) -
 
 
 def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
-    with path.open("r+b") as fh:
-        fh.seek(offset)
-        b = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes([b ^ mask]))
+    """The tamper matrix's byte flip (benchmarks/_audit_tamper.py), for the recovery tests."""
+    tamper_module().flip_byte(path, offset, mask)
 
 
 def offset_of(path: Path, needle: bytes) -> int:
