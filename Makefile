@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lint device-check bench bench-quick model clean
+.PHONY: demo test lint device-check browser bench bench-quick model clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found"; exit 2; }
@@ -21,8 +21,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/edgeshield demo
 
+# Debian's chromium for the status page's real-browser test (Playwright drives it by its path; nothing downloads a
+# browser). Installed with apt-get as root, or through sudo.
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 # Lint and type-check first, so a lint or type error fails CI before the slow steps run.
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(PY) -m pytest
 	$(PY) scripts/check_device_install.py
 

@@ -125,7 +125,7 @@ _KINDS: dict[str, EventKind] = _kinds(
     EventKind("monitor.reload", "the rule file and watched digests were reloaded", source="monitor",
               fields=("rules", "rules_sha256", "by")),
     EventKind("monitor.refused", "a request or connection refused because of a monitor response", source="monitor",
-              fields=("action", "rule", "status", "target")),
+              fields=("action", "rule", "status", "target", "path")),
     # data subjects and retention (edgeshield.compliance)
     EventKind("subject.erased", "a data subject's records and key were erased", source="compliance",
               fields=("subject_ref", "records", "stores")),

@@ -1,10 +1,11 @@
 """The ASGI application: authenticated, authorised, validated and audited inference on one protected bundle.
 
 Every request passes :class:`~edgeshield.server._middleware.SecurityMiddleware` first (identity from the verified
-TLS client certificate, revocation, routing, RBAC, limits, body). ``/v1/predict`` then parses the body against
-the model's input spec with every limit checked before allocation (``_parse``), validates it, runs the extraction
-gate, inference, the extraction watch, output hardening and the served watermark, and audits the prediction as
-metadata (client, role, SHA-256 of the input bytes, decisions), never the raw input.
+TLS client certificate, revocation, the monitor's blocks, routing, RBAC, limits, body). ``/v1/predict`` then runs
+the request pipeline (``_pipeline``): parse and validate against the model's input spec, the extraction gate,
+inference, the extraction watch, the served watermark, output hardening, and the prediction's record. Everything
+security-relevant goes onto the server's event stream (``state.events``), to which the audit log (metadata only:
+client, role, SHA-256 of the input bytes, decisions — never the raw input), the metrics and the monitor subscribe.
 """
 
 from __future__ import annotations
@@ -12,30 +13,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgeshield.errors import EdgeShieldError, InputValidationError, InvalidArgumentError
+from edgeshield.errors import InvalidArgumentError
+from edgeshield.monitor import EventStream
+from edgeshield.monitor._subscribers import AuditSubscriber, MetricsSubscriber
 from edgeshield.server import _openapi
-from edgeshield.server._limits import Limits
-from edgeshield.server._middleware import SecurityMiddleware, audit
-from edgeshield.server._parse import BodyRejected, parse_inputs
+from edgeshield.server._limits import Limits, address_key
+from edgeshield.server._middleware import SecurityMiddleware, emit
+from edgeshield.server._pipeline import RequestContext, Stage, default_pipeline, run_pipeline
 
 if TYPE_CHECKING:
     from edgeshield.adversarial import InputSpec, RobustModel
     from edgeshield.bundles._ort import onnxruntime
+    from edgeshield.compliance import SubjectKeys
     from edgeshield.extraction import OutputPolicy, QueryMonitor, RateLimiter
+    from edgeshield.monitor import Monitor
     from edgeshield.server._rbac import Rbac
     from edgeshield.transport import Identity
     from edgeshield.watermark import EvidenceStore, ServedWatermark
-
-_BLOCKED = "client blocked: its queries look like model extraction"
 
 
 class AuditSink(Protocol):
@@ -108,6 +111,23 @@ class ServerState:
     # ownership proof for stolen copies; optional
     served_watermark: ServedWatermark | None = None
     served_evidence: EvidenceStore | None = None  # raw watermarked inputs live here, never in the audit log
+    # operations: the security monitor (rules, responses; edgeshield.monitor) and data subjects
+    security_monitor: Monitor | None = None
+    subject_header: str | None = None  # the request header naming the data subject a request is about
+    subjects: SubjectKeys | None = None  # per-subject pseudonym keys (erasure destroys one)
+    compliance_summary: Callable[[], dict[str, Any]] | None = None  # for the status page
+    # the request path (None: default_pipeline at create_app) and the event stream every part emits onto
+    pipeline: list[Stage] | None = None
+    events: EventStream = field(default_factory=EventStream)
+    audit_events: AuditSubscriber | None = None  # the stream's audit subscriber (aggregates flushed at shutdown)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:  # None only in the plain benchmark baseline
+            self.events.subscribe(MetricsSubscriber(self.metrics.registry))
+        if self.audit is not None:
+            self.audit_events = AuditSubscriber(self.audit)
+            self.events.subscribe(self.audit_events)
 
 
 class _App(FastAPI):
@@ -138,6 +158,7 @@ def input_spec_for(session: onnxruntime.InferenceSession, spec: InputSpec | None
 def create_app(state: ServerState) -> SecurityMiddleware:
     """The FastAPI application for ``state`` (OpenAPI at /openapi.json), behind the security middleware."""
     spec = state.spec = input_spec_for(state.session, state.spec)
+    pipeline = state.pipeline = state.pipeline if state.pipeline is not None else default_pipeline(state, spec)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -145,8 +166,10 @@ def create_app(state: ServerState) -> SecurityMiddleware:
         # Graceful shutdown: flush pending records, note the shutdown, anchor every entry under a signed checkpoint.
         for hook in state.on_shutdown:
             await asyncio.to_thread(hook)
+        if state.audit_events is not None:
+            await asyncio.to_thread(state.audit_events.stop)  # aggregated counts written before the checkpoint
         if state.audit is not None:
-            await audit(state, "server.shutdown", "server", {})
+            await emit(state, "server.shutdown", "server", {})
             checkpoint = getattr(state.audit, "checkpoint", None)
             if checkpoint is not None:
                 await asyncio.to_thread(checkpoint)
@@ -181,143 +204,12 @@ def create_app(state: ServerState) -> SecurityMiddleware:
               openapi_extra=_openapi.predict_request_body(spec, state.max_batch))
     async def predict(request: Request) -> Response:
         identity: Identity | None = request.scope.get("state", {}).get("identity")
-        actor = identity.name if identity is not None else "anonymous"
         body = await request.body()
-        digest = hashlib.sha256(body).hexdigest()
-        try:
-            x = parse_inputs(body, request.headers.get("content-type", ""), spec, max_batch=state.max_batch)
-            spec.validate(x)
-        except (BodyRejected, InputValidationError) as exc:
-            status = exc.status if isinstance(exc, BodyRejected) else 422
-            field_name = getattr(exc, "field", None)
-            await audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
-                                                         "field": field_name, "status": status})
-            return JSONResponse({"error": str(exc), "field": field_name}, status_code=status)
-        refusal = await _extraction_gate(state, identity, actor, len(x), digest)
-        if refusal is not None:
-            return refusal
-        try:
-            result = await asyncio.wait_for(asyncio.to_thread(_infer, state, x), state.inference_timeout_s)
-        except TimeoutError:
-            await audit(state, "inference.timeout", actor, {"input_sha256": digest,
-                                                            "timeout_s": state.inference_timeout_s})
-            return JSONResponse({"error": "inference timed out"}, status_code=504)
-        except Exception as exc:
-            if not isinstance(exc, EdgeShieldError) and not _from_onnxruntime(exc):
-                raise
-            await audit(state, "input.rejected", actor, {"input_sha256": digest, "reason": str(exc)[:200],
-                                                         "field": None, "status": 422})
-            return JSONResponse({"error": str(exc), "field": None}, status_code=422)
-        refusal = await _watch_extraction(state, identity, actor, x, result, digest)
-        if refusal is not None:
-            return refusal
-        counts = result.get("counts")
-        await audit(state, "inference.predict", actor, {"role": getattr(identity, "role", None),
-                                                         "input_sha256": digest, "batch": len(x), "decisions": counts})
-        if counts and (counts.get("reject") or counts.get("flag")):
-            await audit(state, "input.flagged", actor, {"input_sha256": digest, "decisions": counts})
-        return JSONResponse(result)
+        client = request.scope.get("client")
+        ctx = RequestContext(state, identity, address_key(client) if client else None,
+                             {k.lower(): v for k, v in request.headers.items()}, body,
+                             hashlib.sha256(body).hexdigest())
+        return await run_pipeline(pipeline, ctx)
 
     # Every route of this app is a starlette Route (FastAPI's APIRoute, the OpenAPI document): routed by path.
     return SecurityMiddleware(app, state, [r for r in app.routes if isinstance(r, Route)])
-
-
-def _from_onnxruntime(exc: Exception) -> bool:
-    """ONNX Runtime refused an input that passed the spec (InvalidArgument and kin): the client's input, not a bug."""
-    return type(exc).__module__.startswith("onnxruntime")
-
-
-async def _extraction_gate(state: ServerState, identity: Identity | None, actor: str, batch: int,
-                           digest: str) -> JSONResponse | None:
-    """Refuse before inference: a client the monitor blocked (403) or one over its rate (429 + Retry-After)."""
-    if identity is None:
-        return None
-    action = state.monitor.action(identity.name) if state.monitor is not None else "allow"
-    if action == "block":
-        await audit(state, "extraction.blocked", actor, {"input_sha256": digest})
-        return JSONResponse({"error": _BLOCKED}, status_code=403)
-    role = "throttled" if action == "throttle" else identity.role
-    limiter = state.rate_limiter
-    if limiter is not None and role in limiter.roles and not limiter.allow(identity.name, role, cost=batch):
-        retry = limiter.retry_after(identity.name, role, cost=batch)
-        await audit(state, "ratelimit.exceeded", actor, {"role": role, "batch": batch})
-        headers = {"retry-after": str(max(1, int(np.ceil(retry))))} if np.isfinite(retry) else {}
-        return JSONResponse({"error": "rate limit exceeded"}, status_code=429, headers=headers)
-    return None
-
-
-async def _watch_extraction(state: ServerState, identity: Identity | None, actor: str, x: np.ndarray,
-                            result: dict[str, Any], digest: str) -> JSONResponse | None:
-    """Feed the monitor, audit its alerts, and harden the answer for the client's current action.
-
-    A batch whose verdict is ``block`` is refused (403) rather than answered: the queries that tripped the alarm
-    are exactly the ones an extraction attack wants answered.
-    """
-    probs = result.pop("_probabilities", None)
-    if state.monitor is not None and identity is not None:
-        labels = np.array([-1 if p is None else p for p in result.get("predictions", [])]
-                          or [-1 if d["prediction"] is None else d["prediction"] for d in result.get("decisions", [])])
-        verdict = await asyncio.to_thread(state.monitor.observe, identity.name, x, labels)
-        if verdict.action != "allow":
-            await audit(state, "extraction.alert", actor,
-                         {"action": verdict.action, "reasons": list(verdict.reasons)})
-        if verdict.action == "block":
-            await audit(state, "extraction.blocked", actor, {"input_sha256": digest})
-            return JSONResponse({"error": _BLOCKED}, status_code=403)
-        policy = state.monitor.response.output_for(verdict.action) or state.outputs
-    else:
-        policy = state.outputs
-    if state.served_watermark is not None:
-        probs = await _serve_watermark(state, state.served_watermark, actor, x, result, probs)
-    if probs is not None and policy is not None:
-        out = policy.apply(probs)
-        result.update({k: np.asarray(v).tolist() for k, v in out.items()} if isinstance(out, dict)
-                      else {"probabilities": np.asarray(out).tolist()})
-    return None
-
-
-async def _serve_watermark(state: ServerState, wm: ServedWatermark, actor: str, x: np.ndarray,
-                           result: dict[str, Any], probs: np.ndarray | None) -> np.ndarray | None:
-    """Answer the keyed fraction of inputs with the watermark label (DAWN); keep the evidence, audit its digests."""
-    from edgeshield.watermark import row_digests
-
-    decisions = result.get("decisions")
-    raw = result["predictions"] if decisions is None else [d["prediction"] for d in decisions]
-    if probs is not None:  # one keyed pass: a marked row's new top-1 is its watermark label
-        probs, marked = wm.apply(x, probs)
-        labels = probs.argmax(axis=1)
-    else:
-        labels, marked = wm.relabel(x, np.array([0 if p is None else p for p in raw], dtype=np.int64))
-        marked &= np.array([p is not None for p in raw], dtype=bool)  # a rejected input gets no label to mark
-    if not marked.any():
-        return probs
-    for i in np.flatnonzero(marked):
-        if decisions is None:
-            result["predictions"][i] = int(labels[i])
-        else:
-            decisions[i]["prediction"] = int(labels[i])
-    rows, served = x[marked], labels[marked]
-    if state.served_evidence is not None:
-        await asyncio.to_thread(state.served_evidence.add, actor, rows, served)
-    await audit(state, "watermark.served", actor, {"inputs_sha256": row_digests(rows),
-                                                    "labels": served.tolist()})
-    return probs
-
-
-def _infer(state: ServerState, x: np.ndarray) -> dict[str, Any]:
-    if state.robust is not None:
-        batch = state.robust.decide(x)
-        decisions = batch.decisions()
-        counts = {k: sum(d.decision == k for d in decisions) for k in ("accept", "flag", "reject")}
-        for k, v in counts.items():
-            if v:
-                state.metrics.decisions.labels(k).inc(v)
-        return {"decisions": [d.to_dict() for d in decisions], "counts": counts}
-    name = state.session.get_inputs()[0].name
-    out = np.asarray(state.session.run(None, {name: x})[0])
-    result: dict[str, Any] = {"predictions": out.argmax(axis=-1).tolist() if out.ndim >= 2 else out.tolist()}
-    if state.outputs is not None and out.ndim == 2:  # probabilities only when an output policy says how
-        from edgeshield.adversarial._detectors import looks_like_probabilities, softmax
-
-        result["_probabilities"] = out if looks_like_probabilities(out) else softmax(out.astype(np.float64))
-    return result

@@ -135,8 +135,9 @@ class CrlWatcher(threading.Thread):
         return phase
 
     def _audit(self, kind: str, data: dict[str, Any]) -> None:
-        if self.state.audit is not None:
-            self.state.audit.append(kind, "server", data)
+        from edgeshield.monitor import SecurityEvent
+
+        self.state.events.publish(SecurityEvent(kind, "server", data))  # the stream's audit subscriber writes it
 
     def run(self) -> None:
         while not self.stop.wait(self.poll_s):

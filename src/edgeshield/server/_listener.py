@@ -6,8 +6,9 @@ CPU for a mutual-TLS client and by default may take 60 s. So EdgeShield accepts 
 handshake rate, a global cap), then wrapped in TLS under ``handshake_timeout_s`` (``loop.connect_accepted_socket``,
 so uvloop's native TLS stays in use), and only then handed to uvicorn's HTTP protocol
 (``_tls_scope.TlsHttpToolsProtocol``), which enforces the request-head timeout and the per-identity connection cap.
-Refusals before TLS can only be a closed connection; they are counted and written to the audit log at most once a
-second (:class:`ConnectionEvents`), so a flood cannot stall the log.
+Refusals before TLS can only be a closed connection; each is an event on the server's stream at once (the monitor
+sees it), and the audit log counts them and writes them at most once a second (:class:`ConnectionEvents`), so a
+flood cannot stall the log.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import contextlib
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from edgeshield.monitor import SecurityEvent
 from edgeshield.server._limits import Limits, address_key, count_down
 
 if TYPE_CHECKING:
@@ -33,56 +34,28 @@ _MAX_BUCKETS = 4096
 
 
 class ConnectionEvents:
-    """Counts failed handshakes and refused connections, and audits them at most once per ``interval`` seconds.
+    """Puts failed handshakes and refused connections onto the server's event stream, one event each, the moment
+    they happen (so the monitor can block a flooding address at once).
 
     Both happen on the event loop before any request; an fsync'd audit entry for each would let unauthenticated
-    peers stall every connection and grow the log without bound. So the loop only counts (by reason), and a
-    background thread records one ``auth.failure`` (stage ``tls-handshake``) and one ``connection.refused`` entry
-    per interval with the counts.
+    peers stall every connection and grow the log without bound. Their kinds are ``aggregate`` ones: the audit
+    subscriber only counts them (by reason) and writes one ``auth.failure`` (stage ``tls-handshake``) and one
+    ``connection.refused`` entry per second with the counts.
     """
 
-    def __init__(self, state: ServerState, interval: float = 1.0) -> None:
-        self.state, self.interval = state, interval
-        self._lock = threading.Lock()
-        self._failures: dict[str, int] = {}
-        self._refusals: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgeshield-connection-audit", daemon=True)
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
 
-    def handshake_failed(self, reason: str) -> None:
-        with self._lock:
-            self._failures[reason] = self._failures.get(reason, 0) + 1
+    def handshake_failed(self, reason: str, address: str | None = None) -> None:
+        self.state.events.publish(SecurityEvent("tls.handshake_failed", "anonymous", {"reason": reason[:100]},
+                                                address=address))
 
-    def refused(self, reason: str) -> None:
-        with self._lock:
-            self._refusals[reason] = self._refusals.get(reason, 0) + 1
+    def refused(self, reason: str, address: str | None = None) -> None:
         metrics = self.state.metrics
         if metrics is not None:
             metrics.connections_refused.labels(reason).inc()
-
-    def flush(self) -> None:
-        with self._lock:
-            failures, self._failures = self._failures, {}
-            refusals, self._refusals = self._refusals, {}
-        if self.state.audit is None:
-            return
-        if failures:
-            self.state.audit.append("auth.failure", "anonymous", {"stage": "tls-handshake",
-                                                                  "count": sum(failures.values()), "reasons": failures})
-        if refusals:
-            self.state.audit.append("connection.refused", "anonymous",
-                                    {"count": sum(refusals.values()), "reasons": refusals})
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.flush()
+        self.state.events.publish(SecurityEvent("connection.rejected", "anonymous", {"reason": reason[:100]},
+                                                address=address))
 
 
 class _Bucket:
@@ -105,11 +78,17 @@ class ConnectionGate:
         self._by_identity: dict[str, set[TlsHttpToolsProtocol]] = {}  # identity name -> its HTTP protocols
         self._handshakes: set[asyncio.Task[None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+        # why an address is refused before TLS (the security monitor blocked it), or None; set by make_server
+        self.address_check: Callable[[str], str | None] | None = None
 
     # -- before TLS --
     def admit(self, address: str) -> str | None:
         """Take a connection slot for ``address``, or say why not."""
         lim = self.limits
+        if self.address_check is not None:
+            blocked = self.address_check(address)
+            if blocked is not None:
+                return blocked
         if self.total >= lim.max_connections:
             return "server connection cap"
         if self._by_address.get(address, 0) >= lim.max_connections_per_address:
@@ -223,7 +202,7 @@ class Listener:
             address = address_key(peer)
             refusal = self.gate.admit(address)
             if refusal is not None:
-                self.gate.events.refused(refusal)
+                self.gate.events.refused(refusal, address)
                 conn.close()
                 continue
             self.gate.track(loop.create_task(self._handshake(conn, address)))
@@ -236,8 +215,11 @@ class Listener:
         except BaseException as exc:  # refused, timed out, the peer gone, or cancelled at shutdown
             self.gate.release(address)
             conn.close()
-            if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
-                self.gate.events.refused("TLS handshake timeout")
+            if isinstance(exc, ssl.SSLError):
+                self.gate.events.handshake_failed(exc.reason or type(exc).__name__, address)
+            elif isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError)
+                                                 and "longer than" in str(exc)):
+                self.gate.events.refused("TLS handshake timeout", address)
             if not isinstance(exc, Exception):
                 raise
 

@@ -2,10 +2,11 @@
 
 In order: the verified client identity (401 without one), its revocation status *now* (401 and the connection
 closed once its certificate is revoked, even on a connection opened before), the per-identity connection cap
-(503), routing (404 unknown path, 405 wrong method), RBAC (403), the in-flight limits (503), then the body: 413
-over the size limit, 408 when it does not arrive in time. Every refusal is written to the audit log before the
-answer goes out. An exception no handler expected is logged with its traceback, audited as ``server.error`` and
-answered with a JSON 500; it never escapes to uvicorn.
+(503), routing (404 unknown path, 405 wrong method), the security monitor's responses (a blocked or throttled
+client, a denied certificate), RBAC (403), the in-flight limits (503), then the body: 413 over the size limit, 408
+when it does not arrive in time. Every refusal is an event on the server's stream, and its audit entry is written
+before the answer goes out. An exception no handler expected is logged with its traceback, audited as
+``server.error`` and answered with a JSON 500; it never escapes to uvicorn.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeshield.monitor import SecurityEvent
+from edgeshield.server._limits import address_key
+
 if TYPE_CHECKING:
     from edgeshield.server._app import ServerState
     from edgeshield.transport import Identity
@@ -27,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeshield.server")
 
 RETRY_AFTER_BUSY_S = 1
+# An admin blocked or throttled by a rule can still reach the monitor's admin API and the status page to lift it
+# (a denied certificate is refused everywhere: it is treated like a revoked one).
+_ADMIN_PATHS = ("/v1/admin/", "/status")
 
 
 class BodyTooLarge(Exception):
@@ -49,10 +56,10 @@ def identity_of(scope: Scope) -> tuple[Identity | None, str]:
     return tls.get("edgeshield.identity"), tls.get("client_cert_error") or "no client certificate"
 
 
-async def audit(state: ServerState, kind: str, actor: str, data: dict[str, Any]) -> None:
-    """Commit an audit entry before the response is sent (SQLite FULL sync runs in a worker thread)."""
-    if state.audit is not None:
-        await asyncio.to_thread(state.audit.append, kind, actor, data)
+async def emit(state: ServerState, kind: str, actor: str, data: dict[str, Any], *, address: str | None = None,
+               serial: int | None = None) -> None:
+    """Emit a security event; returns once its audit entry is committed (the fsync runs in a worker thread)."""
+    await state.events.emit(SecurityEvent(kind, actor, data, address=address, serial=serial))
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
@@ -136,10 +143,13 @@ class SecurityMiddleware:
 
         identity, reason = identity_of(scope)
         actor = identity.name if identity is not None else "anonymous"
+        client = scope.get("client")
+        address = address_key(client) if client else None
+        serial = identity.serial if identity is not None else None
 
         async def refuse(code: int, kind: str, data: dict[str, Any], error: str, *, field: str | None = None,
                          headers: dict[str, str] | None = None) -> None:
-            await audit(state, kind, actor, {"status": code, **data})
+            await emit(state, kind, actor, {"status": code, **data}, address=address, serial=serial)
             body: dict[str, Any] = {"error": error}
             if field is not None:
                 body["field"] = field
@@ -177,6 +187,15 @@ class SecurityMiddleware:
                                  "no such endpoint")
                 return
             label = route
+            monitor = state.security_monitor
+            answer = monitor.refusal(identity.name if identity is not None else None, serial, address) \
+                if monitor is not None else None
+            if answer is not None and not (answer.action in ("block", "throttle") and identity is not None
+                                           and identity.role == "admin" and route.startswith(_ADMIN_PATHS)):
+                await refuse(answer.status, "monitor.refused", {"action": answer.action, "rule": answer.rule,
+                                                                "path": route},
+                             answer.error, headers={**answer.headers, **(close if answer.close else {})})
+                return
             if (state.require_client_cert and identity is not None and state.rbac is not None
                     and not state.rbac.allowed(identity.role, route, method)):
                 await refuse(403, "auth.forbidden", {"role": identity.role, "path": route, "method": method,
@@ -212,8 +231,8 @@ class SecurityMiddleware:
         except Exception as exc:  # a bug: contain it, leave evidence, answer cleanly
             log.exception("unhandled error on %s %s", method, label)
             try:
-                await audit(state, "server.error", actor, {"path": label, "method": method[:16],
-                                                          "error": type(exc).__name__})
+                await emit(state, "server.error", actor, {"path": label, "method": method[:16],
+                                                         "error": type(exc).__name__}, address=address, serial=serial)
             except Exception:
                 log.exception("the server.error audit entry could not be written")
             if not status["code"]:

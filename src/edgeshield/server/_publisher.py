@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from edgeshield.audit import AuditLog, Vkey, WitnessEndpoint
+    from edgeshield.monitor import SecurityEvent
 
 log = logging.getLogger("edgeshield.server")
 
@@ -39,6 +40,8 @@ class WitnessPublisher(threading.Thread):
         self._lock = threading.Lock()
         self._outage = False
         self._last_warning = -float("inf")
+        # where its events go: the server's event stream once there is one (then the audit subscriber writes them)
+        self.emit: Callable[[SecurityEvent], None] | None = None
 
     def publish_now(self, *, final: bool = False) -> dict[str, Any] | None:
         """Submit the newest checkpoint if it is newer than what the witness cosigned; what happened, or None."""
@@ -78,7 +81,12 @@ class WitnessPublisher(threading.Thread):
             return self._record("witness.cosigned", data, final=False)
 
     def _record(self, kind: str, data: dict[str, Any], *, final: bool) -> dict[str, Any]:
-        self.audit_log.append(kind, "server", data)
+        from edgeshield.monitor import SecurityEvent
+
+        if self.emit is not None:
+            self.emit(SecurityEvent(kind, "server", data))
+        else:
+            self.audit_log.append(kind, "server", data)
         if final:
             self.audit_log.checkpoint()  # the log still ends covered
         return data

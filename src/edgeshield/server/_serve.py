@@ -146,6 +146,7 @@ def build_state(cfg: ServeConfig) -> ServerState:
                         monitor=monitor, outputs=outputs, served_watermark=served, served_evidence=evidence,
                         on_shutdown=[evidence.close] if evidence is not None else [])
     if publisher is not None:
+        publisher.emit = state.events.publish
         publisher.start()
         state.after_shutdown.append(publisher.finish)
     return state
@@ -234,25 +235,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tls_context(cfg: ServeConfig, events: ConnectionEvents) -> ssl.SSLContext:
-    """The server's TLS 1.3 mutual-auth context, whose failed handshakes are counted for the audit log."""
+def tls_context(cfg: ServeConfig) -> ssl.SSLContext:
+    """The server's TLS 1.3 mutual-auth context (the listener reports its failed handshakes as events)."""
     from edgeshield.transport import server_context
 
     ctx = server_context(cfg.ca, cfg.cert, cfg.key, crl=cfg.crl, passphrase=cfg.passphrase,
                          allow_expired_crl=cfg.crl_expired == "keep-last")
-
-    class AuditingSSLObject(ssl.SSLObject):
-        # asyncio drives handshakes through SSLObject.do_handshake; a failure here never reaches the app.
-        def do_handshake(self) -> None:
-            try:
-                super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as exc:
-                events.handshake_failed((exc.reason or type(exc).__name__)[:100])
-                raise
-
-    ctx.sslobject_class = AuditingSSLObject
     return ctx
 
 
@@ -374,12 +362,10 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Gua
     logging.captureWarnings(True)  # a library's warnings.warn goes to the JSON log, never bare to stderr
     state = state or build_state(cfg)
     events = ConnectionEvents(state)
-    state.on_shutdown.append(events.stop)
-    ctx = tls_context(cfg, events)
+    ctx = tls_context(cfg)
     guard = CrlGuard(ctx, cfg.crl_expired)
     state.revocation = guard.refusal
     app = create_app(state)
-    events.start()
     config = uvicorn.Config(
         app, host=cfg.host, port=cfg.port, timeout_keep_alive=max(1, round(cfg.limits.keep_alive_s)),
         timeout_graceful_shutdown=10, limit_concurrency=None, log_config=log_config(cfg.log_level),

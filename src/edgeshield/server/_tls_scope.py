@@ -106,14 +106,14 @@ class TlsHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if not self.transport.is_closing():
             if self.gate is not None:
-                self.gate.events.refused("request head timeout")
+                self.gate.events.refused("request head timeout", self.address)
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """httptools refused the request's framing (bad request line, headers or lengths): count it for the audit
         log like the other protocol-level refusals, then answer uvicorn's 400 and close."""
         if self.gate is not None:
-            self.gate.events.refused("malformed HTTP request")
+            self.gate.events.refused("malformed HTTP request", self.address)
         super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
