@@ -266,6 +266,7 @@ class EventEndpoint:
         if server is None:
             return
         server.close()
+        await asyncio.sleep(0)  # connections accepted just now: let their handlers start, and see they must stop
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -281,7 +282,8 @@ class EventEndpoint:
         if task is not None:
             self._tasks.add(task)
         try:
-            await self._connection(reader, writer)
+            if self._server is not None:  # not stopping
+                await self._connection(reader, writer)
         except (ConnectionError, TimeoutError):  # the client went away or stopped reading
             pass
         finally:
@@ -293,7 +295,8 @@ class EventEndpoint:
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(data)
-        await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
+        async with asyncio.timeout(self.idle_timeout_s):
+            await writer.drain()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.counters["connections"] += 1
@@ -322,7 +325,8 @@ class EventEndpoint:
         while True:
             last = False
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):  # (no inner task, unlike wait_for)
+                    line = await reader.readuntil(b"\n")
             except asyncio.IncompleteReadError as exc:  # end of stream: a last line without its newline counts
                 line, last = exc.partial, True
             except asyncio.LimitOverrunError:
@@ -365,22 +369,19 @@ class EventEndpoint:
         failure: list[BaseException] = []
 
         def main() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self.start())
-            except Exception as exc:  # noqa: BLE001 - handed to the starting thread, which raises it
-                failure.append(exc)
+            with asyncio.Runner() as runner:  # closing it cancels what is left and shuts the executor down
+                self._loop = runner.get_loop()
+                try:
+                    runner.run(self.start())
+                except Exception as exc:  # noqa: BLE001 - handed to the starting thread, which raises it
+                    failure.append(exc)
+                    ready.set()
+                    return
                 ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(self.stop())
-                loop.run_until_complete(loop.shutdown_default_executor())
-                loop.close()
+                try:
+                    self._loop.run_forever()
+                finally:
+                    runner.run(self.stop())
 
         self._thread = threading.Thread(target=main, name="edgeshield-event-endpoint", daemon=True)
         self._thread.start()
