@@ -21,7 +21,7 @@ from edgeshield.errors import InvalidArgumentError
 
 ENV_PREFIX = "EDGESHIELD"
 _LIMITS, _REVOCATION, _EXTRACTION = "Connection limits", "Revocation", "Model-extraction defence"
-_WITNESS = "Audit witness"
+_WITNESS, _MONITOR, _SUBJECTS = "Audit witness", "Security monitoring", "Data subjects and retention"
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
@@ -220,6 +220,56 @@ def serve(
         Path | None, typer.Option("--witness-note", rich_help_panel=_WITNESS,
                                   help="Where to keep the newest cosigned checkpoint (default: AUDIT_DB.cosigned).")
     ] = None,
+    monitor: Annotated[
+        bool, typer.Option("--monitor/--no-monitor", rich_help_panel=_MONITOR,
+                           help="Run the security monitor: rules over every security event, automated responses.")
+    ] = True,
+    monitor_rules: Annotated[
+        Path | None, typer.Option("--monitor-rules", rich_help_panel=_MONITOR,
+                                  help="Rule file (YAML; default: the packaged rule pack, `monitor rules show`).")
+    ] = None,
+    monitor_db: Annotated[
+        Path | None, typer.Option("--monitor-db", rich_help_panel=_MONITOR,
+                                  help="Where blocks, denials and quarantines persist (default: AUDIT_DB.monitor).")
+    ] = None,
+    webhook: Annotated[
+        str | None, typer.Option("--webhook", metavar="URL", rich_help_panel=_MONITOR,
+                                 help="POST every alert here as JSON (https; http only to loopback).")
+    ] = None,
+    webhook_token_env: Annotated[
+        str | None, typer.Option("--webhook-token-env", metavar="VAR", rich_help_panel=_MONITOR,
+                                 help="Environment variable holding the webhook's bearer token.")
+    ] = None,
+    webhook_ca: Annotated[
+        Path | None, typer.Option("--webhook-ca", rich_help_panel=_MONITOR,
+                                  help="CA certificate the webhook's TLS certificate chains to.")
+    ] = None,
+    events_socket: Annotated[
+        Path | None, typer.Option("--events-socket", rich_help_panel=_MONITOR,
+                                  help="Local event endpoint (Unix socket, mode 0600) other processes report to.")
+    ] = None,
+    watch_interval: Annotated[
+        float, typer.Option("--watch-interval", min=0.1, rich_help_panel=_MONITOR,
+                            help="Seconds between checks of the bundle, detector, policy and config digests.")
+    ] = 2.0,
+    subject_header: Annotated[
+        str | None, typer.Option("--subject-header", metavar="NAME", rich_help_panel=_SUBJECTS,
+                                 help="Request header naming the data subject a request is about (audited as a "
+                                      "pseudonym; `comply erase` forgets it).")
+    ] = None,
+    subject_keys: Annotated[
+        Path | None, typer.Option("--subject-keys", rich_help_panel=_SUBJECTS,
+                                  help="Per-subject pseudonym keys (default: AUDIT_DB.subjects).")
+    ] = None,
+    retention_days: Annotated[
+        float | None, typer.Option("--retention-days", min=0.001, rich_help_panel=_SUBJECTS,
+                                   help="Purge personal-data records (served-watermark evidence) older than this.")
+    ] = None,
+    management_interface: Annotated[
+        list[str] | None, typer.Option("--management-interface", metavar="ADDRESS", rich_help_panel=_SUBJECTS,
+                                       help="An address the server may listen on beyond loopback (for `comply`'s "
+                                            "network-exposure check); repeatable.")
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
@@ -245,7 +295,11 @@ def serve(
                            crl_expired=crl_expired, crl_warn_days=crl_warn_days, witness_url=witness,
                            witness_ca=witness_ca, witness_cert=witness_cert, witness_cert_key=witness_cert_key,
                            witness_vkeys=tuple(witness_vkey or ()), witness_every_s=witness_every,
-                           witness_note=witness_note))
+                           witness_note=witness_note, monitor=monitor, monitor_rules=monitor_rules,
+                           monitor_db=monitor_db, webhook_url=webhook, webhook_token_env=webhook_token_env,
+                           webhook_ca=webhook_ca, events_socket=events_socket, watch_interval_s=watch_interval,
+                           config_file=config, subject_header=subject_header, subject_keys=subject_keys,
+                           retention_days=retention_days, management_interfaces=tuple(management_interface or ())))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:

@@ -211,5 +211,11 @@ def create_app(state: ServerState) -> SecurityMiddleware:
                              hashlib.sha256(body).hexdigest())
         return await run_pipeline(pipeline, ctx)
 
+    from edgeshield.server._admin import add_admin_routes
+    from edgeshield.server._status import add_status_routes
+
+    add_admin_routes(app, state)
+    add_status_routes(app, state)
+
     # Every route of this app is a starlette Route (FastAPI's APIRoute, the OpenAPI document): routed by path.
     return SecurityMiddleware(app, state, [r for r in app.routes if isinstance(r, Route)])

@@ -8,6 +8,7 @@ import json
 import logging
 import logging.config
 import os
+import re
 import socket
 import ssl
 import threading
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeshield.server")
 PathLike = str | os.PathLike[str]
+_HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an RFC 9110 token
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,22 @@ class ServeConfig:
     witness_vkeys: tuple[str, ...] = ()  # the witness's cosignature verifier keys (vkey text or a file holding one)
     witness_every_s: float = 60.0
     witness_note: Path | None = None  # where the newest cosigned checkpoint is kept (default: beside the log)
+    # security monitoring (edgeshield.monitor): on by default with the packaged rule pack
+    monitor: bool = True
+    monitor_rules: Path | None = None  # a rule file (default: the packaged default pack)
+    monitor_db: Path | None = None  # blocks, denials, quarantines, alerts (default: AUDIT_DB.monitor)
+    webhook_url: str | None = None  # alerts POSTed here as JSON (https, or http to loopback)
+    webhook_token_env: str | None = None  # environment variable holding the webhook's bearer token
+    webhook_ca: Path | None = None
+    events_socket: Path | None = None  # the local event endpoint for other processes (Unix socket); off by default
+    watch_interval_s: float = 2.0  # file digests (bundle, detector, policy, rules, config)
+    resource_interval_s: float = 5.0
+    config_file: Path | None = None  # the serve.toml this came from: watched like the policy
+    # data subjects and retention (edgeshield.compliance)
+    subject_header: str | None = None  # request header naming the data subject a request is about
+    subject_keys: Path | None = None  # per-subject pseudonym keys (default: AUDIT_DB.subjects when a header is set)
+    retention_days: float | None = None  # purge personal-data records older than this (served-watermark evidence)
+    management_interfaces: tuple[str, ...] = ()  # addresses the compliance network-exposure check accepts
 
     def __post_init__(self) -> None:
         from edgeshield.errors import InvalidArgumentError
@@ -91,10 +109,15 @@ class ServeConfig:
         if self.crl_expired not in CRL_POLICIES:
             raise InvalidArgumentError(f"--crl-expired must be one of {', '.join(CRL_POLICIES)}, not "
                                        f"{self.crl_expired!r}")
-        for name in ("max_body_bytes", "max_batch", "inference_timeout_s", "crl_poll_s"):
+        for name in ("max_body_bytes", "max_batch", "inference_timeout_s", "crl_poll_s", "watch_interval_s",
+                     "resource_interval_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise InvalidArgumentError(f"{name} must be a positive number, got {value!r}")
+        if self.retention_days is not None and not self.retention_days > 0:
+            raise InvalidArgumentError(f"retention_days must be a positive number, got {self.retention_days!r}")
+        if self.subject_header is not None and not _HEADER.fullmatch(self.subject_header):
+            raise InvalidArgumentError(f"--subject-header must be an HTTP header name, not {self.subject_header!r}")
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -132,11 +155,19 @@ def build_state(cfg: ServeConfig) -> ServerState:
     rbac = Rbac(cfg.policy)
     limiter, monitor, outputs = _extraction_defence(cfg)
     served, evidence = _served_watermark(cfg, opened.session)
+    rules = None
+    if cfg.monitor:
+        from edgeshield.monitor import load_rules
+
+        rules = load_rules(cfg.monitor_rules)  # a bad rule file stops the server before it serves
     audit.append("server.startup", "server", {
         "bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "payload_sha256": m.payload_sha256,
         "model_version": m.model_version, "detector": str(cfg.detector) if cfg.detector else None,
         "listen": f"{cfg.host}:{cfg.port}",
-        "served_watermark_rate": cfg.served_watermark_rate if served is not None else None})
+        "served_watermark_rate": cfg.served_watermark_rate if served is not None else None,
+        "monitor_rules_sha256": rules.sha256 if rules is not None else None,
+        "monitor_rules": len(rules) if rules is not None else 0,
+        "subject_header": cfg.subject_header, "retention_days": cfg.retention_days})
     audit.append("model.load", "server", {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256})
     audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
                                            "model_sha256": _sha256(rbac.model_path)})
@@ -144,7 +175,16 @@ def build_state(cfg: ServeConfig) -> ServerState:
                         max_body_bytes=cfg.max_body_bytes, max_batch=cfg.max_batch,
                         inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter,
                         monitor=monitor, outputs=outputs, served_watermark=served, served_evidence=evidence,
-                        on_shutdown=[evidence.close] if evidence is not None else [])
+                        on_shutdown=[evidence.close] if evidence is not None else [],
+                        subject_header=cfg.subject_header)
+    if cfg.subject_header is not None:
+        from edgeshield.compliance import SubjectKeys
+
+        state.subjects = SubjectKeys(cfg.subject_keys or cfg.audit_db.with_name(cfg.audit_db.name + ".subjects"))
+    if rules is not None:
+        from edgeshield.server._operations import start_operations
+
+        start_operations(cfg, state, rules, rbac)
     if publisher is not None:
         publisher.emit = state.events.publish
         publisher.start()
@@ -373,6 +413,10 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Gua
     )
     server = _server_class()(config)
     server.gate = gate = ConnectionGate(cfg.limits, ctx, events)
+    monitor = state.security_monitor
+    if monitor is not None:  # the monitor's responses reach the listener: address blocks before TLS, denials now
+        gate.address_check = monitor.address_refused
+        monitor.on_deny = gate.close_revoked_threadsafe
     state.metrics.connections_open.set_function(lambda: gate.total)
     state.metrics.busiest_address.set_function(gate.busiest_address)
     watcher = CrlWatcher(guard, crl_path_for(cfg), state, cfg.crl_poll_s, warn_before_s=cfg.crl_warn_days * 86400,

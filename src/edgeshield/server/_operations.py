@@ -1,0 +1,144 @@
+"""The operations side of ``serve``: the security monitor and its event sources, started beside the server.
+
+:func:`start_operations` subscribes the rule engine (``edgeshield.monitor.Monitor``) to the server's event stream,
+starts the watchers that feed it (file digests, resources, per-client request rates), the optional local event
+endpoint for other processes, and the retention purge, and registers each one's stop with the server's shutdown.
+``make_server`` then connects the monitor's responses to the listener (address blocks before TLS, live connections
+of denied certificates closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from edgeshield.monitor import SecurityEvent
+
+if TYPE_CHECKING:
+    from edgeshield.monitor import EventStream, RuleSet
+    from edgeshield.server._app import ServerState
+    from edgeshield.server._rbac import Rbac
+    from edgeshield.server._serve import ServeConfig
+
+log = logging.getLogger("edgeshield.monitor")
+RETENTION_EVERY_S = 6 * 3600.0
+
+
+class BackgroundPublisher:
+    """Hands events to a worker thread that publishes them: for sources called on the event loop (the rate-anomaly
+    subscriber), whose events must still reach the audit log without an fsync on the loop. Bounded: when the queue
+    is full the event is dropped and counted (``dropped``), never waited for."""
+
+    def __init__(self, stream: EventStream, maxsize: int = 10_000) -> None:
+        self.stream, self.dropped = stream, 0
+        self._queue: queue.Queue[SecurityEvent | None] = queue.Queue(maxsize=maxsize)
+        self._thread = threading.Thread(target=self._run, name="edgeshield-event-publisher", daemon=True)
+        self._thread.start()
+
+    def __call__(self, event: SecurityEvent) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not None:
+            try:
+                self.stream.publish(event)
+            except Exception:  # keep publishing the rest
+                log.exception("could not publish a %s event", event.kind)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+class RetentionPurge(threading.Thread):
+    """Deletes personal-data records older than the retention period (the served-watermark evidence), at start and
+    every ``every_s`` seconds, and says so in the audit log each time (``retention.purged``, counts only)."""
+
+    def __init__(self, state: ServerState, days: float, every_s: float = RETENTION_EVERY_S) -> None:
+        super().__init__(name="edgeshield-retention", daemon=True)
+        self.state, self.days, self.every_s = state, days, every_s
+        self.stop_event = threading.Event()
+
+    def purge_now(self) -> int:
+        before = time.time() - self.days * 86400
+        stores, records = [], 0
+        evidence = self.state.served_evidence
+        if evidence is not None:
+            stores.append("served-watermark evidence")
+            records += evidence.purge_before(before)
+        self.state.events.publish(SecurityEvent("retention.purged", "server", {
+            "before": round(before, 3), "records": records, "stores": stores, "retention_days": self.days}))
+        return records
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.purge_now()
+            except Exception:  # the next run tries again; the compliance check sees the gap
+                log.exception("retention purge failed")
+            if self.stop_event.wait(self.every_s):
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def start_operations(cfg: ServeConfig, state: ServerState, rules: RuleSet, rbac: Rbac) -> None:
+    """Subscribe the monitor and start its sources; every stop is added to ``state.on_shutdown``."""
+    from edgeshield.monitor import FileWatcher, Monitor, MonitorStore, RateAnomaly, ResourceWatcher, WebhookConfig
+
+    stream = state.events
+    webhook = None
+    if cfg.webhook_url is not None:
+        webhook = WebhookConfig.from_env(cfg.webhook_url, cfg.webhook_token_env, ca=cfg.webhook_ca)
+    store = MonitorStore(cfg.monitor_db or cfg.audit_db.with_name(cfg.audit_db.name + ".monitor"))
+    monitor = Monitor(rules, store, emit=stream.publish, webhook=webhook, rules_path=cfg.monitor_rules,
+                      registry=state.metrics.registry if state.metrics is not None else None)
+    state.security_monitor = monitor
+
+    files = {"bundle": cfg.bundle, "policy": rbac.policy_path}
+    if cfg.detector is not None:
+        files["detector"] = cfg.detector
+    if cfg.monitor_rules is not None:
+        files["rules"] = cfg.monitor_rules
+    if cfg.config_file is not None:
+        files["config"] = cfg.config_file
+    watcher = FileWatcher(files, stream.publish, cfg.watch_interval_s)
+    resources = ResourceWatcher(stream.publish, disk_path=cfg.audit_db.parent, interval_s=cfg.resource_interval_s)
+    background = BackgroundPublisher(stream)
+    rates = RateAnomaly(background)
+
+    def lifted(action: str, target: str) -> None:
+        kind, _, name = target.partition(":")
+        if action == "block" and kind == "identity" and state.monitor is not None:
+            state.monitor.reset(name)  # the extraction monitor's own verdict for that client starts over
+
+    def reloaded() -> None:
+        rbac.reload()
+        watcher.accept(by="monitor reload")  # the files as they are now are the sanctioned ones
+
+    monitor.on_lift, monitor.on_reload = lifted, reloaded
+    stream.subscribe(monitor)
+    stream.subscribe(rates)
+    monitor.start()
+    watcher.start()
+    resources.start()
+    stops = [watcher.stop, resources.stop, background.stop]
+    if cfg.events_socket is not None:
+        from edgeshield.monitor import EventEndpoint
+
+        endpoint = EventEndpoint(cfg.events_socket, stream.publish)
+        endpoint.run_in_thread()
+        stops.insert(0, endpoint.close)
+    if cfg.retention_days is not None:
+        purge = RetentionPurge(state, cfg.retention_days)
+        purge.start()
+        stops.append(purge.stop)
+    # Stopped before the audit subscriber flushes and the log is checkpointed: their last events are still written.
+    state.on_shutdown.extend([*stops, monitor.stop])
