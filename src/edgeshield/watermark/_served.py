@@ -32,6 +32,7 @@ detectors must catch that. The evidence rows are checked against their digests
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -64,7 +65,7 @@ SERVED_SCHEME = "served-dawn-v1"
 DEFAULT_RATE = 0.01
 _INFO = b"edgeshield/watermark/served-dawn/v1"
 _APPLICATION_ID = 0x45535756  # "ESWV": marks the SQLite file as an evidence store
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: a nullable subject column (a data-subject pseudonym), for erasure
 _DTYPE = CANONICAL_DTYPE
 
 Suspect = bytes | bytearray | memoryview | Callable[[np.ndarray], np.ndarray]
@@ -212,8 +213,22 @@ _SCHEMA = (
     f"PRAGMA user_version = {_SCHEMA_VERSION}",
     ("CREATE TABLE evidence (seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, client TEXT NOT NULL,"
      " digest TEXT NOT NULL, label INTEGER NOT NULL, shape TEXT NOT NULL, dtype TEXT NOT NULL, data BLOB NOT NULL,"
-     " UNIQUE (client, digest))"),
+     " subject TEXT, UNIQUE (client, digest))"),
+    "CREATE INDEX evidence_subject ON evidence (subject)",
+    "CREATE INDEX evidence_time ON evidence (time)",
 )
+# Schema 1 had no subject column: opening such a store for writing adds it (rows stored before have no subject).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE evidence ADD COLUMN subject TEXT",
+    "CREATE INDEX evidence_subject ON evidence (subject)",
+    "CREATE INDEX evidence_time ON evidence (time)",
+    "PRAGMA user_version = 2",
+)
+
+
+def _iso(ts: float) -> str:
+    """The ``time`` column's format (UTC ISO 8601, milliseconds): text that sorts in time order."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 class EvidenceStore:
@@ -245,6 +260,17 @@ class EvidenceStore:
                 conn.execute("COMMIT")
             elif app_id != _APPLICATION_ID or "evidence" not in tables:
                 raise NotAnEvidenceStoreError(f"{self.path} is not an EdgeShield evidence store")
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(evidence)")}
+            if create and "subject" not in columns:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _MIGRATE_1_TO_2:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+                columns.add("subject")
+            self._has_subject = "subject" in columns  # False only for a schema 1 store opened with create=False
+            # Erased and purged rows hold raw inputs: overwrite their bytes in the file instead of leaving them in
+            # free pages (the WAL is truncated after each erasure, see _shred).
+            conn.execute("PRAGMA secure_delete = ON")
             if create:
                 conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:
@@ -272,28 +298,83 @@ class EvidenceStore:
             raise InvalidArgumentError(f"evidence store {self.path} is closed")
         return self._conn
 
-    def add(self, client: str, x: np.ndarray, labels: np.ndarray) -> int:
-        """Store the watermarked rows ``x`` answered to ``client`` with ``labels``; returns how many were new."""
+    def add(self, client: str, x: np.ndarray, labels: np.ndarray, *, subject: str | None = None) -> int:
+        """Store the watermarked rows ``x`` answered to ``client`` with ``labels``; returns how many were new.
+
+        ``subject`` names the data subject the request was about (the id from the operator's subject header, or
+        its pseudonym): ``erase_subject`` deletes exactly those rows. This store is a personal-data store: what it
+        holds is erased with the subject and purged by the retention policy."""
         if not isinstance(client, str) or not client:
             raise InvalidArgumentError("client must be a non-empty string")
+        if subject is not None and (not isinstance(subject, str) or not subject):
+            raise InvalidArgumentError("subject must be a non-empty string (a pseudonym) or None")
         c = canonical(x)
         lab = _check_labels(labels, c.shape[0], None)
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         shape = json.dumps(list(c.shape[1:]))
-        rows = [(now, client, d, int(label), shape, _DTYPE, c[i].tobytes())
+        rows = [(now, client, d, int(label), shape, _DTYPE, c[i].tobytes(), subject)
                 for i, (d, label) in enumerate(zip(row_digests(c), lab, strict=True))]
         with self._lock:
             conn = self._db()
+            if not self._has_subject:
+                raise InvalidArgumentError(f"evidence store {self.path} is schema 1 and was opened read-only "
+                                           "(create=False): open it with create=True to migrate it")
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("INSERT OR IGNORE INTO evidence (time, client, digest, label, shape, dtype, data)"
-                                 " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                conn.executemany("INSERT OR IGNORE INTO evidence (time, client, digest, label, shape, dtype, data,"
+                                 " subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             return conn.total_changes - before
+
+    def _delete(self, where: str, args: tuple[object, ...]) -> int:
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = conn.execute(f"DELETE FROM evidence WHERE {where}", args).rowcount  # noqa: S608 - fixed text
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if n:
+                self._shred(conn)
+            return int(n)
+
+    def _shred(self, conn: sqlite3.Connection) -> None:
+        # secure_delete zeroes the rows in the database pages; the WAL may still hold the pages as they were, so
+        # checkpoint it into the database and truncate it (best effort: a reader elsewhere can delay it).
+        with contextlib.suppress(sqlite3.OperationalError):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def erase_subject(self, subject_id: str) -> int:
+        """Delete every row stored for the data subject ``subject_id`` (the value ``add`` was given); returns how
+        many. A schema 1 store opened with create=False has no subject column, so no row is a subject's: 0."""
+        if not isinstance(subject_id, str) or not subject_id:
+            raise InvalidArgumentError("subject_id must be a non-empty string")
+        if not self._has_subject:
+            return 0
+        return self._delete("subject = ?", (subject_id,))
+
+    def purge_before(self, ts: float) -> int:
+        """Delete every row stored before ``ts`` (seconds since the epoch): the retention policy; returns how many."""
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+            raise InvalidArgumentError(f"ts must be a finite number of seconds, not {ts!r}")
+        return self._delete("time < ?", (_iso(float(ts)),))
+
+    def oldest(self) -> float | None:
+        """When the oldest row still stored was added (seconds since the epoch), or None when the store is empty."""
+        with self._lock:
+            row = self._db().execute("SELECT min(time) FROM evidence").fetchone()
+        return None if row is None or row[0] is None else datetime.fromisoformat(str(row[0])).timestamp()
+
+    def count(self) -> int:
+        """How many rows are stored."""
+        with self._lock:
+            return int(self._db().execute("SELECT count(*) FROM evidence").fetchone()[0])
 
     def load(self, client: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         """(x float32 [N, *shape], labels int64 [N], clients, digests) in storage order (x is shape (0,) when there

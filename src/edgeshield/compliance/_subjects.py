@@ -1,0 +1,286 @@
+"""Data subjects: pseudonyms under per-subject keys, erasure by destroying the key (crypto-shredding), retention.
+
+A *subject* is whoever a request is about, named by a header the operator configures; client certificates name
+devices, not people. The audit log never holds a subject id: it holds ``pseudonym(id)``, an HMAC-SHA256 under a
+random key kept for that subject alone. Erasing the subject deletes its rows from the named personal-data stores
+and deletes its key, after which no one can recompute the pseudonym from the id, so the audit entries that carry
+it no longer link to anybody — while the entries themselves, their hash chain, Merkle tree and witness proofs stay
+exactly as they were (nothing in the log was changed).
+
+The key table does not list subject ids either: each row is found by HMAC-SHA256(id) under a store-wide lookup
+key. Whoever holds the file (and so the lookup key) can still test a guessed id for membership; whoever copied
+the file before an erasure still holds that subject's key. Backups of this file defeat crypto-shredding: keep none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from edgeshield.errors import InvalidArgumentError, NotAFileError, PathNotFoundError
+
+if TYPE_CHECKING:
+    from edgeshield.audit import AuditLog
+    from edgeshield.compliance._deployment import Deployment
+
+_APPLICATION_ID = 0x45535342  # "ESSB": marks the SQLite file as a subject key store
+_SCHEMA_VERSION = 1
+_SCHEMA = (
+    f"PRAGMA application_id = {_APPLICATION_ID}",
+    f"PRAGMA user_version = {_SCHEMA_VERSION}",
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE subject_keys (lookup TEXT PRIMARY KEY, key BLOB NOT NULL, created TEXT NOT NULL)",
+)
+_PSEUDONYM_HEX = 32
+MAX_SUBJECT_ID = 256
+AUDIT_ACTOR = "compliance"
+
+
+class NotASubjectKeyStoreError(InvalidArgumentError):
+    """The file is not an EdgeShield subject key store."""
+
+
+def check_subject_id(subject_id: object) -> str:
+    """A subject id is 1-256 printable characters without surrounding spaces."""
+    if (not isinstance(subject_id, str) or not subject_id or len(subject_id) > MAX_SUBJECT_ID
+            or not subject_id.isprintable() or subject_id.strip() != subject_id):
+        raise InvalidArgumentError(f"a subject id must be 1-{MAX_SUBJECT_ID} printable characters without surrounding "
+                                   "spaces")
+    return subject_id
+
+
+def _create_private(path: Path) -> None:
+    try:  # private before it holds anything; SQLite gives its WAL and shm files the same mode
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileNotFoundError:
+        raise PathNotFoundError(f"subject key store directory not found: {path.parent}") from None
+    except FileExistsError:
+        pass
+
+
+class SubjectKeys:
+    """Per-subject random keys in one SQLite file (mode 0600, WAL, secure_delete); thread-safe.
+
+    ``pseudonym(id)`` is HMAC-SHA256(key of id, id) as hex, its first 32 characters (128 bits), creating the key on
+    first use; ``erase(id)`` deletes the key. Nothing is cached in memory, so an erasure made by another process
+    (``edgeshield comply erase`` beside a running server) takes effect on the server's next request.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        if self.path.exists() and not self.path.is_file():
+            raise NotAFileError(f"subject key store is not a regular file: {self.path}")
+        if not self.path.exists():
+            if not create:
+                raise PathNotFoundError(f"subject key store not found: {self.path}")
+            _create_private(self.path)
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA secure_delete = ON")  # a deleted key's bytes are overwritten, not left in a page
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if app_id == 0 and not tables:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO meta (name, value) VALUES ('lookup_key', ?)", (secrets.token_bytes(32),))
+                conn.execute("COMMIT")
+            elif app_id != _APPLICATION_ID or not {"meta", "subject_keys"} <= tables:
+                raise NotASubjectKeyStoreError(f"{self.path} is not an EdgeShield subject key store")
+            conn.execute("PRAGMA journal_mode=WAL")
+            row = conn.execute("SELECT value FROM meta WHERE name = 'lookup_key'").fetchone()
+            if row is None or not isinstance(row[0], bytes) or len(row[0]) != 32:
+                raise NotASubjectKeyStoreError(f"{self.path}: the store's lookup key is missing or malformed")
+            self._lookup_key: bytes = row[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise NotASubjectKeyStoreError(f"{self.path} is not a subject key store database: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn: sqlite3.Connection | None = conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise InvalidArgumentError(f"subject key store {self.path} is closed")
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _lookup(self, subject_id: str) -> str:
+        return hmac.new(self._lookup_key, check_subject_id(subject_id).encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def _mac(key: bytes, subject_id: str) -> str:
+        return hmac.new(key, subject_id.encode(), hashlib.sha256).hexdigest()[:_PSEUDONYM_HEX]
+
+    def pseudonym(self, subject_id: str) -> str:
+        """The subject's pseudonym (32 hex characters); the subject's key is created on first use."""
+        lookup = self._lookup(subject_id)
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO subject_keys (lookup, key, created) VALUES (?, ?, ?)",
+                         (lookup, secrets.token_bytes(32), datetime.now(UTC).isoformat(timespec="seconds")))
+            key = conn.execute("SELECT key FROM subject_keys WHERE lookup = ?", (lookup,)).fetchone()[0]
+        return self._mac(bytes(key), subject_id)
+
+    def existing_pseudonym(self, subject_id: str) -> str | None:
+        """The subject's pseudonym when it has a key, else None (no key is created)."""
+        lookup = self._lookup(subject_id)
+        with self._tx() as conn:
+            row = conn.execute("SELECT key FROM subject_keys WHERE lookup = ?", (lookup,)).fetchone()
+        return None if row is None else self._mac(bytes(row[0]), subject_id)
+
+    def erase(self, subject_id: str) -> bool:
+        """Delete the subject's key (True when there was one): its pseudonym can never be recomputed."""
+        lookup = self._lookup(subject_id)
+        with self._tx() as conn:
+            deleted = conn.execute("DELETE FROM subject_keys WHERE lookup = ?", (lookup,)).rowcount > 0
+        if deleted:  # the WAL still holds the page with the key as it was: fold it in and truncate it
+            with self._lock, contextlib.suppress(sqlite3.OperationalError):
+                if self._conn is not None:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
+
+    def __len__(self) -> int:
+        with self._tx() as conn:
+            return int(conn.execute("SELECT count(*) FROM subject_keys").fetchone()[0])
+
+
+# --- operations over a deployment's stores ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ErasureReport:
+    """What ``erase_subject`` did: rows deleted per store, whether a key was destroyed, and the audit entry."""
+
+    erasure_id: str
+    stores: dict[str, int]
+    key_destroyed: bool
+    audit_seq: int | None
+    checkpoint: int | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(v for k, v in self.stores.items() if k != "subject_keys")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"erasure_id": self.erasure_id, "stores": self.stores, "records": self.records,
+                "key_destroyed": self.key_destroyed, "audit_seq": self.audit_seq, "checkpoint": self.checkpoint}
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What ``purge`` did: the cut-off, rows deleted per store, and the audit entry."""
+
+    before: str
+    stores: dict[str, int] = field(default_factory=dict)
+    audit_seq: int | None = None
+    checkpoint: int | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(self.stores.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before, "stores": self.stores, "records": self.records, "audit_seq": self.audit_seq,
+                "checkpoint": self.checkpoint}
+
+
+def open_audit_writer(deployment: Deployment) -> AuditLog:
+    """The deployment's audit log opened for appending with its checkpoint key, as the server opens it. A running
+    server may hold the same log: appends from both processes serialise on SQLite's write lock (WAL)."""
+    from edgeshield.audit import AuditLog, load_signing_key
+
+    key = load_signing_key(deployment.require("audit-key"), deployment.passphrase)
+    return AuditLog(deployment.require("audit-db"), signing_key=key)
+
+
+def _evidence_store(deployment: Deployment) -> Any:
+    from edgeshield.watermark import EvidenceStore
+
+    path = deployment.served_watermark_evidence
+    return EvidenceStore(path) if path is not None and path.is_file() else None
+
+
+def _append(deployment: Deployment, kind: str, data: dict[str, Any]) -> tuple[int, int | None]:
+    with open_audit_writer(deployment) as log:
+        entry = log.append(kind, AUDIT_ACTOR, data)
+        cp = log.checkpoint()  # sign it now: the entry is covered by a checkpoint at once
+    return entry.seq, cp.tree_size
+
+
+def erase_subject(deployment: Deployment, subject_id: str) -> ErasureReport:
+    """Right to erasure: delete the subject's rows from every named store, destroy its key, and audit
+    ``subject.erased`` with a random erasure id and the counts — never the subject id or its pseudonym."""
+    check_subject_id(subject_id)
+    path = deployment.subject_keys
+    if path is None and deployment.served_watermark_evidence is None:
+        raise InvalidArgumentError("the deployment names no subject key store (subject-keys) and no personal-data "
+                                   "store: there is nothing to erase from")
+    keys = SubjectKeys(path, create=False) if path is not None and path.is_file() else None
+    stores: dict[str, int] = {}
+    try:
+        pseudonym = keys.existing_pseudonym(subject_id) if keys is not None else None
+        store = _evidence_store(deployment)
+        if store is not None:  # rows are tagged with the subject id or its pseudonym: delete both
+            with store:
+                stores["served_evidence"] = store.erase_subject(subject_id) + (
+                    store.erase_subject(pseudonym) if pseudonym is not None else 0)
+        destroyed = keys.erase(subject_id) if keys is not None else False
+    finally:
+        if keys is not None:
+            keys.close()
+    stores["subject_keys"] = int(destroyed)
+    erasure_id = uuid.uuid4().hex  # links the entry to the requester's receipt, and to nobody
+    records = sum(v for k, v in stores.items() if k != "subject_keys")
+    seq, cp = _append(deployment, "subject.erased", {"subject_ref": erasure_id, "records": records,
+                                                     "stores": stores})
+    return ErasureReport(erasure_id, stores, destroyed, seq, cp)
+
+
+def purge(deployment: Deployment, now: float | None = None) -> PurgeReport:
+    """Apply the retention policy: delete records older than ``retention-days`` from the named stores; audit
+    ``retention.purged``. The audit log itself is append-only and never purged (it holds no personal data)."""
+    if deployment.retention_days is None:
+        raise InvalidArgumentError(f"the deployment sets no retention period (retention-days) in "
+                                   f"{deployment.config or 'its config'}")
+    cutoff = (time.time() if now is None else now) - deployment.retention_days * 86400.0
+    before = datetime.fromtimestamp(cutoff, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stores: dict[str, int] = {}
+    store = _evidence_store(deployment)
+    if store is not None:
+        with store:
+            stores["served_evidence"] = store.purge_before(cutoff)
+    seq, cp = _append(deployment, "retention.purged", {"before": before, "records": sum(stores.values()),
+                                                       "stores": stores})
+    return PurgeReport(before, stores, seq, cp)
