@@ -126,6 +126,7 @@ def test_each_problem_is_one_line_naming_its_line(change: tuple[str, str], line:
     ("- rule: a\n  desc: b\n", 1, "needs 'condition'"),
     ("- " + "[" * 5000 + "]" * 5000 + "\n", 1, ""),
     ("- \x07\n", 1, "invalid YAML"),
+    ("- a\n- \ud800\n", 2, "not UTF-8"),
 ])
 def test_malformed_files(text: str, line: int, needle: str) -> None:
     message = _error(text)

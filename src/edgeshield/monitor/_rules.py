@@ -181,7 +181,7 @@ def load_rules(path: str | os.PathLike[str] | None = None) -> RuleSet:
 
 def parse_rules(text: str | bytes, *, source: str = "<rules>") -> RuleSet:
     """Validate rule-file text; raises :class:`RuleFileError` (and nothing else) on any problem."""
-    raw = text.encode() if isinstance(text, str) else bytes(text)
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     if len(raw) > MAX_FILE_BYTES:
         raise RuleFileError(f"{source}:1: rule file over {MAX_FILE_BYTES} bytes")
     try:
