@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _deploy import Built, build
 
 from edgeshield import audit, transport
 from edgeshield.compliance import CHECKS, CheckContext, CheckResult, Deployment, purge, run_check
 from edgeshield.models import digits_model_path, load_digits_split
 from edgeshield.server import running
 from edgeshield.watermark import EvidenceStore
+
+from _deploy import Built, build
 
 
 def check(name: str, deployment: Deployment, **kw: Any) -> CheckResult:

@@ -10,13 +10,14 @@ import re
 from pathlib import Path
 
 import pytest
-from _deploy import Built
 from typer.testing import CliRunner
 
 from edgeshield import audit
 from edgeshield.cli._comply import app
 from edgeshield.compliance import STATUSES, Regulation, Requirement, assess, load_mappings, render, write_report
 from edgeshield.errors import OutputExistsError
+
+from _deploy import Built
 
 REGULATIONS = {"gdpr", "ccpa", "hipaa", "sox", "eu_ai_act"}
 

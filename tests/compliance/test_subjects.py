@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _deploy import Built
 
 from edgeshield import audit, transport
 from edgeshield.compliance import NotASubjectKeyStoreError, SubjectKeys, erase_subject, purge
@@ -19,6 +18,8 @@ from edgeshield.errors import InvalidArgumentError, PathNotFoundError
 from edgeshield.models import load_digits_split
 from edgeshield.server import running
 from edgeshield.watermark import EvidenceStore
+
+from _deploy import Built
 
 
 def test_pseudonyms_are_per_subject_stable_and_not_stored_in_clear(tmp_path: Path) -> None:

@@ -14,7 +14,20 @@ import click
 import typer
 
 from edgeshield import __version__
-from edgeshield.cli import _audit, _bundles, _client, _detect, _extraction, _help, _keys, _pki, _serve, _watermark
+from edgeshield.cli import (
+    _audit,
+    _bundles,
+    _client,
+    _comply,
+    _detect,
+    _extraction,
+    _help,
+    _keys,
+    _monitor,
+    _pki,
+    _serve,
+    _watermark,
+)
 from edgeshield.cli._common import err_console, requires
 from edgeshield.errors import EXIT_GENERAL, EXIT_INPUT, EdgeShieldError
 
@@ -34,6 +47,8 @@ app.add_typer(_pki.app, name="pki")
 app.add_typer(_watermark.app, name="watermark")
 app.add_typer(_extraction.app, name="extraction")
 app.add_typer(_client.app, name="client")
+app.add_typer(_monitor.app, name="monitor")
+app.add_typer(_comply.app, name="comply")
 app.command("serve", context_settings={"auto_envvar_prefix": _serve.ENV_PREFIX})(_serve.serve)
 app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)

@@ -42,8 +42,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
         for opt in getattr(param, "opts", ()):
             if opt.startswith("--"):
                 by_key[opt[2:]] = param
+    from edgeshield.compliance._deployment import COMPLIANCE_KEYS
+
     defaults: dict[str, Any] = {}
     for key, item in data.items():
+        if key in COMPLIANCE_KEYS:  # read by `edgeshield comply` from the same file; nothing serve uses
+            continue
         target = by_key.get(key)
         if target is None or target.name is None or target.name == "config":
             known = ", ".join(sorted(k for k in by_key if k != "config"))
@@ -265,11 +269,6 @@ def serve(
         float | None, typer.Option("--retention-days", min=0.001, rich_help_panel=_SUBJECTS,
                                    help="Purge personal-data records (served-watermark evidence) older than this.")
     ] = None,
-    management_interface: Annotated[
-        list[str] | None, typer.Option("--management-interface", metavar="ADDRESS", rich_help_panel=_SUBJECTS,
-                                       help="An address the server may listen on beyond loopback (for `comply`'s "
-                                            "network-exposure check); repeatable.")
-    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
     """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
@@ -299,7 +298,7 @@ def serve(
                            monitor_db=monitor_db, webhook_url=webhook, webhook_token_env=webhook_token_env,
                            webhook_ca=webhook_ca, events_socket=events_socket, watch_interval_s=watch_interval,
                            config_file=config, subject_header=subject_header, subject_keys=subject_keys,
-                           retention_days=retention_days, management_interfaces=tuple(management_interface or ())))
+                           retention_days=retention_days))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:

@@ -239,8 +239,7 @@ class ServedMark:
         rows, served = x[marked], labels[marked]
         evidence = ctx.state.served_evidence
         if evidence is not None:
-            extra = {} if ctx.subject_id is None else {"subject": ctx.subject_id}  # TODO(lead): plain kwarg
-            await asyncio.to_thread(evidence.add, ctx.actor, rows, served, **extra)
+            await asyncio.to_thread(evidence.add, ctx.actor, rows, served, subject=ctx.subject_id)
         data: dict[str, Any] = {"inputs_sha256": row_digests(rows), "labels": served.tolist()}
         if ctx.subject is not None:
             data["subject"] = ctx.subject

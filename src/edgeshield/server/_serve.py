@@ -98,7 +98,6 @@ class ServeConfig:
     subject_header: str | None = None  # request header naming the data subject a request is about
     subject_keys: Path | None = None  # per-subject pseudonym keys (default: AUDIT_DB.subjects when a header is set)
     retention_days: float | None = None  # purge personal-data records older than this (served-watermark evidence)
-    management_interfaces: tuple[str, ...] = ()  # addresses the compliance network-exposure check accepts
 
     def __post_init__(self) -> None:
         from edgeshield.errors import InvalidArgumentError
