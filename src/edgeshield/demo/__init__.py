@@ -38,6 +38,7 @@ class DemoContext:
     state: dict[str, Any] = field(default_factory=dict)
     tables: list[Table] = field(default_factory=list)  # extra rich tables a stage wants shown
     progress: ProgressCallback | None = None  # set by run_demo while a stage runs
+    keep_files: bool = False  # --workdir given: the files a stage writes outlive the demo
 
     def step(self, done: int, total: int | None, note: str = "") -> None:
         """Tell the display how far the running stage is (``done`` of ``total`` steps; ``note``: what now)."""
@@ -52,9 +53,10 @@ class Stage:
 
 
 def _stages() -> list[Stage]:
-    from edgeshield.demo import _adversarial, _bundles, _extraction, _hardening, _server
+    from edgeshield.demo import _adversarial, _bundles, _extraction, _hardening, _operations, _server
 
-    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_hardening.STAGES, *_extraction.STAGES]
+    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_hardening.STAGES, *_extraction.STAGES,
+            *_operations.STAGES]
 
 
 @contextlib.contextmanager
@@ -96,7 +98,7 @@ def run_demo(*, as_json: bool = False, workdir: str | None = None) -> dict[str, 
     else:
         root = Path(workdir)
         root.mkdir(parents=True, exist_ok=True)
-    ctx = DemoContext(workdir=root)
+    ctx = DemoContext(workdir=root, keep_files=tmp is None)
     rows: list[tuple[str, str, float]] = []
     try:
         stages = _stages()
