@@ -50,23 +50,6 @@ def _stage(root: Path) -> dict[str, Any]:
     return {"cfg": cfg, "ca": ca, "certs": certs, "server_cert": server.cert_path}
 
 
-def _monitor(state: Any, root: Path, stack: contextlib.ExitStack) -> None:
-    """The default rule pack on the server's stream, unless the server already runs one."""
-    if getattr(state, "security_monitor", None) is not None:
-        return
-    from edgeshield.monitor._engine import Monitor
-    from edgeshield.monitor._rules import load_rules
-    from edgeshield.monitor._store import MonitorStore
-
-    store = MonitorStore(root / "monitor.db")
-    mon = Monitor(load_rules(None), store, emit=state.events.publish, registry=state.metrics.registry)
-    state.security_monitor = mon
-    state.events.subscribe(mon)
-    mon.start()
-    stack.callback(store.close)
-    stack.callback(mon.stop)
-
-
 def _client(world: dict[str, Any], name: str, url: str) -> httpx.Client:
     from edgeshield import transport
 
@@ -101,14 +84,12 @@ def main() -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
-    from edgeshield.server import build_state, running
+    from edgeshield.server import running
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         world = _stage(root)
-        state = build_state(world["cfg"])
-        _monitor(state, root, stack)
-        _srv, _watcher, port = stack.enter_context(running(world["cfg"], state))
+        _srv, _watcher, port = stack.enter_context(running(world["cfg"]))  # with the server's own monitor
         url = f"https://127.0.0.1:{port}"
         _attack(world, url, port)
         os.environ["NODE_EXTRA_CA_CERTS"] = str(world["ca"] / "ca.crt")  # Playwright's relay checks the server

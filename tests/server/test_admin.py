@@ -3,7 +3,6 @@ rule's block end to end — tripped by real requests, refused at once, audited, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -15,10 +14,13 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from edgeshield import audit, transport
+from edgeshield.errors import InputError
+from edgeshield.monitor._responses import check_target
 from edgeshield.monitor._rules import default_rules_path
-from edgeshield.server import ServeConfig, build_state
+from edgeshield.server import ServeConfig, _admin, build_state
 
 from _serving import mtls_client, protected_digits, serving
 
@@ -34,67 +36,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     server = transport.issue(ca, name="edge-1", role="server", server=True, sans=["127.0.0.1"])
     certs = {name: transport.issue(ca, name=name, role=role) for name, role in ROLES.items()}
     audit.generate_signing_key(root / "audit.key")
+    rules = root / "rules.yaml"
+    shutil.copy(default_rules_path(), rules)  # a rule file this module can rewrite (the reload test)
     cfg = ServeConfig(bundle=bundle, owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
                       cert=server.cert_path, key=server.key_path, audit_db=root / "audit.db",
-                      audit_key=root / "audit.key", port=0, log_level="warning")
-    rules = root / "rules.yaml"
-    shutil.copy(default_rules_path(), rules)
-    with _admin_routes_wired():
-        state = build_state(cfg)
-        stack = contextlib.ExitStack()
-        mon = _with_monitor(state, root, rules, stack)
-        _srv, _watcher, port = stack.enter_context(serving(cfg, state))
-    with stack:
+                      audit_key=root / "audit.key", port=0, log_level="warning", monitor_rules=rules,
+                      monitor_db=root / "monitor.db")
+    state = build_state(cfg)
+    with serving(cfg, state) as (_srv, _watcher, port):
         yield {"root": root, "ca": ca, "certs": certs, "url": f"https://127.0.0.1:{port}", "state": state,
-               "monitor": mon, "rules": rules}
-
-
-# TEMPORARY, until the lead's wiring lands: create_app calls add_admin_routes before the middleware takes the routes.
-@contextlib.contextmanager
-def _admin_routes_wired() -> Iterator[None]:
-    import inspect
-
-    from starlette.routing import Route
-
-    from edgeshield.server import _app
-    from edgeshield.server._admin import add_admin_routes
-
-    if "add_admin_routes" in inspect.getsource(_app):
-        yield
-        return
-    original = _app.SecurityMiddleware
-
-    def wired(app: Any, state: Any, routes: Any) -> Any:
-        add_admin_routes(app, state)
-        return original(app, state, [r for r in app.routes if isinstance(r, Route)])
-
-    _app.SecurityMiddleware = wired  # type: ignore[assignment,misc]
-    try:
-        yield
-    finally:
-        _app.SecurityMiddleware = original  # type: ignore[misc]
-
-
-def _with_monitor(state: Any, root: Path, rules: Path, stack: contextlib.ExitStack) -> Any:
-    """This module's own monitor (a rule file it can rewrite), subscribed to the server's stream as serve wires it."""
-    from edgeshield.monitor._engine import Monitor
-    from edgeshield.monitor._rules import load_rules
-    from edgeshield.monitor._store import MonitorStore
-
-    old = state.security_monitor
-    if old is not None:
-        state.events.unsubscribe(old)
-        old.stop()
-    store = MonitorStore(root / "monitor.db")
-    mon = Monitor(load_rules(rules), store, emit=state.events.publish, rules_path=rules,
-                  registry=None if old is not None else state.metrics.registry)
-    mon.on_reload = state.rbac.reload
-    state.security_monitor = mon
-    state.events.subscribe(mon)
-    mon.start()
-    stack.callback(store.close)
-    stack.callback(mon.stop)
-    return mon
+               "monitor": state.security_monitor, "rules": rules}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +80,13 @@ def test_openapi_documents_the_admin_routes(world: dict[str, Any]) -> None:
     paths = doc["paths"]
     assert "$ref" in json.dumps(paths["/v1/admin/monitor"]["get"]["responses"]["200"])
     lift = paths["/v1/admin/monitor/lift"]["post"]
-    assert lift["requestBody"]["content"]["application/json"]["schema"]["properties"]["action"]["enum"] == [
-        "block", "throttle", "deny_cert", "quarantine"]
+    variants = lift["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    actions = [a for v in variants for a in v["properties"]["action"].get("enum", [v["properties"]["action"].get(
+        "const")])]
+    assert actions == ["block", "throttle", "deny_cert", "quarantine"]
+    for v in variants:
+        assert v["required"] == ["action", "target"] and v["additionalProperties"] is False
+        assert v["properties"]["target"]["pattern"].startswith("^") and v["properties"]["target"]["maxLength"] == 300
     assert {"200", "403", "409", "422"} <= set(lift["responses"])
     assert "/v1/admin/monitor/reload" in paths
     assert "MonitorStatus" in doc["components"]["schemas"]
@@ -156,6 +112,45 @@ def test_bad_lift_bodies_are_422_with_a_reason(world: dict[str, Any], body: byte
     assert r.json()["error"]
     if field is not None:
         assert r.json()["field"] == field
+
+
+_TARGET_PATTERNS = {"block": _admin.CLIENT_TARGET, "throttle": _admin.CLIENT_TARGET,
+                    "deny_cert": _admin.SERIAL_TARGET, "quarantine": _admin.FILE_TARGET}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(_TARGET_PATTERNS)).flatmap(lambda a: st.tuples(
+    st.just(a), st.from_regex(_TARGET_PATTERNS[a], fullmatch=True).filter(lambda t: len(t) <= 300))))
+def test_every_target_the_schema_allows_the_server_accepts(case: tuple[str, str]) -> None:
+    """What the published pattern allows, pydantic's pattern and the monitor's own check accept (no ST202)."""
+    action, target = case
+    _admin.LiftRequest.validate_python({"action": action, "target": target})
+    check_target(action, target)
+
+
+_ADDRESSES = st.one_of(st.ip_addresses().map(str), st.ip_addresses(v=4).map(lambda a: f"{a}/{a.packed[0] % 33}"),
+                       st.ip_addresses(v=6).map(lambda a: f"{a}/64"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({
+    "action": st.sampled_from(["block", "throttle", "deny_cert", "quarantine", "ban"]),
+    "target": st.one_of(st.text(max_size=12), _ADDRESSES.map("address:".__add__),
+                        st.from_regex(r"\Aserial:(0x)?[0-9a-fA-F_ -]{0,5}\Z"),
+                        st.sampled_from(["file:bundle", "file:rules", "file:passwd", "identity:", "identity:a\n",
+                                         "address:1.2.3.4/33", "address:01.2.3.4", "address:1:2:3:4:5:6:7:8:9"]),
+                        st.text(max_size=8).map("identity:".__add__))}))
+def test_the_schema_and_the_server_agree(body: dict[str, str]) -> None:
+    """A JSON Schema validator (the one Schemathesis uses) and the server accept exactly the same lift bodies."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    schema = _admin._LIFT_BODY["requestBody"]["content"]["application/json"]["schema"]  # type: ignore[index]
+    try:
+        _admin.LiftRequest.validate_python(body)
+        check_target(body["action"], body["target"])
+        accepted = True
+    except (ValidationError, InputError):
+        accepted = False
+    assert jsonschema_rs.validator_for(schema).is_valid(body) is accepted, body
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -40,12 +40,30 @@ def test_schemathesis_finds_nothing(tmp_path: Path, with_spec: bool) -> None:
     audit.generate_signing_key(tmp_path / "audit.key")
     cfg = ServeConfig(bundle=bundle, owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
                       cert=server.cert_path, key=server.key_path, audit_db=tmp_path / "audit.db",
-                      audit_key=tmp_path / "audit.key", port=0, log_level="warning")
+                      audit_key=tmp_path / "audit.key", port=0, log_level="warning",
+                      monitor_rules=_alert_only_rules(tmp_path / "rules.yaml"))
     (tmp_path / "schemathesis.toml").write_text(CONFIG)
     with serving(cfg) as (_srv, _watcher, port):
         result = _schemathesis(tmp_path, port, admin, ca)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "4 selected / 4 total" in result.stdout
+    assert "7 selected / 7 total" in result.stdout  # predict, model, healthz, metrics and the three admin routes
+
+
+def _alert_only_rules(path: Path) -> Path:
+    """The default pack with every rule that refuses requests disabled: this fuzzes the parser and the schemas (the
+    admin API's included, with live alerts and events), not the monitor's responses, which a burst of invalid bodies
+    would trip (tests/server/test_monitor_rules.py tests those)."""
+    import yaml
+
+    from edgeshield.monitor._rules import default_rules_path
+
+    rules = yaml.safe_load(default_rules_path().read_text())
+    for rule in rules:
+        actions = {r if isinstance(r, str) else r["action"] for r in rule.get("responses", ["alert"])}
+        if actions - {"alert"}:
+            rule["enabled"] = False
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    return path
 
 
 def _schemathesis(cwd: Path, port: int, cert: Any, ca: Path) -> subprocess.CompletedProcess[str]:

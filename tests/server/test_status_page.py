@@ -50,68 +50,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     audit.generate_signing_key(root / "audit.key")
     cfg = ServeConfig(bundle=bundle, owner_key=k / "owner.pub", device_key=k / "device.key", ca=ca,
                       cert=server.cert_path, key=server.key_path, audit_db=root / "audit.db",
-                      audit_key=root / "audit.key", port=0, log_level="warning", policy=_policy(root))
-    with _status_routes_wired():
-        state = build_state(cfg)
-        stack = contextlib.ExitStack()
-        _with_monitor(state, root, stack)
-        _srv, _watcher, port = stack.enter_context(serving(cfg, state))
-    with stack:
+                      audit_key=root / "audit.key", port=0, log_level="warning")
+    state = build_state(cfg)  # the server's own monitor: the default rule pack
+    with serving(cfg, state) as (_srv, _watcher, port):
         yield {"root": root, "ca": ca, "other_ca": other, "certs": certs, "server_cert": server.cert_path,
                "url": f"https://127.0.0.1:{port}", "port": port, "state": state}
-
-
-# TEMPORARY, until the lead's wiring lands: create_app calls add_status_routes and policy.csv lets the auditor in.
-def _policy(root: Path) -> Path | None:
-    from edgeshield.server._rbac import default_policy_path
-
-    text = default_policy_path().read_text()
-    if "auditor, /status" in text:
-        return None
-    (root / "policy.csv").write_text(text + "p, auditor, /status, GET\np, auditor, /status.json, GET\n")
-    return root / "policy.csv"
-
-
-@contextlib.contextmanager
-def _status_routes_wired() -> Iterator[None]:
-    import inspect
-
-    from starlette.routing import Route
-
-    from edgeshield.server import _app
-    from edgeshield.server._status import add_status_routes
-
-    if "add_status_routes" in inspect.getsource(_app):
-        yield
-        return
-    original = _app.SecurityMiddleware
-
-    def wired(app: Any, state: Any, routes: Any) -> Any:
-        add_status_routes(app, state)
-        return original(app, state, [r for r in app.routes if isinstance(r, Route)])
-
-    _app.SecurityMiddleware = wired  # type: ignore[assignment,misc]
-    try:
-        yield
-    finally:
-        _app.SecurityMiddleware = original  # type: ignore[misc]
-
-
-def _with_monitor(state: Any, root: Path, stack: contextlib.ExitStack) -> None:
-    """The security monitor with the default rule pack, subscribed to the server's stream (as serve wires it)."""
-    if getattr(state, "security_monitor", None) is not None:
-        return
-    from edgeshield.monitor._engine import Monitor
-    from edgeshield.monitor._rules import load_rules
-    from edgeshield.monitor._store import MonitorStore
-
-    store = MonitorStore(root / "monitor.db")
-    mon = Monitor(load_rules(None), store, emit=state.events.publish, registry=state.metrics.registry)
-    state.security_monitor = mon
-    state.events.subscribe(mon)
-    mon.start()
-    stack.callback(store.close)
-    stack.callback(mon.stop)
 
 
 def audit_entries(world: dict[str, Any]) -> list[audit.Entry]:
@@ -358,7 +301,6 @@ with sync_playwright() as p:
     assert out.stdout.startswith("503") and "client-certificate error" in out.stdout, out.stdout
 
 
-
 def test_a_block_shows_up_and_goes_away(browser: Any, world: dict[str, Any], tmp_path: Path) -> None:
     """alice keeps calling what her role may not (the default rbac_denials rule): blocked, shown, then lifted."""
     with mtls_client(world, "alice") as c:
@@ -379,9 +321,6 @@ def test_a_block_shows_up_and_goes_away(browser: Any, world: dict[str, Any], tmp
         assert not seen["console"]
         with mtls_client(world, "adm") as c:
             lifted = c.post("/v1/admin/monitor/lift", json={"action": "block", "target": "identity:alice"})
-            if lifted.status_code == 404:  # the admin API not wired yet: lift through the monitor itself
-                assert mon.lift("block", "identity:alice", "adm")
-            else:
-                assert lifted.status_code == 200 and lifted.json() == {"lifted": True}
+            assert lifted.status_code == 200 and lifted.json() == {"lifted": True}
         page.reload()
         assert "client alice" not in page.locator("#responses").inner_text()
