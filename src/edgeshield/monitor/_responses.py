@@ -88,10 +88,9 @@ def check_target(action: str, target: str) -> str:
         return f"address:{canonical}"
     if kind == "serial":
         text = value.lower().removeprefix("0x")
-        try:
-            return f"serial:{int(text, 16):x}"
-        except ValueError:
-            raise InvalidArgumentError(f"a serial is hexadecimal, not {value[:60]!r}") from None
+        if not text or text.strip("0123456789abcdef"):  # int() would also take a sign, "_", spaces, a 2nd "0x"
+            raise InvalidArgumentError(f"a serial is hexadecimal, not {value[:60]!r}")
+        return f"serial:{int(text, 16):x}"
     if kind == "file" and value not in FILE_ROLES:
         raise InvalidArgumentError(f"a file role is one of {', '.join(FILE_ROLES)}, not {value[:40]!r}")
     return target
