@@ -13,7 +13,9 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edgeshield.monitor import SecurityEvent
 
@@ -140,5 +142,30 @@ def start_operations(cfg: ServeConfig, state: ServerState, rules: RuleSet, rbac:
         purge = RetentionPurge(state, cfg.retention_days)
         purge.start()
         stops.append(purge.stop)
+    state.compliance_summary = _compliance_summary(cfg)
     # Stopped before the audit subscriber flushes and the log is checkpointed: their last events are still written.
     state.on_shutdown.extend([*stops, monitor.stop])
+
+
+def _compliance_summary(cfg: ServeConfig) -> Callable[[], dict[str, Any]]:
+    """For the status page: the compliance summary of this deployment, assessed from its evidence when called
+    (the page calls it in a worker thread, throttled, since it verifies the audit log)."""
+
+    def summary() -> dict[str, Any]:
+        from edgeshield.compliance import Deployment, assess
+
+        if cfg.config_file is not None:
+            deployment = Deployment.from_toml(cfg.config_file)
+        else:
+            deployment = Deployment(
+                bundle=cfg.bundle, owner_key=cfg.owner_key, device_key=cfg.device_key, ca=Path(cfg.ca), crl=cfg.crl,
+                cert=cfg.cert, key=cfg.key, audit_db=cfg.audit_db, audit_key=cfg.audit_key, policy=cfg.policy,
+                host=cfg.host, port=cfg.port, served_watermark_evidence=cfg.served_watermark_evidence,
+                witness=cfg.witness_url, witness_note=cfg.witness_note, crl_expired=cfg.crl_expired,
+                retention_days=cfg.retention_days, subject_header=cfg.subject_header,
+                subject_keys=cfg.subject_keys, monitor=cfg.monitor, monitor_db=cfg.monitor_db,
+                monitor_rules=cfg.monitor_rules)
+        report = assess(deployment)
+        return {"regulations": report.summary, "generated": time.time()}
+
+    return summary
