@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/server.py --json benchmarks/results/server.json
 	$(PY) benchmarks/extraction.py --json benchmarks/results/extraction.json
 	$(PY) benchmarks/hardening.py --json benchmarks/results/hardening.json
+	$(PY) benchmarks/monitoring.py --json benchmarks/results/monitoring.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
@@ -58,6 +59,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/server.py --quick
 	$(PY) benchmarks/extraction.py --quick
 	$(PY) benchmarks/hardening.py --quick
+	$(PY) benchmarks/monitoring.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)
