@@ -110,7 +110,7 @@ body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto
 color:#1b1b1b}
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:2px solid #ccc}
 table{border-collapse:collapse;width:100%;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:.4em .6em;vertical-align:top;text-align:left}
+th,td{border:1px solid #ccc;padding:.4em .6em;vertical-align:top;text-align:left;overflow-wrap:anywhere}
 th{background:#f2f2f2}
 .s{font-weight:bold;white-space:nowrap;border-radius:.3em;padding:.1em .5em}
 .pass{background:#dff3e3;color:#0b5d1e}.fail{background:#fde2e1;color:#8a1010}
