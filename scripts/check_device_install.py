@@ -5,47 +5,73 @@
 Run it with the full development venv (``make test`` / ``make device-check`` do): the owner-side inputs — a
 protected bundle, the digits data as ``.npy`` files — are made with it first, since ``protect`` needs onnx and the
 data scikit-learn. Then, in the fresh venv (``pip install .``, non-editable; torch, onnx, scipy, scikit-learn,
-ART, matplotlib and model-signing must be absent afterwards):
+ART, matplotlib, model-signing and compliance-trestle must be absent afterwards):
 
-* keys, pki (revoke by serial and by name), audit keygen / vkey / witness keygen, verify, inspect, run (plain,
-  with a detector, with --check-digest), detect calibrate, watermark keygen;
-* ``serve`` with every runtime flag (``SERVE_FLAGS``; a flag missing there fails the check), started as a real
-  process, queried with ``client predict`` by an honest client past the point where PRADA's Shapiro–Wilk test runs
-  and by a synthetic prober that PRADA must block (403, never 500), ``client model`` and ``client health``, then
-  stopped with SIGTERM (exit 0);
+* keys, pki (an admin certificate; revoke by serial and by name), audit keygen / vkey / witness keygen, verify,
+  inspect, run (plain, with a detector, with --check-digest), detect calibrate, watermark keygen, monitor rules
+  check / show (on rules.yaml: the packaged pack with rbac_denials at 15 denials), comply checks;
+* ``serve`` with every runtime flag (``SERVE_FLAGS``, or ``SERVE_FLAGS_NOT_RUN`` with the reason; a flag in
+  neither fails the check), the security monitor on, started as a real process, queried with ``client predict`` by
+  an honest client past the point where PRADA's Shapiro–Wilk test runs and by a synthetic prober that PRADA must
+  block (403, never 500), ``client model`` and ``client health``, a predict carrying the ``x-subject-id`` data-subject
+  header; with an admin certificate: ``monitor status`` (the prober's block kept by the monitor), ``monitor lift``,
+  a client tripping rbac_denials with forbidden GET /metrics until it is blocked everywhere, ``monitor unblock`` and
+  the client served again, an external ``attestation.failed`` event sent through --events-socket
+  (``edgeshield.monitor.send_events``) and its alert in ``monitor status``, ``monitor unthrottle`` / ``undeny`` /
+  ``release`` (none in force), ``monitor reload``; then stopped with SIGTERM (exit 0);
+* the alert webhook: an HTTPS receiver in this script (certificate from the run's CA, --webhook-ca) must have got
+  the alerts, as JSON with the bearer token of --webhook-token-env;
 * audit verify (--require-checkpoint) / show / export on the log it wrote, watermark verify-copy on the evidence it
-  kept; ``audit witness serve`` as a second process (serve publishes to it), ``audit publish``, ``audit verify
-  --against/--witness``;
-* the owner and evaluation commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
+  kept, monitor status --db / revocations on the monitor database; ``audit witness serve`` as a second process
+  (serve publishes to it), ``audit publish``, ``audit verify --against/--witness``;
+* on deploy.toml (this run's serve keys plus retention-days), after both servers stopped: comply report as JSON
+  (its contract: a ``requirements`` list, each with regulation, id, reference, status, evidence; some pass) that
+  must fail encryption_at_rest and nothing else while the owner's plaintext digits.onnx lies beside the bundle,
+  then, that file removed, fail nothing; as HTML; comply erase --subject patient-1 (the key serve made for it
+  destroyed), comply purge;
+* the owner, evaluation and OSCAL commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
+
+It prints the plain install's size: the distributions ``pip list`` shows in the fresh venv (edgeshield included;
+pip, setuptools and wheel not) and the MiB under its lib/.
 
 To cover a new ``serve`` flag, add one line to ``SERVE_FLAGS`` (and the file it reads, if any, to ``FILES``); a new
 device command, one ``Step`` in ``device_steps`` (``after_serve_steps`` if it reads what the server wrote,
 ``queries`` if it talks to the running server, ``witness_steps`` if to the witness); a new owner/eval command, one
-line in ``NEEDS_EXTRA``. ``{name}`` in an argument is filled from the context (``bundle``, ``port``,
-``witness_port`` and what steps saved, e.g. ``bob_serial``, ``log_vkey``).
+line in ``NEEDS_EXTRA``; a check in the device venv's python (httpx, numpy), a ``Step`` with ``python=True``.
+``{name}`` in an argument (and in ``FILLED_FILES``) is filled from the context (``bundle``, ``port``,
+``witness_port``, ``hook_port``, ``events_socket``, ``work`` and what steps saved, e.g. ``bob_serial``,
+``log_vkey``).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-ABSENT = ("torch", "onnx", "onnxscript", "scipy", "sklearn", "art", "matplotlib", "model_signing")
+ABSENT = ("torch", "onnx", "onnxscript", "scipy", "sklearn", "art", "matplotlib", "model_signing", "trestle")
 BUNDLE = ["{bundle}", "--owner-key", "keys/owner.pub", "--device-key", "keys/device.key"]
 TLS = ["--ca", "pki/ca.crt"]
+URL = ["--url", "https://127.0.0.1:{port}"]
+AS_ADMIN = [*URL, *TLS, "--cert", "pki/issued/admin.crt", "--key", "pki/issued/admin.key"]
+WEBHOOK_TOKEN_ENV, WEBHOOK_TOKEN = "EDGESHIELD_CHECK_WEBHOOK_TOKEN", "check-device-install-token"
+DEPLOY = ["--config", "deploy.toml"]
 
 # Every runtime flag of `serve`, one line each (a flag that takes no value: ("--flag",)).
 SERVE_FLAGS: list[tuple[str, ...]] = [
@@ -93,15 +119,61 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--witness-vkey", "witness.vkey"),
     ("--witness-every", "1"),
     ("--witness-note", "serve-cosigned.note"),
+    ("--monitor",),
+    ("--monitor-rules", "rules.yaml"),  # the packaged pack with rbac_denials at 15 (see FILES): proves it is read
+    ("--monitor-db", "monitor.db"),
+    ("--webhook", "https://127.0.0.1:{hook_port}/alerts"),  # this script's receiver (WebhookReceiver)
+    ("--webhook-token-env", WEBHOOK_TOKEN_ENV),  # set by clean_env(); the receiver checks the bearer token
+    ("--webhook-ca", "pki/ca.crt"),
+    ("--events-socket", "{events_socket}"),  # under /tmp: a Unix socket path has at most 107 bytes
+    ("--watch-interval", "1"),
+    ("--subject-header", "x-subject-id"),
+    ("--subject-keys", "subjects.keys"),
+    ("--retention-days", "30"),
 ]
 
 # Flags of `serve` this check does not pass, each with the reason; any other flag missing from SERVE_FLAGS fails it.
 SERVE_FLAGS_NOT_RUN: dict[str, str] = {
     "--passphrase-env": "the keys here are unencrypted (passphrases: tests/keys, tests/cli)",
+    "--no-monitor": "the off switch of --monitor, which runs here (servers without a monitor: tests/compliance)",
 }
 
-# Small files the device commands read, written into the work directory first (e.g. a serve.toml for --config).
-FILES: dict[str, str] = {"serve.toml": "max-body = 2097152\nlog-level = \"warning\"\n"}
+
+def _rules() -> str:
+    """The packaged rule pack with rbac_denials tripping at 15 denials instead of 20: a rule file serve must read."""
+    text = (ROOT / "src/edgeshield/monitor/rules/default.yaml").read_text(encoding="utf-8")
+    rule = text.index("- rule: rbac_denials")
+    at = text.index("    count: 20\n", rule)
+    return text[:at] + f"    count: {RBAC_DENIALS}\n" + text[at + len("    count: 20\n"):]
+
+
+RBAC_DENIALS = 15
+# The deployment `comply` judges: the serve keys of this run (relative paths: relative to the file) and retention.
+DEPLOY_TOML = """\
+bundle = "digits.esb"
+owner-key = "keys/owner.pub"
+device-key = "keys/device.key"
+ca = "pki"
+cert = "pki/issued/edge.crt"
+key = "pki/issued/edge.key"
+audit-db = "audit.db"
+audit-key = "audit.key"
+policy = "policy.csv"
+host = "127.0.0.1"
+port = {port}
+served-watermark-evidence = "evidence.db"
+witness = "https://127.0.0.1:{witness_port}"
+witness-note = "serve-cosigned.note"
+monitor-rules = "rules.yaml"
+monitor-db = "monitor.db"
+subject-header = "x-subject-id"
+subject-keys = "subjects.keys"
+retention-days = 30
+"""
+# Small files the device commands read, written into the work directory first (e.g. a serve.toml for --config);
+# in those of FILLED_FILES ``{name}`` is filled from the context (the ports are chosen first).
+FILES: dict[str, str] = {"serve.toml": "max-body = 2097152\nlog-level = \"warning\"\n", "rules.yaml": _rules()}
+FILLED_FILES: dict[str, str] = {"deploy.toml": DEPLOY_TOML}
 
 # Owner and evaluation commands: on a plain install each must fail with one line naming this extra.
 NEEDS_EXTRA: list[tuple[str, list[str]]] = [
@@ -116,18 +188,20 @@ NEEDS_EXTRA: list[tuple[str, list[str]]] = [
               "--out", "gradient.json"]),
     ("eval", ["extraction", "evaluate", "--quick"]),
     ("demo", ["demo"]),
+    ("comply", ["comply", "report", *DEPLOY, "--format", "oscal", "--out", "compliance.oscal.json"]),
 ]
 
 
 @dataclass
 class Step:
-    """One command in the device venv: ``argv`` after ``edgeshield``, the exit code it must give (None: any but 0),
-    and a check of its output."""
+    """One command in the device venv: ``argv`` after ``edgeshield`` (``python=True``: after ``python -c``, the code
+    first, not filled), the exit code it must give (None: any but 0), and a check of its output."""
 
     name: str
     argv: list[str]
     rc: int | None = 0
     check: Callable[[subprocess.CompletedProcess[str], dict[str, str]], None] | None = None
+    python: bool = False
 
 
 @dataclass
@@ -144,9 +218,15 @@ class Checker:
         return subprocess.run([str(self.edgeshield), *self.fill(list(argv))], cwd=self.work, env=clean_env(),
                               capture_output=True, text=True, timeout=timeout, check=False)
 
+    def device_python(self, code: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``python -c CODE ARGV`` in the device venv (its own packages only: httpx, numpy, edgeshield)."""
+        return subprocess.run([str(self.edgeshield.parent / "python"), "-I", "-c", code, *self.fill(list(argv))],
+                              cwd=self.work, env=clean_env(), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
     def run(self, step: Step) -> subprocess.CompletedProcess[str]:
         t0 = time.monotonic()
-        proc = self.device(*step.argv)
+        proc = self.device_python(*step.argv) if step.python else self.device(*step.argv)
         try:
             if proc.returncode != step.rc and not (step.rc is None and proc.returncode != 0):
                 raise CheckFailed(f"exit {proc.returncode}, expected {'non-zero' if step.rc is None else step.rc}")
@@ -155,7 +235,8 @@ class Checker:
             if step.check is not None:
                 step.check(proc, self.context)
         except CheckFailed as exc:
-            raise CheckFailed(f"{step.name}: {exc}\n  argv: {self.fill(step.argv)}\n  stdout: {proc.stdout[-2000:]}"
+            argv = ["python -c CODE", *self.fill(step.argv[1:])] if step.python else self.fill(step.argv)
+            raise CheckFailed(f"{step.name}: {exc}\n  argv: {argv}\n  stdout: {proc.stdout[-2000:]}"
                               f"\n  stderr: {proc.stderr[-2000:]}") from None
         self.ok(step.name, t0)
         return proc
@@ -178,6 +259,7 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["ORT_DISABLE_TELEMETRY"] = "1"
     env["COLUMNS"] = "200"
+    env[WEBHOOK_TOKEN_ENV] = WEBHOOK_TOKEN  # serve --webhook-token-env names it
     return env
 
 
@@ -204,8 +286,10 @@ def make_venv(venv: Path) -> Path:
     where = sh(py, "-c", "import edgeshield; print(edgeshield.__file__)", cwd=venv).stdout.strip()
     expect(Path(where).resolve().is_relative_to(venv.resolve()), f"edgeshield imported from {where}, not the venv")
     size = sum(f.stat().st_size for f in (venv / "lib").rglob("*") if f.is_file()) / 2**20
-    print(f"  ok  fresh venv, pip install . (no extras): none of {', '.join(ABSENT)}; {size:.0f} MiB "
-          f"({time.monotonic() - t0:.1f} s)", flush=True)
+    listed = json.loads(sh(py, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check").stdout)
+    dists = [d["name"] for d in listed if d["name"].lower() not in ("pip", "setuptools", "wheel")]
+    print(f"  ok  fresh venv, pip install . (no extras): none of {', '.join(ABSENT)}; {len(dists)} distributions "
+          f"(edgeshield included, pip not), {size:.0f} MiB installed ({time.monotonic() - t0:.1f} s)", flush=True)
     return venv / "bin" / "edgeshield"
 
 
@@ -253,6 +337,21 @@ def save_json(key: str, path: str) -> Callable[[subprocess.CompletedProcess[str]
     return check
 
 
+def json_has(test: Callable[[Any], bool], what: str) -> Callable[[subprocess.CompletedProcess[str], dict[str, str]],
+                                                                      None]:
+    """A check that the command's JSON output passes ``test`` (``what`` says what it looks for)."""
+
+    def check(proc: subprocess.CompletedProcess[str], ctx: dict[str, str]) -> None:
+        try:
+            doc = json.loads(proc.stdout)
+            ok = bool(test(doc))
+        except (ValueError, LookupError, TypeError) as exc:
+            raise CheckFailed(f"JSON output lacks {what}: {type(exc).__name__}: {exc}") from None
+        expect(ok, f"JSON output lacks {what}: {json.dumps(doc, separators=(',', ':'))[:3000]}")
+
+    return check
+
+
 def contains(*needles: str) -> Callable[[subprocess.CompletedProcess[str], dict[str, str]], None]:
     def check(proc: subprocess.CompletedProcess[str], ctx: dict[str, str]) -> None:
         for needle in needles:
@@ -291,11 +390,23 @@ def device_steps() -> list[Step]:
                                                     "client"]),
         Step("pki issue (witness)", ["pki", "issue", "pki", "--name", "witness", "--role", "server", "--server",
                                      "--san", "127.0.0.1"]),
+        Step("pki issue (admin)", ["pki", "issue", "pki", "--name", "admin", "--role", "admin"]),
+        Step("pki issue (client to trip the monitor)", ["pki", "issue", "pki", "--name", "eve", "--role", "client"]),
+        Step("pki issue (webhook receiver)", ["pki", "issue", "pki", "--name", "hook", "--role", "server",
+                                              "--server", "--san", "127.0.0.1"]),
         Step("pki crl", ["pki", "crl", "pki"]),
         Step("pki list", ["pki", "list", "pki", "--json"], check=contains("revoked", "alice")),
         Step("audit keygen", ["audit", "keygen", "audit.key"]),
         Step("audit vkey", ["audit", "vkey", "audit.pub", "--json"], check=save_json("log_vkey", "vkey")),
         Step("audit witness keygen", ["audit", "witness", "keygen", "witness.key", "--name", "witness.test/w1"]),
+        Step("monitor rules check", ["monitor", "rules", "check", "rules.yaml", "--json"],
+             check=json_has(lambda d: d["rules"] >= 20, "20 rules or more")),
+        Step("monitor rules show", ["monitor", "rules", "show", "rules.yaml", "--json"],
+             check=json_has(lambda d: any(r["rule"] == "rbac_denials" and r["count"] == RBAC_DENIALS
+                                          for r in d["rules"]), f"rbac_denials at {RBAC_DENIALS}")),
+        Step("monitor rules show (default pack)", ["monitor", "rules", "show"], check=contains("attestation_failed")),
+        Step("comply checks", ["comply", "checks", "--json"],
+             check=json_has(lambda d: len(d["checks"]) >= 5 and len(d["regulations"]) >= 5, "checks, regulations")),
     ]
 
 
@@ -311,14 +422,84 @@ def queries() -> list[Step]:
         # 40 distinct digits each: from the second request on, PRADA holds > 30 distances and runs Shapiro–Wilk
         *(client("alice", f"honest{i}.npy", check=contains('"decisions"')) for i in range(3)),
         client("mallory", "probe0.npy", rc=4, check=blocked),  # W of near-equal distances: blocked (403)
-        client("mallory", "probe1.npy", rc=4, check=blocked),
+        # from then on the monitor's extraction_blocked rule holds the block, before PRADA sees the request
+        client("mallory", "probe1.npy", rc=4, check=contains("refused by the security monitor")),
         client("alice", "honest0.npy", check=contains('"decisions"')),  # the honest client is still served
         Step("client model", ["client", "model", "--url", "https://127.0.0.1:{port}", *TLS, "--cert",
                               "pki/issued/alice.crt", "--key", "pki/issued/alice.key", "--json"]),
         Step("client health", ["client", "health", "--url", "https://127.0.0.1:{port}", *TLS, "--cert",
                                "pki/issued/alice.crt", "--key", "pki/issued/alice.key"]),
         client("bob", "input.npy", rc=None),  # revoked before the server started: refused
+        Step("predict about a data subject (x-subject-id)", [SUBJECT_PREDICT, "https://127.0.0.1:{port}",
+                                                             "honest1.npy"], python=True),
+        # PRADA blocked mallory; the extraction_blocked rule keeps that block, persisted, until an admin lifts it
+        Step("monitor status (admin, --json)", ["monitor", "status", *AS_ADMIN, "--json"],
+             check=json_has(lambda d: d["enabled"] and any(a["rule"] == "extraction_blocked" for a in d["alerts"])
+                            and any(r["target"] == "identity:mallory" for r in d["responses"]),
+                            "extraction_blocked alert and block on identity:mallory")),
+        Step("monitor lift block identity:mallory", ["monitor", "lift", "block", "identity:mallory", *AS_ADMIN,
+                                                     "--json"], check=contains('"lifted": true')),
+        Step(f"{RBAC_DENIALS} RBAC denials (eve: GET /metrics) trip rbac_denials: blocked",
+             [TRIP_RBAC, "https://127.0.0.1:{port}", str(RBAC_DENIALS)], python=True),
+        Step("monitor status (eve blocked)", ["monitor", "status", *AS_ADMIN, "--json"],
+             check=json_has(lambda d: any(a["rule"] == "rbac_denials" and a["key"] == "identity:eve"
+                                          for a in d["alerts"])
+                            and any(r["action"] == "block" and r["target"] == "identity:eve" for r in d["responses"]),
+                            "rbac_denials alert and block on identity:eve")),
+        client("eve", "honest2.npy", rc=4, check=contains("security monitor")),  # blocked on every endpoint
+        Step("monitor unblock eve", ["monitor", "unblock", "eve", *AS_ADMIN], check=contains("lifted")),
+        client("eve", "honest2.npy", check=contains('"decisions"')),  # served again
+        Step("external event on --events-socket (attestation.failed)", [SEND_EVENT, "{events_socket}"],
+             python=True),
+        Step("monitor status (attestation_failed alert)", ["monitor", "status", *AS_ADMIN],
+             check=contains("attestation_failed", "gateway-9")),
+        Step("monitor unthrottle (none in force)", ["monitor", "unthrottle", "alice", *AS_ADMIN],
+             check=contains("none in force")),
+        Step("monitor undeny (none in force)", ["monitor", "undeny", "{bob_serial}", *AS_ADMIN],
+             check=contains("none in force")),
+        Step("monitor release (none in force)", ["monitor", "release", "bundle", *AS_ADMIN],
+             check=contains("none in force")),
+        Step("monitor reload", ["monitor", "reload", *AS_ADMIN, "--json"],
+             check=json_has(lambda d: d["rules"] >= 20 and d["path"].endswith("rules.yaml"), "the reloaded rules")),
     ]
+
+
+# Code run with the device venv's python (httpx and numpy come with a plain install); arguments after the code.
+_MTLS = """
+import json, ssl, sys, httpx
+def client(name):
+    ctx = ssl.create_default_context(cafile="pki/ca.crt")
+    ctx.load_cert_chain(f"pki/issued/{name}.crt", f"pki/issued/{name}.key")
+    return httpx.Client(base_url=sys.argv[1], verify=ctx, timeout=10)
+"""
+SUBJECT_PREDICT = _MTLS + """
+with client("alice") as c:
+    r = c.post("/v1/predict", content=open(sys.argv[2], "rb").read(),
+               headers={"content-type": "application/x-npy", "x-subject-id": "patient-1"})
+print(r.status_code, r.text[:300])
+sys.exit(0 if r.status_code == 200 and "decisions" in r.json() else 1)
+"""
+TRIP_RBAC = _MTLS + """
+n, codes = int(sys.argv[2]), []
+with client("eve") as c:
+    for _ in range(n):
+        r = c.get("/metrics")  # the client role may not read /metrics: 403 from RBAC
+        codes.append(r.status_code)
+        ok = r.status_code == 403 and "security monitor" not in r.text
+        if not ok:
+            sys.exit(f"denial {len(codes)}: {r.status_code} {r.text[:200]}")
+    r = c.get("/v1/model")  # allowed to a client, but eve is blocked now
+print(codes, r.status_code, r.text[:200])
+sys.exit(0 if r.status_code == 403 and "security monitor" in r.text else 1)
+"""
+SEND_EVENT = """
+import json, sys
+from edgeshield.monitor import send_events
+replies = send_events(sys.argv[1], [{"kind": "attestation.failed", "actor": "gateway-9", "source": "keyrelease",
+                                     "data": {"device": "gateway-9", "reason": "measurement mismatch"}}])
+print(json.dumps(replies))
+sys.exit(0 if replies and replies[0].get("ok") else 1)
+"""
 
 
 def after_serve_steps() -> list[Step]:
@@ -330,7 +511,55 @@ def after_serve_steps() -> list[Step]:
         Step("audit export", ["audit", "export", "audit.db", "--out", "audit.jsonl"]),
         Step("watermark verify-copy", ["watermark", "verify-copy", "digits.onnx", "--evidence", "evidence.db",
                                        "--json"], check=contains('"present"')),
+        Step("monitor status --db", ["monitor", "status", "--db", "monitor.db", "--json"],
+             check=json_has(lambda d: {"rbac_denials", "attestation_failed", "extraction_blocked"}
+                            <= {a["rule"] for a in d["alerts"]} and not d["responses"],
+                            "the three alerts, every block lifted")),
+        Step("monitor revocations", ["monitor", "revocations", "--db", "monitor.db", "--out", "revocations.json",
+                                     "--json"], check=json_has(lambda d: d["requests"] == 0, "0 requests")),
     ]
+
+
+def comply_steps(work: Path) -> list[Step | Callable[[], None]]:
+    """On the deployment (deploy.toml) after the server and the witness stopped."""
+
+    def remove_plaintext_model() -> None:
+        (work / "digits.onnx").unlink()  # the owner's, made here for the owner commands; a device never holds it
+
+    return [
+        # this work directory plays the owner too: the plaintext model beside the bundle must fail encryption at rest
+        Step("comply report (json) flags the owner's plaintext digits.onnx",
+             ["comply", "report", *DEPLOY, "--format", "json", "--out", "compliance-owner.json"],
+             check=report_contract("compliance-owner.json", failing={"encryption_at_rest"})),
+        remove_plaintext_model,
+        Step("comply report (json)", ["comply", "report", *DEPLOY, "--format", "json", "--out", "compliance.json",
+                                      "--json"], check=report_contract("compliance.json")),
+        Step("comply report (html)", ["comply", "report", *DEPLOY, "--format", "html", "--out", "compliance.html"],
+             check=lambda proc, ctx: expect(Path(ctx["work"], "compliance.html").read_text().startswith(
+                 "<!DOCTYPE html>"), "compliance.html is not an HTML page")),
+        Step("comply erase --subject patient-1", ["comply", "erase", *DEPLOY, "--subject", "patient-1", "--json"],
+             check=json_has(lambda d: d["key_destroyed"] is True, "key_destroyed: true")),
+        Step("comply purge", ["comply", "purge", *DEPLOY, "--json"], check=contains('"records"')),
+    ]
+
+
+def report_contract(out: str, failing: set[str] | frozenset[str] = frozenset()) -> Callable[
+        [subprocess.CompletedProcess[str], dict[str, str]], None]:
+    """The JSON report OUT: a ``requirements`` list, each with regulation, id, reference, status and evidence; some
+    pass, and the checks that fail are exactly ``failing`` (none: this deployment is meant to comply)."""
+
+    def check(proc: subprocess.CompletedProcess[str], ctx: dict[str, str]) -> None:
+        doc = json.loads(Path(ctx["work"], out).read_text())
+        reqs = doc.get("requirements")
+        expect(isinstance(reqs, list) and len(reqs) > 0, "no requirements list")
+        for r in reqs:
+            expect({"regulation", "id", "reference", "status", "evidence"} <= set(r), f"requirement lacks keys: {r}")
+            expect(r["status"] in ("pass", "fail", "not_assessed", "not_applicable"), f"status {r['status']!r}")
+        expect(any(r["status"] == "pass" for r in reqs), "no requirement passes")
+        failed = {c["check"]: c.get("reason") for c in doc["checks"] if c["status"] == "fail"}
+        expect(set(failed) == set(failing), f"checks failing: {failed}, expected {sorted(failing) or 'none'}")
+
+    return check
 
 
 # The witness (another host in real life; here 127.0.0.1), run from the same plain install.
@@ -367,17 +596,18 @@ def unexercised_serve_flags() -> list[str]:
     from edgeshield.cli import app
 
     command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
-    options = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--help"}
+    options = {o for p in command.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")} - {"--help"}
     covered = {f[0] for f in SERVE_FLAGS} | {a for a in BUNDLE if a.startswith("--")} | set(SERVE_FLAGS_NOT_RUN)
     return sorted(options - covered)
 
 
-def run_service(c: Checker, name: str, argv: list[str], port: str, steps: list[Step | Callable[[], None]]) -> str:
+def run_service(c: Checker, name: str, argv: list[str], port: str,
+                steps: Sequence[Step | Callable[[], None]]) -> str:
     """Start ``edgeshield ARGV`` as a real process on a free port (``{port}``), wait until it listens, run ``steps``
     (a ``Step``, or a callable for a nested service) against it, stop it with SIGTERM (it must exit 0); returns its
     log."""
     t0 = time.monotonic()
-    c.context[port] = str(free_port())
+    c.context.setdefault(port, str(free_port()))  # main chooses some first: deploy.toml names them
     path = c.work / f"{name.replace(' ', '-')}.log"
     with path.open("w") as log:
         proc = subprocess.Popen([str(c.edgeshield), *c.fill(argv)], cwd=c.work, env=clean_env(), stdout=log,
@@ -412,6 +642,50 @@ def serve_and_query(c: Checker) -> None:
     answers = re.findall(r'HTTP/[\d.]+\\?" (\d{3})', log)  # uvicorn's access log, one line per request
     expect("200" in answers and "403" in answers, f"no access-log lines for the requests:\n{log[-3000:]}")
     expect("500" not in answers, f"the server answered 500:\n{log[-3000:]}")
+
+
+class WebhookReceiver:
+    """The alert webhook's far end: HTTPS on 127.0.0.1 with the ``hook`` certificate of this run's CA (serve checks
+    it with --webhook-ca), keeping what each POST brought."""
+
+    def __init__(self, work: Path) -> None:
+        received: list[tuple[str, str, bytes]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                received.append((self.path, self.headers.get("authorization") or "", body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(work / "pki/issued/hook.crt", work / "pki/issued/hook.key")
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def check(self, c: Checker) -> None:
+        """Every alert the server raised reached it, as JSON, with the bearer token from --webhook-token-env."""
+        t0 = time.monotonic()
+        alerts = []
+        for path, auth, body in self.received:
+            expect(path == "/alerts", f"webhook POST to {path}")
+            expect(auth == f"Bearer {WEBHOOK_TOKEN}", "webhook POST without the bearer token")
+            alerts.append(json.loads(body))
+        rules = {a.get("labels", {}).get("alertname") for a in alerts}
+        expect({"rbac_denials", "attestation_failed", "extraction_blocked"} <= rules,
+               f"the webhook got alerts for {sorted(map(str, rules))}")
+        c.ok(f"webhook receiver got {len(alerts)} alerts ({', '.join(sorted(map(str, rules)))}) with the token", t0)
 
 
 def tail(path: Path) -> str:
@@ -449,24 +723,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="edgeshield-device-"))
+    sockets = Path(tempfile.mkdtemp(prefix="es-", dir="/tmp"))  # short: a Unix socket path has at most 107 bytes
     print(f"device install check (work dir {work})", flush=True)
+    receiver: WebhookReceiver | None = None
     try:
         c = Checker(work, make_venv(args.venv.resolve()))
-        c.context["bundle"] = "digits.esb"
+        c.context.update(bundle="digits.esb", work=str(work), events_socket=str(sockets / "events.sock"),
+                         port=str(free_port()), witness_port=str(free_port()))
         for name, text in FILES.items():
             (work / name).write_text(text)
+        for name, text in FILLED_FILES.items():
+            (work / name).write_text(c.fill([text])[0])
         c.run(Step("keys init", ["keys", "init", "keys"]))
         owner_inputs(work)
         for step in device_steps():
             c.run(step)
+        receiver = hook = WebhookReceiver(work)
+        c.context["hook_port"] = str(hook.port)
         # the witness first: serve publishes its checkpoints to it (--witness), and the audit steps check them there
         run_service(c, "audit witness serve", WITNESS, "witness_port",
-                    [lambda: serve_and_query(c), *after_serve_steps(), *witness_steps()])
+                    [lambda: serve_and_query(c), lambda: hook.check(c), *after_serve_steps(), *witness_steps()])
         needs_extra(c)
+        for item in comply_steps(work):
+            c.run(item) if isinstance(item, Step) else item()
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         print(f"device install check FAILED: {exc}", file=sys.stderr)
         print(f"(work dir kept: {work})", file=sys.stderr)
         return 1
+    finally:
+        if receiver is not None:
+            receiver.close()
+        shutil.rmtree(sockets, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(f"device install check OK: {c.done} steps, {time.monotonic() - start:.0f} s", flush=True)
