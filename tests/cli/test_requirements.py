@@ -125,6 +125,7 @@ EXPECTED = {
     "watermark embed": {"owner"},
     "watermark verify": {"owner"},
     "extraction evaluate": {"eval"},
+    "comply report": {"comply"},  # only with --format oscal
 }
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edgeshield.cli._common import JsonOpt, console, emit_json
+from edgeshield.cli._common import JsonOpt, console, emit_json, requires
 from edgeshield.cli._tables import table
 from edgeshield.errors import InvalidArgumentError, OutputExistsError
 
@@ -72,6 +72,7 @@ def _mappings(directory: Path | None) -> list[Regulation] | None:
 
 
 @app.command("report")
+@requires("comply", when=lambda arguments: arguments.get("fmt") == ReportFormat.oscal)
 def report(
     config: ConfigOpt,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the report (JSON without it: stdout).")]
