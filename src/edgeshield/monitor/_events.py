@@ -124,8 +124,9 @@ _KINDS: dict[str, EventKind] = _kinds(
               fields=("action", "target", "by")),
     EventKind("monitor.reload", "the rule file and watched digests were reloaded", source="monitor",
               fields=("rules", "rules_sha256", "by")),
-    EventKind("monitor.refused", "a request or connection refused because of a monitor response", source="monitor",
-              fields=("action", "rule", "status", "target", "path")),
+    EventKind("monitor.refused", "a request refused because of a monitor response (a connection from a blocked "
+              "address is a connection.rejected event)", source="monitor",
+              fields=("action", "rule", "status", "target", "path", "reason")),
     # data subjects and retention (edgeshield.compliance)
     EventKind("subject.erased", "a data subject's records and key were erased", source="compliance",
               fields=("subject_ref", "records", "stores")),

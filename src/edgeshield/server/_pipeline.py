@@ -89,7 +89,7 @@ class Quarantine:
         reason = monitor.quarantined() if monitor is not None else None
         if reason is None:
             return None
-        return await ctx.refuse(503, "monitor.refused", {"action": "quarantine", "status": 503, "rule": reason,
+        return await ctx.refuse(503, "monitor.refused", {"action": "quarantine", "status": 503, "reason": reason,
                                                          "target": "file"},
                                 {"error": f"model quarantined: {reason}"}, {"retry-after": "60"})
 
