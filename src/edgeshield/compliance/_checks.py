@@ -121,6 +121,13 @@ def _result(check: Check, status: Status, reason: str, evidence: list[Evidence],
     return CheckResult(check.name, status, reason, tuple(evidence), command)
 
 
+def _verdict(check: Check, problems: list[str], passed: str, evidence: list[Evidence], command: str) -> CheckResult:
+    """Fail naming every problem found, else pass for the reason ``passed``."""
+    if problems:
+        return _result(check, "fail", "; ".join(problems), evidence, command)
+    return _result(check, "pass", passed, evidence, command)
+
+
 def _file_evidence(path: Path, what: str) -> tuple[Evidence, int | None]:
     try:
         st = path.stat()
@@ -183,10 +190,9 @@ class RawInputsOnDevice:
             ev.append(Evidence("config", "no served-watermark evidence store is configured: no raw input is kept",
                                str(ctx.deployment.config) if ctx.deployment.config else None))
         cmd = _show(ctx) + (f" && stat -c %a {shlex.quote(str(store))}" if store is not None else "")
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
-        return _result(self, "pass", f"no audit entry of {scan.entries} holds raw input values (inputs are logged as "
-                                     "SHA-256 digests) and raw inputs are kept only in a private local store", ev, cmd)
+        return _verdict(self, problems, f"no audit entry of {scan.entries} holds raw input values (inputs are logged "
+                                        "as SHA-256 digests) and raw inputs are kept only in a private local store",
+                        ev, cmd)
 
 
 class EncryptionAtRest:
@@ -228,10 +234,8 @@ class EncryptionAtRest:
                            ", ".join(sorted(map(str, dirs))), {"plaintext_models": plain}))
         if plain:
             problems.append(f"plaintext model file(s) in the deployment directory: {', '.join(plain)}")
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
-        return _result(self, "pass", "the model exists on the device only as a signed, encrypted bundle (decrypted "
-                                     "in memory); no plaintext copy beside it", ev, cmd)
+        return _verdict(self, problems, "the model exists on the device only as a signed, encrypted bundle (decrypted "
+                                        "in memory); no plaintext copy beside it", ev, cmd)
 
 
 def _split_url(url: str) -> tuple[str, int]:
@@ -308,11 +312,9 @@ class EncryptionInTransit:
         else:
             ev.append(Evidence("probe", "no live probe (give --probe-url https://HOST:PORT to test the running "
                                         "server)", None, {}))
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
         live = " and a live server refused TLS 1.2 and certificate-less TLS 1.3" if ctx.probe_url else ""
-        return _result(self, "pass", f"the server's TLS context is TLS 1.3 only and requires a client certificate"
-                                     f"{live}", ev, cmd)
+        return _verdict(self, problems, f"the server's TLS context is TLS 1.3 only and requires a client certificate"
+                                        f"{live}", ev, cmd)
 
 
 def _default_policy() -> Path:
@@ -362,11 +364,9 @@ class AccessControl:
         if newest is not None:
             ev.append(src.evidence(newest, "the newest RBAC denial: the policy is enforced"))
         cmd = _show(ctx) + f" && sha256sum {shlex.quote(str(policy))}"
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
         seen = f"{denials} denials observed" if denials else "no denial observed yet (enforcement not exercised)"
-        return _result(self, "pass", f"the RBAC policy the server loaded is the one on disk and every request needs "
-                                     f"a client certificate; {seen}", ev, cmd)
+        return _verdict(self, problems, f"the RBAC policy the server loaded is the one on disk and every request needs "
+                                        f"a client certificate; {seen}", ev, cmd)
 
 
 class AuditLogVerifying:
@@ -409,10 +409,8 @@ class AuditLogVerifying:
             else:
                 ev.append(Evidence("witness", f"a witness is configured ({d.witness}) but no cosigned checkpoint is "
                                               "kept yet", str(note), {}))
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
-        return _result(self, "pass", "the audit log's hash chain and every signed checkpoint verify with the "
-                                     "device's key", ev, cmd)
+        return _verdict(self, problems, "the audit log's hash chain and every signed checkpoint verify with the "
+                                        "device's key", ev, cmd)
 
 
 class LogRetention:
@@ -485,10 +483,8 @@ class RetentionPolicy:
             if _entry_time(purged.ts) < cutoff:
                 problems.append(f"the last purge ran {(ctx.now - _entry_time(purged.ts)) / 86400:.0f} days ago, "
                                 f"longer than the retention period")
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
-        return _result(self, "pass", f"personal data is kept at most {d.retention_days:g} days: purged on schedule "
-                                     "and no older record remains", ev, cmd)
+        return _verdict(self, problems, f"personal data is kept at most {d.retention_days:g} days: purged on schedule "
+                                        "and no older record remains", ev, cmd)
 
 
 class ErasureSupported:
@@ -530,10 +526,8 @@ class ErasureSupported:
         newest = src.newest("subject.erased")
         if newest is not None:
             ev.append(src.evidence(newest, "the newest erasure (its reference is random: it names nobody)"))
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
-        return _result(self, "pass", f"subjects are pseudonymised under their own keys and can be erased "
-                                     f"(crypto-shredding); {erased} erasures recorded", ev, cmd)
+        return _verdict(self, problems, f"subjects are pseudonymised under their own keys and can be erased "
+                                        f"(crypto-shredding); {erased} erasures recorded", ev, cmd)
 
 
 class DpOnSharedUpdates:
@@ -624,14 +618,13 @@ class NetworkExposure:
         if bad:
             shown = ", ".join(f"{s['protocol']} {s['address']}:{s['port']}" for s in bad[:10])
             problems.append(f"{len(bad)} socket(s) listen beyond loopback and the management interfaces: {shown}")
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, cmd)
-        if d.exposure == "server" and not listening:
+        if not problems and d.exposure == "server" and not listening:
             port_list = ", ".join(map(str, sorted(ports))) or "none configured"
             return _result(self, "not_assessed", f"nothing listens on the server's port ({port_list}) now: run the "
                                                  "report while the server runs (with --probe-url when it listens "
                                                  "on a chosen port)", ev, cmd)
-        return _result(self, "pass", "every listening socket judged is on loopback or a management interface", ev, cmd)
+        return _verdict(self, problems, "every listening socket judged is on loopback or a management interface", ev,
+                        cmd)
 
 
 class MonitoringEnabled:
@@ -675,10 +668,8 @@ class MonitoringEnabled:
         alerts = src.count("monitor.alert")
         ev.append(Evidence("audit_count", f"monitor alerts recorded: {alerts}", str(src.path),
                            {"monitor.alert": alerts, "monitor.response": src.count("monitor.response")}))
-        if problems:
-            return _result(self, "fail", "; ".join(problems), ev, _show(ctx))
-        return _result(self, "pass", "the server runs the security monitor with the rules it recorded at start-up",
-                       ev, _show(ctx))
+        return _verdict(self, problems, "the server runs the security monitor with the rules it recorded at start-up",
+                        ev, _show(ctx))
 
 
 _ALL: tuple[Check, ...] = (RawInputsOnDevice(), EncryptionAtRest(), EncryptionInTransit(), AccessControl(),

@@ -14,22 +14,18 @@ the file before an erasure still holds that subject's key. Backups of this file 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
-from edgeshield.errors import InvalidArgumentError, NotAFileError, PathNotFoundError
+from edgeshield._sqlite import PrivateStore
+from edgeshield.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from edgeshield.audit import AuditLog
@@ -61,16 +57,7 @@ def check_subject_id(subject_id: object) -> str:
     return subject_id
 
 
-def _create_private(path: Path) -> None:
-    try:  # private before it holds anything; SQLite gives its WAL and shm files the same mode
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileNotFoundError:
-        raise PathNotFoundError(f"subject key store directory not found: {path.parent}") from None
-    except FileExistsError:
-        pass
-
-
-class SubjectKeys:
+class SubjectKeys(PrivateStore):
     """Per-subject random keys in one SQLite file (mode 0600, WAL, secure_delete); thread-safe.
 
     ``pseudonym(id)`` is HMAC-SHA256(key of id, id) as hex, its first 32 characters (128 bits), creating the key on
@@ -78,66 +65,24 @@ class SubjectKeys:
     (``edgeshield comply erase`` beside a running server) takes effect on the server's next request.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        if self.path.exists() and not self.path.is_file():
-            raise NotAFileError(f"subject key store is not a regular file: {self.path}")
-        if not self.path.exists():
-            if not create:
-                raise PathNotFoundError(f"subject key store not found: {self.path}")
-            _create_private(self.path)
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA secure_delete = ON")  # a deleted key's bytes are overwritten, not left in a page
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if app_id == 0 and not tables:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO meta (name, value) VALUES ('lookup_key', ?)", (secrets.token_bytes(32),))
-                conn.execute("COMMIT")
-            elif app_id != _APPLICATION_ID or not {"meta", "subject_keys"} <= tables:
-                raise NotASubjectKeyStoreError(f"{self.path} is not an EdgeShield subject key store")
-            conn.execute("PRAGMA journal_mode=WAL")
-            row = conn.execute("SELECT value FROM meta WHERE name = 'lookup_key'").fetchone()
-            if row is None or not isinstance(row[0], bytes) or len(row[0]) != 32:
-                raise NotASubjectKeyStoreError(f"{self.path}: the store's lookup key is missing or malformed")
-            self._lookup_key: bytes = row[0]
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise NotASubjectKeyStoreError(f"{self.path} is not a subject key store database: {exc}") from None
-        except BaseException:
-            conn.close()
-            raise
-        self._conn: sqlite3.Connection | None = conn
+    _what = "subject key store"
+    _application_id = _APPLICATION_ID
+    _schema = _SCHEMA
+    _tables = frozenset({"meta", "subject_keys"})
+    _not_a_store = NotASubjectKeyStoreError
+    _lookup_key: bytes
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA secure_delete = ON")  # a deleted key's bytes are overwritten, not left in a page
 
-    def __enter__(self) -> Self:
-        return self
+    def _created(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta (name, value) VALUES ('lookup_key', ?)", (secrets.token_bytes(32),))
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._conn is None:
-                raise InvalidArgumentError(f"subject key store {self.path} is closed")
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+    def _opened(self, conn: sqlite3.Connection, create: bool) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'lookup_key'").fetchone()
+        if row is None or not isinstance(row[0], bytes) or len(row[0]) != 32:
+            raise NotASubjectKeyStoreError(f"{self.path}: the store's lookup key is missing or malformed")
+        self._lookup_key = row[0]
 
     def _lookup(self, subject_id: str) -> str:
         return hmac.new(self._lookup_key, check_subject_id(subject_id).encode(), hashlib.sha256).hexdigest()
@@ -157,25 +102,20 @@ class SubjectKeys:
 
     def existing_pseudonym(self, subject_id: str) -> str | None:
         """The subject's pseudonym when it has a key, else None (no key is created)."""
-        lookup = self._lookup(subject_id)
-        with self._tx() as conn:
-            row = conn.execute("SELECT key FROM subject_keys WHERE lookup = ?", (lookup,)).fetchone()
-        return None if row is None else self._mac(bytes(row[0]), subject_id)
+        rows = self._read("SELECT key FROM subject_keys WHERE lookup = ?", (self._lookup(subject_id),))
+        return self._mac(bytes(rows[0][0]), subject_id) if rows else None
 
     def erase(self, subject_id: str) -> bool:
         """Delete the subject's key (True when there was one): its pseudonym can never be recomputed."""
         lookup = self._lookup(subject_id)
         with self._tx() as conn:
             deleted = conn.execute("DELETE FROM subject_keys WHERE lookup = ?", (lookup,)).rowcount > 0
-        if deleted:  # the WAL still holds the page with the key as it was: fold it in and truncate it
-            with self._lock, contextlib.suppress(sqlite3.OperationalError):
-                if self._conn is not None:
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if deleted:  # the WAL still holds the page with the key as it was
+            self._checkpoint()
         return deleted
 
     def __len__(self) -> int:
-        with self._tx() as conn:
-            return int(conn.execute("SELECT count(*) FROM subject_keys").fetchone()[0])
+        return int(self._read("SELECT count(*) FROM subject_keys")[0][0])
 
 
 # --- operations over a deployment's stores ----------------------------------------------------------------------

@@ -9,16 +9,13 @@ ones with who lifted them and when: that is the incident record).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from edgeshield.errors import InputError, InvalidArgumentError, NotAFileError, PathNotFoundError
+from edgeshield._sqlite import PrivateStore
+from edgeshield.errors import InputError
 
 _APPLICATION_ID = 0x45534D4E  # "ESMN": marks the SQLite file as a monitor store
 _SCHEMA_VERSION = 1
@@ -60,80 +57,19 @@ class ActiveResponse:
                 "until": self.until, "reason": self.reason}
 
 
-class MonitorStore:
+class MonitorStore(PrivateStore):
     """Blocks, throttles, denials, quarantines, pending revocations and alerts, in one SQLite file."""
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        if self.path.exists() and not self.path.is_file():
-            raise NotAFileError(f"monitor store is not a regular file: {self.path}")
-        if not self.path.exists():
-            if not create:
-                raise PathNotFoundError(f"monitor store not found: {self.path}")
-            try:  # private before it holds anything; SQLite gives its WAL and shm files the same mode
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            except FileNotFoundError:
-                raise PathNotFoundError(f"monitor store directory not found: {self.path.parent}") from None
-            except FileExistsError:
-                pass  # another process created it first
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if create and app_id == 0 and not tables:
-                conn.execute("BEGIN IMMEDIATE")
-                if conn.execute("PRAGMA application_id").fetchone()[0] == 0:  # not made meanwhile by another
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                conn.execute("COMMIT")
-            elif app_id != _APPLICATION_ID or not {"responses", "revocations", "alerts"} <= tables:
-                raise NotAMonitorStoreError(f"{self.path} is not an EdgeShield monitor store")
-            if conn.execute("PRAGMA user_version").fetchone()[0] > _SCHEMA_VERSION:
-                raise NotAMonitorStoreError(f"{self.path} is a newer monitor store than this build reads")
-            if create:
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise NotAMonitorStoreError(f"{self.path} is not a monitor store database: {exc}") from None
-        except BaseException:
-            conn.close()
-            raise
-        self._conn: sqlite3.Connection | None = conn
+    _what = "monitor store"
+    _application_id = _APPLICATION_ID
+    _schema = _SCHEMA
+    _tables = frozenset({"responses", "revocations", "alerts"})
+    _not_a_store = NotAMonitorStoreError
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._conn is None:
-                raise InvalidArgumentError(f"monitor store {self.path} is closed")
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            if self._conn is None:
-                raise InvalidArgumentError(f"monitor store {self.path} is closed")
-            return self._conn.execute(sql, args).fetchall()
+    def _opened(self, conn: sqlite3.Connection, create: bool) -> None:
+        if conn.execute("PRAGMA user_version").fetchone()[0] > _SCHEMA_VERSION:
+            raise NotAMonitorStoreError(f"{self.path} is a newer monitor store than this build reads")
+        conn.execute("PRAGMA synchronous=FULL")
 
     # --- responses ---
     def put_response(self, r: ActiveResponse) -> None:

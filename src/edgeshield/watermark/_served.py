@@ -32,31 +32,26 @@ detectors must catch that. The evidence rows are checked against their digests
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import math
 import os
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Self
 
 import numpy as np
 
 from edgeshield._arrays import CANONICAL_DTYPE, canonical, row_digests
 from edgeshield._io import check_readable_file
+from edgeshield._sqlite import PrivateStore
 from edgeshield._stats import binomial_sf
 from edgeshield.errors import (
     EvidenceIntegrityError,
     InvalidArgumentError,
-    NotAFileError,
     NotAnEvidenceStoreError,
-    PathNotFoundError,
     UnsupportedModelError,
 )
 from edgeshield.watermark._spread import DEFAULT_P_THRESHOLD, _check_key
@@ -231,72 +226,37 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
-class EvidenceStore:
+class EvidenceStore(PrivateStore):
     """The raw watermarked inputs the server answered, and the labels it gave (SQLite, WAL, mode 0600).
 
     The audit log records only digests of inputs, never the inputs; verification needs the inputs themselves, so
     they live here, each row bound to its digest (``row_digests``) and stored once per client."""
 
+    _what = "evidence store"
+    _application_id = _APPLICATION_ID
+    _schema = _SCHEMA
+    _tables = frozenset({"evidence"})
+    _not_a_store = NotAnEvidenceStoreError
+    _has_subject: bool  # False only for a schema 1 store opened with create=False
+
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
         if not create:
-            check_readable_file(self.path, what="evidence store")
-        elif self.path.exists() and not self.path.is_file():
-            raise NotAFileError(f"evidence store is not a regular file: {self.path}")
-        elif not self.path.exists():
-            try:  # private before it holds anything; SQLite gives its WAL and shm files the same mode
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            except FileNotFoundError:
-                raise PathNotFoundError(f"evidence store directory not found: {self.path.parent}") from None
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if create and app_id == 0 and not tables:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("COMMIT")
-            elif app_id != _APPLICATION_ID or "evidence" not in tables:
-                raise NotAnEvidenceStoreError(f"{self.path} is not an EdgeShield evidence store")
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(evidence)")}
-            if create and "subject" not in columns:
-                conn.execute("BEGIN IMMEDIATE")
+            check_readable_file(path, what=self._what)  # an empty file is refused as such, not as a foreign one
+        super().__init__(path, create=create)
+
+    def _opened(self, conn: sqlite3.Connection, create: bool) -> None:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(evidence)")}
+        if create and "subject" not in columns:
+            conn.execute("BEGIN IMMEDIATE")
+            if "subject" not in {r[1] for r in conn.execute("PRAGMA table_info(evidence)")}:  # not by another
                 for statement in _MIGRATE_1_TO_2:
                     conn.execute(statement)
-                conn.execute("COMMIT")
-                columns.add("subject")
-            self._has_subject = "subject" in columns  # False only for a schema 1 store opened with create=False
-            # Erased and purged rows hold raw inputs: overwrite their bytes in the file instead of leaving them in
-            # free pages (the WAL is truncated after each erasure, see _shred).
-            conn.execute("PRAGMA secure_delete = ON")
-            if create:
-                conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise NotAnEvidenceStoreError(f"{self.path} is not an evidence store database: {exc}") from None
-        except BaseException:
-            conn.close()
-            raise
-        self._conn: sqlite3.Connection | None = conn
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise InvalidArgumentError(f"evidence store {self.path} is closed")
-        return self._conn
+            conn.execute("COMMIT")
+            columns.add("subject")
+        self._has_subject = "subject" in columns
+        # Erased and purged rows hold raw inputs: overwrite their bytes in the file instead of leaving them in free
+        # pages (the WAL is truncated after each erasure, see _delete).
+        conn.execute("PRAGMA secure_delete = ON")
 
     def add(self, client: str, x: np.ndarray, labels: np.ndarray, *, subject: str | None = None) -> int:
         """Store the watermarked rows ``x`` answered to ``client`` with ``labels``; returns how many were new.
@@ -314,41 +274,22 @@ class EvidenceStore:
         shape = json.dumps(list(c.shape[1:]))
         rows = [(now, client, d, int(label), shape, _DTYPE, c[i].tobytes(), subject)
                 for i, (d, label) in enumerate(zip(row_digests(c), lab, strict=True))]
-        with self._lock:
-            conn = self._db()
-            if not self._has_subject:
-                raise InvalidArgumentError(f"evidence store {self.path} is schema 1 and was opened read-only "
-                                           "(create=False): open it with create=True to migrate it")
+        if not self._has_subject:
+            raise InvalidArgumentError(f"evidence store {self.path} is schema 1 and was opened read-only "
+                                       "(create=False): open it with create=True to migrate it")
+        with self._tx() as conn:
             before = conn.total_changes
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany("INSERT OR IGNORE INTO evidence (time, client, digest, label, shape, dtype, data,"
-                                 " subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return conn.total_changes - before
+            conn.executemany("INSERT OR IGNORE INTO evidence (time, client, digest, label, shape, dtype, data,"
+                             " subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            added = conn.total_changes - before
+        return added
 
     def _delete(self, where: str, args: tuple[object, ...]) -> int:
-        with self._lock:
-            conn = self._db()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                n = conn.execute(f"DELETE FROM evidence WHERE {where}", args).rowcount  # noqa: S608 - fixed text
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            if n:
-                self._shred(conn)
-            return int(n)
-
-    def _shred(self, conn: sqlite3.Connection) -> None:
-        # secure_delete zeroes the rows in the database pages; the WAL may still hold the pages as they were, so
-        # checkpoint it into the database and truncate it (best effort: a reader elsewhere can delay it).
-        with contextlib.suppress(sqlite3.OperationalError):
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with self._tx() as conn:
+            n = int(conn.execute(f"DELETE FROM evidence WHERE {where}", args).rowcount)  # noqa: S608 - fixed text
+        if n:  # secure_delete zeroed the rows in the database pages; the WAL may still hold the pages as they were
+            self._checkpoint()
+        return n
 
     def erase_subject(self, subject_id: str) -> int:
         """Delete every row stored for the data subject ``subject_id`` (the value ``add`` was given); returns how
@@ -367,26 +308,23 @@ class EvidenceStore:
 
     def oldest(self) -> float | None:
         """When the oldest row still stored was added (seconds since the epoch), or None when the store is empty."""
-        with self._lock:
-            row = self._db().execute("SELECT min(time) FROM evidence").fetchone()
-        return None if row is None or row[0] is None else datetime.fromisoformat(str(row[0])).timestamp()
+        oldest = self._read("SELECT min(time) FROM evidence")[0][0]
+        return None if oldest is None else datetime.fromisoformat(str(oldest)).timestamp()
 
     def count(self) -> int:
         """How many rows are stored."""
-        with self._lock:
-            return int(self._db().execute("SELECT count(*) FROM evidence").fetchone()[0])
+        return int(self._read("SELECT count(*) FROM evidence")[0][0])
 
     def load(self, client: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         """(x float32 [N, *shape], labels int64 [N], clients, digests) in storage order (x is shape (0,) when there
         are no rows), each row's bytes checked against its digest: a tampered row raises ``EvidenceIntegrityError``
         naming its seq."""
         query = "SELECT seq, client, digest, label, shape, dtype, data FROM evidence"
-        with self._lock:
-            try:
-                rows = (self._db().execute(query + " WHERE client = ? ORDER BY seq", (client,)) if client is not None
-                        else self._db().execute(query + " ORDER BY seq")).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise EvidenceIntegrityError(f"evidence store {self.path} is unreadable: {exc}") from None
+        try:
+            rows = (self._read(query + " WHERE client = ? ORDER BY seq", (client,)) if client is not None
+                    else self._read(query + " ORDER BY seq"))
+        except sqlite3.DatabaseError as exc:
+            raise EvidenceIntegrityError(f"evidence store {self.path} is unreadable: {exc}") from None
         xs, labels, shapes = [], [], set()
         for seq, _, digest, label, shape_json, dtype, data in rows:
             try:
@@ -408,6 +346,5 @@ class EvidenceStore:
 
     def clients(self) -> dict[str, int]:
         """client -> number of evidence rows stored for it."""
-        with self._lock:
-            rows = self._db().execute("SELECT client, count(*) FROM evidence GROUP BY client ORDER BY client")
-            return {str(c): int(k) for c, k in rows.fetchall()}
+        rows = self._read("SELECT client, count(*) FROM evidence GROUP BY client ORDER BY client")
+        return {str(c): int(k) for c, k in rows}
