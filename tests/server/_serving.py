@@ -29,3 +29,28 @@ def mtls_client(world: dict[str, Any], name: str, **kw: Any) -> httpx.Client:
     cert = world["certs"][name]
     ctx = transport.client_context(world["ca"] / "ca.crt", cert.cert_path, cert.key_path)
     return httpx.Client(base_url=world["url"], verify=ctx, timeout=10, **kw)
+
+
+def publish_crl(ca: Path, seconds: float) -> int:
+    """Publish a CRL (same revocations, the next CRL number) whose nextUpdate is ``seconds`` from now, atomically
+    replacing ``crl.pem`` as the CA host would; returns its number."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    current = x509.load_pem_x509_crl((ca / "crl.pem").read_bytes())
+    number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - dt.timedelta(seconds=1)).next_update(now + dt.timedelta(seconds=seconds))
+               .add_extension(x509.CRLNumber(number), critical=False))
+    for revoked in current:
+        builder = builder.add_revoked_certificate(revoked)
+    crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    tmp = ca / "crl.pem.tmp"
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    tmp.replace(ca / "crl.pem")
+    return int(number)

@@ -3,7 +3,6 @@ keeps revoking with its serials; either way a revoked certificate is never serve
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from pathlib import Path
@@ -11,34 +10,14 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from edgeshield import audit, transport
 from edgeshield.errors import CrlError
 from edgeshield.server import ServeConfig, make_server
 
-from _serving import protected_digits, serving
+from _serving import protected_digits, publish_crl, serving
 
 X = {"inputs": [[0.5] * 64]}
-
-
-def _short_crl(ca: Path, seconds: float) -> None:
-    """Publish a CRL (same revocations, next CRL number) whose nextUpdate is ``seconds`` from now."""
-    current = x509.load_pem_x509_crl((ca / "crl.pem").read_bytes())
-    number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
-    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-               .last_update(now - dt.timedelta(seconds=1)).next_update(now + dt.timedelta(seconds=seconds))
-               .add_extension(x509.CRLNumber(number), critical=False))
-    for revoked in current:
-        builder = builder.add_revoked_certificate(revoked)
-    crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    tmp = ca / "crl.pem.tmp"
-    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    tmp.replace(ca / "crl.pem")
 
 
 def _world(root: Path, **cfg_kw: Any) -> tuple[ServeConfig, dict[str, Any]]:
@@ -103,7 +82,7 @@ def test_fail_closed_by_default(tmp_path: Path) -> None:
     with serving(cfg) as (_srv, _wt, port), _Records() as records:
         with _client(w, "alice", port) as kept, _client(w, "aud", port) as auditor:
             assert kept.post("/v1/predict", json=X).status_code == 200  # a connection opened while current
-            _short_crl(w["ca"], 2.0)
+            publish_crl(w["ca"], 2.0)
             assert _wait_for(w, "crl.expiring").data["policy"] == "fail-closed"
             assert any("expires in" in r.getMessage() for r in records)
             metrics = auditor.get("/metrics").text
@@ -123,7 +102,7 @@ def test_keep_last_keeps_revoking_with_the_last_crl(tmp_path: Path) -> None:
     cfg, w = _world(tmp_path, crl_expired="keep-last")
     transport.revoke(w["ca"], w["certs"]["gone"].serial)
     with serving(cfg) as (_srv, _wt, port), _Records() as records:
-        _short_crl(w["ca"], 1.0)
+        publish_crl(w["ca"], 1.0)
         assert _wait_for(w, "crl.expired").data["policy"] == "keep-last"
         assert _status(w, "alice", port) == 200
         assert _status(w, "gone", port) in ("refused", 401)  # its serial is still in the last CRL
@@ -136,7 +115,7 @@ def test_keep_last_keeps_revoking_with_the_last_crl(tmp_path: Path) -> None:
 
 def test_an_expired_crl_at_start_up(tmp_path: Path) -> None:
     cfg, w = _world(tmp_path)
-    _short_crl(w["ca"], 0.5)
+    publish_crl(w["ca"], 0.5)
     time.sleep(1.0)
     with pytest.raises(CrlError, match="expired"):
         make_server(cfg)

@@ -45,7 +45,7 @@ from edgeshield.server import ServeConfig, build_state
 from edgeshield.server._admin import AlertItem, EventItem, ResponseItem, RevocationItem, RuleItem
 from edgeshield.server._limits import Limits
 
-from _serving import protected_digits, serving
+from _serving import protected_digits, publish_crl, serving
 
 ROLES = {"adm": "admin", "alice": "client", "mallory": "client", "fuzzer": "client", "harvester": "client",
          "dev-9": "client", "metered": "metered", "flagger": "client", "buggy": "client", "reader": "client",
@@ -256,35 +256,12 @@ def _closed(sock: ssl.SSLSocket, timeout_s: float = 5.0) -> bool:
         return False
 
 
-def _publish_crl(ca: Path, seconds: float) -> int:
-    """Publish a CRL (same revocations, the next CRL number) whose nextUpdate is ``seconds`` from now; its number."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
-    current = x509.load_pem_x509_crl((ca / "crl.pem").read_bytes())
-    number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
-    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-               .last_update(now - dt.timedelta(seconds=1)).next_update(now + dt.timedelta(seconds=seconds))
-               .add_extension(x509.CRLNumber(number), critical=False))
-    for revoked in current:
-        builder = builder.add_revoked_certificate(revoked)
-    crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    (ca / "crl.pem.tmp").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    (ca / "crl.pem.tmp").replace(ca / "crl.pem")
-    return int(number)
-
-
 def _expire_soon(w: World) -> None:
     """Have the server load a CRL that expires in a moment (a longer moment again if, on a loaded machine, it only
     got to it once expired: an expired CRL is not loaded)."""
     for seconds in (1.5, 4.0, 10.0):
         failures = len(w.entries("crl.reload_failed"))
-        number = _publish_crl(w.ca, seconds)
+        number = publish_crl(w.ca, seconds)
         _wait("the short CRL", lambda n=number, f=failures: w.entries("crl.reload", crl_number=n)
               or len(w.entries("crl.reload_failed")) > f)
         if w.entries("crl.reload", crl_number=number):
@@ -519,7 +496,7 @@ def test_refused_authentications_deny_the_certificate(world_c: World) -> None:
         assert [_get(s, "/healthz") for s in conns[:10]] == [401] * 10  # the CRL check refuses; the 10th trips
         assert w.monitor.denied_serials() == {w.certs["dev-9"].serial}  # in force at once, before any record
         assert _closed(conns[10])  # dev-9's live connection, closed by the denial
-        number = _publish_crl(w.ca, 7 * 86400)  # a current CRL again
+        number = publish_crl(w.ca, 7 * 86400)  # a current CRL again
         _wait("the new CRL", lambda: w.entries("crl.reload", crl_number=number))
         assert _get(other, "/healthz") == 200  # alice's kept-alive connection: untouched and served
     finally:
