@@ -57,7 +57,9 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "train": ("torch", "onnx", "onnxscript", "sklearn"),
     "eval": ("torch", "onnx", "art", "sklearn"),  # gradients, ART attacks, ROC metrics; plots also need matplotlib
     "demo": ("torch", "onnx", "art", "sklearn"),
-    "comply": ("trestle",),  # OSCAL assessment results (compliance-trestle's models)
+    "comply": ("trestle",),
+    "privacy": ("opendp", "dp_accounting"),
+    "fl": ("flwr", "torch", "opendp", "dp_accounting"),  # OSCAL assessment results (compliance-trestle's models)
 }
 
 Arguments = Mapping[str, Any]

@@ -135,6 +135,9 @@ _KINDS: dict[str, EventKind] = _kinds(
     # other processes, through the local event endpoint (the capabilities that come next)
     EventKind("fl.update_rejected", "the federated-learning server refused a client's update", source="fl",
               fields=("round", "client", "reason")),
+    EventKind("privacy.spend", "a differentially private release was charged to a client's privacy budget",
+              source="fl", fields=("client", "round", "noise_multiplier", "sampling_rate", "epsilon", "delta",
+                                   "budget")),
     EventKind("privacy.budget_exhausted", "a client's privacy budget is spent", source="fl", fields=(
         "client", "epsilon", "delta")),
     EventKind("attestation.failed", "a device failed attestation; its key was not released", source="keyrelease",
