@@ -65,7 +65,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-ABSENT = ("torch", "onnx", "onnxscript", "scipy", "sklearn", "art", "matplotlib", "model_signing", "trestle")
+ABSENT = ("torch", "onnx", "onnxscript", "scipy", "sklearn", "art", "matplotlib", "model_signing", "trestle", "flwr",
+          "ray", "opendp", "dp_accounting")
 BUNDLE = ["{bundle}", "--owner-key", "keys/owner.pub", "--device-key", "keys/device.key"]
 TLS = ["--ca", "pki/ca.crt"]
 URL = ["--url", "https://127.0.0.1:{port}"]
