@@ -1,0 +1,172 @@
+"""FLConfig at the edge: TOML in, one-line typed errors out, and the refused combinations with their reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeshield.errors import EXIT_INPUT, InvalidArgumentError
+from edgeshield.fl._config import (
+    AGGREGATOR_NAMES,
+    DP_MODES,
+    DPConfig,
+    FLConfig,
+    UnsupportedCombinationError,
+    check_combination,
+)
+from edgeshield.fl._data import federated_data, partition
+
+GOOD = """
+clients = 12
+clients_per_round = 6
+rounds = 3
+alpha = 0.5
+min_examples = 20
+model = "mlp"
+aggregator = "trimmed_mean"
+
+[aggregator_params]
+beta = 0.2
+
+[dp]
+mode = "local"
+clip = 0.5
+noise_multiplier = 1.1
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "fl.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_from_toml_reads_every_section(tmp_path: Path) -> None:
+    cfg = FLConfig.from_toml(_write(tmp_path, GOOD))
+    assert (cfg.clients, cfg.clients_per_round, cfg.rounds, cfg.model) == (12, 6, 3, "mlp")
+    assert cfg.aggregator_params == {"beta": 0.2}
+    assert cfg.dp == DPConfig(mode="local", clip=0.5, noise_multiplier=1.1)
+    assert cfg.sampling_rate == 0.5
+    # an [fl] table works the same, and the dict form round-trips
+    wrapped = "[fl]\n" + GOOD.replace("[aggregator_params]", "[fl.aggregator_params]").replace("[dp]", "[fl.dp]")
+    assert FLConfig.from_toml(_write(tmp_path, wrapped)) == cfg
+    assert FLConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("clients = 3\nbogus = 1\n", "bogus: unknown key"),
+        ("[dp]\nmode = 'central'\nnoise = 1.0\n", "dp.noise: unknown key"),
+        ("clients = 0\n", "clients: must be at least 1"),
+        ("clients = 'ten'\n", "clients: must be an integer"),
+        ("clients = 4\nclients_per_round = 5\n", "exceeds clients"),
+        ("lr = -0.1\n", "lr: must lie in"),
+        ("model = 'resnet'\n", "model: must be one of"),
+        ("aggregator = 'mean'\n", "aggregator: must be one of"),
+        ("aggregator = 'krum'\n[aggregator_params]\nf = -1\n", "krum"),
+        ("[dp]\nmode = 'central'\n", "exactly one of noise_multiplier and target_epsilon"),
+        ("[dp]\nmode = 'central'\nnoise_multiplier = 1.0\ntarget_epsilon = 1.0\n", "exactly one of"),
+        ("[dp]\nmode = 'central'\nnoise_multiplier = 0.0\n", "must be positive"),
+        ("[dp]\nmode = 'central'\nnoise_multiplier = 1.0\ndelta = 0.5\n", "dp.delta"),
+        ("[dp]\nmode = 'secret'\n", "dp.mode: must be one of"),
+        ("[dp]\nadaptive = true\n", "adaptive clipping needs a DP mode"),
+        ("aggregator = 'fltrust'\nfltrust_root = 0\n", "fltrust needs a root set"),
+        ("clients = [", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_typed_line(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        FLConfig.from_toml(_write(tmp_path, text))
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+    assert info.value.exit_code == EXIT_INPUT
+
+
+def test_missing_file_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError.__mro__[1]):  # InputError: PathNotFoundError
+        FLConfig.from_toml(tmp_path / "absent.toml")
+
+
+def _cfg(mode: str, aggregator: str, **extra: object) -> FLConfig:
+    params: dict[str, object] = {"krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1},
+                                 "norm_bound": {"max_norm": 1.0}}.get(aggregator, {})  # type: ignore[assignment]
+    dp = DPConfig(mode=mode, noise_multiplier=1.0) if mode != "none" else DPConfig()
+    return FLConfig(clients=7, clients_per_round=7, rounds=1, dp=dp, aggregator=aggregator,
+                    aggregator_params=params, **extra)  # type: ignore[arg-type]
+
+
+REFUSED = {
+    ("distributed", a): "not available in this build yet" for a in AGGREGATOR_NAMES
+} | {
+    ("central", a): "noise scaled to the clip would not bound it"
+    for a in AGGREGATOR_NAMES if a not in ("fedavg", "norm_bound")
+}
+
+
+@pytest.mark.parametrize("mode", DP_MODES)
+@pytest.mark.parametrize("aggregator", AGGREGATOR_NAMES)
+@pytest.mark.parametrize("secagg", [False, True])
+def test_combination_matrix_refusals(mode: str, aggregator: str, secagg: bool) -> None:
+    """Every {mode} × {SecAgg} × {aggregator}: accepted, or refused with the stated reason (the accepted ones run
+    in tests/fl/test_sim.py's matrix)."""
+    cfg = _cfg(mode, aggregator, secagg=secagg)
+    reason = REFUSED.get((mode, aggregator))
+    if secagg and mode != "distributed":
+        reason = "secure aggregation is not available"
+    if reason is None:
+        check_combination(cfg)
+        return
+    with pytest.raises(UnsupportedCombinationError, match=reason):
+        check_combination(cfg)
+
+
+def test_adaptive_clipping_only_central() -> None:
+    with pytest.raises(UnsupportedCombinationError, match="central mode"):
+        check_combination(FLConfig(dp=DPConfig(mode="local", noise_multiplier=1.0, adaptive=True)))
+    check_combination(FLConfig(dp=DPConfig(mode="central", noise_multiplier=1.0, adaptive=True)))
+
+
+def test_norm_bound_under_central_dp_needs_a_fedavg_inner() -> None:
+    cfg = FLConfig(dp=DPConfig(mode="central", noise_multiplier=1.0), aggregator="norm_bound",
+                   aggregator_params={"max_norm": 1.0, "inner": "median"})
+    with pytest.raises(UnsupportedCombinationError, match="fedavg inner"):
+        check_combination(cfg)
+
+
+def test_partition_is_dirichlet_skewed_disjoint_and_seeded() -> None:
+    cfg = FLConfig(clients=20, clients_per_round=20, alpha=0.3, min_examples=30, fltrust_root=100)
+    data = federated_data(cfg)
+    sizes = [len(y) for _, y in data.clients]
+    assert min(sizes) >= 30
+    assert sum(sizes) + len(data.root[1]) == 1347  # every training example exactly once: clients + root
+    assert len(data.root[1]) == 100 and len(set(data.root[1].tolist())) == 10  # the root set covers every class
+    # label skew: with alpha 0.3 a typical client is dominated by a few labels
+    dominant = [max((y == c).mean() for c in range(10)) for _, y in data.clients]
+    assert sorted(dominant)[len(dominant) // 2] > 0.3
+    x, y = data.clients[0]
+    again = partition(*_rest(cfg), cfg)
+    assert all((a[1] == b[1]).all() for a, b in zip(again, data.clients, strict=True))
+    assert x.dtype.name == "float32"
+
+
+def _rest(cfg: FLConfig) -> tuple[object, object]:
+    from edgeshield.fl._data import split_root
+    from edgeshield.models import load_digits_split
+
+    s = load_digits_split()
+    _, rest = split_root(s.x_train, s.y_train, cfg.fltrust_root, cfg.seed)
+    return rest
+
+
+def test_one_example_per_client_population() -> None:
+    cfg = FLConfig(clients=1247, clients_per_round=50, min_examples=1, fltrust_root=100)
+    sizes = [len(y) for _, y in federated_data(cfg).clients]
+    assert sizes == [1] * 1247
+
+
+def test_too_many_clients_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="needs"):
+        federated_data(FLConfig(clients=100, clients_per_round=10, min_examples=20))
