@@ -146,7 +146,7 @@ def test_partition_is_dirichlet_skewed_disjoint_and_seeded() -> None:
     # label skew: with alpha 0.3 a typical client is dominated by a few labels
     dominant = [max((y == c).mean() for c in range(10)) for _, y in data.clients]
     assert sorted(dominant)[len(dominant) // 2] > 0.3
-    x, y = data.clients[0]
+    x, _ = data.clients[0]
     again = partition(*_rest(cfg), cfg)
     assert all((a[1] == b[1]).all() for a, b in zip(again, data.clients, strict=True))
     assert x.dtype.name == "float32"

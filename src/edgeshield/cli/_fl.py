@@ -21,6 +21,11 @@ app = typer.Typer(help="Federated learning on Flower: DP-FedAvg, robust aggregat
                   no_args_is_help=True)
 
 
+@app.callback()
+def _group() -> None:
+    """Federated learning on Flower: DP-FedAvg, robust aggregation, protected federated models."""
+
+
 def _parse_malicious(items: list[str] | None) -> dict[int, str]:
     out: dict[int, str] = {}
     for item in items or []:
