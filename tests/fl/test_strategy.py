@@ -37,7 +37,7 @@ def test_krum_left_out_clients_are_rejected_with_a_reason() -> None:
     honest = [np.full(5, 1.0 + 0.01 * i) for i in range(6)]
     out = RobustAggregation(make_aggregator("krum", f=1), uniform_weights=True).aggregate(
         1, _updates([*honest, np.full(5, 40.0)]), 5, root_update=None)
-    assert "client-6" in out.rejected and out.rejected["client-6"]
+    assert out.rejected.get("client-6")
 
 
 def test_too_few_clients_skips_the_round_and_says_why() -> None:
