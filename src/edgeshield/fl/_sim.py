@@ -273,6 +273,9 @@ def _make_job(cfg: FLConfig, malicious: Mapping[int, str] | None, events: Any, l
     if not isinstance(cfg, FLConfig):
         raise InvalidArgumentError(f"cfg must be an FLConfig, not {type(cfg).__name__}")
     check_combination(cfg)
+    from edgeshield.fl._strategy import build_aggregation
+
+    build_aggregation(cfg, effective_noise_multiplier(cfg))  # the DP parameters checked before any runtime starts
     bad = dict(malicious or {})
     for cid, spec in bad.items():
         if not isinstance(cid, int) or not 0 <= cid < cfg.clients:

@@ -152,6 +152,13 @@ class CentralDP:
         if adaptive is not None:
             from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
+            if noise_multiplier >= 2 * adaptive.count_stddev:
+                raise InvalidArgumentError(
+                    f"fl config: dp.count_stddev: adaptive clipping splits z = {noise_multiplier:.4g} between the "
+                    f"updates and the clipped count, which needs count_stddev > z / 2 (it is "
+                    f"{adaptive.count_stddev:.4g}: expected clients / 20 by default); set dp.count_stddev or sample "
+                    "more clients per round"
+                )
             # z split between the updates and the count: z_Δ = (z⁻² − (2·count_stddev)⁻²)^(−1/2), as in the paper
             _, self.update_noise_multiplier = compute_adaptive_noise_params(
                 noise_multiplier, expected_clients, adaptive.count_stddev
