@@ -21,6 +21,7 @@ from edgeshield.cli import (
     _comply,
     _detect,
     _extraction,
+    _fl,
     _help,
     _keys,
     _monitor,
@@ -49,6 +50,7 @@ app.add_typer(_extraction.app, name="extraction")
 app.add_typer(_client.app, name="client")
 app.add_typer(_monitor.app, name="monitor")
 app.add_typer(_comply.app, name="comply")
+app.add_typer(_fl.app, name="fl")
 app.command("serve", context_settings={"auto_envvar_prefix": _serve.ENV_PREFIX})(_serve.serve)
 app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)

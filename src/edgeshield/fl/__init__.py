@@ -47,7 +47,10 @@ _EXPORTS: dict[str, str] = {
     "flatten": "_updates",
     "unflatten": "_updates",
     "validate_update": "_updates",
-    # on-device data validation (P4) and deployment (P5) add their names here
+    # on-device data validation
+    "DataReport": "_validate",
+    "check_local_data": "_validate",
+    # deployment (SuperLink + SuperNodes over TLS) adds its names here
 }
 
 __all__ = [  # noqa: PLE0604 - the names resolved lazily by __getattr__
