@@ -126,6 +126,7 @@ EXPECTED = {
     "watermark verify": {"owner"},
     "extraction evaluate": {"eval"},
     "comply report": {"comply"},  # only with --format oscal
+    "fl simulate": {"fl"},
 }
 
 
