@@ -99,7 +99,7 @@ def _cfg(mode: str, aggregator: str, **extra: object) -> FLConfig:
 
 
 REFUSED = {
-    ("distributed", a): "not available in this build yet" for a in AGGREGATOR_NAMES
+    ("distributed", a): "needs secagg = true" for a in AGGREGATOR_NAMES
 } | {
     ("central", a): "noise scaled to the clip would not bound it"
     for a in AGGREGATOR_NAMES if a not in ("fedavg", "norm_bound")
@@ -114,8 +114,8 @@ def test_combination_matrix_refusals(mode: str, aggregator: str, secagg: bool) -
     in tests/fl/test_sim.py's matrix)."""
     cfg = _cfg(mode, aggregator, secagg=secagg)
     reason = REFUSED.get((mode, aggregator))
-    if secagg and mode != "distributed":
-        reason = "secure aggregation is not available"
+    if secagg:  # SecAgg+ (tests/fl/test_matrix.py, tests/fl/test_secagg.py): fedavg only, any DP mode
+        reason = None if aggregator == "fedavg" else "secure aggregation hides individual updates"
     if reason is None:
         check_combination(cfg)
         return

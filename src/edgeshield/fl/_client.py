@@ -139,6 +139,10 @@ def make_client_app() -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from edgeshield.fl._secagg import is_secagg_message, secagg_client_reply
+
+        if is_secagg_message(msg):  # a SecAgg+ stage (secagg = true): Flower's secaggplus_mod, see _secagg
+            return secagg_client_reply(msg, context)
         return train_reply(msg)
 
     return app

@@ -78,8 +78,8 @@ class DPConfig:
 
     ``mode``: ``none``; ``central`` (the server clips each update to ``clip``, sums, adds N(0, (z·clip)²) and divides
     by the expected number of clients); ``local`` (each client clips and adds its own N(0, (z·clip)²) before it sends,
-    and its own ledger refuses a release over ``client_budget``); ``distributed`` (SecAgg+ with discrete noise: not in
-    this build yet). Give ``noise_multiplier`` (z) or ``target_epsilon`` (z then calibrated by the accountant for the
+    and its own ledger refuses a release over ``client_budget``); ``distributed`` (SecAgg+ with discrete noise, see
+    ``_secagg``). Give ``noise_multiplier`` (z) or ``target_epsilon`` (z then calibrated by the accountant for the
     run's rounds and sampling rate), not both. ``adaptive``: Andrew et al. (2021) clipping, the clip following the
     ``target_quantile`` of update norms with learning rate ``clip_lr``; the clipped-count noise has standard deviation
     ``count_stddev`` (default expected clients ÷ 20, as in the paper).
@@ -248,15 +248,11 @@ class FLConfig:
 def check_combination(cfg: FLConfig) -> None:
     """Refuse, with the reason, a DP mode × secure aggregation × aggregator combination that cannot run soundly."""
     mode, agg = cfg.dp.mode, cfg.aggregator
-    if mode == "distributed":
-        raise UnsupportedCombinationError(
-            "dp.mode 'distributed' (SecAgg+ with discrete Gaussian noise) is not available in this build yet"
-        )
-    if cfg.secagg:
-        raise UnsupportedCombinationError(
-            "secagg: secure aggregation is not available in this build yet; under it the server sees only the sum, "
-            "so per-update defences (median, Krum, FLTrust, anomaly scores) could not run either"
-        )
+    if mode == "distributed" or cfg.secagg:  # secure aggregation and distributed DP: their rules live in _secagg
+        from edgeshield.fl._secagg import check_secagg_combination
+
+        check_secagg_combination(cfg)
+        return
     if mode == "central" and agg not in CENTRAL_DP_AGGREGATORS:
         raise UnsupportedCombinationError(
             f"central DP with {agg!r}: one client can move a {agg} aggregate of updates clipped to C by more than "

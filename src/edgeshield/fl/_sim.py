@@ -127,7 +127,7 @@ def effective_noise_multiplier(cfg: FLConfig) -> float | None:
     if cfg.dp.target_epsilon is None:  # pragma: no cover - DPConfig guarantees one of the two
         raise InvalidArgumentError("fl config: dp needs noise_multiplier or target_epsilon")
     # local DP: the server sees each release, so no amplification by sampling (q = 1), every round in the worst case
-    q = cfg.sampling_rate if cfg.dp.mode == "central" else 1.0
+    q = cfg.sampling_rate if cfg.dp.mode in ("central", "distributed") else 1.0  # distributed: the server sees a sum
     return float(noise_multiplier_for(cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.rounds))
 
 
@@ -182,6 +182,10 @@ def _run_job(grid: Any, job: _Job) -> FLResult:
     from edgeshield.fl._strategy import build_aggregation, make_strategy
     from edgeshield.fl._updates import flatten, template_of
 
+    if job.cfg.secagg:  # SecAgg+ rounds (legacy workflow) on the same runtime: see _secagg
+        from edgeshield.fl._secagg import run_secagg_job
+
+        return run_secagg_job(grid, job)
     t_start = time.perf_counter()
     cfg = job.cfg
     z = effective_noise_multiplier(cfg)
