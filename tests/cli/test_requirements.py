@@ -127,6 +127,8 @@ EXPECTED = {
     "extraction evaluate": {"eval"},
     "comply report": {"comply"},  # only with --format oscal
     "fl simulate": {"fl"},
+    "fl server": {"fl"},
+    "fl client": {"fl"},
 }
 
 

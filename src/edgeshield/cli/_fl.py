@@ -100,3 +100,7 @@ def simulate(
 
 
 # --- deployment: `fl server` / `fl client` (real SuperLink and SuperNodes over TLS) are added below -------------
+from edgeshield.cli import _fl_deploy  # noqa: E402 - the deployment commands live in their own module
+
+app.command("server")(_fl_deploy.server)
+app.command("client")(_fl_deploy.client)
