@@ -7,8 +7,10 @@ opens it knows what it is running.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,10 +37,18 @@ def to_onnx(kind: str, params: list[np.ndarray]) -> bytes:
     model.eval()
     example = torch.zeros(2, DIGITS_NUM_FEATURES, dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
-    program: Any = torch.onnx.export(
-        model, (example,), input_names=[DIGITS_INPUT_NAME], output_names=[DIGITS_OUTPUT_NAME],
-        dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-    )
+    exporter = logging.getLogger("torch.onnx")
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)  # "torchvision is not installed" notes: nothing here uses torchvision ops
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation inside the exporter
+            program: Any = torch.onnx.export(
+                model, (example,), input_names=[DIGITS_INPUT_NAME], output_names=[DIGITS_OUTPUT_NAME],
+                dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+            )
+    finally:
+        exporter.setLevel(level)
     return bytes(program.model_proto.SerializeToString())
 
 
