@@ -10,7 +10,7 @@ import sys
 def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     proc = subprocess.run(
         [sys.executable, "-m", "edgeshield", "demo", "--json", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -43,3 +43,10 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     copy = summary["stolen_copy"]
     assert copy["identities_blocked"] == 2 and copy["p_value"] < 1e-6 and copy["independent_matches"] <= 2
     assert copy["matches"] <= copy["evidence"] and copy["stolen_answers"] == 1000
+    # operations: the attack burst tripped both rules, the admin lifted the block; compliance came from evidence
+    ops = summary["operations"]
+    assert {"rbac_denials", "tls_handshake_failures"} <= set(ops["alerts"]) and ops["lifted_by_admin"]
+    assert summary["compliance"]["statuses"].get("pass", 0) > 0 and summary["compliance"]["erasure"]["records"] >= 1
+    # privacy: DP-FedAvg reports ε from the accountant, refuses exactly the boosted client, ships a bundle
+    fed = summary["federated"]
+    assert fed["refused"] == ["client-7"] and 0 < fed["epsilon"] <= 8.0 + 1e-6 and fed["accuracy"] > 0.7
