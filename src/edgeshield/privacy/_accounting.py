@@ -1,0 +1,183 @@
+"""Epsilon of Poisson-subsampled Gaussian rounds from Google's ``dp-accounting``: RDP and PLD side by side.
+
+Each round is a ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (client sampling rate ``q``, noise multiplier ``z``
+= noise std / clip), under add-or-remove-one neighbouring: one user's data in or out. Both accountants give valid
+upper bounds; PLD (privacy loss distributions, pessimistic discretisation) is the tighter, RDP (Renyi DP) the faster
+and more conservative. A history of different rounds composes by adding each kind of round with its count.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from edgeshield.errors import InvalidArgumentError
+from edgeshield.privacy._errors import PrivacyError
+
+ACCOUNTANTS = ("rdp", "pld")
+_PLD_DISCRETISATION = 1e-4  # dp-accounting's default value_discretization_interval
+
+
+@dataclass(frozen=True, slots=True)
+class EpsilonReport:
+    """Epsilon at ``delta`` by the RDP and the PLD accountant for the same history."""
+
+    rdp: float
+    pld: float
+    delta: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"epsilon_rdp": self.rdp, "epsilon_pld": self.pld, "delta": self.delta}
+
+
+class _DropNonConvergence(logging.Filter):
+    # dp-accounting's RDP logs a warning for each fractional order whose series does not converge and leaves that
+    # order out of the minimum: a larger, still valid epsilon. One line per order per call would flood a ledger.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+_DROP = _DropNonConvergence()
+
+
+def _dpa() -> Any:
+    import dp_accounting
+
+    logging.getLogger("absl").addFilter(_DROP)  # adding the same filter again is a no-op
+    return dp_accounting
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def check_round(noise_multiplier: object, sampling_rate: object) -> tuple[float, float]:
+    z = _number("noise_multiplier", noise_multiplier)
+    q = _number("sampling_rate", sampling_rate)
+    if z <= 0:
+        raise InvalidArgumentError(f"noise_multiplier must be > 0 (0 means no privacy), got {noise_multiplier!r}")
+    if not 0.0 < q <= 1.0:
+        raise InvalidArgumentError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
+    return z, q
+
+
+def check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise InvalidArgumentError(f"steps must be a whole number >= 0, got {steps!r}")
+    return steps
+
+
+def check_delta(delta: object) -> float:
+    d = _number("delta", delta)
+    if not 0.0 < d < 1.0:
+        raise InvalidArgumentError(f"delta must be in (0, 1), got {delta!r}")
+    return d
+
+
+def check_accountant(accountant: object) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise InvalidArgumentError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    return str(accountant)
+
+
+def _event(history: Iterable[tuple[float, float, int]]) -> Any:
+    dpa = _dpa()
+    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), n)
+              for z, q, n in history if n > 0]
+    return dpa.ComposedDpEvent(events)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_curve(z: float, q: float) -> tuple[Any, Any]:
+    """One round's RDP at every order (dp-accounting's default orders). Composition adds curves, which is all
+    ``RdpAccountant.compose`` does with a count, so a ledger's histories reuse these instead of recomputing them."""
+    dpa = _dpa()
+    acc = dpa.rdp.RdpAccountant()
+    acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)))
+    return acc.orders, acc.rdp
+
+
+def history_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of a history of ``(noise_multiplier, sampling_rate, count)`` rounds (0 when empty)."""
+    rounds = [(z, q, n) for z, q, n in history if n > 0]
+    if not rounds:
+        return 0.0
+    dpa = _dpa()
+    try:
+        if accountant == "rdp":
+            orders, total = None, None
+            for z, q, n in rounds:
+                orders, curve = _rdp_curve(z, q)
+                total = n * curve if total is None else total + n * curve
+            eps = float(dpa.rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+        else:
+            acc = dpa.pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETISATION)
+            acc.compose(_event(rounds))
+            eps = float(acc.get_epsilon(delta))
+    except (ValueError, OverflowError, ArithmeticError) as exc:
+        raise PrivacyError(f"the {accountant} accountant failed on this history: {exc}") from None
+    if math.isnan(eps):
+        raise PrivacyError(f"the {accountant} accountant gave no epsilon for this history")
+    return eps
+
+
+def epsilon_for(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> EpsilonReport:
+    """Epsilon at ``delta`` after ``steps`` Poisson-subsampled Gaussian rounds, by RDP and by PLD."""
+    z, q = check_round(noise_multiplier, sampling_rate)
+    n = check_steps(steps)
+    d = check_delta(delta)
+    return EpsilonReport(rdp=history_epsilon([(z, q, n)], d, "rdp"), pld=history_epsilon([(z, q, n)], d, "pld"),
+                         delta=d)
+
+
+def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, steps: int,
+                         accountant: str = "rdp") -> float:
+    """The smallest noise multiplier whose ``steps`` rounds at ``sampling_rate`` stay within (epsilon, delta) by
+    ``accountant`` ("rdp" or "pld"). ``dp_accounting.calibrate_dp_mechanism`` finds it to within a tolerance; the
+    answer is then re-checked and nudged up until the accountant confirms epsilon <= target."""
+    eps = _number("epsilon", epsilon)
+    if eps <= 0:
+        raise InvalidArgumentError(f"epsilon must be > 0, got {epsilon!r}")
+    d = check_delta(delta)
+    _, q = check_round(1.0, sampling_rate)
+    n = check_steps(steps)
+    if n == 0:
+        raise InvalidArgumentError("steps must be >= 1: no rounds spend nothing")
+    acc = check_accountant(accountant)
+    dpa = _dpa()
+
+    def fresh() -> Any:
+        return dpa.rdp.RdpAccountant() if acc == "rdp" else \
+            dpa.pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETISATION)
+
+    def event(z: float) -> Any:
+        return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), n)
+
+    if acc == "rdp":
+        bracket = dpa.LowerEndpointAndGuess(lower_endpoint=0.01, initial_guess=1.0)
+        tol = 1e-4
+    else:  # PLD is tighter than RDP: its answer lies below RDP's, which bounds the (slow) search from above
+        hi = noise_multiplier_for(eps, d, q, n, "rdp")
+        lo = hi * 0.9
+        while lo > 0.01 and history_epsilon([(lo, q, n)], d, "pld") <= eps:
+            hi, lo = lo, lo * 0.9
+        bracket = dpa.ExplicitBracketInterval(lo, hi)
+        tol = 1e-3 * hi
+    try:
+        z = float(dpa.calibrate_dp_mechanism(fresh, event, eps, d, bracket, tol=tol))
+    except dpa.mechanism_calibration.NoBracketIntervalFoundError:
+        raise PrivacyError(f"no noise multiplier reaches epsilon {eps:g} at delta {d:g} in {n} rounds") from None
+    for _ in range(100):  # calibrate_dp_mechanism is within tol of the optimum, on either side of it
+        if history_epsilon([(z, q, n)], d, acc) <= eps:
+            return z
+        z += tol
+    raise PrivacyError(f"could not confirm a noise multiplier for epsilon {eps:g} at delta {d:g}")
