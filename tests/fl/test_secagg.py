@@ -31,14 +31,6 @@ from edgeshield.fl._secagg import (
 )
 from edgeshield.fl._sim import FLResult, Simulator
 
-
-def _privacy_ready() -> bool:
-    import edgeshield.privacy as privacy
-
-    return all(hasattr(privacy, n) for n in ("discrete_gaussian_noise", "gaussian_noise", "epsilon_for"))
-
-
-needs_privacy = pytest.mark.skipif(not _privacy_ready(), reason="edgeshield.privacy is not complete yet")
 CLIENTS = 4
 
 
@@ -88,7 +80,6 @@ def _rounds(res: FLResult) -> list[SecAggRoundInfo]:
     return list(rounds)
 
 
-@needs_privacy
 def test_aggregate_is_the_exact_sum_carries_the_noise_and_hides_every_update(sim: Simulator, hooks: Path) -> None:
     res = _run(sim, hooks, _cfg(rounds=2))
     plan = res.extra["secagg"]["plan"]
@@ -117,7 +108,6 @@ def test_aggregate_is_the_exact_sum_carries_the_noise_and_hides_every_update(sim
     assert res.metadata()["fl.mode"] == "distributed"
 
 
-@needs_privacy
 def test_a_client_dropping_out_mid_protocol_is_reconstructed(sim: Simulator, hooks: Path) -> None:
     res = _run(sim, hooks, _cfg(), drop={"round": 1, "cids": [2]})
     (info,) = _rounds(res)
@@ -132,7 +122,6 @@ def test_a_client_dropping_out_mid_protocol_is_reconstructed(sim: Simulator, hoo
     assert res.extra["secagg"]["z_effective_min"] == pytest.approx(math.sqrt(3 / 4))
 
 
-@needs_privacy
 def test_secagg_without_dp_sums_the_clipped_rounded_updates(sim: Simulator, hooks: Path) -> None:
     res = _run(sim, hooks, _cfg(mode="none"))
     (info,) = _rounds(res)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,6 @@ from edgeshield.fl._config import AGGREGATOR_NAMES, DPConfig, FLConfig, Unsuppor
 from edgeshield.fl._sim import Simulator
 
 MAX_CLIENTS = 10
-
-
-def _privacy_ready() -> bool:
-    import edgeshield.privacy as privacy
-
-    return all(hasattr(privacy, n) for n in ("gaussian_noise", "epsilon_for", "PrivacyLedger"))
-
-
-needs_privacy = pytest.mark.skipif(not _privacy_ready(), reason="edgeshield.privacy is not complete yet")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +68,6 @@ def _runnable(mode: str, aggregator: str) -> FLConfig:
                     aggregator_params=params)
 
 
-@needs_privacy
 def test_every_accepted_combination_runs(sim: Simulator) -> None:
     """The runnable half of the {mode} × {aggregator} matrix (the refusals: tests/fl/test_config.py)."""
     ran, refused = [], []
@@ -96,7 +85,6 @@ def test_every_accepted_combination_runs(sim: Simulator) -> None:
     assert len(ran) == 8 + 2 + 8 and len(refused) == 6
 
 
-@needs_privacy
 def test_local_dp_client_refuses_over_its_budget(sim: Simulator) -> None:
     from edgeshield.privacy import epsilon_for
 
@@ -110,7 +98,6 @@ def test_local_dp_client_refuses_over_its_budget(sim: Simulator) -> None:
     assert all("budget" in reason for reason in res.history[1].refused.values())
 
 
-@needs_privacy
 def test_central_dp_server_ledger_stops_before_an_over_budget_release(sim: Simulator, tmp_path: Path) -> None:
     from edgeshield.privacy import PrivacyLedger, epsilon_for
 
@@ -121,45 +108,3 @@ def test_central_dp_server_ledger_stops_before_an_over_budget_release(sim: Simul
     res = sim.run(cfg, ledger=ledger)
     assert len(res.history) == 2 and res.stop_reason is not None and "round 3" in res.stop_reason
     assert ledger.epsilon("client-3") == pytest.approx(res.history[-1].epsilon_rdp, rel=1e-6)
-
-
-@needs_privacy
-def test_fl_simulate_cli_reports_epsilon_per_round_and_protects_the_model(tmp_path: Path, keyset: Any) -> None:
-    """A fresh Flower runtime through `fl simulate`: central DP, ε per round = epsilon_for, bundle opens."""
-    from typer.testing import CliRunner
-
-    from edgeshield.bundles import open_session
-    from edgeshield.cli import _fl
-    from edgeshield.models import load_digits_split
-    from edgeshield.privacy import epsilon_for
-
-    (tmp_path / "fl.toml").write_text(
-        "clients = 4\nclients_per_round = 3\nrounds = 2\nlr = 0.5\n"
-        "[dp]\nmode = 'central'\nnoise_multiplier = 1.2\nclip = 1.0\ndelta = 1e-5\n", encoding="utf-8")
-    out = tmp_path / "fl.esb"
-    result = CliRunner().invoke(_fl.app, [
-        "simulate", "--config", str(tmp_path / "fl.toml"), "--out", str(out),
-        "--signing-key", str(keyset.dir / "owner.key"), "--recipient", str(keyset.dir / "device.pub"), "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    for rnd, record in enumerate(summary["history"], start=1):
-        want = epsilon_for(1.2, 0.75, rnd, 1e-5)
-        assert record["epsilon_rdp"] == pytest.approx(want.rdp)
-        assert record["epsilon_pld"] == pytest.approx(want.pld)
-    meta = summary["metadata"]
-    assert meta["fl.mode"] == "central" and meta["fl.clip"] == "1" and meta["fl.clients"] == "4"
-    session = open_session(out, keyset.owner_pub, keyset.device_priv)
-    x = load_digits_split().x_test[:5]
-    (logits,) = session.run(None, {"input": x})
-    assert logits.shape == (5, 10)
-
-
-def test_bad_config_through_the_cli_is_an_input_error(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from edgeshield.cli import _fl
-    from edgeshield.errors import InvalidArgumentError
-
-    (tmp_path / "fl.toml").write_text("clients = 4\nwhat = 1\n", encoding="utf-8")
-    result = CliRunner().invoke(_fl.app, ["simulate", "--config", str(tmp_path / "fl.toml")])
-    assert isinstance(result.exception, InvalidArgumentError) and result.exception.exit_code == 2

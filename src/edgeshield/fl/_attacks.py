@@ -51,7 +51,7 @@ class Attack:
         if self.kind == "label_flip":
             return x, (9 - y).astype(y.dtype)
         if self.kind == "backdoor":
-            rng = np.random.default_rng([seed, 3])
+            rng = np.random.default_rng([seed, 3])  # not privacy noise: the attacker's own choices
             count = max(1, round(self.strength * len(y))) if len(y) else 0
             idx = rng.choice(len(y), size=count, replace=False)
             x2, y2 = x.copy(), y.copy()

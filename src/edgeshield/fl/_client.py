@@ -64,7 +64,7 @@ def _local_dp(
 ) -> list[np.ndarray] | str:
     """The clipped, noised update, or the reason the client's own ledger refuses the release."""
     from edgeshield.fl._updates import flatten, template_of, unflatten
-    from edgeshield.privacy import BudgetExceededError, PrivacyLedger, epsilon_for, gaussian_noise
+    from edgeshield.privacy import BudgetExceededError, GaussianMechanism, PrivacyLedger, epsilon_for
 
     budget = cfg.dp.client_budget
     if budget is None:  # what the run is configured to spend: every round, no amplification (the server sees it)
@@ -78,13 +78,24 @@ def _local_dp(
             return str(exc)
         template = template_of(update)
         clipped, _ = clip_vector(flatten(update), clip)
-        noised = clipped + gaussian_noise(clipped.shape, z * clip)
+        noised = np.asarray(GaussianMechanism(clip, z * clip).release(clipped))  # exact, Mironov-safe release
         ledger.spend(client_id(cid), server_round, z, 1.0)
         return unflatten(noised, template)
     finally:
         close = getattr(ledger, "close", None)
         if callable(close):
             close()
+
+
+def _checked(x: np.ndarray, y: np.ndarray, reference: tuple[np.ndarray, np.ndarray] | None,
+             ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The device's data check before it trains (schema, then label consistency against the root set): the rows
+    kept, and how many were held back."""
+    from edgeshield.fl._validate import check_local_data
+    from edgeshield.models import digits_input_spec
+
+    report = check_local_data(x, y, digits_input_spec(), num_classes=10, reference=reference)
+    return x[report.kept], y[report.kept], len(y) - len(report.kept)
 
 
 def train_reply(msg: Message) -> Message:
@@ -95,15 +106,26 @@ def train_reply(msg: Message) -> Message:
     cfg = job_config(config)
     cid, server_round = int(_num(config, "cid")), int(_num(config, "server-round"))
     attack = parse_attack(str(config["attack"])) if str(config.get("attack", "")) else None
+    reference: tuple[np.ndarray, np.ndarray] | None = None
     if "data" in msg.content.array_records:  # a custom data set (simulation only): this client's shard travels
         shard = msg.content.array_records["data"].to_numpy_ndarrays()
         x, y = shard[0], shard[1]
     else:
-        x, y = federated_data(cfg).clients[cid]
-    if attack is not None and attack.poisons_data:
-        x, y = attack.poison_data(x, y, seed=cfg.seed + cid)
-    params = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        fed = federated_data(cfg)
+        x, y = fed.clients[cid]
+        reference = fed.root  # the server's clean root set: what the device's labels are checked against
     meta: dict[str, Any] = {"round": server_round, "client": client_id(cid), "status": "ok", "reason": ""}
+    held_back = 0
+    if attack is not None and attack.poisons_data:
+        x, y = attack.poison_data(x, y, seed=cfg.seed + cid)  # a malicious device skips the check below
+    elif cfg.validate_data:
+        x, y, held_back = _checked(x, y, reference)
+        if len(y) == 0:
+            meta.update(status="refused", reason="no local example passed the data check")
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "held-back": held_back}),
+                                  "meta": ConfigRecord(meta)})
+            return Message(content, reply_to=msg)
+    params = msg.content.array_records["arrays"].to_numpy_ndarrays()
     update, loss = local_update(
         cfg.model, params, x, y, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         seed=cfg.seed * 100_003 + server_round * 1_009 + cid,
@@ -124,7 +146,7 @@ def train_reply(msg: Message) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord([np.asarray(u) for u in update]),
-            "metrics": MetricRecord({"num-examples": len(y), "train-loss": loss}),
+            "metrics": MetricRecord({"num-examples": len(y), "train-loss": loss, "held-back": held_back}),
             "meta": ConfigRecord(meta),
         }
     )

@@ -154,6 +154,7 @@ class FLConfig:
     pretrain_on_root: bool = False
     pretrain_epochs: int = 20
     max_update_norm: float = 1000.0
+    validate_data: bool = True  # honest clients check their local data before training (fl._validate)
 
     def __post_init__(self) -> None:
         _int("clients", self.clients, 1)
@@ -180,6 +181,7 @@ class FLConfig:
         _bool("pretrain_on_root", self.pretrain_on_root)
         _int("pretrain_epochs", self.pretrain_epochs, 1)
         _float("max_update_norm", self.max_update_norm, low=0.0)
+        _bool("validate_data", self.validate_data)
         if self.aggregator == "fltrust" and self.fltrust_root == 0:
             raise _fail("fltrust_root", "fltrust needs a root set (fltrust_root > 0)")
         if self.pretrain_on_root and self.fltrust_root == 0:

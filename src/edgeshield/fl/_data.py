@@ -34,7 +34,7 @@ def split_root(
     """``size`` examples for the server (stratified by label where possible), and the rest, disjoint."""
     if size >= len(y):
         raise InvalidArgumentError(f"fl config: fltrust_root: {size} leaves no training data for the clients")
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, 1])  # not privacy noise: a reproducible data split
     order = rng.permutation(len(y))
     # round-robin over labels so a 100-example root set covers every class
     by_label = [order[y[order] == c] for c in np.unique(y)]
@@ -60,7 +60,7 @@ def partition(x: np.ndarray, y: np.ndarray, cfg: FLConfig) -> list[tuple[np.ndar
             f"fl config: {k} clients × min_examples {cfg.min_examples} needs {k * cfg.min_examples} examples, "
             f"the clients' share of the data has {n}"
         )
-    rng = np.random.default_rng([cfg.seed, 2])
+    rng = np.random.default_rng([cfg.seed, 2])  # not privacy noise: a reproducible data split
     shards: list[list[int]] = [[] for _ in range(k)]
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))

@@ -81,7 +81,7 @@ def local_update(
     losses: list[float] = []
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(yt), generator=gen)
+        order = torch.randperm(len(yt), generator=gen)  # not privacy noise: minibatch order
         for start in range(0, len(yt), batch_size):
             b = order[start : start + batch_size]
             opt.zero_grad()

@@ -299,9 +299,9 @@ def client_vector(update: np.ndarray, plan: dict[str, Any], *, z: float, ledger:
             refusal = ledger()
             if refusal is not None:
                 raise SecAggDropout(f"local privacy budget refuses the release: {refusal}")
-        from edgeshield.privacy import gaussian_noise
+        from edgeshield.privacy import GaussianMechanism
 
-        clipped = clipped + gaussian_noise(clipped.shape, z * clip)
+        clipped = np.asarray(GaussianMechanism(clip, z * clip).release(clipped))  # exact, Mironov-safe release
         rounded = conditional_round(clipped / gamma, math.inf)
         return rounded, rounded
     rounded = conditional_round(clipped / gamma, float(plan["bound"]))
@@ -515,7 +515,7 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
 
         def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]
                           ) -> tuple[Any, dict[str, Any]]:
-            from edgeshield.privacy import gaussian_noise
+            from edgeshield.privacy import GaussianMechanism
 
             contributors = [client_id(cid_of[int(p.node_id)]) for p, _ in results if int(p.node_id) in cid_of]
             sampled = self._sampled.get(server_round, [])
@@ -535,7 +535,9 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
             info.total = total.astype(np.int64)
             summed = total * plan.gamma
             if cfg.dp.mode == "central":
-                summed = summed + gaussian_noise(summed.shape, float(plan.noise_multiplier or 0.0) * plan.clip)
+                std = float(plan.noise_multiplier or 0.0) * plan.clip
+                if std > 0:
+                    summed = np.asarray(GaussianMechanism(plan.clip, std).release(summed))
             denominator = plan.expected_clients if cfg.dp.mode in ("central", "distributed") else float(n)
             update = summed / denominator
             self.params = unflatten(flatten(self.params) + update, template)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
@@ -65,6 +66,7 @@ class RoundRecord:
     outliers: list[str]
     backdoor_success: float | None
     seconds: float
+    held_back: dict[str, int] = field(default_factory=dict)  # examples each client's own data check held back
 
 
 @dataclass
@@ -174,6 +176,20 @@ def _backdoor(kind: str, params: list[np.ndarray], x_test: np.ndarray, y_test: n
     return backdoor_success(lambda x: np.argmax(predict_logits(kind, params, x), axis=1), x_test, y_test)
 
 
+class _SystemSampler:
+    """Client sampling under DP: amplification by sampling assumes the server's coin flips are secret, so they come
+    from the operating system's CSPRNG, not from a seeded generator anyone who knows the seed could replay."""
+
+    def random(self) -> float:
+        return secrets.randbits(53) / (1 << 53)
+
+
+def _sampler(cfg: FLConfig) -> Any:
+    if cfg.dp.enabled:
+        return _SystemSampler()
+    return np.random.default_rng([cfg.seed, 4])  # not privacy noise: a reproducible run without DP
+
+
 def _run_job(grid: Any, job: _Job) -> FLResult:
     """One federated run on ``grid`` (the body of the ServerApp)."""
     from flwr.app import ArrayRecord, ConfigRecord
@@ -212,7 +228,7 @@ def _run_job(grid: Any, job: _Job) -> FLResult:
     strategy = make_strategy(
         cfg, aggregation, template=template, nodes=nodes, job_json=job_json, noise_multiplier=z,
         attacks=job.malicious, ledger_dir=ledger_dir, root_update=root_update if cfg.aggregator == "fltrust" else None,
-        events=job.events, rng=np.random.default_rng([cfg.seed, 4]),
+        events=job.events, rng=_sampler(cfg),
         custom_data=job.data.clients if job.custom else None,
     )
     history: list[RoundRecord] = []
@@ -250,6 +266,7 @@ def _run_job(grid: Any, job: _Job) -> FLResult:
                 clients=list(strategy.sampled), rejected=dict(outcome.rejected), refused=dict(strategy.refused),
                 clip=outcome.clip if outcome.clip is not None else strategy.clip(), scores=dict(outcome.scores),
                 outliers=list(outcome.outliers), backdoor_success=bd, seconds=time.perf_counter() - t0,
+                held_back=dict(strategy.held_back),
             )
             history.append(record)
             if job.progress is not None:
@@ -355,9 +372,17 @@ class Simulator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    _active: Simulator | None = None  # Ray is one runtime per process: a second one would wait forever for actors
+    _active_lock = threading.Lock()
+
     def start(self) -> None:
         if self._thread is not None:
             return
+        with Simulator._active_lock:
+            if Simulator._active is not None:
+                raise SimulationError("a Flower simulation runtime is already running in this process (Ray allows "
+                                      "one): pass runs to that Simulator instead of starting another")
+            Simulator._active = self
         self._env = _flower_environment()
         self._env.__enter__()
         self._thread = threading.Thread(target=self._serve, name="edgeshield-flower-sim", daemon=True)
@@ -452,6 +477,9 @@ class Simulator:
         if self._env is not None:
             self._env.__exit__(None, None, None)
             self._env = None
+        with Simulator._active_lock:
+            if Simulator._active is self:
+                Simulator._active = None
 
 
 def run_simulation(

@@ -129,9 +129,11 @@ class AdaptiveClip:
     count_stddev: float
 
     def update(self, unclipped: int, expected_clients: float) -> None:
-        from edgeshield.privacy import gaussian_noise
+        from edgeshield.privacy import GaussianMechanism
 
-        noisy = unclipped + float(gaussian_noise((1,), self.count_stddev)[0]) if self.count_stddev > 0 else unclipped
+        # the count of unclipped updates has sensitivity 1; OpenDP adds the noise exactly (no float addition here)
+        noisy = (float(GaussianMechanism(1.0, self.count_stddev).release(float(unclipped)))
+                 if self.count_stddev > 0 else unclipped)
         fraction = noisy / expected_clients
         self.clip = float(self.clip * math.exp(-self.lr * (fraction - self.target_quantile)))
 
@@ -170,7 +172,7 @@ class CentralDP:
     def aggregate(
         self, server_round: int, updates: Sequence[ClientUpdate], dim: int, *, root_update: np.ndarray | None
     ) -> RoundOutcome:
-        from edgeshield.privacy import gaussian_noise
+        from edgeshield.privacy import GaussianMechanism
 
         clip = self.current_clip()
         clipped: list[ClientUpdate] = []
@@ -183,7 +185,10 @@ class CentralDP:
         out = self.inner.aggregate(server_round, clipped, dim, root_update=root_update)
         total = out.update * len(out.accepted)  # uniform weights: the mean back to the sum of accepted updates
         std = self.update_noise_multiplier * clip
-        noised = (total + gaussian_noise((dim,), std)) / self.expected_clients
+        # The sum of clipped updates has L2 sensitivity C; OpenDP's mechanism releases sum + N(0, std²) exactly on
+        # its grid (Mironov-safe), instead of a float addition of separately drawn noise.
+        noised = np.asarray(GaussianMechanism(clip, std).release(total)) / self.expected_clients if std > 0 \
+            else total / self.expected_clients
         if self.adaptive is not None:
             self.adaptive.update(len(updates) - len(cut), self.expected_clients)
         out.update = noised
@@ -251,6 +256,7 @@ def make_strategy(
             self.last: RoundOutcome | None = None
             self.sampled: list[str] = []
             self.refused: dict[str, str] = {}
+            self.held_back: dict[str, int] = {}  # examples each client's data check held back this round
 
         def summary(self) -> None:
             return None
@@ -268,7 +274,8 @@ def make_strategy(
             self.current = arrays.to_numpy_ndarrays()
             # Poisson sampling: each client independently with probability q (what the accountant assumes)
             q = cfg.sampling_rate
-            chosen = [cid for cid in range(cfg.clients) if q >= 1.0 or rng.random() < q]
+            chosen = [cid for cid in range(cfg.clients) if q >= 1.0 or rng.random() < q]  # not privacy noise (see
+            # make_strategy's caller: under DP the sampler is the operating system's CSPRNG)
             self.sampled = [client_id(c) for c in chosen]
             clip = self.clip()
             messages = []
@@ -304,7 +311,7 @@ def make_strategy(
             from edgeshield.fl._updates import UpdateRejected, flatten, unflatten, validate_update
 
             rejected: dict[str, str] = {}
-            self.refused = {}
+            self.refused, self.held_back = {}, {}
             valid: list[ClientUpdate] = []
             answered: set[str] = set()
             for reply in replies:
@@ -321,6 +328,10 @@ def make_strategy(
                     self._reject(server_round, client, f"client error: {reply.error.reason}", rejected)
                     continue
                 content = reply.content
+                reported = content.metric_records.get("metrics")
+                held = reported.get("held-back", 0) if reported is not None else 0
+                if isinstance(held, int) and not isinstance(held, bool) and held > 0:
+                    self.held_back[client] = held
                 meta = content.config_records.get("meta")
                 if meta is not None and meta.get("status") == "refused":
                     self.refused[client] = str(meta.get("reason", ""))
