@@ -502,10 +502,13 @@ def run_simulation(
     ``data`` replaces the digits split and ``poison_data`` replaces given clients' shards (both then travel in the
     train messages: simulation only).
     """
-    job_check = _make_job(cfg, malicious, events, ledger, progress, data, poison_data)  # fail fast, before Ray
-    del job_check
-    with Simulator(cfg.clients, num_cpus=num_cpus, client_cpus=client_cpus) as sim:
+    if not isinstance(cfg, FLConfig):  # before cfg.clients sizes the runtime
+        raise InvalidArgumentError(f"cfg must be an FLConfig, not {type(cfg).__name__}")
+    sim = Simulator(cfg.clients, num_cpus=num_cpus, client_cpus=client_cpus)
+    try:  # run() checks the job (config, attacks, DP calibration) before it starts the runtime: fail fast, once
         return sim.run(cfg, data=data, malicious=malicious, events=events, ledger=ledger, progress=progress,
                        poison_data=poison_data)
+    finally:
+        sim.close()
 
 
