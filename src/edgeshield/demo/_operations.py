@@ -60,11 +60,9 @@ def _config(ctx: DemoContext) -> tuple[Any, dict[str, Any]]:
                 "served-watermark-evidence": work / "evidence.db"}
     toml.write_text("".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}\n"
                             for k, v in settings.items()), encoding="utf-8")
-    cfg = ServeConfig(bundle=ctx.state["bundle"], owner_key=kdir / "owner.pub", device_key=kdir / "device.key",
-                      ca=ca, cert=server_cert.cert_path, key=server_cert.key_path, audit_db=work / "audit.db",
-                      audit_key=work / "audit.key", port=0, log_level="error", config_file=toml,
-                      subject_header="x-subject-id", retention_days=30, served_watermark_key=work / "served.key",
-                      served_watermark_rate=0.5, served_watermark_evidence=work / "evidence.db")
+    # the server runs exactly what the file says (its keys are ServeConfig's fields, dashed)
+    cfg = ServeConfig(**{k.replace("-", "_"): v for k, v in settings.items()}, port=0, log_level="error",
+                      config_file=toml)
     return cfg, {"ca": ca, "certs": certs, "toml": toml, "work": work}
 
 
