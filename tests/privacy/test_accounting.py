@@ -15,6 +15,8 @@ import math
 import warnings
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgeshield.errors import InvalidArgumentError
 from edgeshield.privacy import EpsilonReport, epsilon_for, noise_multiplier_for
@@ -96,7 +98,7 @@ def test_rdp_non_convergence_warnings_are_silenced(caplog: pytest.LogCaptureFixt
 ])
 def test_epsilon_for_refuses_bad_arguments(args: tuple[object, ...]) -> None:
     with pytest.raises(InvalidArgumentError):
-        epsilon_for(*args)  # type: ignore[arg-type]
+        epsilon_for(*args)  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize(("args", "accountant"), [
@@ -106,3 +108,114 @@ def test_epsilon_for_refuses_bad_arguments(args: tuple[object, ...]) -> None:
 def test_noise_multiplier_for_refuses_bad_arguments(args: tuple[float, float, float, int], accountant: str) -> None:
     with pytest.raises(InvalidArgumentError):
         noise_multiplier_for(*args, accountant=accountant)
+
+
+# --- sampling="fixed": exactly m of N without replacement, replace-one (WBK19 Thm 27, RDP only) ---
+
+def _fixed_direct(z: float, n: int, m: int, steps: int) -> float:
+    """dp-accounting's own composition of the fixed-size event, built here independently of ours."""
+    import dp_accounting as dpa
+
+    acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(n, m, dpa.GaussianDpEvent(z)), steps))
+    return float(acc.get_epsilon(DELTA))
+
+
+@pytest.mark.parametrize(("z", "steps"), [(0.8, 1), (2.0, 5)])
+def test_fixed_at_q_one_is_the_closed_form_gaussian(z: float, steps: int) -> None:
+    import numpy as np
+    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
+
+    orders = np.array(DEFAULT_RDP_ORDERS)
+    closed = float(compute_epsilon(orders, steps * orders / (2 * z * z), DELTA)[0])  # Gaussian RDP: order/(2 z^2)
+    report = epsilon_for(z, 1.0, steps, DELTA, sampling="fixed")
+    assert report.rdp == pytest.approx(closed, rel=1e-12)
+    assert (report.pld, report.delta, report.sampling) == (None, DELTA, "fixed")
+    assert report.to_dict() == {"epsilon_rdp": report.rdp, "epsilon_pld": None, "delta": DELTA, "sampling": "fixed"}
+    # sampling everyone is the same mechanism under either scheme
+    assert report.rdp == pytest.approx(epsilon_for(z, 1.0, steps, DELTA).rdp, rel=1e-12)
+
+
+def test_fixed_composes_like_dp_accounting() -> None:
+    # our cached one-round curves, added up, against dp-accounting composing m = 10 of N = 50 itself
+    assert epsilon_for(1.2, 10 / 50, 30, DELTA, sampling="fixed").rdp == pytest.approx(_fixed_direct(1.2, 50, 10, 30),
+                                                                                         rel=1e-12)
+    mixed = history_epsilon([(1.2, 0.2, 10), (2.0, 0.2, 20)], DELTA, "rdp", sampling="fixed")
+    assert history_epsilon([(2.0, 0.2, 30)], DELTA, "rdp", sampling="fixed") < mixed \
+        < history_epsilon([(1.2, 0.2, 30)], DELTA, "rdp", sampling="fixed")
+
+
+@pytest.mark.parametrize(("z", "q", "steps"), [(1.0, 0.1, 50), (0.8, 0.01, 1000), (5.0, 0.5, 10), (20.0, 0.05, 10)])
+def test_fixed_is_never_below_poisson(z: float, q: float, steps: int) -> None:
+    """At the same z and q, dp-accounting's fixed-size bound is at least the Poisson one, at every integer order.
+
+    Why: with L the Gaussian likelihood ratio and D_j = E[(L-1)^j], the Poisson moment is exactly
+    A = sum_j C(a,j) q^j D_j. WBK19 Thm 27 bounds the fixed-size one term by term by C(a,j) q^j times
+    min(4 D_j (even j) or 4 sqrt(D_(j-1) D_(j+1)) (odd j), 2 E[L^j]); each is >= D_j, since D_j <= E|L-1|^j,
+    E|L-1|^j <= E[L^j] + 1 <= 2 E[L^j], and E|L-1|^j <= sqrt(D_(j-1) D_(j+1)) by Cauchy-Schwarz for odd j.
+    Fractional orders are not compared: dp-accounting's Poisson series there is loose (it can exceed its own
+    integer-order values), so only the integer orders and the final epsilon are asserted."""
+    import numpy as np
+
+    from edgeshield.privacy._accounting import _rdp_curve
+
+    orders, fixed = _rdp_curve(z, q, "fixed")
+    _, poisson = _rdp_curve(z, q, "poisson")
+    whole = (orders == np.round(orders)) & np.isfinite(poisson)
+    assert np.all(fixed[whole] >= poisson[whole])
+    assert epsilon_for(z, q, steps, DELTA, sampling="fixed").rdp >= epsilon_for(z, q, steps, DELTA).rdp
+
+
+def test_fixed_grows_with_rounds_and_sampling_and_falls_with_noise() -> None:
+    def eps(z: float, q: float, n: int) -> float:
+        return history_epsilon([(z, q, n)], DELTA, "rdp", sampling="fixed")
+
+    base = eps(1.0, 0.1, 20)
+    assert eps(1.0, 0.1, 40) > base
+    assert eps(1.0, 0.2, 20) > base
+    assert eps(2.0, 0.1, 20) < base
+    assert eps(1.0, 0.1, 0) == 0.0 and history_epsilon([], DELTA, "rdp", sampling="fixed") == 0.0
+
+
+def test_fixed_calibration_round_trip() -> None:
+    z = noise_multiplier_for(1.0, DELTA, 0.1, 20, sampling="fixed")
+    assert epsilon_for(z, 0.1, 20, DELTA, sampling="fixed").rdp <= 1.0
+    assert epsilon_for(z * 0.995, 0.1, 20, DELTA, sampling="fixed").rdp > 1.0  # it is (nearly) the least noise
+    assert z > noise_multiplier_for(1.0, DELTA, 0.1, 20)  # replace-one costs more noise than Poisson's add/remove
+    assert noise_multiplier_for(0.5, DELTA, 1.0, 1, sampling="fixed") == noise_multiplier_for(0.5, DELTA, 1.0, 1)
+
+
+def test_fixed_has_no_pld_and_refuses_bad_schemes() -> None:
+    with pytest.raises(InvalidArgumentError, match="no PLD"):
+        noise_multiplier_for(1.0, DELTA, 0.1, 10, "pld", sampling="fixed")
+    with pytest.raises(InvalidArgumentError, match="no PLD"):
+        history_epsilon([(1.0, 0.1, 10)], DELTA, "pld", sampling="fixed")
+    for call in (lambda: epsilon_for(1.0, 0.1, 10, DELTA, sampling="uniform"),
+                 lambda: noise_multiplier_for(1.0, DELTA, 0.1, 10, sampling="Poisson"),
+                 lambda: epsilon_for(1.0, 0.123456789, 10, DELTA, sampling="fixed"),  # no m/N with N <= 10**6
+                 lambda: epsilon_for(1.0, 1e-7, 10, DELTA, sampling="fixed")):
+        with pytest.raises(InvalidArgumentError):
+            call()
+
+
+@given(st.integers(1, 10**6).flatmap(lambda n: st.tuples(st.integers(1, n), st.just(n))))
+def test_fixed_rate_is_recovered_as_m_over_n(mn: tuple[int, int]) -> None:
+    from fractions import Fraction
+
+    from edgeshield.privacy._accounting import _population, check_round
+
+    m, n = mn
+    assert check_round(1.0, m / n, "fixed") == (1.0, m / n)
+    exact = Fraction(m, n)
+    assert _population(m / n) == (exact.denominator, exact.numerator)
+
+
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True))
+def test_fixed_rate_either_is_a_fraction_or_is_refused(q: float) -> None:
+    from edgeshield.privacy._accounting import _population
+
+    try:
+        n, m = _population(q)
+    except InvalidArgumentError:
+        return
+    assert m / n == q and 1 <= m <= n <= 10**6

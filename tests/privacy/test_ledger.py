@@ -90,6 +90,7 @@ def test_refused_before_release_and_exhaustion_announced_once(tmp_path: Path) ->
     assert [e.data["round"] for e in spends] == [0, 1, 2]
     assert spends[-1].actor == "dev-1" and spends[-1].data["epsilon"] == pytest.approx(_eps(3))
     assert spends[-1].data["budget"] == ledger.epsilon_budget and spends[-1].data["delta"] == DELTA
+    assert spends[-1].data["sampling"] == "poisson"
     assert {r["client"]: r["exhausted"] for r in ledger.report()} == {"dev-1": True}
     ledger.close()
     log.close()
@@ -229,3 +230,70 @@ def test_kill_9_mid_spending_leaves_a_consistent_ledger(tmp_path: Path) -> None:
         for i, h in enumerate(history):  # each row's running epsilon is the accountant's over the rows before it
             assert h["epsilon"] == pytest.approx(_eps(i + 1))
         ledger.spend("shared", len(rounds), Z, Q)  # and it goes on
+
+
+# --- a ledger under sampling="fixed" (m of N without replacement, replace-one; RDP only) ---
+ZF, QF = 2.0, 10 / 100
+
+
+def _fixed_eps(rounds: int) -> float:
+    return history_epsilon([(ZF, QF, rounds)], DELTA, "rdp", sampling="fixed")
+
+
+def test_fixed_ledger_refuses_before_release(tmp_path: Path) -> None:
+    events: list[SecurityEvent] = []
+    log = audit.AuditLog(tmp_path / "audit.db")
+    budget = (_fixed_eps(2) + _fixed_eps(3)) / 2  # two fixed-size rounds fit, a third does not
+    assert history_epsilon([(ZF, QF, 4)], DELTA, "rdp") < budget  # where a Poisson ledger would allow four
+    with PrivacyLedger(tmp_path / "l.db", epsilon_budget=budget, delta=DELTA, audit=log, emit=events.append,
+                       sampling="fixed") as ledger:
+        assert ledger.sampling == "fixed"
+        assert ledger.check("dev", ZF, QF, steps=2) == pytest.approx(_fixed_eps(2))
+        ledger.spend("dev", 0, ZF, QF)
+        assert ledger.epsilon("dev") == pytest.approx(_fixed_eps(1)) and events == []
+        ledger.spend("dev", 1, ZF, QF)
+        assert [e.kind for e in events] == ["privacy.budget_exhausted"]  # the next round is unaffordable
+        with pytest.raises(BudgetExceededError) as info:
+            ledger.check("dev", ZF, QF)
+        assert info.value.epsilon == pytest.approx(_fixed_eps(3))
+        with pytest.raises(BudgetExceededError):
+            ledger.spend("dev", 2, ZF, QF)
+        assert len(ledger.history("dev")) == 2 and len(events) == 1
+        with pytest.raises(InvalidArgumentError, match="m/N"):
+            ledger.spend("other", 0, ZF, 0.123456789)  # no fixed-size rate
+        assert [r["sampling"] for r in ledger.report()] == ["fixed"]
+    spends = [e for e in log.entries() if e.kind == "privacy.spend"]
+    assert [(e.data["round"], e.data["sampling"]) for e in spends] == [(0, "fixed"), (1, "fixed")]
+    assert spends[-1].data["epsilon"] == pytest.approx(_fixed_eps(2))
+    log.close()
+
+
+def test_sampling_is_fixed_at_creation(tmp_path: Path) -> None:
+    fixed, poisson = tmp_path / "fixed.db", tmp_path / "poisson.db"
+    PrivacyLedger(fixed, epsilon_budget=5.0, delta=DELTA, sampling="fixed").close()
+    PrivacyLedger(poisson, epsilon_budget=5.0, delta=DELTA).close()
+    with pytest.raises(LedgerMismatchError, match="fixed sampling"):
+        PrivacyLedger(fixed, epsilon_budget=5.0, delta=DELTA)
+    with pytest.raises(LedgerMismatchError, match="poisson sampling"):
+        PrivacyLedger(poisson, epsilon_budget=5.0, delta=DELTA, sampling="fixed")
+    PrivacyLedger(fixed, epsilon_budget=5.0, delta=DELTA, sampling="fixed").close()  # the same scheme reopens
+    with pytest.raises(InvalidArgumentError, match="no PLD"):
+        PrivacyLedger(tmp_path / "x.db", epsilon_budget=5.0, delta=DELTA, accountant="pld", sampling="fixed")
+    with pytest.raises(InvalidArgumentError):
+        PrivacyLedger(tmp_path / "x.db", epsilon_budget=5.0, delta=DELTA, sampling="uniform")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_ledger_from_before_sampling_schemes_is_poisson(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA) as ledger:
+        ledger.spend("a", 0, Z, Q)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM meta WHERE key = 'sampling'")  # what a ledger written before this change holds
+    conn.close()
+    with PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA) as ledger:
+        assert ledger.sampling == "poisson" and ledger.epsilon("a") == pytest.approx(_eps(1))
+        ledger.spend("a", 1, Z, Q)
+    with pytest.raises(LedgerMismatchError):
+        PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA, sampling="fixed")

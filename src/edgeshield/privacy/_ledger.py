@@ -5,7 +5,9 @@ keeps its own for local DP, with the same class, so that a client over its budge
 question asked *before* a release; ``spend`` asks it again inside one ``BEGIN IMMEDIATE`` transaction and records the
 round only if the answer is still yes, so two processes racing for the last of a budget cannot both get it. Epsilon
 is recomputed from the client's whole history (every round it took part in, with its own noise and sampling rate)
-by the ledger's accountant; the budget, delta and accountant are fixed when the ledger is created.
+by the ledger's accountant under its sampling scheme ("poisson" or "fixed", see ``_accounting``); the budget,
+delta, accountant and sampling scheme are fixed when the ledger is created (a ledger created before sampling schemes
+existed has none stored, and is "poisson").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from edgeshield._sqlite import PrivateStore
 from edgeshield.errors import InvalidArgumentError
-from edgeshield.privacy._accounting import check_accountant, check_delta, check_round, check_steps, history_epsilon
+from edgeshield.privacy._accounting import check_delta, check_round, check_scheme, check_steps, history_epsilon
 from edgeshield.privacy._errors import BudgetExceededError, LedgerMismatchError, NotAPrivacyLedgerError, PrivacyError
 
 if TYPE_CHECKING:
@@ -72,13 +74,13 @@ class PrivacyLedger(PrivateStore):
 
     def __init__(self, path: str | os.PathLike[str], *, epsilon_budget: float, delta: float,
                  audit: AuditSink | None = None, emit: Callable[[SecurityEvent], None] | None = None,
-                 accountant: str = "rdp") -> None:
+                 accountant: str = "rdp", sampling: str = "poisson") -> None:
         if isinstance(epsilon_budget, bool) or not isinstance(epsilon_budget, (int, float)) \
                 or not math.isfinite(epsilon_budget) or epsilon_budget <= 0:
             raise InvalidArgumentError(f"epsilon_budget must be finite and > 0, got {epsilon_budget!r}")
         self.epsilon_budget = float(epsilon_budget)
         self.delta = check_delta(delta)
-        self.accountant = check_accountant(accountant)
+        self.accountant, self.sampling = check_scheme(accountant, sampling)
         self._audit = audit
         self._emit = emit
         super().__init__(path)
@@ -92,14 +94,17 @@ class PrivacyLedger(PrivateStore):
             raise NotAPrivacyLedgerError(f"{self.path} is a newer privacy ledger than this build reads")
         conn.execute("PRAGMA synchronous=FULL")
         stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        stored.setdefault("sampling", "poisson")  # created before sampling schemes: Poisson was the only one
         if stored != self._meta():
             raise LedgerMismatchError(
                 f"{self.path} was created with epsilon budget {stored.get('epsilon_budget')}, delta "
-                f"{stored.get('delta')} and the {stored.get('accountant')} accountant; it cannot be reopened with "
-                f"{self._meta()['epsilon_budget']}, {self._meta()['delta']}, {self.accountant} (start a new ledger)")
+                f"{stored.get('delta')}, the {stored.get('accountant')} accountant and {stored.get('sampling')} "
+                f"sampling; it cannot be reopened with {self._meta()['epsilon_budget']}, {self._meta()['delta']}, "
+                f"{self.accountant}, {self.sampling} (start a new ledger)")
 
     def _meta(self) -> dict[str, str]:
-        return {"epsilon_budget": repr(self.epsilon_budget), "delta": repr(self.delta), "accountant": self.accountant}
+        return {"epsilon_budget": repr(self.epsilon_budget), "delta": repr(self.delta), "accountant": self.accountant,
+                "sampling": self.sampling}
 
     # --- the questions ---
     def _history(self, conn: sqlite3.Connection, client: str) -> list[tuple[float, float, int]]:
@@ -108,13 +113,14 @@ class PrivacyLedger(PrivateStore):
         return [(float(z), float(q), int(n)) for z, q, n in rows]
 
     def _projected(self, history: list[tuple[float, float, int]], z: float, q: float, steps: int) -> float:
-        return history_epsilon([*history, (z, q, steps)], self.delta, self.accountant)
+        return history_epsilon([*history, (z, q, steps)], self.delta, self.accountant, sampling=self.sampling)
 
     def check(self, client: str, noise_multiplier: float, sampling_rate: float, steps: int = 1) -> float:
-        """The client's epsilon after ``steps`` more rounds at (``noise_multiplier``, ``sampling_rate``); raises
-        :class:`BudgetExceededError` when that is over the budget. Records nothing but the exhaustion."""
+        """The client's epsilon after ``steps`` more rounds at (``noise_multiplier``, ``sampling_rate``: ``m/N`` in
+        a "fixed" ledger); raises :class:`BudgetExceededError` when that is over the budget. Records nothing but the
+        exhaustion."""
         name = _check_client(client)
-        z, q = check_round(noise_multiplier, sampling_rate)
+        z, q = check_round(noise_multiplier, sampling_rate, self.sampling)
         n = check_steps(steps)
         with self._lock:
             history = self._history(self._open_conn(), name)
@@ -129,7 +135,7 @@ class PrivacyLedger(PrivateStore):
         round (:class:`PrivacyError`). Call it before the release it pays for."""
         name = _check_client(client)
         rnd = _check_round_number(round)
-        z, q = check_round(noise_multiplier, sampling_rate)
+        z, q = check_round(noise_multiplier, sampling_rate, self.sampling)
         now = time.time()
         refused: float | None = None
         exhausted = False
@@ -147,7 +153,8 @@ class PrivacyLedger(PrivateStore):
                 if self._audit is not None:  # in the transaction: a spend the audit log refuses is not recorded
                     self._audit.append("privacy.spend", name, {
                         "client": name, "round": rnd, "noise_multiplier": z, "sampling_rate": q,
-                        "epsilon": epsilon, "delta": self.delta, "budget": self.epsilon_budget})
+                        "sampling": self.sampling, "epsilon": epsilon, "delta": self.delta,
+                        "budget": self.epsilon_budget})
                 if self._projected(history, z, q, 2) > self.epsilon_budget:  # the next such round is unaffordable
                     exhausted = self._mark_exhausted(conn, name, epsilon, now)
         if exhausted:
@@ -199,5 +206,5 @@ class PrivacyLedger(PrivateStore):
                           " GROUP BY s.client ORDER BY s.client")
         return [{"client": c, "rounds": int(n), "last_round": int(last), "epsilon": float(eps),
                  "epsilon_budget": self.epsilon_budget, "remaining": max(0.0, self.epsilon_budget - float(eps)),
-                 "delta": self.delta, "accountant": self.accountant, "exhausted": bool(ex)}
+                 "delta": self.delta, "accountant": self.accountant, "sampling": self.sampling, "exhausted": bool(ex)}
                 for c, n, last, eps, ex in rows]
