@@ -226,6 +226,13 @@ def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, ste
     n = check_steps(steps)
     if n == 0:
         raise InvalidArgumentError("steps must be >= 1: no rounds spend nothing")
+    return _calibrated(eps, d, q, n, acc, smp)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(eps: float, d: float, q: float, n: int, acc: str, smp: str) -> float:
+    """:func:`noise_multiplier_for` on checked arguments, cached: a calibration costs seconds (a fixed-sampling RDP
+    curve per step of the search) and a benchmark or a ledger asks the same question many times."""
     dpa = _dpa()
 
     def fresh() -> Any:
