@@ -22,8 +22,11 @@ from edgeshield.fl._robust import (
     NormBound,
     TooFewClientsError,
     TrimmedMean,
+    is_poisson_sound,
     make_aggregator,
     outliers,
+    project_l2_ball,
+    sensitivity_of,
 )
 
 
@@ -329,3 +332,142 @@ def test_krum_distances_survive_a_large_common_offset() -> None:
     expected = np.sort(exact, axis=1)[:, : 9 - 2 - 2].sum(axis=1)
     r = Krum(2).aggregate(ups, [1.0] * 9)
     assert np.allclose(r.scores, expected / np.median(expected), rtol=1e-6)
+
+
+# --- replace-one sensitivity under central DP: property tests that try to break each stated bound ----------------
+DP_FORMS: list[Aggregator] = [
+    FedAvg(), TrimmedMean(0.2), TrimmedMean(0.34), Median(), Krum(1), Krum(1, 3), Krum(1, None), Bulyan(1),
+    FLTrust("count"), FLTrust("trust"), NormBound(0.5, FedAvg()), NormBound(0.7, Median()),
+    NormBound(0.6, FLTrust("count")), NormBound(0.4, TrimmedMean(0.2)), NormBound(0.3, Krum(1)),
+]
+REPLACEMENTS = ("random", "antipode", "zero", "copy", "against_output", "axis", "root_antipode")
+
+
+def _ball(v: np.ndarray, c: float) -> np.ndarray:
+    return project_l2_ball(v, c)
+
+
+def _replacement(kind: str, x: list[np.ndarray], i: int, b: np.ndarray, out: np.ndarray, root: np.ndarray,
+                 c: float, j: int) -> np.ndarray:
+    d = x[0].shape[0]
+    if kind == "random":
+        return _ball(b * c, c)
+    if kind == "antipode":  # the replaced update reversed, pushed to the sphere
+        n = float(np.linalg.norm(x[i]))
+        return -x[i] * (c / n) if n > 0 else _ball(b * c, c)
+    if kind == "zero":  # a dropout or a rejected update under the fixed scheme
+        return np.zeros(d)
+    if kind == "copy":  # duplicate another client: tips a Krum/median majority
+        return x[j % len(x)].copy()
+    if kind == "against_output":
+        n = float(np.linalg.norm(out))
+        return -out * (c / n) if n > 0 else _ball(b * c, c)
+    if kind == "axis":
+        e = np.zeros(d)
+        e[j % d] = c if j % 2 else -c
+        return e
+    return -root * (c / float(np.linalg.norm(root)))  # against FLTrust's reference
+
+
+def _released(agg: Aggregator, x: list[np.ndarray], root: np.ndarray, c: float) -> np.ndarray:
+    return _ball(agg.aggregate(x, [1.0] * len(x), root_update=root).vector, c)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.integers(1, 11).flatmap(lambda m: st.integers(1, 5).flatmap(lambda d: st.tuples(
+        hnp.arrays(np.float64, (m, d), elements=st.floats(-1.5, 1.5)),
+        hnp.arrays(np.float64, (d,), elements=st.floats(-1.5, 1.5)),
+        hnp.arrays(np.float64, (d,), elements=st.floats(-1.5, 1.5)),
+        st.integers(0, m - 1), st.integers(0, 50),
+    ))),
+    c=st.sampled_from([1.0, 0.05, 3.7]),
+    kind=st.sampled_from(REPLACEMENTS),
+    clusters=st.booleans(),
+)
+def test_replace_one_moves_each_aggregate_at_most_its_stated_sensitivity(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, int, int], c: float, kind: str, clusters: bool,
+) -> None:
+    raw, b, g, i, j = data
+    m = raw.shape[0]
+    if clusters:  # two antipodal clusters ±C·e, the first `plus` rows on +C·e (plus near m/2 half the time): where
+        # one client tips Krum's selection or an order statistic from one side to the other
+        e = np.zeros(raw.shape[1])
+        e[0] = c
+        plus = (m + 1) // 2 if j % 2 else j % (m + 1)
+        x = [_ball((e if k < plus else -e) + 1e-3 * c * r, c) for k, r in enumerate(raw)]
+    else:
+        x = [_ball(r * c, c) for r in raw]  # inside the C-ball, many on its sphere (the inputs central DP clips)
+    root = _ball(g * c, c)
+    if not np.linalg.norm(root) > 0:
+        root = np.full(raw.shape[1], c / (2 * np.sqrt(raw.shape[1])))
+    for agg in DP_FORMS:
+        if m < getattr(agg, "min_clients", lambda: 1)():
+            continue
+        out = _released(agg, x, root, c)
+        y = list(x)
+        y[i] = _replacement(kind, x, i, b, out, root, c, j)
+        assert np.linalg.norm(y[i]) <= c * (1 + 1e-12)
+        moved = float(np.linalg.norm(_released(agg, y, root, c) - out))
+        bound = sensitivity_of(agg, m, c)
+        assert moved <= bound + 1e-9 * max(1.0, c), (agg.name, kind, m, moved, bound)
+
+
+def _two_clusters(m: int, plus: int, c: float, d: int = 3) -> list[np.ndarray]:
+    e = np.zeros(d)
+    e[0] = c
+    return [e.copy() for _ in range(plus)] + [-e for _ in range(m - plus)]
+
+
+@pytest.mark.parametrize("agg", [Median(), Krum(1), Krum(1, 3), Bulyan(1)], ids=lambda a: a.name)
+def test_tipping_the_majority_moves_selection_and_order_statistics_by_the_full_diameter(agg: Aggregator) -> None:
+    """The adversarial neighbour that makes 2C tight: two antipodal clusters ±C·e, one client switching sides."""
+    c, m = 1.0, 7
+    x, y = _two_clusters(m, 4, c), _two_clusters(m, 3, c)  # client 3 moves from +C·e to −C·e
+    root = np.array([1.0, 0.0, 0.0])
+    moved = float(np.linalg.norm(_released(agg, x, root, c) - _released(agg, y, root, c)))
+    assert moved == pytest.approx(2 * c) and sensitivity_of(agg, m, c) == 2 * c
+
+
+def test_trimmed_mean_bound_is_tight() -> None:
+    c, m, agg = 1.0, 5, TrimmedMean(0.2)  # k = 1 cut at each end, m − 2k = 3 kept
+    x, y = _two_clusters(m, 3, c), _two_clusters(m, 2, c)
+    moved = float(np.linalg.norm(_released(agg, x, np.ones(3), c) - _released(agg, y, np.ones(3), c)))
+    assert moved == pytest.approx(2 * c / 3) == sensitivity_of(agg, m, c)
+
+
+def test_the_price_of_sensitivity_is_stated() -> None:
+    c, m = 1.0, 10
+    mean = sensitivity_of(FedAvg(), m, c)
+    assert mean == pytest.approx(2 * c / m)
+    for agg in (Median(), Krum(1), Krum(2, None), Bulyan(1), FLTrust("trust")):
+        assert sensitivity_of(agg, m, c) == pytest.approx(m * mean), agg.name  # m times fedavg's noise
+    assert sensitivity_of(TrimmedMean(0.2), m, c) == pytest.approx(2 * c / 6)
+    assert sensitivity_of(FLTrust("count"), m, c) == pytest.approx(mean)
+    assert sensitivity_of(NormBound(0.25, FedAvg()), m, c) == pytest.approx(2 * 0.25 / m)
+    assert sensitivity_of(NormBound(4.0, Median()), m, c) == pytest.approx(2 * c)  # C' = min(C, max_norm)
+    with pytest.raises(InvalidArgumentError):
+        sensitivity_of(FedAvg(), 0, c)
+    with pytest.raises(InvalidArgumentError):
+        sensitivity_of(Median(), 3, float("nan"))
+
+
+def test_poisson_soundness_flags() -> None:
+    sound = [FedAvg(), FLTrust("count"), NormBound(1.0, FedAvg()), NormBound(1.0, FLTrust("count"))]
+    unsound = [Median(), TrimmedMean(), Krum(1), Krum(1, 3), Bulyan(1), FLTrust(), NormBound(1.0, Median())]
+    assert all(is_poisson_sound(a) for a in sound)
+    assert not any(is_poisson_sound(a) for a in unsound)
+
+
+def test_fltrust_count_form_divides_by_the_count_and_norm_bound_clips_the_root() -> None:
+    root = np.array([3.0, 0.0])
+    ups = _rows([2, 0], [0, 3], [-1, 0], [1, 1])
+    r = FLTrust("count").aggregate(ups, [1] * 4, root_update=root)
+    t = 1 / np.sqrt(2)
+    assert np.allclose(r.vector, (3 * np.array([1.0, 0.0]) + t * 3 * np.array([t, t])) / 4)
+    assert r.rejected == [1, 2]
+    # the second clip bounds the root update too: FLTrust's rescaled terms cannot exceed max_norm
+    nb = NormBound(0.5, FLTrust()).aggregate(ups, [1] * 4, root_update=root)
+    assert np.linalg.norm(nb.vector) <= 0.5 + 1e-12
+    with pytest.raises(AggregatorConfigError, match="normalise"):
+        make_aggregator("fltrust", normalise="sum")

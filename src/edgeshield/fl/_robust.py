@@ -18,6 +18,14 @@ rejections (every client still contributes elsewhere); NormBound's clipped clien
 
 Weights (example counts) are used by FedAvg and by multi-Krum's average of the selected; the median, trimmed mean,
 Krum's selection and Bulyan ignore them (as Flower's do: a client could claim any count), and FLTrust weighs by trust.
+
+Central DP (``_strategy.CentralDP``) needs, per aggregator, how far one client can move its output. Each aggregator
+states it as ``replace_one_sensitivity(m, clip)``: the L2 distance, at most, between its outputs on two cohorts of m
+updates of norm <= clip that differ in one update (uniform weights, output projected onto the clip-ball with
+:func:`project_l2_ball`), with the proof in its docstring; and ``poisson_sound``: whether each client's contribution
+to the (unnormalised) aggregate depends on its own update alone with norm <= clip, so the add/remove-one sensitivity
+of the sum is clip and Poisson sampling's accounting applies. :func:`sensitivity_of` and :func:`is_poisson_sound`
+read both from any aggregator (typed refusal for one that does not state them).
 """
 
 from __future__ import annotations
@@ -46,8 +54,11 @@ __all__ = [
     "NormBound",
     "TooFewClientsError",
     "TrimmedMean",
+    "is_poisson_sound",
     "make_aggregator",
     "outliers",
+    "project_l2_ball",
+    "sensitivity_of",
 ]
 
 
@@ -166,6 +177,24 @@ def _float_param(agg: str, name: str, value: object) -> float:
     return v
 
 
+def _check_m_clip(agg: str, m: object, clip: object) -> tuple[int, float]:
+    if isinstance(m, bool) or not isinstance(m, int | np.integer) or int(m) < 1:
+        raise InvalidArgumentError(f"{agg}: the cohort size m must be a positive integer, not {m!r}")
+    c = float(clip) if isinstance(clip, int | float | np.integer | np.floating) and not isinstance(clip, bool) \
+        else math.nan
+    if not (math.isfinite(c) and c > 0):
+        raise InvalidArgumentError(f"{agg}: clip must be a positive finite number, not {clip!r}")
+    return int(m), c
+
+
+def project_l2_ball(vector: np.ndarray, radius: float) -> np.ndarray:
+    """``vector`` scaled down onto the L2 ball of ``radius`` (unchanged inside it). 1-Lipschitz, so it never raises
+    an aggregate's sensitivity, and any two points of the ball are at most 2·radius apart."""
+    v = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(v))
+    return v * (radius / norm) if norm > radius else v.copy()
+
+
 # --- the aggregators --------------------------------------------------------------------------------------------
 class FedAvg:
     """Weighted mean (McMahan et al. 2017): the baseline, with no defence at all."""
@@ -173,9 +202,17 @@ class FedAvg:
     name = "fedavg"
     #: False: the aggregate is a weighted sum, so it also runs under secure aggregation (only the sum is seen).
     needs_individual_updates: ClassVar[bool] = False
+    #: each client adds its own clipped update to the sum: add/remove-one sensitivity of the sum is the clip
+    poisson_sound: ClassVar[bool] = True
 
     def min_clients(self) -> int:
         return 1
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """2C/m. With uniform weights the output is (1/m)·Σ u_i; replacing u_i by u_i' changes it by
+        (u_i' − u_i)/m, and ‖u_i' − u_i‖ <= ‖u_i'‖ + ‖u_i‖ <= 2C."""
+        m, c = _check_m_clip(self.name, m, clip)
+        return 2.0 * c / m
 
     def aggregate(
         self, updates: Sequence[np.ndarray], weights: Sequence[float], *, root_update: np.ndarray | None = None
@@ -190,9 +227,19 @@ class Median:
 
     name = "median"
     needs_individual_updates: ClassVar[bool] = True
+    poisson_sound: ClassVar[bool] = False  # an order statistic: one client moves what everyone else contributes
 
     def min_clients(self) -> int:
         return 1
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """2C. Per coordinate j, replacing one value a_j by b_j moves every order statistic monotonically (all in the
+        direction of b_j − a_j) by at most abs(b_j − a_j); the median (odd m) or the mean of the two middle ones (even
+        m) so moves by at most abs(b_j − a_j), and over all coordinates by at most ‖a − b‖ <= 2C. (The output itself
+        may leave the C-ball, e.g. the median of three unit vectors (1,1,0)/√2, (1,0,1)/√2, (0,1,1)/√2 is (1,1,1)/√2;
+        central DP projects it back, which is 1-Lipschitz.) Unlike the mean, it does not shrink with m."""
+        _check_m_clip(self.name, m, clip)
+        return 2.0 * float(clip)
 
     def aggregate(
         self, updates: Sequence[np.ndarray], weights: Sequence[float], *, root_update: np.ndarray | None = None
@@ -214,15 +261,30 @@ class TrimmedMean:
             raise AggregatorConfigError(f"trimmed_mean: beta must be in [0, 0.5), not {beta!r}")
         self.beta = b
 
+    poisson_sound: ClassVar[bool] = False  # which values are trimmed depends on every client
+
     def min_clients(self) -> int:
         return 1
+
+    def trimmed(self, n: int) -> int:
+        """k, the values cut at EACH end of every coordinate for n updates (Flower's and scipy's rounding)."""
+        return int(self.beta * n)
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """2C/(m − 2k), k = ⌊beta·m⌋. Per coordinate, replacing a by b (say b > a) moves every order statistic up,
+        and the shifts add up to exactly b − a (the multiset's sum changes by b − a); so the sum of the kept middle
+        m − 2k order statistics moves by between 0 and b − a, i.e. by at most abs(a_j − b_j), and the trimmed mean by
+        at most abs(a_j − b_j)/(m − 2k). Over all coordinates: ‖a − b‖/(m − 2k) <= 2C/(m − 2k). (m − 2k >= 1 as
+        beta < 1/2.)"""
+        m, c = _check_m_clip(self.name, m, clip)
+        return 2.0 * c / (m - 2 * self.trimmed(m))
 
     def aggregate(
         self, updates: Sequence[np.ndarray], weights: Sequence[float], *, root_update: np.ndarray | None = None
     ) -> AggregateResult:
         x, _ = _stack(updates, weights)
         n = x.shape[0]
-        cut = int(self.beta * n)  # Flower's (and scipy's trim_mean) rounding
+        cut = self.trimmed(n)
         part = np.partition(x, (cut, n - cut - 1), axis=0) if cut else x
         vector = part[cut : n - cut].mean(axis=0)
         return AggregateResult(vector, _distance_scores(x, vector), [], {})
@@ -245,8 +307,18 @@ class Krum:
         if self.m is None or self.m > 1:
             self.name = "multi_krum"
 
+    poisson_sound: ClassVar[bool] = False  # one client can switch the selected set
+
     def min_clients(self) -> int:
         return max(2 * self.f + 3, (self.m or 1) + self.f)
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """2C. One client can switch the selection (e.g. two antipodal clusters ±C·e, the replaced client tipping
+        which one is the majority), so no bound below the ball's diameter holds in general; but the output (one
+        selected update, or the mean of several: a convex combination) lies in the C-ball, as does its projection,
+        and any two points of that ball are at most 2C apart."""
+        _check_m_clip(self.name, m, clip)
+        return 2.0 * float(clip)
 
     def _check(self, n: int) -> int:
         if n < 2 * self.f + 3:
@@ -292,8 +364,17 @@ class Bulyan:
     def __init__(self, f: int) -> None:
         self.f = _int_param(self.name, "f", f, 0)
 
+    poisson_sound: ClassVar[bool] = False  # Krum's selection, then coordinate-wise order statistics
+
     def min_clients(self) -> int:
         return 4 * self.f + 3
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """2C. Its Krum phase can switch the selected set (see :meth:`Krum.replace_one_sensitivity`), so the only
+        bound is the diameter of the C-ball its output is projected onto (the coordinate-wise phase can leave the
+        ball, as the median can; the projection is 1-Lipschitz and brings it back)."""
+        _check_m_clip(self.name, m, clip)
+        return 2.0 * float(clip)
 
     def aggregate(
         self, updates: Sequence[np.ndarray], weights: Sequence[float], *, root_update: np.ndarray | None = None
@@ -324,14 +405,39 @@ class FLTrust:
     """FLTrust (Cao et al., NDSS 2021): trust each update by ReLU(cos(update, root update)), rescale it to the root
     update's norm, and average by trust. The root update is the server's own on its small clean root data set.
 
+    ``normalise="trust"`` (the paper's): divide by the sum of the trust scores. ``normalise="count"`` (its DP form):
+    divide by the number of updates n instead, Σ trust_i·‖g0‖·u_i/‖u_i‖ / n, so each client's term depends on its own
+    update (and the server's root update) alone; central DP runs this form with the root update clipped to C.
     When every client has zero trust the aggregate is the zero vector (the model does not move this round).
     """
 
     name = "fltrust"
     needs_individual_updates: ClassVar[bool] = True
+    NORMALISE: ClassVar[tuple[str, ...]] = ("trust", "count")
+
+    def __init__(self, normalise: str = "trust") -> None:
+        if not isinstance(normalise, str) or normalise not in self.NORMALISE:
+            raise AggregatorConfigError(f"fltrust: normalise must be one of {', '.join(self.NORMALISE)}, "
+                                        f"not {normalise!r}")
+        self.normalise = normalise
+
+    @property
+    def poisson_sound(self) -> bool:
+        """The count form only: its sum is Σ_i w_i·s·u_i/‖u_i‖, each term of norm <= s <= C and a function of u_i
+        and the root update alone. The trust form divides by Σ w, which depends on everyone."""
+        return self.normalise == "count"
 
     def min_clients(self) -> int:
         return 1
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """Count form: 2C/m, for a root update g0 with ‖g0‖ <= C (central DP clips it to C, like every update). Each
+        term t_i = w_i·‖g0‖·u_i/‖u_i‖ has w_i = ReLU(cos(u_i, g0)) in [0, 1], so ‖t_i‖ <= ‖g0‖ <= C and t_i depends on
+        u_i and g0 only; replacing u_i changes one term by <= 2C, and the output, (1/m)·Σ t_i, by <= 2C/m.
+        Trust form: 2C, only the diameter of the C-ball the output is projected onto (Σ w renormalises by everyone's
+        trust: one client can swing it from one direction to another)."""
+        m, c = _check_m_clip(self.name, m, clip)
+        return 2.0 * c / m if self.normalise == "count" else 2.0 * c
 
     def aggregate(
         self, updates: Sequence[np.ndarray], weights: Sequence[float], *, root_update: np.ndarray | None = None
@@ -355,8 +461,10 @@ class FLTrust:
             i: "fltrust: zero update" if norms[i] == 0 else f"fltrust: cosine with the root update {cos[i]:.3f} <= 0"
             for i in rejected
         }
-        if trust.sum() > 0:
-            scaled = x * (norm0 / safe)[:, None]
+        scaled = x * (norm0 / safe)[:, None]
+        if self.normalise == "count":
+            vector = (trust / x.shape[0]) @ scaled
+        elif trust.sum() > 0:
             vector = (trust / trust.sum()) @ scaled
         else:
             vector = np.zeros(x.shape[1])
@@ -364,7 +472,11 @@ class FLTrust:
 
 
 class NormBound:
-    """Clip each update to L2 norm ``max_norm`` (scaled down, direction kept), then run ``inner`` on the result."""
+    """Clip each update to L2 norm ``max_norm`` (scaled down, direction kept), then run ``inner`` on the result.
+
+    The root update handed to ``inner`` (FLTrust's reference) is clipped to ``max_norm`` too: every vector the inner
+    aggregator sees is bounded, so FLTrust's rescaled terms are as well.
+    """
 
     needs_individual_updates: ClassVar[bool] = True
 
@@ -379,6 +491,17 @@ class NormBound:
         inner_min: Callable[[], int] | None = getattr(self.inner, "min_clients", None)
         return inner_min() if inner_min is not None else 1
 
+    @property
+    def poisson_sound(self) -> bool:
+        """As the inner aggregator: the second clip changes no one's dependence on the others."""
+        return is_poisson_sound(self.inner)
+
+    def replace_one_sensitivity(self, m: int, clip: float) -> float:
+        """The inner aggregator's with C' = min(C, max_norm): the second clip only shrinks inputs (and the root
+        update), so the inner aggregator sees m vectors of norm <= C', and its bound for C' holds."""
+        m, c = _check_m_clip(self.name, m, clip)
+        return sensitivity_of(self.inner, m, min(c, self.max_norm))
+
     def aggregate(
         self, updates: Sequence[np.ndarray], weights: Sequence[float], *, root_update: np.ndarray | None = None
     ) -> AggregateResult:
@@ -387,11 +510,32 @@ class NormBound:
         over = norms > self.max_norm
         factor = np.where(over, self.max_norm / np.where(over, norms, 1.0), 1.0)
         clipped_x = x * factor[:, None]
-        res = self.inner.aggregate(list(clipped_x), list(w), root_update=root_update)
+        root = None if root_update is None else project_l2_ball(np.asarray(root_update, dtype=np.float64),
+                                                                 self.max_norm)
+        res = self.inner.aggregate(list(clipped_x), list(w), root_update=root)
         # scored on the updates as sent: clipping makes a boosted update harmless, not unremarkable
         scores = _distance_scores(x, np.asarray(res.vector, dtype=np.float64))
         clipped = sorted(set(res.clipped) | {int(i) for i in np.flatnonzero(over)})
         return AggregateResult(res.vector, scores, list(res.rejected), dict(res.reasons), clipped)
+
+
+# --- sensitivity under central DP ---------------------------------------------------------------------------------
+def sensitivity_of(aggregator: Aggregator, m: int, clip: float) -> float:
+    """``aggregator``'s replace-one L2 sensitivity on m updates of norm <= ``clip`` (its output projected onto the
+    clip-ball), as it states it; an aggregator that states none is refused (central DP cannot noise it)."""
+    method: Callable[[int, float], float] | None = getattr(aggregator, "replace_one_sensitivity", None)
+    if method is None:
+        raise AggregatorConfigError(
+            f"{aggregator.name}: states no replace_one_sensitivity(m, clip), so central DP cannot bound it")
+    value = float(method(m, clip))
+    # the projection onto the clip-ball caps any aggregator at the ball's diameter
+    return min(value, 2.0 * float(clip))
+
+
+def is_poisson_sound(aggregator: Aggregator) -> bool:
+    """Whether ``aggregator`` under central DP may use Poisson sampling's add/remove-one accounting (sum
+    sensitivity = clip); False for one that does not say."""
+    return bool(getattr(aggregator, "poisson_sound", False))
 
 
 # --- configuration and reporting --------------------------------------------------------------------------------
