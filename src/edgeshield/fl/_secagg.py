@@ -4,18 +4,37 @@ Under ``secagg = true`` each round runs Flower's legacy ``SecAggPlusWorkflow`` (
 vectors → unmask) inside the same Simulation Runtime as every other run: the ServerApp job builds a ``LegacyContext``
 around :func:`_legacy_strategy` and drives it with ``DefaultWorkflow(fit_workflow= SecAggPlusWorkflow(...))``; the
 client side is Flower's ``secaggplus_mod`` wrapped around :func:`_masked_train` (dispatched by the ClientApp when a
-message carries SecAgg+ configs). The server's strategy gets only the sum.
+message carries SecAgg+ configs). The server's strategy gets only the sum. Clients are Poisson-sampled (each with
+probability q, from the OS CSPRNG under DP), always: the accounting below is for that scheme.
 
 **Distributed DP** (``dp.mode = "distributed"``; Kairouz, Liu & Steinke, ICML 2021, "The Distributed Discrete Gaussian
 Mechanism"). Each client clips its update u to L2 norm C, scales it to the grid of step gamma = C / k (k grid steps
 per clip), rounds it by randomized rounding conditioned on ‖x̃‖₂ ≤ Δ₂ with Δ₂² = min(k² + d/4 + √(2 ln 1/beta)(k +
 √d/2), (k + √d)²), beta = e^{-1/2} (the paper's bound; the second term holds for every rounding, so the resampling
-always ends), and adds its share of discrete Gaussian noise N_Z(0, sigma_c²), sigma_c = z·Δ₂ / √n with n =
-``clients_per_round`` (the expected cohort) from :func:`edgeshield.privacy.discrete_gaussian_noise`. The sum of n
-shares carries sigma_total = z·Δ₂ in grid units, so the server's estimate gamma·S / n has the noise of central DP at
-multiplier z on sensitivity Δ₂·gamma ≈ C. Local DP under SecAgg adds each client's N(0, (zC)²) in floats before the
-rounding (rounding is post-processing); central DP under SecAgg adds N(0, (zC)²) to the decoded sum on the server;
-``none`` only clips and rounds.
+always ends), and adds its share of discrete Gaussian noise N_Z(0, sigma_c²) from
+:func:`edgeshield.privacy.discrete_gaussian_noise`, with sigma_c = z·Δ₂ / √n_r and n_r the clients the server sampled
+*this round* (the realised cohort, not the expected q·N): the sum of the n_r shares carries sigma_total = z·Δ₂ in grid
+units whatever n_r is, so the server's estimate gamma·S / (q·N) has the noise of central DP at multiplier z on
+sensitivity Δ₂·gamma ≈ C. The server sends each sampled client n_r and its share in the round's config (``cohort``,
+``noise-share``); the client recomputes the share from the run's plan and refuses (:class:`NoiseShareError`, so it
+drops out of the round) a missing value, a cohort outside [``MIN_COHORT``, N], a share that is not z·Δ₂/√n_r, or a
+cohort that differs from the sample count SecAgg+'s own setup stage announced (:func:`client_share`). A server that
+lies consistently in both places is not caught: the client cannot count a cohort whose keys the server relays.
+Local DP under SecAgg adds each client's N(0, (zC)²) in floats before the rounding (rounding is post-processing);
+central DP under SecAgg adds N(0, (zC)²) to the decoded sum on the server; ``none`` only clips and rounds.
+
+**Minimum cohort, and the grid planned for it.** SecAgg+ sums at least two masked vectors (Flower halts a round with
+fewer), so a round whose Poisson draw gives fewer than ``MIN_COHORT`` = 2 clients is skipped before anything is sent:
+a decision made from the draw alone, never from anyone's data. The largest share any round can then ask for is
+sigma_c(2) = z·Δ₂/√2, and the grid (k, R, the modulus fit and the TAIL margin) is planned for it. Measured with
+this module's arithmetic on the linear model (d = 650), z from ``noise_multiplier_for`` for ε = 1 over 20 rounds at
+δ = 1e-5: the benchmark's 1,247 clients, 25 per round expected (z ≈ 1.154), give k = 98,346 planned for n_r = 1,
+135,804 for n_r = 2, 398,778 for the expected 25; 20 clients all sampled every round (z ≈ 18.09) give 413,820 /
+584,278 / 1,825,730. All are far above ``MIN_GRID_STEPS``
+and the rounding's share of the sensitivity (Δ₂/k − 1) stays below 1e-5, so grid steps decide nothing here. What the
+smaller plan costs is the range: R·gamma ≈ C(1 + 14·z/√2)/0.98, the most a client that bypasses its clip can move a
+coordinate, is about 2.9 times the expected-cohort plan's for the benchmark (4.1 times if planned for n_r = 1, a
+cohort that never runs; hence 2, not 1).
 
 **Lossless SecAgg+ quantisation.** Flower's client mod multiplies the parameters by q/T (q = round(T·w/max_weight), w
 = ``num_examples``), maps x ↦ (clip(x, −R, R) + R)·T/(2R) with stochastic rounding, and the server dequantises the
@@ -28,23 +47,32 @@ the server's mean S/n is decoded back to the integer sum S by n·mean (exact for
 int32 cast exact.
 
 **The norm bound is the protocol's bounded input range.** The grid is chosen so an honest client's values stay inside
-[−R, R] except with probability < 1e-40 per coordinate (k·(1 + 14·s) + 2 ≤ R, s the client noise in clips); Flower's
-quantiser clamps each coordinate to that range, so whatever a client's update was, it moves the sum by at most R·gamma
-per coordinate (≈ C(1 + 14s): an L∞ bound, which is what the range enforces, not the L2 clip C). This holds against
-clients running the mod; SecAgg+ has no range proofs, so a client that rewrites its own masking code can add any
-residue mod M. Per-update defences (median, trimmed mean, Krum, Bulyan, FLTrust, anomaly scores, a server-side norm
-bound) need individual updates and are refused under SecAgg (:func:`check_secagg_combination`).
+[−R, R] except with probability < 1e-40 per coordinate (k·(1 + 14·s) + 2 ≤ R, s the largest client noise in clips:
+z/√``MIN_COHORT`` under distributed DP); Flower's quantiser clamps each coordinate to that range, so whatever a
+client's update was, it moves the sum by at most R·gamma per coordinate (≈ C(1 + 14s): an L∞ bound, which is what the
+range enforces, not the L2 clip C). This holds against clients running the mod; SecAgg+ has no range proofs, so a
+client that rewrites its own masking code can add any residue mod M. Per-update defences (median, trimmed mean, Krum,
+Bulyan, FLTrust, anomaly scores, a server-side norm bound) need individual updates and are refused under SecAgg
+(:func:`check_secagg_combination`).
 
-**ε.** Reported with :func:`edgeshield.privacy.epsilon_for` on the effective multiplier z_eff = sigma_c·√n_r / Δ₂ of
-each round (n_r the clients whose masked vectors were summed; the smallest over the run is used, so dropouts, which
-remove their noise shares, raise ε), with sampling rate q as in central DP. This treats the sum of discrete Gaussians
-as the continuous Gaussian mechanism with the same sigma_total: Kairouz et al. (Thm. 1) bound the sum of n discrete
-Gaussians of variance sigma_c² by ½ε²-concentrated DP with ε = min(√(Δ₂²/(nsigma_c²) + ½taud), Δ₂/(√n sigma_c) +
-tau√d), tau = 10·Σ_{k=1}^{n−1} e^{−2π²sigma_c²·k/(k+1)}; on our fine grids (sigma_c ≫ 1) tau underflows to 0 and that
-bound equals the continuous Gaussian's rho = 1/(2z²). The Poisson-subsampled accounting (RDP/PLD of the continuous
-subsampled Gaussian) is the approximation; we also report the paper's rigorous bound without amplification by sampling
-(``epsilon_zcdp_bound``: rho summed over rounds, ε = rho + 2√(rho ln 1/δ)). Both assume the clients that add noise are
-honest (a colluding client can withhold its share) and an honest-but-curious server.
+**ε.** Every round in which a cohort was drawn is charged, with :func:`edgeshield.privacy.history_epsilon` over the
+rounds so far at sampling rate q, as in central DP: a summed round at its effective multiplier z_eff = sigma_c·√m /
+Δ₂ = z·√(m/n_r) (m the clients whose masked vectors were summed: a client that drops out after its share was fixed
+takes that share with it, and ε rises), a round that released nothing (skipped or halted) at z, as the
+Poisson-subsampled Gaussian the accountant models would have. A run with no dropouts therefore reports exactly the
+ε that z was calibrated for. The skip is the one departure from that model: the run's output differs from it only if
+some round draws fewer than 2 clients, which has probability at most T·p with p = P(Binomial(N − 1, q) < 2) for
+either neighbouring population, so the run is (ε, δ + (1 + e^ε)·T·p)-DP; that extra term is reported as
+``skip_delta`` (0 when q = 1). The server's ledger is charged the same per-round multipliers. This treats the sum of
+discrete Gaussians as the continuous Gaussian mechanism with the same sigma_total: Kairouz et al. (Thm. 1) bound the
+sum of m discrete Gaussians of variance sigma_c² by ½ε²-concentrated DP with ε = min(√(Δ₂²/(m·sigma_c²) + ½τd),
+Δ₂/(√m·sigma_c) + τ√d), τ = 10·Σ_{k=1}^{m−1} e^{−2π²sigma_c²·k/(k+1)}; on our fine grids (sigma_c ≫ 1) τ underflows to
+0 and that bound equals the continuous Gaussian's rho = 1/(2·z_eff²). The subsampled
+accounting (RDP/PLD of the continuous subsampled Gaussian) is the approximation, and amplification by sampling holds
+only against parties who do not know the sample (the server draws it, so against the server itself a round costs
+the unamplified Gaussian); we also report the paper's rigorous bound without amplification (``epsilon_zcdp_bound``:
+rho summed over summed rounds, ε = rho + 2√(rho ln 1/δ)). Both assume the clients that add noise are honest (a
+colluding client can withhold its share) and an honest-but-curious server.
 
 Limits of Flower's SecAgg+ 1.42 (stated, not fixed here): its mask PRG seeds numpy's MT19937 with the 32-bit XOR of
 the seed's words, far below the protocol's 128-bit assumption; there is no authentication of the server's relay beyond
@@ -62,8 +90,9 @@ import io
 import json
 import math
 import os
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,16 +108,20 @@ if TYPE_CHECKING:
     from edgeshield.fl._sim import FLResult
 
 __all__ = [
+    "MIN_COHORT",
     "MODULUS",
+    "NoiseShareError",
     "SecAggPlan",
     "SecAggRoundInfo",
     "check_secagg_combination",
+    "client_share",
     "conditional_round",
     "handles",
     "is_secagg_message",
     "plan_secagg",
     "run_secagg_job",
     "secagg_client_reply",
+    "skip_probability",
     "zcdp_epsilon",
 ]
 
@@ -96,9 +129,15 @@ MODULUS = 2**32  # Flower's modulus_range (documented maximum): masks and sums l
 TAIL = 14.0  # honest values stay within the range unless a noise draw exceeds 14 sigma (probability < 1e-40)
 BETA = math.exp(-0.5)  # Kairouz et al.'s conditional-rounding parameter
 MIN_GRID_STEPS = 1000  # k below this makes the rounding a visible part of the noise: refused
+MIN_COHORT = 2  # SecAgg+ sums at least two masked vectors: smaller draws are skipped, and the grid is planned for 2
 RECONSTRUCTION_FRACTION = 2 / 3  # shares needed to unmask, as a fraction of each client's neighbours (all sampled)
 HOOKS_ENV = "EDGESHIELD_TEST_SECAGG_HOOKS"
 _TIMEOUT_S = 600.0
+_SHARE_RTOL = 1e-12  # the client recomputes the share with the same floats: anything past rounding is a tamper
+
+
+class NoiseShareError(IntegrityError):
+    """A distributed-DP round's noise share (or cohort) in the config is missing or not the one the plan implies."""
 
 
 # --------------------------------------------------------------------------------------------------- configuration
@@ -121,8 +160,9 @@ def check_secagg_combination(cfg: FLConfig) -> None:
             "secagg the defence is the client-side clip (dp.clip) with the norm enforced by the protocol's bounded "
             "input range: use aggregator 'fedavg'"
         )
-    if cfg.clients < 2:
-        raise UnsupportedCombinationError("secagg needs at least 2 clients (SecAgg+ sums 2 or more masked vectors)")
+    if cfg.clients < MIN_COHORT:
+        raise UnsupportedCombinationError(
+            f"secagg needs at least {MIN_COHORT} clients (SecAgg+ sums {MIN_COHORT} or more masked vectors)")
     if cfg.dp.adaptive:
         raise UnsupportedCombinationError(
             "dp.adaptive with secagg: adaptive clipping counts clipped updates per client, which the server "
@@ -139,19 +179,23 @@ def handles(cfg: FLConfig) -> bool:
 
 @dataclass(frozen=True)
 class SecAggPlan:
-    """The grid, range and noise of one run: every number the clients and the server must agree on."""
+    """The grid, range and noise of one run: every number the clients and the server must agree on.
+
+    Under distributed DP a round's per-client share depends on its realised cohort (:meth:`share_sigma`); the grid is
+    planned for the largest one, at ``min_cohort`` clients (``sigma_max``)."""
 
     mode: str
     dim: int
     clip: float
     noise_multiplier: float | None
-    expected_clients: float
-    max_clients: int
+    expected_clients: float  # q·N: the fixed denominator of the server's estimate
+    max_clients: int  # N: every client that could be sampled (the modulus fit)
+    min_cohort: int  # the smallest cohort a round sums (smaller draws are skipped); the grid is planned for it
     grid_steps: float  # k = C / gamma
     gamma: float
     bound: float  # Δ₂, the L2 bound of a rounded update in grid units
     clip_range: int  # R: every value a client adds lies in [-R, R]
-    sigma_client: float  # distributed: each client's discrete-noise scale (grid units); else 0
+    sigma_max: float  # distributed: the largest per-client discrete-noise scale (grid units), at min_cohort; else 0
     local_sigma: float  # local: each client's float noise std (model units); else 0
 
     @property
@@ -160,21 +204,34 @@ class SecAggPlan:
 
     @property
     def sigma_total(self) -> float:
-        return self.sigma_client * math.sqrt(self.expected_clients)
+        """The std (grid units) of the summed noise when every sampled client's share is in the sum: z·Δ₂."""
+        return (self.noise_multiplier or 0.0) * self.bound if self.mode == "distributed" else 0.0
 
-    def z_effective(self, contributors: int) -> float | None:
-        """The noise multiplier the accountant is told for a round whose sum had ``contributors`` noise shares."""
+    def share_sigma(self, cohort: int) -> float:
+        """Each client's discrete-noise scale in a round of ``cohort`` sampled clients: z·Δ₂/√cohort (0 unless
+        distributed). Raises :class:`NoiseShareError` for a cohort outside [``min_cohort``, ``max_clients``]."""
+        if self.mode != "distributed":
+            return 0.0
+        if isinstance(cohort, bool) or not isinstance(cohort, int) or not \
+                self.min_cohort <= cohort <= self.max_clients:
+            raise NoiseShareError(f"secagg: a cohort of {cohort!r} is outside [{self.min_cohort}, "
+                                  f"{self.max_clients}], the cohorts this run's grid was planned for")
+        return self.sigma_total / math.sqrt(cohort)
+
+    def z_effective(self, contributors: int, cohort: int) -> float | None:
+        """The noise multiplier of a round whose sum had ``contributors`` of the ``cohort`` shares it was planned for
+        (z when nobody dropped out; None without DP)."""
         if self.mode != "distributed":
             return self.noise_multiplier
-        return self.sigma_client * math.sqrt(max(contributors, 0)) / self.bound
+        return self.share_sigma(cohort) * math.sqrt(max(contributors, 0)) / self.bound
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "dim": self.dim, "clip": self.clip, "noise_multiplier": self.noise_multiplier,
             "expected_clients": self.expected_clients, "max_clients": self.max_clients,
-            "grid_steps": self.grid_steps, "gamma": self.gamma, "bound": self.bound, "clip_range": self.clip_range,
-            "quantization_range": self.quantization_range, "modulus_range": MODULUS,
-            "sigma_client": self.sigma_client, "sigma_total": self.sigma_total, "local_sigma": self.local_sigma,
+            "min_cohort": self.min_cohort, "grid_steps": self.grid_steps, "gamma": self.gamma, "bound": self.bound,
+            "clip_range": self.clip_range, "quantization_range": self.quantization_range, "modulus_range": MODULUS,
+            "sigma_max": self.sigma_max, "sigma_total": self.sigma_total, "local_sigma": self.local_sigma,
         }
 
 
@@ -193,40 +250,53 @@ def plan_secagg(cfg: FLConfig, dim: int, noise_multiplier: float | None) -> SecA
     if mode != "none" and (z is None or not z > 0):
         raise InvalidArgumentError(f"secagg: dp mode {mode!r} needs a positive noise multiplier")
     n_max = cfg.clients
-    n_exp = float(cfg.clients_per_round)
+    if n_max < MIN_COHORT:
+        raise UnsupportedCombinationError(f"secagg needs at least {MIN_COHORT} clients")
     clip_range = (MODULUS - 1) // (2 * n_max)
-    # client noise in units of the clip: distributed shares z/√n, local z, none/central 0 (server adds central noise)
-    s = (z or 0.0) / math.sqrt(n_exp) if mode == "distributed" else (z or 0.0) if mode == "local" else 0.0
+    # the largest client noise in units of the clip: distributed the share of the smallest cohort that runs, local z,
+    # none/central 0 (the server adds central noise)
+    s = (z or 0.0) / math.sqrt(MIN_COHORT) if mode == "distributed" else (z or 0.0) if mode == "local" else 0.0
     k = math.floor(0.98 * (clip_range - 2) / (1 + TAIL * s))
     if k < MIN_GRID_STEPS:
         raise UnsupportedCombinationError(
-            f"secagg: {n_max} clients with noise {s:.3g}·C per client leave {k} grid steps per clip in a 32-bit "
-            f"modulus (need ≥ {MIN_GRID_STEPS}); use fewer clients or less noise per client"
+            f"secagg: {n_max} clients with noise up to {s:.3g}·C per client leave {k} grid steps per clip in a "
+            f"32-bit modulus (need ≥ {MIN_GRID_STEPS}); use fewer clients or less noise per client"
         )
     bound = _bound(float(k), dim)
-    sigma_client = (z or 0.0) * bound / math.sqrt(n_exp) if mode == "distributed" else 0.0
-    if bound + 1 + TAIL * max(sigma_client, s * k) > clip_range:  # pragma: no cover - the 2 % margin covers it
+    sigma_max = (z or 0.0) * bound / math.sqrt(MIN_COHORT) if mode == "distributed" else 0.0
+    if bound + 1 + TAIL * max(sigma_max, s * k) > clip_range:  # pragma: no cover - the 2 % margin covers it
         raise IntegrityError("secagg: the grid does not fit the range")
     return SecAggPlan(
-        mode=mode, dim=dim, clip=cfg.dp.clip, noise_multiplier=z, expected_clients=n_exp, max_clients=n_max,
-        grid_steps=float(k), gamma=cfg.dp.clip / k, bound=bound, clip_range=clip_range, sigma_client=sigma_client,
-        local_sigma=(z or 0.0) * cfg.dp.clip if mode == "local" else 0.0,
+        mode=mode, dim=dim, clip=cfg.dp.clip, noise_multiplier=z, expected_clients=float(cfg.clients_per_round),
+        max_clients=n_max, min_cohort=MIN_COHORT, grid_steps=float(k), gamma=cfg.dp.clip / k, bound=bound,
+        clip_range=clip_range, sigma_max=sigma_max, local_sigma=(z or 0.0) * cfg.dp.clip if mode == "local" else 0.0,
     )
 
 
-def zcdp_epsilon(plan: SecAggPlan, contributors: list[int], delta: float) -> tuple[float, float]:
-    """Kairouz et al.'s Thm. 1 bound composed over rounds without sampling amplification: (ε at δ, max tau)."""
+def skip_probability(clients: int, sampling_rate: float, min_cohort: int = MIN_COHORT) -> float:
+    """P(Binomial(clients − 1, q) < min_cohort): the most likely a round is skipped for either neighbouring population
+    (add/remove one of ``clients``); 0 when every client is sampled."""
+    if sampling_rate >= 1.0:
+        return 0.0 if clients - 1 >= min_cohort else 1.0
+    n, q = clients - 1, sampling_rate
+    return float(sum(math.comb(n, j) * q**j * (1 - q) ** (n - j) for j in range(min(min_cohort, n + 1))))
+
+
+def zcdp_epsilon(plan: SecAggPlan, rounds: list[tuple[int, int]], delta: float) -> tuple[float, float]:
+    """Kairouz et al.'s Thm. 1 bound composed over the summed ``rounds`` ((contributors, cohort) pairs) without
+    sampling amplification: (ε at δ, max tau)."""
     rho = 0.0
     tau_max = 0.0
     d = plan.dim
-    for n in contributors:
-        if n <= 0:
+    for m, cohort in rounds:
+        if m <= 0:
             continue
-        s2 = plan.sigma_client**2
-        tau = 10 * sum(math.exp(-2 * math.pi**2 * s2 * j / (j + 1)) for j in range(1, n))
+        sigma = plan.share_sigma(cohort)
+        s2 = sigma**2
+        tau = 10 * sum(math.exp(-2 * math.pi**2 * s2 * j / (j + 1)) for j in range(1, m))
         tau_max = max(tau_max, tau)
-        eps_cdp = min(math.sqrt(plan.bound**2 / (n * s2) + 0.5 * tau * d),
-                      plan.bound / (math.sqrt(n) * plan.sigma_client) + tau * math.sqrt(d))
+        eps_cdp = min(math.sqrt(plan.bound**2 / (m * s2) + 0.5 * tau * d),
+                      plan.bound / (math.sqrt(m) * sigma) + tau * math.sqrt(d))
         rho += eps_cdp**2 / 2
     if rho == 0.0:
         return 0.0, tau_max
@@ -284,9 +354,46 @@ def _num(config: dict[str, Any], key: str) -> float:
     return float(value)
 
 
-def client_vector(update: np.ndarray, plan: dict[str, Any], *, z: float, ledger: Callable[[], str | None] | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The integer vector a client feeds SecAgg+ for its flat ``update``: (before noise, as sent)."""
+def client_share(plan: Mapping[str, Any], config: Mapping[str, Any], *, sample_num: int | None = None) -> float:
+    """The discrete-noise scale (grid units) this client adds in a distributed-DP round, from the round's ``config``
+    (``cohort``, ``noise-share``), checked against the run's ``plan`` and, when given, the sample count SecAgg+'s setup
+    stage announced: a missing or non-numeric value, a cohort outside [min_cohort, max_clients], a share that is not
+    z·Δ₂/√cohort, or a cohort other than ``sample_num`` raises :class:`NoiseShareError` (never guessed)."""
+    if plan.get("mode") != "distributed":
+        return 0.0
+    cohort, share = config.get("cohort"), config.get("noise-share")
+    if isinstance(cohort, bool) or not isinstance(cohort, int):
+        raise NoiseShareError(f"secagg fit config: 'cohort' is missing or not a whole number ({cohort!r})")
+    if isinstance(share, bool) or not isinstance(share, int | float) or not math.isfinite(share):
+        raise NoiseShareError(f"secagg fit config: 'noise-share' is missing or not a finite number ({share!r})")
+    lo, hi = int(plan["min_cohort"]), int(plan["max_clients"])
+    if not lo <= cohort <= hi:
+        raise NoiseShareError(f"secagg fit config: a cohort of {cohort} is outside [{lo}, {hi}], the cohorts this "
+                              "run's grid was planned for")
+    if sample_num is not None and cohort != sample_num:
+        raise NoiseShareError(f"secagg fit config: a cohort of {cohort} but SecAgg+'s setup announced {sample_num} "
+                              "sampled clients")
+    z, bound = float(plan["noise_multiplier"]), float(plan["bound"])
+    expected = z * bound / math.sqrt(cohort)
+    if not math.isclose(float(share), expected, rel_tol=_SHARE_RTOL, abs_tol=0.0):
+        raise NoiseShareError(f"secagg fit config: a noise share of {float(share)!r} for a cohort of {cohort}, where "
+                              f"the plan gives z·Δ₂/√{cohort} = {expected!r}")
+    return expected
+
+
+def _setup_sample_num(context: Context) -> int | None:
+    """How many clients SecAgg+'s setup stage said were sampled this round (None outside the protocol's state)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    value = state.get("sample_num") if state is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def client_vector(update: np.ndarray, plan: Mapping[str, Any], *, z: float, share: float = 0.0,
+                  ledger: Callable[[], str | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The integer vector a client feeds SecAgg+ for its flat ``update``: (before noise, as sent). ``share``: the
+    distributed-DP noise scale from :func:`client_share`."""
     from edgeshield.fl._client import clip_vector
 
     mode = str(plan["mode"])
@@ -309,7 +416,10 @@ def client_vector(update: np.ndarray, plan: dict[str, Any], *, z: float, ledger:
         return rounded, np.clip(rounded, -r, r)
     from edgeshield.privacy import discrete_gaussian_noise
 
-    noised = rounded + discrete_gaussian_noise(rounded.shape, float(plan["sigma_client"]))
+    if not 0.0 < share <= float(plan["sigma_max"]) * (1 + _SHARE_RTOL):
+        raise NoiseShareError(f"secagg: a noise share of {share!r} is outside (0, {plan['sigma_max']!r}], the shares "
+                              "this run's grid holds")
+    noised = rounded + discrete_gaussian_noise(rounded.shape, share)
     return rounded, np.clip(noised, -r, r)  # the range Flower enforces anyway (never reached by honest noise)
 
 
@@ -330,6 +440,7 @@ def _masked_train(msg: Message, context: Context) -> Message:
     cfg = job_config(config)
     plan = json.loads(str(config["plan"]))
     cid, server_round = int(_num(config, "cid")), int(_num(config, "server-round"))
+    share = client_share(plan, config, sample_num=_setup_sample_num(context))  # refused before any work
     hooks = _hooks_dir()
     if hooks is not None and (hooks / "drop.json").is_file():  # test-only fault injection (see the module doc)
         drop = json.loads((hooks / "drop.json").read_text(encoding="utf-8"))
@@ -364,7 +475,7 @@ def _masked_train(msg: Message, context: Context) -> Message:
             return released if isinstance(released, str) else None
 
     flat = flatten(update)
-    clean, sent = client_vector(flat, plan, z=z, ledger=ledger)
+    clean, sent = client_vector(flat, plan, z=z, share=share, ledger=ledger)
     if hooks is not None:
         np.savez(hooks / f"r{server_round}-c{cid}.npz", clean=clean, sent=sent)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([sent.astype(np.float64)]), 1, {})
@@ -376,7 +487,11 @@ def _masked_train(msg: Message, context: Context) -> Message:
 
 @dataclass
 class SecAggRoundInfo:
-    """What the server learnt in one round: who was asked, whose masked vectors were summed, the integer sum."""
+    """One round as the server saw it: who was sampled (the cohort the noise shares were fixed for), whose masked
+    vectors were summed, the integer sum, and the noise multiplier charged for it.
+
+    ``status``: ``summed``; ``skipped`` (fewer than ``MIN_COHORT`` sampled: nothing sent); ``halted`` (SecAgg+ did
+    not complete: nothing released); ``refused`` (the server's ledger refused the charge: the sum was discarded)."""
 
     round: int
     sampled: list[str]
@@ -385,6 +500,11 @@ class SecAggRoundInfo:
     total: np.ndarray | None
     received_distinct: int  # distinct parameter sets the strategy was handed (1: only the aggregate)
     seconds: float = 0.0
+    cohort: int = 0  # n_r: the clients sampled this round, whose shares sum to z·Δ₂
+    share_sigma: float = 0.0  # the per-client noise share sent for this cohort (grid units; 0 unless distributed)
+    z_effective: float | None = None  # summed rounds: z·√(contributors / cohort) under distributed DP
+    z_charged: float | None = None  # what the accountant and the ledger were charged (None: nothing, or no DP)
+    status: str = "pending"
 
 
 def _workflow(cfg: FLConfig, plan: SecAggPlan) -> Any:
@@ -435,13 +555,33 @@ def run_secagg_job(grid: Any, job: Any) -> FLResult:
         DefaultWorkflow(fit_workflow=_workflow(cfg, plan))(grid, context)
     finally:
         shutil.rmtree(ledger_dir, ignore_errors=True)
-    contributors = [len(i.contributors) for i in strategy.info if i.total is not None]
-    eps_bound, tau = zcdp_epsilon(plan, contributors, cfg.dp.delta) if cfg.dp.mode == "distributed" else (None, 0.0)
-    extra = {"secagg": {
+    distributed = cfg.dp.mode == "distributed"
+    summed = [(len(i.contributors), i.cohort) for i in strategy.info if i.status == "summed"]
+    eps_bound, tau = zcdp_epsilon(plan, summed, cfg.dp.delta) if distributed else (None, 0.0)
+    skip_delta: float | None = None
+    if cfg.dp.mode in ("central", "distributed") and strategy.history and \
+            strategy.history[-1].epsilon_rdp is not None:
+        attempted = sum(1 for i in strategy.info if i.z_charged is not None)
+        p_skip = skip_probability(cfg.clients, cfg.sampling_rate)
+        eps = strategy.history[-1].epsilon_rdp
+        skip_delta = math.inf if eps == math.inf else min(1.0, (1 + math.exp(min(eps, 700.0))) * attempted * p_skip)
+    extra: dict[str, Any] = {"secagg": {
         "plan": plan.to_dict(), "rounds": strategy.info, "epsilon_zcdp_bound": eps_bound, "tau": tau,
-        "z_effective_min": strategy.z_min,
+        "z_effective_min": strategy.z_min, "skip_delta": skip_delta,
+        "rounds_skipped": sum(1 for i in strategy.info if i.status == "skipped"),
     }}
+    # the scalars again at the top level, where a benchmark's summary of a result picks them up
+    extra.update({f"secagg_{k}": extra["secagg"][k] for k in ("epsilon_zcdp_bound", "z_effective_min", "skip_delta",
+                                                               "rounds_skipped")})
     return FLResult(cfg, strategy.history, strategy.params, z, strategy.stop, time.perf_counter() - t_start, extra)
+
+
+class _CsprngSampler:
+    """Client sampling under DP: amplification by sampling assumes the coin flips are secret, so they come from the
+    OS CSPRNG, not a seeded generator anyone who knows the seed could replay."""
+
+    def random(self) -> float:
+        return secrets.randbits(53) / (1 << 53)
 
 
 def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.ndarray],
@@ -456,13 +596,15 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
     from edgeshield.fl._sim import RoundRecord, _backdoor
     from edgeshield.fl._updates import flatten, unflatten
 
-    rng = np.random.default_rng([cfg.seed, 4])  # client sampling (not privacy noise), as in the plain strategy
+    # Poisson sampling (the scheme the accounting assumes); reproducible from the seed only without DP
+    rng: Any = _CsprngSampler() if cfg.dp.enabled else np.random.default_rng([cfg.seed, 4])
     node_of = {cid: nodes[cid] for cid in range(cfg.clients)}
     cid_of = {node: cid for cid, node in node_of.items()}
     plan_json = json.dumps(plan.to_dict())
     job_json = json.dumps(cfg.to_dict())
     backdoor = any(parse_attack(a).kind == "backdoor" for a in job.malicious.values())
     population = [client_id(c) for c in range(cfg.clients)]
+    charged_mode = cfg.dp.mode in ("central", "distributed")  # the server's accountant and ledger charge rounds
     shards: dict[int, bytes] = {}
     if job.custom:
         for cid, (x, y) in enumerate(job.data.clients):
@@ -479,17 +621,35 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
             self.stop: str | None = None
             self.z_min: float | None = None
             self.participations: dict[str, int] = {}
-            self._sampled: dict[int, list[str]] = {}
             self._t0 = time.perf_counter()
 
         def initialize_parameters(self, client_manager: Any) -> Any:
             return ndarrays_to_parameters(self.params)
 
+        def _info(self, server_round: int) -> SecAggRoundInfo | None:
+            return next((i for i in self.info if i.round == server_round), None)
+
+        def _charge(self, info: SecAggRoundInfo, z_round: float | None) -> bool:
+            """Charge the round to the ledger (every client, as central DP does) at ``z_round``; False if refused."""
+            if not charged_mode or z_round is None:
+                return True
+            if job.ledger is not None:
+                from edgeshield.privacy import BudgetExceededError
+
+                try:
+                    for client in population:
+                        job.ledger.spend(client, info.round, z_round, cfg.sampling_rate)
+                except BudgetExceededError as exc:
+                    self.stop = f"privacy budget exhausted in round {info.round}: {exc}"
+                    return False
+            info.z_charged = z_round
+            return True
+
         def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
             self._t0 = time.perf_counter()
             if self.stop is not None:
                 return []
-            if job.ledger is not None and cfg.dp.mode in ("central", "distributed"):
+            if job.ledger is not None and charged_mode:
                 from edgeshield.privacy import BudgetExceededError
 
                 try:
@@ -501,12 +661,20 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
             proxies = {int(p.node_id): p for p in client_manager.all().values()}
             q = cfg.sampling_rate
             chosen = [cid for cid in range(cfg.clients) if q >= 1.0 or rng.random() < q]
-            self._sampled[server_round] = [client_id(c) for c in chosen]
+            cohort = len(chosen)
+            info = SecAggRoundInfo(server_round, [client_id(c) for c in chosen], [], [], None, 0, cohort=cohort)
+            self.info.append(info)
+            if cohort < plan.min_cohort:  # decided from the draw alone: SecAgg+ cannot sum fewer than two vectors
+                info.status = "skipped"
+                self._charge(info, plan.noise_multiplier)  # as the modelled mechanism would have released
+                return []
+            info.share_sigma = plan.share_sigma(cohort)
             out = []
             for cid in chosen:
                 config: dict[str, Any] = {
                     "server-round": server_round, "cid": cid, "job": job_json, "plan": plan_json,
                     "attack": job.malicious.get(cid, ""), "ledger-dir": ledger_dir,
+                    "cohort": cohort, "noise-share": info.share_sigma,
                 }
                 if cid in shards:
                     config["data"] = shards[cid]
@@ -518,11 +686,12 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
             from edgeshield.privacy import GaussianMechanism
 
             contributors = [client_id(cid_of[int(p.node_id)]) for p, _ in results if int(p.node_id) in cid_of]
-            sampled = self._sampled.get(server_round, [])
-            distinct = {tuple(r.parameters.tensors) for _, r in results}
-            info = SecAggRoundInfo(server_round, sampled, contributors,
-                                   [c for c in sampled if c not in contributors], None, len(distinct))
-            self.info.append(info)
+            info = self._info(server_round)
+            if info is None:  # pragma: no cover - the workflow only aggregates a round configure_fit started
+                raise IntegrityError(f"secagg: round {server_round} was aggregated but never configured")
+            info.contributors = contributors
+            info.dropped = [c for c in info.sampled if c not in contributors]
+            info.received_distinct = len({tuple(r.parameters.tensors) for _, r in results})
             if not results:
                 return None, {}
             n = len(results)
@@ -533,20 +702,22 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
             if float(np.max(np.abs(total), initial=0.0)) > n * plan.clip_range:
                 raise IntegrityError("secagg: the SecAgg+ sum left the input range (modular wrap-around)")
             info.total = total.astype(np.int64)
+            z_round = plan.z_effective(n, info.cohort)
+            info.z_effective = z_round
+            if not self._charge(info, z_round):  # charged before the release it pays for
+                info.status = "refused"
+                return None, {}
+            info.status = "summed"
             summed = total * plan.gamma
             if cfg.dp.mode == "central":
                 std = float(plan.noise_multiplier or 0.0) * plan.clip
                 if std > 0:
                     summed = np.asarray(GaussianMechanism(plan.clip, std).release(summed))
-            denominator = plan.expected_clients if cfg.dp.mode in ("central", "distributed") else float(n)
+            denominator = plan.expected_clients if charged_mode else float(n)
             update = summed / denominator
             self.params = unflatten(flatten(self.params) + update, template)
             for c in contributors:
                 self.participations[c] = self.participations.get(c, 0) + 1
-            if job.ledger is not None and cfg.dp.mode in ("central", "distributed"):
-                for client in population:
-                    job.ledger.spend(client, server_round, plan.noise_multiplier, cfg.sampling_rate)
-            z_round = plan.z_effective(n)
             if z_round is not None and cfg.dp.mode == "distributed":
                 self.z_min = z_round if self.z_min is None else min(self.z_min, z_round)
             return ndarrays_to_parameters([np.asarray(p) for p in self.params]), {"contributors": n}
@@ -561,34 +732,43 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
         def evaluate(self, server_round: int, parameters: Any) -> tuple[float, dict[str, Any]] | None:
             if server_round == 0:
                 return None
+            info = self._info(server_round)
+            if info is not None and info.status == "pending":  # SecAgg+ halted: nothing released, charged at z
+                info.status = "halted"
+                self._charge(info, plan.noise_multiplier)
             x_test, y_test = job.data.test
             acc, loss = accuracy_and_loss(cfg.model, self.params, x_test, y_test)
-            eps_rdp, eps_pld = self._epsilon(server_round)
-            info = next((i for i in self.info if i.round == server_round), None)
+            eps_rdp, eps_pld = self._epsilon()
             if info is not None:
                 info.seconds = time.perf_counter() - self._t0
-            dropped = info.dropped if info is not None else []
-            rejected = dict.fromkeys(dropped, "dropped out of SecAgg+ (its masks removed, its update not summed)")
-            if info is None and self.stop is None:
-                rejected = dict.fromkeys(self._sampled.get(server_round, []),
-                                         "round skipped: SecAgg+ did not complete")
+            rejected: dict[str, str] = {}
+            if info is not None and info.status == "skipped":
+                rejected = dict.fromkeys(info.sampled, f"round skipped: a cohort of {info.cohort} (SecAgg+ sums "
+                                                      f"{plan.min_cohort} or more)")
+            elif info is not None and info.status == "halted":
+                rejected = dict.fromkeys(info.sampled, "round skipped: SecAgg+ did not complete")
+            elif info is not None and info.status == "refused":
+                rejected = dict.fromkeys(info.contributors, "round discarded: the privacy ledger refused its charge")
+            elif info is not None:
+                rejected = dict.fromkeys(info.dropped,
+                                         "dropped out of SecAgg+ (its masks removed, its update not summed)")
             record = RoundRecord(
                 round=server_round, accuracy=acc, loss=loss, epsilon_rdp=eps_rdp, epsilon_pld=eps_pld,
-                clients=list(self._sampled.get(server_round, [])), rejected=rejected, refused={},
+                clients=list(info.sampled) if info is not None else [], rejected=rejected, refused={},
                 clip=cfg.dp.clip, scores={}, outliers=[],
                 backdoor_success=_backdoor(cfg.model, self.params, x_test, y_test) if backdoor else None,
                 seconds=time.perf_counter() - self._t0,
             )
-            if self.stop is None or info is not None:
+            if info is not None:
                 self.history.append(record)
                 if job.progress is not None:
                     job.progress(record)
             return loss, {"accuracy": acc}
 
-        def _epsilon(self, server_round: int) -> tuple[float | None, float | None]:
+        def _epsilon(self) -> tuple[float | None, float | None]:
             from edgeshield.privacy import epsilon_for
+            from edgeshield.privacy._accounting import history_epsilon
 
-            done = sum(1 for i in self.info if i.total is not None)
             if cfg.dp.mode == "none" or plan.noise_multiplier is None:
                 return None, None
             if cfg.dp.mode == "local":
@@ -596,13 +776,17 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
                 if most == 0:
                     return 0.0, 0.0
                 rep = epsilon_for(plan.noise_multiplier, 1.0, most, cfg.dp.delta)
-            else:
-                if done == 0:
-                    return 0.0, 0.0
-                z_acc = self.z_min if cfg.dp.mode == "distributed" else plan.noise_multiplier
-                if z_acc is None or z_acc <= 0:
-                    return math.inf, math.inf
-                rep = epsilon_for(z_acc, cfg.sampling_rate, done, cfg.dp.delta)
-            return float(rep.rdp), float(rep.pld)
+                return float(rep.rdp), float(rep.pld)
+            charges = [i.z_charged for i in self.info if i.z_charged is not None]
+            if not charges:
+                return 0.0, 0.0
+            if min(charges) <= 0:
+                return math.inf, math.inf
+            counts: dict[float, int] = {}
+            for z_r in charges:
+                counts[z_r] = counts.get(z_r, 0) + 1
+            rounds = [(z_r, cfg.sampling_rate, c) for z_r, c in counts.items()]
+            return (float(history_epsilon(rounds, cfg.dp.delta, "rdp")),
+                    float(history_epsilon(rounds, cfg.dp.delta, "pld")))
 
     return _SecAggStrategy()
