@@ -74,6 +74,9 @@ def test_from_toml_reads_every_section(tmp_path: Path) -> None:
         ("[dp]\nadaptive = true\n", "adaptive clipping needs a DP mode"),
         ("aggregator = 'fltrust'\nfltrust_root = 0\n", "fltrust needs a root set"),
         ("clients = [", "not valid TOML"),
+        ("sampling = 'uniform'\n", "sampling: must be one of"),
+        ("sampling = 1\n", "sampling: must be one of"),
+        ("aggregator = 'fltrust'\n[aggregator_params]\nnormalise = 'sum'\n", "normalise must be one of"),
     ],
 )
 def test_bad_config_is_one_typed_line(tmp_path: Path, text: str, needle: str) -> None:
@@ -98,12 +101,8 @@ def _cfg(mode: str, aggregator: str, **extra: object) -> FLConfig:
                     aggregator_params=params, **extra)  # type: ignore[arg-type]
 
 
-REFUSED = {
-    ("distributed", a): "needs secagg = true" for a in AGGREGATOR_NAMES
-} | {
-    ("central", a): "noise scaled to the clip would not bound it"
-    for a in AGGREGATOR_NAMES if a not in ("fedavg", "norm_bound")
-}
+REFUSED = {("distributed", a): "needs secagg = true" for a in AGGREGATOR_NAMES}  # central DP: every aggregator runs
+POISSON_SOUND = ("fedavg", "norm_bound", "fltrust")  # fltrust in its count form, norm_bound with a fedavg inner
 
 
 @pytest.mark.parametrize("mode", DP_MODES)
@@ -129,11 +128,57 @@ def test_adaptive_clipping_only_central() -> None:
     check_combination(FLConfig(dp=DPConfig(mode="central", noise_multiplier=1.0, adaptive=True)))
 
 
-def test_norm_bound_under_central_dp_needs_a_fedavg_inner() -> None:
-    cfg = FLConfig(dp=DPConfig(mode="central", noise_multiplier=1.0), aggregator="norm_bound",
-                   aggregator_params={"max_norm": 1.0, "inner": "median"})
-    with pytest.raises(UnsupportedCombinationError, match="fedavg inner"):
-        check_combination(cfg)
+@pytest.mark.parametrize("aggregator", AGGREGATOR_NAMES)
+def test_sampling_resolves_per_aggregator_under_central_dp(aggregator: str) -> None:
+    """auto: fixed exactly for the aggregators that are not Poisson-sound; explicit poisson with one of those is
+    refused with the reason, explicit fixed always runs; without central DP auto is poisson."""
+    cfg = _cfg("central", aggregator)
+    sound = aggregator in POISSON_SOUND
+    assert cfg.sampling == "auto" and cfg.sampling_scheme == ("poisson" if sound else "fixed")
+    check_combination(cfg)
+    check_combination(cfg.with_(sampling="fixed"))
+    poisson = cfg.with_(sampling="poisson")
+    if sound:
+        check_combination(poisson)
+    else:
+        with pytest.raises(UnsupportedCombinationError, match=r"under sampling 'poisson'.*use sampling 'fixed'"):
+            check_combination(poisson)
+    for mode in ("none", "local"):
+        assert _cfg(mode, aggregator).sampling_scheme == "poisson"
+        check_combination(_cfg(mode, aggregator, sampling="fixed"))  # local DP: sampling changes no accounting
+
+
+def test_poisson_soundness_follows_the_aggregator_form() -> None:
+    central = DPConfig(mode="central", noise_multiplier=1.0)
+    # FLTrust's trust form renormalises by everyone's trust: fixed under auto, refused under explicit poisson
+    trust = FLConfig(dp=central, aggregator="fltrust", aggregator_params={"normalise": "trust"})
+    assert trust.sampling_scheme == "fixed"
+    with pytest.raises(UnsupportedCombinationError, match="'fltrust' under sampling 'poisson'"):
+        check_combination(trust.with_(sampling="poisson"))
+    inner = FLConfig(dp=central, aggregator="norm_bound", aggregator_params={"max_norm": 1.0, "inner": "median"})
+    assert inner.sampling_scheme == "fixed"
+    check_combination(inner)
+    with pytest.raises(UnsupportedCombinationError, match="norm_bound\\(median\\)"):
+        check_combination(inner.with_(sampling="poisson"))
+    nb_trust = FLConfig(dp=central, aggregator="norm_bound", aggregator_params={"max_norm": 1.0, "inner": "fltrust"})
+    assert nb_trust.sampling_scheme == "poisson"  # inner FLTrust takes its count form under central DP
+
+
+def test_fixed_sampling_refusals_state_the_reason() -> None:
+    adaptive = DPConfig(mode="central", noise_multiplier=1.0, adaptive=True)
+    with pytest.raises(UnsupportedCombinationError, match=r"adaptive.*sampling 'fixed'"):
+        check_combination(FLConfig(dp=adaptive, aggregator="median"))  # auto resolves to fixed
+    with pytest.raises(UnsupportedCombinationError, match=r"adaptive.*sampling 'fixed'"):
+        check_combination(FLConfig(dp=adaptive, sampling="fixed"))
+    check_combination(FLConfig(dp=adaptive))  # fedavg: Poisson, as before
+    with pytest.raises(UnsupportedCombinationError, match="needs at least 5"):
+        check_combination(FLConfig(clients=10, clients_per_round=4, aggregator="krum", aggregator_params={"f": 1},
+                                   dp=DPConfig(mode="central", noise_multiplier=1.0)))
+    secagg = FLConfig(clients=4, clients_per_round=4, secagg=True, sampling="fixed")
+    with pytest.raises(UnsupportedCombinationError, match=r"sampling .fixed.*Poisson"):
+        check_combination(secagg)
+    assert secagg.with_(sampling="auto", dp={"mode": "central", "noise_multiplier": 1.0}).sampling_scheme == "poisson"
+    assert FLConfig.from_dict(FLConfig(sampling="fixed").to_dict()).sampling == "fixed"
 
 
 def test_partition_is_dirichlet_skewed_disjoint_and_seeded() -> None:

@@ -2,10 +2,12 @@
 
 Every one of the 64 cells is either refused by ``check_combination`` with its stated reason (the test asserts the
 reason's text) or run for real: a 1-round simulation on Flower's engine, all accepted cells on ONE shared Simulation
-Runtime (7 clients so that Bulyan's n ≥ 4f + 3 holds with f = 1). Accepted: no DP and local DP with every
-aggregator, central DP with fedavg and norm_bound (the sensitivity argument in ``_strategy``), and under SecAgg+
-fedavg with every DP mode (the server only ever sees the sum). Refused: central DP with an order-statistic,
-selection or trust-weighted aggregator; distributed DP without SecAgg; any per-update defence under SecAgg.
+Runtime (7 clients so that Bulyan's n ≥ 4f + 3 holds with f = 1). Accepted: no DP, local DP and central DP with
+every aggregator (central DP: Poisson sampling for fedavg, norm_bound(fedavg) and FLTrust's count form, fixed-size
+cohorts with each aggregator's replace-one sensitivity for the rest: ``_strategy``'s module doc), and under SecAgg+
+fedavg with every DP mode (the server only ever sees the sum). Refused: distributed DP without SecAgg; any
+per-update defence under SecAgg; and, outside the 64 cells, central DP with an aggregator that is not Poisson-sound
+when sampling is explicitly "poisson", adaptive clipping with fixed-size cohorts, fixed-size cohorts under SecAgg.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ CLIENTS = 7
 PARAMS: dict[str, dict[str, Any]] = {
     "krum": {"f": 1}, "multi_krum": {"f": 1, "m": 3}, "bulyan": {"f": 1}, "norm_bound": {"max_norm": 1.0},
 }
-REASON_CENTRAL = "noise scaled to the clip would not bound it"
+REASON_CENTRAL_POISSON = "noise scaled to the clip would not bound it"
+POISSON_SOUND = ("fedavg", "norm_bound", "fltrust")
 REASON_DISTRIBUTED = "needs secagg = true"
 REASON_SECAGG = "secure aggregation hides individual updates"
 
@@ -57,8 +60,6 @@ def expected_reason(mode: str, aggregator: str, secagg: bool) -> str | None:
         return None if aggregator == "fedavg" else REASON_SECAGG
     if mode == "distributed":
         return REASON_DISTRIBUTED
-    if mode == "central" and aggregator not in ("fedavg", "norm_bound"):
-        return REASON_CENTRAL
     return None
 
 
@@ -79,8 +80,23 @@ def test_every_cell_is_accepted_or_refused_with_its_reason(mode: str, aggregator
 def test_matrix_shape() -> None:
     accepted = [c for c in CELLS if expected_reason(*c) is None]
     assert len(CELLS) == 64
-    # none: 8, central: fedavg + norm_bound, local: 8, distributed: 0; under SecAgg: fedavg × 4 modes
-    assert len(accepted) == 8 + 2 + 8 + 4
+    # none: 8, central: 8, local: 8, distributed: 0; under SecAgg: fedavg × 4 modes
+    assert len(accepted) == 8 + 8 + 8 + 4
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATOR_NAMES)
+def test_central_dp_sampling_is_resolved_or_refused_with_its_reason(aggregator: str) -> None:
+    cfg = _cfg("central", aggregator, False)
+    sound = aggregator in POISSON_SOUND
+    assert cfg.sampling_scheme == ("poisson" if sound else "fixed")
+    explicit = cfg.with_(sampling="poisson")
+    if sound:
+        check_combination(explicit)
+    else:
+        with pytest.raises(UnsupportedCombinationError, match=REASON_CENTRAL_POISSON):
+            check_combination(explicit)
+    with pytest.raises(UnsupportedCombinationError, match=r"sampling .fixed.*Poisson"):
+        check_combination(_cfg("central", "fedavg", True).with_(sampling="fixed"))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +107,7 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.mark.skipif(not _privacy_ready(), reason="edgeshield.privacy is not complete yet")
 def test_every_accepted_cell_runs(sim: Simulator) -> None:
-    """All 22 accepted cells, one round each, on the shared runtime; what each run reports fits its cell."""
+    """All 28 accepted cells, one round each, on the shared runtime; what each run reports fits its cell."""
     ran = []
     for mode, aggregator, secagg in CELLS:
         if expected_reason(mode, aggregator, secagg) is not None:
@@ -105,9 +121,12 @@ def test_every_accepted_cell_runs(sim: Simulator) -> None:
             assert rec.epsilon_rdp is None
         else:
             assert rec.epsilon_rdp is not None and 0 < rec.epsilon_rdp < np.inf, (mode, aggregator, secagg)
+        fixed = mode == "central" and not secagg and aggregator not in POISSON_SOUND
+        assert res.metadata()["fl.sampling"] == ("fixed" if fixed else "poisson")
+        assert (rec.epsilon_pld is None) == (mode == "none" or fixed), (mode, aggregator, secagg)
         if secagg:
             info = res.extra["secagg"]["rounds"][0]
             assert info.total is not None and info.received_distinct == 1  # the server was handed the sum only
             assert rec.scores == {} and rec.outliers == []  # nothing per client to score under SecAgg
         ran.append((mode, aggregator, secagg))
-    assert len(ran) == 22
+    assert len(ran) == 28

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("torch")
 
-from edgeshield.fl._config import AGGREGATOR_NAMES, DPConfig, FLConfig, UnsupportedCombinationError, check_combination
+from edgeshield.fl._config import DPConfig, FLConfig
 from edgeshield.fl._sim import Simulator
 
 MAX_CLIENTS = 10
@@ -60,29 +60,50 @@ def test_sign_flip_attacker_is_resisted(sim: Simulator, aggregator: str) -> None
         assert all("client-6" in r.rejected for r in attacked.history)
 
 
-def _runnable(mode: str, aggregator: str) -> FLConfig:
-    params: dict[str, Any] = {"krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1},
-                              "norm_bound": {"max_norm": 1.0}}.get(aggregator, {})
-    dp = DPConfig(mode=mode, noise_multiplier=0.8, clip=1.0) if mode != "none" else DPConfig()
-    return FLConfig(clients=7, clients_per_round=7, rounds=1, dp=dp, aggregator=aggregator,
-                    aggregator_params=params)
+def test_central_dp_with_robust_aggregators_reports_epsilon_for_the_run_s_sampling(sim: Simulator) -> None:
+    """Central DP × trimmed mean (fixed-size cohorts, replace-one RDP, no PLD) and × FLTrust (its count form,
+    Poisson); every accepted cell of the whole matrix runs in tests/fl/test_matrix.py."""
+    from edgeshield.privacy import epsilon_for
+
+    z = 1.0
+    base = FLConfig(clients=7, clients_per_round=5, rounds=2, lr=0.5, fltrust_root=50,
+                    dp=DPConfig(mode="central", noise_multiplier=z, clip=1.0))
+    trimmed = sim.run(base.with_(aggregator="trimmed_mean", aggregator_params={"beta": 0.2}),
+                      malicious={0: "nan", 1: "nan"})
+    assert trimmed.config.sampling_scheme == "fixed"
+    for rnd, r in enumerate(trimmed.history, start=1):
+        assert len(r.clients) == 5 and len(set(r.clients)) == 5  # exactly m, without replacement
+        assert r.epsilon_rdp == pytest.approx(epsilon_for(z, 5 / 7, rnd, 1e-5, sampling="fixed").rdp)
+        assert r.epsilon_pld is None  # dp-accounting has no PLD for sampling without replacement
+        # a sampled NaN sender is rejected at the door and counted as the zero vector (m stays 5)
+        bad = {"client-0", "client-1"} & set(r.clients)
+        assert set(r.rejected) == bad and all(r.rejected[c].startswith("nonfinite") for c in bad)
+    meta = trimmed.metadata()
+    assert meta["fl.sampling"] == "fixed" and meta["fl.epsilon_pld"] == "none" and meta["fl.mode"] == "central"
+    assert float(meta["fl.epsilon"]) == pytest.approx(trimmed.epsilon, rel=1e-5)
+    assert all(np.isfinite(p).all() for p in trimmed.params)
+
+    fltrust = sim.run(base.with_(aggregator="fltrust"))
+    assert fltrust.config.sampling_scheme == "poisson" and fltrust.metadata()["fl.sampling"] == "poisson"
+    last = fltrust.history[-1]
+    want = epsilon_for(z, 5 / 7, 2, 1e-5)
+    assert last.epsilon_rdp == pytest.approx(want.rdp) and last.epsilon_pld == pytest.approx(want.pld)
 
 
-def test_every_accepted_combination_runs(sim: Simulator) -> None:
-    """The runnable half of the {mode} × {aggregator} matrix (the refusals: tests/fl/test_config.py)."""
-    ran, refused = [], []
-    for mode in ("none", "central", "local"):
-        for aggregator in AGGREGATOR_NAMES:
-            cfg = _runnable(mode, aggregator)
-            try:
-                check_combination(cfg)
-            except UnsupportedCombinationError:
-                refused.append((mode, aggregator))
-                continue
-            res = sim.run(cfg)
-            assert len(res.history) == 1 and np.isfinite(res.history[0].accuracy)
-            ran.append((mode, aggregator))
-    assert len(ran) == 8 + 2 + 8 and len(refused) == 6
+def test_central_dp_fixed_sampling_charges_a_fixed_sampling_ledger(sim: Simulator, tmp_path: Path) -> None:
+    from edgeshield.errors import InvalidArgumentError
+    from edgeshield.privacy import PrivacyLedger, epsilon_for
+
+    cfg = FLConfig(clients=6, clients_per_round=5, rounds=2, aggregator="krum", aggregator_params={"f": 1},
+                   dp=DPConfig(mode="central", noise_multiplier=2.0, clip=1.0))
+    poisson_ledger = PrivacyLedger(tmp_path / "poisson.sqlite", epsilon_budget=100.0, delta=1e-5)
+    with pytest.raises(InvalidArgumentError, match="sampling='fixed'"):
+        sim.run(cfg, ledger=poisson_ledger)  # refused before the run starts
+    budget = epsilon_for(2.0, 5 / 6, 1, 1e-5, sampling="fixed").rdp * 1.001
+    ledger = PrivacyLedger(tmp_path / "fixed.sqlite", epsilon_budget=budget, delta=1e-5, sampling="fixed")
+    res = sim.run(cfg, ledger=ledger)
+    assert len(res.history) == 1 and res.stop_reason is not None and "round 2" in res.stop_reason
+    assert ledger.epsilon("client-5") == pytest.approx(res.history[-1].epsilon_rdp, rel=1e-6)
 
 
 def test_local_dp_client_refuses_over_its_budget(sim: Simulator) -> None:

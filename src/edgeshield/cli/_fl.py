@@ -37,7 +37,8 @@ def _parse_malicious(items: list[str] | None) -> dict[int, str]:
 
 
 def _round_line(r: RoundRecord) -> str:
-    eps = "—" if r.epsilon_rdp is None else f"ε {r.epsilon_rdp:.3f} (RDP) / {r.epsilon_pld:.3f} (PLD)"
+    pld = "no PLD (fixed-size sampling)" if r.epsilon_pld is None else f"{r.epsilon_pld:.3f} (PLD)"
+    eps = "—" if r.epsilon_rdp is None else f"ε {r.epsilon_rdp:.3f} (RDP) / {pld}"
     flagged = f", rejected {', '.join(sorted(r.rejected))}" if r.rejected else ""
     refused = f", refused {', '.join(sorted(r.refused))}" if r.refused else ""
     return (f"round {r.round}: accuracy {r.accuracy:.4f}, {eps}, {len(r.clients)} clients"

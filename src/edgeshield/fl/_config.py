@@ -1,8 +1,8 @@
 """Federated-learning configuration: frozen dataclasses validated once, where they enter (TOML or keyword arguments).
 
 A malformed value is one line, an :class:`~edgeshield.errors.InvalidArgumentError` (the CLI exits 2). Which
-combinations of DP mode, secure aggregation and aggregator can run together is decided in :func:`check_combination`
-(the reasons are the sensitivity arguments in ``_strategy``).
+combinations of DP mode, secure aggregation, sampling scheme and aggregator can run together is decided in
+:func:`check_combination` (the reasons are the sensitivity arguments in ``_strategy`` and ``_robust``).
 """
 
 from __future__ import annotations
@@ -12,25 +12,36 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeshield.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from edgeshield.fl._robust import Aggregator
 
 __all__ = [
     "AGGREGATOR_NAMES",
     "DP_MODES",
     "MODELS",
+    "SAMPLINGS",
     "DPConfig",
     "FLConfig",
     "UnsupportedCombinationError",
+    "aggregator_for",
+    "aggregator_params_for",
     "check_combination",
 ]
 
 DP_MODES = ("none", "central", "local", "distributed")
 MODELS = ("linear", "mlp")
 AGGREGATOR_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "fltrust", "norm_bound")
-#: aggregators whose output, on updates clipped to C, changes by at most C / (expected clients) when one client's
-#: update is added or removed (with uniform weights and the fixed denominator the DP wrapper imposes)
+#: client sampling per round: "poisson" (each client with probability q, add/remove-one accounting), "fixed" (exactly
+#: clients_per_round without replacement, replace-one accounting), "auto" (fixed for central DP with an aggregator
+#: that is not Poisson-sound, else poisson)
+SAMPLINGS = ("auto", "poisson", "fixed")
+#: aggregators whose sum, on updates clipped to C, changes by at most C when one client's update is added or removed
+#: (with uniform weights and the fixed denominator the DP wrapper imposes), as named in a config: fedavg,
+#: norm_bound with a fedavg inner, fltrust in its count form. The rule itself is ``_robust.is_poisson_sound``.
 CENTRAL_DP_AGGREGATORS = ("fedavg", "norm_bound")
 
 
@@ -129,8 +140,10 @@ class FLConfig:
     """One federated training run on the digits data: population, rounds, local training, DP and aggregation.
 
     ``clients`` devices hold Dirichlet(``alpha``) label-skewed shards of at least ``min_examples`` each (``seed``
-    fixes the split and the sampling). Each round every client takes part independently with probability
-    ``clients_per_round / clients`` (Poisson sampling, which the accountant assumes) and trains ``local_epochs`` of
+    fixes the split and the sampling). Each round, with ``sampling`` "poisson", every client takes part independently
+    with probability ``clients_per_round / clients``; with "fixed", exactly ``clients_per_round`` clients are drawn
+    without replacement; "auto" (the default) is fixed for central DP with an aggregator that is not Poisson-sound
+    (see :attr:`sampling_scheme`), else poisson. The accountant is told which. Each client trains ``local_epochs`` of
     SGD (``batch_size``, ``lr``) from the global model. The server holds ``fltrust_root`` training examples apart
     (never given to a client) as its root set: FLTrust's reference, and with ``pretrain_on_root`` a public
     pretraining set for ``pretrain_epochs``. ``max_update_norm`` is the absurd-norm bound at the server's door.
@@ -155,6 +168,7 @@ class FLConfig:
     pretrain_epochs: int = 20
     max_update_norm: float = 1000.0
     validate_data: bool = True  # honest clients check their local data before training (fl._validate)
+    sampling: str = "auto"
 
     def __post_init__(self) -> None:
         _int("clients", self.clients, 1)
@@ -182,6 +196,7 @@ class FLConfig:
         _int("pretrain_epochs", self.pretrain_epochs, 1)
         _float("max_update_norm", self.max_update_norm, low=0.0)
         _bool("validate_data", self.validate_data)
+        _choice("sampling", self.sampling, SAMPLINGS)
         if self.aggregator == "fltrust" and self.fltrust_root == 0:
             raise _fail("fltrust_root", "fltrust needs a root set (fltrust_root > 0)")
         if self.pretrain_on_root and self.fltrust_root == 0:
@@ -190,11 +205,25 @@ class FLConfig:
         from edgeshield.fl._robust import make_aggregator
 
         make_aggregator(self.aggregator, **dict(self.aggregator_params))
+        if self.aggregator_params != aggregator_params_for(self):
+            make_aggregator(self.aggregator, **aggregator_params_for(self))
 
     @property
     def sampling_rate(self) -> float:
         """q = clients per round ÷ clients: each client's chance of taking part in a round."""
         return self.clients_per_round / self.clients
+
+    @property
+    def sampling_scheme(self) -> str:
+        """The run's sampling, resolved: "poisson" or "fixed" (see the class doc; secure aggregation and distributed
+        DP sample by Poisson)."""
+        if self.sampling != "auto":
+            return self.sampling
+        if self.dp.mode == "central" and not self.secagg:
+            from edgeshield.fl._robust import is_poisson_sound
+
+            return "poisson" if is_poisson_sound(aggregator_for(self)) else "fixed"
+        return "poisson"
 
     def with_(self, **changes: Any) -> FLConfig:
         """A copy with ``changes`` (``dp`` may be a mapping of DPConfig fields to change)."""
@@ -247,27 +276,70 @@ class FLConfig:
         return cls.from_dict(data)
 
 
+def aggregator_params_for(cfg: FLConfig) -> dict[str, Any]:
+    """The aggregator's parameters as the run uses them: under central DP FLTrust (also as norm_bound's inner) takes
+    its DP form, ``normalise="count"``, unless the config names a form."""
+    params = dict(cfg.aggregator_params)
+    if cfg.dp.mode != "central":
+        return params
+    if cfg.aggregator == "fltrust":
+        params.setdefault("normalise", "count")
+    elif cfg.aggregator == "norm_bound" and params.get("inner", "fedavg") == "fltrust":
+        inner = dict(params.get("inner_params") or {})
+        inner.setdefault("normalise", "count")
+        params["inner_params"] = inner
+    return params
+
+
+def aggregator_for(cfg: FLConfig) -> Aggregator:
+    """The aggregator object the run uses (``aggregator_params_for``'s parameters)."""
+    from edgeshield.fl._robust import make_aggregator
+
+    return make_aggregator(cfg.aggregator, **aggregator_params_for(cfg))
+
+
 def check_combination(cfg: FLConfig) -> None:
-    """Refuse, with the reason, a DP mode × secure aggregation × aggregator combination that cannot run soundly."""
-    mode, agg = cfg.dp.mode, cfg.aggregator
+    """Refuse, with the reason, a DP mode × secure aggregation × sampling × aggregator combination that cannot run
+    soundly."""
+    mode = cfg.dp.mode
     if mode == "distributed" or cfg.secagg:  # secure aggregation and distributed DP: their rules live in _secagg
         from edgeshield.fl._secagg import check_secagg_combination
 
         check_secagg_combination(cfg)
-        return
-    if mode == "central" and agg not in CENTRAL_DP_AGGREGATORS:
-        raise UnsupportedCombinationError(
-            f"central DP with {agg!r}: one client can move a {agg} aggregate of updates clipped to C by more than "
-            "C / n (coordinate-wise order statistics shift by up to 2C per coordinate, Krum/Bulyan switch the "
-            "selected set, FLTrust renormalises by every client's trust), so noise scaled to the clip would not "
-            "bound it; use fedavg or norm_bound under central DP, or local DP (any aggregator: post-processing)"
-        )
-    if mode == "central" and agg == "norm_bound":
-        inner = cfg.aggregator_params.get("inner", "fedavg")
-        if inner != "fedavg":
+        if cfg.sampling == "fixed":
             raise UnsupportedCombinationError(
-                f"central DP with norm_bound(inner={inner!r}): only a fedavg inner keeps the sensitivity at C / n"
+                "sampling 'fixed' with secure aggregation: SecAgg+ rounds sample clients by Poisson, which the "
+                "distributed-DP accounting assumes; use sampling 'auto' or 'poisson'"
             )
+        return
+    if mode == "central":
+        from edgeshield.fl._robust import is_poisson_sound
+
+        agg = aggregator_for(cfg)
+        scheme = cfg.sampling_scheme
+        if scheme == "poisson" and not is_poisson_sound(agg):
+            raise UnsupportedCombinationError(
+                f"central DP with {agg.name!r} under sampling 'poisson': adding or removing one client moves a "
+                f"{agg.name} aggregate by more than one per-client term of norm <= C (order statistics and Krum's "
+                "selection depend on every client, FLTrust's trust form renormalises by everyone's trust), so noise "
+                "scaled to the clip would not bound it; use sampling 'fixed' (or 'auto'), where its replace-one "
+                "sensitivity is noised, or fedavg, norm_bound(fedavg) or fltrust(normalise='count')"
+            )
+        if scheme == "fixed":
+            if cfg.dp.adaptive:
+                raise UnsupportedCombinationError(
+                    f"dp.adaptive with sampling 'fixed' (central DP with {agg.name!r} runs fixed-size cohorts): "
+                    "adaptive clipping's noisy count and its split of z were derived for Poisson sampling's "
+                    "add/remove-one neighbours; use a fixed dp.clip, or a Poisson-sound aggregator (fedavg, "
+                    "norm_bound(fedavg), fltrust) with sampling 'poisson'"
+                )
+            needed = getattr(agg, "min_clients", lambda: 1)()
+            if cfg.clients_per_round < needed:
+                raise UnsupportedCombinationError(
+                    f"central DP with {agg.name!r} and sampling 'fixed': every round has exactly clients_per_round "
+                    f"= {cfg.clients_per_round} updates, and {agg.name} needs at least {needed}; raise "
+                    "clients_per_round"
+                )
     if cfg.dp.adaptive and mode != "central":
         raise UnsupportedCombinationError(
             "dp.adaptive: adaptive clipping needs the server to count clipped updates (central mode); a local-DP "

@@ -98,13 +98,18 @@ class FLResult:
         """The ``fl.*`` keys the protected bundle records in its signed metadata."""
         last = self.history[-1] if self.history else None
         eps = last.epsilon_rdp if last is not None else None
+        scheme = self.config.sampling_scheme
+        # fixed-size sampling has no PLD accountant (dp-accounting): "none", never the RDP figure nor "inf"
+        pld = "none" if self.config.dp.enabled and scheme == "fixed" and self.config.dp.mode == "central" else (
+            "inf" if last is None or last.epsilon_pld is None else f"{last.epsilon_pld:.6g}")
         return {
             "fl.epsilon": "inf" if eps is None else f"{eps:.6g}",
-            "fl.epsilon_pld": "inf" if last is None or last.epsilon_pld is None else f"{last.epsilon_pld:.6g}",
+            "fl.epsilon_pld": pld,
             "fl.delta": f"{self.config.dp.delta:g}" if self.config.dp.enabled else "0",
             "fl.clip": "none" if last is None or last.clip is None else f"{last.clip:.6g}",
             "fl.noise_multiplier": "0" if self.noise_multiplier is None else f"{self.noise_multiplier:.6g}",
             "fl.mode": self.config.dp.mode,
+            "fl.sampling": scheme,
             "fl.aggregator": self.config.aggregator,
             "fl.rounds": str(len(self.history)),
             "fl.clients": str(self.config.clients),
@@ -130,6 +135,9 @@ def effective_noise_multiplier(cfg: FLConfig) -> float | None:
         raise InvalidArgumentError("fl config: dp needs noise_multiplier or target_epsilon")
     # local DP: the server sees each release, so no amplification by sampling (q = 1), every round in the worst case
     q = cfg.sampling_rate if cfg.dp.mode in ("central", "distributed") else 1.0  # distributed: the server sees a sum
+    if cfg.dp.mode == "central" and cfg.sampling_scheme == "fixed":  # replace-one, without replacement: RDP only
+        return float(noise_multiplier_for(cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.rounds, "rdp",
+                                          sampling="fixed"))
     return float(noise_multiplier_for(cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.rounds))
 
 
@@ -161,13 +169,13 @@ def _epsilon(cfg: FLConfig, z: float | None, rounds: int, participations: int) -
         return None, None
     from edgeshield.privacy import epsilon_for
 
-    if cfg.dp.mode == "central":
-        rep = epsilon_for(z, cfg.sampling_rate, rounds, cfg.dp.delta)
+    if cfg.dp.mode == "central":  # the run's scheme: fixed-size has no PLD figure (None, never the RDP one)
+        rep = epsilon_for(z, cfg.sampling_rate, rounds, cfg.dp.delta, sampling=cfg.sampling_scheme)
     else:  # local: the worst client's participations, no amplification
         if participations == 0:
             return 0.0, 0.0
         rep = epsilon_for(z, 1.0, participations, cfg.dp.delta)
-    return float(rep.rdp), float(rep.pld)
+    return float(rep.rdp), None if rep.pld is None else float(rep.pld)
 
 
 def _backdoor(kind: str, params: list[np.ndarray], x_test: np.ndarray, y_test: np.ndarray) -> float:
@@ -180,8 +188,14 @@ class _SystemSampler:
     """Client sampling under DP: amplification by sampling assumes the server's coin flips are secret, so they come
     from the operating system's CSPRNG, not from a seeded generator anyone who knows the seed could replay."""
 
+    _system = secrets.SystemRandom()
+
     def random(self) -> float:
         return secrets.randbits(53) / (1 << 53)
+
+    def sample(self, population: range, k: int) -> list[int]:
+        """k distinct members of ``population``, uniformly (fixed-size sampling without replacement)."""
+        return self._system.sample(population, k)
 
 
 def _sampler(cfg: FLConfig) -> Any:
@@ -294,6 +308,13 @@ def _make_job(cfg: FLConfig, malicious: Mapping[int, str] | None, events: Any, l
     if not isinstance(cfg, FLConfig):
         raise InvalidArgumentError(f"cfg must be an FLConfig, not {type(cfg).__name__}")
     check_combination(cfg)
+    if ledger is not None and cfg.dp.mode == "central":
+        kept = getattr(ledger, "sampling", "poisson")
+        if kept != cfg.sampling_scheme:
+            raise InvalidArgumentError(
+                f"ledger: it accounts sampling {kept!r} but this run samples {cfg.sampling_scheme!r}; create the "
+                f"server's PrivacyLedger with sampling={cfg.sampling_scheme!r}"
+            )
     from edgeshield.fl._strategy import build_aggregation
 
     build_aggregation(cfg, effective_noise_multiplier(cfg))  # the DP parameters checked before any runtime starts

@@ -5,22 +5,34 @@ door); what happens to the validated updates is an :class:`UpdateAggregation` ob
 
 - :class:`RobustAggregation` runs one of ``_robust``'s aggregators on the flat updates and reports per-client
   anomaly scores, the clients it left out and the outliers;
-- :class:`CentralDP` wraps it: clip each update to C (Flower's ``clip_inputs_inplace``), aggregate the clipped
-  updates with uniform weights, turn the mean back into the sum, add N(0, (z·C)²) from
-  :func:`edgeshield.privacy.gaussian_noise` (never Flower's ``np.random.normal``) and divide by the EXPECTED number
-  of clients q·N (McMahan et al. 2018), so the denominator does not depend on who took part. With ``adaptive`` the
-  clip follows Andrew et al. (2021): the noisy fraction of unclipped updates drives C ← C·exp(−η(b̄ − target)), and
-  z is split between the updates and the count (Flower's ``compute_adaptive_noise_params``).
+- :class:`CentralDP` wraps it, in one of two sampling schemes (``FLConfig.sampling_scheme``):
+
+  * ``poisson`` (each client independently with probability q; add/remove-one neighbours): clip each update to C
+    (Flower's ``clip_inputs_inplace``), aggregate the clipped updates with uniform weights, turn the result back into
+    the sum of per-client terms, release sum + N(0, (z·C)²) through OpenDP's Gaussian mechanism
+    (:class:`edgeshield.privacy.GaussianMechanism`, never ``np.random``) and divide by the EXPECTED number of clients
+    q·N (McMahan et al. 2018), so the denominator does not depend on who took part. With ``adaptive`` the clip
+    follows Andrew et al. (2021): the noisy fraction of unclipped updates drives C ← C·exp(−η(b̄ − target)), and z
+    is split between the updates and the count (Flower's ``compute_adaptive_noise_params``).
+  * ``fixed`` (exactly m = clients_per_round clients drawn without replacement by the OS CSPRNG; replace-one
+    neighbours): the cohort is always m vectors (a sampled client that did not answer, or whose update was rejected
+    at the door, counts as the zero vector), the aggregator runs on the m clipped updates with uniform weights, its
+    output is projected onto the C-ball, and released with N(0, (z·Δ)²), Δ the aggregator's replace-one sensitivity.
 - Local DP needs no server wrapper: each client's release is already private, so any aggregator is post-processing.
 
-Sensitivity under central DP. Adding or removing one client changes the sum of clipped updates by at most C (L2),
-so sum + N(0, (zC)²) is the Gaussian mechanism with noise multiplier z, and dividing by the fixed q·N is
-post-processing. This holds for ``fedavg`` (uniform weights: example counts would let a client claim more weight)
-and for ``norm_bound`` with a fedavg inner (a second, per-client clip keeps each contribution ≤ C). It does NOT hold
-for the coordinate-wise median or trimmed mean (one client can shift every coordinate's order statistic by up to
-2C, an L2 change up to 2C·√d), for Krum/Bulyan (one client can switch the selected set), or for FLTrust (the
-average is renormalised by the sum of every client's trust): those combinations are refused
-(``_config.check_combination``) rather than run with noise that would not bound them.
+Sensitivity under central DP. Poisson: adding or removing one client changes the sum of per-client terms by at most
+C (L2) when each term depends on that client's update alone and has norm <= C: fedavg (uniform weights: example
+counts would let a client claim more weight), ``norm_bound`` with a fedavg inner (a second, per-client clip), and
+FLTrust's count form (term ReLU(cos(u, g0))·‖g0‖·u/‖u‖ with the root update g0 clipped to C). So sum + N(0, (zC)²) is
+the Gaussian mechanism with noise multiplier z, and dividing by the fixed q·N is post-processing. The other
+aggregators are not sums of such terms (an order statistic or Krum's selection depends on everyone), so Poisson
+sampling with them is refused (``_config.check_combination``). Fixed: each aggregator states its replace-one
+sensitivity Δ on m inputs of norm <= C (``_robust``, proof in each docstring): fedavg and FLTrust's count form 2C/m,
+the trimmed mean 2C/(m − 2k), the median, Krum, multi-Krum and Bulyan 2C (the diameter of the C-ball their output is
+projected onto), ``norm_bound(inner)`` the inner's with C' = min(C, max_norm). Noise z·Δ with noise multiplier z is
+then the Gaussian mechanism under replace-one, accounted as sampling without replacement (Wang, Balle &
+Kasiviswanathan 2019). The price is plain: Δ = 2C is m times fedavg's 2C/m, so at the same ε the median, Krum,
+multi-Krum and Bulyan carry m times the noise of fedavg.
 
 Secure aggregation slots in at :meth:`EdgeShieldStrategy.aggregate_train`: a SecAgg+ workflow hands over only the
 sum, so it pairs with an aggregation object that takes a sum instead of per-client updates.
@@ -37,6 +49,7 @@ import numpy as np
 
 from edgeshield.errors import InvalidArgumentError
 from edgeshield.fl._client import client_id, clip_vector
+from edgeshield.fl._robust import is_poisson_sound, project_l2_ball, sensitivity_of
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -55,6 +68,7 @@ __all__ = [
     "RoundOutcome",
     "UpdateAggregation",
     "build_aggregation",
+    "draw_cohort",
 ]
 
 
@@ -138,12 +152,19 @@ class AdaptiveClip:
         self.clip = float(self.clip * math.exp(-self.lr * (fraction - self.target_quantile)))
 
 
+#: the names the fixed scheme gives the zero vectors standing in for missing updates (no client is called this)
+_ABSENT = "(absent-"
+
+
 class CentralDP:
-    """Central user-level DP around an aggregation whose sensitivity on clipped updates is C (see module doc)."""
+    """Central user-level DP around an aggregation, in the Poisson or the fixed-size scheme (see the module doc).
+
+    ``expected_clients``: q·N under Poisson (the fixed denominator), m (an integer) under ``sampling="fixed"``.
+    """
 
     def __init__(
         self, inner: RobustAggregation, *, clip: float, noise_multiplier: float, expected_clients: float,
-        adaptive: AdaptiveClip | None = None,
+        adaptive: AdaptiveClip | None = None, sampling: str = "poisson",
     ) -> None:
         self.inner = inner
         self.clip = clip
@@ -151,6 +172,24 @@ class CentralDP:
         self.expected_clients = expected_clients
         self.adaptive = adaptive
         self.update_noise_multiplier = noise_multiplier
+        if sampling not in ("poisson", "fixed"):
+            raise InvalidArgumentError(f"central DP: sampling must be 'poisson' or 'fixed', not {sampling!r}")
+        self.sampling = sampling
+        self.cohort_size = 0
+        self.sensitivity = clip  # of the released quantity: the sum (poisson) or the projected aggregate (fixed)
+        if sampling == "fixed":
+            if adaptive is not None:
+                raise InvalidArgumentError("central DP: adaptive clipping needs sampling 'poisson'")
+            if float(expected_clients) != int(expected_clients) or int(expected_clients) < 1:
+                raise InvalidArgumentError(f"central DP with sampling 'fixed' needs an integer cohort size m, "
+                                           f"not {expected_clients!r}")
+            self.cohort_size = int(expected_clients)
+            self.sensitivity = sensitivity_of(inner.aggregator, self.cohort_size, clip)
+        elif not is_poisson_sound(inner.aggregator):
+            raise InvalidArgumentError(
+                f"central DP: {inner.aggregator.name} is not Poisson-sound (its aggregate is not a sum of per-client "
+                "terms of norm <= C); run it with sampling 'fixed'"
+            )
         if adaptive is not None:
             from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
@@ -169,12 +208,8 @@ class CentralDP:
     def current_clip(self) -> float:
         return self.adaptive.clip if self.adaptive is not None else self.clip
 
-    def aggregate(
-        self, server_round: int, updates: Sequence[ClientUpdate], dim: int, *, root_update: np.ndarray | None
-    ) -> RoundOutcome:
-        from edgeshield.privacy import GaussianMechanism
-
-        clip = self.current_clip()
+    def _clip_all(self, updates: Sequence[ClientUpdate], root_update: np.ndarray | None, clip: float
+                  ) -> tuple[list[ClientUpdate], list[str], np.ndarray | None]:
         clipped: list[ClientUpdate] = []
         cut: list[str] = []
         for u in updates:
@@ -182,8 +217,48 @@ class CentralDP:
             clipped.append(ClientUpdate(u.client, vec, 1.0))
             if was_cut:
                 cut.append(u.client)
-        out = self.inner.aggregate(server_round, clipped, dim, root_update=root_update)
-        total = out.update * len(out.accepted)  # uniform weights: the mean back to the sum of accepted updates
+        # FLTrust's terms are scaled to the root update's norm: clipped to C like every update (s = min(‖g0‖, C))
+        root = None if root_update is None else project_l2_ball(np.asarray(root_update, dtype=np.float64), clip)
+        return clipped, cut, root
+
+    def fixed_aggregate(
+        self, server_round: int, updates: Sequence[ClientUpdate], dim: int, *, root_update: np.ndarray | None
+    ) -> tuple[np.ndarray, RoundOutcome]:
+        """The fixed scheme before the noise: m vectors (zeros for the missing), aggregated, projected onto the
+        C-ball. Its output moves by at most :attr:`sensitivity` when one client's data is replaced."""
+        m, clip = self.cohort_size, self.current_clip()
+        if len(updates) > m or len({u.client for u in updates}) != len(updates):
+            raise InvalidArgumentError(f"central DP: {len(updates)} updates for a cohort of {m} distinct clients")
+        clipped, cut, root = self._clip_all(updates, root_update, clip)
+        pads = [ClientUpdate(f"{_ABSENT}{k})", np.zeros(dim), 1.0) for k in range(m - len(updates))]
+        out = self.inner.aggregate(server_round, clipped + pads, dim, root_update=root)
+        real = {u.client for u in updates}
+        out.accepted = [c for c in out.accepted if c in real]
+        out.rejected = {c: r for c, r in out.rejected.items() if c in real}
+        out.scores = {c: v for c, v in out.scores.items() if c in real}
+        out.outliers = [c for c in out.outliers if c in real]
+        out.clipped = sorted((set(out.clipped) & real) | set(cut))
+        out.clip = clip
+        return project_l2_ball(out.update, clip), out
+
+    def aggregate(
+        self, server_round: int, updates: Sequence[ClientUpdate], dim: int, *, root_update: np.ndarray | None
+    ) -> RoundOutcome:
+        from edgeshield.privacy import GaussianMechanism
+
+        if self.sampling == "fixed":
+            vector, out = self.fixed_aggregate(server_round, updates, dim, root_update=root_update)
+            std = self.noise_multiplier * self.sensitivity
+            # replace-one sensitivity Δ of the projected aggregate; OpenDP releases it + N(0, (zΔ)²) exactly
+            out.update = np.asarray(GaussianMechanism(self.sensitivity, std).release(vector))
+            out.noise_std = std
+            return out
+        clip = self.current_clip()
+        clipped, cut, root = self._clip_all(updates, root_update, clip)
+        out = self.inner.aggregate(server_round, clipped, dim, root_update=root)
+        # uniform weights and a count denominator: the aggregate times the number of updates is the sum of the
+        # per-client terms (fedavg: the clipped updates; FLTrust's count form: the trust-weighted rescaled ones)
+        total = out.update * len(clipped)
         std = self.update_noise_multiplier * clip
         # The sum of clipped updates has L2 sensitivity C; OpenDP's mechanism releases sum + N(0, std²) exactly on
         # its grid (Mironov-safe), instead of a float addition of separately drawn noise.
@@ -200,11 +275,9 @@ class CentralDP:
 
 def build_aggregation(cfg: FLConfig, noise_multiplier: float | None) -> RobustAggregation | CentralDP:
     """The aggregation the config asks for (the combination already checked by ``check_combination``)."""
-    from edgeshield.fl._robust import make_aggregator
+    from edgeshield.fl._config import aggregator_for
 
-    robust = RobustAggregation(
-        make_aggregator(cfg.aggregator, **dict(cfg.aggregator_params)), uniform_weights=cfg.dp.enabled
-    )
+    robust = RobustAggregation(aggregator_for(cfg), uniform_weights=cfg.dp.enabled)
     if cfg.dp.mode != "central":
         return robust
     if noise_multiplier is None:
@@ -215,8 +288,22 @@ def build_aggregation(cfg: FLConfig, noise_multiplier: float | None) -> RobustAg
         stddev = cfg.dp.count_stddev if cfg.dp.count_stddev is not None else expected / 20
         adaptive = AdaptiveClip(cfg.dp.clip, cfg.dp.target_quantile, cfg.dp.clip_lr, stddev)
     return CentralDP(
-        robust, clip=cfg.dp.clip, noise_multiplier=noise_multiplier, expected_clients=expected, adaptive=adaptive
+        robust, clip=cfg.dp.clip, noise_multiplier=noise_multiplier, expected_clients=expected, adaptive=adaptive,
+        sampling=cfg.sampling_scheme,
     )
+
+
+def draw_cohort(rng: Any, clients: int, per_round: int, scheme: str) -> list[int]:
+    """This round's clients: exactly ``per_round`` without replacement (``fixed``) or each with probability
+    per_round / clients (``poisson``). ``rng`` has ``sample(population, k)`` (``secrets.SystemRandom``: under DP the
+    draws must be secret) or is a numpy Generator (a reproducible run without DP)."""
+    if scheme == "fixed":
+        sample = getattr(rng, "sample", None)
+        picked = sample(range(clients), per_round) if sample is not None else \
+            rng.choice(clients, size=per_round, replace=False).tolist()
+        return sorted(int(c) for c in picked)
+    q = per_round / clients
+    return [cid for cid in range(clients) if q >= 1.0 or rng.random() < q]
 
 
 def _strategy_base() -> type:
@@ -272,10 +359,9 @@ def make_strategy(
             from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
             self.current = arrays.to_numpy_ndarrays()
-            # Poisson sampling: each client independently with probability q (what the accountant assumes)
-            q = cfg.sampling_rate
-            chosen = [cid for cid in range(cfg.clients) if q >= 1.0 or rng.random() < q]  # not privacy noise (see
-            # make_strategy's caller: under DP the sampler is the operating system's CSPRNG)
+            # the run's scheme, as the accountant is told (under DP the sampler is the operating system's CSPRNG:
+            # see make_strategy's caller)
+            chosen = draw_cohort(rng, cfg.clients, cfg.clients_per_round, cfg.sampling_scheme)
             self.sampled = [client_id(c) for c in chosen]
             clip = self.clip()
             messages = []
@@ -320,6 +406,9 @@ def make_strategy(
                 if cid is None:
                     continue
                 client = client_id(cid)
+                if client not in self.sampled:  # the cohort (and so the sensitivity) is who the server sampled
+                    self._reject(server_round, client, "not sampled this round", rejected)
+                    continue
                 if client in answered:
                     self._reject(server_round, client, "duplicate reply", rejected)
                     continue
