@@ -174,3 +174,17 @@ def test_draw_cohort_fixed_is_exactly_m_distinct_clients() -> None:
         assert seen == set(range(12))
     sizes = {len(draw_cohort(np.random.default_rng(s), 12, 5, "poisson")) for s in range(30)}
     assert len(sizes) > 1  # Poisson: the count varies
+
+
+def test_target_epsilon_is_calibrated_with_the_run_s_sampling_scheme() -> None:
+    from edgeshield.fl._sim import effective_noise_multiplier
+    from edgeshield.privacy import epsilon_for
+
+    cfg = FLConfig(clients=20, clients_per_round=8, rounds=5, aggregator="median",
+                   dp=DPConfig(mode="central", target_epsilon=4.0))
+    assert cfg.sampling_scheme == "fixed"
+    z = effective_noise_multiplier(cfg)
+    assert z is not None
+    got = epsilon_for(z, 8 / 20, 5, 1e-5, sampling="fixed")
+    assert got.pld is None and 3.9 < got.rdp <= 4.0  # the replace-one accountant confirms the target
+    assert epsilon_for(z, 8 / 20, 5, 1e-5).rdp < got.rdp  # not this run's figure (another scheme)
