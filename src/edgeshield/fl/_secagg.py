@@ -90,7 +90,6 @@ import io
 import json
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -576,14 +575,6 @@ def run_secagg_job(grid: Any, job: Any) -> FLResult:
     return FLResult(cfg, strategy.history, strategy.params, z, strategy.stop, time.perf_counter() - t_start, extra)
 
 
-class _CsprngSampler:
-    """Client sampling under DP: amplification by sampling assumes the coin flips are secret, so they come from the
-    OS CSPRNG, not a seeded generator anyone who knows the seed could replay."""
-
-    def random(self) -> float:
-        return secrets.randbits(53) / (1 << 53)
-
-
 def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.ndarray],
                      template: list[tuple[tuple[int, ...], str]], nodes: list[int], ledger_dir: str) -> Any:
     """The legacy Flower ``Strategy`` the SecAgg+ workflow drives (defined lazily: Flower is an extra)."""
@@ -593,11 +584,11 @@ def _legacy_strategy(cfg: FLConfig, job: Any, plan: SecAggPlan, params: list[np.
     from edgeshield.fl._attacks import parse_attack
     from edgeshield.fl._client import client_id
     from edgeshield.fl._model import accuracy_and_loss
-    from edgeshield.fl._sim import RoundRecord, _backdoor
+    from edgeshield.fl._sim import RoundRecord, _backdoor, _sampler
     from edgeshield.fl._updates import flatten, unflatten
 
-    # Poisson sampling (the scheme the accounting assumes); reproducible from the seed only without DP
-    rng: Any = _CsprngSampler() if cfg.dp.enabled else np.random.default_rng([cfg.seed, 4])
+    # Poisson sampling (the scheme the accounting assumes): the OS CSPRNG under DP, reproducible only without DP
+    rng: Any = _sampler(cfg)
     node_of = {cid: nodes[cid] for cid in range(cfg.clients)}
     cid_of = {node: cid for cid, node in node_of.items()}
     plan_json = json.dumps(plan.to_dict())
