@@ -4,6 +4,7 @@ one runtime per process)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,40 @@ def test_bad_config_through_the_cli_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "fl.toml").write_text("clients = 4\nwhat = 1\n", encoding="utf-8")
     result = CliRunner().invoke(_fl.app, ["simulate", "--config", str(tmp_path / "fl.toml")])
     assert isinstance(result.exception, InvalidArgumentError) and result.exception.exit_code == 2
+
+
+@pytest.mark.parametrize(("toml", "extra", "match"), [
+    ("rounds = 2\nwhat = 1\n", [], "what: unknown key"),
+    ("clients = 5\n", [], "clients: 5, but the deployment trains on the 1 registered"),
+    ("rounds = 0\n", [], "rounds: must be at least 1"),
+    ("secagg = true\n[dp]\nmode = 'distributed'\nnoise_multiplier = 1.0\n", [], "SecAgg\\+ in simulation only"),
+    ("rounds = 1\n", ["--ledger", "ledger.sqlite", "--epsilon-budget", "1"], "--ledger needs central DP"),
+    ("rounds = 1\n", ["--bundle", "fl.esb"], "--bundle needs --signing-key"),
+])
+def test_fl_server_refuses_a_bad_config_before_starting_flower(tmp_path: Path, toml: str, extra: list[str],
+                                                               match: str) -> None:
+    """`fl server --config`: the same FLConfig as `fl simulate`, checked (one line, exit 2) before any process."""
+    from typer.testing import CliRunner
+
+    from edgeshield.cli import _fl
+    from edgeshield.errors import InvalidArgumentError
+
+    (tmp_path / "fl.toml").write_text(toml, encoding="utf-8")
+    files = {n: tmp_path / n for n in ("ca.crt", "link.crt", "link.key", "node.crt")}
+    result = CliRunner().invoke(_fl.app, [
+        "server", "--ca-cert", str(files["ca.crt"]), "--cert", str(files["link.crt"]), "--key", str(files["link.key"]),
+        "--node-cert", str(files["node.crt"]), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "fl.toml"),
+        "--workdir", str(tmp_path / "work"), *extra])
+    assert isinstance(result.exception, InvalidArgumentError), result.output
+    assert result.exception.exit_code == 2 and re.search(match, str(result.exception)), str(result.exception)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_deploy_config_without_a_file_maps_the_deployment_defaults() -> None:
+    from edgeshield.fl import FLConfig
+    from edgeshield.fl._deploy import DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROUNDS, deploy_config
+
+    cfg = deploy_config(nodes=3)
+    assert cfg == FLConfig(clients=3, clients_per_round=3, rounds=DEFAULT_ROUNDS, local_epochs=DEFAULT_LOCAL_EPOCHS,
+                           lr=DEFAULT_LR)
+    assert deploy_config(nodes=3, rounds=5, lr=0.1).rounds == 5

@@ -14,6 +14,13 @@ What Flower 1.42 offers, and how it is used here:
   ``--disable-runtime-dependency-installation``; telemetry and Flower's update check are switched off; ``FLWR_HOME``
   points at a private directory per process, never ``~/.flwr``.
 
+The app (``_deploy_app``) is the simulation's: the ServerApp runs ``_sim``'s job (EdgeShield's strategy: validation
+at the door, robust aggregation, central DP with ε per round, the ledger, ``fl.update_rejected`` events) for the
+:class:`~edgeshield.fl.FLConfig` carried in the run config, on the allowed nodes only; every SuperNode runs
+``fl._client.make_client_app()`` on its own data file. :func:`deploy_config` builds and checks that FLConfig before
+any process starts; :meth:`RunOutcome.fl_result` turns the run's output into the :class:`~edgeshield.fl.FLResult`
+that ``fl._export.protect_result`` turns into a bundle.
+
 Processes are started in their own session and tracked with their descendants (Flower starts a SuperExec, which
 starts ``flwr-serverapp``/``flwr-clientapp``); ``stop()`` (and leaving a ``with`` block, however it is left) ends all
 of them, by pid, escalating from SIGTERM to SIGKILL.
@@ -33,11 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -50,12 +58,20 @@ from edgeshield.errors import (
     CertificateRevokedError,
     ConnectionFailedError,
     CrlError,
-    EdgeShieldError,
     InvalidArgumentError,
     KeyFileError,
     MissingDependencyError,
 )
-from edgeshield.fl._deploy_app import PARAMS_FILE, RESULT_FILE
+from edgeshield.fl._deploy_app import PARAMS_FILE, RESULT_FILE, DeploymentError
+
+if TYPE_CHECKING:
+    from edgeshield.fl._config import FLConfig
+    from edgeshield.fl._sim import FLResult
+
+__all__ = [
+    "DeploymentError", "LocalFederation", "NodeRefusedError", "NodeSpec", "RunOutcome", "SuperLink", "SuperNode",
+    "check_deploy_config", "deploy_config", "node_public_key", "run_federation", "write_app", "write_node_auth_key",
+]
 
 SERVER_ROLE = "fl-server"
 NODE_ROLE = "fl-client"
@@ -67,10 +83,6 @@ SUPERNODE_CONNECT_EXIT = 305
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 # How often to ask for a run's status before the ServerApp's result appears (then every half second).
 _STATUS_POLL = 2.0
-
-
-class DeploymentError(EdgeShieldError):
-    """A Flower process failed to start or exited early, a run failed, or a wait timed out."""
 
 
 class NodeRefusedError(ConnectionFailedError):
@@ -91,6 +103,8 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # the SuperExec looks for a ServerApp/ClientApp to start every second by default: each message waits for it
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         "PYTHONUNBUFFERED": "1",
         "PATH": bindir + os.pathsep + env.get("PATH", ""),
     })
@@ -279,10 +293,20 @@ class RunOutcome:
     result: dict[str, Any] | None
     params_path: Path | None
     seconds: float
+    out_dir: Path | None = None
 
     @property
     def completed(self) -> bool:
         return self.status == "finished:completed"
+
+    def fl_result(self) -> FLResult:
+        """The run as a :class:`~edgeshield.fl.FLResult` (history, final parameters, config), ready for
+        ``fl._export.to_onnx`` / ``protect_result`` like a simulation result."""
+        from edgeshield.fl._deploy_app import load_result
+
+        if self.out_dir is None:
+            raise DeploymentError(f"run {self.run_id} left no output directory")
+        return load_result(self.out_dir)
 
 
 @dataclass
@@ -437,7 +461,8 @@ class SuperLink:
             time.sleep(0.25)
         result = json.loads(result_path.read_text()) if result_path.is_file() else None
         params = out_dir / PARAMS_FILE
-        return RunOutcome(run_id, status, result, params if params.is_file() else None, time.monotonic() - start)
+        return RunOutcome(run_id, status, result, params if params.is_file() else None, time.monotonic() - start,
+                          out_dir)
 
     def stop(self) -> None:
         try:
@@ -527,7 +552,10 @@ class _Control:
 @dataclass
 class SuperNode:
     """``flower-supernode`` connecting to ``superlink`` (host:port), verifying it against ``ca_cert``, signing its
-    requests with the EC key of its PKI certificate (``key``; None: no node auth), runtime API on a free port."""
+    requests with the EC key of its PKI certificate (``key``; None: no node auth), runtime API on a free port.
+
+    ``node_config`` is what the ClientApp reads (``data``, ``ledger-dir``, ``epsilon-budget``; see ``_deploy_app``);
+    without a ``ledger-dir`` the node's local-DP ledger lives in ``workdir/ledger``."""
 
     workdir: Path
     superlink: str
@@ -544,6 +572,8 @@ class SuperNode:
         self.home = _private_dir(self.workdir / "flwr-home")
         self.env = flower_env(self.home)
         self._auth_key: Path | None = None
+        if "ledger-dir" not in self.node_config:
+            self.node_config = {**self.node_config, "ledger-dir": str(_private_dir(self.workdir / "ledger").resolve())}
 
     def __enter__(self) -> SuperNode:
         self.start()
@@ -627,9 +657,82 @@ def _toml(values: Mapping[str, str | int | float]) -> str:
 
 # --- the app --------------------------------------------------------------------------------------------------------
 APP_CONFIG_DEFAULTS: dict[str, str | int | float] = {
-    "num-server-rounds": 2, "local-epochs": 20, "lr": 0.5, "round-timeout": 120.0, "allowed-nodes": "",
-    "out-dir": "", "eval-data": "",
+    "fl-config": "", "allowed-nodes": "", "out-dir": "", "eval-data": "", "root-data": "", "round-timeout": 120.0,
+    "ledger": "", "epsilon-budget": 0.0,
 }
+#: without a config file, today's deployment defaults on the FLConfig (the rest: FLConfig's own defaults)
+DEFAULT_ROUNDS, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR = 2, 2, 0.5
+
+
+def deploy_config(path: str | os.PathLike[str] | None = None, *, nodes: int, rounds: int | None = None,
+                  local_epochs: int | None = None, lr: float | None = None) -> FLConfig:
+    """The FLConfig a deployment runs for ``nodes`` registered SuperNodes, checked before anything starts.
+
+    From the TOML at ``path`` (as ``fl simulate`` reads it: top level or an ``[fl]`` table), else the deployment
+    defaults; ``rounds``/``local_epochs``/``lr`` override either. The population is the registered nodes:
+    ``clients`` is set to ``nodes`` (a file naming another number is refused) and ``clients_per_round`` defaults to
+    all of them. Malformed values and unsupported combinations are one-line ``InvalidArgumentError``s."""
+    from edgeshield.fl._config import FLConfig
+
+    data: dict[str, Any]
+    if path is None:
+        data = {"rounds": DEFAULT_ROUNDS, "local_epochs": DEFAULT_LOCAL_EPOCHS, "lr": DEFAULT_LR}
+    else:
+        data = _read_toml(path)
+    for key, value in (("rounds", rounds), ("local_epochs", local_epochs), ("lr", lr)):
+        if value is not None:
+            data[key] = value
+    given = data.get("clients", nodes)
+    if given != nodes or isinstance(given, bool):
+        raise InvalidArgumentError(f"fl config: clients: {given!r}, but the deployment trains on the {nodes} "
+                                   "registered nodes (leave clients out, or give one --node-cert per client)")
+    data["clients"] = nodes
+    data.setdefault("clients_per_round", nodes)
+    return check_deploy_config(FLConfig.from_dict(data))
+
+
+def check_deploy_config(cfg: FLConfig) -> FLConfig:
+    """``cfg`` if a deployment can run it (what ``fl simulate`` accepts, less secure aggregation), else the reason."""
+    from edgeshield.fl._config import UnsupportedCombinationError, check_combination
+    from edgeshield.fl._sim import effective_noise_multiplier
+    from edgeshield.fl._strategy import build_aggregation
+
+    if cfg.secagg or cfg.dp.mode == "distributed":
+        raise UnsupportedCombinationError(
+            "secure aggregation / distributed DP on a deployment: EdgeShield runs SecAgg+ in simulation only; use "
+            "central or local DP here")
+    check_combination(cfg)
+    build_aggregation(cfg, effective_noise_multiplier(cfg))  # the DP parameters checked before Flower starts
+    return cfg
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from edgeshield._io import check_readable_file
+
+    p = check_readable_file(path, what="fl config")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"fl config: {p}: not valid TOML: {exc}") from None
+    if set(data) == {"fl"} and isinstance(data["fl"], Mapping):
+        data = dict(data["fl"])
+    return dict(data)
+
+
+def run_config(cfg: FLConfig, node_ids: Sequence[int], out_dir: Path, *, eval_data: Path | None = None,
+               root_data: Path | None = None, round_timeout: float = 120.0, ledger: Path | None = None,
+               epsilon_budget: float | None = None) -> dict[str, str | int | float]:
+    """The run config the ServerApp reads (``_deploy_app``), paths made absolute."""
+    if ledger is not None and (epsilon_budget is None or cfg.dp.mode != "central"):
+        raise InvalidArgumentError("a server ledger (--ledger) needs central DP and an --epsilon-budget")
+
+    def path(p: Path | None) -> str:
+        return str(Path(p).resolve()) if p is not None else ""
+
+    return {"fl-config": json.dumps(cfg.to_dict()), "allowed-nodes": " ".join(map(str, node_ids)),
+            "out-dir": path(out_dir), "eval-data": path(eval_data), "root-data": path(root_data),
+            "round-timeout": float(round_timeout), "ledger": path(ledger),
+            "epsilon-budget": float(epsilon_budget or 0.0)}
 
 
 def write_app(directory: Path) -> Path:
@@ -658,17 +761,32 @@ def write_app(directory: Path) -> Path:
 # --- all in one: a local federation ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NodeSpec:
-    """A SuperNode to start: its PKI certificate and key, and its local data (.npz; None: a digits partition)."""
+    """A SuperNode to start: its PKI certificate and key, its local data (.npz; None: a digits partition), the
+    privacy budget it agrees to spend under local DP, and (evaluation only) the attack a compromised node plays."""
 
     name: str
     cert: Path
     key: Path
     data: Path | None = None
+    epsilon_budget: float | None = None
+    attack: str | None = None
+
+    def node_config(self, data: Path) -> dict[str, str | int | float]:
+        out: dict[str, str | int | float] = {"data": str(Path(data).resolve())}
+        if self.epsilon_budget is not None:
+            out["epsilon-budget"] = float(self.epsilon_budget)
+        if self.attack:
+            from edgeshield.fl._attacks import parse_attack
+
+            parse_attack(self.attack)
+            out["attack"] = self.attack
+        return out
 
 
 class LocalFederation:
     """A SuperLink and one SuperNode per ``nodes`` on one host (TLS, node auth), as a context manager; ``train``
-    runs FedAvg on them. Leaving the block stops every process, whatever happened inside it."""
+    runs an FLConfig on them with EdgeShield's strategy. Leaving the block stops every process, whatever happened
+    inside it."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, ca_cert: Path, server_cert: Path, server_key: Path,
                  nodes: Sequence[NodeSpec], crl: Path | None = None, eval_data: Path | None = None,
@@ -724,7 +842,7 @@ class LocalFederation:
             data = n.data if n.data is not None else parts[i]
             self.nodes.append(self._stack.enter_context(
                 SuperNode(self.work / n.name, link.address, self.ca_cert, n.key,
-                          node_config={"data": str(Path(data).resolve())})))
+                          node_config=n.node_config(data))))
         self._wait_online()
 
     def _wait_online(self) -> None:
@@ -757,36 +875,43 @@ class LocalFederation:
         procs += [n.process for n in self.nodes if n.process is not None]
         return [p for fp in procs for p in fp.processes()]
 
-    def train(self, *, rounds: int = 2, local_epochs: int = 20, lr: float = 0.5, timeout: float = 120.0,
-              out_dir: Path | None = None) -> RunOutcome:
-        """Submit the EdgeShield app for ``rounds`` rounds on the registered nodes and wait for the result."""
+    def train(self, config: FLConfig | None = None, *, timeout: float = 120.0, out_dir: Path | None = None,
+              root_data: Path | None = None, ledger: Path | None = None,
+              epsilon_budget: float | None = None) -> RunOutcome:
+        """Submit the EdgeShield app with ``config`` (None: :func:`deploy_config`'s defaults) on the registered
+        nodes and wait for the result; each round may take ``timeout`` seconds (the run, one more)."""
         if self.link is None:
             raise DeploymentError("the federation is not started")
-        if rounds < 1:
-            raise InvalidArgumentError("a run needs at least one round")
+        cfg = check_deploy_config(config) if config is not None else deploy_config(nodes=len(self.node_ids))
+        if cfg.clients != len(self.node_ids):
+            raise InvalidArgumentError(f"fl config: clients: {cfg.clients}, but the federation has "
+                                       f"{len(self.node_ids)} nodes")
         out = Path(out_dir) if out_dir is not None else self.work / "out"
         app = write_app(self.work / "app")
-        run_id = self.link.submit(app, {
-            "num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "round-timeout": timeout,
-            "allowed-nodes": " ".join(map(str, self.node_ids)), "out-dir": str(out.resolve()),
-            "eval-data": str(Path(self.eval_data).resolve()) if self.eval_data else "",
-        })
-        outcome = self.link.wait_run(run_id, out, timeout)
-        if not outcome.completed:
-            raise DeploymentError(f"run {run_id} ended {outcome.status}: {_last_error(self.link.process.log_text())}"
-                                  if self.link.process else f"run {run_id} ended {outcome.status}")
+        run_id = self.link.submit(app, run_config(cfg, self.node_ids, out, eval_data=self.eval_data,
+                                                  root_data=root_data, round_timeout=timeout, ledger=ledger,
+                                                  epsilon_budget=epsilon_budget))
+        outcome = self.link.wait_run(run_id, out, timeout * (cfg.rounds + 1))
+        return _finished(outcome, self.link)
+
+
+def _finished(outcome: RunOutcome, link: SuperLink) -> RunOutcome:
+    """``outcome`` if the run completed; else a DeploymentError with the ServerApp's reason (or the SuperLink's)."""
+    if outcome.completed and outcome.result is not None and "error" not in outcome.result:
         return outcome
+    why = (outcome.result or {}).get("error") or (_last_error(link.process.log_text()) if link.process else "")
+    raise DeploymentError(f"run {outcome.run_id} ended {outcome.status}: {why}")
 
 
 def run_federation(workdir: str | os.PathLike[str], *, ca_cert: Path, server_cert: Path, server_key: Path,
-                   nodes: Sequence[NodeSpec], rounds: int = 2, crl: Path | None = None, local_epochs: int = 20,
-                   lr: float = 0.5, timeout: float = 120.0, out_dir: Path | None = None,
+                   nodes: Sequence[NodeSpec], config: FLConfig | None = None, crl: Path | None = None,
+                   timeout: float = 120.0, out_dir: Path | None = None,
                    eval_data: Path | None = None) -> RunOutcome:
-    """Start a local federation, train ``rounds`` rounds of FedAvg, stop everything; returns the finished run
-    (``RunOutcome.result`` holds loss and accuracy per round, ``params_path`` the final parameters)."""
+    """Start a local federation, run ``config`` on it, stop everything; returns the finished run
+    (``RunOutcome.result`` holds accuracy, ε and rejections per round, ``fl_result()`` the FLResult)."""
     with LocalFederation(workdir, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key, nodes=nodes,
                          crl=crl, eval_data=eval_data) as fed:
-        return fed.train(rounds=rounds, local_epochs=local_epochs, lr=lr, timeout=timeout, out_dir=out_dir)
+        return fed.train(config, timeout=timeout, out_dir=out_dir)
 
 
 @contextlib.contextmanager

@@ -1,14 +1,29 @@
-"""The Flower app a deployment runs: ``ServerApp`` and ``ClientApp`` factories for the federated digits model.
+"""The Flower app a deployment runs: the simulation's ServerApp round loop and ClientApp, on real SuperNodes.
 
-The FAB that ``edgeshield.fl._deploy`` builds is a stub that calls these factories, so every SuperNode runs the
-EdgeShield code installed on it, not code shipped in the bundle. The server trains only on the SuperNodes it was
-told to trust (``allowed-nodes``, the node ids it registered from PKI certificates): a node someone else registered
-through Flower's open Control API is never sent the model and never averaged in.
+The FAB that ``edgeshield.fl._deploy`` builds is a stub that calls these factories, so every process runs the
+EdgeShield code installed beside it, not code shipped in the bundle.
 
-Run config (``[tool.flwr.app.config]``): ``num-server-rounds``, ``local-epochs``, ``lr``, ``round-timeout``
-(seconds), ``allowed-nodes`` (space-separated node ids), ``out-dir`` (where ``result.json`` and ``params.npz``
-go), ``eval-data`` (the server's .npz test set; empty: the digits test split). Node config: ``data`` (the node's
-local .npz), else ``partition-id`` and ``num-partitions`` pick its share of the digits training set.
+ServerApp: the run config carries the :class:`~edgeshield.fl.FLConfig` as JSON (``fl-config``), and the ServerApp
+runs exactly the simulation's job (``_sim._run_job``: ``build_aggregation`` + ``make_strategy``, so validation at
+the door, robust aggregation, central DP with ε per round from the accountant, the server's ledger and
+``fl.update_rejected`` events), on a grid that sees only the allowed nodes (``allowed-nodes``: the node ids the
+server registered from PKI certificates), and evaluates on the server's own test set. It writes ``result.json``
+(the :class:`~edgeshield.fl.FLResult` as simulation reports it, plus the nodes, the events and any error) and
+``params.npz`` (the final global parameters) to ``out-dir``; the ``fl server`` process exports them
+(``fl._export``), so no signing key ever reaches a Flower process.
+
+ClientApp: :func:`edgeshield.fl._client.make_client_app` (PyTorch local training, local DP with the client's own
+ledger, the data check before training), behind a guard that makes each train message node-local first: the node's
+own data (node config ``data``, a .npz; else ``partition-id``/``num-partitions`` of the digits training set) is put
+into the message where simulation puts a custom shard (it never leaves the node: the reply carries only the update),
+the node's ledger directory (``ledger-dir``) and budget (``epsilon-budget``) replace whatever the server sent, and
+the server cannot choose an attack (a server-chosen "attack" would skip local DP): only the node's own config can
+(``attack``, for evaluation).
+
+Run config (``[tool.flwr.app.config]``): ``fl-config``, ``allowed-nodes``, ``out-dir``, ``eval-data`` (the server's
+.npz test set; empty: the digits test split), ``root-data`` (the server's root set for FLTrust or pretraining;
+empty: ``fltrust_root`` examples of the digits training split), ``round-timeout`` (seconds), ``ledger`` and
+``epsilon-budget`` (the server's privacy ledger under central DP; empty / 0: none).
 """
 
 from __future__ import annotations
@@ -23,54 +38,36 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeshield._io import atomic_write_bytes
+from edgeshield.errors import EdgeShieldError, InvalidArgumentError
 
 if TYPE_CHECKING:
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord
+    from flwr.app import Context, Message
     from flwr.serverapp import Grid
+
+    from edgeshield.fl._config import FLConfig
+    from edgeshield.fl._sim import FLResult
+    from edgeshield.monitor import SecurityEvent
 
 NUM_FEATURES, NUM_CLASSES = 64, 10
 RESULT_FILE, PARAMS_FILE = "result.json", "params.npz"
+RESULT_FORMAT, RESULT_VERSION = "edgeshield-fl-deploy-result", 2
 
 
-# --- the model: softmax regression in numpy (small, fast, and what DP-sized heads look like) ---------------------
-def initial_params() -> list[np.ndarray]:
-    return [np.zeros((NUM_FEATURES, NUM_CLASSES)), np.zeros(NUM_CLASSES)]
+class DeploymentError(EdgeShieldError):
+    """A Flower process failed to start or exited early, a run failed, or a wait timed out."""
 
 
-def _probabilities(params: list[np.ndarray], x: np.ndarray) -> np.ndarray:
-    z = x @ params[0] + params[1]
-    z = z - z.max(axis=1, keepdims=True)
-    p: np.ndarray = np.exp(z)
-    out: np.ndarray = p / p.sum(axis=1, keepdims=True)
-    return out
+class NodeDataError(InvalidArgumentError):
+    """A node's local data set is missing or malformed (shape, range, labels)."""
 
 
-def loss_and_accuracy(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    p = _probabilities(params, x)
-    loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
-    return loss, float((p.argmax(axis=1) == y).mean())
-
-
-def local_train(params: list[np.ndarray], x: np.ndarray, y: np.ndarray, *, epochs: int,
-                lr: float) -> tuple[list[np.ndarray], float]:
-    """Full-batch gradient descent on the node's data; returns the new parameters and the loss before the last step."""
-    w, b = (np.array(a, dtype=np.float64) for a in params)
-    onehot = np.eye(NUM_CLASSES)[y]
-    loss = 0.0
-    for _ in range(epochs):
-        p = _probabilities([w, b], x)
-        loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
-        g = (p - onehot) / len(y)
-        w, b = w - lr * (x.T @ g), b - lr * g.sum(axis=0)
-    return [w, b], loss
-
-
+# --- data on the node and on the server -------------------------------------------------------------------------
 def partition(partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     """Node ``partition_id``'s share of the digits training set (every ``num_partitions``-th example)."""
     from edgeshield.models import load_digits_split
 
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
+        raise NodeDataError(f"partition-id {partition_id} is not in [0, {num_partitions})")
     split = load_digits_split()
     return split.x_train[partition_id::num_partitions], split.y_train[partition_id::num_partitions]
 
@@ -78,25 +75,28 @@ def partition(partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.nd
 def save_dataset(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray) -> Path:
     """Write a local data set (``x`` float (N, 64) in [0, 1], ``y`` int labels) as the .npz a node trains on."""
     buf = io.BytesIO()
-    np.savez(buf, x=np.asarray(x, dtype=np.float64), y=np.asarray(y, dtype=np.int64))
+    np.savez(buf, x=np.asarray(x, dtype=np.float32), y=np.asarray(y, dtype=np.int64))
     out = Path(path)
     atomic_write_bytes(out, buf.getvalue(), mode=0o600)
     return out
 
 
 def load_dataset(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A node's local data set from .npz (no pickles), checked for shape, range and labels."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        if set(data.files) != {"x", "y"}:
-            raise ValueError(f"{path}: expected arrays x and y, found {sorted(data.files)}")
-        x, y = np.asarray(data["x"], dtype=np.float64), np.asarray(data["y"])
+    """A local data set from .npz (no pickles), checked for shape, range and labels; x float32, y int64."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            if set(data.files) != {"x", "y"}:
+                raise NodeDataError(f"{path}: expected arrays x and y, found {sorted(data.files)}")
+            x, y = np.asarray(data["x"], dtype=np.float64), np.asarray(data["y"])
+    except (OSError, ValueError) as exc:
+        raise NodeDataError(f"{path}: not a readable .npz data set: {exc}") from None
     if x.ndim != 2 or x.shape[1] != NUM_FEATURES or y.shape != (x.shape[0],) or x.shape[0] == 0:
-        raise ValueError(f"{path}: x must be (N, {NUM_FEATURES}) and y (N,), N > 0; got {x.shape} and {y.shape}")
+        raise NodeDataError(f"{path}: x must be (N, {NUM_FEATURES}) and y (N,), N > 0; got {x.shape} and {y.shape}")
     if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
-        raise ValueError(f"{path}: x must be finite and in [0, 1]")
+        raise NodeDataError(f"{path}: x must be finite and in [0, 1]")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= NUM_CLASSES:
-        raise ValueError(f"{path}: y must be integer labels in [0, {NUM_CLASSES})")
-    return x, y.astype(np.int64)
+        raise NodeDataError(f"{path}: y must be integer labels in [0, {NUM_CLASSES})")
+    return x.astype(np.float32), y.astype(np.int64)
 
 
 def write_digits_partitions(directory: str | os.PathLike[str], num_partitions: int) -> tuple[list[Path], Path]:
@@ -114,21 +114,39 @@ def write_digits_partitions(directory: str | os.PathLike[str], num_partitions: i
 def _node_data(node: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     if str(node.get("data", "")):
         return load_dataset(str(node["data"]))
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise NodeDataError("the node config names no data (data = PATH, or partition-id and num-partitions)")
     return partition(int(node["partition-id"]), int(node["num-partitions"]))
 
 
-def _eval_data(cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    if str(cfg.get("eval-data", "")):
-        return load_dataset(str(cfg["eval-data"]))
+def _eval_data(run: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    if str(run.get("eval-data", "")):
+        return load_dataset(str(run["eval-data"]))
     from edgeshield.models import load_digits_split
 
     split = load_digits_split()
     return split.x_test, split.y_test
 
 
+def _root_data(run: Mapping[str, Any], cfg: FLConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The server's root set: a file, or the simulation's (``fltrust_root`` stratified digits training examples);
+    empty when neither FLTrust nor pretraining needs one."""
+    if str(run.get("root-data", "")):
+        return load_dataset(str(run["root-data"]))
+    if cfg.fltrust_root == 0 or not (cfg.aggregator == "fltrust" or cfg.pretrain_on_root
+                                     or cfg.aggregator_params.get("inner") == "fltrust"):
+        return np.zeros((0, NUM_FEATURES), np.float32), np.zeros(0, np.int64)
+    from edgeshield.fl._data import split_root
+    from edgeshield.models import load_digits_split
+
+    split = load_digits_split()
+    root, _ = split_root(split.x_train, split.y_train, cfg.fltrust_root, cfg.seed)
+    return root
+
+
 # --- Flower apps --------------------------------------------------------------------------------------------------
 def build_server_app() -> Any:
-    """A ``flwr.serverapp.ServerApp`` running FedAvg on the allowed nodes and writing the result to ``out-dir``."""
+    """A ``flwr.serverapp.ServerApp`` running the EdgeShield job on the allowed nodes, writing to ``out-dir``."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
@@ -141,28 +159,60 @@ def build_server_app() -> Any:
 
 
 def build_client_app() -> Any:
-    """A ``flwr.clientapp.ClientApp`` that trains the digits model on its node's partition."""
+    """``fl._client.make_client_app()`` behind the node-local guard (see the module doc)."""
     from flwr.clientapp import ClientApp
 
+    from edgeshield.fl._client import make_client_app
+
+    inner = make_client_app()
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _client_train(msg, context)
+        _localise(msg, context.node_config)
+        reply: Message = inner(msg, context)
+        return reply
 
     return app
 
 
+def _localise(msg: Message, node: Mapping[str, Any]) -> None:
+    """Make a train message node-local before the shared ClientApp handles it (in place; nothing is sent)."""
+    from flwr.app import ArrayRecord
+
+    from edgeshield.fl._client import job_config
+    from edgeshield.fl._secagg import is_secagg_message
+
+    if is_secagg_message(msg):
+        raise InvalidArgumentError("secure aggregation is not supported on a deployment (simulation only)")
+    config = msg.content.config_records.get("config")
+    if config is None or "job" not in config:
+        raise InvalidArgumentError("train message without a job config")
+    cfg = job_config(config)
+    x, y = _node_data(node)
+    msg.content["data"] = ArrayRecord([x, y])  # where simulation puts a custom shard: the node's own data
+    config["attack"] = str(node.get("attack", ""))  # never the server's choice
+    config["ledger-dir"] = str(node.get("ledger-dir", ""))
+    if cfg.dp.mode == "local" and not config["ledger-dir"]:
+        raise InvalidArgumentError("local DP needs the node's own ledger: set ledger-dir in the node config")
+    budget = float(node.get("epsilon-budget", 0.0) or 0.0)
+    if budget > 0:  # what this node has agreed to spend, not what the server says
+        config["job"] = json.dumps(cfg.with_(dp={"client_budget": budget}).to_dict())
+
+
 def parse_node_ids(text: str) -> list[int]:
-    ids = [int(tok) for tok in text.split()]
+    try:
+        ids = [int(tok) for tok in text.split()]
+    except ValueError:
+        raise InvalidArgumentError(f"allowed-nodes must be node ids separated by spaces, not {text!r}") from None
     if not ids or any(i <= 0 for i in ids):
-        raise ValueError("allowed-nodes must list at least one positive node id")
+        raise InvalidArgumentError("allowed-nodes must list at least one positive node id")
     return ids
 
 
-def _allowlisted(grid: Grid, allowed: Iterable[int]) -> Grid:
-    """``grid`` seen through an allow-list: ``get_node_ids`` reports only allowed nodes that are online, and
-    messages to any other node are refused before they are sent."""
+def _allowlisted(grid: Grid, allowed: Iterable[int], round_timeout: float | None = None) -> Grid:
+    """``grid`` seen through an allow-list: ``get_node_ids`` reports only allowed nodes that are online, messages to
+    any other node are refused before they are sent, and a round waits at most ``round_timeout`` seconds."""
     from flwr.serverapp import Grid as GridBase
 
     allow = frozenset(allowed)
@@ -187,11 +237,13 @@ def _allowlisted(grid: Grid, allowed: Iterable[int]) -> Grid:
             return grid.push_messages(messages)
 
         def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-            return grid.pull_messages(message_ids)
+            return [m for m in grid.pull_messages(message_ids) if m.metadata.src_node_id in allow]
 
         def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
             messages = list(messages)
             _check_destinations(messages, allow)
+            if round_timeout is not None:
+                timeout = round_timeout if timeout is None else min(timeout, round_timeout)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             return [m for m in replies if m.metadata.src_node_id in allow]
 
@@ -204,70 +256,110 @@ def _check_destinations(messages: list[Message], allow: frozenset[int]) -> None:
             raise PermissionError(f"refusing to send to node {m.metadata.dst_node_id}: not an allowed node")
 
 
+def deploy_fl_config(text: str, nodes: int) -> FLConfig:
+    """The run's FLConfig from the run config's JSON (empty: the defaults), for a population of ``nodes``."""
+    from edgeshield.fl._config import FLConfig
+
+    if not text:
+        return FLConfig(clients=nodes, clients_per_round=nodes)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"fl-config is not JSON: {exc}") from None
+    cfg = FLConfig.from_dict(data)
+    if cfg.clients != nodes:
+        raise InvalidArgumentError(f"fl config: clients: {cfg.clients}, but {nodes} nodes are allowed in this run")
+    return cfg
+
+
+def _event_dict(event: SecurityEvent) -> dict[str, Any]:
+    return {"kind": event.kind, "actor": event.actor, "data": dict(event.data), "ts": event.ts}
+
+
 def _server_main(grid: Grid, context: Context) -> None:
-    from flwr.app import ArrayRecord, MetricRecord
-    from flwr.serverapp.strategy import FedAvg
-
-    cfg = context.run_config
-    rounds = int(cfg["num-server-rounds"])
-    allowed = parse_node_ids(str(cfg["allowed-nodes"]))
-    out_dir = Path(str(cfg["out-dir"]))
-    x_test, y_test = _eval_data(cfg)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        loss, acc = loss_and_accuracy(arrays.to_numpy_ndarrays(), x_test, y_test)
-        return MetricRecord({"loss": loss, "accuracy": acc})
-
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(allowed),
-                      min_available_nodes=len(allowed))
-    result = strategy.start(
-        grid=_allowlisted(grid, allowed),
-        initial_arrays=ArrayRecord(initial_params()),
-        num_rounds=rounds,
-        timeout=float(cfg["round-timeout"]),
-        train_config=_config_record(cfg),
-        evaluate_fn=evaluate,
-    )
-    params = result.arrays.to_numpy_ndarrays()
-    server = {int(k): {m: _scalar(x) for m, x in v.items()} for k, v in result.evaluate_metrics_serverapp.items()}
-    train = {int(k): {m: _scalar(x) for m, x in v.items()} for k, v in result.train_metrics_clientapp.items()}
-    history = [{"round": r, "train_loss": train.get(r, {}).get("train_loss", float("nan")),
-                "loss": server[r]["loss"], "accuracy": server[r]["accuracy"]}
-               for r in range(1, rounds + 1) if r in server]
-    summary = {
-        "format": "edgeshield-fl-deploy-result", "version": 1, "run_id": int(context.run_id),
-        "rounds": rounds, "nodes": sorted(allowed), "initial": server.get(0, {}), "history": history,
-        "final_accuracy": history[-1]["accuracy"] if history else None,
-        "param_shapes": [list(p.shape) for p in params],
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = context.run_config
+    out_dir = Path(str(run["out-dir"]))
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        summary, params = _run(grid, run, int(context.run_id))
+    except Exception as exc:  # the operator reads why in result.json; re-raised: Flower marks the run failed
+        err = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "run_id": int(context.run_id),
+               "error": f"{type(exc).__name__}: {exc}"}
+        atomic_write_bytes(out_dir / RESULT_FILE, (json.dumps(err) + "\n").encode())
+        raise
     buf = io.BytesIO()
     np.savez(buf, *params)
     atomic_write_bytes(out_dir / PARAMS_FILE, buf.getvalue())
     atomic_write_bytes(out_dir / RESULT_FILE, (json.dumps(summary, indent=2) + "\n").encode())
 
 
-def _scalar(value: object) -> float:
-    if not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
+def _run(grid: Grid, run: Mapping[str, Any], run_id: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+    from edgeshield.fl._data import FederatedData
+    from edgeshield.fl._sim import _Job, _run_job
+
+    allowed = parse_node_ids(str(run["allowed-nodes"]))
+    cfg = deploy_fl_config(str(run.get("fl-config", "")), len(allowed))
+    if cfg.secagg or cfg.dp.mode == "distributed":
+        raise InvalidArgumentError("secure aggregation / distributed DP is not supported on a deployment")
+    events: list[dict[str, Any]] = []
+    data = FederatedData(clients=[], root=_root_data(run, cfg), test=_eval_data(run))
+    ledger = _server_ledger(run, cfg)
+    timeout = float(run.get("round-timeout", 0) or 0) or None
+    try:
+        job = _Job(cfg=cfg, malicious={}, events=lambda e: events.append(_event_dict(e)), ledger=ledger,
+                   progress=None, data=data, custom=False)
+        result = _run_job(_allowlisted(grid, allowed, timeout), job)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    summary = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "run_id": run_id, "nodes": sorted(allowed),
+               # _run_job's SuperNodes are the allowed ones in node-id order: client-i is the i-th smallest id
+               "clients": {f"client-{i}": n for i, n in enumerate(sorted(allowed))},
+               **result.to_dict(), "rounds": len(result.history), "final_accuracy": result.accuracy,
+               "privacy": _privacy(result), "events": events,
+               "param_shapes": [list(p.shape) for p in result.params]}
+    return summary, result.params
 
 
-def _config_record(cfg: Mapping[str, Any]) -> Any:
-    from flwr.app import ConfigRecord
+def _server_ledger(run: Mapping[str, Any], cfg: FLConfig) -> Any:
+    path = str(run.get("ledger", ""))
+    if not path:
+        return None
+    budget = float(run.get("epsilon-budget", 0) or 0)
+    if cfg.dp.mode != "central" or budget <= 0:
+        raise InvalidArgumentError("a server ledger needs central DP and an epsilon budget > 0")
+    from edgeshield.privacy import PrivacyLedger
 
-    return ConfigRecord({"local-epochs": int(cfg["local-epochs"]), "lr": float(cfg["lr"])})
+    # accounted under the run's sampling scheme; reopening a ledger kept for another scheme is refused by the ledger
+    return PrivacyLedger(path, epsilon_budget=budget, delta=cfg.dp.delta, sampling=cfg.sampling_scheme)
 
 
-def _client_train(msg: Message, context: Context) -> Message:
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+def _privacy(result: FLResult) -> dict[str, Any]:
+    last = result.history[-1] if result.history else None
+    cfg = result.config
+    return {"mode": cfg.dp.mode, "aggregator": cfg.aggregator,
+            "sampling": cfg.sampling_scheme,
+            "epsilon_rdp": last.epsilon_rdp if last else None, "epsilon_pld": last.epsilon_pld if last else None,
+            "delta": cfg.dp.delta if cfg.dp.enabled else 0.0, "clip": last.clip if last else None,
+            "noise_multiplier": result.noise_multiplier}
 
-    x, y = _node_data(context.node_config)
-    config, arrays = msg.content["config"], msg.content["arrays"]
-    if not isinstance(arrays, ArrayRecord):
-        raise TypeError("the train message carries no ArrayRecord 'arrays'")
-    params, loss = local_train(arrays.to_numpy_ndarrays(), x, y, epochs=int(_scalar(config["local-epochs"])),
-                               lr=_scalar(config["lr"]))
-    content = RecordDict({"arrays": ArrayRecord(params),
-                          "metrics": MetricRecord({"train_loss": loss, "num-examples": len(y)})})
-    return Message(content, reply_to=msg)
+
+def load_result(out_dir: str | os.PathLike[str]) -> FLResult:
+    """The run's :class:`~edgeshield.fl.FLResult` from ``result.json`` and ``params.npz`` (what ``fl._export``
+    takes, like a simulation result)."""
+    from edgeshield.fl._config import FLConfig
+    from edgeshield.fl._sim import FLResult, RoundRecord
+
+    d = Path(out_dir)
+    try:
+        summary = json.loads((d / RESULT_FILE).read_text(encoding="utf-8"))
+        with np.load(d / PARAMS_FILE, allow_pickle=False) as arrays:
+            params = [np.asarray(arrays[f"arr_{i}"]) for i in range(len(arrays.files))]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DeploymentError(f"{d}: no readable deployment result: {exc}") from None
+    if summary.get("format") != RESULT_FORMAT or summary.get("version") != RESULT_VERSION:
+        raise DeploymentError(f"{d / RESULT_FILE}: not a version-{RESULT_VERSION} deployment result")
+    if "error" in summary:
+        raise DeploymentError(f"the run failed: {summary['error']}")
+    return FLResult(FLConfig.from_dict(summary["config"]), [RoundRecord(**r) for r in summary["history"]], params,
+                    summary["noise_multiplier"], summary["stop_reason"], float(summary["seconds"]))
