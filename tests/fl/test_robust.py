@@ -337,7 +337,7 @@ def test_krum_distances_survive_a_large_common_offset() -> None:
 # --- replace-one sensitivity under central DP: property tests that try to break each stated bound ----------------
 DP_FORMS: list[Aggregator] = [
     FedAvg(), TrimmedMean(0.2), TrimmedMean(0.34), Median(), Krum(1), Krum(1, 3), Krum(1, None), Bulyan(1),
-    FLTrust("count"), FLTrust("trust"), NormBound(0.5, FedAvg()), NormBound(0.7, Median()),
+    FLTrust("count"), FLTrust("trust"), FLTrust("count", "sign"), NormBound(0.5, FedAvg()), NormBound(0.7, Median()),
     NormBound(0.6, FLTrust("count")), NormBound(0.4, TrimmedMean(0.2)), NormBound(0.3, Krum(1)),
 ]
 REPLACEMENTS = ("random", "antipode", "zero", "copy", "against_output", "axis", "root_antipode")
@@ -471,3 +471,16 @@ def test_fltrust_count_form_divides_by_the_count_and_norm_bound_clips_the_root()
     assert np.linalg.norm(nb.vector) <= 0.5 + 1e-12
     with pytest.raises(AggregatorConfigError, match="normalise"):
         make_aggregator("fltrust", normalise="sum")
+
+
+def test_fltrust_sign_gate_keeps_aligned_updates_at_full_size() -> None:
+    root = np.array([3.0, 0.0])
+    ups = _rows([2, 0], [0, 3], [-1, 0], [1, 1])
+    r = FLTrust("count", "sign").aggregate(ups, [1] * 4, root_update=root)
+    t = 1 / np.sqrt(2)
+    # the aligned updates enter rescaled to the root's norm with trust 1 (not their cosine); the rest are dropped
+    assert np.allclose(r.vector, (3 * np.array([1.0, 0.0]) + 3 * np.array([t, t])) / 4)
+    assert r.rejected == [1, 2]
+    assert is_poisson_sound(FLTrust("count", "sign"))
+    with pytest.raises(AggregatorConfigError, match="trust"):
+        make_aggregator("fltrust", trust="relu")

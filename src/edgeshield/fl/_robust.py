@@ -408,18 +408,27 @@ class FLTrust:
     ``normalise="trust"`` (the paper's): divide by the sum of the trust scores. ``normalise="count"`` (its DP form):
     divide by the number of updates n instead, Σ trust_i·‖g0‖·u_i/‖u_i‖ / n, so each client's term depends on its own
     update (and the server's root update) alone; central DP runs this form with the root update clipped to C.
+    ``trust="cosine"`` (the paper's): trust = ReLU(cos). ``trust="sign"`` (ours, for DP): trust = 1 when the cosine
+    is positive, else 0 — a gate instead of a weight. Under central DP the noise is fixed by the clip, so weighting
+    honest updates by their cosine (often 0.2–0.5 between non-IID clients and the root set) shrinks the signal and not
+    the noise; the gate keeps every aligned update at full size and still drops those pointing away from the root
+    update. Its sensitivity is the same (trust stays in [0, 1]).
     When every client has zero trust the aggregate is the zero vector (the model does not move this round).
     """
 
     name = "fltrust"
     needs_individual_updates: ClassVar[bool] = True
     NORMALISE: ClassVar[tuple[str, ...]] = ("trust", "count")
+    TRUST: ClassVar[tuple[str, ...]] = ("cosine", "sign")
 
-    def __init__(self, normalise: str = "trust") -> None:
+    def __init__(self, normalise: str = "trust", trust: str = "cosine") -> None:
         if not isinstance(normalise, str) or normalise not in self.NORMALISE:
             raise AggregatorConfigError(f"fltrust: normalise must be one of {', '.join(self.NORMALISE)}, "
                                         f"not {normalise!r}")
+        if not isinstance(trust, str) or trust not in self.TRUST:
+            raise AggregatorConfigError(f"fltrust: trust must be one of {', '.join(self.TRUST)}, not {trust!r}")
         self.normalise = normalise
+        self.trust = trust
 
     @property
     def poisson_sound(self) -> bool:
@@ -455,7 +464,7 @@ class FLTrust:
         safe = np.where(norms > 0, norms, 1.0)
         cos = np.where(norms > 0, (x @ g0) / (safe * norm0), 0.0)
         cos = np.clip(cos, -1.0, 1.0)
-        trust = np.maximum(cos, 0.0)
+        trust = np.maximum(cos, 0.0) if self.trust == "cosine" else (cos > 0.0).astype(np.float64)
         rejected = [int(i) for i in np.flatnonzero(trust == 0.0)]
         reasons = {
             i: "fltrust: zero update" if norms[i] == 0 else f"fltrust: cosine with the root update {cos[i]:.3f} <= 0"
