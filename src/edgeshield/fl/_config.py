@@ -8,10 +8,10 @@ combinations of DP mode, secure aggregation, sampling scheme and aggregator can 
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeshield.errors import InvalidArgumentError
@@ -261,19 +261,24 @@ class FLConfig:
         return cls(**values)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> FLConfig:
+    def from_toml(cls, path: str | os.PathLike[str]) -> FLConfig:
         """Read a TOML file whose top level (or ``[fl]`` table) holds the fields, with ``[dp]`` and
         ``[aggregator_params]`` sub-tables."""
-        from edgeshield._io import check_readable_file
+        return cls.from_dict(read_config_table(path))
 
-        p = check_readable_file(path, what="fl config")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgumentError(f"fl config: {p}: not valid TOML: {exc}") from None
-        if set(data) == {"fl"} and isinstance(data["fl"], Mapping):
-            data = dict(data["fl"])
-        return cls.from_dict(data)
+
+def read_config_table(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The FL config table of a TOML file: its top level, or its ``[fl]`` table when that is all it holds."""
+    from edgeshield._io import check_readable_file
+
+    p = check_readable_file(path, what="fl config")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"fl config: {p}: not valid TOML: {exc}") from None
+    if set(data) == {"fl"} and isinstance(data["fl"], Mapping):
+        data = dict(data["fl"])
+    return dict(data)
 
 
 def aggregator_params_for(cfg: FLConfig) -> dict[str, Any]:

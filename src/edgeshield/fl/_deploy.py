@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -672,13 +671,13 @@ def deploy_config(path: str | os.PathLike[str] | None = None, *, nodes: int, rou
     defaults; ``rounds``/``local_epochs``/``lr`` override either. The population is the registered nodes:
     ``clients`` is set to ``nodes`` (a file naming another number is refused) and ``clients_per_round`` defaults to
     all of them. Malformed values and unsupported combinations are one-line ``InvalidArgumentError``s."""
-    from edgeshield.fl._config import FLConfig
+    from edgeshield.fl._config import FLConfig, read_config_table
 
     data: dict[str, Any]
     if path is None:
         data = {"rounds": DEFAULT_ROUNDS, "local_epochs": DEFAULT_LOCAL_EPOCHS, "lr": DEFAULT_LR}
     else:
-        data = _read_toml(path)
+        data = read_config_table(path)
     for key, value in (("rounds", rounds), ("local_epochs", local_epochs), ("lr", lr)):
         if value is not None:
             data[key] = value
@@ -704,19 +703,6 @@ def check_deploy_config(cfg: FLConfig) -> FLConfig:
     check_combination(cfg)
     build_aggregation(cfg, effective_noise_multiplier(cfg))  # the DP parameters checked before Flower starts
     return cfg
-
-
-def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from edgeshield._io import check_readable_file
-
-    p = check_readable_file(path, what="fl config")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"fl config: {p}: not valid TOML: {exc}") from None
-    if set(data) == {"fl"} and isinstance(data["fl"], Mapping):
-        data = dict(data["fl"])
-    return dict(data)
 
 
 def run_config(cfg: FLConfig, node_ids: Sequence[int], out_dir: Path, *, eval_data: Path | None = None,
