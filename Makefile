@@ -8,9 +8,9 @@ TORCH  := torch==2.13.0
 
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lint device-check browser bench bench-quick model clean
+.PHONY: demo test lint device-check browser tpm-packages bench bench-quick model clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile | tpm-packages
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -28,6 +28,15 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+# The software TPM the tests and the demo run against (swtpm, with swtpm-tools' local CA for EK certificates),
+# tpm2-tools, and libtss2-dev, which tpm2-pytss (the [tpm] extra) compiles against; installed before pip runs.
+tpm-packages:
+	@command -v swtpm >/dev/null && command -v swtpm_setup >/dev/null && command -v tpm2_pcrread >/dev/null \
+	  && [ -e /usr/include/tss2/tss2_esys.h ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends swtpm swtpm-tools tpm2-tools libtss2-dev >/dev/null; }
 
 # Lint and type-check first, so a lint or type error fails CI before the slow steps run.
 test: $(STAMP) lint browser
