@@ -129,6 +129,11 @@ EXPECTED = {
     "fl simulate": {"fl"},
     "fl server": {"fl"},
     "fl client": {"fl"},
+    "tpm seal-device-key": {"tpm"},
+    "tpm approve-pcrs": {"tpm"},  # only with --from-tpm
+    "tpm unseal-test": {"tpm"},
+    "tpm pcr read": {"tpm"},
+    "tpm pcr extend": {"tpm"},
 }
 
 

@@ -74,8 +74,9 @@ def torch_model_for_bundle(bundle: str | os.PathLike[str], owner_key_path: str |
     """Decrypt a bundle's model in memory and convert it to an eval-mode torch module returning logits."""
     from edgeshield import bundles, keys
     from edgeshield.adversarial._torch import onnx_to_torch
+    from edgeshield.hardware._tpm import load_device_key
 
-    device = keys.load_device_private_key(device_key_path, keys.passphrase_from_env(passphrase_env))
+    device = load_device_key(device_key_path, keys.passphrase_from_env(passphrase_env))
     return onnx_to_torch(bundles.decrypt_model(bundle, keys.load_owner_public_key(owner_key_path), device))
 
 

@@ -27,6 +27,7 @@ from edgeshield.cli import (
     _monitor,
     _pki,
     _serve,
+    _tpm,
     _watermark,
 )
 from edgeshield.cli._common import err_console, requires
@@ -51,6 +52,7 @@ app.add_typer(_client.app, name="client")
 app.add_typer(_monitor.app, name="monitor")
 app.add_typer(_comply.app, name="comply")
 app.add_typer(_fl.app, name="fl")
+app.add_typer(_tpm.app, name="tpm")
 app.command("serve", context_settings={"auto_envvar_prefix": _serve.ENV_PREFIX})(_serve.serve)
 app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)

@@ -204,7 +204,8 @@ def inspect(
 def run(
     bundle: Annotated[Path, typer.Argument(help="The bundle to run.")],
     owner_key: OwnerPubOpt,
-    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")],
+    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key), or "
+                                                                  "tpm:HANDLE / tpm:FILE (sealed in the TPM).")],
     input: Annotated[Path, typer.Option("--input", help="Input batch as a .npy file.")],  # noqa: A002 - --input
     output: Annotated[Path | None, typer.Option("--output", help="Save the raw model outputs here (.npy).")] = None,
     detector: Annotated[
@@ -229,7 +230,9 @@ def run(
             raise OutputExistsError(f"{output} exists; use --force to overwrite it")
         if output.resolve() == bundle.resolve():
             raise InvalidArgumentError("--output must not be the bundle itself")
-    device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
+    from edgeshield.hardware._tpm import load_device_key
+
+    device = load_device_key(device_key, keys.passphrase_from_env(passphrase_env))  # a PEM file, or tpm:...
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device, check_digest=check_digest)
     x = _predict.load_npy(input)
     if detector is not None:

@@ -60,6 +60,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "comply": ("trestle",),
     "privacy": ("opendp", "dp_accounting"),
     "fl": ("flwr", "torch", "opendp", "dp_accounting"),  # OSCAL assessment results (compliance-trestle's models)
+    "tpm": ("tpm2_pytss",),  # TPM-sealed device keys, PCR approvals, PCRs
 }
 
 Arguments = Mapping[str, Any]

@@ -22,7 +22,8 @@ app = typer.Typer(help="Adversarial-input detectors: calibrate to a target FPR, 
                   no_args_is_help=True)
 
 OwnerOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
-DeviceOpt = Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key).")]
+DeviceOpt = Annotated[Path, typer.Option("--device-key", help="This device's private key (device.key), or "
+                                                              "tpm:HANDLE / tpm:FILE (sealed in the TPM).")]
 SpecOpt = Annotated[
     Path | None,
     typer.Option("--input-spec", help="Input spec JSON (default: the bundle's, else shape/dtype from the model "
@@ -34,8 +35,9 @@ def open_with_spec(bundle: Path, owner_key: Path, device_key: Path, passphrase_e
                    input_spec: Path | None, clean: np.ndarray | None = None) -> tuple[bundles.OpenBundle, InputSpec]:
     """Open a bundle and work out its input spec: file > bundle metadata > model + clean-data range."""
     from edgeshield.adversarial import InputSpec
+    from edgeshield.hardware._tpm import load_device_key
 
-    device = keys.load_device_private_key(device_key, keys.passphrase_from_env(passphrase_env))
+    device = load_device_key(device_key, keys.passphrase_from_env(passphrase_env))  # a PEM file, or tpm:...
     opened = bundles.open_bundle(bundle, keys.load_owner_public_key(owner_key), device)
     if input_spec is not None:
         return opened, InputSpec.load(input_spec)

@@ -69,7 +69,8 @@ def serve(
     bundle: Annotated[Path, typer.Argument(help="The protected model to serve.", envvar=f"{ENV_PREFIX}_BUNDLE",
                                            show_default=False)],
     owner_key: Annotated[Path, typer.Option("--owner-key", help="The model owner's public key.")],
-    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key.")],
+    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key, or tpm:HANDLE / "
+                                                                  "tpm:FILE (sealed in the TPM, unsealed at start).")],
     ca: Annotated[Path, typer.Option("--ca", help="CA directory from `pki init` (ca.crt + crl.pem).")],
     cert: Annotated[Path, typer.Option("--cert", help="Server certificate (`pki issue --server`).")],
     key: Annotated[Path, typer.Option("--key", help="Server private key.")],

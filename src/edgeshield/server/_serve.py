@@ -135,8 +135,10 @@ def build_state(cfg: ServeConfig) -> ServerState:
     if recovery.recovered:
         log.warning("audit log: %d entries a crash left without a checkpoint are now covered (server.recovered)",
                     recovery.uncovered)
-    owner, device = keys.load_owner_public_key(cfg.owner_key), keys.load_device_private_key(cfg.device_key,
-                                                                                             cfg.passphrase)
+    from edgeshield.hardware._tpm import load_device_key
+
+    # A PEM file, or tpm:HANDLE / tpm:FILE unsealed from the TPM now (the key then lives only in this process).
+    owner, device = keys.load_owner_public_key(cfg.owner_key), load_device_key(cfg.device_key, cfg.passphrase)
     opened = bundles.open_bundle(cfg.bundle, owner, device)
     m = opened.manifest
     spec = InputSpec.from_metadata(m.metadata)
