@@ -26,6 +26,7 @@ from edgeshield.cli import (
     _keys,
     _monitor,
     _pki,
+    _probe,
     _serve,
     _tpm,
     _watermark,
@@ -58,6 +59,7 @@ app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)
 app.command("inspect")(_bundles.inspect)
 app.command("run")(_bundles.run)
+app.command("probe")(_probe.probe)
 
 
 @app.command("demo")
