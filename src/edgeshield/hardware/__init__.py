@@ -2,3 +2,16 @@
 
 Importable without extras: the TPM parts import ``tpm2_pytss`` (extra ``edgeshield[tpm]``) only when used.
 """
+
+from edgeshield.hardware._probe import (
+    FEATURES,
+    Evidence,
+    Finding,
+    ListeningSocket,
+    ProbeReport,
+    SocketOwner,
+    Status,
+    probe,
+)
+
+__all__ = ["FEATURES", "Evidence", "Finding", "ListeningSocket", "ProbeReport", "SocketOwner", "Status", "probe"]
