@@ -46,6 +46,7 @@ def ukeys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 class Bundles:
     dir: Path
     spec: Path
+    other_owner_pub: keys.OwnerPublicKey
 
     def v(self, version: int) -> Path:
         return self.dir / f"digits-v{version}.esb"
@@ -62,11 +63,12 @@ def ubundles(ukeys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
                     recipients=[ukeys.other_device_pub], model_version=9)
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    bundles.protect(digits_model_path(), d / "digits-v8.esb", signing_key=ec.generate_private_key(ec.SECP256R1()),
+    other_owner = ec.generate_private_key(ec.SECP256R1())
+    bundles.protect(digits_model_path(), d / "digits-v8.esb", signing_key=other_owner,
                     recipients=[ukeys.device_pub], model_version=8)
     spec = d / "input-spec.json"
     spec.write_text(digits_input_spec().to_json())
-    return Bundles(d, spec)
+    return Bundles(d, spec, other_owner.public_key())
 
 
 Override = Callable[[http.server.BaseHTTPRequestHandler], None]
@@ -104,7 +106,7 @@ def serve_directory(root: Path) -> contextlib.AbstractContextManager[Server]:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         state.url = f"http://127.0.0.1:{server.server_address[1]}"
-        thread = threading.Thread(target=server.serve_forever, name="test-repo", daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-repo", daemon=True)
         thread.start()
         try:
             yield state
@@ -127,9 +129,10 @@ class Fleet:
     bundles: Bundles
 
     def publish(self, version: int, **kwargs: object) -> updates.PublishResult:
+        kwargs.setdefault("owner_key", self.keys.owner_pub)
+        kwargs.setdefault("input_spec", self.bundles.spec)
         bundle = kwargs.pop("bundle", self.bundles.v(version))
-        return updates.publish(self.repo, self.repo_keys, bundle, owner_key=self.keys.owner_pub,  # type: ignore[arg-type]
-                               model=MODEL, input_spec=kwargs.pop("input_spec", self.bundles.spec), **kwargs)  # type: ignore[arg-type]
+        return updates.publish(self.repo, self.repo_keys, bundle, model=MODEL, **kwargs)  # type: ignore[arg-type]
 
     def updater(self, **kwargs: object) -> updates.DeviceUpdater:
         return updates.DeviceUpdater(self.device_dir, device_key=self.keys.device_priv, **kwargs)  # type: ignore[arg-type]

@@ -71,6 +71,12 @@ class EndlessDataError(UpdateRefusedError):
     reason = "endless-data"
 
 
+class TruncatedDownloadError(MetadataMismatchError):
+    """A download ended before the length the server announced (and signed metadata pins)."""
+
+    reason = "truncated"
+
+
 class MalformedUpdateError(UpdateRefusedError):
     """An update index, a detector file or an input spec inside a signed update cannot be parsed."""
 

@@ -24,6 +24,7 @@ from edgeshield.updates._errors import (
     MetadataMismatchError,
     MetadataRollbackError,
     MetadataSignatureError,
+    TruncatedDownloadError,
     UpdateDownloadError,
     UpdateRefusedError,
 )
@@ -76,11 +77,18 @@ def _fetcher(timeout_s: float, deadline_s: float) -> FetcherInterface:
 
         @staticmethod
         def _timed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+            import urllib3
+
             deadline = time.monotonic() + deadline_s
-            for chunk in chunks:
-                if time.monotonic() > deadline:
-                    raise exceptions.SlowRetrievalError(f"download took longer than {deadline_s:g} s")
-                yield chunk
+            try:
+                for chunk in chunks:
+                    if time.monotonic() > deadline:
+                        raise exceptions.SlowRetrievalError(f"download took longer than {deadline_s:g} s")
+                    yield chunk
+            except urllib3.exceptions.ProtocolError as exc:  # the body ended before its Content-Length
+                raise TruncatedDownloadError(f"the download was cut short: {exc}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise exceptions.DownloadError(f"download failed: {type(exc).__name__}: {exc}") from None
 
     return DeadlineFetcher()
 
