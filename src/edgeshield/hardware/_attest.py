@@ -595,12 +595,17 @@ def default_tcti() -> str:
     return os.environ.get("EDGESHIELD_TPM_TCTI") or "device:/dev/tpmrm0"
 
 
-RELEASE_LABEL_PREFIX = b"EdgeShield key release v1 "
+RELEASE_LABEL_PREFIX = b"ESrel1 "
 
 
 def release_label(bundle_id: str, nonce: bytes) -> bytes:
-    """The RSA-OAEP label that binds a released key to one bundle and one request (NUL-terminated, as the TPM wants)."""
-    return RELEASE_LABEL_PREFIX + bundle_id.encode() + b" " + nonce.hex().encode() + b"\x00"
+    """The RSA-OAEP label binding a released key to one bundle and one request.
+
+    Printable and NUL-terminated, as the TPM requires, and at most 64 bytes (a TPM2B_DATA): the prefix, then 56 hex
+    digits of SHA-256(bundle id || nonce).
+    """
+    digest = hashlib.sha256(b"EdgeShield key release v1\x00" + bundle_id.encode() + b"\x00" + nonce).hexdigest()
+    return RELEASE_LABEL_PREFIX + digest[:56].encode() + b"\x00"
 
 
 @dataclass

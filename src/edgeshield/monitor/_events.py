@@ -141,7 +141,11 @@ _KINDS: dict[str, EventKind] = _kinds(
     EventKind("privacy.budget_exhausted", "a client's privacy budget is spent", source="fl", fields=(
         "client", "epsilon", "delta")),
     EventKind("attestation.failed", "a device failed attestation; its key was not released", source="keyrelease",
-              fields=("device", "reason")),
+              fields=("device", "reason", "step", "bundle_id", "detail")),
+    EventKind("attestation.enrolled", "a device's attestation key was enrolled (credential activated under its EK)",
+              source="keyrelease", fields=("device", "ek_sha256")),
+    EventKind("keyrelease.released", "the release service re-wrapped a bundle's key to an attested device's TPM",
+              source="keyrelease", fields=("device", "bundle_id", "licence")),
     EventKind("update.refused", "the updater refused a model update (rollback, freeze, bad signature)",
               source="updater", fields=("version", "reason")),
     EventKind("external.event", "any other event an external process reports", source="external"),
