@@ -13,5 +13,30 @@ from edgeshield.hardware._probe import (
     Status,
     probe,
 )
+from edgeshield.hardware._swtpm import SoftwareTPM, SoftwareTPMError
+from edgeshield.hardware._tpm import (
+    PCRSelection,
+    PolicyApproval,
+    SealedObject,
+    TPMApprovalError,
+    TPMError,
+    TPMPolicyError,
+    TPMSealedObjectError,
+    TPMUnavailableError,
+    connect,
+    load_approvals,
+    load_device_key,
+    pcr_extend,
+    pcr_read,
+    save_approvals,
+    seal_device_key,
+    sign_approval,
+    unseal_device_key,
+)
 
-__all__ = ["FEATURES", "Evidence", "Finding", "ListeningSocket", "ProbeReport", "SocketOwner", "Status", "probe"]
+__all__ = [
+    "FEATURES", "Evidence", "Finding", "ListeningSocket", "PCRSelection", "PolicyApproval", "ProbeReport",
+    "SealedObject", "SocketOwner", "SoftwareTPM", "SoftwareTPMError", "Status", "TPMApprovalError", "TPMError",
+    "TPMPolicyError", "TPMSealedObjectError", "TPMUnavailableError", "connect", "load_approvals", "load_device_key",
+    "pcr_extend", "pcr_read", "probe", "save_approvals", "seal_device_key", "sign_approval", "unseal_device_key",
+]
