@@ -68,6 +68,8 @@ CASES = {
                                   "eval"),
     "extraction evaluate": (("torch",), ["extraction", "evaluate", "--quick"], "eval"),
     "demo": (("sklearn",), ["demo"], "demo"),
+    "update repo init": (("tuf",), ["update", "repo", "init", "repo", "--keys", "k"], "update"),
+    "update pull": (("tuf",), ["update", "pull", "dev", "--device-key", "d.key"], "update"),
 }
 
 
@@ -134,6 +136,15 @@ EXPECTED = {
     "tpm unseal-test": {"tpm"},
     "tpm pcr read": {"tpm"},
     "tpm pcr extend": {"tpm"},
+    "update repo init": {"update"},
+    "update repo publish": {"update"},
+    "update repo timestamp": {"update"},
+    "update pull": {"update"},  # install, commit, rollback, status and init need no extra
+    "attest keys": {"tpm"},
+    "attest quote": {"tpm"},
+    "attest enrol": {"tpm"},
+    "attest fetch-key": {"tpm"},
+    "attest serve": {"tpm"},
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -275,3 +276,30 @@ def test_parsers_raise_only_typed_errors(data: bytes) -> None:
             at.Quote.from_dict(obj)
         with contextlib.suppress(InvalidArgumentError):
             at.PcrPolicy.from_dict(obj)
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------------
+def test_cli_keys_quote_verify(fresh: Device, tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from edgeshield.cli import app
+
+    runner = CliRunner()
+    keys, quote_file, policy = tmp_path / "k.json", tmp_path / "q.json", tmp_path / "policy.json"
+    tcti = ["--tcti", fresh.sw.tcti]
+    r = runner.invoke(app, ["attest", "keys", *tcti, "--keys", str(keys), "--json"])
+    assert r.exit_code == 0, r.output
+    nonce = os.urandom(16).hex()
+    r = runner.invoke(app, ["attest", "quote", *tcti, "--keys", str(keys), "--nonce", nonce, "--pcrs", "0,7",
+                            "--out", str(quote_file)])
+    assert r.exit_code == 0, r.output
+    q = at.Quote.from_dict(json.loads(quote_file.read_text()))
+    policy.write_text(json.dumps(at.PcrPolicy(dict(q.pcrs)).to_dict()))
+    ok = ["attest", "verify", str(quote_file), "--keys", str(keys), "--policy", str(policy)]
+    r = runner.invoke(app, [*ok, "--nonce", nonce, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["verified"], r.output
+    r = runner.invoke(app, [*ok, "--nonce", os.urandom(16).hex()])
+    assert isinstance(r.exception, at.NonceMismatchError) and r.exception.exit_code == 3
+    policy.write_text(json.dumps({"sha256": {"7": "11" * 32}}))
+    r = runner.invoke(app, [*ok, "--nonce", nonce])
+    assert isinstance(r.exception, at.PcrMismatchError) and "PCR 7 differs" in str(r.exception)

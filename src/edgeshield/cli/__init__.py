@@ -15,6 +15,7 @@ import typer
 
 from edgeshield import __version__
 from edgeshield.cli import (
+    _attest,
     _audit,
     _bundles,
     _client,
@@ -29,6 +30,7 @@ from edgeshield.cli import (
     _probe,
     _serve,
     _tpm,
+    _update,
     _watermark,
 )
 from edgeshield.cli._common import err_console, requires
@@ -54,6 +56,8 @@ app.add_typer(_monitor.app, name="monitor")
 app.add_typer(_comply.app, name="comply")
 app.add_typer(_fl.app, name="fl")
 app.add_typer(_tpm.app, name="tpm")
+app.add_typer(_update.app, name="update")
+app.add_typer(_attest.app, name="attest")
 app.command("serve", context_settings={"auto_envvar_prefix": _serve.ENV_PREFIX})(_serve.serve)
 app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)

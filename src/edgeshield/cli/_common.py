@@ -61,6 +61,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "privacy": ("opendp", "dp_accounting"),
     "fl": ("flwr", "torch", "opendp", "dp_accounting"),  # OSCAL assessment results (compliance-trestle's models)
     "tpm": ("tpm2_pytss",),  # TPM-sealed device keys, PCR approvals, PCRs
+    "update": ("tuf",),  # TUF update repositories and pulling updates (install/commit/rollback need nothing)
 }
 
 Arguments = Mapping[str, Any]
