@@ -21,7 +21,6 @@ import http.server
 import json
 import os
 import secrets
-import socket
 import ssl
 import threading
 import time
@@ -600,8 +599,3 @@ def open_released(bundle: str | os.PathLike[str], owner_key: OwnerPublicKey, rel
     session = _api._create_session(plaintext[: img.graph_size].tobytes(), weights, img, None, None)
     return _api.OpenBundle(manifest, session)
 
-
-def _free_port() -> int:  # for tests and the CLI's --port 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
