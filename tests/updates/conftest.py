@@ -14,8 +14,6 @@ from _repo_http import Server, serve_directory
 from edgeshield import bundles, keys, updates
 from edgeshield.models import digits_input_spec, digits_model_path
 
-pytest.importorskip("tuf")  # the [update] extra; the tests/cli requirement test covers a plain install
-
 MODEL = "digits"
 
 
