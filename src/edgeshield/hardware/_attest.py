@@ -40,8 +40,8 @@ from edgeshield.errors import (
     IntegrityError,
     InvalidArgumentError,
     KeyMaterialError,
-    MissingDependencyError,
 )
+from edgeshield.hardware._tpm import TPMUnavailableError
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -105,8 +105,8 @@ class UnknownAttestationKeyError(KeyMaterialError):
     reason = "unknown-ak"
 
 
-class TpmUnavailableError(EdgeShieldError):
-    """The TPM cannot be reached or refused a command."""
+class TpmUnavailableError(TPMUnavailableError):
+    """The TPM cannot be reached or refused a command (the sealed-key module's error, with the audit reason)."""
 
     reason = "tpm"
 
@@ -584,15 +584,15 @@ def make_credential(ek: TpmPublic, ak: TpmPublic, secret: bytes) -> tuple[bytes,
 
 # --- the device side: a real TPM through tpm2-pytss --------------------------------------------------------------
 def _pytss() -> Any:
-    try:
-        import tpm2_pytss  # type: ignore[import-untyped]
-    except ImportError:
-        raise MissingDependencyError("TPM support needs tpm2-pytss: pip install 'edgeshield[tpm]'") from None
-    return tpm2_pytss
+    from edgeshield.hardware._tpm import _tss  # one loader: the same error hint and the same quiet tpm2-tss log
+
+    return _tss()
 
 
 def default_tcti() -> str:
-    return os.environ.get("EDGESHIELD_TPM_TCTI") or "device:/dev/tpmrm0"
+    from edgeshield.hardware._tpm import DEFAULT_TCTI, TCTI_ENV
+
+    return os.environ.get(TCTI_ENV) or DEFAULT_TCTI
 
 
 RELEASE_LABEL_PREFIX = b"ESrel1 "
