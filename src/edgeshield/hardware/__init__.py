@@ -1,8 +1,21 @@
-"""Hardware root of trust: what the device really has (``probe``), TPM-sealed device keys, attestation.
+"""Hardware root of trust: what the device really has (``probe``), TPM-sealed device keys, attestation and the
+attestation-gated key-release service.
 
 Importable without extras: the TPM parts import ``tpm2_pytss`` (extra ``edgeshield[tpm]``) only when used.
 """
 
+from edgeshield.hardware._attest import (
+    AttestationError,
+    DeviceKeys,
+    DeviceTpm,
+    EkTrust,
+    PcrPolicy,
+    Quote,
+    UnknownAttestationKeyError,
+    UnknownTpmError,
+    check_endorsement_key,
+    verify_quote,
+)
 from edgeshield.hardware._probe import (
     FEATURES,
     Evidence,
@@ -12,6 +25,14 @@ from edgeshield.hardware._probe import (
     SocketOwner,
     Status,
     probe,
+)
+from edgeshield.hardware._release import (
+    Licence,
+    ReleaseClient,
+    ReleaseServer,
+    ReleaseService,
+    ReleaseStore,
+    open_released,
 )
 from edgeshield.hardware._swtpm import SoftwareTPM, SoftwareTPMError
 from edgeshield.hardware._tpm import (
@@ -35,8 +56,47 @@ from edgeshield.hardware._tpm import (
 )
 
 __all__ = [
-    "FEATURES", "Evidence", "Finding", "ListeningSocket", "PCRSelection", "PolicyApproval", "ProbeReport",
-    "SealedObject", "SocketOwner", "SoftwareTPM", "SoftwareTPMError", "Status", "TPMApprovalError", "TPMError",
-    "TPMPolicyError", "TPMSealedObjectError", "TPMUnavailableError", "connect", "load_approvals", "load_device_key",
-    "pcr_extend", "pcr_read", "probe", "save_approvals", "seal_device_key", "sign_approval", "unseal_device_key",
+    "FEATURES",
+    "AttestationError",
+    "DeviceKeys",
+    "DeviceTpm",
+    "EkTrust",
+    "Evidence",
+    "Finding",
+    "Licence",
+    "ListeningSocket",
+    "PCRSelection",
+    "PcrPolicy",
+    "PolicyApproval",
+    "ProbeReport",
+    "Quote",
+    "ReleaseClient",
+    "ReleaseServer",
+    "ReleaseService",
+    "ReleaseStore",
+    "SealedObject",
+    "SocketOwner",
+    "SoftwareTPM",
+    "SoftwareTPMError",
+    "Status",
+    "TPMApprovalError",
+    "TPMError",
+    "TPMPolicyError",
+    "TPMSealedObjectError",
+    "TPMUnavailableError",
+    "UnknownAttestationKeyError",
+    "UnknownTpmError",
+    "check_endorsement_key",
+    "connect",
+    "load_approvals",
+    "load_device_key",
+    "open_released",
+    "pcr_extend",
+    "pcr_read",
+    "probe",
+    "save_approvals",
+    "seal_device_key",
+    "sign_approval",
+    "unseal_device_key",
+    "verify_quote",
 ]
