@@ -83,3 +83,14 @@ def test_errors_carry_their_exit_codes(tmp_path: Path) -> None:
         assert issubclass(cls, IntegrityError) and cls("x").exit_code == 3
     assert updates.FloorKeyError("x").exit_code == 4
     assert issubclass(updates.HealthCheckError, EdgeShieldError) and updates.HealthCheckError("x").exit_code == 1
+
+
+def test_importable_without_tuf() -> None:
+    """The device path imports python-tuf only to pull: install, commit, rollback and status run without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['tuf'] = None; import edgeshield.updates, edgeshield.cli._update; "
+            "from edgeshield.updates import _device, _health, _slots, _floor; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -417,3 +417,28 @@ def test_floor_never_lowers(tmp_path):
     assert isinstance(floor, updates.Floor)
     with pytest.raises(Exception, match="overwrite"):
         updates.SignedFileFloor.create(tmp_path / "floor.json", tmp_path / "floor.key")
+
+
+def test_slow_retrieval_hits_the_deadline(fleet):
+    _committed_at(fleet, 1)
+    fleet.publish(2)
+    before = _installed(fleet)
+
+    def drip(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        try:
+            for _ in range(40):  # one byte every 0.1 s: never idle long enough for the socket timeout
+                handler.wfile.write(b"\0")
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    fleet.server.overrides[_target_url(fleet, "digits/2/model.esb")] = drip
+    start = time.monotonic()
+    with fleet.updater() as u, pytest.raises(updates.UpdateDownloadError, match="too slow"):
+        u.pull(timeout_s=1.0, deadline_s=1.0)
+    assert time.monotonic() - start < 4
+    assert _installed(fleet) == before
+    assert _audit(fleet)[-1][0] == "update.failed"

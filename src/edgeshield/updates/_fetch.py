@@ -8,14 +8,15 @@ a rollback, a freeze, mixed-up metadata, endless data or a truncated download is
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import httpx
 
 from edgeshield.errors import InvalidArgumentError, MissingDependencyError
 from edgeshield.updates._errors import (
@@ -46,17 +47,20 @@ class Fetched:
     files: dict[str, Path]
 
 
-def _fetcher(timeout_s: float, deadline_s: float) -> FetcherInterface:
+def _fetcher(timeout_s: float, deadline_s: float) -> tuple[FetcherInterface, Callable[[], None]]:
     from tuf.api import exceptions
     from tuf.ngclient.fetcher import FetcherInterface
-    from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
     class DeadlineFetcher(FetcherInterface):
-        """urllib3 (``timeout_s`` to connect and between bytes) plus a whole-file deadline, so a server that
-        drips bytes cannot hold the device forever; ``file://`` URLs read a repository on local media."""
+        """httpx (``timeout_s`` to connect and between reads) plus a whole-file deadline checked as bytes arrive, so
+        a server that drips bytes cannot hold the device; ``file://`` URLs read a repository on local media."""
 
         def __init__(self) -> None:
-            self._http = Urllib3Fetcher(socket_timeout=max(1, math.ceil(timeout_s)))
+            self._client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False,
+                                        headers={"Accept-Encoding": "identity", "User-Agent": "edgeshield-updater"})
+
+        def close(self) -> None:
+            self._client.close()
 
         def _fetch(self, url: str) -> Iterator[bytes]:
             parsed = urllib.parse.urlsplit(url)
@@ -67,7 +71,33 @@ def _fetcher(timeout_s: float, deadline_s: float) -> FetcherInterface:
                 return self._file(path)
             if parsed.scheme not in ("http", "https"):
                 raise exceptions.DownloadError(f"unsupported URL scheme {parsed.scheme!r}")
-            return self._timed(self._http._fetch(url))
+            deadline = time.monotonic() + deadline_s
+            try:
+                response = self._client.send(self._client.build_request("GET", url), stream=True)
+            except httpx.TimeoutException as exc:
+                raise exceptions.SlowRetrievalError(f"no answer within {timeout_s:g} s") from exc
+            except httpx.HTTPError as exc:
+                raise exceptions.DownloadError(f"{type(exc).__name__}: {exc}") from exc
+            if response.status_code >= 400:
+                response.close()
+                raise exceptions.DownloadHTTPError(f"HTTP {response.status_code}", response.status_code)
+            return self._body(response, deadline)
+
+        @staticmethod
+        def _body(response: httpx.Response, deadline: float) -> Iterator[bytes]:
+            try:
+                for chunk in response.iter_raw():
+                    if time.monotonic() > deadline:
+                        raise exceptions.SlowRetrievalError(f"download took longer than {deadline_s:g} s")
+                    yield chunk
+            except httpx.RemoteProtocolError as exc:  # the body ended before its Content-Length
+                raise TruncatedDownloadError(f"the download was cut short: {exc}") from None
+            except httpx.TimeoutException as exc:
+                raise exceptions.SlowRetrievalError(f"no data for {timeout_s:g} s") from exc
+            except httpx.HTTPError as exc:
+                raise exceptions.DownloadError(f"download failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                response.close()
 
         @staticmethod
         def _file(path: Path) -> Iterator[bytes]:
@@ -75,22 +105,8 @@ def _fetcher(timeout_s: float, deadline_s: float) -> FetcherInterface:
                 while chunk := fh.read(_FILE_CHUNK):
                     yield chunk
 
-        @staticmethod
-        def _timed(chunks: Iterator[bytes]) -> Iterator[bytes]:
-            import urllib3
-
-            deadline = time.monotonic() + deadline_s
-            try:
-                for chunk in chunks:
-                    if time.monotonic() > deadline:
-                        raise exceptions.SlowRetrievalError(f"download took longer than {deadline_s:g} s")
-                    yield chunk
-            except urllib3.exceptions.ProtocolError as exc:  # the body ended before its Content-Length
-                raise TruncatedDownloadError(f"the download was cut short: {exc}") from None
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise exceptions.DownloadError(f"download failed: {type(exc).__name__}: {exc}") from None
-
-    return DeadlineFetcher()
+    fetcher = DeadlineFetcher()
+    return fetcher, fetcher.close
 
 
 @contextlib.contextmanager
@@ -150,31 +166,35 @@ def fetch_update(
     base = url.rstrip("/")
     metadata_dir.mkdir(parents=True, exist_ok=True)
     download_dir.mkdir(parents=True, exist_ok=True)
-    with _refusals("repository refresh"):
-        updater = Updater(str(metadata_dir), f"{base}/metadata/", str(download_dir), f"{base}/targets/",
-                          fetcher=_fetcher(timeout_s, deadline_s), bootstrap=bootstrap_root)
-        updater.refresh()
-    index_info = _target_info(updater, index_path(model))
-    with _refusals("update index"):
-        index_file = updater.download_target(index_info, str(download_dir / "update.json"))
-    index = UpdateIndex.decode(Path(index_file).read_bytes())
-    if index.model != model:
-        from edgeshield.updates._errors import UpdateMismatchError
+    fetcher, close = _fetcher(timeout_s, deadline_s)
+    try:
+        with _refusals("repository refresh"):
+            updater = Updater(str(metadata_dir), f"{base}/metadata/", str(download_dir), f"{base}/targets/",
+                              fetcher=fetcher, bootstrap=bootstrap_root)
+            updater.refresh()
+        index_info = _target_info(updater, index_path(model))
+        with _refusals("update index"):
+            index_file = updater.download_target(index_info, str(download_dir / "update.json"))
+        index = UpdateIndex.decode(Path(index_file).read_bytes())
+        if index.model != model:
+            from edgeshield.updates._errors import UpdateMismatchError
 
-        raise UpdateMismatchError(f"the update index for {model} describes {index.model}")
-    files: dict[str, Path] = {}
-    for part in PARTS:
-        path = index.targets.get(part)
-        if path is None:
-            continue
-        info = _target_info(updater, path)
-        check_custom(info.custom, index, part)
-        if part == "bundle" and max_bundle_bytes is not None and info.length > max_bundle_bytes:
-            raise EndlessDataError(f"the bundle is {info.length} bytes, above this device's limit of "
-                                   f"{max_bundle_bytes}")
-        with _refusals(f"{part} download"):
-            files[part] = Path(updater.download_target(info, str(download_dir / os.path.basename(path))))
-    return Fetched(index, files)
+            raise UpdateMismatchError(f"the update index for {model} describes {index.model}")
+        files: dict[str, Path] = {}
+        for part in PARTS:
+            path = index.targets.get(part)
+            if path is None:
+                continue
+            info = _target_info(updater, path)
+            check_custom(info.custom, index, part)
+            if part == "bundle" and max_bundle_bytes is not None and info.length > max_bundle_bytes:
+                raise EndlessDataError(f"the bundle is {info.length} bytes, above this device's limit of "
+                                       f"{max_bundle_bytes}")
+            with _refusals(f"{part} download"):
+                files[part] = Path(updater.download_target(info, str(download_dir / os.path.basename(path))))
+        return Fetched(index, files)
+    finally:
+        close()
 
 
 def _target_info(updater: Updater, path: str) -> TargetFile:
