@@ -394,6 +394,7 @@ def test_floor_state_cannot_be_edited_deleted_or_swapped(fleet, tmp_path):
     state.write_text(json.dumps(doc))
     with fleet.updater() as u, pytest.raises(updates.FloorStateError, match="edited"):
         u.status()
+    assert _audit(fleet)[-1][1]["reason"] == "floor-state"  # the tampering itself is on the record
     state.unlink()  # delete it: never read as floor 0
     with fleet.updater() as u, pytest.raises(updates.FloorStateError, match="missing"):
         u.rollback()

@@ -37,6 +37,7 @@ from edgeshield.errors import (
 )
 from edgeshield.keys import DevicePrivateKey, OwnerPublicKey, key_id, load_owner_public_key
 from edgeshield.updates._errors import (
+    FloorStateError,
     FloorViolationError,
     HealthCheckError,
     MalformedUpdateError,
@@ -122,6 +123,8 @@ def init_device(device_dir: str | os.PathLike[str], *, root: bytes, owner_key_pe
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UpdateRefusedError):
         return exc.reason
+    if isinstance(exc, FloorStateError):
+        return "floor-state"
     if isinstance(exc, NotARecipientError):
         return "not-a-recipient"
     if isinstance(exc, KeyMaterialError):
@@ -187,11 +190,14 @@ class DeviceUpdater:
         finally:
             os.close(fd)  # releases the lock (so does the process dying)
 
-    def _attempt(self, action: str, fn: Callable[[], _T], version: Callable[[], int | None] | None = None) -> _T:
+    def _attempt(self, action: str, fn: Callable[[], _T], version: Callable[[], int | None] | None = None, *,
+                 recovered: list[str] | None = None) -> _T:
         """Run one step under the lock, after recovery; audit a refusal or failure (the step audits success)."""
         with self._locked():
-            self._recover()
             try:
+                actions = self._recover()
+                if recovered is not None:
+                    recovered.extend(actions)
                 return fn()
             except (IntegrityError, KeyMaterialError, UpdateRefusedError, HealthCheckError) as exc:
                 self._log("update.refused", {"action": action, "version": version() if version else None,
@@ -454,8 +460,9 @@ class DeviceUpdater:
 
     def status(self) -> dict[str, Any]:
         """Where the device stands: the floor, the current and previous slots, a staged update, what recovery did."""
-        with self._locked():
-            actions = self._recover()
+        actions: list[str] = []
+
+        def step() -> dict[str, Any]:
             cur = self.slots.current()
             floor = self.floor.describe()
             current = self.slots.record(cur) if cur is not None else None
@@ -473,3 +480,5 @@ class DeviceUpdater:
                           "detector": str(self.dir / "current" / PART_FILES["detector"])
                           if current and "detector" in current.files else None},
             }
+
+        return self._attempt("status", step, recovered=actions)
