@@ -406,6 +406,10 @@ def device_steps() -> list[Step]:
              check=json_has(lambda d: any(r["rule"] == "rbac_denials" and r["count"] == RBAC_DENIALS
                                           for r in d["rules"]), f"rbac_denials at {RBAC_DENIALS}")),
         Step("monitor rules show (default pack)", ["monitor", "rules", "show"], check=contains("attestation_failed")),
+        Step("probe --json", ["probe", "--json"],
+             check=json_has(lambda d: {"sgx", "tdx", "sev", "trustzone", "tpm", "secure_boot", "ima", "hwrng",
+                                       "listening"} <= set(d) and all(v["status"] in ("present", "absent", "unknown")
+                                                                      for v in d.values()), "nine features")),
         Step("comply checks", ["comply", "checks", "--json"],
              check=json_has(lambda d: len(d["checks"]) >= 5 and len(d["regulations"]) >= 5, "checks, regulations")),
     ]
