@@ -52,7 +52,7 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
@@ -61,7 +61,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
         fh.write(data)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, so a rename or a new entry in it is durable."""
     # Make the rename itself durable; some filesystems refuse fsync on directories, which is harmless.
     with contextlib.suppress(OSError):
         dfd = os.open(directory, os.O_RDONLY)

@@ -8,7 +8,6 @@ half of each: ``os.replace`` of a symlink is atomic on POSIX.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -18,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from edgeshield._io import atomic_write_bytes, atomic_writer
+from edgeshield._io import atomic_write_bytes, atomic_writer, fsync_dir
 from edgeshield.updates._errors import SlotIntegrityError
 from edgeshield.updates._index import PART_FILES, PARTS, check_model_name
 
@@ -28,15 +27,6 @@ FORMAT = "edgeshield.update-slot"
 Health = Literal["unchecked", "passed", "failed"]
 _HEALTH = ("unchecked", "passed", "failed")
 _MAX_RECORD = 16384
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -171,13 +161,13 @@ class Slots:
         path = self.path(slot)
         path.mkdir(parents=True, exist_ok=True)
         (path / RECORD).unlink(missing_ok=True)
-        _fsync_dir(path)
+        fsync_dir(path)
         for child in path.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-        _fsync_dir(path)
+        fsync_dir(path)
 
     def write(self, slot: str, *, model: str, model_version: int, bundle_id: str,
               sources: dict[str, Path]) -> SlotRecord:
@@ -212,13 +202,13 @@ class Slots:
         """Point ``current`` at ``slot`` (None: at nothing) with one atomic rename, made durable."""
         if slot is None:
             self.current_link.unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return
         tmp = self.root / f".current.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         os.symlink(f"slots/{slot}", tmp)
         os.replace(tmp, self.current_link)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def remove_temporaries(self) -> None:
         for tmp in self.root.glob(".current.*.tmp"):
