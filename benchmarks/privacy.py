@@ -1,6 +1,6 @@
 """Benchmark: federated digits under differential privacy and poisoning, the noise sampler, data validation, cost.
 
-    python benchmarks/privacy.py [--quick] [--json PATH]
+    python benchmarks/privacy.py [--quick] [--json PATH] [--parts utility,poison,sampler,data,scale]
 
 Protocol (fixed; every figure comes from this run). All federated runs go through ONE Flower Simulation Runtime
 (``edgeshield.fl.Simulator``: Flower's simulation engine on Ray, one virtual SuperNode per client, every train
@@ -21,14 +21,17 @@ message through Flower's in-memory SuperLink to a ClientApp in a Ray worker); ea
    examples, all in every round), central DP at the same ε values. The hyper-parameters (clip, rounds, clients
    per round, learning rate) were tuned by hand on this test split in a numpy re-implementation of the algorithm
    before this script ran; their selection is not charged to ε.
-2. Poisoning (``SETTINGS["poison"]``): 20 clients of ≥ 60 examples (Dirichlet alpha = 1), all in every round, 6
-   rounds from the pretrained model; 10 %, 20 %, 30 % malicious (clients 0..k-1) playing sign_flip (−4×), scale
-   (10×), label_flip (y → 9 − y) or backdoor (a 2×2 trigger on half their examples → class 0); FedAvg vs median,
-   trimmed mean (β = malicious fraction), Krum, multi-Krum, Bulyan (f = number malicious; only where n ≥ 4f + 3),
-   FLTrust (the 100-example root set) and a norm bound (max norm 1.0, fedavg inner); without DP and with central DP
-   (ε = 8 over the run, clip 1.0; only fedavg and norm_bound are sensitivity-bounded under central DP, the others
-   are refused by ``check_combination`` and the reason reported). Accuracy on the
-   test split after the last round; backdoor success = triggered non-0 test digits classified 0.
+2. Poisoning (``SETTINGS["poison"]``): 20 clients of ≥ 60 examples (Dirichlet alpha = 1), all in every round, 20
+   rounds of 3 local epochs from an untrained model (no pretraining: the attackers shape the model from the start);
+   10 %, 20 %, 30 % malicious (clients 0..k-1) playing sign_flip (−4×), scale (10×), label_flip (y → 9 − y) or
+   backdoor (a 2×2 trigger on half their examples → class 0); FedAvg vs median, trimmed mean (β = malicious
+   fraction), Krum, multi-Krum, Bulyan (f = number malicious; only where n ≥ 4f + 3), FLTrust (the 100-example
+   root set; ``fltrust_sign``: with a sign gate instead of cosine weights) and a norm bound (max norm 1.0, fedavg
+   inner); without DP and with central DP (ε = 8 over the run, clip 0.5). Under central DP every aggregator runs
+   with noise scaled to its own proven sensitivity (``edgeshield.fl._robust``): fedavg, norm_bound and FLTrust's
+   count form on Poisson-sampled rounds (here q = 1), the others on fixed-size cohorts under replace-one accounting
+   (``FLConfig.sampling = "auto"``). Accuracy on the test split
+   after the last round; backdoor success = triggered non-0 test digits classified 0.
 3. Sampler check: ``benchmarks/_sampler.py`` (Mironov's impossible outputs of textbook float Laplace vs ours;
    the empirical privacy loss over a fixed event family with a Clopper–Pearson upper bound, ÷ ε).
 4. Data validation on the device: ``benchmarks/_poison_data.py`` ``measure_all`` (figures prefixed ``data_``).
@@ -38,9 +41,11 @@ message through Flower's in-memory SuperLink to a ClientApp in a Ray worker); ea
 
 ``--quick`` (< 2 minutes) runs a stated subset: 200 clients of ~6 examples, 30 rounds for part 1 (no DP, central
 ε = 1, local ε = 1, distributed ε = 1 for 2 rounds), realistic clients 10 rounds; 5 poisoning rounds, 20 %
-malicious with sign_flip and backdoor under fedavg, median and norm_bound (fedavg and norm_bound under DP), fewer
+malicious with sign_flip and backdoor under fedavg, median and norm_bound, with and without DP, fewer
 sampler draws and data-validation clients, scale at 10, 100 and 200. The raw per-run figures go to
 ``benchmarks/results/privacy_raw[_quick].json``, the plot to ``benchmarks/results/privacy_utility[_quick].png``.
+``--parts`` measures only the parts named and takes the others from that raw file; the JSON then dates each part
+(``date_<part>``), so a figure is never passed off as newer than the run that measured it.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_LOSS_POINTS = 3.0
 TARGET_POISON_POINTS = 2.0
 TARGET_BACKDOOR = 0.05
+PARTS = ("utility", "poison", "sampler", "data", "scale")
 
 # (quick, full) where they differ
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -76,14 +82,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
            "distributed_rounds": (2, 20)},
     "realistic": {"clients": 20, "clients_per_round": 20, "rounds": (10, 30), "clip": 0.5, "lr": 0.5,
                   "pretrain_epochs": 50, "min_examples": 60, "alpha": 1.0},
-    "poison": {"clients": 20, "rounds": (5, 6), "lr": 0.5, "pretrain_epochs": 50, "min_examples": 60, "alpha": 1.0,
-               "dp_epsilon": 8.0, "clip": 1.0, "norm_bound": 1.0},
+    "poison": {"clients": 20, "rounds": (5, 20), "local_epochs": 3, "lr": 0.5, "min_examples": 60, "alpha": 1.0,
+               "dp_epsilon": 8.0, "clip": 0.5, "norm_bound": 1.0},
     "scale": {"sizes": ((10, 100, 200), (10, 100, 1247)), "rounds": 2},
 }
 RATES = ((0.2,), (0.1, 0.2, 0.3))
 ATTACKS = (("sign_flip", "backdoor"), ("sign_flip", "scale", "label_flip", "backdoor"))
 AGGREGATORS = (("fedavg", "median", "norm_bound"),
-               ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "fltrust", "norm_bound"))
+               ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "fltrust", "fltrust_sign",
+                "norm_bound"))
 
 
 def _s(section: str, key: str, quick: bool) -> Any:
@@ -209,8 +216,8 @@ def poison_base(quick: bool) -> Any:
     s = "poison"
     n = SETTINGS[s]["clients"]
     return FLConfig(clients=n, clients_per_round=n, rounds=_s(s, "rounds", quick), lr=_s(s, "lr", quick),
-                    min_examples=_s(s, "min_examples", quick), alpha=_s(s, "alpha", quick), model="linear",
-                    fltrust_root=100, pretrain_on_root=True, pretrain_epochs=_s(s, "pretrain_epochs", quick), seed=0)
+                    local_epochs=_s(s, "local_epochs", quick), min_examples=_s(s, "min_examples", quick),
+                    alpha=_s(s, "alpha", quick), model="linear", fltrust_root=100, pretrain_on_root=False, seed=0)
 
 
 def _agg_params(name: str, f: int, rate: float) -> dict[str, Any]:
@@ -224,6 +231,8 @@ def _agg_params(name: str, f: int, rate: float) -> dict[str, Any]:
         return {"beta": max(0.1, rate)}
     if name == "norm_bound":
         return {"max_norm": SETTINGS["poison"]["norm_bound"]}
+    if name == "fltrust_sign":  # FLTrust with a sign gate instead of cosine weights (fl._robust.FLTrust, trust="sign")
+        return {"trust": "sign"}
     return {}
 
 
@@ -249,19 +258,14 @@ def bench_poison(sim: Any, quick: bool, console: Any) -> dict[str, Any]:
                         cells[key] = {"status": "refused",
                                       "reason": f"bulyan needs n >= 4f + 3: n = {n}, f = {max(k, 1)}"}
                         continue
-                    cfg = base.with_(aggregator=agg, aggregator_params=params, dp=dp if use_dp else DPConfig())
-                    if use_dp and agg not in ("fedavg", "norm_bound"):
-                        r = _run(sim, cfg)  # refused by check_combination before the runtime: its reason recorded
-                        cells[key] = r
-                        break
+                    cfg = base.with_(aggregator="fltrust" if agg == "fltrust_sign" else agg,
+                                     aggregator_params=params, dp=dp if use_dp else DPConfig())
                     malicious = dict.fromkeys(range(k), attack) if k else None
                     cells[key] = r = _run(sim, cfg, malicious=malicious)
                     bd = r.get("backdoor_success")
                     console.print(f"   {key}: acc {_fmt(r.get('accuracy'))}"
                                   + (f", backdoor {_fmt(bd)}" if bd is not None else "")
                                   + (f" [{r['status']}: {r.get('reason', '')[:120]}]" if r["status"] != "ok" else ""))
-                if use_dp and agg not in ("fedavg", "norm_bound"):
-                    break
     return {"base": base.to_dict(), "dp": {"epsilon": dp.target_epsilon, "clip": dp.clip}, "cells": cells}
 
 
@@ -367,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results as one flat JSON object")
     ap.add_argument("--plot", metavar="PATH", help="the utility plot (default benchmarks/results/privacy_utility"
                                                    "[_quick].png)")
+    ap.add_argument("--parts", metavar="LIST", default=",".join(PARTS),
+                    help=f"comma-separated parts to measure again ({', '.join(PARTS)}; default all); the others are "
+                         "taken from the last run's raw figures, and each part's date is reported")
     ap.add_argument("--from-raw", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -387,36 +394,65 @@ def main(argv: list[str] | None = None) -> int:
         bg = raw.get("background") or {"loadavg_1min_start": None, "loadavg_1min_end": None,
                                         "other_processes_cpu_s": None, "other_processes_cpu_share": None}
         wall = raw.get("wall_s") or sum(timings.values())
+        dates = raw.get("part_dates", {})
     else:
+        parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown or not parts:
+            ap.error(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(PARTS)}")
+        old: dict[str, Any] = {}
+        if set(parts) != set(PARTS):
+            if not raw_path.exists():
+                ap.error(f"--parts {args.parts}: no earlier run's raw figures ({raw_path}) for the other parts")
+            old = json.loads(raw_path.read_text(encoding="utf-8"))
+        now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        dates: dict[str, str] = {p: (now if p in parts else old.get("part_dates", {}).get(p, "earlier run"))
+                                 for p in PARTS}
         background = Background()
         max_n = max(_s("dp", "clients", quick), *SETTINGS["scale"]["sizes"][0 if quick else 1])
-        timings = {}
+        timings = dict(old.get("timings", {}))
         t = time.perf_counter()
-        console.print("3. sampler check ...")
-        sampler = bench_sampler(quick)
-        timings["sampler_s"] = time.perf_counter() - t
+        if "sampler" in parts:
+            console.print("3. sampler check ...")
+            sampler = bench_sampler(quick)
+            timings["sampler_s"] = time.perf_counter() - t
+        else:
+            sampler = old["sampler"]
         t = time.perf_counter()
-        console.print("4. data validation ...")
-        data_rows, data_figures = bench_data(quick)
-        timings["data_validation_s"] = time.perf_counter() - t
-        with Simulator(max_n, num_cpus=2, client_cpus=1) as sim:
-            t = time.perf_counter()
-            util = bench_utility(sim, quick, console)
-            timings["utility_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            poison = bench_poison(sim, quick, console)
-            timings["poisoning_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            console.print("5. scale ...")
-            scale = bench_scale(sim, quick, console)
-            timings["scale_s"] = time.perf_counter() - t
+        if "data" in parts:
+            console.print("4. data validation ...")
+            data_rows, data_figures = bench_data(quick)
+            timings["data_validation_s"] = time.perf_counter() - t
+        else:
+            data_rows = old["data_rows"]
+            data_figures = data_flat(data_rows)
+        util, poison = old.get("utility"), old.get("poison")
+        scale = {int(k): v for k, v in old.get("scale", {}).items()}
+        if {"utility", "poison", "scale"} & set(parts):
+            with Simulator(max_n, num_cpus=2, client_cpus=1) as sim:
+                if "utility" in parts:
+                    t = time.perf_counter()
+                    util = bench_utility(sim, quick, console)
+                    timings["utility_s"] = time.perf_counter() - t
+                if "poison" in parts:
+                    t = time.perf_counter()
+                    poison = bench_poison(sim, quick, console)
+                    timings["poisoning_s"] = time.perf_counter() - t
+                if "scale" in parts:
+                    t = time.perf_counter()
+                    console.print("5. scale ...")
+                    scale = bench_scale(sim, quick, console)
+                    timings["scale_s"] = time.perf_counter() - t
+        if util is None or poison is None:
+            ap.error("the earlier run's raw figures lack the utility or poisoning part: measure it (--parts)")
         wall = time.perf_counter() - started
         bg = background.stop()
         try:  # every run's raw figures, so the summary can be checked against them (and rebuilt: --from-raw)
             from edgeshield._io import atomic_write_bytes
 
             raw = {"utility": util, "poison": poison, "scale": {str(k): v for k, v in scale.items()},
-                   "timings": timings, "sampler": sampler, "data_rows": data_rows, "background": bg, "wall_s": wall}
+                   "timings": timings, "sampler": sampler, "data_rows": data_rows, "background": bg, "wall_s": wall,
+                   "part_dates": dates}
             atomic_write_bytes(raw_path, (json.dumps(raw, indent=1, sort_keys=True, default=str) + "\n").encode())
         except Exception as exc:  # noqa: BLE001
             console.print(f"raw figures not written: {exc}")
@@ -529,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     r.update(timings)
     r["wall_s"] = wall
     r["summary_rebuilt_from_raw"] = bool(args.from_raw)
+    r.update({f"date_{p}": d for p, d in dates.items()})
     r.update(bg)
 
     # ---- print ---------------------------------------------------------------------------------------------------
@@ -573,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{_fmt(clean)} (target within {TARGET_POISON_POINTS:g} points) {_mark(r['poison20_target_met'])}; its "
         f"backdoor success {_fmt(bd20)} (target ≤ {TARGET_BACKDOOR:g}) {_mark(r['backdoor20_target_met'])}. Under "
         f"central DP (ε {r['poison_dp_epsilon']:g}) best {r['poison20_best_aggregator_dp']} "
-        f"{_fmt(r['poison20_best_robust_accuracy_dp'])}; median, trimmed mean, Krum, Bulyan and FLTrust are refused "
-        "under central DP (not sensitivity-bounded).")
+        f"{_fmt(r['poison20_best_robust_accuracy_dp'])} under {r.get('poison20_dp_best_robust_worst_attack')} vs "
+        f"DP clean {_fmt(r['poison20_clean_accuracy_dp'])}, backdoor "
+        f"{_fmt(r.get('poison20_dp_backdoor_best_aggregator_success'))} (each aggregator's noise scaled to its own "
+        "sensitivity).")
     tab = Table(title="3. Sampler check, 4. data validation, 5. cost")
     tab.add_column("figure")
     tab.add_column("value", justify="right")
@@ -595,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         r["plot"] = f"failed: {exc}"
     console.print(f"{'quick' if quick else 'full'} run, {r['wall_s']:.1f} s "
                   f"({', '.join(f'{k} {v:.0f}' for k, v in timings.items())}). "
+                  f"Parts measured: {', '.join(f'{p} {d}' for p, d in dates.items())}. "
                   + (Background.note(r) if r["other_processes_cpu_s"] is not None else
                      "Background load: not recorded for this run (summary rebuilt from its raw figures)."))
     write_report(console, args.json, r, also=f" and {r['plot']}")
