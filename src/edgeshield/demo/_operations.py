@@ -74,12 +74,17 @@ def _monitor(ctx: DemoContext) -> str:
 
     cfg, w = _config(ctx)
     ca, certs = w["ca"], w["certs"]
-    x = load_digits_split().x_test[:4].tolist()
+    digits = load_digits_split().x_test
+    x = digits[:4].tolist()
+    # the patient's request: at watermark rate 0.5, 32 inputs leave no marked row (no evidence to erase) with
+    # probability 2^-32, where 4 inputs did 1 time in 16
+    x_subject = digits[:32].tolist()
     with running(cfg) as (_server, _watcher, port):
         url = f"https://127.0.0.1:{port}"
         with _client(ca, certs["alice"], url) as alice, _client(ca, certs["mallory"], url) as mallory, \
                 _client(ca, certs["admin"], url) as admin:
-            if alice.post("/v1/predict", json={"inputs": x}, headers={"x-subject-id": "patient-17"}).status_code != 200:
+            if alice.post("/v1/predict", json={"inputs": x_subject},
+                          headers={"x-subject-id": "patient-17"}).status_code != 200:
                 raise DemoFailure("an honest client was not served")
             # Attack 1: mallory probes endpoints its role may not use until the rbac_denials rule blocks it.
             denied = 0
