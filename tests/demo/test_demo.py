@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -50,3 +52,23 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # privacy: DP-FedAvg reports ε from the accountant, refuses exactly the boosted client, ships a bundle
     fed = summary["federated"]
     assert fed["refused"] == ["client-7"] and 0 < fed["epsilon"] <= 8.0 + 1e-6 and fed["accuracy"] > 0.7
+    # hardware: the probe answers every feature; a TPM-sealed device key opens the bundle until a PCR changes; the
+    # release service refuses a replayed quote and a changed PCR and releases to a fresh quote; updates go v1 → v2
+    # and a replayed v1 is refused by the floor
+    assert set(summary["probe"]["statuses"]) == {"sgx", "tdx", "sev", "trustzone", "tpm", "secure_boot", "ima",
+                                                 "hwrng", "listening"}
+    assert set(summary["probe"]["statuses"].values()) <= {"present", "absent", "unknown"}
+    tpm = summary["tpm"]
+    if shutil.which("swtpm") and shutil.which("swtpm_setup") and importlib.util.find_spec("tpm2_pytss"):
+        assert "skipped" not in tpm, tpm
+        assert tpm["sealed_accuracy"] == acc["bundle"] and tpm["released_accuracy"] == acc["bundle"]
+        assert tpm["pcr_change_refused"] == "TPMPolicyError"
+        assert "nonce-replayed" in tpm["stale_quote_refused"] and tpm["fresh_quote_released"] is True
+        assert "pcr" in tpm["pcr_change_release_refused"]
+    else:  # the stage skips only itself, and says why
+        assert "not found" in tpm["skipped"] or "not installed" in tpm["skipped"]
+    update = summary["update"]
+    if importlib.util.find_spec("tuf"):
+        assert update == {"installed": 2, "still_current": 2, "floor": 2, "replay_refused": "FloorViolationError"}
+    else:
+        assert "skipped" in update

@@ -53,10 +53,19 @@ class Stage:
 
 
 def _stages() -> list[Stage]:
-    from edgeshield.demo import _adversarial, _bundles, _extraction, _hardening, _operations, _privacy, _server
+    from edgeshield.demo import (
+        _adversarial,
+        _bundles,
+        _extraction,
+        _hardening,
+        _hardware,
+        _operations,
+        _privacy,
+        _server,
+    )
 
     return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_hardening.STAGES, *_extraction.STAGES,
-            *_operations.STAGES, *_privacy.STAGES]
+            *_operations.STAGES, *_privacy.STAGES, *_hardware.STAGES]
 
 
 @contextlib.contextmanager
