@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extraction.py --json benchmarks/results/extraction.json
 	$(PY) benchmarks/hardening.py --json benchmarks/results/hardening.json
 	$(PY) benchmarks/monitoring.py --json benchmarks/results/monitoring.json
+	$(PY) benchmarks/hardware.py --json benchmarks/results/hardware.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
@@ -69,6 +70,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/extraction.py --quick
 	$(PY) benchmarks/hardening.py --quick
 	$(PY) benchmarks/monitoring.py --quick
+	$(PY) benchmarks/hardware.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)
