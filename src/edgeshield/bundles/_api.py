@@ -161,23 +161,46 @@ def _decrypt_image(
             )
         bundle_id = bytes.fromhex(manifest.bundle_id)
         data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bundle_id)
-        if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
-            raise KeyCommitmentError("the data key wrapped for this device is not the one the manifest commits to")
-        import numpy as np
-
-        # One pass: decrypt every chunk and MAC it under this device's own key. Nothing is parsed before the MAC
-        # matches the signed manifest, so not even another recipient (which knows the data key) can swap the model.
-        plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
-        digest, mac = _stream.process_payload(
-            data_key, *_payload_args(read_at, size, manifest), plaintext.data, mac_key=mac_key,
-            digest=check_digest,
-        )
-        assert mac is not None  # noqa: S101 - narrows the type: process_payload MACs whenever mac_key is given
-        if digest is not None:
-            _compare_digest(digest, manifest)
-        if not hmac.compare_digest(mac.hex(), stanza.payload_mac):
-            raise PayloadDigestError("bundle payload does not match the MAC its signed manifest holds for this device")
+        plaintext = decrypt_payload(read_at, size, manifest, stanza, data_key, mac_key, check_digest=check_digest,
+                                    whose_key="the data key wrapped for this device",
+                                    whose_mac=" for this device")
     return manifest, plaintext
+
+
+def decrypt_payload(
+    read_at: _stream.ReadAt, size: int, manifest: Manifest, stanza: _format.Recipient, data_key: bytes,
+    mac_key: bytes, *, check_digest: bool, whose_key: str, whose_mac: str,
+) -> np.ndarray[tuple[int], np.dtype[np.uint8]]:
+    """Check ``data_key`` against the manifest's commitment, then decrypt every chunk into a private buffer and MAC
+    it under ``stanza``'s MAC key in one pass; nothing is parsed before the MAC matches the signed manifest, so not
+    even another recipient (which knows the data key) can swap the model. ``whose_key``/``whose_mac`` name the key
+    in the errors."""
+    bundle_id = bytes.fromhex(manifest.bundle_id)
+    if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
+        raise KeyCommitmentError(f"{whose_key} is not the one the manifest commits to")
+    import numpy as np
+
+    plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
+    digest, mac = _stream.process_payload(
+        data_key, *_payload_args(read_at, size, manifest), plaintext.data, mac_key=mac_key, digest=check_digest,
+    )
+    assert mac is not None  # noqa: S101 - narrows the type: process_payload MACs whenever mac_key is given
+    if digest is not None:
+        _compare_digest(digest, manifest)
+    if not hmac.compare_digest(mac.hex(), stanza.payload_mac):
+        raise PayloadDigestError(f"bundle payload does not match the MAC its signed manifest holds{whose_mac}")
+    return plaintext
+
+
+def session_from_image(
+    manifest: Manifest, plaintext: np.ndarray[tuple[int], np.dtype[np.uint8]], *,
+    session_options: onnxruntime.SessionOptions | None = None, providers: Sequence[str] | None = None,
+) -> OpenBundle:
+    """An ONNX Runtime session over a decrypted image (graph and weights straight from the buffer)."""
+    img = manifest.image
+    weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
+    session = _create_session(plaintext[: img.graph_size].tobytes(), weights, img, session_options, providers)
+    return OpenBundle(manifest, session)
 
 
 def open_bundle(
@@ -196,10 +219,7 @@ def open_bundle(
     key), at the cost of a SHA-256 pass over the ciphertext.
     """
     manifest, plaintext = _decrypt_image(bundle, owner_key, device_key, check_digest)
-    img = manifest.image
-    weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
-    session = _create_session(plaintext[: img.graph_size].tobytes(), weights, img, session_options, providers)
-    return OpenBundle(manifest, session)
+    return session_from_image(manifest, plaintext, session_options=session_options, providers=providers)
 
 
 def decrypt_model(bundle: PathLike, owner_key: OwnerPublicKey, device_key: DevicePrivateKey) -> bytes:

@@ -43,7 +43,6 @@ from edgeshield.errors import (
     KeyCommitmentError,
     KeyMaterialError,
     NotARecipientError,
-    PayloadDigestError,
     ServerRefusedError,
 )
 from edgeshield.hardware import _attest as at
@@ -573,9 +572,7 @@ def open_released(bundle: str | os.PathLike[str], owner_key: OwnerPublicKey, rel
     The same checks as ``bundles.open_bundle``: owner signature, the signed data-key commitment and this stanza's
     payload MAC, so a released secret cannot open a model other than the one the owner signed.
     """
-    import numpy as np
-
-    from edgeshield.bundles import _api, _format, _stream
+    from edgeshield.bundles import _api
 
     with _api._open_for_read(bundle) as (read_at, size):
         manifest = _api._authenticated_manifest(read_at, size, owner_key)
@@ -584,18 +581,9 @@ def open_released(bundle: str | os.PathLike[str], owner_key: OwnerPublicKey, rel
         stanza = next((r for r in manifest.recipients if r.key_id == released.recipient_key_id), None)
         if stanza is None:
             raise NotARecipientError(f"{released.recipient_key_id} is not a recipient of this bundle")
-        data_key, mac_key = released.secret[:32], released.secret[32:]
-        bid = bytes.fromhex(manifest.bundle_id)
-        if len(released.secret) != 64 or not hmac.compare_digest(
-                _format.data_key_commitment(bid, data_key), manifest.data_key_commitment):
+        if len(released.secret) != 64:
             raise KeyCommitmentError("the released data key is not the one the manifest commits to")
-        plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
-        _, mac = _stream.process_payload(data_key, *_api._payload_args(read_at, size, manifest), plaintext.data,
-                                         mac_key=mac_key, digest=False)
-        if mac is None or not hmac.compare_digest(mac.hex(), stanza.payload_mac):
-            raise PayloadDigestError("bundle payload does not match the MAC its signed manifest holds")
-    img = manifest.image
-    weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
-    session = _api._create_session(plaintext[: img.graph_size].tobytes(), weights, img, None, None)
-    return _api.OpenBundle(manifest, session)
+        plaintext = _api.decrypt_payload(read_at, size, manifest, stanza, released.secret[:32], released.secret[32:],
+                                         check_digest=False, whose_key="the released data key", whose_mac="")
+    return _api.session_from_image(manifest, plaintext)
 
