@@ -265,7 +265,7 @@ def test_licences_not_after_max_devices_and_groups(fleet: Fleet, cam1: Dev) -> N
     svc = fleet.service
     try:
         svc.licences = {fleet.bundle_id: rel.Licence(fleet.bundle_id, not_after=datetime.now(UTC) - timedelta(1))}
-        with refused(fleet, 403, "licence"):
+        with refused(fleet, 403, "licence-expired"):
             fetch(fleet, cam1)
         svc.licences = {fleet.bundle_id: rel.Licence(fleet.bundle_id, groups=frozenset({"line-a"}))}
         with refused(fleet, 403, "licence"):
