@@ -93,6 +93,13 @@ class KeyAttributesError(AttestationError):
     reason = "key-attributes"
 
 
+class NvCertifyError(AttestationError):
+    """An NV certification does not prove a monotonic counter's value: another index, not a counter, not the
+    whole 8-byte value, or a public area that does not hash to the certified name."""
+
+    reason = "nv-certify"
+
+
 class UnknownTpmError(KeyMaterialError):
     """The TPM's endorsement key is neither certified by an enrolled CA nor in the enrolment list (exit 4)."""
 
@@ -113,6 +120,7 @@ class TpmUnavailableError(TPMUnavailableError):
 
 # --- TPM constants (TPM 2.0 Library, Part 2) ---------------------------------------------------------------------
 TPM_GENERATED = 0xFF544347
+ST_ATTEST_NV = 0x8014  # TPM_ST_ATTEST_NV (0x8016 is TPM_ST_ATTEST_SESSION_AUDIT)
 ST_ATTEST_CERTIFY = 0x8017
 ST_ATTEST_QUOTE = 0x8018
 ALG_RSA, ALG_SHA256, ALG_NULL, ALG_RSASSA, ALG_RSAPSS, ALG_ECDSA, ALG_ECC = 0x01, 0x0B, 0x10, 0x14, 0x16, 0x18, 0x23
@@ -128,6 +136,12 @@ ADMIN_WITH_POLICY, NO_DA, RESTRICTED, DECRYPT, SIGN = 1 << 7, 1 << 10, 1 << 16, 
 AK_ATTRIBUTES = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | RESTRICTED | SIGN
 RELEASE_KEY_ATTRIBUTES = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | DECRYPT
 MAX_PCR = 23
+
+# TPMA_NV bits and the NV index types (TPM_NT) that matter here
+NV_TYPE_SHIFT, NV_TYPE_MASK, NT_COUNTER = 4, 0xF0, 0x1
+NV_OWNERWRITE, NV_AUTHWRITE, NV_OWNERREAD, NV_AUTHREAD = 1 << 1, 1 << 2, 1 << 17, 1 << 18
+NV_NO_DA, NV_ORDERLY, NV_WRITTEN = 1 << 25, 1 << 26, 1 << 29
+NV_HANDLE_TYPE = 0x01  # TPM_HT_NV_INDEX: the top byte of an NV index handle
 
 
 # --- a small reader for TPM's big-endian structures --------------------------------------------------------------
@@ -286,10 +300,13 @@ class Attest:
     pcr_selection: tuple[tuple[int, tuple[int, ...]], ...] = ()
     pcr_digest: bytes = b""
     certified_name: bytes = b""
+    nv_offset: int = 0
+    nv_contents: bytes = b""
 
 
 def parse_attest(data: bytes) -> Attest:
-    """Parse a marshalled ``TPMS_ATTEST`` (quote or certify); raise :class:`QuoteFormatError` on anything else."""
+    """Parse a marshalled ``TPMS_ATTEST`` (quote, certify or NV certify); raise :class:`QuoteFormatError` on
+    anything else. For NV certify, ``certified_name`` is the index's name."""
     r = _Reader(data, "TPM attestation structure")
     if r.u32() != TPM_GENERATED:
         raise QuoteFormatError("attestation structure lacks TPM_GENERATED_VALUE: not produced by a TPM")
@@ -315,6 +332,11 @@ def parse_attest(data: bytes) -> Attest:
         name, _qualified = r.tpm2b(), r.tpm2b()
         r.end()
         return Attest(typ, signer, extra, clock, firmware, certified_name=name)
+    if typ == ST_ATTEST_NV:
+        name, offset, contents = r.tpm2b(), r.u16(), r.tpm2b()
+        r.end()
+        return Attest(typ, signer, extra, clock, firmware, certified_name=name, nv_offset=offset,
+                      nv_contents=contents)
     raise QuoteFormatError(f"unsupported attestation type 0x{typ:04x}")
 
 
@@ -514,6 +536,78 @@ def verify_certification(attest: bytes, signature: bytes, ak: TpmPublic, key: Tp
     return att
 
 
+# --- NV indices: the monotonic counter behind the device's version floor ------------------------------------------
+@dataclass(frozen=True)
+class NvPublic:
+    """A parsed ``TPMS_NV_PUBLIC``: the index handle, its name algorithm, attributes, policy and size."""
+
+    raw: bytes
+    index: int
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    data_size: int
+
+    @property
+    def nv_type(self) -> int:
+        return (self.attributes & NV_TYPE_MASK) >> NV_TYPE_SHIFT
+
+    @property
+    def name(self) -> bytes:
+        """The index's TPM name: nameAlg || H_nameAlg(TPMS_NV_PUBLIC); it changes when the index is first written."""
+        return struct.pack(">H", self.name_alg) + _digest(self.name_alg, self.raw)
+
+
+def parse_nv_public(data: bytes) -> NvPublic:
+    """Parse a marshalled ``TPMS_NV_PUBLIC`` (not the TPM2B around it); :class:`QuoteFormatError` otherwise."""
+    r = _Reader(data, "TPM NV public area")
+    index, name_alg, attributes = r.u32(), r.u16(), r.u32()
+    policy, size = r.tpm2b(), r.u16()
+    r.end()
+    if index >> 24 != NV_HANDLE_TYPE:
+        raise QuoteFormatError(f"0x{index:08x} is not an NV index handle")
+    if name_alg not in _HASHES:
+        raise QuoteFormatError(f"unsupported name algorithm 0x{name_alg:04x}")
+    return NvPublic(bytes(data), index, name_alg, attributes, policy, size)
+
+
+def nv_name(nv_public: bytes) -> bytes:
+    """The TPM name of the NV index whose marshalled ``TPMS_NV_PUBLIC`` this is: nameAlg || H(nv_public)."""
+    return parse_nv_public(nv_public).name
+
+
+def verify_nv_counter(nv_public: bytes, attest: bytes, signature: bytes, ak: TpmPublic, nonce: bytes, *,
+                      last: ClockInfo | None = None) -> int:
+    """Check a TPM2_NV_Certify by the AK over a whole monotonic counter and return the counter's value.
+
+    Checked in order: the AK's signature (nothing is trusted before it), TPM_GENERATED and the NV type (parsing),
+    ``extraData == nonce``, the certified name equals the name computed from ``nv_public``, ``nv_public`` is a
+    written ``TPM_NT_COUNTER`` of 8 bytes, and the certification covers offset 0 and all 8 bytes. A counter's
+    value can only rise (see docs/updates.md, "The floor"). With ``last``, the TPM's clock must not have gone
+    back since (a restored TPM state). Every failure is an :class:`AttestationError` subclass.
+    """
+    verify_signature(ak, attest, signature)
+    att = parse_attest(attest)
+    if att.type != ST_ATTEST_NV:
+        raise QuoteFormatError("the attestation structure is not an NV certification")
+    if not hmac.compare_digest(att.extra_data, nonce):
+        raise NonceMismatchError("the NV certification does not answer this nonce: replayed or stale")
+    try:
+        pub = parse_nv_public(nv_public)
+    except QuoteFormatError as exc:
+        raise NvCertifyError(f"the NV public area sent is malformed: {exc}") from None
+    if not hmac.compare_digest(att.certified_name, pub.name):
+        raise NvCertifyError("the NV certification names another index than the public area sent")
+    if pub.nv_type != NT_COUNTER:
+        raise NvCertifyError(f"NV index 0x{pub.index:08x} is not a monotonic counter (type {pub.nv_type})")
+    if pub.data_size != 8 or not pub.attributes & NV_WRITTEN:
+        raise NvCertifyError(f"NV index 0x{pub.index:08x} is not a written 8-byte counter")
+    if att.nv_offset != 0 or len(att.nv_contents) != 8:
+        raise NvCertifyError("the NV certification does not cover the whole 8-byte counter")
+    check_clock(att.clock, last)
+    return int.from_bytes(att.nv_contents, "big")
+
+
 # --- endorsement keys and credential activation --------------------------------------------------------------------
 @dataclass(frozen=True)
 class EkTrust:
@@ -598,13 +692,21 @@ def default_tcti() -> str:
 RELEASE_LABEL_PREFIX = b"ESrel1 "
 
 
-def release_label(bundle_id: str, nonce: bytes) -> bytes:
-    """The RSA-OAEP label binding a released key to one bundle and one request.
+def release_label(bundle_id: str, nonce: bytes, extra: bytes = b"") -> bytes:
+    """The RSA-OAEP label binding a released key to one bundle and one request (and, with ``extra``, to more: the
+    release service binds the licence with it, so an edited licence makes the TPM refuse to decrypt).
 
     Printable and NUL-terminated, as the TPM requires, and at most 64 bytes (a TPM2B_DATA): the prefix, then 56 hex
-    digits of SHA-256(bundle id || nonce).
+    digits of SHA-256(bundle id || nonce), or with ``extra`` of SHA-256 over a v2 tag and the three, each
+    length-prefixed (no two inputs share a digest input; without ``extra`` the label is the v1 one, unchanged).
     """
-    digest = hashlib.sha256(b"EdgeShield key release v1\x00" + bundle_id.encode() + b"\x00" + nonce).hexdigest()
+    if not extra:
+        data = b"EdgeShield key release v1\x00" + bundle_id.encode() + b"\x00" + nonce
+    else:
+        bid = bundle_id.encode()
+        data = (b"EdgeShield key release v2\x00" + struct.pack(">I", len(bid)) + bid + struct.pack(">I", len(nonce))
+                + nonce + struct.pack(">I", len(extra)) + extra)
+    digest = hashlib.sha256(data).hexdigest()
     return RELEASE_LABEL_PREFIX + digest[:56].encode() + b"\x00"
 
 
@@ -785,6 +887,54 @@ class DeviceTpm:
         finally:
             self.ctx.flush_context(key)
             self.ctx.flush_context(ak)
+
+    def read_clock(self) -> ClockInfo:
+        """TPM2_ReadClock: the TPM's clock (ms it has run, saved across reboots) and its reset/restart counters."""
+        with self._tpm_call("read its clock"):
+            info = self.ctx.read_clock().clockInfo
+        return ClockInfo(int(info.clock), int(info.resetCount), int(info.restartCount), bool(info.safe))
+
+    def nv_public(self, index: int) -> bytes:
+        """The marshalled ``TPMS_NV_PUBLIC`` of NV index ``index`` (what NV certification names)."""
+        handle = self._nv_handle(index)
+        try:
+            with self._tpm_call(f"read NV index 0x{index:08x}'s public area"):
+                pub, _ = self.ctx.nv_read_public(handle)
+            return bytes(pub.nvPublic.marshal())
+        finally:
+            self.ctx.tr_close(handle)
+
+    def _nv_handle(self, index: int) -> Any:
+        if not isinstance(index, int) or isinstance(index, bool) or index >> 24 != NV_HANDLE_TYPE:
+            raise InvalidArgumentError(f"{index!r} is not an NV index handle (0x01000000..0x01ffffff)")
+        with self._tpm_call(f"find NV index 0x{index:08x} (is it defined?)"):
+            return self.ctx.tr_from_tpmpublic(index)
+
+    def certify_nv_counter(self, keys: DeviceKeys, nonce: bytes, index: int) -> tuple[bytes, bytes, bytes]:
+        """TPM2_NV_Certify: the AK signs NV counter ``index``'s name and whole 8-byte value with ``nonce``.
+
+        Returns ``(nv_public, attest, signature)`` for :func:`verify_nv_counter`. Reading needs the index's own
+        (empty) auth value, as the floor's counter is defined (``TpmCounterFloor``).
+        """
+        t = self._t
+        if not 1 <= len(nonce) <= 64:
+            raise InvalidArgumentError("the nonce must be 1..64 bytes")
+        handle = self._nv_handle(index)
+        try:
+            with self._tpm_call(f"read NV index 0x{index:08x}'s public area"):
+                pub, _ = self.ctx.nv_read_public(handle)
+            nv_public = bytes(pub.nvPublic.marshal())
+            ak = self._load(keys.ak_public, keys.ak_private)
+            try:
+                with self._tpm_call(f"certify NV index 0x{index:08x} (a written 8-byte counter?)"):
+                    attest, sig = self.ctx.nv_certify(ak, handle, nonce, t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL),
+                                                      8, 0, session1=t.ESYS_TR.PASSWORD,
+                                                      session2=t.ESYS_TR.PASSWORD)
+            finally:
+                self.ctx.flush_context(ak)
+            return nv_public, bytes(attest), bytes(sig.marshal())
+        finally:
+            self.ctx.tr_close(handle)
 
     def decrypt_released(self, keys: DeviceKeys, ciphertext: bytes, label: bytes) -> bytes:
         """RSA-OAEP-SHA256 decryption inside the TPM with the release key."""
