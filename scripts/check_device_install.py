@@ -29,6 +29,9 @@ ART, matplotlib, model-signing and compliance-trestle must be absent afterwards)
   must fail encryption_at_rest and nothing else while the owner's plaintext digits.onnx lies beside the bundle,
   then, that file removed, fail nothing; as HTML; comply erase --subject patient-1 (the key serve made for it
   destroyed), comply purge;
+* a model update (``update_steps``): the owner publishes v1 and v2 to a TUF repository and the device pulls them with
+  the full venv (tuf is ``[update]``); ``update init / install / status / commit / rollback`` in the device venv, a
+  rollback below the committed floor refused;
 * the owner, evaluation and OSCAL commands (``NEEDS_EXTRA``) must fail with one line naming the right extra.
 
 It prints the plain install's size: the distributions ``pip list`` shows in the fresh venv (edgeshield included;
@@ -73,6 +76,9 @@ URL = ["--url", "https://127.0.0.1:{port}"]
 AS_ADMIN = [*URL, *TLS, "--cert", "pki/issued/admin.crt", "--key", "pki/issued/admin.key"]
 WEBHOOK_TOKEN_ENV, WEBHOOK_TOKEN = "EDGESHIELD_CHECK_WEBHOOK_TOKEN", "check-device-install-token"
 DEPLOY = ["--config", "deploy.toml"]
+DEVICE_KEY = ["--device-key", "keys/device.key"]
+PUBLISH = ["update", "repo", "publish", "repo", "--keys", "rkeys", "--owner-key", "keys/owner.pub", "--model", "digits",
+           "--input-spec", "spec.json", "--bundle"]
 
 # Every runtime flag of `serve`, one line each (a flag that takes no value: ("--flag",)).
 SERVE_FLAGS: list[tuple[str, ...]] = [
@@ -189,6 +195,7 @@ NEEDS_EXTRA: list[tuple[str, list[str]]] = [
               "--out", "gradient.json"]),
     ("eval", ["extraction", "evaluate", "--quick"]),
     ("demo", ["demo"]),
+    ("update", ["update", "pull", "dev", *DEVICE_KEY]),
     ("comply", ["comply", "report", *DEPLOY, "--format", "oscal", "--out", "compliance.oscal.json"]),
 ]
 
@@ -507,6 +514,59 @@ sys.exit(0 if replies and replies[0].get("ok") else 1)
 """
 
 
+def update_steps(c: Checker) -> list[Step | Callable[[], None]]:
+    """A model update on the device: the owner (full venv) publishes v1 then v2 to a TUF repository of plain files and
+    the device pulls with ``[update]``'s tuf (full venv too: a plain install must refuse ``update pull``, see
+    NEEDS_EXTRA); ``update init / install / status / commit / rollback`` run in the device venv, and a rollback below
+    the committed floor is refused (exit 3)."""
+
+    def owner(*argv: str) -> subprocess.CompletedProcess[str]:
+        return sh(sys.executable, "-m", "edgeshield", *c.fill(list(argv)), cwd=c.work)
+
+    def publish_v1() -> None:
+        t0 = time.monotonic()
+        for v in (1, 2):
+            owner("protect", "digits.onnx", "--out", f"u{v}.esb", "--signing-key", "keys/owner.key", "--recipient",
+                  "keys/device.pub", "--input-spec", "spec.json", "--model-version", str(v))
+        c.context["tuf_root"] = json.loads(owner("update", "repo", "init", "repo", "--keys", "rkeys",
+                                                 "--json").stdout)["root"]
+        owner(*PUBLISH, "u1.esb")
+        c.ok("update repo init / publish v1 (owner, full venv)", t0)
+
+    def pull(version: int) -> Callable[[], None]:
+        def step() -> None:
+            t0 = time.monotonic()
+            if version > 1:
+                owner(*PUBLISH, f"u{version}.esb")
+            staged = json.loads(owner("update", "pull", "dev", *DEVICE_KEY, "--json").stdout)["staged"]
+            expect(staged["model_version"] == version, f"pulled {staged}, expected version {version}")
+            c.ok(f"update pull v{version} (tuf, full venv)", t0)
+
+        return step
+
+    floor = lambda n: json_has(lambda d: d["floor"]["floor"] == n, f"floor {n}")  # noqa: E731
+    return [
+        publish_v1,
+        Step("update init", ["update", "init", "dev", "--root", "{tuf_root}", "--owner-key", "keys/owner.pub",
+                             "--model", "digits", "--url", "file://{work}/repo"]),
+        pull(1),
+        Step("update install v1", ["update", "install", "dev", *DEVICE_KEY, "--json"]),
+        Step("update commit v1", ["update", "commit", "dev", *DEVICE_KEY, "--json"],
+             check=json_has(lambda d: d["floor"] == 1, "floor 1")),
+        pull(2),
+        Step("update install v2", ["update", "install", "dev", *DEVICE_KEY, "--json"],
+             check=json_has(lambda d: d["status"]["pending"] is True, "a pending v2")),
+        Step("update status", ["update", "status", "dev", *DEVICE_KEY, "--json"], check=floor(1)),
+        Step("update rollback (to v1, not committed past)", ["update", "rollback", "dev", *DEVICE_KEY, "--json"],
+             check=json_has(lambda d: d["current"]["model_version"] == 1, "v1 current")),
+        Step("update rollback (back to v2)", ["update", "rollback", "dev", *DEVICE_KEY, "--json"]),
+        Step("update commit v2", ["update", "commit", "dev", *DEVICE_KEY, "--json"],
+             check=json_has(lambda d: d["floor"] == 2, "floor 2")),
+        Step("update rollback below the floor refused", ["update", "rollback", "dev", *DEVICE_KEY], rc=3,
+             check=contains("below the floor")),
+    ]
+
+
 def after_serve_steps() -> list[Step]:
     return [
         Step("audit verify", ["audit", "verify", "audit.db", "--checkpoint-key", "audit.pub", "--require-checkpoint",
@@ -743,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
         owner_inputs(work)
         for step in device_steps():
             c.run(step)
+        for item in update_steps(c):
+            c.run(item) if isinstance(item, Step) else item()
         receiver = hook = WebhookReceiver(work)
         c.context["hook_port"] = str(hook.port)
         # the witness first: serve publishes its checkpoints to it (--witness), and the audit steps check them there
