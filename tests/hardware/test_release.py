@@ -8,6 +8,7 @@ unknown attestation key, a revoked device, a restored TPM state, and requests ou
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import edgeshield.hardware._attest as at
 import edgeshield.hardware._release as rel
 from edgeshield import bundles, keys, transport
 from edgeshield.audit import AuditLog
-from edgeshield.errors import ConnectionFailedError, KeyCommitmentError, ServerRefusedError
+from edgeshield.errors import ConnectionFailedError, InvalidArgumentError, KeyCommitmentError, ServerRefusedError
 from edgeshield.hardware._swtpm import SoftwareTPM
 from edgeshield.monitor import EventStream, SecurityEvent
 
@@ -320,3 +321,239 @@ def test_unknown_bundle_and_bad_requests(fleet: Fleet, cam1: Dev) -> None:
     with pytest.raises(ServerRefusedError) as exc:
         fleet.client("cam-1").call("/v1/release", {"bundle_id": fleet.bundle_id})
     assert exc.value.status in (400, 403)
+
+
+# --- released-key files, licences enforced on the device, the floor, EK revocation ---------------------------------
+def second_device(fleet: Fleet, swtpm_factory: Any, name: str) -> Dev:
+    """Another TPM from the fleet's manufacturer CA, enrolled as ``name`` (its own clock, counters and NV)."""
+    sw = swtpm_factory(with_ek_cert=True, ca_dir=fleet.ek_tpm.ca_dir)
+    dev = new_device(sw)
+    with at.DeviceTpm(sw.tcti) as d:
+        fleet.client(name).enrol(d, dev.keys)
+    return dev
+
+
+def fetch_wrapped(fleet: Fleet, dev: Dev, name: str, **kw: Any) -> rel.ReleasedKeyFile:
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        return fleet.client(name).fetch_wrapped(d, dev.keys, fleet.bundle_id, PCRS, **kw)
+
+
+def unwrap(dev: Dev, file: rel.ReleasedKeyFile) -> rel.ReleasedKey:
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        return rel.unwrap_released(file, d, dev.keys)
+
+
+def test_a_released_key_file_keeps_the_key_wrapped_and_opens_the_bundle(fleet: Fleet, cam1: Dev,
+                                                                        tmp_path: Path) -> None:
+    file = fetch_wrapped(fleet, cam1, "cam-1")
+    path = tmp_path / "digits.key.json"
+    file.save(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = rel.ReleasedKeyFile.load(path)
+    assert loaded == file and loaded.licence is None
+    released = unwrap(cam1, loaded)
+    assert len(released.secret) == 64 and released.secret.hex() not in path.read_text()
+    assert rel.open_released(fleet.bundle, fleet.owner.public_key(), released).manifest.bundle_id == fleet.bundle_id
+
+
+def test_the_licence_is_bound_to_the_key_and_anchored_to_the_tpm_clock(fleet: Fleet, swtpm_factory: Any) -> None:
+    dev = second_device(fleet, swtpm_factory, "cam-10")
+    svc = fleet.service
+    not_after = datetime.now(UTC) + timedelta(days=1)
+    try:
+        svc.licences = {fleet.bundle_id: rel.Licence(fleet.bundle_id, not_after=not_after)}
+        file = fetch_wrapped(fleet, dev, "cam-10")
+    finally:
+        svc.licences = {}
+    assert file.licence is not None
+    start, end = file.licence["tpm_clock_at_release"], file.licence["tpm_clock_not_after"]
+    assert 0 < end - start <= 86_400_000 and end - start > 86_000_000
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        guard = rel.LicenceGuard(file.licence, d)
+        guard.check()
+        assert guard.not_after == not_after and guard.describe()["enforced_by"] == ["wall-clock", "tpm-clock"]
+        assert unwrap(dev, file).licence == file.licence
+        # an edited licence (a later end, by either clock) or a dropped one: the TPM refuses to decrypt
+        for edited in ({**file.licence, "not_after": (not_after + timedelta(days=365)).isoformat()},
+                       {**file.licence, "tpm_clock_not_after": end + 10**12}, None):
+            with pytest.raises(rel.ReleasedKeyRefusedError):
+                rel.unwrap_released(dataclasses.replace(file, licence=edited), d, dev.keys)
+        # the TPM clock runs out before the wall clock: TPM2_ClockSet only moves it forward
+        d.ctx.clock_set(d.read_clock().clock + 2 * 86_400_000, auth=d._t.ESYS_TR.OWNER)
+        with pytest.raises(rel.LicenceExpiredError, match="TPM clock"):
+            rel.unwrap_released(file, d, dev.keys)
+        assert guard.describe()["last_check"]["expired"] is False
+        with pytest.raises(rel.LicenceExpiredError):
+            guard.check()
+        assert guard.describe()["last_check"]["expired"] is True
+
+
+def test_a_cleared_tpm_does_not_restart_the_licence(fleet: Fleet, swtpm_factory: Any) -> None:
+    dev = second_device(fleet, swtpm_factory, "cam-11")
+    svc = fleet.service
+    try:
+        svc.licences = {fleet.bundle_id: rel.Licence(fleet.bundle_id, not_after=datetime.now(UTC) + timedelta(1))}
+        with at.DeviceTpm(dev.sw.tcti) as d:
+            d.ctx.clock_set(d.read_clock().clock + 3_600_000, auth=d._t.ESYS_TR.OWNER)
+        file = fetch_wrapped(fleet, dev, "cam-11")
+    finally:
+        svc.licences = {}
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        d.ctx.clear(d._t.ESYS_TR.PLATFORM)  # TPM2_Clear sets the clock back to 0 (and flushes the EK)
+        d._ek = None
+    with pytest.raises(rel.LicenceExpiredError, match="cleared"):
+        unwrap(dev, file)
+
+
+def test_the_device_wall_clock_ends_a_licence() -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    guard = rel.LicenceGuard({"bundle_id": "ab" * 16, "not_after": past}, None)
+    with pytest.raises(rel.LicenceExpiredError, match="wall clock"):
+        guard.check()
+    assert guard.describe()["enforced_by"] == ["wall-clock"]
+    rel.LicenceGuard(None, None).check()
+    rel.LicenceGuard({"bundle_id": "ab" * 16, "not_after": None, "max_devices": 2, "groups": []}, None).check()
+    for bad in ({"not_after": past}, {"bundle_id": "x", "not_after": "soon"},
+                {"bundle_id": "x", "not_after": "2030-01-01T00:00:00"},
+                {"bundle_id": "x", "tpm_clock_at_release": 5}, {"bundle_id": "x", "tpm_clock_at_release": 9,
+                                                                "tpm_clock_not_after": 3},
+                {"bundle_id": "x", "tpm_clock_at_release": True, "tpm_clock_not_after": 3}):
+        with pytest.raises(rel.LicenceError):
+            rel.LicenceGuard(bad, None)
+
+
+def test_the_service_refuses_a_bundle_below_the_device_floor(fleet: Fleet, swtpm_factory: Any) -> None:
+    from edgeshield.hardware._nvfloor import DEFAULT_FLOOR_INDEX, TpmCounterFloor
+
+    dev = second_device(fleet, swtpm_factory, "cam-12")
+    floor = TpmCounterFloor.create(tcti=dev.sw.tcti, floor=3)  # the bundle is model version 3
+    assert fetch_wrapped(fleet, dev, "cam-12", floor_index=DEFAULT_FLOOR_INDEX).bundle_id == fleet.bundle_id
+    assert fleet.service.store.device_floor("cam-12") == (at.nv_name(floor.nv_public()), 3)
+    floor.raise_to(4)  # an update to v4 committed: the v3 key is never released to this device again
+    with refused(fleet, 403, "below-floor"):
+        fetch_wrapped(fleet, dev, "cam-12", floor_index=DEFAULT_FLOOR_INDEX)
+    assert fleet.service.store.device_floor("cam-12") == (at.nv_name(floor.nv_public()), 4)
+    with refused(fleet, 403, "floor-required"):  # it showed a floor once: hiding it now does not help
+        fetch_wrapped(fleet, dev, "cam-12")
+    other = TpmCounterFloor.create(DEFAULT_FLOOR_INDEX + 1, tcti=dev.sw.tcti)  # a fresh counter at a low value
+    with refused(fleet, 403, "floor-index"):
+        fetch_wrapped(fleet, dev, "cam-12", floor_index=other.index)
+    with pytest.raises(rel.FloorRollbackError):  # the store keeps the highest floor seen
+        fleet.service.store.record_floor("cam-12", at.nv_name(floor.nv_public()), 2)
+
+
+def test_require_floor_refuses_a_release_without_floor_evidence(fleet: Fleet, cam1: Dev) -> None:
+    fleet.service.require_floor = True
+    try:
+        with refused(fleet, 403, "floor-required"):
+            fetch(fleet, cam1)
+    finally:
+        fleet.service.require_floor = False
+
+
+def test_a_revoked_ek_can_neither_enrol_nor_fetch(fleet: Fleet, swtpm_factory: Any) -> None:
+    dev = second_device(fleet, swtpm_factory, "cam-13")
+    fetch_wrapped(fleet, dev, "cam-13")
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        ek = at.parse_public(d.endorsement()[0]).spki_sha256()
+    assert fleet.service.store.revoke_ek(ek.upper()) and not fleet.service.store.revoke_ek(ek)
+    assert ek in fleet.service.store.revoked_eks()
+    with refused(fleet, 403, "ek-revoked"):
+        fetch_wrapped(fleet, dev, "cam-13")
+    with at.DeviceTpm(dev.sw.tcti) as d, refused(fleet, 403, "ek-revoked"):
+        fleet.client("cam-14").enrol(d, dev.keys)
+    with pytest.raises(InvalidArgumentError):
+        fleet.service.store.revoke_ek("not-hex")
+
+
+def _crl(fleet: Fleet, serials: list[int], next_update: timedelta = timedelta(days=1)) -> Any:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca = fleet.ek_tpm.ca_dir
+    issuer = x509.load_pem_x509_certificate((ca / "issuercert.pem").read_bytes())
+    key = serialization.load_pem_private_key((ca / "signkey.pem").read_bytes(), None)
+    now = datetime.now(UTC)
+    b = x509.CertificateRevocationListBuilder().issuer_name(issuer.subject).last_update(now - timedelta(1)) \
+        .next_update(now + next_update)
+    for s in serials:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build())
+    return b.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+
+
+def test_an_ek_certificate_revoked_by_its_ca_crl(fleet: Fleet, swtpm_factory: Any, tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    dev = second_device(fleet, swtpm_factory, "cam-15")
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        cert = x509.load_der_x509_certificate(d.endorsement()[1] or b"")
+    crl = _crl(fleet, [cert.serial_number])
+    (tmp_path / "ek.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    svc = fleet.service
+    try:
+        svc.ek_crls = rel.load_crls([tmp_path / "ek.crl"])
+        with refused(fleet, 403, "ek-revoked"):  # enrolled before the CRL: refused at release
+            fetch_wrapped(fleet, dev, "cam-15")
+        with at.DeviceTpm(dev.sw.tcti) as d, refused(fleet, 403, "ek-revoked"):
+            fleet.client("cam-16").enrol(d, dev.keys)
+        svc.ek_crls = (_crl(fleet, [], next_update=-timedelta(hours=1)),)  # a stale CRL fails closed
+        with refused(fleet, 403, "ek-revoked"):
+            fetch(fleet, new_device_enrolled_as(fleet, "cam-17"), "cam-17")
+        svc.ek_crls = (_crl(fleet, [cert.serial_number + 1]),)  # not on the list: released
+        fetch_wrapped(fleet, dev, "cam-15")
+    finally:
+        svc.ek_crls = ()
+    foreign = x509.CertificateRevocationListBuilder().issuer_name(cert.issuer)
+    with pytest.raises(InvalidArgumentError, match="not signed by an enrolled"):
+        dataclasses.replace(svc, ek_crls=(_foreign_crl(foreign),))
+
+
+def _foreign_crl(builder: Any) -> Any:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = datetime.now(UTC)
+    return builder.last_update(now).next_update(now + timedelta(1)).sign(ec.generate_private_key(ec.SECP256R1()),
+                                                                         hashes.SHA256())
+
+
+def new_device_enrolled_as(fleet: Fleet, name: str) -> Dev:
+    dev = new_device(fleet.ek_tpm)
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        fleet.client(name).enrol(d, dev.keys)
+    return dev
+
+
+def test_cli_fetch_key_out_with_floor_and_revoke_ek(fleet: Fleet, swtpm_factory: Any, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgeshield.cli import app
+    from edgeshield.hardware._nvfloor import TpmCounterFloor
+
+    dev = second_device(fleet, swtpm_factory, "cam-18")
+    TpmCounterFloor.create(tcti=dev.sw.tcti, floor=3)
+    dev.keys.save(tmp_path / "tpm-keys.json")
+    fleet.client("cam-18")
+    issued = fleet.tmp / "pki-issued" / "cam-18"
+    tls = ["--server", f"127.0.0.1:{fleet.server.port}", "--ca", str(fleet.ca), "--cert",
+           (issued / "cert").read_text(), "--key", (issued / "key").read_text()]
+    runner = CliRunner()
+    out = tmp_path / "digits.key.json"
+    owner_pub = str(fleet.tmp / "keys" / "owner.pub")
+    r = runner.invoke(app, ["attest", "fetch-key", str(fleet.bundle), "--owner-key", owner_pub, *tls,
+                            "--tcti", dev.sw.tcti, "--keys", str(tmp_path / "tpm-keys.json"),
+                            "--pcrs", ",".join(map(str, PCRS)), "--out", str(out), "--floor-index", "0x0180E5F1",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["opened"] and out.stat().st_mode & 0o777 == 0o600
+    assert rel.ReleasedKeyFile.load(out).bundle_id == fleet.bundle_id
+    assert fleet.service.store.device_floor("cam-18") is not None  # the floor went with the request
+    with at.DeviceTpm(dev.sw.tcti) as d:
+        ek = at.parse_public(d.endorsement()[0]).spki_sha256()
+    r = runner.invoke(app, ["attest", "revoke", "--store", str(fleet.tmp / "release.db"), "--ek", ek])
+    assert r.exit_code == 0 and "revoked" in r.output, r.output
+    with refused(fleet, 403, "ek-revoked"):
+        fetch_wrapped(fleet, dev, "cam-18", floor_index=0x0180E5F1)
+    r = runner.invoke(app, ["attest", "revoke", "--store", str(fleet.tmp / "release.db")])
+    assert isinstance(r.exception, InvalidArgumentError)

@@ -124,21 +124,37 @@ def enrol(server: ServerOpt, ca: CaOpt, cert: CertOpt, key: KeyOpt, tcti: TctiOp
 def fetch_key(bundle: Annotated[Path, typer.Argument(help="The bundle whose key to fetch.")],
               owner_key: Annotated[Path, typer.Option("--owner-key", help="The owner public key (owner.pub).")],
               server: ServerOpt, ca: CaOpt, cert: CertOpt, key: KeyOpt, tcti: TctiOpt = None,
-              keys: KeysOpt = Path("tpm-keys.json"), pcrs: PcrsOpt = "0,7", as_json: JsonOpt = False) -> None:
+              keys: KeysOpt = Path("tpm-keys.json"), pcrs: PcrsOpt = "0,7",
+              out: Annotated[Path | None, typer.Option(
+                  "--out", help="Keep the released key here (0600), still wrapped to this TPM, for `serve "
+                                "--released-key`.")] = None,
+              floor_index: Annotated[str | None, typer.Option(
+                  "--floor-index", help="Send the version floor: the TPM NV counter at this index (0x0180E5F1), "
+                                        "certified by the AK.")] = None,
+              as_json: JsonOpt = False) -> None:
     """Attest, have the bundle's key released to the TPM, and open the bundle in memory (the key never hits disk)."""
     from edgeshield import bundles
     from edgeshield import keys as ekeys
     from edgeshield.hardware._attest import DeviceKeys, DeviceTpm
-    from edgeshield.hardware._release import open_released
+    from edgeshield.hardware._nvfloor import parse_index
+    from edgeshield.hardware._release import LicenceGuard, open_released, unwrap_released
 
     owner = ekeys.load_owner_public_key(owner_key)
     manifest, _ = bundles.inspect(bundle, owner)
+    index = parse_index(floor_index) if floor_index is not None else None
+    device_keys = DeviceKeys.load(keys)
     with DeviceTpm(tcti) as tpm:
-        released = _client(server, ca, cert, key).fetch_key(tpm, DeviceKeys.load(keys), manifest.bundle_id,
-                                                            _pcrs(pcrs))
+        wrapped = _client(server, ca, cert, key).fetch_wrapped(tpm, device_keys, manifest.bundle_id, _pcrs(pcrs),
+                                                                floor_index=index)
+        released = unwrap_released(wrapped, tpm, device_keys)
+        licence = LicenceGuard(wrapped.licence, tpm).describe()
     open_released(bundle, owner, released)
-    info = {"bundle_id": manifest.bundle_id, "released": True, "opened": True, "licence": released.licence}
-    emit_json(info) if as_json else console.print(f"key released for bundle {manifest.bundle_id}; bundle opened")
+    if out is not None:
+        wrapped.save(out)
+    info = {"bundle_id": manifest.bundle_id, "released": True, "opened": True, "licence": released.licence,
+            "enforced_by": licence["enforced_by"], "out": str(out) if out else None}
+    kept = f"; wrapped key kept in {out}" if out else ""
+    emit_json(info) if as_json else console.print(f"key released for bundle {manifest.bundle_id}; bundle opened{kept}")
 
 
 @app.command("serve")
@@ -157,6 +173,12 @@ def serve(
     enrolment_list: Annotated[Path | None, typer.Option("--enrolment-list", help="Devices, groups, EK digests.")]
     = None,
     licences: Annotated[Path | None, typer.Option("--licences", help="Licence file for the bundles.")] = None,
+    ek_crl: Annotated[list[Path] | None, typer.Option("--ek-crl", help="A CRL of an enrolled EK CA (repeat; "
+                                                                         "checked at enrolment and release, an "
+                                                                         "out-of-date one refuses).")] = None,
+    require_floor: Annotated[bool, typer.Option("--require-floor", help="Release only with the device's version "
+                                                                         "floor certified (fetch-key "
+                                                                         "--floor-index).")] = False,
     host: Annotated[str, typer.Option("--host", help="Listen address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Listen port.")] = 8743,
 ) -> None:
@@ -174,12 +196,14 @@ def serve(
             bundles=rel.ReleaseService.load_bundles(bundle, owner), trust=at.EkTrust.load(ek_ca or []),
             policy=at.PcrPolicy.load(policy),
             enrolment=rel.load_enrolment_list(enrolment_list) if enrolment_list else {},
-            licences=rel.load_licences(licences) if licences else {}, audit=log)
+            licences=rel.load_licences(licences) if licences else {}, audit=log, require_floor=require_floor,
+            ek_crls=rel.load_crls(ek_crl or []))
         server = rel.ReleaseServer(service, transport.server_context(ca, cert, key), host, port)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         server.start()
-        console.print(f"key-release service on {host}:{server.port} ({len(service.bundles)} bundle(s))")
+        console.print(f"key-release service on {host}:{server.port} ({len(service.bundles)} bundle(s)"
+                      + (", floor required)" if require_floor else ")"))
         try:
             stop.wait()
         except KeyboardInterrupt:
@@ -189,12 +213,23 @@ def serve(
 
 
 @app.command("revoke")
-def revoke(device: Annotated[str, typer.Argument(help="The device's certificate name.")],
-           store: Annotated[Path, typer.Option("--store", help="The service's SQLite state.")]) -> None:
-    """Revoke a device's enrolment: the service releases it no key again (see also `pki revoke` for its TLS)."""
+def revoke(store: Annotated[Path, typer.Option("--store", help="The service's SQLite state.")],
+           device: Annotated[str | None, typer.Argument(help="The device's certificate name.")] = None,
+           ek: Annotated[str | None, typer.Option("--ek", help="Revoke a TPM instead: its EK's SHA-256 (as `attest "
+                                                                "keys` prints it); refused at enrolment and "
+                                                                "release.")] = None) -> None:
+    """Revoke a device's enrolment, or a TPM by its EK: the service releases it no key again (see also `pki
+    revoke` for the device's TLS certificate)."""
     from edgeshield.hardware._release import ReleaseStore
 
+    if (device is None) == (ek is None):
+        raise InvalidArgumentError("name a device or give --ek SHA256 (one of them)")
     with ReleaseStore(store, create=False) as st:
+        if ek is not None:
+            new = st.revoke_ek(ek)
+            console.print(f"EK {ek.lower()} revoked" if new else f"EK {ek.lower()} was revoked already")
+            return
+        assert device is not None  # noqa: S101
         if not st.revoke(device):
             raise InvalidArgumentError(f"no enrolled device {device!r}")
     console.print(f"device {device} revoked")

@@ -744,6 +744,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # method is the client's error (405), not the server's (http.server says 501)
         code = 405 if code == 501 else code
         self.close_connection = True
+        self.request_version = self.protocol_version  # an unparsable request line: still a status line (no HTTP/0.9)
         with contextlib.suppress(OSError):
             self._reply(code, {"error": "bad-request" if code != 405 else "method-not-allowed",
                                "message": message or "malformed HTTP request"})
