@@ -23,6 +23,11 @@ KeysOpt = Annotated[Path, typer.Option("--keys", help="Directory of the reposito
 DeviceArg = Annotated[Path, typer.Argument(help="The device's update directory (slots, floor, TUF metadata).")]
 DeviceKeyOpt = Annotated[str, typer.Option("--device-key", help="This device's private key (device.key), or "
                                                                 "tpm:HANDLE / tpm:FILE (sealed in the TPM).")]
+TctiOpt = Annotated[
+    str | None,
+    typer.Option("--tcti", help="The TPM holding a TPM floor (e.g. device:/dev/tpmrm0, swtpm:host=H,port=P); "
+                 "default $EDGESHIELD_TPM_TCTI, else the one given to init, else device:/dev/tpmrm0."),
+]
 AuditKeyOpt = Annotated[
     Path | None,
     typer.Option("--audit-key", help="Ed25519 key signing the update audit log's checkpoints (`audit keygen`); use "
@@ -103,22 +108,38 @@ def device_init(
                                                                 "with (owner.pub).")],
     model: Annotated[str, typer.Option("--model", help="Model name this device follows.")],
     url: Annotated[str | None, typer.Option("--url", help="Repository URL (http(s):// or file://).")] = None,
+    floor: Annotated[str, typer.Option("--floor", help="Where the version floor lives: file (a signed state file "
+                                                       "in the directory) or tpm[:0xINDEX] (a TPM NV monotonic "
+                                                       "counter, default index 0x0180E5F1, defined now).")] = "file",
+    tcti: Annotated[str | None, typer.Option("--tcti", help="With --floor tpm: the TPM (stored in the device "
+                                                            "config; default $EDGESHIELD_TPM_TCTI, else "
+                                                            "device:/dev/tpmrm0).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Provision a device directory: trust anchors, model name, and a new version floor at 0 (key 0600)."""
+    """Provision a device directory: trust anchors, model name, and a new version floor (a signed state file at
+    0, key 0600, or a TPM NV counter at 1 or above)."""
     from edgeshield._io import check_readable_file
+    from edgeshield.updates._device import FloorConfig
 
-    updates.init_device(device_dir, root=check_readable_file(root, what="TUF root").read_bytes(),
-                        owner_key_pem=check_readable_file(owner_key, what="owner key").read_bytes(), model=model,
-                        url=url)
+    floor_config = FloorConfig.parse(floor, tcti)
+    root_bytes = check_readable_file(root, what="TUF root").read_bytes()
+    owner_pem = check_readable_file(owner_key, what="owner key").read_bytes()
+    updates.init_device(device_dir, root=root_bytes, owner_key_pem=owner_pem, model=model, url=url,
+                        floor=floor_config)
+    state = floor_config.open(device_dir, tcti=tcti).describe()
     if as_json:
-        emit_json({"device_dir": str(device_dir), "model": model, "url": url, "floor": 0})
+        emit_json({"device_dir": str(device_dir), "model": model, "url": url, "floor": state["floor"],
+                   "floor_state": state})
         return
-    console.print(f"device directory {device_dir} provisioned for {model} (floor 0)")
+    where = f"TPM NV counter {state['index']}" if floor_config.kind != "signed-file" else "signed state file"
+    console.print(f"device directory {device_dir} provisioned for {model} (floor {state['floor']}, {where})")
+    if floor_config.kind != "signed-file" and state["floor"] > 1:
+        console.print(f"note: the TPM started the counter at {state['floor']}: a counter on this TPM held "
+                      f"{state['floor'] - 1} before (counters never restart lower); versions below it are refused")
 
 
 def _updater(device_dir: Path, device_key: str, passphrase_env: str | None,
-             audit_key: Path | None) -> updates.DeviceUpdater:
+             audit_key: Path | None, tcti: str | None = None) -> updates.DeviceUpdater:
     from edgeshield.hardware._tpm import load_device_key
 
     audit = None
@@ -127,7 +148,7 @@ def _updater(device_dir: Path, device_key: str, passphrase_env: str | None,
 
         audit = AuditLog(device_dir / "audit.db", signing_key=load_signing_key(audit_key))
     key = load_device_key(device_key, keys.passphrase_from_env(passphrase_env))
-    return updates.DeviceUpdater(device_dir, device_key=key, audit=audit)
+    return updates.DeviceUpdater(device_dir, device_key=key, audit=audit, tcti=tcti)
 
 
 def _slot_line(record: updates.SlotRecord) -> str:
@@ -147,10 +168,11 @@ def pull(
     deadline: Annotated[float, typer.Option("--deadline", min=1.0, help="Seconds a whole file may take.")] = 600.0,
     passphrase_env: PassphraseEnvOpt = None,
     audit_key: AuditKeyOpt = None,
+    tcti: TctiOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Refresh TUF metadata, download and verify the newest update, stage it (and install it with --install)."""
-    with _updater(device_dir, device_key, passphrase_env, audit_key) as u:
+    with _updater(device_dir, device_key, passphrase_env, audit_key, tcti) as u:
         index = u.pull(url, timeout_s=timeout, deadline_s=deadline)
         record = u.install(commit=commit) if install and (index is not None or u.staged() is not None) else None
         out: dict[str, Any] = {"staged": index.to_dict() if index else None,
@@ -166,9 +188,10 @@ def pull(
 @app.command("install")
 def install(device_dir: DeviceArg, device_key: DeviceKeyOpt,
             commit: Annotated[bool, typer.Option("--commit", help="Commit once healthy.")] = False,
-            passphrase_env: PassphraseEnvOpt = None, audit_key: AuditKeyOpt = None, as_json: JsonOpt = False) -> None:
+            passphrase_env: PassphraseEnvOpt = None, audit_key: AuditKeyOpt = None, tcti: TctiOpt = None,
+            as_json: JsonOpt = False) -> None:
     """Install the staged update into the inactive slot, switch to it and health-check it (failure: switch back)."""
-    with _updater(device_dir, device_key, passphrase_env, audit_key) as u:
+    with _updater(device_dir, device_key, passphrase_env, audit_key, tcti) as u:
         record = u.install(commit=commit)
         status = u.status()
     if as_json:
@@ -181,9 +204,9 @@ def install(device_dir: DeviceArg, device_key: DeviceKeyOpt,
 
 @app.command("commit")
 def commit(device_dir: DeviceArg, device_key: DeviceKeyOpt, passphrase_env: PassphraseEnvOpt = None,
-           audit_key: AuditKeyOpt = None, as_json: JsonOpt = False) -> None:
+           audit_key: AuditKeyOpt = None, tcti: TctiOpt = None, as_json: JsonOpt = False) -> None:
     """Raise the version floor to the running model: no rollback below it afterwards."""
-    with _updater(device_dir, device_key, passphrase_env, audit_key) as u:
+    with _updater(device_dir, device_key, passphrase_env, audit_key, tcti) as u:
         floor = u.commit()
     if as_json:
         emit_json({"floor": floor})
@@ -193,9 +216,9 @@ def commit(device_dir: DeviceArg, device_key: DeviceKeyOpt, passphrase_env: Pass
 
 @app.command("rollback")
 def rollback(device_dir: DeviceArg, device_key: DeviceKeyOpt, passphrase_env: PassphraseEnvOpt = None,
-             audit_key: AuditKeyOpt = None, as_json: JsonOpt = False) -> None:
+             audit_key: AuditKeyOpt = None, tcti: TctiOpt = None, as_json: JsonOpt = False) -> None:
     """Switch back to the previous slot (after its health check), never below the floor."""
-    with _updater(device_dir, device_key, passphrase_env, audit_key) as u:
+    with _updater(device_dir, device_key, passphrase_env, audit_key, tcti) as u:
         record = u.rollback()
     if as_json:
         emit_json({"current": record.summary()})
@@ -205,9 +228,9 @@ def rollback(device_dir: DeviceArg, device_key: DeviceKeyOpt, passphrase_env: Pa
 
 @app.command("status")
 def status(device_dir: DeviceArg, device_key: DeviceKeyOpt, passphrase_env: PassphraseEnvOpt = None,
-           audit_key: AuditKeyOpt = None, as_json: JsonOpt = False) -> None:
+           audit_key: AuditKeyOpt = None, tcti: TctiOpt = None, as_json: JsonOpt = False) -> None:
     """Show the floor, the current and previous slots and any staged update (recovering after a crash first)."""
-    with _updater(device_dir, device_key, passphrase_env, audit_key) as u:
+    with _updater(device_dir, device_key, passphrase_env, audit_key, tcti) as u:
         st = u.status()
     if as_json:
         emit_json(st)
@@ -216,7 +239,8 @@ def status(device_dir: DeviceArg, device_key: DeviceKeyOpt, passphrase_env: Pass
         return f"version {s['model_version']} in slot {s['slot']}" if s else "none"
 
     prev = st["previous"]
-    console.print(f"model {st['model']}, floor {st['floor']['floor']} ({st['floor']['kind']})")
+    where = f"{st['floor']['kind']} {st['floor']['index']}" if "index" in st["floor"] else st["floor"]["kind"]
+    console.print(f"model {st['model']}, floor {st['floor']['floor']} ({where})")
     console.print(f"current: {slot(st['current'])}{' (not committed)' if st['pending'] else ''}")
     console.print(f"previous: {slot(prev)}"
                   f"{'' if st['rollback_possible'] or not prev else ' (below the floor: no rollback)'}")

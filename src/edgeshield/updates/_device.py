@@ -62,15 +62,81 @@ ACTOR = "updater"
 _T = TypeVar("_T")
 
 
+FLOOR_FILE = "signed-file"
+FLOOR_TPM = "tpm-nv-counter"
+
+
+@dataclass(frozen=True)
+class FloorConfig:
+    """Which floor a device keeps: the signed state file in its directory, or a TPM NV counter (``index``, and the
+    TCTI given at provisioning, if any)."""
+
+    kind: str = FLOOR_FILE
+    index: int | None = None
+    tcti: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, tcti: str | None = None) -> FloorConfig:
+        """``file`` or ``tpm[:0xINDEX]`` (the CLI's ``--floor``)."""
+        if spec in ("file", FLOOR_FILE):
+            if tcti is not None:
+                raise UpdateConfigError("--tcti is for a TPM floor (--floor tpm)")
+            return cls()
+        kind, _, index = spec.partition(":")
+        if kind != "tpm":
+            raise UpdateConfigError(f"unknown floor {spec!r}: give file or tpm[:0xINDEX]")
+        from edgeshield.hardware._nvfloor import DEFAULT_FLOOR_INDEX, parse_index
+
+        return cls(FLOOR_TPM, parse_index(index) if index else DEFAULT_FLOOR_INDEX, tcti)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == FLOOR_FILE:
+            return {"kind": FLOOR_FILE}
+        return {"kind": self.kind, "index": f"0x{self.index:08x}", "tcti": self.tcti}
+
+    @classmethod
+    def from_dict(cls, d: object) -> FloorConfig:
+        if d is None:
+            return cls()  # provisioned before TPM floors existed
+        if not isinstance(d, dict) or d.get("kind") not in (FLOOR_FILE, FLOOR_TPM):
+            raise ValueError("floor")
+        if d["kind"] == FLOOR_FILE:
+            return cls()
+        index, tcti = d.get("index"), d.get("tcti")
+        if not isinstance(index, str) or not (tcti is None or isinstance(tcti, str)):
+            raise ValueError("floor")
+        from edgeshield.hardware._nvfloor import parse_index
+
+        try:
+            return cls(FLOOR_TPM, parse_index(index), tcti)
+        except InputError:
+            raise ValueError("floor index") from None
+
+    def open(self, device_dir: Path, *, tcti: str | None = None) -> Floor:
+        """The floor object. For a TPM floor the TCTI is ``tcti``, else ``$EDGESHIELD_TPM_TCTI``, else the one
+        given at provisioning, else ``device:/dev/tpmrm0``."""
+        if self.kind == FLOOR_FILE:
+            return SignedFileFloor(device_dir / "floor.json", device_dir / "floor.key")
+        from edgeshield.hardware._nvfloor import TpmCounterFloor
+        from edgeshield.hardware._tpm import TCTI_ENV
+
+        if self.index is None:
+            raise UpdateConfigError("a TPM floor needs its NV index")
+        return TpmCounterFloor(self.index, tcti=tcti or os.environ.get(TCTI_ENV) or self.tcti)
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
-    """What a device was provisioned with (``update init``): the model it runs and where its repository is."""
+    """What a device was provisioned with (``update init``): the model it runs, where its repository is, and which
+    floor it keeps."""
 
     model: str
     url: str | None
+    floor: FloorConfig = FloorConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": CONFIG_FORMAT, "version": 1, "model": self.model, "url": self.url}
+        return {"format": CONFIG_FORMAT, "version": 1, "model": self.model, "url": self.url,
+                "floor": self.floor.to_dict()}
 
     @classmethod
     def load(cls, device_dir: Path) -> DeviceConfig:
@@ -82,7 +148,7 @@ class DeviceConfig:
             url = d.get("url")
             if url is not None and not isinstance(url, str):
                 raise ValueError("url")
-            return cls(check_model_name(d["model"]), url)
+            return cls(check_model_name(d["model"]), url, FloorConfig.from_dict(d.get("floor")))
         except FileNotFoundError:
             raise UpdateConfigError(f"not an update device directory (run 'edgeshield update init'): "
                                     f"{device_dir}") from None
@@ -99,9 +165,11 @@ class Verified:
 
 
 def init_device(device_dir: str | os.PathLike[str], *, root: bytes, owner_key_pem: bytes, model: str,
-                url: str | None = None) -> Path:
-    """Provision ``device_dir``: the TUF root it trusts, the owner's bundle key, the model name, and a new floor
-    (key 0600, state at 0). Refuses a directory already provisioned."""
+                url: str | None = None, floor: FloorConfig | None = None) -> Path:
+    """Provision ``device_dir``: the TUF root it trusts, the owner's bundle key, the model name, and a new floor:
+    by default a signed state file (key 0600, state at 0), or with ``floor=FloorConfig(FLOOR_TPM, index)`` a TPM
+    NV counter defined now (at 1, or above if this TPM's counters went further before; refused when the index
+    is already defined). Refuses a directory already provisioned."""
     d = Path(device_dir)
     check_model_name(model)
     if (d / CONFIG).exists():
@@ -115,8 +183,17 @@ def init_device(device_dir: str | os.PathLike[str], *, root: bytes, owner_key_pe
     atomic_write_bytes(d / "owner.pub", owner_key_pem)
     load_owner_public_key(d / "owner.pub")  # a key of the right kind, or a typed error now rather than later
     atomic_write_bytes(d / "tuf" / "root.json", root)
-    SignedFileFloor.create(d / "floor.json", d / "floor.key")
-    atomic_write_bytes(d / CONFIG, (json.dumps(DeviceConfig(model, url).to_dict(), indent=1) + "\n").encode())
+    floor = floor or FloorConfig()
+    if floor.kind == FLOOR_FILE:
+        SignedFileFloor.create(d / "floor.json", d / "floor.key")
+    else:
+        from edgeshield.hardware._nvfloor import TpmCounterFloor
+
+        if floor.index is None:
+            raise UpdateConfigError("a TPM floor needs its NV index")
+        TpmCounterFloor.create(floor.index, tcti=floor.tcti)
+    config = DeviceConfig(model, url, floor)
+    atomic_write_bytes(d / CONFIG, (json.dumps(config.to_dict(), indent=1) + "\n").encode())
     return d
 
 
@@ -137,18 +214,18 @@ def _reason(exc: BaseException) -> str:
 
 
 class DeviceUpdater:
-    """The updater for one device directory (``init_device`` made it). ``floor`` defaults to the directory's
-    signed state file; ``audit`` to an unsigned-checkpoint log at ``DIR/audit.db`` (pass your own, signed, log)."""
+    """The updater for one device directory (``init_device`` made it). ``floor`` defaults to the one the
+    directory was provisioned with (its signed state file, or its TPM NV counter, on ``tcti`` if given);
+    ``audit`` to an unsigned-checkpoint log at ``DIR/audit.db`` (pass your own, signed, log)."""
 
     def __init__(self, device_dir: str | os.PathLike[str], *, device_key: DevicePrivateKey,
                  owner_key: OwnerPublicKey | None = None, floor: Floor | None = None, audit: AuditLog | None = None,
-                 lock_timeout_s: float = 10.0) -> None:
+                 lock_timeout_s: float = 10.0, tcti: str | None = None) -> None:
         self.dir = Path(device_dir)
         self.config = DeviceConfig.load(self.dir)
         self.device_key = device_key
         self.owner_key = owner_key if owner_key is not None else load_owner_public_key(self.dir / "owner.pub")
-        self.floor: Floor = floor if floor is not None else SignedFileFloor(self.dir / "floor.json",
-                                                                            self.dir / "floor.key")
+        self.floor: Floor = floor if floor is not None else self.config.floor.open(self.dir, tcti=tcti)
         self.slots = Slots(self.dir)
         self.lock_timeout_s = lock_timeout_s
         self._audit = audit
@@ -231,6 +308,9 @@ class DeviceUpdater:
         if manifest.model_version < floor:
             raise FloorViolationError(f"the update's model version {manifest.model_version} is below this device's "
                                       f"floor {floor}")
+        check_raise = getattr(self.floor, "check_raise", None)  # a TPM counter floor bounds one raise's NV writes
+        if callable(check_raise):
+            check_raise(manifest.model_version, floor)
         self._check_parts(index, files)
         return Verified(index, files)
 
@@ -405,8 +485,8 @@ class DeviceUpdater:
             return record
 
         record = self._attempt("install", step, lambda: staged_index.model_version if staged_index else None)
-        if commit:
-            self.commit()
+        if commit and record.model_version > self.floor.read():  # at the floor already (a TPM counter starts
+            self.commit()                                        # at 1): nothing to raise
         return record
 
     def commit(self) -> int:
