@@ -791,8 +791,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(400, {"error": "bad-request", "message": f"malformed request ({type(exc).__name__})"})
         except Exception as exc:  # noqa: BLE001 - a bug here: answer it, never drop the connection silently
             self.close_connection = True
-            service._emit("keyrelease.error", device, {"device": device, "path": self.path,
-                                                       "error": type(exc).__name__})
+            with contextlib.suppress(Exception):  # the answer goes out even if auditing fails too
+                service._emit("attestation.failed", device, {"device": device, "reason": "internal-error",
+                                                             "step": self.path, "detail": type(exc).__name__})
             self._reply(500, {"error": "internal", "message": "the release service failed on this request"})
         else:
             self._reply(200, answer)
