@@ -9,13 +9,16 @@ from edgeshield.hardware._attest import (
     DeviceKeys,
     DeviceTpm,
     EkTrust,
+    NvCertifyError,
     PcrPolicy,
     Quote,
     UnknownAttestationKeyError,
     UnknownTpmError,
     check_endorsement_key,
+    verify_nv_counter,
     verify_quote,
 )
+from edgeshield.hardware._nvfloor import DEFAULT_FLOOR_INDEX, FloorJumpError, TpmCounterFloor
 from edgeshield.hardware._probe import (
     FEATURES,
     Evidence,
@@ -56,6 +59,7 @@ from edgeshield.hardware._tpm import (
 )
 
 __all__ = [
+    "DEFAULT_FLOOR_INDEX",
     "FEATURES",
     "AttestationError",
     "DeviceKeys",
@@ -63,8 +67,10 @@ __all__ = [
     "EkTrust",
     "Evidence",
     "Finding",
+    "FloorJumpError",
     "Licence",
     "ListeningSocket",
+    "NvCertifyError",
     "PCRSelection",
     "PcrPolicy",
     "PolicyApproval",
@@ -84,6 +90,7 @@ __all__ = [
     "TPMPolicyError",
     "TPMSealedObjectError",
     "TPMUnavailableError",
+    "TpmCounterFloor",
     "UnknownAttestationKeyError",
     "UnknownTpmError",
     "check_endorsement_key",
@@ -98,5 +105,6 @@ __all__ = [
     "seal_device_key",
     "sign_approval",
     "unseal_device_key",
+    "verify_nv_counter",
     "verify_quote",
 ]

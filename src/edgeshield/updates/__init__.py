@@ -13,7 +13,7 @@ Importable without the ``update`` extra: python-tuf is imported only by the repo
 docs/updates.md says what each attack does and why it fails, and what an offline attacker can still do.
 """
 
-from edgeshield.updates._device import DeviceConfig, DeviceUpdater, init_device
+from edgeshield.updates._device import DeviceConfig, DeviceUpdater, FloorConfig, init_device
 from edgeshield.updates._errors import (
     EndlessDataError,
     FloorKeyError,
@@ -49,7 +49,7 @@ from edgeshield.updates._repo import (
 from edgeshield.updates._slots import SlotRecord
 
 __all__ = [
-    "DeviceConfig", "DeviceUpdater", "EndlessDataError", "Floor", "FloorKeyError", "FloorStateError",
+    "DeviceConfig", "DeviceUpdater", "EndlessDataError", "Floor", "FloorConfig", "FloorKeyError", "FloorStateError",
     "FloorViolationError", "HealthCheckError", "MalformedUpdateError", "MetadataExpiredError", "MetadataMismatchError",
     "MetadataRollbackError", "MetadataSignatureError", "NothingToDoError", "PublishResult", "SignedFileFloor",
     "SlotIntegrityError", "SlotRecord", "TruncatedDownloadError", "UpdateConfigError", "UpdateDownloadError",
