@@ -499,7 +499,7 @@ def test_an_ek_certificate_revoked_by_its_ca_crl(fleet: Fleet, swtpm_factory: An
             fleet.client("cam-16").enrol(d, dev.keys)
         svc.ek_crls = (_crl(fleet, [], next_update=-timedelta(hours=1)),)  # a stale CRL fails closed
         with refused(fleet, 403, "ek-revoked"):
-            fetch(fleet, new_device_enrolled_as(fleet, "cam-17"), "cam-17")
+            new_device_enrolled_as(fleet, "cam-17")  # even a TPM the CRL does not list cannot enrol
         svc.ek_crls = (_crl(fleet, [cert.serial_number + 1]),)  # not on the list: released
         fetch_wrapped(fleet, dev, "cam-15")
     finally:
