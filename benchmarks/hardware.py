@@ -327,8 +327,84 @@ def bench_attestation(work: Path, reps: int) -> tuple[list[Case], dict[str, Any]
                              lambda: fetch(cam1, ek_tpm, cam1_keys), reason("licence")))
         service.licences = {}
         fetch(cam1, ek_tpm, cam1_keys)  # and the honest device is served again
+        cases += _floor_and_licence_cases(cam1, ek_tpm, cam1_keys, service, manifest, reason)
     return cases, {"quote_ms_p50": _p50(q_ms), "quote_verify_ms_p50": _p50(v_ms),
                    "quote_verify_ms_max": max(v_ms), "quote_reps": reps}
+
+
+def _floor_and_licence_cases(cam: Any, sw: Any, dk: Any, service: Any, manifest: Any,
+                             reason: Callable[[str], Callable[[BaseException], bool]]) -> list[Case]:
+    """The version floor in a TPM NV counter, read by the service through NV certification (the bundle is model
+    version 3), and a released key's licence enforced on the device by the TPM clock."""
+    import edgeshield.hardware._attest as at
+    import edgeshield.hardware._release as rel
+    from edgeshield.errors import ServerRefusedError
+    from edgeshield.hardware._nvfloor import TpmCounterFloor
+
+    bid, cases = manifest.bundle_id, []
+    decoy = TpmCounterFloor.create(0x0180E600, tcti=sw.tcti)  # another counter on the same TPM, left at 1
+    floor = TpmCounterFloor.create(tcti=sw.tcti)
+
+    def fetch_with(index: int, bundle_id: str = bid) -> Any:
+        with at.DeviceTpm(sw.tcti) as d:
+            return cam.fetch_wrapped(d, dk, bundle_id, PCRS, floor_index=index)
+
+    fetch_with(floor.index)  # floor 1 <= version 3: released, and the service pins this counter
+    floor.raise_to(4)  # the device committed version 4
+    cases.append(attempt(Case("release_below_floor", "ServerRefusedError below-floor"), ServerRefusedError,
+                         lambda: fetch_with(floor.index), reason("below-floor")))
+
+    def redefined() -> None:  # owner auth: undefine the counter and define it again, hoping it restarts low
+        with at.DeviceTpm(sw.tcti) as d:
+            t = d._t
+            d.ctx.nv_undefine_space(d.ctx.tr_from_tpmpublic(floor.index), t.ESYS_TR.OWNER)
+        TpmCounterFloor.create(floor.index, tcti=sw.tcti)
+        fetch_with(floor.index)
+
+    cases.append(attempt(Case("floor_counter_redefined", "ServerRefusedError below-floor"), ServerRefusedError,
+                         redefined, reason("below-floor")))
+    cases.append(attempt(Case("floor_other_counter", "ServerRefusedError floor-index"), ServerRefusedError,
+                         lambda: fetch_with(decoy.index), reason("floor-index")))
+
+    # a licence for one more hour on version 5 (above the floor): released with the TPM-clock anchor, bound into
+    # the OAEP label
+    v5 = _reissue(service, 5)
+    service.licences = {v5: rel.Licence(v5, not_after=datetime.now(UTC) + timedelta(hours=1))}
+    got = fetch_with(floor.index, v5)
+    with at.DeviceTpm(sw.tcti) as d:
+        rel.unwrap_released(got, d, dk)  # honest: opens now
+        d.ctx.clock_set(d.read_clock().clock + 2 * 3_600_000, auth=d._t.ESYS_TR.OWNER)  # two hours of power-on
+    cases.append(attempt(Case("licence_expired_tpm_clock", "LicenceExpiredError"), rel.LicenceExpiredError,
+                         lambda: _unwrap(sw, dk, got)))
+    edited = dataclasses.replace(got, licence={**(got.licence or {}),
+                                               "not_after": (datetime.now(UTC) + timedelta(days=365)).isoformat(),
+                                               "tpm_clock_not_after": 2**62})
+    cases.append(attempt(Case("licence_edited", "ReleasedKeyRefusedError"), rel.ReleasedKeyRefusedError,
+                         lambda: _unwrap(sw, dk, edited)))
+    service.licences = {}
+    return cases
+
+
+def _unwrap(sw: Any, dk: Any, got: Any) -> Any:
+    import edgeshield.hardware._attest as at
+    import edgeshield.hardware._release as rel
+
+    with at.DeviceTpm(sw.tcti) as d:
+        return rel.unwrap_released(got, d, dk)
+
+
+def _reissue(service: Any, version: int) -> str:
+    """The same model protected again for the service's key at ``version``; the service holds it from now on."""
+    from edgeshield import bundles, keys
+    from edgeshield.models import digits_model_path
+
+    path = next(iter(service.bundles.values()))
+    owner = keys.load_owner_private_key(path.parent / "release-keys" / "owner.key")
+    out = path.with_name(f"released-v{version}.esb")
+    m = bundles.protect(digits_model_path(), out, signing_key=owner,
+                        recipients=[service.recipient_key.public_key()], model_version=version)
+    service.bundles = {**service.bundles, m.bundle_id: out}
+    return str(m.bundle_id)
 
 
 # --- 1c: updater attacks -------------------------------------------------------------------------------------------
