@@ -46,7 +46,7 @@ def test_schemathesis_finds_nothing(tmp_path: Path, with_spec: bool) -> None:
     with serving(cfg) as (_srv, _watcher, port):
         result = _schemathesis(tmp_path, port, admin, ca)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "7 selected / 7 total" in result.stdout  # predict, model, healthz, metrics and the three admin routes
+    assert "8 selected / 8 total" in result.stdout  # predict, model, healthz, metrics and the four admin routes
 
 
 def _alert_only_rules(path: Path) -> Path:

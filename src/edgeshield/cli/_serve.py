@@ -22,6 +22,7 @@ from edgeshield.errors import InvalidArgumentError
 ENV_PREFIX = "EDGESHIELD"
 _LIMITS, _REVOCATION, _EXTRACTION = "Connection limits", "Revocation", "Model-extraction defence"
 _WITNESS, _MONITOR, _SUBJECTS = "Audit witness", "Security monitoring", "Data subjects and retention"
+_MODEL = "Model source (updates, released keys)"
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
@@ -64,19 +65,41 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
     return value
 
 
+@requires("tpm", when=lambda args: args.get("released_key") is not None)
 @requires("eval", "torch", "onnx", when=gradient_detector_file("detector"))
 def serve(
-    bundle: Annotated[Path, typer.Argument(help="The protected model to serve.", envvar=f"{ENV_PREFIX}_BUNDLE",
-                                           show_default=False)],
     owner_key: Annotated[Path, typer.Option("--owner-key", help="The model owner's public key.")],
-    device_key: Annotated[Path, typer.Option("--device-key", help="This device's private key, or tpm:HANDLE / "
-                                                                  "tpm:FILE (sealed in the TPM, unsealed at start).")],
     ca: Annotated[Path, typer.Option("--ca", help="CA directory from `pki init` (ca.crt + crl.pem).")],
     cert: Annotated[Path, typer.Option("--cert", help="Server certificate (`pki issue --server`).")],
     key: Annotated[Path, typer.Option("--key", help="Server private key.")],
     audit_db: Annotated[Path, typer.Option("--audit-db", help="Audit log (SQLite), created if missing.")],
     audit_key: Annotated[Path, typer.Option("--audit-key",
                                             help="Ed25519 key signing audit checkpoints (`audit keygen`).")],
+    bundle: Annotated[Path | None, typer.Argument(help="The protected model to serve (or --update-dir).",
+                                                  envvar=f"{ENV_PREFIX}_BUNDLE", show_default=False)] = None,
+    device_key: Annotated[
+        Path | None, typer.Option("--device-key", help="This device's private key, or tpm:HANDLE / tpm:FILE (sealed "
+                                                       "in the TPM, unsealed at start); or --released-key.")
+    ] = None,
+    update_dir: Annotated[
+        Path | None, typer.Option("--update-dir", rich_help_panel=_MODEL,
+                                  help="Serve the current slot of this update directory (`update init`): its bundle, "
+                                       "detector and input spec; SIGHUP or POST /v1/admin/reload follows an update.")
+    ] = None,
+    released_key: Annotated[
+        Path | None, typer.Option("--released-key", rich_help_panel=_MODEL,
+                                  help="Open the bundle with this released key (`attest fetch-key --out`), decrypted "
+                                       "in the TPM under its licence, instead of --device-key.")
+    ] = None,
+    tpm_keys: Annotated[
+        Path | None, typer.Option("--tpm-keys", rich_help_panel=_MODEL,
+                                  help="The TPM key file `attest keys` wrote (with --released-key).")
+    ] = None,
+    tcti: Annotated[
+        str | None, typer.Option("--tcti", rich_help_panel=_MODEL,
+                                 help="The TPM to use with --released-key, e.g. swtpm:port=2321 (default: the "
+                                      "platform's).")
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", is_eager=True, callback=_load_config,
@@ -272,7 +295,8 @@ def serve(
     ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
-    """Serve BUNDLE over mutual TLS 1.3 with RBAC, validation and an audit log (Ctrl-C stops gracefully)."""
+    """Serve BUNDLE (or an update directory's current slot) over mutual TLS 1.3 with RBAC, validation and an audit
+    log. SIGHUP reloads the model without dropping connections; Ctrl-C stops gracefully."""
     from edgeshield.server import ServeConfig
     from edgeshield.server import serve as run_server
     from edgeshield.server._limits import Limits
@@ -299,7 +323,8 @@ def serve(
                            monitor_db=monitor_db, webhook_url=webhook, webhook_token_env=webhook_token_env,
                            webhook_ca=webhook_ca, events_socket=events_socket, watch_interval_s=watch_interval,
                            config_file=config, subject_header=subject_header, subject_keys=subject_keys,
-                           retention_days=retention_days))
+                           retention_days=retention_days, update_dir=update_dir, released_key=released_key,
+                           tpm_keys=tpm_keys, tcti=tcti))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:

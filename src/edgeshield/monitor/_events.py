@@ -61,6 +61,14 @@ _KINDS: dict[str, EventKind] = _kinds(
                                                                                                 "error")),
     EventKind("server.busy", "refused 503: a connection or in-flight cap", fields=("status", "reason", "limit")),
     EventKind("model.load", "the bundle was opened into ONNX Runtime", fields=("bundle_id", "model_sha256")),
+    EventKind("model.reload", "the served model was reloaded (SIGHUP or the admin API): verified, opened, swapped",
+              fields=("by", "old", "new")),
+    EventKind("model.reload_failed", "a model reload was refused; the old model keeps serving",
+              fields=("by", "reason", "error", "bundle_id")),
+    EventKind("licence.expired", "the licence of the released key the model was opened with expired (wall clock "
+              "or TPM clock); predictions answer 451", fields=("bundle_id", "reason", "licence")),
+    EventKind("licence.refused", "a prediction refused 451: the model's licence has expired",
+              fields=("input_sha256", "bundle_id", "status")),
     EventKind("config.rbac", "the RBAC policy loaded, with its digests", fields=("policy_sha256", "model_sha256")),
     # authentication and authorisation
     EventKind("tls.handshake_failed", "a TLS handshake failed (no or bad client certificate, wrong protocol)",
@@ -145,7 +153,7 @@ _KINDS: dict[str, EventKind] = _kinds(
     EventKind("attestation.enrolled", "a device's attestation key was enrolled (credential activated under its EK)",
               source="keyrelease", fields=("device", "ek_sha256")),
     EventKind("keyrelease.released", "the release service re-wrapped a bundle's key to an attested device's TPM",
-              source="keyrelease", fields=("device", "bundle_id", "licence")),
+              source="keyrelease", fields=("device", "bundle_id", "licence", "floor")),
     EventKind("update.refused", "the updater refused a model update (rollback, freeze, bad signature)",
               source="updater", fields=("model", "action", "version", "reason", "error")),
     EventKind("update.failed", "an update step failed without a refusal (repository unreachable, timeout)",

@@ -1,11 +1,13 @@
-"""The admin API over the security monitor: what it sees and holds, lift a response, reload the rules.
+"""The admin API over the security monitor and the served model: what the monitor sees and holds, lift a response,
+reload the rules, reload the model.
 
 ``GET /v1/admin/monitor`` (the snapshot; ``{"enabled": false}`` when the server runs without a monitor),
-``POST /v1/admin/monitor/lift`` (``{"action", "target"}`` → ``{"lifted": bool}``) and
-``POST /v1/admin/monitor/reload``. Access is RBAC's: the default policy gives only ``admin`` these paths. Bodies are
-validated here (a 422 with ``{error, field}`` for a bad action or target, never a 5xx on client input); the monitor
-itself audits what an admin did (``monitor.lifted``, ``monitor.reload``), naming the admin's certificate. Its calls
-write SQLite and the audit log, so they run in a worker thread, off the event loop.
+``POST /v1/admin/monitor/lift`` (``{"action", "target"}`` → ``{"lifted": bool}``), ``POST /v1/admin/monitor/reload``
+and ``POST /v1/admin/reload`` (the served model, ``_reload``: 409 with the reason when refused). Access is RBAC's:
+the default policy gives only ``admin`` these paths. Bodies are validated here (a 422 with ``{error, field}`` for a
+bad action or target, never a 5xx on client input); the monitor and the reloader audit what an admin did
+(``monitor.lifted``, ``monitor.reload``, ``model.reload``), naming the admin's certificate. Their calls write SQLite
+and the audit log, so they run in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ class Lifted(BaseModel):
     lifted: bool
 
 
+class ModelState(BaseModel):
+    bundle_id: str
+    model_sha256: str
+    model_version: int
+    slot: str | None  # the update slot served (``--update-dir``), else None
+
+
+class ModelReloaded(BaseModel):
+    by: str
+    old: ModelState
+    new: ModelState
+
+
 class Reloaded(BaseModel):
     rules: int
     rules_sha256: str
@@ -141,6 +156,12 @@ class MonitorStatus(BaseModel):
     counters: dict[str, int] = Field(default_factory=dict)
 
 
+RELOAD: dict[int | str, dict[str, Any]] = {
+    **_openapi.COMMON,
+    409: {"model": _openapi.ErrorBody, "description": "The model was not reloaded (not verified, below the floor, "
+                                                      "an older version, no current slot, or reload not offered); "
+                                                      "`field` is the reason and the old model keeps serving"},
+}
 ADMIN: dict[int | str, dict[str, Any]] = {
     **_openapi.COMMON,
     409: {"model": _openapi.ErrorBody, "description": "No monitor runs, or the rule file (or policy) failed to load; "
@@ -222,3 +243,16 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
             return await asyncio.to_thread(mon.reload, _by(request))
         except EdgeShieldError as exc:  # a bad rule file or policy: the old ones stay in force
             return _error(409, " ".join(str(exc).split())[:500])
+
+    @app.post("/v1/admin/reload", summary="Reload the served model: verified and opened first, then swapped whole",
+              response_model=ModelReloaded, responses=RELOAD)
+    async def model_reload(request: Request) -> Any:
+        reload = state.reload
+        if reload is None:
+            return _error(409, "this server does not reload its model", "not-offered")
+        from edgeshield.server._reload import reason_of
+
+        try:
+            return await asyncio.to_thread(reload, _by(request))
+        except EdgeShieldError as exc:  # audited as model.reload_failed; the old model keeps serving
+            return _error(409, " ".join(str(exc).split())[:500], reason_of(exc))

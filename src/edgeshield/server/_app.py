@@ -15,8 +15,8 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -36,9 +36,13 @@ if TYPE_CHECKING:
     from edgeshield.compliance import SubjectKeys
     from edgeshield.extraction import OutputPolicy, QueryMonitor, RateLimiter
     from edgeshield.monitor import Monitor
+    from edgeshield.server._model import ServedModel
     from edgeshield.server._rbac import Rbac
     from edgeshield.transport import Identity
     from edgeshield.watermark import EvidenceStore, ServedWatermark
+
+
+_T = TypeVar("_T")
 
 
 class AuditSink(Protocol):
@@ -82,16 +86,56 @@ class _Metrics:
                                       "nextUpdate (negative: expired)", registry=self.registry)
 
 
-@dataclass
-class ServerState:
-    """What the app serves and how it decides; built once at start-up by ``serve``."""
+class _ModelPart(Generic[_T]):
+    """A model-bound attribute of :class:`ServerState` (``state.session`` …): reads the current ``state.model``,
+    and a write replaces ``state.model`` with a copy holding the new part. Keeps ``ServerState(session=…,
+    manifest=…)`` and ``state.session = …`` working while the model itself is one object swapped whole; code
+    serving a request reads ``state.model`` once instead, so it never sees two models."""
 
-    session: onnxruntime.InferenceSession
-    manifest: ModelSummary  # the bundle's Manifest
+    def __init__(self, *, required: bool = False) -> None:
+        self.required, self.name = required, ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _T: ...
+    @overload
+    def __get__(self, obj: ServerState, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: ServerState | None, owner: type | None = None) -> _T:
+        if obj is None:  # the dataclass asking for a default: a required part has none
+            if self.required:
+                raise AttributeError(self.name)
+            return cast(_T, None)
+        model = obj.__dict__.get("model")
+        if model is None:  # during __init__, before the parts are assembled
+            return cast(_T, obj.__dict__["_parts"][self.name])
+        return cast(_T, getattr(model, self.name))
+
+    def __set__(self, obj: ServerState, value: _T) -> None:
+        model = obj.__dict__.get("model")
+        if model is None:
+            obj.__dict__.setdefault("_parts", {})[self.name] = value
+        else:
+            obj.__dict__["model"] = replace(model, **{self.name: value})
+
+
+@dataclass(kw_only=True)
+class ServerState:
+    """What the app serves and how it decides; built once at start-up by ``serve``.
+
+    The model-bound parts (session, manifest, spec, robust model, served watermark, licence) live in ``model``, one
+    :class:`~edgeshield.server._model.ServedModel` that a reload replaces whole; ``state.session`` and the other
+    parts read (and, before serving starts, write) the current one.
+    """
+
+    session: _ModelPart[onnxruntime.InferenceSession] = _ModelPart(required=True)
+    manifest: _ModelPart[ModelSummary] = _ModelPart(required=True)  # the bundle's Manifest
     rbac: Rbac | None  # None only for the plain benchmark baseline
     audit: AuditSink | None
-    spec: InputSpec | None = None  # None: derived from the model's declared input at start-up
-    robust: RobustModel | None = None
+    spec: _ModelPart[InputSpec | None] = _ModelPart()  # None: derived from the model's declared input at start-up
+    robust: _ModelPart[RobustModel | None] = _ModelPart()
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch: int = 1024
     inference_timeout_s: float = 10.0
@@ -109,7 +153,7 @@ class ServerState:
     monitor: QueryMonitor | None = None  # per-client signals → flag / throttle / degrade / block
     outputs: OutputPolicy | None = None  # for probabilities in answers; None: labels only
     # ownership proof for stolen copies; optional
-    served_watermark: ServedWatermark | None = None
+    served_watermark: _ModelPart[ServedWatermark | None] = _ModelPart()
     served_evidence: EvidenceStore | None = None  # raw watermarked inputs live here, never in the audit log
     # operations: the security monitor (rules, responses; edgeshield.monitor) and data subjects
     security_monitor: Monitor | None = None
@@ -121,8 +165,16 @@ class ServerState:
     events: EventStream = field(default_factory=EventStream)
     audit_events: AuditSubscriber | None = None  # the stream's audit subscriber (aggregates flushed at shutdown)
     started: float = field(default_factory=time.time)
+    # reloading the model (``_reload.Reloader.reload``: SIGHUP and POST /v1/admin/reload); None: not offered
+    reload: Callable[[str], dict[str, Any]] | None = None
+    # called after every swap with (old, new, by): the file watcher re-baselines on the new model's files
+    on_model_swap: list[Callable[[ServedModel, ServedModel, str], None]] = field(default_factory=list)
+    model: ServedModel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        from edgeshield.server._model import ServedModel
+
+        self.model = ServedModel(**self.__dict__.pop("_parts"))
         if self.metrics is not None:  # None only in the plain benchmark baseline
             self.events.subscribe(MetricsSubscriber(self.metrics.registry))
         if self.audit is not None:
@@ -158,7 +210,7 @@ def input_spec_for(session: onnxruntime.InferenceSession, spec: InputSpec | None
 def create_app(state: ServerState) -> SecurityMiddleware:
     """The FastAPI application for ``state`` (OpenAPI at /openapi.json), behind the security middleware."""
     spec = state.spec = input_spec_for(state.session, state.spec)
-    pipeline = state.pipeline = state.pipeline if state.pipeline is not None else default_pipeline(state, spec)
+    pipeline = state.pipeline = state.pipeline if state.pipeline is not None else default_pipeline(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -184,14 +236,18 @@ def create_app(state: ServerState) -> SecurityMiddleware:
 
     @app.get("/healthz", summary="Liveness", response_model=_openapi.Health, responses=_openapi.COMMON)
     async def healthz() -> dict[str, str]:
+        licence = state.model.licence
+        if licence is not None and licence.refusal() is not None:  # alive, but predictions answer 451
+            return {"status": "licence-expired" if licence.expired is not None else "licence-unverified"}
         return {"status": "ok"}
 
     @app.get("/v1/model", summary="Manifest summary of the served bundle", response_model=_openapi.ModelInfo,
              responses=_openapi.COMMON)
     async def model() -> dict[str, Any]:
-        m = state.manifest
+        served = state.model  # once: a reload between two reads must not mix two models' fields
+        m = served.manifest
         return {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "model_version": m.model_version,
-                "created": m.created, "metadata": m.metadata, "detector": state.robust is not None}
+                "created": m.created, "metadata": m.metadata, "detector": served.robust is not None}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=_openapi.METRICS)
     async def metrics() -> Response:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from edgeshield.monitor import SecurityEvent
 
 if TYPE_CHECKING:
-    from edgeshield.monitor import EventStream, RuleSet
+    from edgeshield.monitor import EventStream, FileWatcher, RuleSet
     from edgeshield.server._app import ServerState
+    from edgeshield.server._model import ServedModel
     from edgeshield.server._rbac import Rbac
     from edgeshield.server._serve import ServeConfig
 
@@ -91,6 +92,50 @@ class RetentionPurge(threading.Thread):
         self.stop_event.set()
 
 
+MODEL_ROLES = ("bundle", "detector")  # the watched files a model reload replaces
+
+
+class ModelFileWatch:
+    """The file watcher, re-made for the new model's files when a reload swaps the model.
+
+    The new watcher's sanctioned digests are those of the files the reload opened (not whatever is on disk when it
+    starts), and every other role keeps its sanctioned digest, so an edit to the policy or the rules made before
+    the reload is still reported. The reload's ``integrity.accepted`` events name who reloaded, and a quarantine of
+    a model file is lifted: the model now served is the verified file on disk. An edit after the reload is an
+    ``integrity.changed`` against the new digest, and ``bundle_changed`` quarantines as before.
+    """
+
+    def __init__(self, watcher: FileWatcher, make: Callable[[dict[str, Path], dict[str, str]], FileWatcher],
+                 state: ServerState) -> None:
+        self.current, self._make, self.state = watcher, make, state
+        self._lock = threading.Lock()
+
+    def swapped(self, _old: ServedModel, new: ServedModel, by: str) -> None:
+        with self._lock:
+            old_watcher = self.current
+            files = {r: p for r, p in old_watcher.paths().items() if r not in MODEL_ROLES}
+            expected = {r: d for r, d in old_watcher.digests().items() if r in files}
+            files.update(new.files)
+            expected.update({r: new.digests[r] for r in new.files})
+            fresh = self._make(files, expected)
+            old_watcher.stop()
+            fresh.start()
+            self.current = fresh
+        for role, path in new.files.items():
+            self.state.events.publish(SecurityEvent("integrity.accepted", by, {
+                "role": role, "path": str(path), "sha256": new.digests[role]}, source="watcher"))
+        monitor = self.state.security_monitor
+        if monitor is not None:
+            for role in MODEL_ROLES:
+                monitor.lift("quarantine", f"file:{role}", by)
+
+    def accept(self, by: str) -> None:
+        self.current.accept(by=by)
+
+    def stop(self) -> None:
+        self.current.stop()
+
+
 def start_operations(cfg: ServeConfig, state: ServerState, rules: RuleSet, rbac: Rbac) -> None:
     """Subscribe the monitor and start its sources; every stop is added to ``state.on_shutdown``."""
     from edgeshield.monitor import FileWatcher, Monitor, MonitorStore, RateAnomaly, ResourceWatcher, WebhookConfig
@@ -104,14 +149,20 @@ def start_operations(cfg: ServeConfig, state: ServerState, rules: RuleSet, rbac:
                       registry=state.metrics.registry if state.metrics is not None else None)
     state.security_monitor = monitor
 
-    files = {"bundle": cfg.bundle, "policy": rbac.policy_path}
-    if cfg.detector is not None:
-        files["detector"] = cfg.detector
+    served = state.model
+    # the files the model was opened from (an update slot's, with --update-dir), the policy, rules and config
+    files: dict[str, Path] = {**served.files, "policy": rbac.policy_path}
     if cfg.monitor_rules is not None:
         files["rules"] = cfg.monitor_rules
     if cfg.config_file is not None:
         files["config"] = cfg.config_file
-    watcher = FileWatcher(files, stream.publish, cfg.watch_interval_s)
+
+    def make(files: dict[str, Path], expected: dict[str, str]) -> FileWatcher:
+        return FileWatcher(files, stream.publish, cfg.watch_interval_s, expected=expected)
+
+    # the digests of what the server actually opened: a file changed between loading and watching is reported
+    watcher = ModelFileWatch(make(files, {r: d for r, d in served.digests.items() if r in files}), make, state)
+    state.on_model_swap.append(watcher.swapped)
     resources = ResourceWatcher(stream.publish, disk_path=cfg.audit_db.parent, interval_s=cfg.resource_interval_s)
     background = BackgroundPublisher(stream)
     rates = RateAnomaly(background)
@@ -129,7 +180,7 @@ def start_operations(cfg: ServeConfig, state: ServerState, rules: RuleSet, rbac:
     stream.subscribe(monitor)
     stream.subscribe(rates)
     monitor.start()
-    watcher.start()
+    watcher.current.start()
     resources.start()
     stops = [watcher.stop, resources.stop, background.stop]
     if cfg.events_socket is not None:
@@ -142,12 +193,12 @@ def start_operations(cfg: ServeConfig, state: ServerState, rules: RuleSet, rbac:
         purge = RetentionPurge(state, cfg.retention_days)
         purge.start()
         stops.append(purge.stop)
-    state.compliance_summary = _compliance_summary(cfg)
+    state.compliance_summary = _compliance_summary(cfg, state)
     # Stopped before the audit subscriber flushes and the log is checkpointed: their last events are still written.
     state.on_shutdown.extend([*stops, monitor.stop])
 
 
-def _compliance_summary(cfg: ServeConfig) -> Callable[[], dict[str, Any]]:
+def _compliance_summary(cfg: ServeConfig, state: ServerState) -> Callable[[], dict[str, Any]]:
     """For the status page: the compliance summary of this deployment, assessed from its evidence when called
     (the page calls it in a worker thread, throttled, since it verifies the audit log)."""
 
@@ -158,7 +209,8 @@ def _compliance_summary(cfg: ServeConfig) -> Callable[[], dict[str, Any]]:
             deployment = Deployment.from_toml(cfg.config_file)
         else:
             deployment = Deployment(
-                bundle=cfg.bundle, owner_key=cfg.owner_key, device_key=cfg.device_key, ca=Path(cfg.ca), crl=cfg.crl,
+                bundle=state.model.files.get("bundle", cfg.bundle), owner_key=cfg.owner_key,
+                device_key=cfg.device_key, ca=Path(cfg.ca), crl=cfg.crl,
                 cert=cfg.cert, key=cfg.key, audit_db=cfg.audit_db, audit_key=cfg.audit_key, policy=cfg.policy,
                 host=cfg.host, port=cfg.port, served_watermark_evidence=cfg.served_watermark_evidence,
                 witness=cfg.witness_url, witness_note=cfg.witness_note, crl_expired=cfg.crl_expired,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from edgeshield.adversarial import InputSpec
     from edgeshield.extraction import OutputPolicy
     from edgeshield.server._app import ServerState
+    from edgeshield.server._model import ServedModel
     from edgeshield.transport import Identity
     from edgeshield.watermark import ServedWatermark
 
@@ -49,6 +50,12 @@ class RequestContext:
     output_policy: OutputPolicy | None = None
     subject_id: str | None = None  # the data subject the request is about (a configured header), if any
     subject: str | None = None  # its pseudonym: what audit entries may hold
+    # the model this request is served by, taken once when it starts: a reload swapping ``state.model`` meanwhile
+    # never makes one request mix two models (its spec, session, detectors and watermark all come from here)
+    model: ServedModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.state.model
 
     @property
     def actor(self) -> str:
@@ -94,6 +101,25 @@ class Quarantine:
                                 {"error": f"model quarantined: {reason}"}, {"retry-after": "60"})
 
 
+class Licence:
+    """Refuse to serve (451) once the licence of the released key this model was opened with has expired."""
+
+    name = "licence"
+
+    async def run(self, ctx: RequestContext) -> Response | None:
+        licence = ctx.model.licence
+        reason = licence.refusal() if licence is not None else None
+        if licence is None or reason is None:
+            return None
+        from edgeshield.server._licence import expiry_event
+
+        if licence.claim_report():  # audited once, by whoever sees the expiry first
+            await ctx.state.events.emit(expiry_event(licence))
+        return await ctx.refuse(451, "licence.refused", {"input_sha256": ctx.digest, "bundle_id": licence.bundle_id,
+                                                         "status": 451},
+                                {"error": reason, "licence": licence.bundle_id})
+
+
 class Subject:
     """Read the data-subject id from the configured header and keep only its pseudonym for the audit log."""
 
@@ -119,17 +145,21 @@ class Subject:
 
 
 class Parse:
-    """Parse the body against the input spec (every limit before allocation) and validate it."""
+    """Parse the body against the input spec (every limit before allocation) and validate it: the served model's
+    spec, or the one given (a pipeline pinned to one spec)."""
 
     name = "parse"
 
-    def __init__(self, spec: InputSpec, max_batch: int) -> None:
+    def __init__(self, spec: InputSpec | None, max_batch: int) -> None:
         self.spec, self.max_batch = spec, max_batch
 
     async def run(self, ctx: RequestContext) -> Response | None:
+        spec = self.spec or ctx.model.spec
+        if spec is None:
+            raise RuntimeError("the served model has no input spec: create_app sets it")
         try:
-            x = parse_inputs(ctx.body, ctx.headers.get("content-type", ""), self.spec, max_batch=self.max_batch)
-            self.spec.validate(x)
+            x = parse_inputs(ctx.body, ctx.headers.get("content-type", ""), spec, max_batch=self.max_batch)
+            spec.validate(x)
         except (BodyRejected, InputValidationError) as exc:
             status = exc.status if isinstance(exc, BodyRejected) else 422
             field_name = getattr(exc, "field", None)
@@ -170,7 +200,8 @@ class Inference:
     async def run(self, ctx: RequestContext) -> Response | None:
         state = ctx.state
         try:
-            result = await asyncio.wait_for(asyncio.to_thread(infer, state, ctx.batch), state.inference_timeout_s)
+            result = await asyncio.wait_for(asyncio.to_thread(infer, state, ctx.batch, ctx.model),
+                                            state.inference_timeout_s)
         except TimeoutError:
             await ctx.emit("inference.timeout", {"input_sha256": ctx.digest, "timeout_s": state.inference_timeout_s})
             return JSONResponse({"error": "inference timed out"}, status_code=504)
@@ -209,17 +240,21 @@ class ExtractionWatch:
 
 
 class ServedMark:
-    """Answer the keyed fraction of inputs with the watermark label (DAWN); keep the evidence, emit its digests."""
+    """Answer the keyed fraction of inputs with the watermark label (DAWN); keep the evidence, emit its digests.
+    The watermark is the served model's (its class count), or the one given."""
 
     name = "served-watermark"
 
-    def __init__(self, watermark: ServedWatermark) -> None:
+    def __init__(self, watermark: ServedWatermark | None = None) -> None:
         self.watermark = watermark
 
     async def run(self, ctx: RequestContext) -> Response | None:
         from edgeshield.watermark import row_digests
 
-        wm, x, result, probs = self.watermark, ctx.batch, ctx.result, ctx.probabilities
+        wm = self.watermark or ctx.model.served_watermark
+        if wm is None:
+            return None
+        x, result, probs = ctx.batch, ctx.result, ctx.probabilities
         decisions = result.get("decisions")
         raw = result["predictions"] if decisions is None else [d["prediction"] for d in decisions]
         if probs is not None:  # one keyed pass: a marked row's new top-1 is its watermark label
@@ -278,11 +313,13 @@ class Record:
         return None
 
 
-def default_pipeline(state: ServerState, spec: InputSpec) -> list[Stage]:
-    """The stages the configuration calls for, in order."""
+def default_pipeline(state: ServerState, spec: InputSpec | None = None) -> list[Stage]:
+    """The stages the configuration calls for, in order. Model-bound stages read the request's model (``ctx.model``)
+    so a reload needs no new list; a ``spec`` given pins the parse stage to it instead."""
     stages: list[Stage] = []
     if state.security_monitor is not None:
         stages.append(Quarantine())
+    stages.append(Licence())  # a no-op for a model without a licence (a reload may bring one)
     if state.subject_header is not None:
         stages.append(Subject(state.subject_header))
     stages += [Parse(spec, state.max_batch)]
@@ -292,9 +329,12 @@ def default_pipeline(state: ServerState, spec: InputSpec) -> list[Stage]:
     if state.monitor is not None:
         stages.append(ExtractionWatch())
     if state.served_watermark is not None:
-        stages.append(ServedMark(state.served_watermark))
+        stages.append(ServedMark())
     stages += [HardenOutputs(), Record()]
     return stages
+
+
+MODEL_HEADERS = ("edgeshield-bundle-id", "edgeshield-model-version")  # which model answered a prediction
 
 
 async def run_pipeline(stages: list[Stage], ctx: RequestContext) -> Response:
@@ -302,7 +342,9 @@ async def run_pipeline(stages: list[Stage], ctx: RequestContext) -> Response:
         answer = await stage.run(ctx)
         if answer is not None:
             return answer
-    return JSONResponse(ctx.result)
+    m = ctx.model.manifest
+    return JSONResponse(ctx.result, headers=dict(zip(MODEL_HEADERS, (m.bundle_id, str(m.model_version)),
+                                                     strict=True)))
 
 
 def _from_onnxruntime(exc: Exception) -> bool:
@@ -310,18 +352,20 @@ def _from_onnxruntime(exc: Exception) -> bool:
     return type(exc).__module__.startswith("onnxruntime")
 
 
-def infer(state: ServerState, x: np.ndarray) -> dict[str, Any]:
-    """Run the model on a validated batch: predictions, or the robust model's decisions and their counts."""
-    if state.robust is not None:
-        batch = state.robust.decide(x)
+def infer(state: ServerState, x: np.ndarray, model: ServedModel | None = None) -> dict[str, Any]:
+    """Run the model (the request's; default the current one) on a validated batch: predictions, or the robust
+    model's decisions and their counts."""
+    served = model if model is not None else state.model
+    if served.robust is not None:
+        batch = served.robust.decide(x)
         decisions = batch.decisions()
         counts = {k: sum(d.decision == k for d in decisions) for k in ("accept", "flag", "reject")}
         for k, v in counts.items():
             if v:
                 state.metrics.decisions.labels(k).inc(v)
         return {"decisions": [d.to_dict() for d in decisions], "counts": counts}
-    name = state.session.get_inputs()[0].name
-    out = np.asarray(state.session.run(None, {name: x})[0])
+    name = served.session.get_inputs()[0].name
+    out = np.asarray(served.session.run(None, {name: x})[0])
     result: dict[str, Any] = {"predictions": out.argmax(axis=-1).tolist() if out.ndim >= 2 else out.tolist()}
     if state.outputs is not None and out.ndim == 2:  # probabilities only when an output policy says how
         from edgeshield.adversarial._detectors import looks_like_probabilities, softmax

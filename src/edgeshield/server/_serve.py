@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from edgeshield._io import check_readable_file
 from edgeshield.server._app import ServerState
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from edgeshield.audit import AuditLog
+    from edgeshield.bundles import Manifest
     from edgeshield.bundles._ort import onnxruntime
     from edgeshield.extraction import Detector, OutputPolicy, QueryMonitor, RateLimiter
     from edgeshield.server._publisher import WitnessPublisher
@@ -40,11 +41,11 @@ PathLike = str | os.PathLike[str]
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an RFC 9110 token
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    bundle: Path
+    bundle: Path | None = None  # None: the current slot of ``update_dir``
     owner_key: Path
-    device_key: Path
+    device_key: Path | None = None  # None: the bundle is opened with ``released_key`` instead
     ca: Path  # CA directory (ca.crt + crl.pem) or CA certificate (then crl is required)
     cert: Path
     key: Path
@@ -98,6 +99,13 @@ class ServeConfig:
     subject_header: str | None = None  # request header naming the data subject a request is about
     subject_keys: Path | None = None  # per-subject pseudonym keys (default: AUDIT_DB.subjects when a header is set)
     retention_days: float | None = None  # purge personal-data records older than this (served-watermark evidence)
+    # where the model comes from: an update directory (``edgeshield update init``) serves its current slot's bundle,
+    # detector and input spec, and a reload follows the slot; a released key (``attest fetch-key --out``) opens the
+    # bundle in the TPM instead of a device key, under its licence
+    update_dir: Path | None = None
+    released_key: Path | None = None
+    tpm_keys: Path | None = None  # the device's TPM key file (``attest keys``), with ``released_key``
+    tcti: str | None = None  # the TPM to use with ``released_key`` (default: the platform's)
 
     def __post_init__(self) -> None:
         from edgeshield.errors import InvalidArgumentError
@@ -117,14 +125,29 @@ class ServeConfig:
             raise InvalidArgumentError(f"retention_days must be a positive number, got {self.retention_days!r}")
         if self.subject_header is not None and not _HEADER.fullmatch(self.subject_header):
             raise InvalidArgumentError(f"--subject-header must be an HTTP header name, not {self.subject_header!r}")
+        if (self.bundle is None) == (self.update_dir is None):
+            raise InvalidArgumentError("serve needs either a BUNDLE or --update-dir (whose current slot it serves)")
+        if self.update_dir is not None and self.detector is not None:
+            raise InvalidArgumentError("--detector comes from the update directory's slot with --update-dir")
+        if (self.device_key is None) == (self.released_key is None):
+            raise InvalidArgumentError("serve needs either --device-key or --released-key (with --tpm-keys)")
+        if self.released_key is not None and self.tpm_keys is None:
+            raise InvalidArgumentError("--released-key needs --tpm-keys (the key file `attest keys` wrote)")
+        if self.tpm_keys is not None and self.released_key is None:
+            raise InvalidArgumentError("--tpm-keys is for --released-key")
+        if self.update_dir is not None and self.released_key is not None:
+            raise InvalidArgumentError("--update-dir needs --device-key: the updater checks each update is addressed "
+                                       "to this device's key (a released key is not supported with it)")
+
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
-    """Open the bundle, the detector, the policy and the audit log; audit the start-up with the bundle digests."""
-    from edgeshield import bundles, keys
-    from edgeshield.adversarial import DetectorFile, InputSpec, RobustModel
+    """Open the model (bundle, detector, spec), the policy and the audit log; audit the start-up with the bundle
+    digests. The model is held by a ``Reloader`` (``state.reload``) that SIGHUP and the admin API call."""
     from edgeshield.audit import AuditLog, load_signing_key
+    from edgeshield.server._model import ModelLoader
     from edgeshield.server._rbac import Rbac
+    from edgeshield.server._reload import Reloader
 
     signing_key = load_signing_key(cfg.audit_key, cfg.passphrase)
     audit = AuditLog(cfg.audit_db, signing_key=signing_key, durability=cfg.audit_durability)
@@ -135,53 +158,49 @@ def build_state(cfg: ServeConfig) -> ServerState:
     if recovery.recovered:
         log.warning("audit log: %d entries a crash left without a checkpoint are now covered (server.recovered)",
                     recovery.uncovered)
-    from edgeshield.hardware._tpm import load_device_key
-
-    # A PEM file, or tpm:HANDLE / tpm:FILE unsealed from the TPM now (the key then lives only in this process).
-    owner, device = keys.load_owner_public_key(cfg.owner_key), load_device_key(cfg.device_key, cfg.passphrase)
-    opened = bundles.open_bundle(cfg.bundle, owner, device)
-    m = opened.manifest
-    spec = InputSpec.from_metadata(m.metadata)
-    robust = None
-    if cfg.detector is not None:
-        file = DetectorFile.load(cfg.detector)
-        file.check_model(m.model_sha256)
-        torch_model = None
-        if "gradient" in file.decision_detectors():  # the one detector that needs PyTorch ([eval]) on the device
-            from edgeshield.adversarial._torch import onnx_to_torch
-
-            torch_model = onnx_to_torch(bundles.decrypt_model(cfg.bundle, owner, device))
-        robust = RobustModel(opened.session, file, torch_model=torch_model)
-        spec = file.input_spec
+    loader = ModelLoader(cfg)
+    model = loader.load()  # an expired licence stops the server here (LicenceExpiredError)
+    m = cast("Manifest", model.manifest)  # the loader's is always a bundle's Manifest
     rbac = Rbac(cfg.policy)
     limiter, monitor, outputs = _extraction_defence(cfg)
-    served, evidence = _served_watermark(cfg, opened.session)
+    served, evidence = _served_watermark(cfg, model.session)
     rules = None
     if cfg.monitor:
         from edgeshield.monitor import load_rules
 
         rules = load_rules(cfg.monitor_rules)  # a bad rule file stops the server before it serves
+    detector = model.files.get("detector")
     audit.append("server.startup", "server", {
         "bundle_id": m.bundle_id, "model_sha256": m.model_sha256, "payload_sha256": m.payload_sha256,
-        "model_version": m.model_version, "detector": str(cfg.detector) if cfg.detector else None,
+        "model_version": m.model_version, "detector": str(detector) if detector else None,
         "listen": f"{cfg.host}:{cfg.port}",
         "served_watermark_rate": cfg.served_watermark_rate if served is not None else None,
         "monitor_rules_sha256": rules.sha256 if rules is not None else None,
         "monitor_rules": len(rules) if rules is not None else 0,
-        "subject_header": cfg.subject_header, "retention_days": cfg.retention_days})
+        "subject_header": cfg.subject_header, "retention_days": cfg.retention_days,
+        **({"update_dir": str(cfg.update_dir), "slot": model.slot} if cfg.update_dir is not None else {}),
+        **({"licence": model.licence.describe()} if model.licence is not None else {})})
     audit.append("model.load", "server", {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256})
     audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
                                            "model_sha256": _sha256(rbac.model_path)})
-    state = ServerState(session=opened.session, manifest=m, rbac=rbac, audit=audit, spec=spec, robust=robust,
+    state = ServerState(session=model.session, manifest=m, rbac=rbac, audit=audit,
                         max_body_bytes=cfg.max_body_bytes, max_batch=cfg.max_batch,
                         inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter,
-                        monitor=monitor, outputs=outputs, served_watermark=served, served_evidence=evidence,
+                        monitor=monitor, outputs=outputs, served_evidence=evidence,
                         on_shutdown=[evidence.close] if evidence is not None else [],
                         subject_header=cfg.subject_header)
+    state.model = model  # the loader's, whole: the files and digests it was opened from, its licence
+    state.reload = Reloader(state, loader).reload
     if cfg.subject_header is not None:
         from edgeshield.compliance import SubjectKeys
 
         state.subjects = SubjectKeys(cfg.subject_keys or cfg.audit_db.with_name(cfg.audit_db.name + ".subjects"))
+    if model.licence is not None:
+        from edgeshield.server._licence import LicenceWatcher
+
+        licence_watcher = LicenceWatcher(state, cfg.watch_interval_s)
+        licence_watcher.start()
+        state.on_shutdown.insert(0, licence_watcher.stop)
     if rules is not None:
         from edgeshield.server._operations import start_operations
 
@@ -260,14 +279,13 @@ def _served_watermark(cfg: ServeConfig, session: onnxruntime.InferenceSession,
     if cfg.served_watermark_evidence is None:
         raise InvalidArgumentError("a served watermark needs an evidence file (--served-watermark-evidence), "
                                    "or a stolen copy could never be proven")
-    from edgeshield.watermark import EvidenceStore, ServedWatermark, load_key
+    from edgeshield.server._model import served_watermark_for
+    from edgeshield.watermark import EvidenceStore
 
-    shape = session.get_outputs()[0].shape
-    classes = shape[-1] if shape and isinstance(shape[-1], int) else None
-    if classes is None or classes < 2:
-        raise InvalidArgumentError("a served watermark needs a classifier with a fixed number of classes")
-    return (ServedWatermark(load_key(cfg.served_watermark_key), cfg.served_watermark_rate, classes=classes),
-            EvidenceStore(cfg.served_watermark_evidence))
+    served = served_watermark_for(cfg, session)
+    if served is None:  # cannot happen: the key is configured
+        return None, None
+    return served, EvidenceStore(cfg.served_watermark_evidence)
 
 
 def _sha256(path: Path) -> str:
@@ -324,6 +342,7 @@ class GuardedServer(Protocol):
     made by ``_server_class``, so that uvicorn is imported only to serve)."""
 
     gate: ConnectionGate
+    on_hangup: Callable[[], None] | None
     started: bool
     should_exit: bool
     servers: list[asyncio.Server]
@@ -343,10 +362,12 @@ def _server_class() -> Callable[[uvicorn.Config], GuardedServer]:
         """uvicorn behind EdgeShield's own listener (admission before TLS, a handshake deadline; ``_listener``).
 
         It also returns from SIGINT/SIGTERM instead of re-raising them after the graceful shutdown (which would kill
-        the process before our own clean-up, the audit log's shutdown entry), so ``serve`` exits 0.
+        the process before our own clean-up, the audit log's shutdown entry), so ``serve`` exits 0; and SIGHUP runs
+        ``on_hangup`` (the model reload) instead of ending the process.
         """
 
         gate: ConnectionGate
+        on_hangup: Callable[[], None] | None = None
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await self.lifespan.startup()
@@ -382,6 +403,9 @@ def _server_class() -> Callable[[uvicorn.Config], GuardedServer]:
                 yield
                 return
             original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            hangup = self.on_hangup
+            if hangup is not None:
+                original[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda _sig, _frame: hangup())
             try:
                 yield
             finally:
@@ -420,10 +444,29 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Gua
         monitor.on_deny = gate.close_revoked_threadsafe
     state.metrics.connections_open.set_function(lambda: gate.total)
     state.metrics.busiest_address.set_function(gate.busiest_address)
+    reload = state.reload
+    if reload is not None:
+        server.on_hangup = lambda: _reload_in_background(reload, "SIGHUP")
     watcher = CrlWatcher(guard, crl_path_for(cfg), state, cfg.crl_poll_s, warn_before_s=cfg.crl_warn_days * 86400,
                          on_reload=server.gate.close_revoked_threadsafe)
     watcher.check_expiry()
     return server, watcher
+
+
+def _reload_in_background(reload: Callable[[str], object], by: str) -> None:
+    """From a signal handler: reload on a thread of its own (opening a model takes a while; the loop serves on).
+    A refused reload is already logged and audited by the reloader; nobody is waiting for its answer."""
+    from edgeshield.errors import EdgeShieldError
+
+    def run() -> None:
+        try:
+            reload(by)
+        except EdgeShieldError:
+            pass
+        except Exception:
+            log.exception("model reload by %s failed", by)
+
+    threading.Thread(target=run, name="edgeshield-reload", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -222,11 +222,20 @@ class StatusPage:
         }
 
     def _server(self, now: float) -> dict[str, Any]:
-        m, s = self.state.manifest, self.state
-        return {"bundle_id": m.bundle_id, "model_version": m.model_version, "model_sha256": m.model_sha256,
-                "created": m.created, "detector": s.robust is not None, "extraction_monitor": s.monitor is not None,
-                "served_watermark": s.served_watermark is not None, "started": self.started,
-                "uptime_s": max(0.0, now - self.started)}
+        s = self.state
+        served = getattr(s, "model", None)  # once: a reload between two reads must not mix two models
+        m = served.manifest if served is not None else s.manifest
+        out = {"bundle_id": m.bundle_id, "model_version": m.model_version, "model_sha256": m.model_sha256,
+               "created": m.created, "detector": (served or s).robust is not None,
+               "extraction_monitor": s.monitor is not None,
+               "served_watermark": (served or s).served_watermark is not None, "started": self.started,
+               "uptime_s": max(0.0, now - self.started)}
+        if served is not None and served.slot is not None:
+            out["slot"] = served.slot
+        if served is not None and served.licence is not None:
+            served.licence.expired_now()
+            out["licence"] = served.licence.describe()
+        return out
 
     async def _monitor(self) -> dict[str, Any]:
         mon = getattr(self.state, "security_monitor", None)
