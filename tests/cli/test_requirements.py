@@ -70,6 +70,9 @@ CASES = {
     "demo": (("sklearn",), ["demo"], "demo"),
     "update repo init": (("tuf",), ["update", "repo", "init", "repo", "--keys", "k"], "update"),
     "update pull": (("tuf",), ["update", "pull", "dev", "--device-key", "d.key"], "update"),
+    "serve --released-key": (("tpm2_pytss",), ["serve", "b.esb", "--owner-key", "o.pub", "--released-key", "r.json",
+                                               "--tpm-keys", "k.json", "--ca", "ca", "--cert", "c.crt", "--key",
+                                               "c.key", "--audit-db", "a.db", "--audit-key", "a.key"], "tpm"),
 }
 
 
@@ -120,7 +123,7 @@ EXPECTED = {
     "protect": {"owner"},
     "verify": {"owner"},  # only with --sigstore-sig
     "run": {"eval"},  # only with a gradient --detector
-    "serve": {"eval"},  # only with a gradient --detector
+    "serve": {"eval", "tpm"},  # eval only with a gradient --detector, tpm only with --released-key
     "demo": {"demo"},
     "detect calibrate": {"eval"},  # only with --detectors gradient
     "detect evaluate": {"eval"},
