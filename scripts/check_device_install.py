@@ -77,6 +77,21 @@ AS_ADMIN = [*URL, *TLS, "--cert", "pki/issued/admin.crt", "--key", "pki/issued/a
 WEBHOOK_TOKEN_ENV, WEBHOOK_TOKEN = "EDGESHIELD_CHECK_WEBHOOK_TOKEN", "check-device-install-token"
 DEPLOY = ["--config", "deploy.toml"]
 DEVICE_KEY = ["--device-key", "keys/device.key"]
+AS_ALICE_CERT = ["--cert", "pki/issued/alice.crt", "--key", "pki/issued/alice.key"]
+# serve the update directory's current slot (no bundle argument); its own audit log and port
+UPDATE_SERVE = ["serve", "--update-dir", "dev", "--owner-key", "keys/owner.pub", *DEVICE_KEY, "--ca", "pki", "--cert",
+                "pki/issued/edge.crt", "--key", "pki/issued/edge.key", "--audit-db", "audit-update.db",
+                "--audit-key", "audit.key", "--host", "127.0.0.1", "--port", "{update_port}"]
+RELOAD = """
+import json, ssl, sys
+import httpx
+ctx = ssl.create_default_context(cafile="pki/ca.crt")
+ctx.load_cert_chain("pki/issued/admin.crt", "pki/issued/admin.key")
+r = httpx.post(sys.argv[1] + "/v1/admin/reload", verify=ctx, timeout=60)
+if r.status_code != 200:
+    sys.exit(f"reload answered {r.status_code}: {r.text}")
+print(json.dumps(r.json()["new"]))
+"""
 PUBLISH = ["update", "repo", "publish", "repo", "--keys", "rkeys", "--owner-key", "keys/owner.pub", "--model", "digits",
            "--input-spec", "spec.json", "--bundle"]
 
@@ -141,6 +156,10 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
 
 # Flags of `serve` this check does not pass, each with the reason; any other flag missing from SERVE_FLAGS fails it.
 SERVE_FLAGS_NOT_RUN: dict[str, str] = {
+    "--update-dir": "run by update_steps (UPDATE_SERVE), a second serve on the update directory's slot",
+    "--released-key": "needs a TPM: tests/server/test_serve_released.py serves from a released key with swtpm",
+    "--tpm-keys": "with --released-key (tests/server/test_serve_released.py)",
+    "--tcti": "with --released-key or a tpm: device key (tests/server/test_serve_released.py, tests/hardware)",
     "--passphrase-env": "the keys here are unencrypted (passphrases: tests/keys, tests/cli)",
     "--no-monitor": "the off switch of --monitor, which runs here (servers without a monitor: tests/compliance)",
 }
@@ -422,10 +441,11 @@ def device_steps() -> list[Step]:
     ]
 
 
-def client(name: str, batch: str, rc: int | None = 0, check=None) -> Step:  # type: ignore[no-untyped-def]
+def client(name: str, batch: str, rc: int | None = 0, check=None, port: str = "port") -> Step:  # type: ignore[no-untyped-def]
     return Step(f"client predict ({name}, {batch})",
-                ["client", "predict", "--url", "https://127.0.0.1:{port}", *TLS, "--cert", f"pki/issued/{name}.crt",
-                 "--key", f"pki/issued/{name}.key", "--input", batch, "--json"], rc=rc, check=check)
+                ["client", "predict", "--url", f"https://127.0.0.1:{{{port}}}", *TLS, "--cert",
+                 f"pki/issued/{name}.crt", "--key", f"pki/issued/{name}.key", "--input", batch, "--json"], rc=rc,
+                check=check)
 
 
 def queries() -> list[Step]:
@@ -544,6 +564,23 @@ def update_steps(c: Checker) -> list[Step | Callable[[], None]]:
 
         return step
 
+    def version_served(n: int) -> Step:
+        return Step(f"client model (serving v{n})", ["client", "model", "--url", "https://127.0.0.1:{update_port}",
+                                                     *TLS, *AS_ALICE_CERT, "--json"],
+                    check=json_has(lambda d: d["model_version"] == n, f"model_version {n}"))
+
+    def serve_the_slot() -> None:  # serve --update-dir at v1; v2 installed while it serves, then a reload
+        run_service(c, "serve --update-dir", UPDATE_SERVE, "update_port", [
+            version_served(1),
+            pull(2),
+            Step("update install v2 (while serving)", ["update", "install", "dev", *DEVICE_KEY, "--json"],
+                 check=json_has(lambda d: d["status"]["pending"] is True, "a pending v2")),
+            Step("POST /v1/admin/reload (admin)", [RELOAD, "https://127.0.0.1:{update_port}"], python=True,
+                 check=contains('"model_version": 2')),
+            version_served(2),
+            client("alice", "input.npy", port="update_port"),
+        ])
+
     floor = lambda n: json_has(lambda d: d["floor"]["floor"] == n, f"floor {n}")  # noqa: E731
     return [
         publish_v1,
@@ -553,9 +590,7 @@ def update_steps(c: Checker) -> list[Step | Callable[[], None]]:
         Step("update install v1", ["update", "install", "dev", *DEVICE_KEY, "--json"]),
         Step("update commit v1", ["update", "commit", "dev", *DEVICE_KEY, "--json"],
              check=json_has(lambda d: d["floor"] == 1, "floor 1")),
-        pull(2),
-        Step("update install v2", ["update", "install", "dev", *DEVICE_KEY, "--json"],
-             check=json_has(lambda d: d["status"]["pending"] is True, "a pending v2")),
+        serve_the_slot,
         Step("update status", ["update", "status", "dev", *DEVICE_KEY, "--json"], check=floor(1)),
         Step("update rollback (to v1, not committed past)", ["update", "rollback", "dev", *DEVICE_KEY, "--json"],
              check=json_has(lambda d: d["current"]["model_version"] == 1, "v1 current")),

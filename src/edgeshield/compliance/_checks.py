@@ -7,7 +7,6 @@ A check never passes without evidence (``CheckResult`` refuses it). Adding a che
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import shlex
 import socket
@@ -22,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from edgeshield._io import sha256_file
 from edgeshield.compliance._deployment import Deployment, DeploymentError
 from edgeshield.compliance._evidence import AuditSource, CheckResult, Evidence, Status
 from edgeshield.errors import EdgeShieldError, InvalidArgumentError
@@ -137,14 +137,6 @@ def _file_evidence(path: Path, what: str) -> tuple[Evidence, int | None]:
     return Evidence("file", f"{what}: mode {mode:04o}, {st.st_size} bytes", str(path),
                     {"exists": True, "mode": f"{mode:04o}", "size": st.st_size,
                      "regular_file": stat.S_ISREG(st.st_mode)}), mode
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _entry_time(ts: str) -> float:
@@ -336,7 +328,7 @@ class AccessControl:
         ev: list[Evidence] = []
         problems = []
         try:
-            digest = _sha256(policy)
+            digest = sha256_file(policy)
         except OSError as exc:
             return _result(self, "fail", f"the RBAC policy {policy} cannot be read: {exc.strerror or exc}",
                            [Evidence("file", "RBAC policy: unreadable", str(policy), {})], _show(ctx))
@@ -651,7 +643,7 @@ class MonitoringEnabled:
                                 "server.startup entry has no monitor_rules_sha256")
             elif d.monitor_rules is not None:
                 try:
-                    now = _sha256(d.monitor_rules)
+                    now = sha256_file(d.monitor_rules)
                 except OSError as exc:
                     now = None
                     problems.append(f"the monitor rule file {d.monitor_rules} cannot be read: {exc.strerror or exc}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeshield._io import sha256_file
 from edgeshield.errors import InvalidArgumentError, NotAFileError, PathNotFoundError
 from edgeshield.monitor._events import SecurityEvent
 
@@ -88,15 +89,6 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     # restored still changes the key. The periodic re-hash covers what even ctime misses (raw block-device writes,
     # a clock set back).
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (a multi-GB bundle is never held in memory)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

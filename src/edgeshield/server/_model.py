@@ -11,13 +11,13 @@ directory) and opens it with every check ``open_bundle`` makes, before anything 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeshield._io import sha256_file
 from edgeshield.errors import InputError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -72,14 +72,6 @@ class ModelFiles:
     floor: int | None = None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ModelLoader:
     """Finds and opens the served model for a ``ServeConfig``; holds the keys that open it for the server's life.
 
@@ -98,7 +90,7 @@ class ModelLoader:
             from edgeshield.hardware._tpm import load_device_key
 
             # A PEM file, or tpm:HANDLE / tpm:FILE unsealed from the TPM now (the key then lives only in this process).
-            self.device = load_device_key(cfg.device_key, cfg.passphrase)
+            self.device = load_device_key(cfg.device_key, cfg.passphrase, tcti=cfg.tcti)
         self._updater: DeviceUpdater | None = None
 
     @property
@@ -108,7 +100,8 @@ class ModelLoader:
 
             if self.cfg.update_dir is None or self.device is None:
                 raise InvalidArgumentError("serving from an update directory needs --update-dir and --device-key")
-            self._updater = DeviceUpdater(self.cfg.update_dir, device_key=self.device, owner_key=self.owner)
+            self._updater = DeviceUpdater(self.cfg.update_dir, device_key=self.device, owner_key=self.owner,
+                                          tcti=self.cfg.tcti)
         return self._updater
 
     # -- where --
@@ -148,7 +141,7 @@ class ModelLoader:
         from edgeshield.errors import IntegrityError
 
         cfg, files = self.cfg, self.resolve()
-        digests = {"bundle": _sha256(files.bundle)}
+        digests = {"bundle": sha256_file(files.bundle)}
         licence: LicenceState | None = None
         if cfg.released_key is not None:
             opened, licence = self._open_released(files.bundle)
@@ -166,7 +159,7 @@ class ModelLoader:
             spec = InputSpec.load(files.input_spec)
         robust = None
         if files.detector is not None:
-            digests["detector"] = _sha256(files.detector)
+            digests["detector"] = sha256_file(files.detector)
             detector = DetectorFile.load(files.detector)
             detector.check_model(m.model_sha256)
             torch_model = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from edgeshield._io import check_readable_file
+from edgeshield._io import check_readable_file, sha256_file
 from edgeshield.server._app import ServerState
 from edgeshield.server._crl import CrlGuard, CrlWatcher
 from edgeshield.server._limits import Limits
@@ -181,8 +181,8 @@ def build_state(cfg: ServeConfig) -> ServerState:
         **({"update_dir": str(cfg.update_dir), "slot": model.slot} if cfg.update_dir is not None else {}),
         **({"licence": model.licence.describe()} if model.licence is not None else {})})
     audit.append("model.load", "server", {"bundle_id": m.bundle_id, "model_sha256": m.model_sha256})
-    audit.append("config.rbac", "server", {"policy_sha256": _sha256(rbac.policy_path),
-                                           "model_sha256": _sha256(rbac.model_path)})
+    audit.append("config.rbac", "server", {"policy_sha256": sha256_file(rbac.policy_path),
+                                           "model_sha256": sha256_file(rbac.model_path)})
     state = ServerState(session=model.session, manifest=m, rbac=rbac, audit=audit,
                         max_body_bytes=cfg.max_body_bytes, max_batch=cfg.max_batch,
                         inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter,
@@ -286,12 +286,6 @@ def _served_watermark(cfg: ServeConfig, session: onnxruntime.InferenceSession,
     if served is None:  # cannot happen: the key is configured
         return None, None
     return served, EvidenceStore(cfg.served_watermark_evidence)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tls_context(cfg: ServeConfig) -> ssl.SSLContext:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from edgeshield._io import atomic_write_bytes, atomic_writer, fsync_dir
+from edgeshield._io import atomic_write_bytes, atomic_writer, fsync_dir, sha256_file
 from edgeshield.updates._errors import SlotIntegrityError
 from edgeshield.updates._index import PART_FILES, PARTS, check_model_name
 
@@ -83,14 +83,6 @@ class SlotRecord:
                        d["health"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SlotIntegrityError(f"slot {slot}'s record is malformed: {exc}") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Slots:
