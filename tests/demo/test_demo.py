@@ -52,9 +52,10 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # privacy: DP-FedAvg reports ε from the accountant, refuses exactly the boosted client, ships a bundle
     fed = summary["federated"]
     assert fed["refused"] == ["client-7"] and 0 < fed["epsilon"] <= 8.0 + 1e-6 and fed["accuracy"] > 0.7
-    # hardware: the probe answers every feature; a TPM-sealed device key opens the bundle until a PCR changes; the
-    # release service refuses a replayed quote and a changed PCR and releases to a fresh quote; updates go v1 → v2
-    # and a replayed v1 is refused by the floor
+    # hardware: the probe answers every feature; a TPM-sealed device key opens and serves the bundle until a PCR
+    # changes; the release service refuses a replayed quote and a changed PCR and releases to a fresh quote; a
+    # licensed released key serves until the TPM clock passes the licence (451); updates go v1 → v2, a running
+    # server reloads v2 without a restart, and a replayed v1 is refused by the floor
     assert set(summary["probe"]["statuses"]) == {"sgx", "tdx", "sev", "trustzone", "tpm", "secure_boot", "ima",
                                                  "hwrng", "listening"}
     assert set(summary["probe"]["statuses"].values()) <= {"present", "absent", "unknown"}
@@ -65,10 +66,14 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert tpm["pcr_change_refused"] == "TPMPolicyError"
         assert "nonce-replayed" in tpm["stale_quote_refused"] and tpm["fresh_quote_released"] is True
         assert "pcr" in tpm["pcr_change_release_refused"]
+        assert tpm["served_from_sealed_key"].endswith("model version 1")
+        assert tpm["licence"]["served"].endswith("model version 1") and tpm["licence"]["after_tpm_clock"] == 451
     else:  # the stage skips only itself, and says why
         assert "not found" in tpm["skipped"] or "not installed" in tpm["skipped"]
     update = summary["update"]
     if importlib.util.find_spec("tuf"):
+        reload = update.pop("reload")
+        assert reload["before"].endswith("model version 1") and reload["after"].endswith("model version 2"), reload
         assert update == {"installed": 2, "still_current": 2, "floor": 2, "replay_refused": "FloorViolationError"}
     else:
         assert "skipped" in update

@@ -1,6 +1,7 @@
 """Demo stages for the hardware root of trust and updates: what this machine really has (probe), the demo device key
-sealed in a software TPM and the bundle opened from it, a PCR change that locks the key, attestation-gated key
-release (a replayed quote refused, a fresh one served), and a rollback-proof update from version N to N+1.
+sealed in a software TPM and the bundle served from it, a PCR change that locks the key, attestation-gated key
+release (a replayed quote refused, a fresh one served) and a server whose released key's licence the TPM clock ends,
+and a rollback-proof update from version N to N+1 that a running server reloads without a restart.
 
 The TPM stage starts and stops its own ``swtpm``; without one (or without the ``tpm`` extra) it says so and skips
 only itself, as the update stage does without the ``update`` extra.
@@ -12,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from edgeshield.demo import DemoContext, DemoFailure, Stage
 from edgeshield.errors import MissingDependencyError
 
 PCRS = (0, 7, 16)  # 16 is the debug PCR: the one the demo extends to play a changed boot chain
+PROBE_INPUTS = 32  # digits each served model answers in this stage
 
 
 def _probe(ctx: DemoContext) -> str:
@@ -82,6 +85,41 @@ def _release_service(work: Path, kdir: Path, tpm: Any, policy: Any) -> Iterator[
         log.close()
 
 
+@contextlib.contextmanager
+def _serving(work: Path, name: str, **settings: Any) -> Iterator[tuple[str, Any, Any]]:
+    """``serve`` (``edgeshield.server.running``) on 127.0.0.1 with its own CA, audit log and audit key under
+    ``work/name``; yields its URL and a client's and an admin's TLS contexts."""
+    from edgeshield import audit, transport
+    from edgeshield.server import ServeConfig, running
+
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    transport.init_ca(d / "ca")
+    srv = transport.issue(d / "ca", name="edge", role="server", server=True, sans=["127.0.0.1"])
+    who = {role: transport.issue(d / "ca", name=role, role=role) for role in ("client", "admin")}
+    audit.generate_signing_key(d / "audit.key")
+    cfg = ServeConfig(ca=d / "ca", cert=srv.cert_path, key=srv.key_path, audit_db=d / "audit.db",
+                      audit_key=d / "audit.key", port=0, **{"log_level": "error", **settings})
+    with running(cfg) as (_server, _watcher, port):
+        client, admin = (transport.client_context(d / "ca" / "ca.crt", c.cert_path, c.key_path) for c in who.values())
+        yield f"https://127.0.0.1:{port}", client, admin
+
+
+def _predict(ctx: DemoContext, url: str, tls: Any) -> tuple[int, str]:
+    """POST the first PROBE_INPUTS test digits; (status, what the answer says: correct count and model version)."""
+    import httpx
+
+    from edgeshield.models import load_digits_split
+
+    split = ctx.state.get("split") or load_digits_split()
+    with httpx.Client(base_url=url, verify=tls, timeout=30) as c:
+        r = c.post("/v1/predict", json={"inputs": split.x_test[:PROBE_INPUTS].tolist()})
+    if r.status_code != 200:
+        return r.status_code, str(r.json().get("detail") or r.json().get("error") or r.text[:200])
+    right = sum(int(p == y) for p, y in zip(r.json()["predictions"], split.y_test[:PROBE_INPUTS], strict=True))
+    return 200, f"{right}/{PROBE_INPUTS} correct, model version {r.headers.get('edgeshield-model-version')}"
+
+
 def _accuracy(session: Any, ctx: DemoContext) -> float:
     from edgeshield.models import DIGITS_INPUT_NAME, load_digits_split
 
@@ -137,6 +175,13 @@ def _tpm(ctx: DemoContext) -> str:
         acc = _accuracy(session, ctx)
         result["sealed_accuracy"] = acc
         rows.append((f"run digits.esb --device-key {spec}", f"opened; accuracy {acc:.3f} on the test split"))
+        with _serving(work, "serve-sealed", bundle=ctx.state["bundle"], owner_key=kdir / "owner.pub",
+                      device_key=Path(spec), tcti=tpm.tcti) as (url, tls, _admin):
+            status, said = _predict(ctx, url, tls)
+        if status != 200:
+            raise DemoFailure(f"serve from the sealed key answered {status}: {said}")
+        result["served_from_sealed_key"] = said
+        rows.append((f"serve digits.esb --device-key {spec}; POST /v1/predict", f"200: {said}"))
 
         # 2. attestation-gated release: enrol (credential activation), a fresh quote releases, a replay does not
         with DeviceTpm(tpm.tcti) as d:
@@ -167,6 +212,8 @@ def _tpm(ctx: DemoContext) -> str:
             result["released_accuracy"] = acc
             rows.append(("release: a fresh quote (new nonce)",
                          f"released, RSA-OAEP to the TPM's key; bundle opened, accuracy {acc:.3f}"))
+            result["licence"] = _licensed_serving(ctx, work, kdir, tpm, server, client, dkeys, bundle, bundle_id,
+                                                  rows)
 
             # 3. a changed boot chain: extend PCR 16; the sealed key no longer unseals, the service refuses too
             with connect(tpm.tcti) as esys:
@@ -196,8 +243,43 @@ def _tpm(ctx: DemoContext) -> str:
         table.add_row(step, outcome)
     ctx.tables.append(table)
     ctx.summary["tpm"] = result
-    return ("device key sealed in a software TPM opens digits.esb; a PCR change → TPMPolicyError; "
-            "release service: replayed quote refused, fresh quote released")
+    return ("device key sealed in a software TPM serves digits.esb; a PCR change → TPMPolicyError; release "
+            "service: replayed quote refused, fresh quote released; a licensed released key served, then 451 once "
+            "the TPM clock passed the licence")
+
+
+def _licensed_serving(ctx: DemoContext, work: Path, kdir: Path, tpm: Any, server: Any, client: Any, dkeys: Any,
+                      bundle: Path, bundle_id: str, rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """A one-hour licence on the released key: ``serve --released-key`` answers; two hours of TPM clock later
+    (TPM2_ClockSet, which only moves forward) it answers 451, though the wall clock says the licence is valid."""
+    from datetime import UTC, datetime, timedelta
+
+    from edgeshield.hardware import DeviceTpm, Licence
+
+    server.service.licences = {bundle_id: Licence(bundle_id, not_after=datetime.now(UTC) + timedelta(hours=1))}
+    with DeviceTpm(tpm.tcti) as d:
+        client.fetch_wrapped(d, dkeys, bundle_id, PCRS).save(work / "released-key.json")  # still wrapped to the TPM
+    dkeys.save(work / "tpm-keys.json")
+    out: dict[str, Any] = {}
+    with _serving(work, "serve-released", bundle=bundle, owner_key=kdir / "owner.pub",
+                  released_key=work / "released-key.json", tpm_keys=work / "tpm-keys.json", tcti=tpm.tcti,
+                  watch_interval_s=0.2, log_level="critical") as (url, tls, _admin):  # the expiry is in the table
+        status, said = _predict(ctx, url, tls)
+        if status != 200:
+            raise DemoFailure(f"serve --released-key answered {status}: {said}")
+        out["served"] = said
+        rows.append(("serve --released-key (licence: 1 hour); POST /v1/predict", f"200: {said}"))
+        with DeviceTpm(tpm.tcti) as d:
+            d.ctx.clock_set(d.read_clock().clock + 2 * 3_600_000, auth=d._t.ESYS_TR.OWNER)
+        deadline = time.monotonic() + 10
+        while (status := _predict(ctx, url, tls)[0]) == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if status != 451:
+        raise DemoFailure(f"after the TPM clock passed the licence the server answered {status}, not 451")
+    out["after_tpm_clock"] = status
+    rows.append(("TPM clock +2 h (TPM2_ClockSet; the wall clock unchanged); POST /v1/predict",
+                 "451: the licence expired by the TPM clock (licence.expired audited)"))
+    return out
 
 
 def _updates(ctx: DemoContext) -> str:
@@ -226,12 +308,32 @@ def _updates(ctx: DemoContext) -> str:
     rows: list[tuple[str, str]] = []
     result: dict[str, Any] = {}
     with updates.DeviceUpdater(device, device_key=keys.load_device_private_key(kdir / "device.key")) as u:
-        for version, bundle in ((1, v1), (2, v2)):
+
+        def update_to(version: int, bundle: Path) -> None:
             updates.publish(repo, repo_keys, bundle, owner_key=owner_pub, model="digits", input_spec=spec)
             u.pull()
             rec = u.install(commit=True)
             rows.append((f"publish v{version}; pull, install, commit",
                          f"slot {rec.slot}, health {rec.health}; floor {u.status()['floor']['floor']}"))
+
+        update_to(1, v1)
+        # serve the device's current slot; v2 lands while it serves, and a reload switches without a restart
+        with _serving(work, "serve-slot", update_dir=device, owner_key=kdir / "owner.pub",
+                      device_key=kdir / "device.key") as (url, tls, admin):
+            before = _predict(ctx, url, tls)
+            update_to(2, v2)
+            import httpx
+
+            with httpx.Client(base_url=url, verify=admin, timeout=60) as c:
+                reload = c.post("/v1/admin/reload")
+            after = _predict(ctx, url, tls)
+        if reload.status_code != 200 or before[0] != 200 or after[0] != 200 \
+                or not (before[1].endswith("version 1") and after[1].endswith("version 2")):
+            raise DemoFailure(f"serve --update-dir did not switch v1 → v2: {before}, reload {reload.status_code}, "
+                              f"{after}")
+        result["reload"] = {"before": before[1], "after": after[1]}
+        rows.append(("serve --update-dir: before v2, POST /v1/predict", f"200: {before[1]}"))
+        rows.append(("POST /v1/admin/reload (no restart), POST /v1/predict", f"200: {after[1]}"))
         result["installed"] = u.status()["current"]["model_version"]
         # a repository replaying the genuinely signed v1 (the owner's tool would refuse; an attacker's does not)
         updates.publish(repo, repo_keys, v1, owner_key=owner_pub, model="digits", input_spec=spec,
@@ -255,8 +357,8 @@ def _updates(ctx: DemoContext) -> str:
         table.add_row(step, outcome)
     ctx.tables.append(table)
     ctx.summary["update"] = result
-    return (f"v1 → v2 installed atomically into the other slot and committed (floor {result['floor']}); "
-            "a replay of v1 refused (FloorViolationError), v2 still running")
+    return (f"v1 → v2 installed atomically into the other slot and committed (floor {result['floor']}); the running "
+            "server reloaded it without a restart; a replay of v1 refused (FloorViolationError), v2 still running")
 
 
 STAGES = [
