@@ -16,6 +16,14 @@ on 127.0.0.1, real TUF repositories served by http.server on 127.0.0.1 or read a
      ``bad-signature``), ``unenrolled_tpm`` (a TPM without EK certificate enrols -> ``unknown-tpm``),
      ``restored_tpm_snapshot`` (state restored from a snapshot taken before an orderly reboot -> ``rollback``),
      ``expired_licence`` (licence not-after yesterday -> ``licence``); each ``ServerRefusedError`` 403;
+   - the floor in a TPM NV counter, read by the service through NV certification (the bundle is version 3):
+     ``release_below_floor`` (the device's counter raised to 4 -> ``below-floor``), ``floor_counter_redefined``
+     (the counter undefined with owner auth and defined again, hoping it restarts low -> still ``below-floor``),
+     ``floor_other_counter`` (another counter on the same TPM, left at 1, certified instead -> ``floor-index``);
+   - a released key with a one-hour licence (version 5, above the floor), saved still wrapped to the TPM:
+     ``licence_expired_tpm_clock`` (TPM2_ClockSet two hours on, the wall clock unchanged; ``unwrap_released`` ->
+     ``LicenceExpiredError``), ``licence_edited`` (the file's not-after and TPM-clock end pushed out ->
+     ``ReleasedKeyRefusedError``: the licence is bound into the OAEP label, so the TPM refuses to decrypt);
    - updater (a device committed at v2 or v1): ``lower_version`` (a genuinely signed v1 published over v2 ->
      ``FloorViolationError``), ``mix_and_match`` (v1's bundle put where v2's target file is ->
      ``MetadataMismatchError``/``EndlessDataError``), ``freeze`` (timestamp expired, mirror keeps serving it ->
@@ -33,9 +41,15 @@ on 127.0.0.1, real TUF repositories served by http.server on 127.0.0.1 or read a
    repository served over HTTP; a device committed at v1 times
    pull (TUF refresh, download, hash and bundle verification) + install (slot write, fsync, switch, health check)
    + open ``current`` as serve does and answer one inference. Median over the repetitions; parts reported too.
+5. Reload while serving: ``serve --update-dir`` (``running``, mutual TLS, the default monitor) with v1 and v2 in
+   its two slots; 4 client threads send one-digit predicts back to back, each on its own keep-alive connection,
+   while the slot is switched (``update rollback``) and ``POST /v1/admin/reload`` called, ``reloads`` times, 0.3 s
+   apart. ``reload_failed_requests`` counts answers other than 200 (and transport errors; target 0);
+   ``reload_ms_p50`` is the admin call's time (the new model verified, opened and swapped in);
+   ``reload_request_ms_max_during`` / ``_outside`` the slowest predict overlapping a reload call / not.
 
-``--quick``: 20 timings each, 10 kill trials, one install (under a minute); the full run (100 timings each, 100
-kill trials, three installs) takes about 3 minutes on two cores.
+``--quick``: 20 timings each, 10 kill trials, one install, 4 reloads (under a minute); the full run (100 timings
+each, 100 kill trials, three installs, 20 reloads) takes about a minute and a half on two cores.
 """
 
 from __future__ import annotations
@@ -71,7 +85,7 @@ PCRS = [0, 7, 16]
 MB = 1 << 20
 BIG_BYTES = 100 * MB
 # (quick, full)
-SIZES = {"timings": (20, 100), "kill9": (10, 100), "installs": (1, 3)}
+SIZES = {"timings": (20, 100), "kill9": (10, 100), "installs": (1, 3), "reloads": (4, 20)}
 
 
 def _size(name: str, quick: bool) -> int:
@@ -641,6 +655,95 @@ def bench_install(work: Path, k: dict[str, Any], v: dict[int, Path], spec: Path,
             "update_install_reps": reps}
 
 
+# --- 1e: reload while serving ---------------------------------------------------------------------------------------
+def bench_reload(work: Path, k: dict[str, Any], v: dict[int, Path], spec: Path, reloads: int,
+                 clients: int = 4) -> dict[str, Any]:
+    """`serve --update-dir` under steady keep-alive traffic from ``clients`` threads while the model is switched
+    ``reloads`` times between v1 and v2 (update rollback, then POST /v1/admin/reload): failed requests, the reload
+    call's time, and the slowest request inside the reload windows against the slowest outside them."""
+    import httpx
+
+    from edgeshield import audit, transport
+    from edgeshield.models import load_digits_split
+    from edgeshield.server import ServeConfig, running
+
+    fleet = make_fleet(work / "reload", k, spec)
+    committed(fleet, v[1])
+    fleet.publish(v[2])
+    with fleet.updater() as u:
+        u.pull()
+        u.install()  # v2 current (not committed): rollback switches between the two slots
+    ca = work / "reload-ca"
+    transport.init_ca(ca)
+    srv = transport.issue(ca, name="edge", role="server", server=True, sans=["127.0.0.1"])
+    certs = {name: transport.issue(ca, name=name, role=role) for name, role in
+             [("admin", "admin"), *((f"cam-{i}", "client") for i in range(clients))]}
+    audit.generate_signing_key(work / "reload-audit.key")
+    cfg = ServeConfig(update_dir=fleet.device, owner_key=k["device_key_path"].parent / "owner.pub",
+                      device_key=k["device_key_path"], ca=ca, cert=srv.cert_path, key=srv.key_path,
+                      audit_db=work / "reload-audit.db", audit_key=work / "reload-audit.key", port=0,
+                      log_level="error")
+    x = {"inputs": load_digits_split().x_test[:1].tolist()}
+
+    def tls(name: str) -> Any:
+        return transport.client_context(ca / "ca.crt", certs[name].cert_path, certs[name].key_path)
+
+    stop = threading.Event()
+    samples: list[tuple[float, float, int]] = []  # (start, seconds, status); status 0 = transport error
+    versions: set[str] = set()
+    lock = threading.Lock()
+
+    def traffic(name: str, url: str) -> None:
+        with httpx.Client(base_url=url, verify=tls(name), timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    r = c.post("/v1/predict", json=x)
+                    status = r.status_code
+                    version = r.headers.get("edgeshield-model-version", "")
+                except httpx.HTTPError:
+                    status, version = 0, ""
+                with lock:
+                    samples.append((t0, time.perf_counter() - t0, status))
+                    versions.add(version)
+
+    windows, reload_ms = [], []
+    with running(cfg) as (_server, _watcher, port):
+        url = f"https://127.0.0.1:{port}"
+        threads = [threading.Thread(target=traffic, args=(f"cam-{i}", url), daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=url, verify=tls("admin"), timeout=60) as admin:
+            time.sleep(1.0)
+            for i in range(reloads):
+                with fleet.updater() as u:
+                    u.rollback()  # the other slot current on disk; the server still serves the old one
+                t0 = time.perf_counter()
+                r = admin.post("/v1/admin/reload")
+                t1 = time.perf_counter()
+                if r.status_code != 200 or r.json()["new"]["model_version"] != (1 if i % 2 == 0 else 2):
+                    raise RuntimeError(f"reload {i} answered {r.status_code}: {r.text[:300]}")
+                windows.append((t0, t1))
+                reload_ms.append((t1 - t0) * 1000)
+                time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+    def inside(t0: float, dt: float) -> bool:
+        return any(t0 < b and t0 + dt > a for a, b in windows)
+
+    during = [dt * 1000 for t0, dt, _ in samples if inside(t0, dt)]
+    outside = [dt * 1000 for t0, dt, _ in samples if not inside(t0, dt)]
+    return {"reload_trials": reloads, "reload_clients": clients, "reload_requests": len(samples),
+            "reload_failed_requests": sum(1 for *_, st in samples if st != 200),
+            "reload_ms_p50": _p50(reload_ms), "reload_ms_max": max(reload_ms),
+            "reload_request_ms_max_during": max(during) if during else 0.0,
+            "reload_request_ms_max_outside": max(outside) if outside else 0.0,
+            "reload_request_ms_p50_outside": _p50(outside), "reload_requests_during": len(during),
+            "reload_versions_seen": ",".join(sorted(v for v in versions if v))}
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 def setup_keys(work: Path) -> tuple[dict[str, Any], dict[int, Path], Path]:
     from edgeshield import bundles, keys
@@ -692,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         k9 = bench_kill9(work, k, v, spec, _size("kill9", quick), progress)
         progress("100 MB update ...")
         inst = bench_install(work, k, v, spec, _size("installs", quick))
+        progress("reloads while serving ...")
+        rel = bench_reload(work, k, v, spec, _size("reloads", quick))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -707,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     r["kill9_outcomes"] = "; ".join(f"{n}x {w}" for w, n in sorted(k9["kill9_outcomes"].items()))
     r["kill9_failures"] = " | ".join(k9["kill9_failures"])
     r.update(inst)
+    r.update(rel)
     r.update(background.stop())
     r["wall_s"] = time.perf_counter() - started
 
@@ -730,12 +836,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['update_bundle_bytes'] / MB:.1f} MB bundle, median of {r['update_install_reps']}: pull "
               f"{r['update_pull_s_100mb']:.2f} s + install {r['update_slot_install_s_100mb']:.2f} s + first answer "
               f"{r['update_first_answer_s_100mb']:.2f} s")
+    t.add_row("reload_failed_requests", f"{r['reload_failed_requests']} / {r['reload_requests']}",
+              f"target 0; {r['reload_clients']} keep-alive clients, {r['reload_trials']} reloads v1 <-> v2 (versions "
+              f"served: {r['reload_versions_seen']}); reload call {r['reload_ms_p50']:.0f} ms median, max "
+              f"{r['reload_ms_max']:.0f}; slowest request during reloads {r['reload_request_ms_max_during']:.0f} ms, "
+              f"outside {r['reload_request_ms_max_outside']:.0f} ms (median {r['reload_request_ms_p50_outside']:.1f})")
     console.print(t)
     if r["kill9_failures"]:
         console.print(f"[red]unbootable after kill -9:[/red] {r['kill9_failures']}")
     console.print(Background.note(r) + f" Wall time {r['wall_s']:.0f} s.")
     write_report(console, args.json, r)
-    ok = r["tamper_cases_refused"] == r["tamper_cases"] and r["kill9_unbootable"] == 0
+    ok = r["tamper_cases_refused"] == r["tamper_cases"] and r["kill9_unbootable"] == 0 \
+        and r["reload_failed_requests"] == 0
     return 0 if ok else 1
 
 

@@ -1,7 +1,7 @@
 """The device's version floor: the lowest model version it will ever run again, raised only on commit.
 
 ``Floor`` is the protocol; :class:`SignedFileFloor` keeps the floor in a local state file signed with a
-device-local Ed25519 key (created 0600). A TPM NV-counter floor (the next slice) implements the same two methods.
+device-local Ed25519 key (created 0600); ``edgeshield.hardware.TpmCounterFloor`` keeps it in a TPM NV counter.
 What each can and cannot stop is in docs/updates.md ("The floor").
 """
 
