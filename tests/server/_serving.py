@@ -24,11 +24,13 @@ def protected_digits(root: Path) -> tuple[Path, Path]:
     return bundle, k
 
 
-def mtls_client(world: dict[str, Any], name: str, **kw: Any) -> httpx.Client:
-    """An httpx client presenting ``world["certs"][name]`` and trusting the world's CA."""
+def mtls_client(world: dict[str, Any], name: str, *, port: int | None = None, **kw: Any) -> httpx.Client:
+    """An httpx client presenting ``world["certs"][name]`` and trusting the world's CA, to ``world["url"]`` or to
+    the server on 127.0.0.1:``port``."""
     cert = world["certs"][name]
     ctx = transport.client_context(world["ca"] / "ca.crt", cert.cert_path, cert.key_path)
-    return httpx.Client(base_url=world["url"], verify=ctx, timeout=10, **kw)
+    url = world["url"] if port is None else f"https://127.0.0.1:{port}"
+    return httpx.Client(base_url=url, verify=ctx, timeout=10, **kw)
 
 
 def publish_crl(ca: Path, seconds: float) -> int:

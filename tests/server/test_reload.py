@@ -27,7 +27,7 @@ from edgeshield.server import ServeConfig, ServerState, build_state
 from edgeshield.updates import DeviceUpdater, init_device
 from edgeshield.updates._slots import Slots
 
-from _serving import serving
+from _serving import mtls_client, serving
 
 X = load_digits_split().x_test[:2].tolist()
 
@@ -63,12 +63,6 @@ def _config(world: dict[str, Any], d: Path, **kw: Any) -> ServeConfig:
                        cert=server.cert_path, key=server.key_path, audit_db=d / "audit.db",
                        audit_key=world["root"] / "audit.key", port=0, log_level="warning",
                        monitor_db=d / "monitor.db", **kw)
-
-
-def _client(world: dict[str, Any], name: str, port: int) -> httpx.Client:
-    cert = world["certs"][name]
-    ctx = transport.client_context(world["ca"] / "ca.crt", cert.cert_path, cert.key_path)
-    return httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ctx, timeout=10)
 
 
 def _device(world: dict[str, Any], d: Path) -> Path:
@@ -109,7 +103,7 @@ def test_a_reload_under_traffic_drops_nothing_and_switches_the_same_connection_t
     dev = _device(world, tmp_path)
     cfg = _config(world, tmp_path, update_dir=dev, watch_interval_s=0.2)
     state = build_state(cfg)
-    with serving(cfg, state) as (_srv, _crl, port), _client(world, "alice", port) as c:
+    with serving(cfg, state) as (_srv, _crl, port), mtls_client(world, "alice", port=port) as c:
         answers: list[tuple[int, str | None, str | None]] = []
         streams: set[int] = set()
         stop = threading.Event()
@@ -127,7 +121,7 @@ def test_a_reload_under_traffic_drops_nothing_and_switches_the_same_connection_t
             _wait(lambda: len(answers) >= 5)
             _install(world, dev, "b", "v2")  # the other slot: the files being served are not touched
             time.sleep(0.6)  # the watcher polls meanwhile and sees nothing to quarantine
-            with _client(world, "adm", port) as admin:
+            with mtls_client(world, "adm", port=port) as admin:
                 r = admin.post("/v1/admin/reload")
             assert r.status_code == 200, r.text
             body = r.json()
@@ -170,8 +164,8 @@ def test_refused_reloads_keep_the_old_model_serving(world: dict[str, Any], tmp_p
     served = tmp_path / "served.esb"
     shutil.copy(world["v1"][0], served)
     cfg = _config(world, tmp_path, bundle=served, monitor=False)
-    with serving(cfg) as (_srv, _crl, port), _client(world, "adm", port) as admin, \
-            _client(world, "alice", port) as alice:
+    with serving(cfg) as (_srv, _crl, port), mtls_client(world, "adm", port=port) as admin, \
+            mtls_client(world, "alice", port=port) as alice:
         assert alice.post("/v1/admin/reload").status_code == 403  # admins only
         corrupted = bytearray(world["v2"][0].read_bytes())
         corrupted[len(corrupted) // 2] ^= 0x40
@@ -200,7 +194,7 @@ def test_a_reload_below_the_floor_is_refused(world: dict[str, Any], tmp_path: Pa
     dev = _device(world, tmp_path)
     _install(world, dev, "b", "v2")
     cfg = _config(world, tmp_path, update_dir=dev, monitor=False)
-    with serving(cfg) as (_srv, _crl, port), _client(world, "adm", port) as admin:
+    with serving(cfg) as (_srv, _crl, port), mtls_client(world, "adm", port=port) as admin:
         Slots(dev).switch("a")  # someone points `current` back at v1, below the committed floor of 2
         r = admin.post("/v1/admin/reload")
         assert r.status_code == 409 and "floor" in r.json()["error"], r.text
@@ -306,7 +300,7 @@ def serve_process(world: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, A
 
 def test_sighup_reloads_a_serve_process(world: dict[str, Any], serve_process: dict[str, Any]) -> None:
     proc, port = serve_process["proc"], serve_process["port"]
-    with _client(world, "alice", port) as c:
+    with mtls_client(world, "alice", port=port) as c:
         assert c.get("/v1/model").json()["model_version"] == 1
         _install(world, serve_process["dev"], "b", "v2")
         proc.send_signal(signal.SIGHUP)

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 pytest.importorskip("tpm2_pytss")
@@ -28,7 +27,7 @@ from edgeshield.hardware import SoftwareTPM
 from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 from edgeshield.server import ServeConfig, build_state
 
-from _serving import serving
+from _serving import mtls_client, serving
 
 PCRS = [0, 7]
 X = load_digits_split().x_test[:2].tolist()
@@ -106,20 +105,14 @@ def _config(world: dict[str, Any], d: Path, released: Path, **kw: Any) -> ServeC
                        monitor_db=d / "monitor.db", **kw)
 
 
-def _client(world: dict[str, Any], name: str, port: int) -> httpx.Client:
-    cert = world["certs"][name]
-    ctx = transport.client_context(world["ca"] / "ca.crt", cert.cert_path, cert.key_path)
-    return httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ctx, timeout=10)
-
-
 def test_a_released_key_serves_until_its_licence_ends_then_451(world: dict[str, Any], tmp_path: Path) -> None:
     released = tmp_path / "digits.key.json"
     _released(world, released, seconds=2.5)
     cfg = _config(world, tmp_path, released, watch_interval_s=0.3)
     state = build_state(cfg)
     assert state.model.licence is not None
-    with serving(cfg, state) as (_srv, _crl, port), _client(world, "alice", port) as c, \
-            _client(world, "aud", port) as auditor:
+    with serving(cfg, state) as (_srv, _crl, port), mtls_client(world, "alice", port=port) as c, \
+            mtls_client(world, "aud", port=port) as auditor:
         r = c.post("/v1/predict", json={"inputs": X})
         assert r.status_code == 200 and r.headers["edgeshield-model-version"] == "4"
         assert c.get("/healthz").json() == {"status": "ok"}
@@ -151,7 +144,7 @@ def test_a_released_key_without_a_licence_serves_and_reloads(world: dict[str, An
     assert cfg.device_key is None  # no device key on this device: the TPM opens the bundle
     state = build_state(cfg)
     assert state.model.licence is None and state.reload is not None
-    with serving(cfg, state) as (_srv, _crl, port), _client(world, "alice", port) as c:
+    with serving(cfg, state) as (_srv, _crl, port), mtls_client(world, "alice", port=port) as c:
         assert c.post("/v1/predict", json={"inputs": X}).status_code == 200
         _released(world, released, seconds=3600)  # a new release, now under a licence: a reload takes it up
         info = state.reload("test")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import cli_fails, cli_json
 
 from edgeshield import bundles, updates
 from edgeshield.cli import main
@@ -58,48 +59,37 @@ def _publish(repo: Path, rkeys: Path, bundle: Path, ukeys, ubundles) -> None:  #
     updates.publish(repo, rkeys, bundle, owner_key=ukeys.owner_pub, model="digits", input_spec=ubundles.spec)
 
 
-def _json(capsys, argv: list[str]) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
-
-
-def _fails(capsys, argv: list[str], code: int, words: str) -> None:  # type: ignore[no-untyped-def]
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("edgeshield: error: ") and words in err, err
-
-
 def test_cli_tpm_floor_end_to_end(tmp_path, swtpm, ukeys, ubundles, capsys):  # type: ignore[no-untyped-def]
     repo, rkeys, url = _repo(tmp_path)
     _publish(repo, rkeys, ubundles.v(1), ukeys, ubundles)
     dev = tmp_path / "dev"
     init = ["update", "init", str(dev), "--root", str(repo / "metadata" / "root.json"), "--owner-key",
             str(ukeys.dir / "owner.pub"), "--model", "digits", "--url", url]
-    _fails(capsys, [*init, "--floor", "flash"], EXIT_INPUT, "file or tpm")
-    _fails(capsys, [*init, "--floor", "tpm:0x81000001", "--tcti", swtpm.tcti], EXIT_INPUT, "not an NV index")
-    out = _json(capsys, [*init, "--floor", f"tpm:0x{INDEX:08X}", "--tcti", swtpm.tcti])
+    cli_fails(capsys, [*init, "--floor", "flash"], EXIT_INPUT, "file or tpm")
+    cli_fails(capsys, [*init, "--floor", "tpm:0x81000001", "--tcti", swtpm.tcti], EXIT_INPUT, "not an NV index")
+    out = cli_json(capsys, [*init, "--floor", f"tpm:0x{INDEX:08X}", "--tcti", swtpm.tcti])
     assert out["floor"] == 1 and out["floor_state"]["kind"] == FLOOR_TPM == "tpm-nv-counter"
     assert out["floor_state"]["index"] == f"0x{INDEX:08x}" and not (dev / "floor.json").exists()
     config = json.loads((dev / "update.json").read_text())
     assert config["floor"] == {"kind": "tpm-nv-counter", "index": f"0x{INDEX:08x}", "tcti": swtpm.tcti}
-    _fails(capsys, [*init[:2], str(tmp_path / "dev2"), *init[3:], "--floor", f"tpm:0x{INDEX:08x}", "--tcti",
+    cli_fails(capsys, [*init[:2], str(tmp_path / "dev2"), *init[3:], "--floor", f"tpm:0x{INDEX:08x}", "--tcti",
                     swtpm.tcti], EXIT_INPUT, "already defined")
 
     device = ["--device-key", str(ukeys.dir / "device.key")]
-    pulled = _json(capsys, ["update", "pull", str(dev), *device, "--install", "--commit"])
+    pulled = cli_json(capsys, ["update", "pull", str(dev), *device, "--install", "--commit"])
     assert pulled["status"]["floor"]["floor"] == 1 and pulled["status"]["floor"]["kind"] == "tpm-nv-counter"
     _publish(repo, rkeys, ubundles.v(3), ukeys, ubundles)
-    _json(capsys, ["update", "pull", str(dev), *device, "--install", "--commit"])
+    cli_json(capsys, ["update", "pull", str(dev), *device, "--install", "--commit"])
     assert TpmCounterFloor(INDEX, tcti=swtpm.tcti).read() == 3  # the floor is the counter itself
     assert main(["update", "status", str(dev), *device]) == 0
     assert f"floor 3 (tpm-nv-counter 0x{INDEX:08x})" in capsys.readouterr().out
     updates.publish(repo, rkeys, ubundles.v(2), owner_key=ukeys.owner_pub, model="digits",
                     allow_lower_version=True)  # the repository in an attacker's hands
-    _fails(capsys, ["update", "pull", str(dev), *device], EXIT_INTEGRITY, "below this device's floor 3")
+    cli_fails(capsys, ["update", "pull", str(dev), *device], EXIT_INTEGRITY, "below this device's floor 3")
 
     with at.DeviceTpm(swtpm.tcti) as d:  # someone with owner auth removes the counter
         d.ctx.nv_undefine_space(d.ctx.tr_from_tpmpublic(INDEX), d._t.ESYS_TR.OWNER)
-    _fails(capsys, ["update", "status", str(dev), *device], EXIT_INTEGRITY, "not defined")
+    cli_fails(capsys, ["update", "status", str(dev), *device], EXIT_INTEGRITY, "not defined")
 
 
 def test_a_disk_image_restore_no_longer_lowers_the_floor(tmp_path, swtpm, ukeys, ubundles):  # type: ignore[no-untyped-def]
