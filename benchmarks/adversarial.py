@@ -17,7 +17,7 @@ Protocol (fixed; printed with the results):
    success on the undefended model, detection rate at the calibrated threshold over successful examples, AUROC
    (clean evaluation inputs vs. successful examples), FPR measured on the clean evaluation inputs; the spec's
    validation (the 1/16 grid) reported as a separate layer, not folded into the detection rates.
-5. Adaptive white-box attack (``edgeshield/adversarial/_adaptive.py``) at L∞ 0.1 on the 1/16 grid, sweep of λ,
+5. Adaptive white-box attack (``edgeshield/evaluation/_adaptive.py``) at L∞ 0.1 on the 1/16 grid, sweep of λ,
    loss and penalty; the strongest configuration is reported. Two supplementary budgets: L∞ 2/16 on the grid,
    and L∞ 0.1 off the grid against the detectors alone.
 6. Cost: RobustModel.decide (vectorised robust inference) ÷ session.run, batch of 1 and batch of 225, per detector.
@@ -72,7 +72,7 @@ def _protocol_text(quick: bool, n_eval: int) -> str:
 def run(quick: bool, png_dir: Path | None, console: Any) -> dict[str, Any]:
     from edgeshield import bundles, keys
     from edgeshield.adversarial import METADATA_KEY, OnnxClassifier, calibrate
-    from edgeshield.adversarial._eval import (
+    from edgeshield.evaluation._adversarial import (
         detectors_with_thresholds,
         evaluate,
         run_adaptive,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     target = Path(args.json) if args.json else None
     load_start = os.getloadavg()[0]
 
-    from edgeshield.adversarial._eval import report_tables
+    from edgeshield.evaluation._adversarial import report_tables
 
     result = run(args.quick, target.parent if target else None, console)
     console.print(f"[bold]Protocol:[/bold] {result['protocol_text']}")

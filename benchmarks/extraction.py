@@ -2,7 +2,7 @@
 
     python benchmarks/extraction.py [--quick] [--json PATH]
 
-Protocol: see ``edgeshield/extraction/_evaluate.py`` (printed with the results). In short: the watermarked digits
+Protocol: see ``edgeshield/evaluation/_extraction.py`` (printed with the results). In short: the watermarked digits
 MLP served by ``create_app`` in-process with the served (DAWN) watermark and a QueryMonitor (PRADA + OOD rate +
 per-client budget of distinct queries; any alarm blocks, including the batch that tripped it); ART CopycatCNN
 and KnockoffNets with natural queries (x_train) and a Jacobian-augmentation (Papernot) synthetic attack, each at
@@ -53,7 +53,7 @@ def _f(v: Any, digits: int = 3) -> str:
 def tables(result: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
-    from edgeshield.extraction._evaluate import ATTACKS, CONVERGED_EPOCHS, session_rows
+    from edgeshield.evaluation._extraction import ATTACKS, CONVERGED_EPOCHS, session_rows
 
     out = []
     t = Table(title="Attack sessions (one client identity each; defended = monitor blocks on alarm)")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write one flat JSON object")
     args = ap.parse_args(argv)
 
-    from edgeshield.extraction._evaluate import EvaluationConfig, evaluate
+    from edgeshield.evaluation._extraction import EvaluationConfig, evaluate
 
     started = time.perf_counter()
     info = machine_info()

@@ -22,10 +22,10 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from edgeshield.adversarial import METADATA_KEY, calibrate  # noqa: E402
-from edgeshield.adversarial._adaptive import adaptive_attack  # noqa: E402
 from edgeshield.adversarial._detectors import OnnxClassifier  # noqa: E402
-from edgeshield.adversarial._eval import evaluate, jsonable  # noqa: E402
 from edgeshield.adversarial._torch import onnx_to_torch  # noqa: E402
+from edgeshield.evaluation._adaptive import adaptive_attack  # noqa: E402
+from edgeshield.evaluation._adversarial import evaluate, jsonable  # noqa: E402
 
 N_CAL, N_EVAL = 225, 48
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -194,7 +194,7 @@ def test_cli_evaluate_rejects_bad_labels(cli_world: dict, home: Path) -> None:
 
 def test_importing_the_harness_stays_light() -> None:
     code = (
-        "import sys, edgeshield.adversarial._eval, edgeshield.cli; "
+        "import sys, edgeshield.evaluation._adversarial, edgeshield.cli; "
         "bad = [n for n in ('torch', 'art', 'matplotlib', 'sklearn') if n in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -100,9 +100,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_detect_evaluate_reports_every_attack_and_sweep_step(home: Path) -> None:
     pytest.importorskip("torch")
     from edgeshield.adversarial import calibrate
-    from edgeshield.adversarial._eval import evaluate
     from edgeshield.adversarial._torch import onnx_to_torch
     from edgeshield.bundles._ort import onnxruntime as ort
+    from edgeshield.evaluation._adversarial import evaluate
     from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 
     model = digits_model_path().read_bytes()

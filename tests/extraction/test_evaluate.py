@@ -25,7 +25,7 @@ def result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
             pytest.importorskip("art.estimators.classification")
-    from edgeshield.extraction._evaluate import EvaluationConfig, evaluate
+    from edgeshield.evaluation._extraction import EvaluationConfig, evaluate
 
     cfg = EvaluationConfig(budgets=(100,), outputs=("label_only",), epochs=5, independent_models=1,
                            finetune_epochs=1, served_rates=(0.01,))
@@ -80,7 +80,7 @@ def test_output_hardening_keeps_honest_accuracy(result) -> None:  # type: ignore
 
 def test_served_watermark_costs_exactly_its_marks(result) -> None:  # type: ignore[no-untyped-def]
     from edgeshield.bundles._ort import onnxruntime as ort
-    from edgeshield.extraction._evaluate import SERVED_RATE, WATERMARK_KEY
+    from edgeshield.evaluation._extraction import SERVED_RATE, WATERMARK_KEY
     from edgeshield.models import digits_model_path, load_digits_split
     from edgeshield.watermark import ServedWatermark
 
@@ -105,8 +105,8 @@ def test_watermark_figures(result) -> None:  # type: ignore[no-untyped-def]
 
 def test_gateway_blocks_after_alarm() -> None:
     """The harness's gateway is the real app: a blocked client gets 403 and no further answers."""
+    from edgeshield.evaluation._extraction import Gateway, Session
     from edgeshield.extraction import PradaDetector, QueryMonitor, ResponsePolicy
-    from edgeshield.extraction._evaluate import Gateway, Session
     from edgeshield.models import digits_model_path, load_digits_split
 
     monitor = QueryMonitor([PradaDetector(min_samples=12)], response=ResponsePolicy(on_alarm={"prada": "block"}))

@@ -24,7 +24,7 @@ KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
 
 
-from edgeshield.extraction._evaluate import (  # noqa: E402  (the harness's copies: one way to make each)
+from edgeshield.evaluation._extraction import (  # noqa: E402  (the harness's copies: one way to make each)
     _train,
     _with_weights,
     magnitude_pruned,

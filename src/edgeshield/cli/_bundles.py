@@ -237,7 +237,7 @@ def run(
     x = _predict.load_npy(input)
     if detector is not None:
         def torch_model() -> torch.nn.Module:
-            from edgeshield.adversarial._eval import torch_model_for_bundle
+            from edgeshield.evaluation._adversarial import torch_model_for_bundle
 
             return torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
 

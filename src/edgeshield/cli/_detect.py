@@ -86,7 +86,7 @@ def calibrate(
     names = [d.strip() for d in detectors.split(",") if d.strip()]
     torch_model = None
     if "gradient" in names:
-        from edgeshield.adversarial._eval import torch_model_for_bundle
+        from edgeshield.evaluation._adversarial import torch_model_for_bundle
 
         torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
     result = run_calibration(opened.session, x, model_sha256=opened.manifest.model_sha256, input_spec=spec,
@@ -128,9 +128,9 @@ def evaluate(
     import numpy as np
 
     from edgeshield.adversarial import DetectorFile
-    from edgeshield.adversarial._eval import evaluate as run_evaluation
-    from edgeshield.adversarial._eval import jsonable, report_tables, torch_model_for_bundle
     from edgeshield.bundles._predict import load_npy
+    from edgeshield.evaluation._adversarial import evaluate as run_evaluation
+    from edgeshield.evaluation._adversarial import jsonable, report_tables, torch_model_for_bundle
 
     file = DetectorFile.load(detector)
     x, y = load_npy(data), load_npy(labels)

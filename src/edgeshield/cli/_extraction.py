@@ -43,8 +43,8 @@ def evaluate(
 
     from edgeshield._io import atomic_write_bytes
     from edgeshield.errors import InvalidArgumentError
-    from edgeshield.extraction._evaluate import EvaluationConfig
-    from edgeshield.extraction._evaluate import evaluate as run_evaluation
+    from edgeshield.evaluation._extraction import EvaluationConfig
+    from edgeshield.evaluation._extraction import evaluate as run_evaluation
 
     cfg = EvaluationConfig.quick() if quick else EvaluationConfig()
     if budgets is not None:

@@ -96,8 +96,8 @@ def _stolen_copy(ctx: DemoContext) -> str:
     from sklearn.neural_network import MLPClassifier
 
     from edgeshield import watermark
+    from edgeshield.evaluation._extraction import Gateway, Session
     from edgeshield.extraction import QueryBudget, QueryMonitor, ResponsePolicy
-    from edgeshield.extraction._evaluate import Gateway, Session
     from edgeshield.models import digits_model_path, load_digits_split
 
     split = load_digits_split()

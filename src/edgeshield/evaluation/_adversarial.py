@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeshield._progress import ProgressCallback, report
-from edgeshield.adversarial._adaptive import adaptive_attack, valid_mask
 from edgeshield.adversarial._calibrate import DetectorFile, build_all
 from edgeshield.adversarial._detectors import Detector, OnnxClassifier
 from edgeshield.errors import InvalidArgumentError, MissingDependencyError
+from edgeshield.evaluation._adaptive import adaptive_attack, valid_mask
 
 if TYPE_CHECKING:
     import torch
