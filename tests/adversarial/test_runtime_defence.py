@@ -145,7 +145,7 @@ def test_threshold_at_fpr_is_the_smallest_that_keeps_the_fpr(scores: list[float]
 
 # --- calibration, detector files, robust inference ------------------------------------------------------------------
 def test_calibration_meets_the_target_on_its_own_data(detector_file: DetectorFile) -> None:
-    assert [d.name for d in detector_file.detectors] == ["squeeze", "noise", "reconstruction", "ensemble"]
+    assert [d.name for d in detector_file.detectors] == ["squeeze", "noise", "reconstruction", "ensemble", "fisher"]
     for d in detector_file.detectors:
         assert d.calibration["fpr_reject"] <= 0.02 and d.calibration["fpr_flag"] <= 0.05
         assert d.flag_threshold <= d.reject_threshold

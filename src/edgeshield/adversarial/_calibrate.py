@@ -2,8 +2,9 @@
 
 Each detector's reject threshold is set from clean held-out inputs so that at most ``target_fpr`` of them score
 above it (a flag threshold likewise at the looser ``flag_fpr``). The ensemble divides each member's score by that
-member's reject threshold, takes the maximum, and is then calibrated the same way on its own scores. The file is
-bound to one model (the bundle manifest's ``model_sha256``) so it cannot be applied to another by mistake.
+member's reject threshold, takes the maximum, and is then calibrated the same way on its own scores; ``fisher``
+combines the members' empirical p-values (leave-one-out on the calibration set) and is calibrated likewise. The
+file is bound to one model (the bundle manifest's ``model_sha256``) so it cannot be applied to another by mistake.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from edgeshield.adversarial._detectors import (
     OnnxClassifier,
     ReconstructionDetector,
     SqueezeDetector,
+    fisher_statistic,
+    leave_one_out_p_values,
 )
+from edgeshield.adversarial._features import FEATURE_DETECTORS, LIDDetector, MahalanobisDetector
 from edgeshield.adversarial._spec import InputSpec
 from edgeshield.errors import DetectorMismatchError, InvalidArgumentError, MissingDependencyError
 
@@ -38,7 +42,8 @@ if TYPE_CHECKING:
 FORMAT = "edgeshield.detector"
 VERSION = 1
 RUNTIME_DETECTORS = ("squeeze", "noise", "reconstruction")
-KNOWN_DETECTORS = (*RUNTIME_DETECTORS, "gradient")
+KNOWN_DETECTORS = (*RUNTIME_DETECTORS, *FEATURE_DETECTORS, "gradient")
+COMBINED_DETECTORS = ("ensemble", "fisher")
 
 
 def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
@@ -80,7 +85,9 @@ class DetectorFile:
     def decision_detectors(self) -> set[str]:
         """The detectors robust inference runs: the decision detector, and its members if it is an ensemble."""
         decision = self.get(self.decision)
-        return {decision.name, *decision.params.get("members", [])} if decision.name == "ensemble" else {decision.name}
+        if decision.name in COMBINED_DETECTORS:
+            return {decision.name, *decision.params.get("members", [])}
+        return {decision.name}
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "model_sha256": self.model_sha256,
@@ -129,6 +136,10 @@ def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier,
                              value_range=tuple(vr) if vr else None)
     if name == "reconstruction":
         return ReconstructionDetector(np.array(params["mean"]), np.array(params["components"]), norm=params["norm"])
+    if name == "mahalanobis":
+        return MahalanobisDetector.from_params(clf, params)
+    if name == "lid":
+        return LIDDetector.from_params(clf, params)
     if name == "gradient":
         if torch_model is None:
             raise MissingDependencyError("the gradient detector needs the PyTorch model "
@@ -136,27 +147,37 @@ def build_detector(name: str, params: dict[str, Any], clf: OnnxClassifier,
         from edgeshield.adversarial._torch import GradientDetector
 
         return GradientDetector(torch_model, **params)
-    raise InvalidArgumentError(f"unknown detector {name!r}; known: {', '.join(KNOWN_DETECTORS)}, ensemble")
+    raise InvalidArgumentError(f"unknown detector {name!r}; known: {', '.join(KNOWN_DETECTORS)}, ensemble, fisher")
 
 
 def build_all(file: DetectorFile, clf: OnnxClassifier, torch_model: torch.nn.Module | None = None,
               names: Sequence[str] | None = None) -> dict[str, Detector]:
-    """Instantiate the named detectors of a file (all by default); an ensemble brings its members along."""
+    """Instantiate the named detectors of a file (all by default); an ensemble brings its members along (one
+    instance each, shared by both combiners)."""
     wanted = list(names or [d.name for d in file.detectors])
     out: dict[str, Detector] = {}
+    built: dict[str, Detector] = {}
+
+    def member(m: str) -> Detector:
+        if m not in built:
+            built[m] = build_detector(m, file.get(m).params, clf, torch_model)
+        return built[m]
+
     for name in wanted:
-        if name == "ensemble":
-            cd = file.get("ensemble")
-            members = [build_detector(m, file.get(m).params, clf, torch_model) for m in cd.params["members"]]
-            out[name] = EnsembleDetector(members, cd.params["scales"])
+        if name in COMBINED_DETECTORS:
+            cd = file.get(name)
+            members = [member(m) for m in cd.params["members"]]
+            out[name] = EnsembleDetector(members, cd.params["scales"], combine=cd.params.get("combine", "max"),
+                                         clean_scores=cd.params.get("clean_scores"))
         else:
-            out[name] = build_detector(name, file.get(name).params, clf, torch_model)
+            out[name] = member(name)
     return out
 
 
 def _calibrated(det: Detector, clean: np.ndarray, target_fpr: float, flag_fpr: float,
-                params: dict[str, Any] | None = None) -> tuple[CalibratedDetector, np.ndarray]:
-    scores = det.scores(clean)
+                params: dict[str, Any] | None = None, *,
+                scores: np.ndarray | None = None) -> tuple[CalibratedDetector, np.ndarray]:
+    scores = det.scores(clean) if scores is None else scores
     reject, flag = threshold_at_fpr(scores, target_fpr), threshold_at_fpr(scores, flag_fpr)
     cal = {"n": float(len(scores)), "fpr_reject": float((scores > reject).mean()),
            "fpr_flag": float((scores > flag).mean()), "score_median": float(np.median(scores))}
@@ -177,11 +198,19 @@ def calibrate(
     noise: dict[str, Any] | None = None,
     reference: np.ndarray | None = None,
     reconstruction_components: int = 30,
+    reference_labels: np.ndarray | None = None,
+    hidden_layers: Sequence[str] | None = None,
+    mahalanobis: dict[str, Any] | None = None,
+    lid: dict[str, Any] | None = None,
+    decision: str = "ensemble",
 ) -> DetectorFile:
-    """Calibrate ``detectors`` (and their ensemble) on clean held-out inputs.
+    """Calibrate ``detectors`` and their two combinations (``ensemble``: max, ``fisher``) on clean held-out inputs.
 
-    ``reference`` is clean data the reconstruction detector's PCA basis is fitted on (the training set; it must
-    not be the calibration set, or thresholds come out too low).
+    ``reference`` is clean data the reconstruction, Mahalanobis and LID detectors are fitted on (the training
+    set; it must not be the calibration set, or thresholds come out too low); ``reference_labels`` its true labels
+    for the Mahalanobis class means (else the model's predictions). ``hidden_layers`` picks the hidden outputs the
+    feature-space detectors read (default: all). ``mahalanobis``/``lid`` pass options to their ``fit``
+    (``shrinkage``; ``k``, ``max_samples``, ``seed``). ``decision`` names the detector robust inference uses.
     """
     if not 0 < target_fpr < 1:
         raise InvalidArgumentError("target FPR must be between 0 and 1")
@@ -213,19 +242,36 @@ def calibrate(
                   "value_range": [lo, hi]} | (noise or {}),
         "gradient": {"norm": "l2"},
     }
-    if "reconstruction" in detectors:
-        if reference is None:
-            raise InvalidArgumentError("the reconstruction detector needs clean reference data (e.g. the training set)")
-        fitted = ReconstructionDetector.fit(input_spec.validate(reference), components=reconstruction_components)
+    needs_reference = [d for d in ("reconstruction", *FEATURE_DETECTORS) if d in detectors]
+    if needs_reference and reference is None:
+        raise InvalidArgumentError(f"the {', '.join(needs_reference)} detector(s) need clean reference data "
+                                   "(e.g. the training set)")
+    ref = input_spec.validate(reference) if needs_reference and reference is not None else None
+    if ref is not None and "reconstruction" in detectors:
+        fitted = ReconstructionDetector.fit(ref, components=reconstruction_components)
         defaults["reconstruction"] = fitted.params()
-    results, members = [], []
+    if ref is not None and "mahalanobis" in detectors:
+        defaults["mahalanobis"] = MahalanobisDetector.fit(clf, ref, reference_labels, layers=hidden_layers,
+                                                          **(mahalanobis or {})).params()
+    if ref is not None and "lid" in detectors:
+        defaults["lid"] = LIDDetector.fit(clf, ref, layers=hidden_layers, **(lid or {})).params()
+    results, members, clean_scores = [], [], []
     for name in dict.fromkeys(detectors):
         det = build_detector(name, defaults[name], clf, torch_model)
-        cal, _ = _calibrated(det, clean, target_fpr, flag_fpr, defaults[name])
+        cal, scores = _calibrated(det, clean, target_fpr, flag_fpr, defaults[name])
         results.append(cal)
         members.append(det)
+        clean_scores.append(scores)
     ensemble = EnsembleDetector(members, [c.reject_threshold for c in results])
-    cal, _ = _calibrated(ensemble, clean, target_fpr, flag_fpr)
-    results.append(cal)
-    return DetectorFile(model_sha256=model_sha256, input_spec=input_spec, target_fpr=target_fpr, flag_fpr=flag_fpr,
-                        decision="ensemble", detectors=tuple(results))
+    cal, _ = _calibrated(ensemble, clean, target_fpr, flag_fpr, scores=ensemble.combined(clean_scores))
+    fisher = EnsembleDetector(members, [c.reject_threshold for c in results], combine="fisher",
+                              clean_scores=clean_scores)
+    # Calibrated on leave-one-out p-values: each clean input is scored against the other clean inputs, as a new
+    # input would be, so the threshold is not biased by scoring the calibration set against itself.
+    loo = fisher_statistic([leave_one_out_p_values(s) for s in clean_scores])
+    fisher_cal, _ = _calibrated(fisher, clean, target_fpr, flag_fpr, scores=loo)
+    results += [cal, fisher_cal]
+    out = DetectorFile(model_sha256=model_sha256, input_spec=input_spec, target_fpr=target_fpr, flag_fpr=flag_fpr,
+                       decision=decision, detectors=tuple(results))
+    out.get(decision)
+    return out

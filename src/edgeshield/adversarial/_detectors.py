@@ -11,8 +11,10 @@ Runtime detectors need only numpy and an ONNX Runtime session:
 * ``reconstruction`` — distance to the clean-data manifold, as MagNet's detector (Meng & Chen, CCS 2017) with a
   linear auto-encoder: the L1 norm of what a PCA basis fitted on clean reference data cannot reconstruct.
   Dense L∞ perturbations (FGSM, PGD) leave that subspace; squeezing and noise are weakest exactly there.
-* ``ensemble`` — the maximum of its members' scores, each divided by its own calibrated threshold.
+* ``ensemble`` — the maximum of its members' scores, each divided by its own calibrated threshold; ``fisher`` —
+  Fisher's combination of the members' empirical p-values against their clean calibration scores.
 
+``mahalanobis`` and ``lid`` read hidden activations and live in ``_features.py``.
 ``gradient`` (the loss-gradient norm) needs PyTorch and lives in ``_torch.py`` behind ``edgeshield[eval]``.
 All detectors run the original and the transformed copies through the model in one batched call.
 """
@@ -20,7 +22,7 @@ All detectors run the original and the transformed copies through the model in o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -39,7 +41,11 @@ class Detector(Protocol):
 
 
 class OnnxClassifier:
-    """Softmax probabilities from a single-input, single-logits-output ONNX Runtime session."""
+    """Softmax probabilities from a single-input ONNX Runtime session whose output 0 is the logits.
+
+    Further outputs are hidden activations exposed for the feature-space detectors (``detect expose-hidden``):
+    ``logits``/``probs``/``predict`` never return them, ``logits_and_hidden`` does.
+    """
 
     def __init__(self, session: onnxruntime.InferenceSession, *, batch_size: int = 4096) -> None:
         inputs = session.get_inputs()
@@ -47,7 +53,9 @@ class OnnxClassifier:
             raise InvalidArgumentError("detectors need a single-input classifier")
         self.session = session
         self.input_name = inputs[0].name
-        self.output_names = [session.get_outputs()[0].name]
+        outputs = [o.name for o in session.get_outputs()]
+        self.output_names = outputs[:1]
+        self.hidden_names: list[str] = outputs[1:]
         self.batch_size = batch_size
         self._outputs_probs: bool | None = None  # decided on the first batch: logits or probabilities?
 
@@ -60,8 +68,22 @@ class OnnxClassifier:
             for i in range(0, len(x), self.batch_size)
         ])
 
+    def logits_and_hidden(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The logits and every hidden output, from one session run (per batch of ``batch_size``)."""
+        names = self.output_names + self.hidden_names
+        parts = [self.session.run(names, {self.input_name: x[i : i + self.batch_size]})
+                 for i in range(0, max(len(x), 1), self.batch_size)]
+        outs = parts[0] if len(parts) == 1 else [np.concatenate(col) for col in zip(*parts, strict=True)]
+        return outs[0], dict(zip(self.hidden_names, outs[1:], strict=True))
+
+    def probs_and_hidden(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        z, hidden = self.logits_and_hidden(x)
+        return self._to_probs(z), hidden
+
     def probs(self, x: np.ndarray) -> np.ndarray:
-        z = self.logits(x)
+        return self._to_probs(self.logits(x))
+
+    def _to_probs(self, z: np.ndarray) -> np.ndarray:
         if self._outputs_probs is None:
             self._outputs_probs = looks_like_probabilities(z)
         return z if self._outputs_probs else softmax(z)
@@ -234,31 +256,89 @@ class ReconstructionDetector:
         return {"norm": self.norm, "mean": self.mean.tolist(), "components": self.components.tolist()}
 
 
+Combine = Literal["max", "fisher"]
+
+
 class EnsembleDetector:
-    """Max over members of score / scale, where each scale is that member's calibrated reject threshold."""
+    """Members' scores combined into one, calibrated again on clean data like any detector.
 
-    name = "ensemble"
+    ``combine="max"`` (named ``ensemble``): the max over members of score / scale, each scale that member's reject
+    threshold. It adds the members' false positives. ``combine="fisher"`` (named ``fisher``): each member's score
+    becomes an empirical p-value against that member's clean calibration scores, ``(1 + #{clean >= s}) / (n + 1)``,
+    and the statistic is Fisher's ``-2 sum log p``. The members are not independent, so the chi-square law does not
+    apply: the threshold comes from clean data like every other.
+    """
 
-    def __init__(self, members: Sequence[Detector], scales: Sequence[float]) -> None:
+    def __init__(self, members: Sequence[Detector], scales: Sequence[float], *, combine: Combine = "max",
+                 clean_scores: Sequence[Sequence[float] | np.ndarray] | None = None) -> None:
         if not members or len(members) != len(scales):
             raise InvalidArgumentError("an ensemble needs members and one scale per member")
+        if combine not in ("max", "fisher"):
+            raise InvalidArgumentError(f"ensemble combine must be max or fisher, not {combine!r}")
         self.members = list(members)
         self.scales = [max(float(s), 1e-12) for s in scales]
+        self.combine: Combine = combine
+        self.name = "ensemble" if combine == "max" else "fisher"
+        self.clean_scores: list[np.ndarray] = []
+        if combine == "fisher":
+            if clean_scores is None or len(clean_scores) != len(self.members) or any(len(c) == 0 for c in clean_scores):
+                raise InvalidArgumentError("a fisher ensemble needs clean calibration scores for every member")
+            self.clean_scores = [np.sort(np.asarray(c, dtype=np.float64)) for c in clean_scores]
+            if not all(np.isfinite(c).all() for c in self.clean_scores):
+                raise InvalidArgumentError("a fisher ensemble's clean scores must be finite")
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         return self.scores_with_probs(x, None)[0]
 
-    def scores_with_probs(self, x: np.ndarray,
-                          clf: OnnxClassifier | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def member_scores(self, x: np.ndarray, clf: OnnxClassifier | None = None) -> tuple[list[np.ndarray],
+                                                                                          np.ndarray | None]:
+        """Each member's raw scores on ``x``, and the model's probabilities when a member computed them."""
         parts, probs = [], None
-        for member, scale in zip(self.members, self.scales, strict=True):  # one scale per member: checked
+        for member in self.members:
             score, member_probs = scores_with_probs(member, x, clf if probs is None else None)
             probs = member_probs if probs is None else probs
-            parts.append(score / scale)
-        return np.max(parts, axis=0), probs
+            parts.append(np.asarray(score, dtype=np.float64))
+        return parts, probs
+
+    def combined(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        if self.combine == "max":
+            return np.asarray(np.max([p / s for p, s in zip(parts, self.scales, strict=True)], axis=0))
+        return fisher_statistic([empirical_p_values(p, c) for p, c in zip(parts, self.clean_scores, strict=True)])
+
+    def scores_with_probs(self, x: np.ndarray,
+                          clf: OnnxClassifier | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        parts, probs = self.member_scores(x, clf)
+        return self.combined(parts), probs
 
     def params(self) -> dict[str, Any]:
-        return {"members": [m.name for m in self.members], "scales": self.scales}
+        out: dict[str, Any] = {"members": [m.name for m in self.members], "scales": self.scales}
+        if self.combine == "fisher":
+            out |= {"combine": "fisher", "clean_scores": [c.tolist() for c in self.clean_scores]}
+        return out
+
+
+def empirical_p_values(scores: np.ndarray, clean_sorted: np.ndarray) -> np.ndarray:
+    """``(1 + #{clean >= s}) / (n + 1)`` for each score: the conformal p-value of a new input, in (0, 1]."""
+    n = len(clean_sorted)
+    above = n - np.searchsorted(clean_sorted, np.asarray(scores, dtype=np.float64), side="left")
+    p: np.ndarray = (1.0 + above) / (n + 1.0)
+    return p
+
+
+def leave_one_out_p_values(clean: np.ndarray) -> np.ndarray:
+    """Each clean score's p-value against the other clean scores, ``#{clean >= s_i} / n`` (self included in the
+    count, i.e. ``(1 + #{j != i: s_j >= s_i}) / ((n - 1) + 1)``): distributed as a new clean input's would be, so a
+    threshold calibrated on these statistics holds for held-out data."""
+    c = np.asarray(clean, dtype=np.float64)
+    srt = np.sort(c)
+    p: np.ndarray = (len(c) - np.searchsorted(srt, c, side="left")) / len(c)
+    return p
+
+
+def fisher_statistic(p_values: Sequence[np.ndarray]) -> np.ndarray:
+    """Fisher's combination ``-2 sum log p`` (higher: less likely clean under every member at once)."""
+    stat: np.ndarray = -2.0 * np.sum(np.log(np.stack(p_values)), axis=0)
+    return stat
 
 
 def scores_with_probs(
