@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from edgeshield.adversarial._smoothing import SmoothingConfig
+
 OwnerPubOpt = Annotated[Path, typer.Option("--owner-key", help="The model owner's public key (owner.pub).")]
 
 
@@ -217,6 +219,11 @@ def run(
         typer.Option("--check-digest",
                      help="Also check the SHA-256 payload digest (pins one file even against the owner)."),
     ] = False,
+    smoothing: Annotated[
+        str | None,
+        typer.Option("--smoothing", help="With --detector: answer by randomized smoothing and print each certified "
+                                         "L2 radius, e.g. sigma=0.25,n0=100,n=1000,alpha=0.001,batch=4096."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
@@ -224,6 +231,13 @@ def run(
     """Verify, decrypt in memory, and run INPUT through the bundled model."""
     from edgeshield.bundles import _predict
 
+    smoothing_config = None
+    if smoothing is not None:
+        from edgeshield.adversarial._smoothing import SmoothingConfig
+
+        if detector is None:
+            raise InvalidArgumentError("--smoothing needs --detector (smoothing is a robust-inference option)")
+        smoothing_config = SmoothingConfig.parse(smoothing)
     check_readable_file(input, what="input")
     if output is not None:  # before any work, like protect and audit export
         if output.exists() and not force:
@@ -241,7 +255,7 @@ def run(
 
             return torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
 
-        _run_robust(opened, detector, x, output, as_json, torch_model)
+        _run_robust(opened, detector, x, output, as_json, torch_model, smoothing_config)
         return
     from edgeshield.adversarial import InputSpec
 
@@ -262,8 +276,8 @@ def run(
 
 
 def _run_robust(opened: bundles.OpenBundle, detector: Path, x: np.ndarray, output: Path | None, as_json: bool,
-                torch_model: Callable[[], torch.nn.Module]) -> None:
-    """Validate, score and decide; rejected inputs get no prediction.
+                torch_model: Callable[[], torch.nn.Module], smoothing: SmoothingConfig | None = None) -> None:
+    """Validate, score and decide; rejected (and, with smoothing, abstained) inputs get no prediction.
 
     ``torch_model`` builds the PyTorch twin of the model, only called when the file's decision detector needs
     gradients (``edgeshield[eval]``); the runtime detectors need none.
@@ -275,23 +289,28 @@ def _run_robust(opened: bundles.OpenBundle, detector: Path, x: np.ndarray, outpu
 
     file = DetectorFile.load(detector)
     file.check_model(opened.manifest.model_sha256)
-    decisions = RobustModel(opened.session, file,
+    decisions = RobustModel(opened.session, file, smoothing=smoothing,
                             torch_model=torch_model() if "gradient" in file.decision_detectors() else None).predict(x)
     if output is not None:
         preds = np.array([-1 if d.prediction is None else d.prediction for d in decisions], dtype=np.int64)
         _predict.save_npy(output, preds)
-    counts = {k: sum(d.decision == k for d in decisions) for k in ("accept", "flag", "reject")}
+    verdicts = ("accept", "flag", "reject", "abstain") if smoothing is not None else ("accept", "flag", "reject")
+    counts = {k: sum(d.decision == k for d in decisions) for k in verdicts}
     if as_json:
         emit_json({"decisions": [d.to_dict() for d in decisions], "counts": counts,
                    "bundle_id": opened.manifest.bundle_id, "output": str(output) if output else None})
         return
-    t = table(f"robust inference ({file.decision} detector, target FPR {file.target_fpr})",
-              ("#", "decision", "prediction", "score", "reject above"))
+    title = f"robust inference ({file.decision} detector, target FPR {file.target_fpr}"
+    if smoothing is not None:
+        title += f"; smoothing sigma={smoothing.sigma:g}, n={smoothing.n}, alpha={smoothing.alpha:g}"
+    t = table(title + ")", ("#", "decision", "prediction", "score", "reject above",
+                            *(("certified L2 radius",) if smoothing is not None else ())))
     for i, d in enumerate(decisions[:50]):
-        style = {"accept": "green", "flag": "yellow", "reject": "red"}[d.decision]
+        style = {"accept": "green", "flag": "yellow", "reject": "red", "abstain": "magenta"}[d.decision]
         t.add_row(str(i), f"[{style}]{d.decision}[/]", "-" if d.prediction is None else str(d.prediction),
-                  f"{d.score:.4g}", f"{d.threshold:.4g}")
+                  f"{d.score:.4g}", f"{d.threshold:.4g}", *(() if d.radius is None else (f"{d.radius:.4g}",)))
     console.print(t)
     if len(decisions) > 50:
         console.print(f"(first 50 of {len(decisions)} shown)")
-    console.print(f"accepted {counts['accept']}, flagged {counts['flag']}, rejected {counts['reject']}")
+    summary = f"accepted {counts['accept']}, flagged {counts['flag']}, rejected {counts['reject']}"
+    console.print(summary + (f", abstained {counts['abstain']}" if smoothing is not None else ""))
