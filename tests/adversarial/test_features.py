@@ -267,3 +267,56 @@ def test_a_model_without_hidden_outputs_is_a_typed_error(hidden_file: DetectorFi
         build_all(hidden_file, OnnxClassifier(other), names=["lid"])
     with pytest.raises(InvalidArgumentError):
         LIDDetector.fit(OnnxClassifier(other), split.x_train[:10])
+
+
+# --- CLI: expose-hidden, protect, calibrate, run --------------------------------------------------------------------
+def _cli(*args: object) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgeshield", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _one_line_error(proc: Any, needle: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeshield: error: ") and needle in lines[0], proc.stderr
+
+
+def test_cli_expose_hidden_protect_calibrate_run(tmp_path: Path, split: Any) -> None:
+    k = tmp_path / "keys"
+    assert _cli("keys", "init", k).returncode == 0
+    hidden = tmp_path / "digits-hidden.onnx"
+    proc = _cli("detect", "expose-hidden", digits_model_path(), "--out", hidden, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["hidden_outputs"] == ["relu", "relu_1"]
+    _one_line_error(_cli("detect", "expose-hidden", digits_model_path(), "--out", hidden), "exists")
+    _one_line_error(_cli("detect", "expose-hidden", digits_model_path(), "--out", tmp_path / "x.onnx",
+                         "--tensor", "nope"), "nope")
+    (tmp_path / "spec.json").write_text(SPEC.to_json())
+    np.save(tmp_path / "clean.npy", split.x_test[:225])
+    np.save(tmp_path / "train.npy", split.x_train)
+    np.save(tmp_path / "labels.npy", split.y_train)
+    np.save(tmp_path / "x.npy", split.x_test[225:235])
+    for model, name in ((hidden, "hidden"), (digits_model_path(), "plain")):
+        proc = _cli("protect", model, "--out", tmp_path / f"{name}.esb", "--signing-key", k / "owner.key",
+                    "--recipient", k / "device.pub", "--input-spec", tmp_path / "spec.json")
+        assert proc.returncode == 0, proc.stderr
+    keys_ = ("--owner-key", k / "owner.pub", "--device-key", k / "device.key")
+    calib = ("--clean", tmp_path / "clean.npy", "--reference", tmp_path / "train.npy",
+             "--detectors", "squeeze,mahalanobis,lid")
+    _one_line_error(_cli("detect", "calibrate", tmp_path / "plain.esb", *keys_, *calib, "--out", tmp_path / "p.json"),
+                    "detect expose-hidden")
+    proc = _cli("detect", "calibrate", tmp_path / "hidden.esb", *keys_, *calib, "--reference-labels",
+                tmp_path / "labels.npy", "--decision", "fisher", "--out", tmp_path / "d.json", "--json")
+    assert proc.returncode == 0, proc.stderr
+    cal = json.loads(proc.stdout)
+    assert cal["decision"] == "fisher"
+    assert [d["name"] for d in cal["detectors"]] == ["squeeze", "mahalanobis", "lid", "ensemble", "fisher"]
+    proc = _cli("run", tmp_path / "hidden.esb", *keys_, "--input", tmp_path / "x.npy", "--detector",
+                tmp_path / "d.json", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["decisions"]) == 10 and {d["detector"] for d in out["decisions"]} == {"fisher"}
+    assert "relu" not in proc.stdout

@@ -45,7 +45,7 @@ def _run(world: dict[str, Path], x: Path, *extra: object):  # type: ignore[no-un
 
 def test_calibration_output(world: dict[str, Path]) -> None:
     cal = world["calibration"]
-    assert [d["name"] for d in cal["detectors"]] == ["squeeze", "noise", "reconstruction", "ensemble"]
+    assert [d["name"] for d in cal["detectors"]] == ["squeeze", "noise", "reconstruction", "ensemble", "fisher"]
     assert all(d["calibration"]["fpr_reject"] <= 0.02 for d in cal["detectors"])
     assert cal["input_spec"]["image_shape"] == [8, 8]  # taken from the bundle's manifest
 

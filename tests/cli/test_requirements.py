@@ -56,6 +56,7 @@ CASES = {
                                              "--owner-key", "o.pub"], "owner"),
     "watermark embed": (("onnx",), ["watermark", "embed", "m.onnx", "--key", "w.key", "--out", "w.onnx"], "owner"),
     "watermark verify": (("onnx",), ["watermark", "verify", "m.onnx", "--key", "w.key"], "owner"),
+    "detect expose-hidden": (("onnx",), ["detect", "expose-hidden", "m.onnx", "--out", "h.onnx"], "owner"),
     "detect calibrate --detectors gradient": (
         ("torch",), ["detect", "calibrate", *BUNDLE, "--clean", "c.npy", "--out", "d.json",
                      "--detectors", "squeeze, gradient"], "eval"),
@@ -125,6 +126,7 @@ EXPECTED = {
     "run": {"eval"},  # only with a gradient --detector
     "serve": {"eval", "tpm"},  # eval only with a gradient --detector, tpm only with --released-key
     "demo": {"demo"},
+    "detect expose-hidden": {"owner"},
     "detect calibrate": {"eval"},  # only with --detectors gradient
     "detect evaluate": {"eval"},
     "watermark embed": {"owner"},

@@ -1,4 +1,5 @@
-"""`edgeshield detect …`: calibrate detectors for a bundle and evaluate them against real attacks."""
+"""`edgeshield detect …`: expose hidden outputs, calibrate detectors for a bundle, evaluate them against real
+attacks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from edgeshield import bundles, keys
 from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json, given, listed, requires
 from edgeshield.cli._progress import progress_bars
 from edgeshield.cli._tables import never_cut, table
-from edgeshield.errors import InvalidArgumentError
+from edgeshield.errors import InvalidArgumentError, OutputExistsError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,6 +50,35 @@ def open_with_spec(bundle: Path, owner_key: Path, device_key: Path, passphrase_e
     return opened, spec
 
 
+@app.command("expose-hidden")
+@requires("owner")
+def expose_hidden(
+    model: Annotated[Path, typer.Argument(help="The ONNX model (before `protect`).")],
+    out: Annotated[Path, typer.Option("--out", help="The model with hidden outputs to write (then `protect` it).")],
+    tensor: Annotated[
+        list[str] | None,
+        typer.Option("--tensor", help="An intermediate tensor to expose (repeatable; default: the output of each "
+                                      "hidden ReLU and the input of the last Gemm/MatMul)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Append hidden activations as extra model outputs for the mahalanobis and lid detectors; the logits stay
+    output 0, unchanged."""
+    from edgeshield._io import atomic_write_bytes, check_readable_file
+    from edgeshield.adversarial._hidden import expose_hidden as expose
+
+    data = check_readable_file(model, what="model").read_bytes()
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; use --force to overwrite it")
+    result, names = expose(data, tensor or "auto")
+    atomic_write_bytes(out, result)
+    if as_json:
+        emit_json({"path": str(out), "hidden_outputs": names})
+        return
+    console.print(f"exposed {', '.join(names)} as outputs after the logits; written to {out}")
+
+
 @app.command("calibrate")
 @requires("eval", "torch", "onnx", when=listed("detectors", "gradient"))
 def calibrate(
@@ -62,14 +92,24 @@ def calibrate(
     flag_fpr: Annotated[float | None, typer.Option("--flag-fpr", help="FPR of the (looser) flag threshold.")] = None,
     detectors: Annotated[
         str | None,
-        typer.Option("--detectors", help="Comma-separated: squeeze, noise, reconstruction, gradient "
-                                         "(default: squeeze, noise, and reconstruction when --reference is given)."),
+        typer.Option("--detectors", help="Comma-separated: squeeze, noise, reconstruction, mahalanobis, lid, "
+                                         "gradient (default: squeeze, noise, and reconstruction when --reference is "
+                                         "given). mahalanobis and lid need a model from `detect expose-hidden`."),
     ] = None,
     reference: Annotated[
         Path | None,
         typer.Option("--reference", help="Clean reference inputs (.npy, e.g. the training set) for the "
-                                         "reconstruction detector."),
+                                         "reconstruction, mahalanobis and lid detectors."),
     ] = None,
+    reference_labels: Annotated[
+        Path | None,
+        typer.Option("--reference-labels", help="True labels of --reference (.npy) for the mahalanobis class means "
+                                                "(default: the model's predictions)."),
+    ] = None,
+    decision: Annotated[
+        str, typer.Option("--decision", help="The detector robust inference decides with: ensemble (max over "
+                                             "members), fisher (Fisher's combination of p-values) or a member.")
+    ] = "ensemble",
     input_spec: SpecOpt = None,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
@@ -81,6 +121,7 @@ def calibrate(
     x = load_npy(clean)
     opened, spec = open_with_spec(bundle, owner_key, device_key, passphrase_env, input_spec, x)
     ref = load_npy(reference) if reference is not None else None
+    ref_labels = load_npy(reference_labels) if reference_labels is not None else None
     if detectors is None:
         detectors = "squeeze,noise" + (",reconstruction" if ref is not None else "")
     names = [d.strip() for d in detectors.split(",") if d.strip()]
@@ -91,7 +132,7 @@ def calibrate(
         torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
     result = run_calibration(opened.session, x, model_sha256=opened.manifest.model_sha256, input_spec=spec,
                              target_fpr=target_fpr, flag_fpr=flag_fpr, detectors=names, torch_model=torch_model,
-                             reference=ref)
+                             reference=ref, reference_labels=ref_labels, decision=decision)
     result.save(out)
     if as_json:
         emit_json(result.to_dict() | {"path": str(out)})
