@@ -3,9 +3,9 @@
 ``_adversarial`` attacks a calibrated detector file with ART (FGSM, PGD, Carlini–Wagner, DeepFool, HopSkipJump) and
 measures detection, FPR and cost; ``_adaptive`` is the white-box attack that knows every layer; ``_extraction``
 steals the served digits model through the real server app. Data flows one way: this package imports the runtime
-(adversarial, extraction, server, watermark), never the reverse, and it is the only package that imports ART
-(tests/test_layering.py holds both). torch, ART, scikit-learn and matplotlib are imported inside the functions that
-need them (``edgeshield[eval]``), so importing this package stays light.
+(adversarial, extraction, server, watermark), never the reverse, and it is meant to be the only package importing ART
+(tests/test_layering.py checks both and lists the two exceptions left). torch, ART, scikit-learn and matplotlib are
+imported inside the functions that need them (``edgeshield[eval]``), so importing this package stays light.
 """
 
 from edgeshield.evaluation._adaptive import AdaptiveResult, adaptive_attack
