@@ -69,6 +69,8 @@ CASES = {
                                   "eval"),
     "extraction evaluate": (("torch",), ["extraction", "evaluate", "--quick"], "eval"),
     "demo": (("sklearn",), ["demo"], "demo"),
+    "train robust": (("torch",), ["train", "robust", "--digits", "--out", "m.onnx"], "train"),
+    "train robust (onnxscript)": (("onnxscript",), ["train", "robust", "--digits", "--out", "m.onnx"], "train"),
     "update repo init": (("tuf",), ["update", "repo", "init", "repo", "--keys", "k"], "update"),
     "update pull": (("tuf",), ["update", "pull", "dev", "--device-key", "d.key"], "update"),
     "serve --released-key": (("tpm2_pytss",), ["serve", "b.esb", "--owner-key", "o.pub", "--released-key", "r.json",
@@ -132,6 +134,7 @@ EXPECTED = {
     "watermark embed": {"owner"},
     "watermark verify": {"owner"},
     "extraction evaluate": {"eval"},
+    "train robust": {"train"},
     "comply report": {"comply"},  # only with --format oscal
     "fl simulate": {"fl"},
     "fl server": {"fl"},

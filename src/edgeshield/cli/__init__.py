@@ -30,6 +30,7 @@ from edgeshield.cli import (
     _probe,
     _serve,
     _tpm,
+    _train,
     _update,
     _watermark,
 )
@@ -58,6 +59,7 @@ app.add_typer(_fl.app, name="fl")
 app.add_typer(_tpm.app, name="tpm")
 app.add_typer(_update.app, name="update")
 app.add_typer(_attest.app, name="attest")
+app.add_typer(_train.app, name="train")
 app.command("serve", context_settings={"auto_envvar_prefix": _serve.ENV_PREFIX})(_serve.serve)
 app.command("protect")(_bundles.protect)
 app.command("verify")(_bundles.verify)

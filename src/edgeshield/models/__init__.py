@@ -1,6 +1,7 @@
 """The bundled default model: a small MLP classifier for scikit-learn's ``load_digits``.
 
-``digits.onnx`` ships inside this package (rebuilt by ``scripts/train_digits.py``); its input is ``"input"``,
+``digits.onnx`` ships inside this package (rebuilt by ``scripts/train_digits.py``), and beside it its robust sibling
+``digits_robust.onnx`` (``--robust``, same signature and spec); the input is ``"input"``,
 float32 ``[N, 64]`` (8x8 pixel values scaled to [0, 1]), and its output is ``"logits"``, float32 ``[N, 10]``.
 
 This module stays light: it imports neither torch nor scikit-learn at import time. ``load_digits_split`` imports
@@ -31,6 +32,7 @@ __all__ = [
     "DigitsSplit",
     "digits_input_spec",
     "digits_model_path",
+    "digits_robust_model_path",
     "load_digits_split",
 ]
 
@@ -42,11 +44,18 @@ DIGITS_TEST_SIZE = 0.25
 DIGITS_SPLIT_SEED = 0
 
 _MODEL_FILE = "digits.onnx"
+_ROBUST_MODEL_FILE = "digits_robust.onnx"
 
 
 def digits_model_path() -> Path:
     """Path of the ``digits.onnx`` shipped inside the package."""
     return Path(str(importlib.resources.files(__name__).joinpath(_MODEL_FILE)))
+
+
+def digits_robust_model_path() -> Path:
+    """Path of ``digits_robust.onnx``: the same MLP, signature and input spec, adversarially trained (TRADES, L∞
+    eps 2/16, ``scripts/train_digits.py --robust``)."""
+    return Path(str(importlib.resources.files(__name__).joinpath(_ROBUST_MODEL_FILE)))
 
 
 @dataclass(frozen=True)
