@@ -32,9 +32,6 @@ TORCH_ALLOWED = ("edgeshield/training/", "edgeshield/fl/", "edgeshield/evaluatio
 # Attack libraries imported outside edgeshield.evaluation today, each with where it should go. The test fails both
 # on a new entry and on a stale one, so the list can only shrink.
 KNOWN_ATTACK_IMPORTS_OUTSIDE_EVALUATION = {
-    # art_classifier() wraps a torch module as ART's PyTorchClassifier; only evaluation/_adversarial.py and the demo
-    # use it: it belongs in edgeshield.evaluation.
-    "edgeshield/adversarial/_torch.py": "art",
     # the demo's adversarial stage runs ART's FGSM/PGD itself instead of calling edgeshield.evaluation.
     "edgeshield/demo/_adversarial.py": "art",
 }

@@ -203,7 +203,8 @@ def test_the_detectors_separate_noise_and_fgsm_from_clean_digits(hidden_model: b
     pytest.importorskip("art")
     from art.attacks.evasion import FastGradientMethod
 
-    from edgeshield.adversarial._torch import art_classifier, onnx_to_torch
+    from edgeshield.adversarial._torch import onnx_to_torch
+    from edgeshield.evaluation._adversarial import art_classifier
 
     clean, labels = split.x_test[225:], split.y_test[225:]
     est = art_classifier(onnx_to_torch(digits_model_path().read_bytes()), input_shape=(64,), nb_classes=10)

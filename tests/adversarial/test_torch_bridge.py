@@ -19,7 +19,8 @@ pytest.importorskip("sklearn")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edgeshield.adversarial._torch import GradientDetector, art_classifier, onnx_to_torch  # noqa: E402
+from edgeshield.adversarial._torch import GradientDetector, onnx_to_torch  # noqa: E402
+from edgeshield.evaluation._adversarial import art_classifier  # noqa: E402
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ def _calibrate(ctx: DemoContext) -> str:
 
 def _attack_and_defend(ctx: DemoContext) -> str:
     from edgeshield.adversarial import RobustModel
-    from edgeshield.adversarial._torch import art_classifier, onnx_to_torch
+    from edgeshield.adversarial._torch import onnx_to_torch
+    from edgeshield.evaluation._adversarial import art_classifier
 
     kdir, split, half = ctx.state["kdir"], ctx.state["split"], ctx.state["half"]
     x, y = split.x_test[half:], split.y_test[half:]

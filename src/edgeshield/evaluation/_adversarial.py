@@ -80,6 +80,50 @@ def torch_model_for_bundle(bundle: str | os.PathLike[str], owner_key_path: str |
     return onnx_to_torch(bundles.decrypt_model(bundle, keys.load_owner_public_key(owner_key_path), device))
 
 
+def art_classifier(
+    model: torch.nn.Module,
+    *,
+    input_shape: tuple[int, ...],
+    nb_classes: int,
+    clip_values: tuple[float, float] | None = (0.0, 1.0),
+) -> PyTorchClassifier:
+    """Wrap a logits-returning module as an ART ``PyTorchClassifier`` (cross-entropy loss, CPU) to run ART attacks.
+
+    No optimizer is given, so the classifier can attack and predict but not ``fit``. Importing ART creates
+    ``~/.art/config.json`` and ``~/.art/data`` (or under /tmp when the home directory is not writable); ART offers
+    no way around that. ART calls ``model.train(mode=...)`` on each predict and gradient call; modules from
+    ``onnx_to_torch`` compute the same thing in either mode.
+    """
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise InvalidArgumentError(f"input_shape must be a tuple of positive integers, not {input_shape!r}")
+    if isinstance(nb_classes, bool) or not isinstance(nb_classes, int) or nb_classes < 2:
+        raise InvalidArgumentError(f"nb_classes must be an integer of at least 2, not {nb_classes!r}")
+    clip = None
+    if clip_values is not None:
+        lo, hi = (float(v) for v in clip_values)
+        if not lo < hi:
+            raise InvalidArgumentError(f"clip_values must be (min, max) with min < max, not {clip_values!r}")
+        clip = (lo, hi)
+    from edgeshield.adversarial._torch import _INSTALL_HINT, _import_torch
+
+    torch = _import_torch()
+    try:
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        raise MissingDependencyError(
+            f"running ART attacks needs adversarial-robustness-toolbox: {_INSTALL_HINT}"
+        ) from None
+    return PyTorchClassifier(
+        model=model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=shape,
+        nb_classes=nb_classes,
+        clip_values=clip,
+        device_type="cpu",
+    )
+
+
 # --- attacks ----------------------------------------------------------------------------------------------------
 def run_attacks(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, nb_classes: int, quick: bool = False,
                 attacks: Sequence[str] | None = None, clip_values: tuple[float, float] | None = (0.0, 1.0),
@@ -89,7 +133,6 @@ def run_attacks(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, n
     ``progress`` hears "ART attacks" before each attack starts (its name as the note) and once all are done."""
     import torch
 
-    from edgeshield.adversarial._torch import art_classifier
 
     budgets = attack_budgets(quick)
     names = list(attacks) if attacks is not None else list(budgets)
