@@ -41,10 +41,12 @@ import numpy as np
 import torch
 
 from edgeshield._io import atomic_write_bytes
-from edgeshield.adversarial._torch import art_classifier
 from edgeshield.bundles._ort import onnxruntime as ort
+from edgeshield.evaluation._adversarial import art_classifier
 from edgeshield.models import DIGITS_INPUT_NAME, DIGITS_OUTPUT_NAME, digits_robust_model_path, load_digits_split
 from edgeshield.training import digits_cnn, digits_mlp, digits_robust_config, train_robust, train_standard
+
+from _machine import eval_stack, hardware  # benchmarks/_machine.py, beside this script
 
 BUDGETS = [("linf", 1 / 16), ("linf", 2 / 16), ("linf", 3 / 16), ("l2", 1.0)]
 METHODS = ("standard", "pgd", "trades")
@@ -101,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [("linf", 2 / 16)] if args.quick else BUDGETS
     out: dict[str, object] = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "quick": args.quick,
+        "machine": f"{hardware()}; {eval_stack()}",
         "attack": (f"ART ProjectedGradientDescent, {10 if args.quick else 50} iterations, "
                    f"{1 if args.quick else 5} random restart(s), step 2.5*eps/iterations, on {len(split.x_test)} "
                    "test inputs"),
         "training_eps": 2 / 16, "training_norm": "linf", "training_steps": 10, "trades_beta": 6.0,
     }
     print(__doc__.split("\n\n", 1)[1].split("``--quick``")[0].rstrip())
+    print(f"\nmachine: {out['machine']}")
     print()
     header = f"{'model':<14}{'epochs':>7}{'train s':>9}{'clean':>8}" + "".join(
         f"{budget_key(n, e):>11}" for n, e in budgets)
