@@ -22,7 +22,7 @@ from edgeshield.adversarial._features import (
 )
 from edgeshield.adversarial._hidden import UnknownTensorError, auto_hidden_names, expose_hidden
 from edgeshield.errors import InvalidArgumentError, UnsupportedModelError
-from edgeshield.models import digits_input_spec, digits_model_path
+from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 
 onnx = pytest.importorskip("onnx")
 SPEC = digits_input_spec()
@@ -38,6 +38,11 @@ def _session(model: bytes | Path) -> Any:
 @pytest.fixture(scope="module")
 def hidden_model() -> bytes:
     return expose_hidden(digits_model_path().read_bytes())[0]
+
+
+@pytest.fixture(scope="module")
+def split() -> Any:
+    return load_digits_split()
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,21 @@ from edgeshield.adversarial import DetectorFile, EnsembleDetector, Reconstructio
 from edgeshield.adversarial._calibrate import build_all, threshold_at_fpr
 from edgeshield.adversarial._detectors import empirical_p_values, fisher_statistic, leave_one_out_p_values
 from edgeshield.errors import InvalidArgumentError
-from edgeshield.models import digits_input_spec
+from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 
 SPEC = digits_input_spec()
+
+
+@pytest.fixture(scope="module")
+def session() -> Any:
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    return ort.InferenceSession(str(digits_model_path()), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def split() -> Any:
+    return load_digits_split()
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,21 @@ from edgeshield.errors import (
     InputShapeError,
     InvalidArgumentError,
 )
-from edgeshield.models import digits_input_spec
+from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 
 SPEC = digits_input_spec()
+
+
+@pytest.fixture(scope="module")
+def session():  # type: ignore[no-untyped-def]
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    return ort.InferenceSession(str(digits_model_path()), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def split():  # type: ignore[no-untyped-def]
+    return load_digits_split()
 
 
 @pytest.fixture(scope="module")

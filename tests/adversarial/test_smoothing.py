@@ -27,7 +27,19 @@ from edgeshield.adversarial._smoothing import (
     clopper_pearson_lower,
 )
 from edgeshield.errors import InvalidArgumentError
-from edgeshield.models import digits_input_spec, digits_model_path
+from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
+
+
+@pytest.fixture(scope="module")
+def session():  # type: ignore[no-untyped-def]
+    from edgeshield.bundles._ort import onnxruntime as ort
+
+    return ort.InferenceSession(str(digits_model_path()), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def split():  # type: ignore[no-untyped-def]
+    return load_digits_split()
 
 
 def _linear_session(tmp_path: Path, w: np.ndarray):  # type: ignore[no-untyped-def]
