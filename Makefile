@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile | tpm-packages
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[all,dev]' $(TORCH)
+	# torchattacks (AutoAttack for the evaluation) with --no-deps: its own requirements pull torchvision and another torch.
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 demo: $(STAMP)

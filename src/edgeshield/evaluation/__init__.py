@@ -10,13 +10,17 @@ imported inside the functions that need them (``edgeshield[eval]``), so importin
 
 from edgeshield.evaluation._adaptive import AdaptiveResult, adaptive_attack
 from edgeshield.evaluation._adversarial import evaluate as evaluate_adversarial
+from edgeshield.evaluation._autoattack import AutoAttackCheckError, AutoAttackResult, autoattack_accuracy
 from edgeshield.evaluation._extraction import EvaluationConfig as ExtractionEvaluationConfig
 from edgeshield.evaluation._extraction import evaluate as evaluate_extraction
 
 __all__ = [
     "AdaptiveResult",
+    "AutoAttackCheckError",
+    "AutoAttackResult",
     "ExtractionEvaluationConfig",
     "adaptive_attack",
+    "autoattack_accuracy",
     "evaluate_adversarial",
     "evaluate_extraction",
 ]
