@@ -63,6 +63,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/hardening.py --json benchmarks/results/hardening.json
 	$(PY) benchmarks/monitoring.py --json benchmarks/results/monitoring.json
 	$(PY) benchmarks/hardware.py --json benchmarks/results/hardware.json
+	$(PY) benchmarks/robust_training.py --json benchmarks/results/robust_training.json
+	$(PY) benchmarks/smoothing.py --json benchmarks/results/smoothing.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
@@ -73,6 +75,8 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/hardening.py --quick
 	$(PY) benchmarks/monitoring.py --quick
 	$(PY) benchmarks/hardware.py --quick
+	$(PY) benchmarks/robust_training.py --quick
+	$(PY) benchmarks/smoothing.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)
