@@ -120,6 +120,18 @@ def _predict(ctx: DemoContext, url: str, tls: Any) -> tuple[int, str]:
     return 200, f"{right}/{PROBE_INPUTS} correct, model version {r.headers.get('edgeshield-model-version')}"
 
 
+def _steps_table(ctx: DemoContext, title: str, rows: list[tuple[str, str]]) -> None:
+    """A stage's steps and their outcomes, shown after the demo."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("step")
+    table.add_column("outcome")
+    for step, outcome in rows:
+        table.add_row(step, outcome)
+    ctx.tables.append(table)
+
+
 def _accuracy(session: Any, ctx: DemoContext) -> float:
     from edgeshield.models import DIGITS_INPUT_NAME, load_digits_split
 
@@ -129,7 +141,6 @@ def _accuracy(session: Any, ctx: DemoContext) -> float:
 
 
 def _tpm(ctx: DemoContext) -> str:
-    from rich.table import Table
 
     from edgeshield.hardware import (
         DeviceTpm,
@@ -235,13 +246,8 @@ def _tpm(ctx: DemoContext) -> str:
                 raise DemoFailure("the release service released a key to a device whose PCRs changed")
     finally:
         tpm.close()
-    table = Table(title="Software TPM (swtpm, started and stopped by this stage), PCR policy sha256:"
-                        + ",".join(map(str, PCRS)))
-    table.add_column("step")
-    table.add_column("outcome")
-    for step, outcome in rows:
-        table.add_row(step, outcome)
-    ctx.tables.append(table)
+    _steps_table(ctx, "Software TPM (swtpm, started and stopped by this stage), PCR policy sha256:"
+                 + ",".join(map(str, PCRS)), rows)
     ctx.summary["tpm"] = result
     return ("device key sealed in a software TPM serves digits.esb; a PCR change → TPMPolicyError; release "
             "service: replayed quote refused, fresh quote released; a licensed released key served, then 451 once "
@@ -283,7 +289,6 @@ def _licensed_serving(ctx: DemoContext, work: Path, kdir: Path, tpm: Any, server
 
 
 def _updates(ctx: DemoContext) -> str:
-    from rich.table import Table
 
     from edgeshield.models import digits_input_spec, digits_model_path
 
@@ -350,12 +355,7 @@ def _updates(ctx: DemoContext) -> str:
         result["still_current"] = st["current"]["model_version"]
     if (result["installed"], result["still_current"]) != (2, 2):
         raise DemoFailure(f"expected version 2 installed and kept, got {result}")
-    table = Table(title="TUF update to A/B slots (file:// repository), device floor")
-    table.add_column("step")
-    table.add_column("outcome")
-    for step, outcome in rows:
-        table.add_row(step, outcome)
-    ctx.tables.append(table)
+    _steps_table(ctx, "TUF update to A/B slots (file:// repository), device floor", rows)
     ctx.summary["update"] = result
     return (f"v1 → v2 installed atomically into the other slot and committed (floor {result['floor']}); the running "
             "server reloaded it without a restart; a replay of v1 refused (FloorViolationError), v2 still running")
