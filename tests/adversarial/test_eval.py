@@ -71,7 +71,7 @@ def test_result_structure(result: dict) -> None:
     assert set(result["attacks"]) == {"fgsm", "pgd", "deepfool"}
     assert result["protocol"]["decision"] == "ensemble"
     assert set(result["fpr_measured"]) == {"squeeze", "noise", "reconstruction", "gradient", "ensemble", "fisher"}
-    assert set(result["cost"]) == {"squeeze", "noise", "reconstruction", "ensemble"}
+    assert set(result["cost"]) == {"squeeze", "noise", "reconstruction", "ensemble", "fisher"}
     assert 0.9 <= flat["clean_accuracy"] <= 1.0
     assert flat["validation_fpr"] == 0.0  # clean digits lie exactly on the 1/16 grid
     json.dumps(jsonable(result))  # everything but the arrays serialises

@@ -1,4 +1,5 @@
-"""edgeshield.evaluation.autoattack_accuracy: the standard AutoAttack (torchattacks 3.5.1) on the shipped MLPs."""
+"""edgeshield.evaluation.autoattack_accuracy/autoattack_examples: the standard AutoAttack (torchattacks 3.5.1) on the
+shipped MLPs and a tiny model trained here, in torchattacks' variant and with the reference's parameters."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ pytest.importorskip("onnx")
 from edgeshield.adversarial._torch import onnx_to_torch  # noqa: E402
 from edgeshield.errors import InvalidArgumentError, MissingDependencyError  # noqa: E402
 from edgeshield.evaluation import AutoAttackCheckError, AutoAttackResult, autoattack_accuracy  # noqa: E402
-from edgeshield.evaluation._autoattack import INSTALL_LINE, clopper_pearson_interval  # noqa: E402
+from edgeshield.evaluation._autoattack import (  # noqa: E402
+    INSTALL_LINE,
+    REFERENCE_ITERATIONS,
+    AutoAttackRun,
+    autoattack_examples,
+    clopper_pearson_interval,
+)
 from edgeshield.models import digits_model_path, digits_robust_model_path, load_digits_split  # noqa: E402
 
 N = 20
@@ -93,7 +100,9 @@ def test_clopper_pearson_ends() -> None:
     assert low == pytest.approx(0.2720, abs=1e-3) and high == pytest.approx(0.7280, abs=1e-3)  # Beta quantiles
 
 
-def test_a_randomised_model_fails_the_clean_prediction_check(data: tuple[np.ndarray, np.ndarray]) -> None:
+@pytest.mark.parametrize("iterations", [None, REFERENCE_ITERATIONS])
+def test_a_randomised_model_fails_the_clean_prediction_check(data: tuple[np.ndarray, np.ndarray],
+                                                             iterations: int | None) -> None:
     class Noisy(torch.nn.Module):  # noise in eval mode too: two no-grad passes disagree
         def __init__(self) -> None:
             super().__init__()
@@ -104,7 +113,7 @@ def test_a_randomised_model_fails_the_clean_prediction_check(data: tuple[np.ndar
 
     x, y = data
     with pytest.raises(AutoAttackCheckError, match="clean predictions"):
-        autoattack_accuracy(Noisy(), x, y, norm="Linf", eps=EPS)
+        autoattack_accuracy(Noisy(), x, y, norm="Linf", eps=EPS, iterations=iterations)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -119,6 +128,10 @@ def test_a_randomised_model_fails_the_clean_prediction_check(data: tuple[np.ndar
     ({"y": np.zeros(N - 1, np.int64)}, "labels"),
     ({"y": np.zeros(N, np.float32)}, "labels"),
     ({"y": np.full(N, 10, np.int64)}, "lie in"),
+    ({"iterations": 0}, "iterations"),
+    ({"iterations": -5}, "iterations"),
+    ({"iterations": True}, "iterations"),
+    ({"iterations": 2.5}, "iterations"),
 ])
 def test_bad_arguments_are_typed(models: dict[str, torch.nn.Module], data: tuple[np.ndarray, np.ndarray],
                                  kwargs: dict[str, object], match: str) -> None:
@@ -126,6 +139,8 @@ def test_bad_arguments_are_typed(models: dict[str, torch.nn.Module], data: tuple
     args: dict[str, object] = {"x": x, "y": y, "norm": "Linf", "eps": EPS, **kwargs}
     with pytest.raises(InvalidArgumentError, match=match):
         autoattack_accuracy(models["standard"], **args)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=match):
+        autoattack_examples(models["standard"], **args)  # type: ignore[arg-type]
 
 
 def test_missing_torchattacks_names_the_no_deps_install() -> None:
@@ -144,3 +159,108 @@ def test_missing_torchattacks_names_the_no_deps_install() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "MISSING:" in out.stdout and INSTALL_LINE in out.stdout and "--no-deps" in out.stdout
     assert issubclass(MissingDependencyError, Exception)
+
+
+# --- autoattack_examples ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    """A linear softmax classifier trained here on the digits training split (full-batch Adam, about a second)."""
+    split = load_digits_split()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    xt, yt = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train.astype(np.int64))
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
+def _check_run(run: AutoAttackRun, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, norm: str,
+               eps: float) -> None:
+    assert run.x_adv.shape == x.shape and run.x_adv.dtype == np.float32
+    assert run.x_adv.min() >= 0.0 and run.x_adv.max() <= 1.0
+    delta = (run.x_adv - x).astype(np.float64)
+    size = np.abs(delta).max(1) if norm == "Linf" else np.linalg.norm(delta, axis=1)
+    assert size.max() <= eps * (1 + 1e-5) + 1e-6
+    with torch.no_grad():
+        assert np.array_equal(run.clean_pred, model(torch.from_numpy(x)).argmax(1).numpy())
+        assert np.array_equal(run.adv_pred, model(torch.from_numpy(run.x_adv)).argmax(1).numpy())
+    moved = np.abs(delta).max(1) > 0
+    # only inputs classified correctly are attacked, and an example is kept only where it breaks the input
+    assert not (moved & ((run.clean_pred != y) | (run.adv_pred == y))).any()
+    assert (run.norm, run.eps) == (norm, eps) and run.seconds > 0
+
+
+def test_examples_on_a_tiny_trained_model(tiny: torch.nn.Module) -> None:
+    split = load_digits_split()
+    x, y = split.x_test[:10], split.y_test[:10]
+    run = autoattack_examples(tiny, x, y, norm="Linf", eps=1 / 16)
+    _check_run(run, tiny, x, y, "Linf", 1 / 16)
+    assert run.iterations is None and run.variant.startswith("torchattacks 3.5.1 AutoAttack(version='standard')")
+    assert (run.clean_pred == y).mean() >= 0.75  # it learned something, so there is something to break
+    assert (run.adv_pred != y).sum() > (run.clean_pred != y).sum()  # ... and AutoAttack broke some of it
+    acc = autoattack_accuracy(tiny, x, y, norm="Linf", eps=1 / 16)
+    assert acc.robust_count == int((run.adv_pred == y).sum()) and acc.variant == run.variant
+
+
+def test_default_examples_are_torchattacks_autoattack_unchanged(models: dict[str, torch.nn.Module],
+                                                               data: tuple[np.ndarray, np.ndarray]) -> None:
+    """iterations=None is exactly torchattacks' AutoAttack(version="standard") on the [N, 1, 8, 8] view."""
+    import torchattacks
+
+    x, y = data[0][:10], data[1][:10]
+    model = models["standard"]
+
+    class Images(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model  # a parameter to read the device from
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.inner(images.reshape(len(images), -1))  # type: ignore[no-any-return]
+
+    run = autoattack_examples(model, x, y, norm="Linf", eps=EPS, seed=3)
+    with torch.random.fork_rng(devices=[]):
+        theirs = torchattacks.AutoAttack(Images().eval(), norm="Linf", eps=EPS, version="standard", n_classes=10,
+                                         seed=3)(torch.from_numpy(x).reshape(len(x), 1, 8, 8), torch.from_numpy(y))
+    assert np.array_equal(run.x_adv, theirs.detach().reshape(len(x), 64).numpy())
+    assert "seed 3" in run.variant
+
+
+REFERENCE_PARTS = (
+    "fra31/auto-attack",
+    "version='standard'",
+    "APGD-CE (CE loss, 100 steps, 1 restart, rho 0.75",
+    "APGD-T (targeted DLR, 9 target classes, 100 steps, 1 restart, rho 0.75",
+    "FAB-T (multi-targeted, 9 target classes, 100 steps, 1 restart, alpha_max 0.1, eta 1.05, beta 0.9",
+    "Square (5000 queries, 1 restart, p_init 0.8, margin loss, resc_schedule False",
+    "seed 0",
+    "differs from the reference",
+)
+
+
+def test_reference_variant_runs_every_attack_and_respects_the_budget(models: dict[str, torch.nn.Module],
+                                                                     data: tuple[np.ndarray, np.ndarray]) -> None:
+    """The robust MLP: at Linf 1/16 its inputs survive, so all four attacks run their full course (a few seconds);
+    at L2 1.0 APGD-CE breaks them, which checks the L2 budget without paying for the rest."""
+    x, y = data[0][:4], data[1][:4]
+    model = models["robust"]
+    for norm, eps in (("Linf", 1 / 16), ("L2", 1.0)):
+        run = autoattack_examples(model, x, y, norm=norm, eps=eps, iterations=REFERENCE_ITERATIONS)
+        _check_run(run, model, x, y, norm, eps)
+        assert run.iterations == REFERENCE_ITERATIONS
+        for part in REFERENCE_PARTS:
+            assert part in run.variant, part
+        assert "where the reference runs" not in run.variant
+
+
+def test_fewer_iterations_are_named(models: dict[str, torch.nn.Module], data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = data[0][:6], data[1][:6]
+    a = autoattack_examples(models["standard"], x, y, norm="L2", eps=1.0, iterations=3, batch_size=4)
+    b = autoattack_examples(models["standard"], x, y, norm="L2", eps=1.0, iterations=3, batch_size=4)
+    _check_run(a, models["standard"], x, y, "L2", 1.0)
+    assert "3 steps" in a.variant and "(3 iterations where the reference runs 100)" in a.variant
+    assert "per batch of 4 inputs" in a.variant
+    assert np.array_equal(a.x_adv, b.x_adv)  # seeded: the same examples twice

@@ -9,7 +9,8 @@ a clean *evaluation* set that the file was not calibrated on, and reports:
   validation (e.g. its ``quantum`` grid) as a separate layer;
 * the measured FPR of every detector on the clean evaluation inputs;
 * the adaptive attack of ``_adaptive.py`` against the decision detector and the spec;
-* the cost of robust inference (``RobustModel.decide``) ÷ plain ``session.run`` per detector.
+* the cost of robust inference (``RobustModel.decide``) ÷ plain ``session.run`` per runtime option: each
+  detector and combiner the file has, and randomized smoothing at its sample counts.
 
 torch, ART, scikit-learn and matplotlib are imported inside the functions that need them (``edgeshield[eval]``).
 """
@@ -29,6 +30,7 @@ import numpy as np
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.adversarial._calibrate import DetectorFile, build_all
 from edgeshield.adversarial._detectors import Detector, OnnxClassifier
+from edgeshield.adversarial._smoothing import SmoothingConfig
 from edgeshield.errors import InvalidArgumentError, MissingDependencyError
 from edgeshield.evaluation._adaptive import adaptive_attack, valid_mask
 
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
     from edgeshield.bundles._ort import onnxruntime
 
 ATTACKS = ("fgsm", "pgd", "cw", "deepfool", "hopskipjump")
-COST_DETECTORS = ("squeeze", "noise", "reconstruction", "ensemble")
+# Every runtime option robust inference offers, timed as its decision detector (those a file has).
+COST_DETECTORS = ("squeeze", "noise", "reconstruction", "mahalanobis", "lid", "ensemble", "fisher")
+SMOOTHING_REPS, SMOOTHING_REPS_QUICK = (40, 4), (10, 2)  # (batch-1, batch) repetitions for smoothing rows
 DETECTION_TARGET, FPR_TARGET, SQUEEZE_COST_TARGET = 0.97, 0.02, 3.0
 
 
@@ -263,10 +267,12 @@ def evaluate(session: onnxruntime.InferenceSession, torch_model: torch.nn.Module
              x_eval: np.ndarray, y_eval: np.ndarray, *,
              quick: bool = False, attacks: Sequence[str] | None = None, out_dir: str | os.PathLike[str] | None = None,
              extra: Mapping[str, DetectorFile] | None = None, adaptive: bool = True, measure_cost: bool = True,
-             adaptive_eps: float = 0.1, seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, Any]:
+             adaptive_eps: float = 0.1, seed: int = 0, progress: ProgressCallback | None = None,
+             cost_smoothing: Sequence[SmoothingConfig] = ()) -> dict[str, Any]:
     """Attack, detect, attack adaptively and time; see the module docstring. ``x_eval`` must not be the data the
     detector file was calibrated on. ``extra`` maps a label to another detector file for the same model (e.g. an
-    ensemble without the gradient detector) whose decision detector is evaluated and timed alongside.
+    ensemble without the gradient detector) whose decision detector is evaluated and timed alongside;
+    ``cost_smoothing`` adds one cost row per randomized-smoothing configuration (see ``measure_cost_ratios``).
 
     Returns ``{"flat": {...}, "attacks": {...}, "adaptive": {...}, "cost": {...}, "roc_png": {...}, ...}``; the
     ROC plots (one per attack, every detector a curve) are written to ``out_dir`` when given. ``progress`` (see
@@ -320,7 +326,7 @@ def evaluate(session: onnxruntime.InferenceSession, torch_model: torch.nn.Module
     cost = None
     if measure_cost:
         cost = measure_cost_ratios(session, detector_file, torch_model, x_eval, extra=extra, quick=quick,
-                                   progress=progress)
+                                   smoothing=cost_smoothing, progress=progress)
 
     roc = {}
     if out_dir is not None:
@@ -381,22 +387,41 @@ def run_adaptive(torch_model: torch.nn.Module, clf: OnnxClassifier, file: Detect
 def measure_cost_ratios(session: onnxruntime.InferenceSession, file: DetectorFile,
                         torch_model: torch.nn.Module | None, x: np.ndarray, *,
                         names: Sequence[str] = COST_DETECTORS, extra: Mapping[str, DetectorFile] | None = None,
-                        quick: bool = False, progress: ProgressCallback | None = None) -> dict[str, dict[str, float]]:
+                        smoothing: Sequence[SmoothingConfig] = (), quick: bool = False,
+                        progress: ProgressCallback | None = None) -> dict[str, dict[str, float]]:
     """Median batch-of-1 latency and batch throughput of ``RobustModel.decide`` ÷ plain ``session.run``.
 
-    Plain and robust calls alternate, so drift of the machine hits both alike. ``x`` must pass the spec.
+    One row per detector in ``names`` that the file has (each as robust inference's detector; a combiner runs its
+    members too), one per ``extra`` file (its decision detector), and one per smoothing configuration, labelled
+    ``smoothing_n{n}``: the file's decision detector plus CERTIFY with ``n0 + n`` noisy copies per input. Plain and
+    robust calls alternate, so drift of the machine hits both alike. ``x`` must pass the spec; the batch is all of
+    ``x``. Smoothing rows run fewer repetitions (``reps_single``/``reps_batch`` say how many), as each call costs
+    hundreds of plain ones.
     """
     from edgeshield.adversarial._robust import RobustModel
 
+    configs = list(smoothing)
+    for cfg in configs:
+        if not isinstance(cfg, SmoothingConfig):
+            raise InvalidArgumentError(f"smoothing must be SmoothingConfig instances, not {type(cfg).__name__}")
+    labels = [f"smoothing_n{cfg.n}" for cfg in configs]
+    if len(set(labels)) != len(labels):
+        raise InvalidArgumentError(f"two smoothing configurations share a sample count n ({labels}): their cost "
+                                   "rows would share a label")
+    x = file.input_spec.validate(x)
     name_in = session.get_inputs()[0].name
-    single_reps, batch_reps = (60, 8) if quick else (400, 40)
-    models = {n: RobustModel(session, file, torch_model=torch_model, detector=n) for n in names
-              if n in {d.name for d in file.detectors}}
+    reps = {False: (60, 8) if quick else (400, 40), True: SMOOTHING_REPS_QUICK if quick else SMOOTHING_REPS}
+    models: dict[str, tuple[RobustModel, bool]] = {
+        n: (RobustModel(session, file, torch_model=torch_model, detector=n), False) for n in names
+        if n in {d.name for d in file.detectors}}
     for label, f in (extra or {}).items():
-        models[label] = RobustModel(session, f, torch_model=torch_model)
+        models[label] = (RobustModel(session, f, torch_model=torch_model), False)
+    for label, cfg in zip(labels, configs, strict=True):
+        models[label] = (RobustModel(session, file, torch_model=torch_model, smoothing=cfg), True)
     out: dict[str, dict[str, float]] = {}
-    for k, (label, rm) in enumerate(models.items()):
+    for k, (label, (rm, smoothed)) in enumerate(models.items()):
         report(progress, "time robust inference", k, len(models), note=label)  # between timings, never inside
+        single_reps, batch_reps = reps[smoothed]
         rows = [x[i : i + 1] for i in range(min(len(x), 64))]
         rm.decide(x)  # warm-up
         session.run(None, {name_in: x})
@@ -408,6 +433,8 @@ def measure_cost_ratios(session: onnxruntime.InferenceSession, file: DetectorFil
                       "throughput_plain_per_s": len(x) / plainb, "throughput_robust_per_s": len(x) / robb,
                       "throughput_ratio": robb / plainb, "batch": len(x), "reps_single": single_reps,
                       "reps_batch": batch_reps}
+        if rm.smoothing is not None:
+            out[label].update(samples_per_input=rm.smoothing.n0 + rm.smoothing.n, sigma=rm.smoothing.sigma)
     report(progress, "time robust inference", len(models), len(models))
     return out
 
@@ -605,9 +632,9 @@ def report_tables(result: Mapping[str, Any]) -> list[Table]:
     cost = result.get("cost")
     if cost:
         t = Table(title="Cost of robust inference (RobustModel.decide, vectorised) ÷ plain session.run, medians, "
-                        "alternating")
+                        "alternating; smoothing_n<n>: the decision detector and CERTIFY with n0 + n samples")
         batch = next(iter(cost.values()))["batch"]
-        for col in ("detector", "plain µs (batch 1)", "robust µs", "ratio", f"plain /s (batch {batch})",
+        for col in ("option", "plain µs (batch 1)", "robust µs", "ratio", f"plain /s (batch {batch})",
                     "robust /s", "ratio", "target"):
             t.add_column(col, justify="right")
         for d, c in cost.items():
