@@ -8,6 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+from edgeshield.demo import DemoFailure
+from edgeshield.demo._adversarial import _check_comparison
+
 
 def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     proc = subprocess.run(
@@ -26,12 +31,25 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert next(s["stage"] for s in summary["stages"]) == "Create owner and device keys"
     n = len(summary["stages"])
     assert f"[{n}/{n}]" in proc.stderr  # progress goes to stderr when --json keeps stdout machine-readable
-    # adversarial stage: calibrated on clean digits, then real ART attacks through robust inference
-    assert summary["detector"]["ensemble"]["fpr_calibration"] <= 0.02
+    # adversarial stages: both models calibrated on the same clean half; real ART attacks through the robust
+    # model's robust inference; then the standard and robust model under the same adaptive attack, with certificates
+    for detector in ("detector", "detector_standard"):
+        assert summary[detector]["ensemble"]["fpr_calibration"] <= 0.02
+    assert summary["robust_bundle"]["model_sha256"] != summary["bundle"]["model_sha256"]
     rows = summary["robust_inference"]
     assert rows["clean"]["reject"] < 0.1 * 225
     for attack in ("FGSM ε=0.1", "PGD ε=0.1"):
         assert rows[attack]["fooled"] > 0 and 0 <= rows[attack]["reject_of_fooled"] <= rows[attack]["fooled"]
+    cmp = summary["adaptive_comparison"]
+    assert cmp["attack"]["eps"] == 2 / 16 and cmp["attack"]["quantum"] == 1 / 16 and cmp["evaluation_inputs"] == 225
+    assert cmp["smoothing"] == {"sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001}
+    std, rob = cmp["standard"], cmp["robust"]
+    for m in (std, rob):
+        assert m["clean_accuracy"] > 0.95 and m["clean_rejects"] <= 0.1 * 225
+        assert m["end_to_end_broken"] == round(m["end_to_end_success"] * cmp["attack"]["inputs"])
+        assert 0 < m["certified_accuracy_r0_25"] <= 1 and m["median_radius_correct"] > 0
+    assert rob["end_to_end_success"] < std["end_to_end_success"]
+    assert rob["bare_model_success"] < std["bare_model_success"]
     # server stage: real mTLS calls; audit stage: the log verifies and a tampered copy does not
     assert len(summary["server"]["calls"]) == 6
     assert summary["audit"]["verified"] and summary["audit"]["checkpoints"] >= 1
@@ -77,3 +95,14 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert update == {"installed": 2, "still_current": 2, "floor": 2, "replay_refused": "FloorViolationError"}
     else:
         assert "skipped" in update
+
+
+def test_adversarial_comparison_check_fails_when_the_robust_model_is_not_better() -> None:
+    """The comparison stage raises, rather than reports, a robust model no better end to end or a noisy detector."""
+    good = {"standard": {"clean_rejects": 0, "end_to_end_success": 0.6},
+            "robust": {"clean_rejects": 3, "end_to_end_success": 0.1}}
+    _check_comparison(good, 225)
+    with pytest.raises(DemoFailure, match="not better end to end"):
+        _check_comparison(good | {"robust": {"clean_rejects": 3, "end_to_end_success": 0.6}}, 225)
+    with pytest.raises(DemoFailure, match="rejected 23/225 clean"):
+        _check_comparison(good | {"standard": {"clean_rejects": 23, "end_to_end_success": 0.6}}, 225)
