@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeshield.adversarial._hidden import UnknownTensorError
 from edgeshield.errors import InvalidArgumentError, MissingDependencyError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def _import_torch() -> ModuleType:
 
 
 # --- ONNX → PyTorch ------------------------------------------------------------------------------------------------
-def onnx_to_torch(model_bytes: bytes, *, strip_softmax: bool = True) -> torch.nn.Module:
+def onnx_to_torch(model_bytes: bytes, *, strip_softmax: bool = True, keep: Sequence[str] = ()) -> torch.nn.Module:
     """Convert a self-contained, single-input ONNX classifier into an eval-mode ``torch.nn.Module``.
 
     The module's ``forward(x)`` evaluates the nodes the graph's first output depends on, in topological order,
@@ -62,6 +63,11 @@ def onnx_to_torch(model_bytes: bytes, *, strip_softmax: bool = True) -> torch.nn
 
     The module ignores ``train()``/``eval()``: BatchNormalization always uses its stored statistics and Dropout is
     the identity, so a caller (ART sets ``train(mode=...)`` on every call) cannot change what it computes.
+
+    ``module.forward_with(x, names)`` returns the logits and named intermediate tensors from the same evaluation
+    (the feature-space detectors' surrogates read hidden activations this way). Every tensor the kept nodes
+    compute can be named; ``keep`` names further tensors whose nodes must be kept although the logits do not
+    depend on them (the hidden outputs ``expose_hidden`` adds are ancestors of the logits and need no ``keep``).
     """
     try:
         import onnx
@@ -100,7 +106,11 @@ def onnx_to_torch(model_bytes: bytes, *, strip_softmax: bool = True) -> torch.nn
         if last is not None and last.op_type in ("Softmax", "LogSoftmax") and last.domain in ("", "ai.onnx"):
             output_name = last.input[0]
 
-    nodes = _needed_nodes(graph.node, producers, output_name, input_name, init_names)
+    extra = list(dict.fromkeys(k for k in keep if k not in (output_name, input_name)))
+    for name in extra:
+        if name not in producers:
+            raise UnknownTensorError(f"no node of the model produces a tensor named {name!r} (keep=)")
+    nodes = _needed_nodes(graph.node, producers, [output_name, *extra], input_name, init_names)
     for node in nodes:
         if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
             op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -134,13 +144,13 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _needed_nodes(
     all_nodes: Sequence[onnx.NodeProto],
     producers: dict[str, onnx.NodeProto],
-    output_name: str,
+    roots: Sequence[str],
     input_name: str,
     init_names: set[str],
 ) -> list[onnx.NodeProto]:
-    """The nodes ``output_name`` depends on, in a topological order (ONNX requires one; we do not trust it)."""
+    """The nodes the ``roots`` depend on, in a topological order (ONNX requires one; we do not trust it)."""
     needed: dict[int, onnx.NodeProto] = {}
-    stack = [output_name]
+    stack = list(roots)
     while stack:
         name = stack.pop()
         if name == input_name or name in init_names:
@@ -208,7 +218,8 @@ def _graph_module_class() -> type[torch.nn.Module]:
     import torch
 
     class OnnxGraphModule(torch.nn.Module):
-        """Evaluates a converted ONNX graph; ``forward`` takes the single input and returns the chosen output."""
+        """Evaluates a converted ONNX graph; ``forward`` takes the single input and returns the chosen output,
+        ``forward_with`` also named intermediate tensors of the same evaluation."""
 
         def __init__(self, input_name: str, output_name: str, tensors: dict[str, Tensor],
                      steps: list[tuple[_Kernel, list[str], list[str]]]) -> None:
@@ -223,8 +234,25 @@ def _graph_module_class() -> type[torch.nn.Module]:
                     self.register_parameter(slot, torch.nn.Parameter(value))
                 else:
                     self.register_buffer(slot, value)
+            # What forward_with may name: the input and every tensor a kept node computes (not initializers).
+            self.computed: frozenset[str] = frozenset({input_name, *(o for _, _, outs in steps for o in outs if o)})
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._evaluate(x)[self.output_name]
+
+        def forward_with(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """The output and the named intermediate tensors, all from one evaluation of the graph."""
+            unknown = [n for n in names if n not in self.computed]
+            if unknown:
+                raise UnknownTensorError(f"the converted graph computes no tensor named {unknown[0]!r}; name a tensor "
+                                         "a kept node produces (or convert with onnx_to_torch(..., keep=[...]))")
+            env = self._evaluate(x)
+            missing = [n for n in names if n not in env]  # an optional output a kernel does not produce
+            if missing:
+                raise UnknownTensorError(f"the converted graph does not produce tensor {missing[0]!r}")
+            return env[self.output_name], {n: env[n] for n in names}
+
+        def _evaluate(self, x: torch.Tensor) -> dict[str, Any]:
             if x.is_floating_point() and x.dtype != torch.float32:
                 x = x.to(torch.float32)
             env: dict[str, Any] = {name: getattr(self, slot) for name, slot in self._slots.items()}
@@ -235,7 +263,7 @@ def _graph_module_class() -> type[torch.nn.Module]:
                 for name, value in zip(outs, results, strict=False):
                     if name:
                         env[name] = value
-            return env[self.output_name]
+            return env
 
         def extra_repr(self) -> str:
             return f"input={self.input_name!r}, output={self.output_name!r}, nodes={len(self._steps)}"
