@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
 
 from _machine import eval_stack, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
@@ -134,7 +136,253 @@ def run(quick: bool, png_dir: Path | None, console: Any) -> dict[str, Any]:
             report(progress, "supplementary adaptive budgets", 2, 2)
     result["supplements"] = supplements
     result["protocol_text"] = _protocol_text(quick, len(x_eval))
+    result["detector_file"] = file
     return result
+
+
+# --- the system evaluation: four models, each with its detectors, under the per-input worst case ------------------
+SYSTEM_DETECTORS = ("squeeze", "noise", "reconstruction", "mahalanobis", "lid")  # the runtime detectors
+SYSTEM_DECISION = "fisher"
+SMOOTHING_SIGMA = 0.25
+TARGET_E2E, TARGET_CLEAN, TARGET_DETECT_OR_ROBUST = 0.05, 0.96, 0.97
+
+
+def _train_cnn(method: str, split: Any) -> bytes:
+    """The small CNN, standard or TRADES (the recipe of ``benchmarks/robust_training.py``), as ONNX bytes."""
+    import torch
+
+    from edgeshield.training import digits_cnn, digits_robust_config, onnx_bytes, train_robust, train_standard
+
+    torch.manual_seed(0)
+    model = digits_cnn()
+    if method == "standard":
+        train_standard(model, split.x_train, split.y_train, epochs=60, seed=0)
+    else:
+        train_robust(model, split.x_train, split.y_train, digits_robust_config(arch="cnn", method="trades"))
+    return onnx_bytes(model.eval(), split.x_train[:1])
+
+
+def prepare_system(name: str, model_bytes: bytes, split: Any, spec: Any, work: Path,
+                   smoothing: Any = None, target_fpr: float = TARGET_FPR) -> Any:
+    """Expose the hidden layers, protect, open, calibrate on the calibration half: what a device would run."""
+    from edgeshield import bundles, keys
+    from edgeshield.adversarial import METADATA_KEY, calibrate, expose_hidden
+    from edgeshield.adversarial._torch import onnx_to_torch
+    from edgeshield.evaluation._system import DefendedSystem
+
+    kdir = work / "keys"
+    if not kdir.exists():
+        keys.init_keys(kdir)
+    exposed, _ = expose_hidden(model_bytes)
+    src = work / f"{name.replace(' ', '_')}.onnx"
+    src.write_bytes(exposed)
+    bundle = src.with_suffix(".esb")
+    bundles.protect(src, bundle, signing_key=keys.load_owner_private_key(kdir / "owner.key"),
+                    recipients=[keys.load_device_public_key(kdir / "device.pub")],
+                    metadata={METADATA_KEY: spec.to_json()})
+    owner, device = keys.load_owner_public_key(kdir / "owner.pub"), keys.load_device_private_key(kdir / "device.key")
+    opened = bundles.open_bundle(bundle, owner, device)
+    torch_model = onnx_to_torch(bundles.decrypt_model(bundle, owner, device))
+    file = calibrate(opened.session, split.x_test[:N_CAL], model_sha256=opened.manifest.model_sha256,
+                     input_spec=spec, target_fpr=target_fpr, detectors=SYSTEM_DETECTORS, reference=split.x_train,
+                     reference_labels=split.y_train, noise={"seed": NOISE_SEED}, decision=SYSTEM_DECISION)
+    return DefendedSystem(name, opened.session, torch_model, file, smoothing=smoothing)
+
+
+def run_system(quick: bool, console: Any) -> dict[str, Any]:
+    """The headline: every model as a defended system, attacked per input; plus the figures around it."""
+    from edgeshield._progress import report
+    from edgeshield.adversarial import SmoothedClassifier, SmoothingConfig
+    from edgeshield.cli._progress import progress_bars
+    from edgeshield.evaluation._adversarial import evaluate, measure_cost_ratios
+    from edgeshield.evaluation._autoattack import REFERENCE_ITERATIONS, autoattack_accuracy
+    from edgeshield.evaluation._system import (
+        BUDGETS,
+        HEADLINE,
+        DefendedSystem,
+        SuiteConfig,
+        evaluate_system,
+        flat_figures,
+    )
+    from edgeshield.models import digits_input_spec, digits_model_path, digits_robust_model_path, load_digits_split
+
+    spec = dataclasses.replace(digits_input_spec(), quantum=QUANTUM)
+    split = load_digits_split()
+    x_eval, y_eval = split.x_test[N_CAL:], split.y_test[N_CAL:]
+    if quick:
+        x_eval, y_eval = x_eval[:100], y_eval[:100]
+    budgets = (HEADLINE,) if quick else BUDGETS
+    suite = SuiteConfig.quick() if quick else SuiteConfig()
+    flat: dict[str, Any] = {}
+    out: dict[str, Any] = {"systems": [], "flat": flat}
+    work = Path(tempfile.mkdtemp(prefix="edgeshield-system-"))
+    try:
+        with progress_bars(background=False) as progress:
+            models: list[tuple[str, str, Any]] = [("mlp_robust", "robust MLP (TRADES)", digits_robust_model_path()),
+                                                  ("mlp_standard", "standard MLP", digits_model_path())]
+            if not quick:
+                models += [("cnn_robust", "robust CNN (TRADES)", "trades"), ("cnn_standard", "standard CNN",
+                                                                            "standard")]
+            systems = {}
+            for i, (key, label, source) in enumerate(models):
+                report(progress, "prepare the defended systems", i, len(models), note=label)
+                raw = source.read_bytes() if isinstance(source, Path) else _train_cnn(source, split)
+                systems[key] = prepare_system(label, raw, split, spec, work)
+            report(progress, "prepare the defended systems", len(models), len(models))
+            for key, system in systems.items():
+                # every budget for the headline system; the others (minutes per budget each) at the headline budget
+                res = evaluate_system(system, x_eval, y_eval, budgets if key == "mlp_robust" else (HEADLINE,),
+                                      suite=suite, progress=progress)
+                out["systems"].append(res)
+                flat.update(flat_figures(res, prefix=f"{key}_"))
+            if not quick:  # design alternatives around the headline system, at the headline budget
+                robust = systems["mlp_robust"]
+                alternatives = [
+                    ("alt_max", DefendedSystem("robust MLP, max ensemble", robust.session, robust.torch_model,
+                                               robust.detector_file, decision="ensemble")),
+                    ("alt_fpr1", prepare_system("robust MLP, fisher at 1% FPR", digits_robust_model_path().read_bytes(),
+                                                split, spec, work, target_fpr=0.01)),
+                    ("alt_smoothing", prepare_system("robust MLP + smoothing", digits_robust_model_path().read_bytes(),
+                                                     split, spec, work,
+                                                     smoothing=SmoothingConfig(sigma=SMOOTHING_SIGMA))),
+                ]
+                out["alternatives"] = []
+                for key, system in alternatives:
+                    res = evaluate_system(system, x_eval, y_eval, (HEADLINE,), suite=suite, progress=progress)
+                    out["alternatives"].append(res)
+                    flat.update(flat_figures(res, prefix=f"mlp_robust_{key}_"))
+            robust = systems["mlp_robust"]
+            # Non-adaptive: ART's attacks (as in the standard-model table) on the robust system's model and file.
+            nonadaptive = evaluate(robust.session, robust.torch_model, robust.detector_file, x_eval, y_eval,
+                                   quick=quick, adaptive=False, measure_cost=False, progress=progress)
+            out["nonadaptive"] = nonadaptive
+            report(progress, "AutoAttack, reference parameters", 0, 1, note="robust MLP, all test digits")
+            aa = autoattack_accuracy(robust.torch_model, split.x_test, split.y_test, norm="Linf", eps=2 / 16,
+                                     seed=0, iterations=None if quick else REFERENCE_ITERATIONS)
+            report(progress, "AutoAttack, reference parameters", 1, 1)
+            cost = measure_cost_ratios(robust.session, robust.detector_file, None, x_eval[:64], quick=quick,
+                                       names=(*SYSTEM_DETECTORS, "ensemble", "fisher"),
+                                       smoothing=[SmoothingConfig(sigma=SMOOTHING_SIGMA, n0=n0, n=n)
+                                                  for n0, n in ((10, 100), (100, 1000))],
+                                       progress=progress)
+            out["cost"] = cost
+        labels, radii = SmoothedClassifier(robust.robust.clf, SmoothingConfig(sigma=SMOOTHING_SIGMA)).certify(
+            split.x_test)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from edgeshield.evaluation._autoattack import clopper_pearson_interval
+
+    def put(name: str, k: int, n: int) -> None:
+        low, high = clopper_pearson_interval(k, n)
+        flat.update({name: k / n, f"{name}_ci_low": low, f"{name}_ci_high": high})
+
+    hb = HEADLINE.key
+    put("robust_clean_accuracy", int((robust.robust.clf.predict(split.x_test) == split.y_test).sum()),
+        len(split.x_test))
+    put("certified_accuracy_r0_25", int(((labels == split.y_test) & (radii >= 0.25)).sum()), len(split.x_test))
+    flat.update({"autoattack_robust_accuracy_eps2": aa.robust_accuracy,
+                 "autoattack_robust_accuracy_eps2_ci_low": aa.ci_low,
+                 "autoattack_robust_accuracy_eps2_ci_high": aa.ci_high, "autoattack_variant": aa.variant})
+    for src, dst in ((f"mlp_robust_system_robust_accuracy_{hb}", "system_robust_accuracy_eps2"),
+                     (f"mlp_robust_adaptive_end_to_end_success_{hb}", "adaptive_end_to_end_success_eps2"),
+                     (f"cnn_robust_adaptive_end_to_end_success_{hb}", "cnn_adaptive_end_to_end_success_eps2")):
+        for suffix in ("", "_ci_low", "_ci_high"):
+            if src + suffix in flat:
+                flat[dst + suffix] = flat[src + suffix]
+    # detection or robustness against the non-adaptive attacks (detector layer only: validation would stop
+    # every off-grid ART example on its own), pooled over the attacks' (attack, input) pairs for the interval
+    n_att = nonadaptive["protocol"]["n_correct"]  # every ART attack runs on the correctly classified inputs
+    kept = sum(round((1 - b["end_to_end_success_detector"]) * n_att) for b in nonadaptive["attacks"].values())
+    total = n_att * len(nonadaptive["attacks"])
+    rates = [1 - b["end_to_end_success_detector"] for b in nonadaptive["attacks"].values()]
+    low, high = clopper_pearson_interval(kept, total)
+    flat.update({"detection_or_robust_nonadaptive_avg": float(np.mean(rates)),
+                 "detection_or_robust_nonadaptive_avg_ci_low": low,
+                 "detection_or_robust_nonadaptive_avg_ci_high": high})
+    for name, b in nonadaptive["attacks"].items():
+        flat[f"detection_or_robust_{name}"] = 1 - b["end_to_end_success_detector"]
+    diff, d_low, d_high = fisher_minus_max(nonadaptive, robust.detector_file)
+    flat.update({"robust_fisher_minus_max_detection_avg": diff, "robust_fisher_minus_max_detection_avg_ci_low": d_low,
+                 "robust_fisher_minus_max_detection_avg_ci_high": d_high})
+    for label, c in cost.items():
+        flat[f"system_latency_ratio_{label}"] = c["latency_ratio"]
+        flat[f"system_throughput_ratio_{label}"] = c["throughput_ratio"]
+    out["targets"] = {
+        "end_to_end_success_eps2": (flat.get("adaptive_end_to_end_success_eps2"), TARGET_E2E, "<="),
+        "robust_clean_accuracy": (flat["robust_clean_accuracy"], TARGET_CLEAN, ">="),
+        "system_fpr": (flat.get("mlp_robust_system_fpr"), TARGET_FPR, "<="),
+        "detection_or_robust_nonadaptive_avg": (flat["detection_or_robust_nonadaptive_avg"],
+                                                TARGET_DETECT_OR_ROBUST, ">="),
+    }
+    return out
+
+
+def print_system(console: Any, out: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from edgeshield.evaluation._system import report_table
+
+    console.print(report_table(out["systems"]))
+    if out.get("alternatives"):
+        console.print(report_table(out["alternatives"], title="Design alternatives around the robust MLP system "
+                                                              "(same suite, same evaluation inputs)"))
+    t = Table(title="Per attack at each budget: end-to-end success of that attack alone (robust MLP system)")
+    for col in ("budget", "attack", "end-to-end success [95% CI]", "strongest / variant", "seconds"):
+        t.add_column(col, justify="left" if col in ("budget", "attack", "strongest / variant") else "right")
+    for b in out["systems"][0].budgets:
+        for attack, r in b.per_attack.items():
+            what = r.get("strongest") or {}
+            note = (f"λ {what.get('lambda')} / {what.get('loss')} / {what.get('penalty')}" if attack == "adaptive"
+                    else ("on the grid" if r.get("projected_to_grid") else "continuous"))
+            t.add_row(b.budget.label, attack, f"{r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                      if r["rate"] is not None else "-", note, f"{r['seconds']:.1f}")
+    console.print(t)
+    non = out["nonadaptive"]
+    t = Table(title="Non-adaptive ART attacks on the robust MLP system: detected (decision detector) or robust")
+    for col in ("attack", "budget", "bare-model success", "detection rate", "detection or robust"):
+        t.add_column(col, justify="left" if col in ("attack", "budget") else "right")
+    for name, b in non["attacks"].items():
+        det = b["detectors"][non["protocol"]["decision"]]["detection_rate"]
+        t.add_row(name, b["budget"], f"{b['success_rate']:.3f}", "-" if det is None else f"{det:.3f}",
+                  f"{1 - b['end_to_end_success_detector']:.3f}")
+    console.print(t)
+    cost = out["cost"]
+    t = Table(title="Cost of each runtime option on the robust MLP: RobustModel.decide ÷ plain session.run")
+    for col in ("option", "batch 1 (µs)", "ratio", f"batch {next(iter(cost.values()))['batch']} (/s)", "ratio"):
+        t.add_column(col, justify="left" if col == "option" else "right")
+    for label, c in cost.items():
+        t.add_row(label, f"{c['latency_robust_us']:.0f}", f"{c['latency_ratio']:.1f}x",
+                  f"{c['throughput_robust_per_s']:.0f}", f"{c['throughput_ratio']:.1f}x")
+    console.print(t)
+    t = Table(title="Targets")
+    for col in ("figure", "measured", "target", "met"):
+        t.add_column(col)
+    for name, (value, target, op) in out["targets"].items():
+        met = value is not None and (value <= target if op == "<=" else value >= target)
+        t.add_row(name, "-" if value is None else f"{value:.3f}", f"{op} {target}", "yes" if met else "NO")
+    console.print(t)
+
+
+def fisher_minus_max(result: dict[str, Any], file: Any, resamples: int = 2000) -> tuple[float, float, float]:
+    """Fisher's detection rate minus the max-ensemble's, averaged over the attacks, with a paired bootstrap 95 %
+    interval (the successful examples of each attack resampled together for both combiners)."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for b in result["attacks"].values():
+        dets = b["detectors"]
+        if b["n_success"] == 0:
+            continue
+        thr_f, thr_m = file.get("fisher").reject_threshold, file.get("ensemble").reject_threshold
+        pairs.append((dets["fisher"]["scores"] > thr_f, dets["ensemble"]["scores"] > thr_m))
+    point = float(np.mean([f.mean() - m.mean() for f, m in pairs]))
+    boots = np.empty(resamples)
+    for r in range(resamples):
+        vals = []
+        for f, m in pairs:
+            idx = rng.integers(0, len(f), len(f))
+            vals.append(f[idx].mean() - m[idx].mean())
+        boots[r] = np.mean(vals)
+    return point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +430,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print(t)
         console.print("nogrid: the attack ignores the 1/16 grid, so validation rejects its examples; its "
                       "'ensemble only' column is what the detectors alone achieve against an adaptive attacker.")
+    sysout = run_system(args.quick, console)
+    print_system(console, sysout)
+    flat.update(sysout["flat"])
+    diff, d_low, d_high = fisher_minus_max(result, result["detector_file"])
+    flat.update({"fisher_minus_max_detection_avg": diff, "fisher_minus_max_detection_avg_ci_low": d_low,
+                 "fisher_minus_max_detection_avg_ci_high": d_high})
+    console.print(f"Fisher combiner minus the max ensemble, detection rate at {TARGET_FPR:.0%} FPR averaged over "
+                  f"the ART attacks: standard MLP {diff:+.3f} [{d_low:+.3f}, {d_high:+.3f}]; robust MLP "
+                  f"{flat['robust_fisher_minus_max_detection_avg']:+.3f} "
+                  f"[{flat['robust_fisher_minus_max_detection_avg_ci_low']:+.3f}, "
+                  f"{flat['robust_fisher_minus_max_detection_avg_ci_high']:+.3f}]")
     flat.update(
         quick=args.quick, machine=info["machine"], date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         protocol=result["protocol_text"], calibration_accuracy=result["calibration_accuracy"],

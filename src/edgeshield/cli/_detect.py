@@ -3,6 +3,7 @@ attacks."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -161,18 +162,41 @@ def evaluate(
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", help="Write one ROC plot per attack here (roc_<attack>.png).")
     ] = None,
+    system: Annotated[bool, typer.Option(
+        "--system", help="Also evaluate the whole defended system: per input, the worst case over AutoAttack "
+                         "(projected onto the spec's grid; needs torchattacks) and the adaptive sweep, at each "
+                         "--budget, with 95% intervals.")] = False,
+    budget: Annotated[list[str] | None, typer.Option(
+        "--budget", help="With --system: a threat model norm:eps, e.g. linf:2/16 or l2:1.0 (repeatable; default "
+                         "linf:1/16, linf:2/16, linf:3/16, l2:1.0).")] = None,
+    smoothing: Annotated[str | None, typer.Option(
+        "--smoothing", help="With --system: the system answers by randomized smoothing, e.g. sigma=0.25 (the "
+                            "adaptive attack then runs EOT over its noise).")] = None,
+    autoattack_iterations: Annotated[int | None, typer.Option(
+        "--autoattack-iterations", min=1, max=1000,
+        help="With --system: 100 runs the reference AutoAttack's iteration counts (default: torchattacks' "
+             "AutoAttack, 10).")] = None,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Attack the bundled model with ART (FGSM, PGD, CW, DeepFool, HopSkipJump) and an adaptive attack; report
-    detection rates, AUROC, measured FPR and the cost of robust inference."""
+    detection rates, AUROC, measured FPR and the cost of robust inference; with --system, the whole defence's
+    robust accuracy and end-to-end attack success."""
     import numpy as np
 
     from edgeshield.adversarial import DetectorFile
+    from edgeshield.adversarial._smoothing import SmoothingConfig
     from edgeshield.bundles._predict import load_npy
     from edgeshield.evaluation._adversarial import evaluate as run_evaluation
     from edgeshield.evaluation._adversarial import jsonable, report_tables, torch_model_for_bundle
+    from edgeshield.evaluation._system import BUDGETS, Budget, SuiteConfig
 
+    if not system and (budget or smoothing is not None or autoattack_iterations is not None):
+        raise InvalidArgumentError("--budget, --smoothing and --autoattack-iterations go with --system")
+    budgets = tuple(Budget.parse(b) for b in budget) if budget else BUDGETS
+    smoothing_config = SmoothingConfig.parse(smoothing) if smoothing is not None else None
+    suite = dataclasses.replace(SuiteConfig.quick() if quick else SuiteConfig(),
+                                autoattack_iterations=autoattack_iterations)
     file = DetectorFile.load(detector)
     x, y = load_npy(data), load_npy(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -185,10 +209,20 @@ def evaluate(
     with progress_bars() as progress:  # on stderr: minutes of attacks, never silent
         result = run_evaluation(opened.session, torch_model, file, x, y, quick=quick, out_dir=out_dir,
                                 progress=progress)
+        system_result = None
+        if system:
+            from edgeshield.evaluation._system import DefendedSystem, evaluate_system
+
+            defended = DefendedSystem("system", opened.session, torch_model, file, smoothing=smoothing_config)
+            system_result = evaluate_system(defended, x, y, budgets, suite=suite, progress=progress)
     if as_json:
-        emit_json(jsonable(result))
+        emit_json(jsonable(result) | ({"system": system_result.to_dict()} if system_result else {}))
         return
     for report in report_tables(result):
         console.print(never_cut(report))
+    if system_result is not None:
+        from edgeshield.evaluation._system import report_table
+
+        console.print(never_cut(report_table([system_result])))
     if result["roc_png"]:
         console.print(f"ROC plots: {', '.join(result['roc_png'].values())}")

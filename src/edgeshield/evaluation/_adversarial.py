@@ -312,7 +312,7 @@ def evaluate(session: onnxruntime.InferenceSession, torch_model: torch.nn.Module
         xa = run["x_adv"]
         success = clf.predict(xa) != y
         block = _score_block(name, dets, clean_scores, xa, success, valid_mask(spec, xa), decision)
-        delta = (xa - x)[success].reshape(int(success.sum()), -1)
+        delta = (xa - x)[success].reshape(int(success.sum()), int(np.prod(x.shape[1:])))
         block.update(budget=run["budget"], seconds=run["seconds"],
                      mean_linf=float(np.abs(delta).max(1).mean()) if len(delta) else None,
                      mean_l2=float(np.linalg.norm(delta, axis=1).mean()) if len(delta) else None)

@@ -26,6 +26,7 @@ OS-seeded noise) and ``InputSpec.validate``; the surrogates only steer the attac
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -150,8 +151,9 @@ class SuiteConfig:
 
     iters: int = 40
     step_fraction: float = 0.125  # PGD step as a fraction of eps (Linf per coordinate, L2 in norm)
-    lambdas: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    lambdas: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     losses: tuple[str, ...] = ("ce", "margin")
+    penalties: tuple[str, ...] = ("hinge", "combined")  # "combined": the decision statistic ÷ its threshold
     eot_draws: int = 8
     noise: Literal["own", "file"] = "file"  # the noise detector's own seeded draws: the attacker read the file
     autoattack: bool = True
@@ -160,7 +162,7 @@ class SuiteConfig:
 
     @classmethod
     def quick(cls) -> SuiteConfig:
-        return cls(iters=20, lambdas=(0.0, 0.3, 1.0), losses=("ce",), eot_draws=4)
+        return cls(iters=20, lambdas=(0.0, 0.3, 1.0), losses=("ce",), penalties=("combined",), eot_draws=4)
 
 
 def _rate(k: int, n: int) -> dict[str, float | int | None]:
@@ -236,9 +238,7 @@ def evaluate_system(system: DefendedSystem, x: np.ndarray, y: np.ndarray, budget
         model_clean_accuracy=_rate(int(model_correct.sum()), n),
         system_clean_accuracy=_rate(int(answered_correct.sum()), n),
         fpr=_rate(int((~ok0 | refused0).sum()), n),
-        suite={"iters": suite.iters, "step_fraction": suite.step_fraction, "lambdas": list(suite.lambdas),
-               "losses": list(suite.losses), "eot_draws": suite.eot_draws, "noise": suite.noise, "autoattack": suite.autoattack,
-               "autoattack_iterations": suite.autoattack_iterations, "seed": suite.seed})
+        suite=dataclasses.asdict(suite))
     lo = spec.min if spec.min is not None else 0.0
     hi = spec.max if spec.max is not None else 1.0
     steps = len(budgets) * (2 if suite.autoattack else 1)
@@ -268,7 +268,7 @@ def evaluate_system(system: DefendedSystem, x: np.ndarray, y: np.ndarray, budget
             system.torch_model, system.robust.clf, system.detector_file, system.robust.detector, x, y,
             eps=budget.eps, step=budget.eps * suite.step_fraction, iters=suite.iters, norm=budget.norm,
             decision=system.decision, smoothing=system.smoothing, eot_draws=suite.eot_draws,
-            lambdas=suite.lambdas, losses=suite.losses, seed=suite.seed, noise=suite.noise,
+            lambdas=suite.lambdas, losses=suite.losses, penalties=suite.penalties, seed=suite.seed, noise=suite.noise,
             judge=lambda xn: system.judge(xn, y))
         hits = [system.broken(e, y) for e in adaptive.examples]  # re-judged: smoothing draws afresh
         hit = np.any(hits, axis=0) if hits else np.zeros(n, dtype=bool)
@@ -317,7 +317,7 @@ def flat_figures(result: SystemResult, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def report_table(results: Sequence[SystemResult]) -> Any:
+def report_table(results: Sequence[SystemResult], title: str | None = None) -> Any:
     """One rich table: a row per system and budget."""
     from rich.table import Table
 
@@ -326,7 +326,8 @@ def report_table(results: Sequence[SystemResult]) -> Any:
             return "-"
         return f"{r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
 
-    t = Table(title="System evaluation: per-input worst case over AutoAttack (on the grid) and the adaptive sweep")
+    t = Table(title=title or "System evaluation: per-input worst case over AutoAttack (on the grid) and the adaptive "
+                             "sweep")
     for col in ("system", "clean acc (model / system)", "FPR", "budget", "model AA robust acc",
                 "system robust acc [95% CI]", "end-to-end success [95% CI]"):
         t.add_column(col, justify="left" if col in ("system", "budget") else "right")
