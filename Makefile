@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/hardware.py --json benchmarks/results/hardware.json
 	$(PY) benchmarks/robust_training.py --json benchmarks/results/robust_training.json
 	$(PY) benchmarks/smoothing.py --json benchmarks/results/smoothing.json
+	$(PY) benchmarks/tradeoff.py --json benchmarks/results/tradeoff.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bundles.py --quick
@@ -77,6 +78,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/hardware.py --quick
 	$(PY) benchmarks/robust_training.py --quick
 	$(PY) benchmarks/smoothing.py --quick
+	$(PY) benchmarks/tradeoff.py --quick
 
 # Rebuild the bundled digits classifier (PyTorch -> ONNX).
 model: $(STAMP)

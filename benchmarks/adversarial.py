@@ -151,7 +151,8 @@ def _train_cnn(method: str, split: Any) -> bytes:
     """The small CNN, standard or TRADES (the recipe of ``benchmarks/robust_training.py``), as ONNX bytes."""
     import torch
 
-    from edgeshield.training import digits_cnn, digits_robust_config, onnx_bytes, train_robust, train_standard
+    from edgeshield.training import digits_cnn, digits_robust_config, train_robust, train_standard
+    from edgeshield.training._robust import onnx_bytes
 
     torch.manual_seed(0)
     model = digits_cnn()
@@ -301,12 +302,16 @@ def run_system(quick: bool, console: Any) -> dict[str, Any]:
                  "detection_or_robust_nonadaptive_avg_ci_high": high})
     for name, b in nonadaptive["attacks"].items():
         flat[f"detection_or_robust_{name}"] = 1 - b["end_to_end_success_detector"]
+        flat[f"robust_attack_success_{name}"] = b["success_rate"]
+        flat[f"robust_mean_linf_{name}"], flat[f"robust_mean_l2_{name}"] = b["mean_linf"], b["mean_l2"]
     diff, d_low, d_high = fisher_minus_max(nonadaptive, robust.detector_file)
     flat.update({"robust_fisher_minus_max_detection_avg": diff, "robust_fisher_minus_max_detection_avg_ci_low": d_low,
                  "robust_fisher_minus_max_detection_avg_ci_high": d_high})
     for label, c in cost.items():
         flat[f"system_latency_ratio_{label}"] = c["latency_ratio"]
         flat[f"system_throughput_ratio_{label}"] = c["throughput_ratio"]
+        flat[f"system_latency_plain_us_{label}"], flat[f"system_latency_us_{label}"] = (c["latency_plain_us"],
+                                                                                      c["latency_robust_us"])
     out["targets"] = {
         "end_to_end_success_eps2": (flat.get("adaptive_end_to_end_success_eps2"), TARGET_E2E, "<="),
         "robust_clean_accuracy": (flat["robust_clean_accuracy"], TARGET_CLEAN, ">="),
@@ -392,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write one flat JSON object, and the ROC plots next to it")
     args = ap.parse_args(argv)
 
+    import torch
     from rich.table import Table
 
+    # One torch thread: on two cores, torch's second thread fights ONNX Runtime's and every attack slows by 10-30x.
+    torch.set_num_threads(1)
     started = time.perf_counter()
     info = machine_info()
     console = open_report(150, info)

@@ -198,3 +198,23 @@ def test_importing_the_harness_stays_light() -> None:
         "bad = [n for n in ('torch', 'art', 'matplotlib', 'sklearn') if n in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_evaluate_system_quick_json(cli_world: dict, home: Path) -> None:
+    proc = _evaluate(home, cli_world, "detector.json", "--quick", "--json", "--system", "--budget", "linf:2/16",
+                     "--budget", "l2:1.0")
+    assert proc.returncode == 0, proc.stderr
+    system = json.loads(proc.stdout)["system"]
+    assert [b["budget"] for b in system["budgets"]] == ["L∞ 2/16", "L2 1"]
+    for b in system["budgets"]:
+        assert set(b["per_attack"]) == {"autoattack", "adaptive"}
+        e2e = b["end_to_end_success"]
+        assert e2e["ci_low"] <= e2e["rate"] <= e2e["ci_high"] and e2e["n"] <= system["n"] == 40
+
+
+def test_cli_evaluate_system_options_need_system(cli_world: dict, home: Path) -> None:
+    for extra in (("--budget", "linf:2/16"), ("--system", "--budget", "linf:2"), ("--system", "--smoothing", "n=5")):
+        proc = _evaluate(home, cli_world, "detector.json", "--quick", *extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("edgeshield: error: ") and "Traceback" not in proc.stderr

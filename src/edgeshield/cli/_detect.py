@@ -195,6 +195,10 @@ def evaluate(
         raise InvalidArgumentError("--budget, --smoothing and --autoattack-iterations go with --system")
     budgets = tuple(Budget.parse(b) for b in budget) if budget else BUDGETS
     smoothing_config = SmoothingConfig.parse(smoothing) if smoothing is not None else None
+    if system:  # before minutes of ART attacks, not after them
+        from edgeshield.evaluation._autoattack import _import_torchattacks
+
+        _import_torchattacks()
     suite = dataclasses.replace(SuiteConfig.quick() if quick else SuiteConfig(),
                                 autoattack_iterations=autoattack_iterations)
     file = DetectorFile.load(detector)

@@ -147,13 +147,19 @@ class DefendedSystem:
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """The attack suite's effort (``quick``: fewer iterations and configurations, one AutoAttack variant)."""
+    """The attack suite's effort: the adaptive sweep is λ × loss × penalty (λ = 0 once per loss), 40 iterations.
+
+    Two penalty shapes: ``combined`` (the decision detector's own statistic, smoothed, ÷ its threshold) and
+    ``hinge`` (per member, score ÷ its threshold past 0.9), which keeps pushing where the smooth Fisher statistic
+    saturates; ``sum`` can be added at proportional cost. ``quick``: 20 iterations, three λ, cross-entropy, the
+    combined penalty only.
+    """
 
     iters: int = 40
     step_fraction: float = 0.125  # PGD step as a fraction of eps (Linf per coordinate, L2 in norm)
     lambdas: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     losses: tuple[str, ...] = ("ce", "margin")
-    penalties: tuple[str, ...] = ("hinge", "combined")  # "combined": the decision statistic ÷ its threshold
+    penalties: tuple[str, ...] = ("combined", "hinge")
     eot_draws: int = 8
     noise: Literal["own", "file"] = "file"  # the noise detector's own seeded draws: the attacker read the file
     autoattack: bool = True
