@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-from edgeshield.errors import InvalidArgumentError, MissingDependencyError, UnsupportedModelError
+from edgeshield._onnx import first_line, parse_onnx
+from edgeshield.errors import InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import onnx
@@ -46,16 +47,8 @@ def expose_hidden(model: bytes, names: Sequence[str] | Literal["auto"] = "auto")
     Returns the serialized model and the exposed names. ``"auto"`` picks :func:`auto_hidden_names`. A name no
     node produces is an :class:`UnknownTensorError`; the model's own outputs cannot be named.
     """
-    try:
-        import onnx
-        from google.protobuf.message import DecodeError
-    except ImportError:
-        raise MissingDependencyError("exposing hidden outputs needs the onnx package: "
-                                     "pip install 'edgeshield[owner]'") from None
-    try:
-        m = onnx.load_model_from_string(model)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise UnsupportedModelError(f"not a valid ONNX model: {_first_line(exc)}") from None
+    m = parse_onnx(model, "exposing hidden outputs")
+    import onnx
     graph = m.graph
     if not graph.output:
         raise UnsupportedModelError("the model has no outputs")
@@ -83,10 +76,5 @@ def expose_hidden(model: bytes, names: Sequence[str] | Literal["auto"] = "auto")
     try:
         onnx.checker.check_model(m)
     except onnx.checker.ValidationError as exc:
-        raise UnsupportedModelError(f"the model with hidden outputs does not validate: {_first_line(exc)}") from None
+        raise UnsupportedModelError(f"the model with hidden outputs does not validate: {first_line(exc)}") from None
     return m.SerializeToString(), wanted
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

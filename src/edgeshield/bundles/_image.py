@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeshield._onnx import first_line, parse_onnx
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.bundles._format import WEIGHTS_LOCATION, Image
 from edgeshield.bundles._modelio import ModelIO, from_onnx_graph
@@ -79,16 +80,9 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
     ``from_file`` says the bytes are that file's (not, say, a watermarked copy): the ONNX checker then reads the
     file itself, which costs one transient copy of the model instead of two.
     """
-    try:
-        import onnx
-        from google.protobuf.message import DecodeError
-    except ImportError:
-        raise MissingDependencyError("protecting a model needs the onnx package: "
-                                     "pip install 'edgeshield[owner]'") from None
-    try:
-        model = onnx.load_model_from_string(model_bytes)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise UnsupportedModelError(f"not a valid ONNX model: {_first_line(exc)}") from None
+    model = parse_onnx(model_bytes, "protecting a model")
+    import onnx
+    from google.protobuf.message import DecodeError
     external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     if external and model_path is None:
         raise ExternalDataError(f"tensor {external[0].name!r} refers to an external data file: protect the model "
@@ -102,7 +96,7 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
                                  else model)
     except (DecodeError, onnx.checker.ValidationError, RuntimeWarning, ValueError) as exc:
         data.close()
-        raise UnsupportedModelError(f"not a valid ONNX model: {_first_line(exc)}") from None
+        raise UnsupportedModelError(f"not a valid ONNX model: {first_line(exc)}") from None
     except BaseException:
         data.close()
         raise
@@ -165,10 +159,6 @@ def has_external_data(model_bytes: bytes) -> bool:
     except Exception:  # noqa: BLE001 - unparseable, whatever onnx raises: build_image reports it properly
         return False
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
