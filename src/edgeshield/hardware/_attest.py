@@ -492,6 +492,18 @@ class VerifiedQuote:
                 "pcrs": {"sha256": {str(i): v.hex() for i, v in sorted(self.pcrs.items())}}}
 
 
+def _signed_attest(attest: bytes, signature: bytes, ak: TpmPublic, nonce: bytes, kind: int, what: str) -> Attest:
+    """The first four checks of every attestation: the AK's signature (nothing is trusted before it), parsing
+    (TPM_GENERATED), the structure's type and ``extraData == nonce``."""
+    verify_signature(ak, attest, signature)
+    att = parse_attest(attest)
+    if att.type != kind:
+        raise QuoteFormatError(f"the attestation structure is not {what}")
+    if not hmac.compare_digest(att.extra_data, nonce):
+        raise NonceMismatchError(f"the {what.split(' ', 1)[1]} does not answer this nonce: replayed or stale")
+    return att
+
+
 def verify_quote(quote: Quote, ak: TpmPublic, nonce: bytes, policy: PcrPolicy | None = None,
                  last: ClockInfo | None = None) -> VerifiedQuote:
     """Check a quote: AK signature, TPM origin, the nonce, the PCR values against the digest, the policy, the clock.
@@ -499,12 +511,7 @@ def verify_quote(quote: Quote, ak: TpmPublic, nonce: bytes, policy: PcrPolicy | 
     Checks run in that order, each failure its own :class:`AttestationError` subclass; nothing of the quote is
     trusted before the signature verifies.
     """
-    verify_signature(ak, quote.attest, quote.signature)
-    att = parse_attest(quote.attest)
-    if att.type != ST_ATTEST_QUOTE:
-        raise QuoteFormatError("the attestation structure is not a quote")
-    if not hmac.compare_digest(att.extra_data, nonce):
-        raise NonceMismatchError("the quote does not answer this nonce: replayed or stale")
+    att = _signed_attest(quote.attest, quote.signature, ak, nonce, ST_ATTEST_QUOTE, "a quote")
     if len(att.pcr_selection) != 1 or att.pcr_selection[0][0] != ALG_SHA256:
         raise PcrMismatchError("the quote must cover exactly one PCR bank, SHA-256")
     indices = att.pcr_selection[0][1]
@@ -525,12 +532,7 @@ def verify_quote(quote: Quote, ak: TpmPublic, nonce: bytes, policy: PcrPolicy | 
 
 def verify_certification(attest: bytes, signature: bytes, ak: TpmPublic, key: TpmPublic, nonce: bytes) -> Attest:
     """Check that the AK certified ``key`` (TPM2_Certify) with qualifying data ``nonce``: same TPM, this key."""
-    verify_signature(ak, attest, signature)
-    att = parse_attest(attest)
-    if att.type != ST_ATTEST_CERTIFY:
-        raise QuoteFormatError("the attestation structure is not a key certification")
-    if not hmac.compare_digest(att.extra_data, nonce):
-        raise NonceMismatchError("the key certification does not answer this nonce")
+    att = _signed_attest(attest, signature, ak, nonce, ST_ATTEST_CERTIFY, "a key certification")
     if not hmac.compare_digest(att.certified_name, key.name):
         raise KeyAttributesError("the certification is for another key than the one sent")
     return att
@@ -586,12 +588,7 @@ def verify_nv_counter(nv_public: bytes, attest: bytes, signature: bytes, ak: Tpm
     value can only rise (see docs/updates.md, "The floor"). With ``last``, the TPM's clock must not have gone
     back since (a restored TPM state). Every failure is an :class:`AttestationError` subclass.
     """
-    verify_signature(ak, attest, signature)
-    att = parse_attest(attest)
-    if att.type != ST_ATTEST_NV:
-        raise QuoteFormatError("the attestation structure is not an NV certification")
-    if not hmac.compare_digest(att.extra_data, nonce):
-        raise NonceMismatchError("the NV certification does not answer this nonce: replayed or stale")
+    att = _signed_attest(attest, signature, ak, nonce, ST_ATTEST_NV, "an NV certification")
     try:
         pub = parse_nv_public(nv_public)
     except QuoteFormatError as exc:
