@@ -214,3 +214,28 @@ def test_ensemble_scales_members(session, split) -> None:  # type: ignore[no-unt
     ens = EnsembleDetector([a, b], [2.0, 0.5])
     x = split.x_test[:10]
     np.testing.assert_allclose(ens.scores(x), np.maximum(a.scores(x) / 2.0, b.scores(x) / 0.5))
+
+
+@pytest.mark.parametrize("q", [1 / 16, 1 / 255, 0.1, 0.25])
+def test_quantum_accepts_every_float32_way_of_writing_a_grid_point_and_refuses_jitter(q: float) -> None:
+    spec = InputSpec(shape=(None, None), min=0.0, max=1.0, quantum=q)
+    k = np.arange(0, round(1 / q) + 1, dtype=np.float64)[None, :]
+    for written in ((k * q).astype(np.float32), (k / (1 / q)).astype(np.float32), k.astype(np.float32) * np.float32(q)):
+        x = np.minimum(written, np.float32(1.0))
+        spec.validate(x)
+        assert np.array_equal(spec.snap(x), (k * q).clip(0, 1).astype(np.float32))
+    base = (k * q).astype(np.float32)[:, 1:-1]  # away from the range's ends
+    for jitter in (1e-6, 5e-5, -1e-6):  # the jitter that defeated the served watermark and the budget
+        with pytest.raises(InputQuantizationError):
+            spec.validate(base + np.float32(jitter) * (np.arange(base.shape[1]) == 1))
+    assert spec.snap(base + np.float32(1e-6)).tobytes() == base.tobytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 255), st.integers(0, 255), st.sampled_from(["float32", "float64", "float16"]))
+def test_snapped_values_always_validate(levels: int, k: int, dtype: str) -> None:
+    spec = InputSpec(shape=(None, 1), dtype=dtype, min=0.0, max=1.0, quantum=1 / levels)
+    x = np.array([[min(k, levels) / levels]], dtype=np.float64).astype(dtype)
+    snapped = spec.snap(x)
+    assert snapped.dtype == x.dtype
+    spec.validate(snapped)

@@ -34,6 +34,9 @@ METADATA_KEY = "edgeshield.input_spec"
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8"}
 
 
+QUANTUM_TOLERANCE_ULPS = 2  # how far (in units in the last place) a value may sit from its grid point
+
+
 @dataclass(frozen=True)
 class InputSpec:
     shape: tuple[int | None, ...]
@@ -154,13 +157,39 @@ class InputSpec:
             if self.max is not None and finite.max() > self.max:
                 raise InputRangeError("max", f"value {float(finite.max()):g} is above the maximum {self.max:g}")
             if self.quantum is not None:
-                steps = finite.astype(np.float64) / self.quantum
-                off = np.abs(steps - np.round(steps))
-                if off.max() > 1e-3:
+                bad = int((~self.on_grid(finite)).sum())
+                if bad:
                     raise InputQuantizationError(
-                        "quantum", f"{int((off > 1e-3).sum())} value(s) are not multiples of {self.quantum:g}"
-                    )
+                        "quantum", f"{bad} value(s) are not multiples of {self.quantum:g} (within "
+                                   f"{QUANTUM_TOLERANCE_ULPS} units in the last place)")
         return x
+
+    def on_grid(self, values: np.ndarray) -> np.ndarray:
+        """Per value (any shape; all True without a quantum; non-finite values False): within
+        ``QUANTUM_TOLERANCE_ULPS`` ulps (of the value's own dtype) of the nearest k·quantum.
+
+        Any honest way of computing k·q in float32 lands within 1.5 ulp of it (``float32(k / 255)``: 0.5;
+        ``k * float32(1 / 255)``: two roundings), while a jitter as small as 1e-6 on [0, 1] is more than 8 ulps
+        (ulp ≤ 1.2e-7 there): the old tolerance of 1e-3 of a step let 6e-5 of jitter through at q = 1/16, which made
+        every per-input decision (budgets, served marks) see a new input. Integers must be exact multiples.
+        """
+        if self.quantum is None:
+            return np.ones(values.shape, dtype=bool)
+        v = values.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            grid = np.rint(v / self.quantum) * self.quantum
+            if values.dtype.kind == "f":
+                tol = QUANTUM_TOLERANCE_ULPS * np.spacing(np.abs(grid.astype(values.dtype))).astype(np.float64)
+            else:
+                tol = 1e-9 * np.maximum(1.0, np.abs(grid))
+            return np.asarray(np.abs(v - grid) <= tol)
+
+    def snap(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with every value replaced by the nearest multiple of the quantum, correctly rounded to ``x``'s dtype
+        (one value per grid point, whichever way a client computed it); ``x`` itself without a quantum."""
+        if self.quantum is None:
+            return x
+        return np.asarray((np.rint(x.astype(np.float64) / self.quantum) * self.quantum).astype(x.dtype))
 
     def _shape_text(self) -> str:
         return "[" + ", ".join("N" if d is None else str(d) for d in self.shape) + "]"
