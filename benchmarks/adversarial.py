@@ -236,8 +236,8 @@ def run_system(quick: bool, console: Any) -> dict[str, Any]:
                                       suite=suite, progress=progress)
                 out["systems"].append(res)
                 flat.update(flat_figures(res, prefix=f"{key}_"))
+            robust = systems["mlp_robust"]
             if not quick:  # design alternatives around the headline system, at the headline budget
-                robust = systems["mlp_robust"]
                 alternatives = [
                     ("alt_max", DefendedSystem("robust MLP, max ensemble", robust.session, robust.torch_model,
                                                robust.detector_file, decision="ensemble")),
@@ -252,7 +252,6 @@ def run_system(quick: bool, console: Any) -> dict[str, Any]:
                     res = evaluate_system(system, x_eval, y_eval, (HEADLINE,), suite=suite, progress=progress)
                     out["alternatives"].append(res)
                     flat.update(flat_figures(res, prefix=f"mlp_robust_{key}_"))
-            robust = systems["mlp_robust"]
             # Non-adaptive: ART's attacks (as in the standard-model table) on the robust system's model and file.
             nonadaptive = evaluate(robust.session, robust.torch_model, robust.detector_file, x_eval, y_eval,
                                    quick=quick, adaptive=False, measure_cost=False, progress=progress)

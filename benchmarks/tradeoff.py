@@ -60,10 +60,11 @@ from adversarial import (  # benchmarks/adversarial.py: the same defended system
     SYSTEM_DECISION,
     SYSTEM_DETECTORS,
     TARGET_FPR,
+    machine_info,
     prepare_system,
 )
 
-from _machine import Background, eval_stack, hardware, open_report, write_report
+from _machine import Background, open_report, write_report
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
@@ -368,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
-    hw, versions = hardware(), eval_stack()
-    info = {"machine": f"{hw}; {versions}", "hardware": hw, "versions": versions}
+    info = machine_info()
     console = open_report(150, info)
     background = Background()
     out = run(args.quick)

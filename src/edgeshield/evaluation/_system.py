@@ -130,7 +130,7 @@ class DefendedSystem:
         """
         x = np.asarray(x, dtype=np.float32)
         ok = valid_mask(self.spec, x)
-        mis = self.robust.clf.predict(x) != y
+        mis = np.zeros(len(x), dtype=bool)
         refused = np.zeros(len(x), dtype=bool)
         if ok.any():
             d = self.robust.decide(x[ok])
@@ -138,6 +138,9 @@ class DefendedSystem:
             answered = ~refused[ok]
             idx = np.flatnonzero(ok)[answered]
             mis[idx] = d.predictions[answered] != y[idx]
+        unanswered = ~ok | refused  # the bare model only where the system gives no answer of its own
+        if unanswered.any():
+            mis[unanswered] = self.robust.clf.predict(x[unanswered]) != y[unanswered]
         return mis, ok, refused
 
     def broken(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
