@@ -354,14 +354,14 @@ def _replacement(kind: str, x: list[np.ndarray], i: int, b: np.ndarray, out: np.
         return _ball(b * c, c)
     if kind == "antipode":  # the replaced update reversed, pushed to the sphere
         n = float(np.linalg.norm(x[i]))
-        return -x[i] * (c / n) if n > 0 else _ball(b * c, c)
+        return _ball(-x[i] * (c / n), c) if n > 0 else _ball(b * c, c)  # a subnormal n rescales inexactly
     if kind == "zero":  # a dropout or a rejected update under the fixed scheme
         return np.zeros(d)
     if kind == "copy":  # duplicate another client: tips a Krum/median majority
         return x[j % len(x)].copy()
     if kind == "against_output":
         n = float(np.linalg.norm(out))
-        return -out * (c / n) if n > 0 else _ball(b * c, c)
+        return _ball(-out * (c / n), c) if n > 0 else _ball(b * c, c)
     if kind == "axis":
         e = np.zeros(d)
         e[j % d] = c if j % 2 else -c
