@@ -286,6 +286,14 @@ class NotAnEvidenceStoreError(InputError):
     """The file is not an EdgeShield served-watermark evidence database."""
 
 
+class NotAnExtractionStateError(InputError):
+    """The file is not an EdgeShield extraction-monitor state database (``serve --extraction-state``)."""
+
+
+class ExtractionStateError(IntegrityError):
+    """Stored extraction-monitor state (a client's budget, PRADA sets, a sketch, a key registry) is malformed."""
+
+
 # --- 4: keys ------------------------------------------------------------------------------------------------------
 class KeyMaterialError(EdgeShieldError):
     """A key is missing, wrong, unreadable or of the wrong type."""
