@@ -69,7 +69,7 @@ def test_marks_are_deterministic_per_input_and_depend_on_the_key() -> None:
     other, _ = ServedWatermark(OTHER_KEY, 0.1, classes=K).marks(x)
     assert not np.array_equal(m1, other)
     assert (m1 & other).sum() < 0.03 * len(x)  # about rate**2 = 1 % overlap: the two keys' marks are independent
-    assert SERVED_SCHEME == "served-dawn-v1" and DEFAULT_RATE == 0.01
+    assert SERVED_SCHEME == "served-dawn-v2" and DEFAULT_RATE == 0.01
 
 
 def test_mark_rate_within_binomial_bounds() -> None:
@@ -220,7 +220,8 @@ def test_a_copy_that_learnt_the_answers_is_detected(served: dict[str, np.ndarray
     assert isinstance(res, CopyVerifyResult)
     assert res.present and res.matches == res.evidence == len(served["x"]) and res.p_value < 1e-100
     assert res.null_rate == pytest.approx(1 / 9) and res.threshold == 1e-6 and res.match_rate == 1.0
-    assert set(res.to_dict()) == {"evidence", "matches", "match_rate", "p_value", "threshold", "present", "null_rate"}
+    assert set(res.to_dict()) == {"evidence", "matches", "match_rate", "p_value", "threshold", "present", "null_rate",
+                                 "units"}
 
     def partial(x: np.ndarray) -> np.ndarray:  # learnt only a third of the marks, honest elsewhere
         learnt = np.arange(len(x)) % 3 == 0
@@ -431,7 +432,7 @@ def test_cli_verify_copy_present(cli_world: dict[str, Path]) -> None:
     assert out["present"] is True and out["matches"] == out["evidence"] >= 40 and out["client"] == "mallory"
     res = runner.invoke(app, ["verify-copy", str(cli_world["copy"]), "--evidence", str(cli_world["evidence"])])
     assert res.exit_code == 0 and res.output.startswith("served watermark PRESENT: ")
-    assert "watermarked answers reproduced (null rate 1/9), p = " in res.output
+    assert "marked units reproduced (" in res.output and "null rate 1/9 per unit), p = " in res.output
 
 
 def test_cli_verify_copy_absent_is_not_an_error(cli_world: dict[str, Path]) -> None:

@@ -107,19 +107,20 @@ def verify_copy(
     ] = 1e-6,
     as_json: JsonOpt = False,
 ) -> None:
-    """Test SUSPECT for the served watermark; exit 0 whether or not it is found (see `present`)."""
+    """Test SUSPECT for the served watermark, one trial per marked unit; exit 0 whether or not it is found."""
     from edgeshield._io import check_readable_file
     from edgeshield.watermark import EvidenceStore
     from edgeshield.watermark import verify_copy as run_verify_copy
 
     data = check_readable_file(suspect, what="suspect model").read_bytes()
     with EvidenceStore(evidence, create=False) as store:
-        x, labels, _, _ = store.load(client)
-    result = run_verify_copy(data, x, labels, classes=classes, threshold=threshold)
+        ev = store.evidence(client)
+    result = run_verify_copy(data, ev.x, ev.labels, classes=classes, units=ev.units, threshold=threshold)
     if as_json:
         emit_json({**result.to_dict(), "client": client})
         return
     verdict = "PRESENT" if result.present else "not found"
-    console.print(f"served watermark {verdict}: {result.matches} of {result.evidence} watermarked answers "
-                  f"reproduced (null rate 1/{classes - 1}), p = {result.p_value:.3g} (threshold {result.threshold:g})",
+    console.print(f"served watermark {verdict}: {result.matches} of {result.units} marked units reproduced "
+                  f"({result.evidence} watermarked answers; null rate 1/{classes - 1} per unit), "
+                  f"p = {result.p_value:.3g} (threshold {result.threshold:g})",
                   markup=False, soft_wrap=True)  # one line, however narrow the terminal
