@@ -18,9 +18,11 @@ from edgeshield.extraction._monitor import ACTIONS, Detector, QueryMonitor, Resp
 from edgeshield.extraction._prada import PradaDetector, PradaState, calibrate_delta, shapiro_w
 from edgeshield.extraction._ratelimit import RateLimiter, TokenBucket
 from edgeshield.extraction._signals import OodRateSignal, QueryBudget, SignalState
+from edgeshield.extraction._transforms import BenignTransforms
 
 __all__ = [
     "ACTIONS",
+    "BenignTransforms",
     "Chain",
     "Detector",
     "LabelOnly",
