@@ -4,6 +4,8 @@ hardening.
 The runtime path needs only numpy: PRADA's Shapiro–Wilk test is edgeshield._stats.shapiro, not scipy's.
 """
 
+from edgeshield.extraction._budget import DecayingBudget
+from edgeshield.extraction._fleet import FleetBudget
 from edgeshield.extraction._harden import (
     Chain,
     LabelOnly,
@@ -14,18 +16,29 @@ from edgeshield.extraction._harden import (
     from_config,
     top1_preserved,
 )
+from edgeshield.extraction._keys import GridKeys, InputKeys, LeaderKeys, collision_rate, digest_keys, keys_for
 from edgeshield.extraction._monitor import ACTIONS, Detector, QueryMonitor, ResponsePolicy, Signal, Verdict
 from edgeshield.extraction._prada import PradaDetector, PradaState, calibrate_delta, shapiro_w
 from edgeshield.extraction._ratelimit import RateLimiter, TokenBucket
 from edgeshield.extraction._signals import OodRateSignal, QueryBudget, SignalState
+from edgeshield.extraction._sketch import BloomFilter, HyperLogLog
+from edgeshield.extraction._store import MonitorStore
 from edgeshield.extraction._transforms import BenignTransforms
 
 __all__ = [
     "ACTIONS",
     "BenignTransforms",
+    "BloomFilter",
     "Chain",
+    "DecayingBudget",
     "Detector",
+    "FleetBudget",
+    "GridKeys",
+    "HyperLogLog",
+    "InputKeys",
     "LabelOnly",
+    "LeaderKeys",
+    "MonitorStore",
     "OodRateSignal",
     "OutputPolicy",
     "PradaDetector",
@@ -42,7 +55,10 @@ __all__ = [
     "TopK",
     "Verdict",
     "calibrate_delta",
+    "collision_rate",
+    "digest_keys",
     "from_config",
+    "keys_for",
     "shapiro_w",
     "top1_preserved",
 ]
