@@ -114,6 +114,11 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--served-watermark-key", "wm.key"),
     ("--served-watermark-rate", "0.05"),
     ("--served-watermark-evidence", "evidence.db"),
+    ("--extraction-state", "extraction-state.db"),  # budgets, blocks and the key registry, flushed at shutdown
+    ("--decaying-budget", "5000:1000"),  # far above what the clients send (PRADA's block is the one tested)
+    ("--fleet-budget", "100000"),
+    ("--fleet-group", "role"),
+    ("--max-monitored-clients", "1000"),
     ("--audit-durability", "normal"),
     ("--max-body", "1048576"),
     ("--config", "serve.toml"),  # see FILES; the flags here override it
@@ -162,6 +167,9 @@ SERVE_FLAGS_NOT_RUN: dict[str, str] = {
     "--tcti": "with --released-key or a tpm: device key (tests/server/test_serve_released.py, tests/hardware)",
     "--passphrase-env": "the keys here are unencrypted (passphrases: tests/keys, tests/cli)",
     "--no-monitor": "the off switch of --monitor, which runs here (servers without a monitor: tests/compliance)",
+    "--ood-reference": "needs a reference .npz of the task's inputs (FILES holds text): the OOD signal from a file is "
+                       "tested in tests/server/test_extraction_state.py and tests/extraction/test_signals.py",
+    "--ood-transforms": "with --ood-reference (tests/server/test_extraction_state.py)",
 }
 
 

@@ -218,6 +218,45 @@ def serve(
                      help="SQLite file keeping the marked inputs (for `watermark verify-copy`); "
                           "required with the key."),
     ] = None,
+    extraction_state: Annotated[
+        Path | None,
+        typer.Option("--extraction-state", rich_help_panel=_EXTRACTION,
+                     help="SQLite file keeping the extraction monitor's state (budgets, blocks, PRADA sets) and the "
+                          "canonical-key registry across restarts; written every 30 s and at shutdown."),
+    ] = None,
+    decaying_budget: Annotated[
+        str | None,
+        typer.Option("--decaying-budget", metavar="BURST:PER_DAY", rich_help_panel=_EXTRACTION,
+                     help="Per-identity budget of distinct inputs over its whole life: BURST deep, refilled at PER_DAY "
+                          "a day; a device sending at most BURST + PER_DAY*T in any T days is never alarmed."),
+    ] = None,
+    fleet_budget: Annotated[
+        int | None,
+        typer.Option("--fleet-budget", min=1, rich_help_panel=_EXTRACTION,
+                     help="Most distinct inputs a group of identities (--fleet-group) may send per UTC day, counted "
+                          "as one union; beyond it every identity of the group is flagged."),
+    ] = None,
+    fleet_group: Annotated[
+        str, typer.Option("--fleet-group", rich_help_panel=_EXTRACTION,
+                          help="What a fleet group is: role (the identity's certificate role).")
+    ] = "role",
+    max_monitored_clients: Annotated[
+        int, typer.Option("--max-monitored-clients", min=1, rich_help_panel=_EXTRACTION,
+                          help="Clients the extraction monitor holds in memory; the least recently seen go to "
+                               "--extraction-state (without one their budgets are forgotten, blocks kept).")
+    ] = 10_000,
+    ood_reference: Annotated[
+        Path | None,
+        typer.Option("--ood-reference", rich_help_panel=_EXTRACTION,
+                     help="An .npz with array x of clean task inputs: watch each client's out-of-distribution rate, "
+                          "calibrated on them (and --ood-transforms)."),
+    ] = None,
+    ood_transforms: Annotated[
+        str | None,
+        typer.Option("--ood-transforms", metavar="JSON", rich_help_panel=_EXTRACTION,
+                     help='Benign sensor variations the OOD calibration includes, e.g. \'{"shifts": 1, "noise": '
+                          '0.05, "contrast": [0.7, 1.0], "image_shape": [8, 8]}\'.'),
+    ] = None,
     witness: Annotated[
         str | None,
         typer.Option("--witness", metavar="URL", rich_help_panel=_WITNESS,
@@ -316,6 +355,10 @@ def serve(
                            outputs=outputs, query_budget=query_budget, query_window_s=query_window,
                            served_watermark_key=served_watermark_key, served_watermark_rate=served_watermark_rate,
                            served_watermark_evidence=served_watermark_evidence, limits=limits,
+                           extraction_state=extraction_state,
+                           decaying_budget=_parse_decaying_budget(decaying_budget), fleet_budget=fleet_budget,
+                           fleet_group=fleet_group, max_monitored_clients=max_monitored_clients,
+                           ood_reference=ood_reference, ood_transforms=ood_transforms,
                            crl_expired=crl_expired, crl_warn_days=crl_warn_days, witness_url=witness,
                            witness_ca=witness_ca, witness_cert=witness_cert, witness_cert_key=witness_cert_key,
                            witness_vkeys=tuple(witness_vkey or ()), witness_every_s=witness_every,
@@ -339,3 +382,17 @@ def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]
         if not role:
             raise InvalidArgumentError(f"--rate-limit expects ROLE=RATE:BURST, got {item!r}")
     return tuple(out)
+
+
+def _parse_decaying_budget(value: str | None) -> tuple[int, float] | None:
+    if value is None:
+        return None
+    burst, sep, per_day = value.partition(":")
+    try:
+        parsed = (int(burst), float(per_day))
+    except ValueError:
+        parsed = None
+    if not sep or parsed is None or parsed[0] < 1 or not parsed[1] > 0 or parsed[1] == float("inf"):
+        raise InvalidArgumentError(f"--decaying-budget expects BURST:PER_DAY (a positive integer and a positive "
+                                   f"number), got {value!r}")
+    return parsed

@@ -66,15 +66,8 @@ class Detector(Protocol):
 
 def default_keys(x: np.ndarray) -> list[bytes]:
     """The keys used where none are given: SHA-256 of each row's exact float32 bytes (``digest_keys``)."""
-    try:
-        from edgeshield.extraction._keys import digest_keys
-    except ImportError:  # pragma: no cover - until the keys module lands: the same digests
-        import hashlib
+    from edgeshield.extraction._keys import digest_keys
 
-        from edgeshield._arrays import canonical
-
-        rows = canonical(x)
-        return [hashlib.sha256(rows[i].tobytes()).digest() for i in range(rows.shape[0])]
     return digest_keys(x)
 
 

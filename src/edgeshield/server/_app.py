@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from edgeshield.adversarial import InputSpec, RobustModel
     from edgeshield.bundles._ort import onnxruntime
     from edgeshield.compliance import SubjectKeys
-    from edgeshield.extraction import OutputPolicy, QueryMonitor, RateLimiter
+    from edgeshield.extraction import MonitorStore, OutputPolicy, QueryMonitor, RateLimiter
+    from edgeshield.extraction._keys import InputKeys
     from edgeshield.monitor import Monitor
     from edgeshield.server._model import ServedModel
     from edgeshield.server._rbac import Rbac
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 
 _T = TypeVar("_T")
+log = logging.getLogger("edgeshield.server")
 
 
 class AuditSink(Protocol):
@@ -151,6 +154,14 @@ class ServerState:
     # model-extraction defence (edgeshield.extraction); all optional
     rate_limiter: RateLimiter | None = None  # per-client token buckets, per role; cost = batch size
     monitor: QueryMonitor | None = None  # per-client signals → flag / throttle / degrade / block
+    # canonical input keys for every per-input decision (budgets, the served watermark's units); None: derived from
+    # the spec at create_app (``keys_for``: the grid's with a quantum, else a leader registry) when one is needed
+    input_keys: InputKeys | None = None
+    # where the monitor's state and the key registry persist (``serve --extraction-state``); flushed every
+    # ``flush_every_s`` on the server's loop and at graceful shutdown
+    extraction_store: MonitorStore | None = None
+    flush_every_s: float = 30.0
+    clock: Callable[[], float] = time.time  # the extraction defence's day-scale clock (tests simulate days)
     outputs: OutputPolicy | None = None  # for probabilities in answers; None: labels only
     # ownership proof for stolen copies; optional
     served_watermark: _ModelPart[ServedWatermark | None] = _ModelPart()
@@ -207,14 +218,54 @@ def input_spec_for(session: onnxruntime.InferenceSession, spec: InputSpec | None
     return spec
 
 
+def flush_extraction_state(state: ServerState) -> None:
+    """Write the monitor's changed clients and the key registry to the extraction store (a no-op without one)."""
+    store = state.extraction_store
+    if store is None:
+        return
+    if state.monitor is not None and state.monitor.store is not None:
+        state.monitor.flush()
+    if state.input_keys is not None:
+        store.save_keys(state.input_keys)
+
+
+def _setup_input_keys(state: ServerState, spec: InputSpec) -> None:
+    """The canonical keys the monitor and the served watermark share, with the registry the store kept (a
+    malformed one stops the start-up: ExtractionStateError naming the row)."""
+    if state.input_keys is None and (state.monitor is not None or state.served_watermark is not None):
+        from edgeshield.extraction._keys import keys_for
+
+        state.input_keys = keys_for(spec)
+        if state.extraction_store is not None:
+            state.extraction_store.load_keys(state.input_keys)
+    if state.monitor is not None and state.monitor.input_keys is None:
+        state.monitor.input_keys = state.input_keys
+
+
+async def _flush_periodically(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(state.flush_every_s)
+        try:
+            await asyncio.to_thread(flush_extraction_state, state)
+        except Exception:  # a failed flush is retried next time; the shutdown flush raises
+            log.exception("extraction state: periodic flush failed")
+
+
 def create_app(state: ServerState) -> SecurityMiddleware:
     """The FastAPI application for ``state`` (OpenAPI at /openapi.json), behind the security middleware."""
     spec = state.spec = input_spec_for(state.session, state.spec)
+    _setup_input_keys(state, spec)
     pipeline = state.pipeline = state.pipeline if state.pipeline is not None else default_pipeline(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        flusher = asyncio.create_task(_flush_periodically(state)) if state.extraction_store is not None else None
         yield
+        if flusher is not None:  # the last flush, before the shutdown hooks close the store
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await asyncio.to_thread(flush_extraction_state, state)
         # Graceful shutdown: flush pending records, note the shutdown, anchor every entry under a signed checkpoint.
         for hook in state.on_shutdown:
             await asyncio.to_thread(hook)

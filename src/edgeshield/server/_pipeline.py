@@ -44,7 +44,8 @@ class RequestContext:
     headers: dict[str, str]  # lower-cased names
     body: bytes
     digest: str  # SHA-256 of the body: what the audit log records of an input
-    x: np.ndarray | None = None  # the parsed, validated batch
+    x: np.ndarray | None = None  # the parsed, validated batch (snapped to the spec's grid when it has one)
+    keys: list[bytes] | None = None  # the batch's canonical input keys (when a monitor or served watermark needs them)
     result: dict[str, Any] = field(default_factory=dict)  # the answer being built
     probabilities: np.ndarray | None = None  # only when an output policy will publish them
     output_policy: OutputPolicy | None = None
@@ -146,7 +147,9 @@ class Subject:
 
 class Parse:
     """Parse the body against the input spec (every limit before allocation) and validate it: the served model's
-    spec, or the one given (a pipeline pinned to one spec)."""
+    spec, or the one given (a pipeline pinned to one spec). A spec with a quantum refuses values off its grid (beyond
+    a strict tolerance) and the batch is snapped to it: the model, the monitor and the watermark see exact grid
+    values, one per grid point however a client wrote it."""
 
     name = "parse"
 
@@ -166,7 +169,26 @@ class Parse:
             return await ctx.refuse(status, "input.rejected", {"input_sha256": ctx.digest, "reason": str(exc)[:200],
                                                                "field": field_name, "status": status},
                                     {"error": str(exc), "field": field_name})
-        ctx.x = x
+        ctx.x = spec.snap(x) if spec.quantum is not None else x
+        return None
+
+
+class CanonicalKeys:
+    """Compute the batch's canonical input keys once (``state.input_keys``: the grid's, or the leader registry's),
+    for every per-input decision after it: the extraction monitor's budgets and the served watermark's units."""
+
+    name = "canonical-keys"
+
+    async def run(self, ctx: RequestContext) -> Response | None:
+        keys = ctx.state.input_keys
+        if keys is None:
+            return None
+        try:
+            ctx.keys = await asyncio.to_thread(keys.keys, ctx.batch)
+        except EdgeShieldError as exc:  # e.g. a non-finite value a spec allowing NaN let through
+            return await ctx.refuse(422, "input.rejected", {"input_sha256": ctx.digest, "reason": str(exc)[:200],
+                                                            "field": None, "status": 422},
+                                    {"error": str(exc), "field": None})
         return None
 
 
@@ -230,7 +252,8 @@ class ExtractionWatch:
         result = ctx.result
         labels = np.array([-1 if p is None else p for p in result.get("predictions", [])]
                           or [-1 if d["prediction"] is None else d["prediction"] for d in result.get("decisions", [])])
-        verdict = await asyncio.to_thread(state.monitor.observe, identity.name, ctx.batch, labels)
+        verdict = await asyncio.to_thread(state.monitor.observe, identity.name, ctx.batch, labels, keys=ctx.keys,
+                                          group=identity.role or "default")
         if verdict.action != "allow":
             await ctx.emit("extraction.alert", {"action": verdict.action, "reasons": list(verdict.reasons)})
         if verdict.action == "block":
@@ -240,8 +263,9 @@ class ExtractionWatch:
 
 
 class ServedMark:
-    """Answer the keyed fraction of inputs with the watermark label (DAWN); keep the evidence, emit its digests.
-    The watermark is the served model's (its class count), or the one given."""
+    """Answer the inputs of a keyed fraction of units with the watermark label (DAWN); keep the evidence with each
+    row's unit, emit its digests. Units come from the canonical keys (jittered copies share one decision). The
+    watermark is the served model's (its class count), or the one given."""
 
     name = "served-watermark"
 
@@ -258,12 +282,14 @@ class ServedMark:
         decisions = result.get("decisions")
         raw = result["predictions"] if decisions is None else [d["prediction"] for d in decisions]
         if probs is not None:  # one keyed pass: a marked row's new top-1 is its watermark label
-            probs, marked = wm.apply(x, probs)
-            labels = probs.argmax(axis=1)
+            marks = wm.mark(x, np.asarray(probs).argmax(axis=1), keys=ctx.keys)
+            probs = wm.swap_top(probs, marks)
+            labels, marked = marks.labels, marks.marked
             ctx.probabilities = probs
         else:
-            labels, marked = wm.relabel(x, np.array([0 if p is None else p for p in raw], dtype=np.int64))
-            marked &= np.array([p is not None for p in raw], dtype=bool)  # a rejected input gets no label to mark
+            marks = wm.mark(x, np.array([0 if p is None else p for p in raw], dtype=np.int64), keys=ctx.keys)
+            labels = marks.labels
+            marked = marks.marked & np.array([p is not None for p in raw], dtype=bool)  # rejected: no label to mark
         if not marked.any():
             return None
         for i in np.flatnonzero(marked):
@@ -274,7 +300,8 @@ class ServedMark:
         rows, served = x[marked], labels[marked]
         evidence = ctx.state.served_evidence
         if evidence is not None:
-            await asyncio.to_thread(evidence.add, ctx.actor, rows, served, subject=ctx.subject_id)
+            units = [marks.units[i] for i in np.flatnonzero(marked)]
+            await asyncio.to_thread(evidence.add, ctx.actor, rows, served, subject=ctx.subject_id, units=units)
         data: dict[str, Any] = {"inputs_sha256": row_digests(rows), "labels": served.tolist()}
         if ctx.subject is not None:
             data["subject"] = ctx.subject
@@ -325,6 +352,8 @@ def default_pipeline(state: ServerState, spec: InputSpec | None = None) -> list[
     stages += [Parse(spec, state.max_batch)]
     if state.monitor is not None or state.rate_limiter is not None:
         stages.append(ExtractionGate())
+    if state.monitor is not None or state.served_watermark is not None:
+        stages.append(CanonicalKeys())
     stages.append(Inference())
     if state.monitor is not None:
         stages.append(ExtractionWatch())

@@ -32,13 +32,14 @@ if TYPE_CHECKING:
     from edgeshield.audit import AuditLog
     from edgeshield.bundles import Manifest
     from edgeshield.bundles._ort import onnxruntime
-    from edgeshield.extraction import Detector, OutputPolicy, QueryMonitor, RateLimiter
+    from edgeshield.extraction import Detector, MonitorStore, OutputPolicy, QueryMonitor, RateLimiter
     from edgeshield.server._publisher import WitnessPublisher
     from edgeshield.watermark import EvidenceStore, ServedWatermark
 
 log = logging.getLogger("edgeshield.server")
 PathLike = str | os.PathLike[str]
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an RFC 9110 token
+FLEET_GROUPS = ("role",)  # what --fleet-group may name (the certificate's issuing batch is not in Identity yet)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +73,14 @@ class ServeConfig:
     served_watermark_key: Path | None = None  # DAWN ownership proof: key file, rate, evidence store
     served_watermark_rate: float = 0.01
     served_watermark_evidence: Path | None = None
+    # long-horizon, fleet and persisted extraction state (issue 14)
+    extraction_state: Path | None = None  # MonitorStore: budgets, blocks, PRADA sets, key registry across restarts
+    decaying_budget: tuple[int, float] | None = None  # (burst, per_day): distinct inputs per identity over its life
+    fleet_budget: int | None = None  # distinct inputs per group per UTC day
+    fleet_group: str = "role"  # what a group is: the identity's role
+    max_monitored_clients: int = 10_000  # clients the monitor holds in memory (the rest in --extraction-state)
+    ood_reference: Path | None = None  # .npz with array "x": clean inputs the OOD-rate signal is fitted on
+    ood_transforms: str | None = None  # JSON BenignTransforms config, e.g. '{"shifts": 1, "noise": 0.05}'
     # what one client may hold (connections, handshakes, time, concurrency): see edgeshield.server._limits
     limits: Limits = field(default_factory=Limits)
     crl_expired: str = "fail-closed"  # or "keep-last": keep revoking with the last CRL's serials, loudly
@@ -121,6 +130,22 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise InvalidArgumentError(f"{name} must be a positive number, got {value!r}")
+        if self.fleet_group not in FLEET_GROUPS:
+            raise InvalidArgumentError(f"--fleet-group must be one of {', '.join(FLEET_GROUPS)}, not "
+                                       f"{self.fleet_group!r}")
+        if isinstance(self.max_monitored_clients, bool) or not isinstance(self.max_monitored_clients, int) \
+                or self.max_monitored_clients < 1:
+            raise InvalidArgumentError(f"max_monitored_clients must be a positive integer, got "
+                                       f"{self.max_monitored_clients!r}")
+        if self.decaying_budget is not None:
+            burst, per_day = self.decaying_budget
+            if not (isinstance(burst, int) and burst >= 1 and per_day > 0):
+                raise InvalidArgumentError(f"--decaying-budget needs BURST >= 1 and PER_DAY > 0, got "
+                                           f"{self.decaying_budget!r}")
+        if self.fleet_budget is not None and self.fleet_budget < 1:
+            raise InvalidArgumentError(f"--fleet-budget must be at least 1, got {self.fleet_budget!r}")
+        if self.ood_transforms is not None and self.ood_reference is None:
+            raise InvalidArgumentError("--ood-transforms needs --ood-reference (the data the OOD signal is fitted on)")
         if self.retention_days is not None and not self.retention_days > 0:
             raise InvalidArgumentError(f"retention_days must be a positive number, got {self.retention_days!r}")
         if self.subject_header is not None and not _HEADER.fullmatch(self.subject_header):
@@ -141,14 +166,16 @@ class ServeConfig:
 
 
 
-def build_state(cfg: ServeConfig) -> ServerState:
+def build_state(cfg: ServeConfig, *, clock: Callable[[], float] = time.time) -> ServerState:
     """Open the model (bundle, detector, spec), the policy and the audit log; audit the start-up with the bundle
-    digests. The model is held by a ``Reloader`` (``state.reload``) that SIGHUP and the admin API call."""
+    digests. The model is held by a ``Reloader`` (``state.reload``) that SIGHUP and the admin API call. ``clock``:
+    the extraction defence's day-scale clock."""
     from edgeshield.audit import AuditLog, load_signing_key
     from edgeshield.server._model import ModelLoader
     from edgeshield.server._rbac import Rbac
     from edgeshield.server._reload import Reloader
 
+    store = open_extraction_state(cfg)  # a file that is not one stops the start-up here, before anything opens
     signing_key = load_signing_key(cfg.audit_key, cfg.passphrase)
     audit = AuditLog(cfg.audit_db, signing_key=signing_key, durability=cfg.audit_durability)
     publisher = _witness_publisher(cfg, audit, signing_key.public_key())  # checked before anything starts
@@ -162,7 +189,7 @@ def build_state(cfg: ServeConfig) -> ServerState:
     model = loader.load()  # an expired licence stops the server here (LicenceExpiredError)
     m = cast("Manifest", model.manifest)  # the loader's is always a bundle's Manifest
     rbac = Rbac(cfg.policy)
-    limiter, monitor, outputs = _extraction_defence(cfg)
+    limiter, monitor, outputs = _extraction_defence(cfg, store=store, clock=clock)
     served, evidence = _served_watermark(cfg, model.session)
     rules = None
     if cfg.monitor:
@@ -188,7 +215,9 @@ def build_state(cfg: ServeConfig) -> ServerState:
                         inference_timeout_s=cfg.inference_timeout_s, limits=cfg.limits, rate_limiter=limiter,
                         monitor=monitor, outputs=outputs, served_evidence=evidence,
                         on_shutdown=[evidence.close] if evidence is not None else [],
-                        subject_header=cfg.subject_header)
+                        subject_header=cfg.subject_header, extraction_store=store, clock=clock)
+    if store is not None:  # closed after the lifespan's last flush
+        state.on_shutdown.append(store.close)
     state.model = model  # the loader's, whole: the files and digests it was opened from, its licence
     state.reload = Reloader(state, loader).reload
     if cfg.subject_header is not None:
@@ -234,10 +263,30 @@ def _witness_publisher(cfg: ServeConfig, audit_log: AuditLog,
                             every_s=cfg.witness_every_s, note_path=note)
 
 
-def _extraction_defence(cfg: ServeConfig) -> tuple[RateLimiter | None, QueryMonitor | None, OutputPolicy | None]:
-    """Rate limiter, PRADA query monitor and output policy from the configuration (each optional)."""
+def open_extraction_state(cfg: ServeConfig) -> MonitorStore | None:
+    """The extraction state file (``--extraction-state``), or None; a file that is not one raises
+    NotAnExtractionStateError (one line, at start-up)."""
+    from edgeshield.errors import InvalidArgumentError
+
+    if cfg.extraction_state is None:
+        return None
+    if cfg.extraction_action is None and cfg.served_watermark_key is None:
+        raise InvalidArgumentError("--extraction-state keeps the extraction monitor's and the served watermark's "
+                                   "state: it needs --extraction-monitor or --served-watermark-key")
+    from edgeshield.extraction import MonitorStore
+
+    return MonitorStore(cfg.extraction_state)
+
+
+def _extraction_defence(cfg: ServeConfig, *, store: MonitorStore | None = None,
+                        clock: Callable[[], float] = time.time,
+                        ) -> tuple[RateLimiter | None, QueryMonitor | None, OutputPolicy | None]:
+    """Rate limiter, query monitor (PRADA, budgets, fleet view, OOD rate; its state in ``store``) and output policy
+    from the configuration (each optional)."""
     from edgeshield.errors import InvalidArgumentError
     from edgeshield.extraction import (
+        DecayingBudget,
+        FleetBudget,
         PradaDetector,
         QueryBudget,
         QueryMonitor,
@@ -251,13 +300,25 @@ def _extraction_defence(cfg: ServeConfig) -> tuple[RateLimiter | None, QueryMoni
         limits["throttled"] = (1.0, 10.0)  # what a throttled client gets unless configured
     limiter = RateLimiter(limits) if limits else None
     monitor = None
-    if cfg.query_budget is not None and cfg.extraction_action is None:
-        raise InvalidArgumentError("a query budget needs an extraction action (--extraction-monitor ACTION)")
+    needs_action = {"--query-budget": cfg.query_budget, "--decaying-budget": cfg.decaying_budget,
+                    "--fleet-budget": cfg.fleet_budget, "--ood-reference": cfg.ood_reference}
+    for flag, value in needs_action.items():
+        if value is not None and cfg.extraction_action is None:
+            raise InvalidArgumentError(f"{flag} needs an extraction action (--extraction-monitor ACTION)")
     if cfg.extraction_action is not None:
         detectors: list[Detector] = [PradaDetector()]
         if cfg.query_budget is not None:
             detectors.append(QueryBudget(cfg.query_budget, window_s=cfg.query_window_s))
-        monitor = QueryMonitor(detectors, response=ResponsePolicy(default=cfg.extraction_action))
+        if cfg.decaying_budget is not None:
+            detectors.append(DecayingBudget(cfg.decaying_budget[0], cfg.decaying_budget[1], clock=clock))
+        on_alarm = {}
+        if cfg.fleet_budget is not None:
+            detectors.append(FleetBudget(cfg.fleet_budget, clock=clock))
+            on_alarm["fleet_budget"] = "flag"  # an alert about a whole group: its honest members share the verdict
+        if cfg.ood_reference is not None:
+            detectors.append(_ood_signal(cfg))
+        monitor = QueryMonitor(detectors, response=ResponsePolicy(on_alarm=on_alarm, default=cfg.extraction_action),
+                               store=store, max_clients=cfg.max_monitored_clients, clock=clock)
     outputs = None
     if cfg.outputs is not None:
         try:
@@ -265,6 +326,23 @@ def _extraction_defence(cfg: ServeConfig) -> tuple[RateLimiter | None, QueryMoni
         except json.JSONDecodeError as exc:
             raise InvalidArgumentError(f"output policy is not JSON: {exc}") from None
     return limiter, monitor, outputs
+
+
+def _ood_signal(cfg: ServeConfig) -> Detector:
+    """The OOD-rate signal fitted at start-up on ``--ood-reference`` (plus ``--ood-transforms``, its declared benign
+    sensor variations)."""
+    from edgeshield.errors import InvalidArgumentError
+    from edgeshield.extraction import BenignTransforms, OodRateSignal
+
+    transforms = None
+    if cfg.ood_transforms is not None:
+        try:
+            transforms = BenignTransforms.from_config(json.loads(cfg.ood_transforms))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"--ood-transforms is not JSON: {exc}") from None
+    if cfg.ood_reference is None:  # the caller checked
+        raise InvalidArgumentError("the OOD-rate signal needs --ood-reference")
+    return OodRateSignal.from_reference_file(cfg.ood_reference, transforms=transforms)
 
 
 def _served_watermark(cfg: ServeConfig, session: onnxruntime.InferenceSession,
