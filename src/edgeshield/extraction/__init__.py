@@ -18,7 +18,13 @@ from edgeshield.extraction._harden import (
 )
 from edgeshield.extraction._keys import GridKeys, InputKeys, LeaderKeys, collision_rate, digest_keys, keys_for
 from edgeshield.extraction._monitor import ACTIONS, Detector, QueryMonitor, ResponsePolicy, Signal, Verdict
-from edgeshield.extraction._prada import PradaDetector, PradaState, calibrate_delta, shapiro_w
+from edgeshield.extraction._prada import (
+    PradaDetector,
+    PradaState,
+    calibrate_delta,
+    calibrate_dup_distance,
+    shapiro_w,
+)
 from edgeshield.extraction._ratelimit import RateLimiter, TokenBucket
 from edgeshield.extraction._signals import OodRateSignal, QueryBudget, SignalState
 from edgeshield.extraction._sketch import BloomFilter, HyperLogLog
@@ -55,6 +61,7 @@ __all__ = [
     "TopK",
     "Verdict",
     "calibrate_delta",
+    "calibrate_dup_distance",
     "collision_rate",
     "digest_keys",
     "from_config",
