@@ -150,11 +150,14 @@ async def test_the_periodic_flush_writes_while_serving(tmp_path: Path) -> None:
     async with lifespan(app):
         async with _client(app, "carol") as c:
             assert (await c.post("/v1/predict", **_post(x[:5]))).status_code == 200
-        for _ in range(100):
-            if store.get("decaying_budget", "carol") is not None:
+        def written() -> bool:  # the budget row, then the key registry (one flush writes both, in that order)
+            return store.get("decaying_budget", "carol") is not None and store.get("keys", "registry") is not None
+
+        for _ in range(500):
+            if written():
                 break
             await asyncio.sleep(0.02)
-        assert store.get("decaying_budget", "carol") is not None and store.get("keys", "registry") is not None
+        assert written()
     store.close()
 
 
