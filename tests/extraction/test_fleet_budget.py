@@ -51,7 +51,7 @@ def test_twelve_sybils_trip_the_group_budget_twelve_honest_devices_do_not() -> N
     alarmed = _day(fleet, clock, sybils, "thief")
     assert alarmed == set(sybils)  # every identity of the group alarms on its next query
     state = fleet.state("thief")
-    assert state.alarm and abs(state.stats["estimate"] / 3000 - 1) < 0.05 and state.stats["standard_error"] > 0
+    assert state.alarm and abs(state.stats["estimate"] / 3000 - 1) < 0.08 and state.stats["standard_error"] > 0
 
 
 def test_groups_are_separate_and_a_new_utc_day_starts_afresh() -> None:

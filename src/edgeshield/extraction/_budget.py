@@ -12,13 +12,17 @@ exactly the condition under which a token bucket of rate ``per_day`` and depth `
 long-lived honest device is never blocked, however long it lives. A client sending more than that, at any pace,
 finds the bucket empty after at most ``burst + per_day·T`` distinct answers in T days: that is the most one
 identity learns, and the alarm (``alarm`` while the bucket is overdrawn) comes at the first input beyond it.
+With ``burst >= 2·per_day`` the model covers every device that sends at most ``per_day`` new inputs per calendar
+day, whatever the hours (any T-day interval touches at most T + 2 calendar days).
 
-Memory: "seen before" is a scalable Bloom filter (stages of doubling capacity, each with a tighter false-positive
-rate so that the total stays below ``bloom_fp``), so a client costs about ``1.44·log2(1/bloom_fp)`` bits per distinct
-input it sent, up to ``bloom_capacity`` inputs; beyond that the oldest stage is dropped (its inputs, if sent again,
-are charged again — the error goes against the client, never for it). A false positive is a new input taken for a
-repeat and not charged: at most a ``bloom_fp`` share of new inputs go free (and the filter's secret keeps a client
-from choosing which).
+Memory: "seen before" is a scalable Bloom filter (stages of doubling capacity from 1,024 inputs, each new stage
+given half of the false-positive budget the earlier ones left, so that the total stays below ``bloom_fp``): a
+client costs a few bytes per distinct input it sent (``1.44·log2(1/rate)`` bits per input of a stage's capacity,
+the newest stage allocated whole), up to ``bloom_capacity`` inputs; beyond that the oldest stage is dropped (its
+inputs, if sent again, are charged again — the error goes against the client, never for it). The monitor holds at
+most ``max_clients`` clients in memory, the rest in its store. A false positive is a new input taken for a repeat
+and not charged: at most a ``bloom_fp`` share of new inputs go free (and the filter's secret keeps a client from
+choosing which).
 """
 
 from __future__ import annotations
