@@ -128,8 +128,10 @@ def test_a_block_survives_a_restart_and_reset_clears_it_everywhere(tmp_path) -> 
     monitor = QueryMonitor([DecayingBudget(10, 1, clock=clock)], ResponsePolicy(default="block"),
                            store=MonitorStore(path), clock=clock)
     monitor.observe("mallory", _x(rng, 11), np.zeros(11, dtype=int))
+    assert monitor.store is not None and monitor.store.get("action", "mallory") is not None  # a block: at once
     monitor.observe("alice", _x(rng, 5), np.zeros(5, dtype=int))
-    assert monitor.flush() == 2 and monitor.flush() == 0  # only what changed
+    assert monitor.store.get("action", "alice") is None  # the rest waits for the flush
+    assert monitor.flush() == 1 and monitor.flush() == 0  # only what changed
     monitor.close()
     again = QueryMonitor([DecayingBudget(10, 1, clock=clock)], ResponsePolicy(default="block"),
                          store=MonitorStore(path), clock=clock)

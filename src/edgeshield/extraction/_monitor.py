@@ -137,8 +137,9 @@ class QueryMonitor:
     (:class:`~edgeshield.extraction.MonitorStore`) an evicted client's detector states and action are written there
     and read back when it returns, so nothing is lost, and :meth:`flush` writes every client changed since the last
     flush (the server calls it periodically and at shutdown): a restart from the same file keeps every budget, PRADA
-    set and block. Without a store eviction forgets the client's detector state (its budgets start afresh) — except
-    a ``block``, which is kept in a set of blocked ids (a few bytes each) so that eviction never unblocks anyone.
+    set and block. A new block is written at once; a killed process loses at most the changes since the last flush.
+    Without a store eviction forgets the client's detector state (its budgets start afresh) — except a ``block``,
+    which is kept in a set of blocked ids (a few bytes each) so that eviction never unblocks anyone.
 
     A stored row that does not read back (ExtractionStateError, naming the component and the client) fails closed:
     the client is blocked (sticky, written back on the next flush), :attr:`unreadable` says why, and one error line
@@ -207,6 +208,9 @@ class QueryMonitor:
                 action, alarming = "block", [*alarming, STATE_REASON]
             self._actions[client_id] = action
             self._clients[client_id] = True
+            if action == "block" and previous != "block" and self.store is not None:
+                self.store.put_many(self._rows(client_id))  # a new block is durable at once, not at the next flush
+                self._clients[client_id] = False
         verdict = Verdict(action, tuple(alarming), {s.name: dict(s.stats) for s in signals})
         for hook in self.on_alert if action != "allow" else ():
             hook(client_id, verdict)
