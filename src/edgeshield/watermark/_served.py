@@ -130,7 +130,7 @@ class ServedWatermark:
     with the victim's label, is the unit. ``bounds``: the input range the hyperplanes' offsets are drawn through."""
 
     def __init__(self, key: bytes, rate: float = DEFAULT_RATE, *, classes: int, regions: int | None = DEFAULT_REGIONS,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
+                 bounds: tuple[float, float] = (0.0, 1.0), reference: np.ndarray | None = None) -> None:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -146,6 +146,12 @@ class ServedWatermark:
         self.classes = _check_classes(classes)
         self.regions = None if regions is None else int(regions)
         self.bounds = (lo, hi)
+        self._reference = None
+        if reference is not None:
+            ref = canonical(reference)
+            if ref.shape[0] < 2 or not np.isfinite(ref).all():
+                raise InvalidArgumentError("reference must be at least 2 finite input rows")
+            self._reference = ref.reshape(ref.shape[0], -1).astype(np.float64)
         # Separate subkeys: the served mark and the weight mark reveal nothing about each other, and the hyperplanes
         # are independent of the marking and offset bytes (the null argument needs it).
         root = _check_key(key)
@@ -169,8 +175,14 @@ class ServedWatermark:
             u = np.frombuffer(stream, dtype=">u8").astype(np.float64) / 2.0**64  # [0, 1)
             w = (2.0 * u[: b * d] - 1.0).reshape(b, d)
             lo, hi = self.bounds
-            point = (lo + (hi - lo) * u[b * d :]).reshape(b, d)
-            self._planes[d] = (w, (w * point).sum(axis=1))
+            if self._reference is not None and self._reference.shape[1] == d:
+                # through the data: each plane at a keyed quantile (20..80 %) of the reference along its direction
+                q = 0.2 + 0.6 * u[b * d : b * d + b]
+                proj = self._reference @ w.T
+                self._planes[d] = (w, np.array([np.quantile(proj[:, j], q[j]) for j in range(b)]))
+            else:
+                point = (lo + (hi - lo) * u[b * d :]).reshape(b, d)
+                self._planes[d] = (w, (w * point).sum(axis=1))
         return self._planes[d]
 
     def region_codes(self, x: np.ndarray) -> np.ndarray:
@@ -340,17 +352,33 @@ def _scores(suspect: Suspect, x: np.ndarray) -> np.ndarray:
         raise UnsupportedModelError(f"the suspect model failed on the evidence inputs: {exc}") from None
 
 
+def _predict(model: Suspect, x: np.ndarray, classes: int, what: str) -> np.ndarray:
+    scores = _scores(model, x)
+    if scores.ndim != 2 or scores.shape != (x.shape[0], classes):
+        raise UnsupportedModelError(f"the {what} answered shape {scores.shape}, expected ({x.shape[0]}, {classes})")
+    return np.asarray(scores.argmax(axis=-1), dtype=np.int64)
+
+
 def verify_copy(suspect: Suspect, x: np.ndarray, labels: np.ndarray, *, classes: int,
-                units: Sequence[bytes] | None = None, threshold: float = DEFAULT_P_THRESHOLD) -> CopyVerifyResult:
+                units: Sequence[bytes] | None = None, victim: np.ndarray | Suspect | None = None,
+                threshold: float = DEFAULT_P_THRESHOLD) -> CopyVerifyResult:
     """Test whether ``suspect`` learnt the served watermark: its labels on the watermarked inputs ``x`` against the
     wrong ``labels`` that were answered. ``suspect`` is ONNX bytes (first output, argmax over the last axis; logits
     or probabilities) or a callable ``x -> scores [N, classes]``. Repeated inputs count once.
 
     ``units`` (16 bytes per row, as ``ServedWatermark.mark`` gave them): one trial per unit -- the suspect's majority
     label over the unit's rows against the unit's answered label (its first row's; a tie for the majority is no
-    match). None: one unit per distinct input. Under H0 the answered label of a unit is uniform over the labels
-    other than its victim label, picked by a PRF the suspect never saw, independently across units: the binomial
-    tail over units is a valid, conservative p-value whatever the suspect is (see the module docstring)."""
+    match). None: one unit per distinct input.
+
+    ``victim`` (the owner's model -- ONNX bytes or a callable, as ``suspect`` -- or its labels on ``x``; optional):
+    the suspect's label for a unit is then its most frequent label *other than the unit's victim label* (its first
+    row's), so a copy that learnt a unit's mark on only some of its rows still matches. Any label that does not
+    depend on the key may be excluded this way, so a victim label that differs from the one served (a model
+    reloaded since) costs power, never validity.
+
+    Under H0 the answered label of a unit is uniform over the labels other than its victim label, picked by a PRF
+    the suspect never saw, independently across units, and the suspect's label for the unit does not depend on it:
+    the binomial tail over units is a valid, conservative p-value whatever the suspect is (module docstring)."""
     classes = _check_classes(classes)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         raise InvalidArgumentError(f"threshold must be in (0, 1), not {threshold!r}")
@@ -364,10 +392,13 @@ def verify_copy(suspect: Suspect, x: np.ndarray, labels: np.ndarray, *, classes:
     n, null = len(keep), 1.0 / (classes - 1)
     if n == 0:
         return CopyVerifyResult(0, 0, 0.0, 1.0, float(threshold), False, null, 0)
-    scores = _scores(suspect, c)
-    if scores.ndim != 2 or scores.shape != (n, classes):
-        raise UnsupportedModelError(f"the suspect answered shape {scores.shape}, expected ({n}, {classes})")
-    predicted = scores.argmax(axis=-1)
+    honest = None
+    if victim is not None:
+        if isinstance(victim, (bytes, bytearray, memoryview)) or callable(victim):
+            honest = _predict(victim, c, classes, "victim")
+        else:
+            honest = _check_labels(victim, len(digests), classes)[keep]
+    predicted = _predict(suspect, c, classes, "suspect")
     index: dict[bytes, int] = {}
     first: list[int] = []
     for i, u in enumerate(row_units):
@@ -377,8 +408,10 @@ def verify_copy(suspect: Suspect, x: np.ndarray, labels: np.ndarray, *, classes:
     group = np.array([index[u] for u in row_units], dtype=np.int64)
     votes = np.zeros((len(first), classes), dtype=np.int64)
     np.add.at(votes, (group, predicted), 1)
+    if honest is not None:  # the unit's victim label is not a candidate: the most frequent of the others is
+        votes[np.arange(len(first)), honest[np.array(first, dtype=np.int64)]] = 0
     top = votes.max(axis=1)
-    unique_top = (votes == top[:, None]).sum(axis=1) == 1
+    unique_top = ((votes == top[:, None]).sum(axis=1) == 1) & (top > 0)
     answered = lab[np.array(first, dtype=np.int64)]
     matches = int((unique_top & (votes.argmax(axis=1) == answered)).sum())
     m = len(first)
