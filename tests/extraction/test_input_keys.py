@@ -47,10 +47,12 @@ def test_indexed_lookup_equals_brute_force_past_reindexing():
     """Enough leaders for the index to re-choose its coordinates several times (at 64, 128, 256, ... leaders)."""
     rng = np.random.default_rng(7)
     c = rng.uniform(0, 1, (700, 16))
-    x = (c[rng.integers(0, 700, 1500)] + rng.uniform(-0.05, 0.05, (1500, 16))).astype(np.float32)
+    spread = np.where(rng.random((1500, 1)) < 0.5, 0.02, 0.05)  # half the copies match a leader, half barely not
+    x = (c[rng.integers(0, 700, 1500)] + rng.uniform(-1, 1, (1500, 16)) * spread).astype(np.float32)
     keys = LeaderKeys(0.04)
     got = [k for part in np.array_split(x, 9) for k in keys.keys(part)]
     assert got == _oracle(x, keys.match_radius)
+    assert 700 < len(set(got)) < 1400  # lookups across calls (the index) decided many of them
 
 
 def _jitter(kind: str, centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:

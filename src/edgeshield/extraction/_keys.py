@@ -107,6 +107,8 @@ class GridKeys:
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                  0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
 _INDEX_DIMS = len(_MIX)
+_FILTER_DIMS = 16  # coordinates compared first (a contiguous copy): most candidates fail there, cheaply
+_ALL_TRUE = np.uint64(0x0101010101010101)  # eight numpy bools, all True, read as one word
 _CHUNK = 256  # rows looked up against the index at once; rows inside a chunk are then settled in order
 _GATHER = 1 << 22  # at most this many candidate values compared at once (memory bound of one lookup step)
 
@@ -117,7 +119,8 @@ class LeaderKeys:
     Lookup is exact (the brute-force scan is the oracle in the tests) through a grid index on ``k`` (up to 8)
     coordinates that spread the leaders most (re-chosen whenever the registry doubles). A coordinate is 1-Lipschitz
     in L∞, so a leader within ``radius`` of a row lies in a cell (width ``4·radius``) that ``row ± radius`` touches:
-    one or two per coordinate, about ``1.5^k`` cells per row, and only leaders in those cells are compared in full.
+    one or two per coordinate, about ``1.5^k`` cells per row. Leaders in those cells are compared on 16 spread
+    coordinates first (a contiguous copy), and in full only if those pass.
     Rows crowded into few cells (many near-copies, or inputs that differ only outside the indexed coordinates)
     make the scan slower, never wrong.
 
@@ -231,6 +234,8 @@ class LeaderKeys:
         self._used = np.empty(0, dtype=np.int64)
         self._keys: list[bytes] = []
         self._dims = np.arange(min(_INDEX_DIMS, features or 0))
+        self._filter_dims = np.resize(np.arange(features or 1), _FILTER_DIMS)  # 16 exactly: repeats allowed
+        self._filter = np.empty((0, len(self._filter_dims)), dtype=np.float32)  # leaders on those, contiguous
         self._indexed_at = 0
         self._codes = np.empty(0, dtype=np.uint64)  # sorted cell codes of the leaders ...
         self._perm = np.empty(0, dtype=np.int64)  # ... and the leader index behind each
@@ -245,12 +250,14 @@ class LeaderKeys:
         """(row, code) of every cell a row's neighbours within ``radius`` can lie in: one or two per coordinate."""
         v = rows[:, self._dims].astype(np.float64)
         lo, hi = self._cells(v - self._margin), self._cells(v + self._margin)
-        k = len(self._dims)
-        split = ((lo != hi) << np.arange(k)).sum(axis=1)  # bit j set: coordinate j touches two cells
-        combos = np.arange(1 << k)
-        row, combo = np.nonzero((combos[None, :] & ~split[:, None]) == 0)
-        bits = ((combo[:, None] >> np.arange(k)) & 1).astype(bool)
-        return row, self._code(np.where(bits, hi[row], lo[row]))
+        # A code is linear in the cells (mod 2^64): start from the low cells and, coordinate by coordinate, add the
+        # step to the high cell to a copy of the codes of the rows whose interval touches two cells.
+        step = (hi - lo).astype(np.uint64) * _MIX[: lo.shape[1]]
+        row, code = np.arange(rows.shape[0]), self._code(lo)
+        for j in range(lo.shape[1]):
+            two = np.flatnonzero(step[row, j])
+            row, code = np.concatenate([row, row[two]]), np.concatenate([code, code[two] + step[row[two], j]])
+        return row, code
 
     def _indexed_matches(self, rows: np.ndarray) -> np.ndarray:
         """Per row, the earliest indexed leader within ``radius`` (``-1``: none)."""
@@ -258,9 +265,12 @@ class LeaderKeys:
             return np.full(rows.shape[0], -1, dtype=np.int64)
         best = np.full(rows.shape[0], self._n, dtype=np.int64)
         probe_row, codes = self._probes(rows)
+        order = np.argsort(codes)  # sorted needles: searchsorted walks the index in order (cache-friendly)
+        probe_row, codes = probe_row[order], codes[order]
         starts = np.searchsorted(self._codes, codes, side="left")
         lengths = np.searchsorted(self._codes, codes, side="right") - starts
-        budget = max(1, _GATHER // rows.shape[1])
+        budget = max(1, _GATHER // len(self._filter_dims))
+        sub = rows[:, self._filter_dims]
         cum = np.cumsum(lengths)
         done, i = 0, 0
         while i < lengths.size:  # groups of probes whose candidates fit the gather bound (at least one probe)
@@ -272,6 +282,10 @@ class LeaderKeys:
                 cand = self._perm[offsets]
                 row_of = np.repeat(probe_row[i:j], ln)
                 with np.errstate(over="ignore", invalid="ignore"):
+                    within = np.abs(self._filter[cand] - sub[row_of]) <= self._r32  # [M, 16] bools, contiguous
+                    packed = within.view(np.uint64)  # 16 bools = two words: all true = both words all-ones
+                    maybe = (packed[:, 0] & packed[:, 1]) == _ALL_TRUE
+                    cand, row_of = cand[maybe], row_of[maybe]
                     near = np.abs(self._reps[cand] - rows[row_of]).max(axis=1) <= self._r32
                 np.minimum.at(best, row_of[near], cand[near])
             done, i = int(cum[j - 1]), j
@@ -325,9 +339,12 @@ class LeaderKeys:
             grown[:self._n] = self._reps[:self._n]
             grown_used = np.zeros(cap, dtype=np.int64)
             grown_used[:self._n] = self._used[:self._n]
-            self._reps, self._used = grown, grown_used
+            grown_filter = np.empty((cap, len(self._filter_dims)), dtype=np.float32)
+            grown_filter[:self._n] = self._filter[:self._n]
+            self._reps, self._used, self._filter = grown, grown_used, grown_filter
         self._reps[self._n:end] = reps
         self._used[self._n:end] = used
+        self._filter[self._n:end] = reps[:, self._filter_dims]
         self._keys += [hashlib.sha256(_LEADER_TAG + r.tobytes()).digest() for r in reps]
         self._n = end
 
@@ -346,7 +363,9 @@ class LeaderKeys:
         reps = self._reps[:self._n]
         k = min(_INDEX_DIMS, reps.shape[1])
         if self._n >= 2:
-            self._dims = _spread_coordinates(reps[:: max(1, self._n // 8192)], k)
+            spread = _spread_coordinates(reps[:: max(1, self._n // 8192)], min(_FILTER_DIMS, reps.shape[1]))
+            self._dims, self._filter_dims = np.sort(spread[:k]), np.resize(np.sort(spread), _FILTER_DIMS)
+            self._filter = np.ascontiguousarray(self._reps[:, self._filter_dims])
         codes = self._code(self._cells(reps[:, self._dims]))
         self._perm = np.argsort(codes, kind="stable").astype(np.int64)
         self._codes = codes[self._perm]
@@ -358,14 +377,15 @@ class LeaderKeys:
         keep = np.sort(np.argsort(-self._used[:self._n], kind="stable")[:target])  # registration order kept
         self._reps[:keep.size] = self._reps[keep]
         self._used[:keep.size] = self._used[keep]
+        self._filter[:keep.size] = self._filter[keep]
         self._keys = [self._keys[i] for i in keep]
         self._n = int(keep.size)
         self._reindex()
 
 
 def _spread_coordinates(sample: np.ndarray, k: int) -> np.ndarray:
-    """``k`` coordinates that spread the sample most: greedy largest variance left unexplained by those chosen
-    (pivoted Cholesky of the covariance), so that correlated neighbours (adjacent pixels) are not all picked."""
+    """``k`` coordinates that spread the sample most, in the order picked: greedy largest variance left unexplained
+    by those chosen (pivoted Cholesky of the covariance), so that correlated neighbours are not all picked."""
     cov = np.atleast_2d(np.cov(sample.astype(np.float64), rowvar=False))
     residual = np.diag(cov).copy()
     basis = np.zeros((k, cov.shape[0]))
@@ -378,7 +398,7 @@ def _spread_coordinates(sample: np.ndarray, k: int) -> np.ndarray:
         col = (cov[:, j] - basis[:step].T @ basis[:step, j]) / np.sqrt(residual[j])
         basis[step] = col
         residual = np.maximum(residual - col**2, 0.0)
-    return np.sort(np.array(chosen, dtype=np.int64))
+    return np.array(chosen, dtype=np.int64)
 
 
 def _load_npz(data: bytes, names: set[str], what: str) -> dict[str, np.ndarray]:
