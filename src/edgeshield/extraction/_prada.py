@@ -234,8 +234,10 @@ class PradaDetector:
             client.ignored += 1
             return
         client.recent.add(key)
-        nearest = {c: float(np.sqrt(((s.queries.rows() - query) ** 2).sum(axis=1).min()))
-                   for c, s in client.classes.items()}
+        # Without dup_distance only the predicted class's set is needed (the paper's cost); with it, every class's.
+        compared = client.classes if self.dup_distance is not None else {
+            c: s for c, s in client.classes.items() if c == label}
+        nearest = {c: float(np.sqrt(((s.queries.rows() - query) ** 2).sum(axis=1).min())) for c, s in compared.items()}
         if self.dup_distance is not None and nearest and min(nearest.values()) <= self.dup_distance:
             client.ignored += 1  # an honest retake (or a probe too close to teach anything): no evidence either way
             return
