@@ -272,3 +272,14 @@ def test_bad_keys_and_inputs():
     for bad in (-0.1, float("inf"), True):
         with pytest.raises(InvalidArgumentError):
             PradaDetector(dup_distance=bad)
+
+
+def test_noisy_sensor_retakes_reach_distinct_inputs(digits):
+    """A stated limit: at sigma 0.05, honest retakes (99th percentile x 1.5, measured 0.80) lie beyond the nearest
+    distinct training digits' 1st percentile (0.586), so the default calibration refuses; margin 1.0 (0.54) still
+    fits, at the price of hiding sign-probes up to that L2 distance."""
+    cal = digits.x_train[:600]
+    retakes, originals = _photo(cal, 100, sigma=0.05), _photo(cal, 101, sigma=0.05)
+    with pytest.raises(InvalidArgumentError, match="cannot be told apart"):
+        calibrate_dup_distance(retakes, originals, digits.x_train)
+    assert 0.4 < calibrate_dup_distance(retakes, originals, digits.x_train, margin=1.0) < 0.586
