@@ -135,7 +135,9 @@ def test_a_block_survives_a_restart_and_reset_clears_it_everywhere(tmp_path) -> 
     monitor.close()
     again = QueryMonitor([DecayingBudget(10, 1, clock=clock)], ResponsePolicy(default="block"),
                          store=MonitorStore(path), clock=clock)
+    assert again.cached_action("mallory") is None  # not in memory yet: the lock-free answer says so
     assert again.action("mallory") == "block" and again.action("alice") == "allow"
+    assert again.cached_action("mallory") == "block"
     assert again.observe("alice", _x(rng, 6), np.zeros(6, dtype=int)).action == "block"  # 5 + 6 > 10: remembered
     again.reset("mallory")
     assert again.action("mallory") == "allow" and again.store is not None

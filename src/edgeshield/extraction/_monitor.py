@@ -221,6 +221,13 @@ class QueryMonitor:
         with self._lock:
             return self._load(client_id)
 
+    def cached_action(self, client_id: str) -> str | None:
+        """The action of a client held in memory, without waiting for the lock (the server's event loop asks this
+        first); None when it is not in memory (ask :meth:`action`, off the loop: it may read the store)."""
+        if client_id not in self._clients:
+            return None
+        return self._actions.get(client_id, "allow")
+
     def reset(self, client_id: str) -> None:
         """Forget a client (e.g. after an operator cleared it), in memory and in the store."""
         with self._lock:

@@ -201,7 +201,10 @@ class ExtractionGate:
         state, identity = ctx.state, ctx.identity
         if identity is None:
             return None
-        action = state.monitor.action(identity.name) if state.monitor is not None else "allow"
+        monitor, action = state.monitor, "allow"
+        if monitor is not None:  # from memory on the loop; a client not in memory is read from the store off it
+            cached = monitor.cached_action(identity.name)
+            action = cached if cached is not None else await asyncio.to_thread(monitor.action, identity.name)
         if action == "block":
             return await ctx.refuse(403, "extraction.blocked", {"input_sha256": ctx.digest}, {"error": BLOCKED})
         role = "throttled" if action == "throttle" else identity.role
