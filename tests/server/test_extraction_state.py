@@ -265,3 +265,26 @@ def test_serve_configuration_of_the_long_horizon_defence(tmp_path: Path) -> None
             ServeConfig(**base, **bad_cfg)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         _extraction_defence(ServeConfig(**base, extraction_action="flag", ood_reference=ref, ood_transforms="{no"))
+
+
+def test_the_serve_flags_reach_the_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from edgeshield.cli import main
+
+    seen: list[Any] = []
+    monkeypatch.setattr("edgeshield.server.serve", seen.append)
+    for name in list(os.environ):
+        if name.startswith("EDGESHIELD_"):
+            monkeypatch.delenv(name)
+    required = ["model.esb", "--owner-key", "o.pub", "--device-key", "d.key", "--ca", "pki", "--cert", "c.crt",
+                "--key", "c.key", "--audit-db", "a.db", "--audit-key", "a.key", "--extraction-monitor", "block"]
+    assert main(["serve", *required, "--extraction-state", str(tmp_path / "s.db"), "--decaying-budget", "300:100",
+                 "--fleet-budget", "1800", "--fleet-group", "role", "--max-monitored-clients", "500",
+                 "--ood-reference", "ref.npz", "--ood-transforms", '{"shifts": 1}']) == 0
+    cfg = seen[0]
+    assert (cfg.extraction_state, cfg.decaying_budget, cfg.fleet_budget, cfg.fleet_group) == (
+        tmp_path / "s.db", (300, 100.0), 1800, "role")
+    assert (cfg.max_monitored_clients, cfg.ood_reference, cfg.ood_transforms) == (500, Path("ref.npz"),
+                                                                                  '{"shifts": 1}')
+    assert main(["serve", *required, "--decaying-budget", "300"]) == 2  # one line, exit 2 (checked by main)
