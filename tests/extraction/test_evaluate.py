@@ -28,7 +28,8 @@ def result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     from edgeshield.evaluation._extraction import EvaluationConfig, evaluate
 
     cfg = EvaluationConfig(budgets=(100,), outputs=("label_only",), epochs=5, independent_models=1,
-                           finetune_epochs=1, served_rates=(0.01,))
+                           finetune_epochs=1, served_rates=(0.01,), copy_lengths=(5,), sybil_identities=3,
+                           sybil_inputs=60)
     return evaluate(cfg)
 
 
@@ -86,7 +87,11 @@ def test_served_watermark_costs_exactly_its_marks(result) -> None:  # type: igno
 
     flat, split = result["flat"], load_digits_split()
     victim = ort.InferenceSession(str(digits_model_path())).run(None, {"input": split.x_test})[0].argmax(axis=1)
-    marked, _ = ServedWatermark(WATERMARK_KEY, SERVED_RATE, classes=10).marks(split.x_test)
+    from edgeshield.extraction import LeaderKeys
+
+    # the app marks by canonical key; the honest client is the first to query that app, so its registry is fresh
+    keys = LeaderKeys().keys(split.x_test)
+    marked, _ = ServedWatermark(WATERMARK_KEY, SERVED_RATE, classes=10).marks(split.x_test, keys=keys)
     # an honest client loses exactly the marked inputs the victim got right
     drop = flat["served_watermark_010pm_honest_accuracy_drop"]
     assert drop == pytest.approx((marked & (victim == split.y_test)).mean(), abs=1e-9)
@@ -125,3 +130,38 @@ def test_gateway_blocks_after_alarm() -> None:
         assert (answers[s.t.blocked_at :] == 0).all() and (answers[: s.t.blocked_at].sum(axis=1) == 1).all()
     finally:
         gw.close()
+
+
+ISSUE_14 = ("sybil_jitter_majority_proven", "sybil_jitter_majority_p", "sybil_jitter_majority_fidelity",
+            "sybil_jitter_budget_distinct", "slow_attacker_detected_or_proven", "slow_attacker_queries_to_detect",
+            "slow_attacker_fidelity", "benign_near_repeat_flagged", "benign_shifted_camera_flagged",
+            "copy30_served_wm_p_max", "copy30_served_wm_p_max_all", "benign_sessions_flagged", "copycat_copy_5ep_p",
+            "sybil_copy_5ep_p", "useful_attack_sessions", "useful_attack_sessions_detected_or_proven")
+
+
+def test_issue_14_cases_present_and_sane(result) -> None:  # type: ignore[no-untyped-def]
+    flat = result["flat"]
+    for key in ISSUE_14:
+        assert key in flat, key
+    # the enlarged benign set: near-repeats (2 orders), the 8 shifted cameras, single class, noise, faded ink
+    clients = {b["client"] for b in result["benign"]}
+    assert {"near_repeat_retry", "near_repeat_second_pass", "single_class", "sensor_noise_005",
+            "faded_ink_07"} <= clients
+    assert flat["benign_shifted_camera_sessions"] == 8 and flat["benign_near_repeat_sessions"] == 2
+    assert flat["benign_sessions"] == len(result["benign"]) == 20
+    # the deployed monitor: jittered copies count once in the budget; shifted cameras and retakes are not flagged
+    assert flat["monitor"] == "deployed" and flat["monitor_ood_transforms"] is True
+    assert flat["sybil_jitter_budget_distinct"] == 60
+    assert flat["benign_shifted_camera_flagged"] == 0
+    assert flat["sybil_jitter_majority_proven"] in (0, 1) and flat["slow_attacker_detected_or_proven"] in (0, 1)
+    assert flat["sybil_jitter_majority_proven"] == int(min(flat["sybil_jitter_majority_p"],
+                                                           flat["sybil_jitter_majority_p_converged"]) < 1e-6)
+    for key in ("sybil_jitter_majority_p", "copycat_copy_5ep_p", "sybil_copy_5ep_p", "copy30_served_wm_p_max_all"):
+        assert 0.0 <= flat[key] <= 1.0, key
+    assert 0.0 <= flat["sybil_jitter_majority_fidelity"] <= 1.0
+    assert flat["slow_attacker_queries"] == 1160 and flat["slow_attacker_answered"] <= 1160
+    # the slow attacker stays under the one-day window budget every day: only the long-horizon budget sees it
+    assert flat["slow_attacker_detected"] == ("decaying_budget" in flat["monitor_detectors"])
+    if flat["slow_attacker_detected"]:
+        assert 300 < flat["slow_attacker_queries_to_detect"] <= 500
+    assert 0 <= flat["useful_attack_sessions_detected_or_proven"] <= flat["useful_attack_sessions"]

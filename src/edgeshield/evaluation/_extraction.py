@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ import numpy as np
 
 import edgeshield  # noqa: F401  # before onnxruntime
 from edgeshield._progress import ProgressCallback, report
+from edgeshield.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import httpx
@@ -82,6 +82,24 @@ QUERY_BUDGET = 300  # distinct inputs per client per day: the most an honest cli
 SERVED_RATE = 0.01  # DAWN: fraction of inputs answered with the watermark label
 CONVERGED_EPOCHS = 200  # a thief who trains its copy until it fits every answer
 SERVED_RATES = (0.005, 0.01, 0.02, 0.05)
+SERVED_REGIONS: int | None = None  # the deployed served watermark's unit kind (None: point units on the canonical key)
+DAY = 86400.0
+CLOCK_START = 1_796_083_200.0  # 2026-12-01T00:00:00Z: every simulated day starts at a UTC midnight
+# the deployed monitor of issue 14 (the honest traffic model it assumes: a device sends at most
+# DECAYING_BURST + DECAYING_PER_DAY * T distinct inputs in any T days; a fleet (one role) at most
+# FLEET_PER_GROUP_DAY distinct inputs a day between all its identities)
+DECAYING_BURST = QUERY_BUDGET
+DECAYING_PER_DAY = 100.0
+FLEET_PER_GROUP_DAY = 1000
+BENIGN_TRANSFORMS = {"shifts": 1, "noise": 0.05, "contrast": [0.7, 1.0], "image_shape": [8, 8]}
+# the issue's four failures, as measured cases
+SYBIL_IDENTITIES, SYBIL_INPUTS, SYBIL_REPEATS = 12, 250, 3
+JITTER = (1e-6, 5e-5)  # one pixel of every copy moved by this much
+SLOW_PER_DAY, SLOW_DAYS = 290, 4
+NEAR_REPEAT_DIGITS, NEAR_REPEAT_SIGMA = 100, 0.01
+COPY_LENGTHS = (10, 30, 100, 200)  # epochs of the copies whose served-watermark p is reported per length
+USEFUL_FIDELITY = 0.9  # the issue's targets are over sessions whose copy reaches this fidelity
+TARGET_QUERIES = 500  # ... detected within this many queries, or its copy proven
 
 
 @dataclass(frozen=True)
@@ -96,26 +114,55 @@ class EvaluationConfig:
     watermark: bool = True
     served_rates: tuple[float, ...] = SERVED_RATES  # must include SERVED_RATE, the deployed default
     seed: int = 0
+    monitor: str = "deployed"  # "legacy": the monitor before issue 14 (PRADA, clean-only OOD, exact-byte budget)
+    cases: bool = True  # the issue-14 cases: jitter-majority Sybil, slow attacker, copies per training length
+    copy_lengths: tuple[int, ...] = COPY_LENGTHS
+    sybil_identities: int = SYBIL_IDENTITIES
+    sybil_inputs: int = SYBIL_INPUTS
 
     @classmethod
     def quick(cls) -> EvaluationConfig:
         return cls(budgets=(100, 500), outputs=("top3", "label_only"), epochs=20, independent_models=1,
-                   finetune_epochs=3, served_rates=(SERVED_RATE, 0.05))
+                   finetune_epochs=3, served_rates=(SERVED_RATE, 0.05), copy_lengths=(10, 30, 100))
 
 
 def protocol_text(cfg: EvaluationConfig) -> str:
-    return (
+    if cfg.monitor == "legacy":
+        monitor = (f"monitor (legacy, before issue 14) = PRADA(delta 0.9, min 30) + OodRateSignal(PCA fit on x_train, "
+                   f"threshold at the 0.99 quantile of x_test[:{N_OOD_CAL}], binomial test null 2 %, alpha 1e-6) + "
+                   f"QueryBudget({QUERY_BUDGET} distinct/day, exact bytes)")
+    else:
+        monitor = (f"monitor (deployed, issue 14) = PRADA(delta 0.9, min 30, near-duplicates within a dup_distance "
+                   f"calibrated on two sigma-{NEAR_REPEAT_SIGMA} retakes of x_test[:{N_OOD_CAL}] skipped) + "
+                   f"OodRateSignal(PCA and 0.99 threshold on x_train / x_test[:{N_OOD_CAL}] plus benign transforms "
+                   f"{BENIGN_TRANSFORMS}) + QueryBudget({QUERY_BUDGET} distinct canonical keys/day) + "
+                   f"DecayingBudget(burst {DECAYING_BURST}, {DECAYING_PER_DAY:g}/day) [+ FleetBudget("
+                   f"{FLEET_PER_GROUP_DAY}/role/day) in the Sybil and slow cases], canonical keys = LeaderKeys shared "
+                   "with the served watermark")
+    served = f"{SERVED_RATE:.0%}" + ("" if SERVED_REGIONS is None else f", {SERVED_REGIONS}-plane region units")
+    text = (
         "victim = watermarked digits MLP served by edgeshield.server.create_app in-process (httpx ASGITransport, "
-        f"injected verified identity), served watermark at {SERVED_RATE:.0%}; monitor = PRADA(delta 0.9, min 30) + "
-        f"OodRateSignal(PCA fit on x_train, threshold at the 0.99 quantile of x_test[:{N_OOD_CAL}], binomial test "
-        f"null 2 %, alpha 1e-6) + QueryBudget({QUERY_BUDGET} distinct/day), any alarm -> block (403, from the "
-        "tripping batch on); outputs "
+        f"injected verified identity, simulated clock), served watermark at {served}; {monitor}; any alarm -> block "
+        "(403, from the tripping batch on); outputs "
         f"{', '.join(cfg.outputs)}; attacks {', '.join(cfg.attacks)} at budgets {list(cfg.budgets)} queries, "
         f"requests of {BATCH}; detection = queries answered before the first 403; stolen model = 64-128-64-10 MLP, "
         f"Adam 1e-3, batch 32, {cfg.epochs} epochs, 'at detection' on the answered prefix, 'full' on all answers "
         "from the same app without monitor; fidelity/accuracy on x_test; benign = x_test[225:] random order, "
-        "bursty (batches of 100, twice over), repetitive (5 digits x 40)."
+        "bursty (batches of 100, twice over), repetitive (5 digits x 40), near-repeats (100 digits photographed "
+        f"twice, sigma {NEAR_REPEAT_SIGMA}, retake at once / second pass), camera shifted one pixel (8 directions), "
+        "single class, sensor noise sigma 0.05, faded ink x0.7."
     )
+    if cfg.cases:
+        text += (
+            f" Cases: jitter-majority Sybil ({cfg.sybil_identities} identities of one role x {cfg.sybil_inputs} "
+            f"distinct x_train inputs, each sent {SYBIL_REPEATS} times with one pixel moved "
+            f"{JITTER[0]:g}..{JITTER[1]:g}, majority label kept; copy verified against the pooled evidence of all "
+            "identities); slow attacker "
+            f"({SLOW_PER_DAY} distinct x_train inputs a day for {SLOW_DAYS} simulated days, one identity); served-"
+            f"watermark p per copy training length {list(cfg.copy_lengths)} epochs (CopycatCNN labels-only at "
+            f"{max(cfg.budgets)} queries, and the Sybil)."
+        )
+    return text
 
 
 # --- the victim: the real app, in-process ------------------------------------------------------------------------
@@ -147,27 +194,149 @@ def _output_policy(name: str) -> OutputPolicy | None:
     return {"full_probs": TopK(10), "top3": TopK(3), "label_only": None}[name]
 
 
-def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray) -> QueryMonitor:
-    from edgeshield.extraction import OodRateSignal, PradaDetector, QueryBudget, QueryMonitor, ResponsePolicy
+class ExactKeys:
+    """Input keys before issue 14: the SHA-256 of the row's bytes, so only exact repeats share a key (``legacy``)."""
 
-    return QueryMonitor([PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES),
-                         OodRateSignal.fit(x_train, x_ood_cal), QueryBudget(QUERY_BUDGET)],
-                        response=ResponsePolicy(default="block"))
+    name = "digest"
+
+    def keys(self, x: np.ndarray) -> list[bytes]:
+        from edgeshield.extraction import digest_keys
+
+        return digest_keys(x)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "digest"}
+
+    def export_state(self) -> bytes | None:
+        return None
+
+    def import_state(self, data: bytes) -> None:
+        return None
+
+
+class SimulatedClock:
+    """A wall clock the evaluation moves: every detector and the app read it, so that days pass in a second."""
+
+    def __init__(self, start: float = CLOCK_START) -> None:
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += float(seconds)
+
+
+def _takes(factory: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _optional(module: str, name: str) -> Any:
+    """``module.name`` if this checkout has it (the pieces of issue 14 land one by one), else None."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def honest_retakes(x: np.ndarray, seed: int, *, sigma: float = NEAR_REPEAT_SIGMA) -> np.ndarray:
+    """Each row of ``x`` photographed again: Gaussian sensor noise ``sigma``, clipped to [0, 1]."""
+    rng = np.random.default_rng(seed)
+    return np.clip(x + sigma * rng.standard_normal(x.shape), 0.0, 1.0).astype(np.float32)
+
+
+def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray, *, kind: str = "deployed",
+                  clock: SimulatedClock | None = None, x_honest: np.ndarray | None = None,
+                  fleet: bool = True) -> QueryMonitor:
+    """The monitor a deployment runs. ``legacy``: before issue 14 (PRADA on exact repeats, OOD calibrated on clean
+    digits only, a one-day window budget of exact bytes). ``deployed``: PRADA skipping near-duplicates within a
+    distance calibrated on honest retakes of ``x_honest`` (the calibration digits, never the benign test set), OOD
+    calibrated with the declared benign transforms, the window budget on canonical keys, a decaying long-horizon
+    budget and (``fleet``) a fleet budget per role -- each piece as far as this checkout has it
+    (:func:`monitor_parts` says which)."""
+    from edgeshield.extraction import (
+        BenignTransforms,
+        OodRateSignal,
+        PradaDetector,
+        QueryBudget,
+        QueryMonitor,
+        ResponsePolicy,
+    )
+
+    clock = clock or SimulatedClock()
+    if kind == "legacy":
+        return QueryMonitor([PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES),
+                             OodRateSignal.fit(x_train, x_ood_cal), QueryBudget(QUERY_BUDGET, clock=clock)],
+                            response=ResponsePolicy(default="block"))
+    if kind != "deployed":
+        raise InvalidArgumentError(f"unknown monitor kind {kind!r}: deployed or legacy")
+    prada_kw: dict[str, Any] = {}
+    calibrate = _optional("edgeshield.extraction", "calibrate_dup_distance")
+    if calibrate is not None and _takes(PradaDetector, "dup_distance") and x_honest is not None:
+        # honest traffic: two photographs of each calibration digit (sensor noise NEAR_REPEAT_SIGMA)
+        prada_kw["dup_distance"] = float(calibrate(honest_retakes(x_honest, 101), honest_retakes(x_honest, 102),
+                                                   x_honest))
+    detectors: list[Any] = [
+        PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES, **prada_kw),
+        OodRateSignal.fit(x_train, x_ood_cal, transforms=BenignTransforms.from_config(BENIGN_TRANSFORMS)),
+        QueryBudget(QUERY_BUDGET, clock=clock),
+    ]
+    decaying = _optional("edgeshield.extraction", "DecayingBudget")
+    if decaying is not None:
+        detectors.append(decaying(DECAYING_BURST, DECAYING_PER_DAY, clock=clock))
+    fleet_budget = _optional("edgeshield.extraction", "FleetBudget")
+    if fleet and fleet_budget is not None:
+        detectors.append(fleet_budget(FLEET_PER_GROUP_DAY, clock=clock))
+    return QueryMonitor(detectors, response=ResponsePolicy(default="block"))
+
+
+def monitor_parts(monitor: QueryMonitor | None, gateway: Gateway | None = None) -> dict[str, Any]:
+    """Which pieces of the deployed defence an evaluated app ran (the report says so beside every figure)."""
+    if monitor is None:
+        return {}
+    names = [d.name for d in monitor.detectors]
+    prada = next((d for d in monitor.detectors if d.name == "prada"), None)
+    ood = next((d for d in monitor.detectors if d.name == "ood_rate"), None)
+    keys = getattr(gateway.state, "input_keys", None) if gateway is not None else None
+    return {"detectors": names, "prada_dup_distance": getattr(prada, "dup_distance", None),
+            "ood_transforms": getattr(ood, "transforms", None) is not None,
+            "input_keys": None if keys is None else keys.describe().get("kind", type(keys).__name__)}
 
 
 class Gateway:
     """One ASGI app (one ``ServerState``) and a synchronous way to send it batches as named clients."""
 
     def __init__(self, model_bytes: bytes, *, outputs: OutputPolicy | None = None, monitor: QueryMonitor | None = None,
-                 served: ServedWatermark | None = None, evidence: EvidenceStore | None = None) -> None:
+                 served: ServedWatermark | None = None, evidence: EvidenceStore | None = None,
+                 clock: SimulatedClock | None = None, canonical_keys: bool = True) -> None:
+        """``canonical_keys``: the app's per-input decisions use the deployed canonical keys (LeaderKeys shared by
+        the monitor and the served watermark) where this checkout has them; False: exact bytes (before issue 14).
+        Every client has the role ``client``: one enrolment, the fleet budget's group."""
+        import dataclasses
+
         from edgeshield.bundles._ort import onnxruntime as ort
         from edgeshield.models import digits_input_spec
         from edgeshield.server import Rbac, ServerState, create_app
 
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        fields = {f.name for f in dataclasses.fields(ServerState)}
+        extra: dict[str, Any] = {}
+        if "clock" in fields and clock is not None:
+            extra["clock"] = clock
+        if "input_keys" in fields:
+            from edgeshield.extraction import LeaderKeys
+
+            extra["input_keys"] = LeaderKeys() if canonical_keys else ExactKeys()
         self.state = ServerState(session=session, manifest=_Manifest(), rbac=Rbac(), audit=None,
                                  spec=digits_input_spec(), outputs=outputs, monitor=monitor,
-                                 served_watermark=served, served_evidence=evidence)
+                                 served_watermark=served, served_evidence=evidence, **extra)
         self.app = create_app(self.state)
         self.loop = asyncio.new_event_loop()
         self._clients: dict[str, httpx.AsyncClient] = {}
@@ -191,6 +360,25 @@ class Gateway:
         r = self.loop.run_until_complete(self._client(name).post(
             "/v1/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"}))
         return r.status_code, r.json()
+
+    def keys(self, x: np.ndarray) -> list[bytes]:
+        """The canonical key of each row as this app computes it (exact digests where it has no InputKeys)."""
+        from edgeshield.extraction import digest_keys
+
+        input_keys = getattr(self.state, "input_keys", None)
+        return digest_keys(x) if input_keys is None else list(input_keys.keys(np.asarray(x, dtype=np.float32)))
+
+    def evidence(self, client: str | None = None) -> tuple[np.ndarray, np.ndarray, list[bytes] | None]:
+        """The served-watermark evidence kept for ``client`` (None: every client, pooled) and each row's unit."""
+        store = self.state.served_evidence
+        if store is None:
+            return np.zeros((0, 64), np.float32), np.zeros(0, np.int64), None
+        if hasattr(store, "evidence"):
+            ev = store.evidence(client)
+            x = ev.x.reshape(len(ev.labels), -1) if len(ev.labels) else np.zeros((0, 64), np.float32)
+            return x, ev.labels, list(ev.units)
+        x, y, _, _ = store.load(client)
+        return x, y, None
 
     def close(self) -> None:
         for c in self._clients.values():
@@ -354,7 +542,22 @@ def run_jacobian_attack(session: Session, seeds: np.ndarray, budget: int, *, epo
 
 
 # --- benign clients ------------------------------------------------------------------------------------------------
-def benign_streams(x_held: np.ndarray, seed: int) -> list[tuple[str, np.ndarray, int]]:
+SHIFTS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+
+
+def _shift_name(dy: int, dx: int) -> str:
+    return f"{'down' if dy > 0 else 'up' if dy < 0 else ''}{'right' if dx > 0 else 'left' if dx < 0 else ''}"
+
+
+def benign_streams(x_held: np.ndarray, seed: int, y_held: np.ndarray | None = None,
+                   *, enlarged: bool = True) -> list[tuple[str, np.ndarray, int]]:
+    """The honest clients: (name, inputs in the order sent, batch). The first seven are the original set (random
+    order, bursty, repetitive); ``enlarged`` adds issue 14's honest kinds: near-repeats (``NEAR_REPEAT_DIGITS``
+    digits photographed twice with sensor noise sigma ``NEAR_REPEAT_SIGMA``, the retake sent at once or in a second
+    pass), a camera shifted one pixel (each of the 8 directions), a single-class client (``y_held`` needed), sensor
+    noise sigma 0.05 and faded ink (contrast 0.7)."""
+    from edgeshield.extraction import BenignTransforms
+
     rng = np.random.default_rng(seed)
     streams = [(f"random_{i}", x_held[rng.permutation(len(x_held))], 10) for i in range(3)]
     streams += [(f"bursty_{i}", np.concatenate([x_held[rng.permutation(len(x_held))] for _ in range(2)]), 100)
@@ -362,6 +565,23 @@ def benign_streams(x_held: np.ndarray, seed: int) -> list[tuple[str, np.ndarray,
     for i in range(2):
         few = x_held[rng.choice(len(x_held), 5, replace=False)]
         streams.append((f"repetitive_{i}", np.repeat(few, 40, axis=0)[rng.permutation(200)], 10))
+    if not enlarged:
+        return streams
+    digits = x_held[rng.choice(len(x_held), NEAR_REPEAT_DIGITS, replace=False)]
+    first, second = honest_retakes(digits, seed + 1), honest_retakes(digits, seed + 2)
+    streams.append(("near_repeat_retry", np.stack([first, second], axis=1).reshape(-1, first.shape[1]), 10))
+    streams.append(("near_repeat_second_pass", np.concatenate([first, second]), 10))
+    shifter = BenignTransforms(image_shape=(8, 8))
+    for dy, dx in SHIFTS:
+        shifted = shifter.shift(x_held, dy, dx).astype(np.float32)
+        streams.append((f"shifted_camera_{_shift_name(dy, dx)}", shifted[rng.permutation(len(shifted))], 10))
+    if y_held is not None:
+        top = int(np.bincount(y_held).argmax())
+        one = x_held[y_held == top]
+        streams.append(("single_class", np.concatenate([one, honest_retakes(one, seed + 3)]), 10))
+    noisy = np.clip(x_held + 0.05 * rng.standard_normal(x_held.shape), 0, 1).astype(np.float32)
+    streams.append(("sensor_noise_005", noisy[rng.permutation(len(noisy))], 10))
+    streams.append(("faded_ink_07", (0.7 * x_held[rng.permutation(len(x_held))]).astype(np.float32), 10))
     return streams
 
 
@@ -496,34 +716,37 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: DigitsSplit, cf
     """
     import torch
 
-    from edgeshield.watermark import EvidenceStore, ServedWatermark, verify_copy
+    from edgeshield.extraction import LeaderKeys
+    from edgeshield.watermark import EvidenceStore, verify_copy
 
     budget, out = max(cfg.budgets), dict[str, Any]()
     all_digits = np.concatenate([split.x_train, split.x_test])
+    all_keys = (LeaderKeys() if cfg.monitor == "deployed" else ExactKeys()).keys(all_digits)  # as the app keys them
 
     false_claims, control_p = 0, []
     with tempfile.TemporaryDirectory(prefix="edgeshield-served-") as tmp:
         for i, rate in enumerate(cfg.served_rates):
             report(progress, "served watermark", i, len(cfg.served_rates), note=f"at {rate:.1%}")
             tag = f"served_watermark_{round(rate * 1000):03d}pm"  # per mille: 005pm = 0.5 %
-            served = ServedWatermark(WATERMARK_KEY, rate, classes=10)
+            served = _served_watermark(rate)
             store = EvidenceStore(Path(tmp) / f"{tag}.db")
-            gw = Gateway(marked, served=served, evidence=store)
+            gw = Gateway(marked, served=served, evidence=store, canonical_keys=cfg.monitor == "deployed")
             try:
                 honest = Session(gw, "honest", batch=100).query(split.x_test).argmax(axis=1)
                 thief = Session(gw, "thief")
                 copy = run_art_attack("copycat", thief, split.x_train, budget, epochs=cfg.epochs, seed=7,
                                       soft=False)
-                evidence = store.load("thief")[:2]
+                x_ev, y_ev, units = gw.evidence("thief")
                 x_ans, y_ans = thief.t.arrays()
             finally:
                 gw.close()
             torch.manual_seed(1)
             converged = _train(build_mlp(), x_ans, y_ans.argmax(axis=1), CONVERGED_EPOCHS, 1)
-            proof = verify_copy(copy.predict, *evidence, classes=10)
-            proof_conv = verify_copy(mlp_as_onnx(base, converged), *evidence, classes=10)
+            owner = _victim_kw(marked)
+            proof = verify_copy(copy.predict, x_ev, y_ev, classes=10, units=units, **owner)
+            proof_conv = verify_copy(mlp_as_onnx(base, converged), x_ev, y_ev, classes=10, units=units, **owner)
             for model in controls:
-                check = verify_copy(model, *evidence, classes=10)
+                check = verify_copy(model, x_ev, y_ev, classes=10, units=units, **owner)
                 false_claims += int(check.present)
                 control_p.append(check.p_value)
             out.update({
@@ -531,7 +754,7 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: DigitsSplit, cf
                 f"{tag}_honest_accuracy_drop": _accuracy_onnx(marked, split.x_test, split.y_test)
                 - _rate(honest, split.y_test),
                 # the expected honest cost: the share of all 1,797 digits marked
-                f"{tag}_marked_fraction_all_digits": float(served.marks(all_digits)[0].mean()),
+                f"{tag}_marked_fraction_all_digits": float(served.marks(all_digits, keys=all_keys)[0].mean()),
                 f"{tag}_evidence": proof.evidence,
                 f"{tag}_copy_matches": proof.matches, f"{tag}_copy_p": proof.p_value,
                 f"{tag}_copy_proven": proof.present,
@@ -546,6 +769,228 @@ def evaluate_served_watermark(base: bytes, marked: bytes, split: DigitsSplit, cf
     out["watermark_survives_copycat"] = out[f"{default}_copy_proven"]
     out["watermark_survives_copycat_converged"] = out[f"{default}_converged_proven"]
     return out
+
+
+# --- the four failures of issue 14, as measured cases -------------------------------------------------------------
+def jittered(x: np.ndarray, rng: np.random.Generator, size: tuple[float, float] = JITTER) -> np.ndarray:
+    """A copy of ``x`` with one random pixel of each row moved by ``size`` (inwards, so it stays in [0, 1])."""
+    out = np.array(x, dtype=np.float32)
+    rows, cols = np.arange(len(out)), rng.integers(0, out.shape[1], len(out))
+    step = rng.uniform(*size, len(out)).astype(np.float32)
+    v = out[rows, cols]
+    out[rows, cols] = np.where(v < 0.5, v + step, v - step)
+    return out
+
+
+def _majority(answers: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per input, the majority label over its answered copies (ties: the smallest label), and whether any was."""
+    stacked = np.stack(answers)  # [copies, N, 10]; an unanswered copy is a row of zeros
+    answered = stacked.sum(axis=2) > 0
+    votes = np.zeros(stacked.shape[1:], dtype=np.int64)
+    for copy, ok in zip(stacked, answered, strict=True):
+        votes[ok, copy[ok].argmax(axis=1)] += 1
+    return votes.argmax(axis=1), answered.any(axis=0)
+
+
+def _onehot(labels: np.ndarray) -> np.ndarray:
+    return np.eye(10, dtype=np.float32)[labels]
+
+
+def _copies(x: np.ndarray, y: np.ndarray, lengths: Sequence[int], seed: int) -> dict[int, PyTorchClassifier]:
+    """Copies trained on (x, labels y) as ART trains them (Adam 1e-3, batch 32), one per training length."""
+    out = {}
+    for epochs in sorted(set(lengths)):
+        clf = fit_substitute(x, _onehot(y), epochs=epochs, seed=seed)
+        if clf is not None:
+            out[epochs] = clf
+    return out
+
+
+def sybil_jitter_majority(gateway: Gateway, pool: np.ndarray, *, identities: int, inputs: int, seed: int,
+                          repeats: int = SYBIL_REPEATS) -> dict[str, Any]:
+    """Issue 14, failure 1: ``identities`` identities, each ``inputs`` distinct inputs of ``pool``, every input sent
+    ``repeats`` times with a tiny jitter (requests of ``BATCH`` inputs, each request sent ``repeats`` times, jittered
+    afresh); the thief keeps the majority label. Returns the thief's data and how the app saw it."""
+    from edgeshield.extraction import QueryBudget
+
+    rng = np.random.default_rng(seed)
+    xs, ys, blocked, answered, first_block = [], [], 0, 0, None
+    distinct: int | None = None
+    for i in range(identities):
+        name = f"sybil-{i}"
+        mine = pool[rng.choice(len(pool), inputs, replace=False)].astype(np.float32)
+        session = Session(gateway, name)
+        counter = QueryBudget(10**9)  # what the app's budget counts for this identity, uncapped
+        for start in range(0, len(mine), BATCH):
+            chunk = mine[start : start + BATCH]
+            answers = []
+            for _ in range(repeats):
+                sent = jittered(chunk, rng)
+                answers.append(session.query(sent))
+                if i == 0:
+                    counter.observe(name, sent, keys=gateway.keys(sent))
+            label, ok = _majority(answers)
+            xs.append(chunk[ok])
+            ys.append(label[ok])
+        if i == 0:
+            distinct = int(counter.state(name).stats["distinct"])
+        answered += session.t.answered
+        if session.blocked:
+            blocked += 1
+            first_block = first_block if first_block is not None else answered - session.t.answered + \
+                (session.t.blocked_at or 0)
+    return {"x": np.concatenate(xs), "y": np.concatenate(ys), "identities_blocked": blocked,
+            "answered": answered, "queries_to_first_block": first_block, "budget_distinct": distinct}
+
+
+def slow_attacker(gateway: Gateway, clock: SimulatedClock, pool: np.ndarray, *, per_day: int = SLOW_PER_DAY,
+                  days: int = SLOW_DAYS, seed: int) -> Session:
+    """Issue 14, failure 2: ``per_day`` fresh distinct inputs a day for ``days`` days from one identity, its
+    requests spread evenly over each day (and a minute) on the app's simulated clock."""
+    rng = np.random.default_rng(seed)
+    order = pool[rng.permutation(len(pool))[: per_day * days]].astype(np.float32)
+    session = Session(gateway, "slow")
+    requests = -(-per_day // session.batch)
+    for day in range(days):
+        today = order[day * per_day : (day + 1) * per_day]
+        for start in range(0, len(today), session.batch):  # spread evenly over a day and a minute
+            session.query(today[start : start + session.batch])
+            clock.advance((DAY + 60.0) / requests)
+    return session
+
+
+def evaluate_cases(marked: bytes, split: DigitsSplit, cfg: EvaluationConfig, victim_labels: np.ndarray,
+                   copycat: dict[str, Any] | None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """The jitter-majority Sybil, the slow attacker and the served watermark per copy training length.
+
+    Each case runs against its own defended app (the deployed monitor, labels only, the served watermark at
+    ``SERVED_RATE``), so the fleet of one case is not another's. ``copycat``: the labels-only CopycatCNN transcript
+    at the largest budget (x, labels answered, evidence) from the main sessions, for the per-length p-values."""
+    from edgeshield.watermark import EvidenceStore, verify_copy
+
+    out: dict[str, Any] = {}
+    lengths = tuple(sorted({*cfg.copy_lengths, cfg.epochs, CONVERGED_EPOCHS}))
+
+    def fidelity(clf: PyTorchClassifier) -> float:
+        return _rate(_labels(clf, split.x_test), victim_labels)
+
+    def proof(clf: PyTorchClassifier, evidence: tuple[np.ndarray, np.ndarray, list[bytes] | None]) -> Any:
+        x_ev, y_ev, units = evidence
+        return verify_copy(clf.predict, x_ev, y_ev, classes=10, units=units, **_victim_kw(marked))
+
+    with tempfile.TemporaryDirectory(prefix="edgeshield-cases-") as tmp:
+        # 1. jitter-majority Sybil: twelve identities of one role (one enrolment: the fleet budget's group)
+        report(progress, "issue-14 cases", 0, 3, note="jitter-majority Sybil")
+        clock = SimulatedClock()
+        monitor = build_monitor(split.x_train, split.x_test[:N_OOD_CAL], kind=cfg.monitor, clock=clock,
+                                x_honest=split.x_test[:N_OOD_CAL])
+        gw = Gateway(marked, monitor=monitor, clock=clock, canonical_keys=cfg.monitor == "deployed",
+                     served=_served_watermark(SERVED_RATE), evidence=EvidenceStore(Path(tmp) / "sybil.db"))
+        try:
+            t0 = time.perf_counter()
+            sybil = sybil_jitter_majority(gw, split.x_train, identities=cfg.sybil_identities,
+                                          inputs=cfg.sybil_inputs, seed=cfg.seed + 14)
+            evidence = gw.evidence()
+            parts = monitor_parts(monitor, gw)
+        finally:
+            gw.close()
+        query_s = time.perf_counter() - t0
+        copies = _copies(sybil["x"], sybil["y"], lengths, seed=cfg.seed + 15)
+        proofs = {e: proof(c, evidence) for e, c in copies.items()}
+        p30 = proofs[cfg.epochs]
+        out.update({
+            "sybil_jitter_majority_identities": cfg.sybil_identities,
+            "sybil_jitter_majority_inputs": len(sybil["x"]),
+            "sybil_jitter_majority_answered": sybil["answered"],
+            "sybil_jitter_majority_identities_blocked": sybil["identities_blocked"],
+            "sybil_jitter_majority_queries_to_first_block": sybil["queries_to_first_block"],
+            "sybil_jitter_budget_distinct": sybil["budget_distinct"],  # should be the inputs, not the sends
+            "sybil_jitter_inputs_per_identity": cfg.sybil_inputs, "sybil_jitter_sends_per_input": SYBIL_REPEATS,
+            "sybil_jitter_majority_fidelity": fidelity(copies[cfg.epochs]),
+            "sybil_jitter_majority_fidelity_converged": fidelity(copies[CONVERGED_EPOCHS]),
+            "sybil_jitter_majority_units": p30.units, "sybil_jitter_majority_evidence": p30.evidence,
+            "sybil_jitter_majority_matches": p30.matches, "sybil_jitter_majority_p": p30.p_value,
+            "sybil_jitter_majority_p_converged": proofs[CONVERGED_EPOCHS].p_value,
+            "sybil_jitter_majority_proven": int(p30.present or proofs[CONVERGED_EPOCHS].present),
+            "sybil_jitter_majority_proven_copy30": int(p30.present),
+            "sybil_jitter_majority_s": time.perf_counter() - t0, "sybil_jitter_majority_query_s": query_s,
+            "cases_monitor": parts,
+        })
+        for e in cfg.copy_lengths:
+            if e in proofs:
+                out[f"sybil_copy_{e}ep_p"] = proofs[e].p_value
+                out[f"sybil_copy_{e}ep_fidelity"] = fidelity(copies[e])
+
+        # 2. the slow attacker: under the daily budget every day, for four days; against the defended app (when is
+        # it detected, what copy at detection) and against the same app without monitor (the full copy, its proof)
+        report(progress, "issue-14 cases", 1, 3, note="slow attacker")
+        t0 = time.perf_counter()
+        runs: dict[str, Session] = {}
+        slow_signals: list[str] = []
+        slow_evidence: tuple[np.ndarray, np.ndarray, list[bytes] | None] = (np.zeros((0, 64)), np.zeros(0), None)
+        for defended in (True, False):
+            clock = SimulatedClock()
+            slow_monitor = build_monitor(split.x_train, split.x_test[:N_OOD_CAL], kind=cfg.monitor, clock=clock,
+                                         x_honest=split.x_test[:N_OOD_CAL]) if defended else None
+            gw = Gateway(marked, monitor=slow_monitor, clock=clock, canonical_keys=cfg.monitor == "deployed",
+                         served=_served_watermark(SERVED_RATE),
+                         evidence=EvidenceStore(Path(tmp) / f"slow-{defended}.db"))
+            try:
+                runs["defended" if defended else "open"] = slow_attacker(gw, clock, split.x_train,
+                                                                          seed=cfg.seed + 16)
+                if defended:
+                    slow_signals = _alarming(gw, "slow")
+                else:
+                    slow_evidence = gw.evidence("slow")
+            finally:
+                gw.close()
+        slow, slow_open = runs["defended"], runs["open"]
+        at_det = fit_substitute(*slow.t.arrays(), epochs=cfg.epochs, seed=cfg.seed + 17) if slow.blocked else None
+        full = fit_substitute(*slow_open.t.arrays(), epochs=cfg.epochs, seed=cfg.seed + 17)
+        slow_proof = proof(full, slow_evidence) if full is not None else None
+        slow_proven = bool(slow_proof is not None and slow_proof.present)
+        q = slow.t.blocked_at
+        out.update({
+            "slow_attacker_queries": SLOW_PER_DAY * SLOW_DAYS, "slow_attacker_answered": slow.t.answered,
+            "slow_attacker_detected": slow.blocked, "slow_attacker_queries_to_detect": q,
+            "slow_attacker_day_detected": None if q is None else q // SLOW_PER_DAY + 1,
+            "slow_attacker_signals": slow_signals,
+            "slow_attacker_fidelity_at_detection": fidelity(at_det) if at_det is not None else None,
+            "slow_attacker_fidelity_full": fidelity(full) if full is not None else None,
+            "slow_attacker_fidelity": fidelity(full) if full is not None else None,
+            "slow_attacker_p": slow_proof.p_value if slow_proof is not None else None,
+            "slow_attacker_proven": slow_proven,
+            "slow_attacker_detected_or_proven": int((q is not None and q <= TARGET_QUERIES) or slow_proven),
+            "slow_attacker_s": time.perf_counter() - t0,
+        })
+
+        # 3. the served watermark per copy training length: CopycatCNN (labels only, largest budget) and the Sybil
+        report(progress, "issue-14 cases", 2, 3, note="copies per training length")
+        if copycat is not None:
+            cc = _copies(copycat["x"], copycat["y"], cfg.copy_lengths, seed=cfg.seed + 18)
+            for e, c in cc.items():
+                out[f"copycat_copy_{e}ep_p"] = proof(c, copycat["evidence"]).p_value
+                out[f"copycat_copy_{e}ep_fidelity"] = fidelity(c)
+        report(progress, "issue-14 cases", 3, 3)
+    out["copy_lengths"] = list(cfg.copy_lengths)
+    return out
+
+
+def _victim_kw(victim: bytes) -> dict[str, Any]:
+    """``verify_copy``'s ``victim=`` (the owner's model: each unit's victim label is excluded from the suspect's
+    vote) where this checkout has it."""
+    from edgeshield.watermark import verify_copy
+
+    return {"victim": victim} if _takes(verify_copy, "victim") else {}
+
+
+def _served_watermark(rate: float) -> ServedWatermark:
+    """The deployed served watermark at ``rate`` (``SERVED_REGIONS``: its unit kind)."""
+    from edgeshield.watermark import ServedWatermark
+
+    if SERVED_REGIONS is not None and _takes(ServedWatermark, "regions"):
+        return ServedWatermark(WATERMARK_KEY, rate, classes=10, regions=SERVED_REGIONS)
+    return ServedWatermark(WATERMARK_KEY, rate, classes=10)
 
 
 # --- the whole evaluation ------------------------------------------------------------------------------------------
@@ -576,10 +1021,10 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
     import torch
 
     from edgeshield.models import digits_model_path, load_digits_split
-    from edgeshield.watermark import EvidenceStore, ServedWatermark, embed, verify_copy
+    from edgeshield.watermark import EvidenceStore, embed, verify_copy
 
     cfg = cfg or EvaluationConfig()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # small MLPs: one thread is as fast and does not fight the app's threads
     started = time.perf_counter()
     split = load_digits_split()
     base = digits_model_path().read_bytes()
@@ -601,25 +1046,36 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
 
     def dawn(gateway: Gateway, client: str, model: PyTorchClassifier | None) -> CopyVerifyResult | None:
         """Does the served watermark prove ``model`` was trained on ``client``'s answers from ``gateway``?"""
-        store = gateway.state.served_evidence
-        if model is None or store is None:
+        if model is None or gateway.state.served_evidence is None:
             return None
-        x_ev, y_ev, _, _ = store.load(client)
-        return verify_copy(model.predict, x_ev, y_ev, classes=10)  # evidence rows are float32 already
+        x_ev, y_ev, units = gateway.evidence(client)
+        # evidence rows are float32 already
+        return verify_copy(model.predict, x_ev, y_ev, classes=10, units=units, **_victim_kw(marked))
 
-    served = ServedWatermark(WATERMARK_KEY, SERVED_RATE, classes=10)
+    served = _served_watermark(SERVED_RATE)
+    copycat_transcript: dict[str, Any] | None = None
+    parts: dict[str, Any] = {}
     tmp = tempfile.TemporaryDirectory(prefix="edgeshield-extraction-")
     sessions: list[dict[str, Any]] = []
     benign: list[dict[str, Any]] = []
     copycat_full: PyTorchClassifier | None = None
     n_attacks = len(cfg.outputs) * len(cfg.attacks) * len(cfg.budgets)
-    n_benign = len(cfg.outputs) * len(benign_streams(x_held, cfg.seed)) if cfg.benign else 0
+    y_held = split.y_test[N_OOD_CAL:]
+    n_benign = len(cfg.outputs) * len(benign_streams(x_held, cfg.seed, y_held)) if cfg.benign else 0
+    canonical_keys = cfg.monitor == "deployed"
     for out_name in cfg.outputs:
-        monitor = build_monitor(split.x_train, x_ood_cal)
-        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=monitor,
+        clock = SimulatedClock()
+        # the sessions here are unrelated identities (each its own enrolment): no fleet budget over them; the
+        # Sybil case below is the fleet
+        monitor = build_monitor(split.x_train, x_ood_cal, kind=cfg.monitor, clock=clock, x_honest=x_ood_cal,
+                                fleet=False)
+        defended = Gateway(marked, outputs=_output_policy(out_name), monitor=monitor, clock=clock,
+                           canonical_keys=canonical_keys,
                            served=served, evidence=EvidenceStore(Path(tmp.name) / f"defended-{out_name}.db"))
-        open_ = Gateway(marked, outputs=_output_policy(out_name), served=served,
+        open_ = Gateway(marked, outputs=_output_policy(out_name), served=served, clock=clock,
+                        canonical_keys=canonical_keys,
                         evidence=EvidenceStore(Path(tmp.name) / f"open-{out_name}.db"))
+        parts = monitor_parts(monitor, defended)
         soft = out_name != "label_only"
         for kind in cfg.attacks:
             for budget in cfg.budgets:
@@ -644,6 +1100,8 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
                 proof = dawn(open_, name, full)
                 if kind == "copycat" and out_name == "label_only" and budget == max(cfg.budgets):
                     copycat_full = full
+                    x_base, y_base = baseline.t.arrays()
+                    copycat_transcript = {"x": x_base, "y": y_base.argmax(axis=1), "evidence": open_.evidence(name)}
                 sessions.append({
                     "attack": kind, "budget": budget, "outputs": out_name, "detected": attacker.blocked,
                     "queries_to_detect": attacker.t.blocked_at, "answered": attacker.t.answered,
@@ -658,7 +1116,7 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
                     "served_wm_proven": proof.present if proof is not None else False,
                 })
         if cfg.benign:
-            for bname, stream, batch in benign_streams(x_held, cfg.seed):
+            for bname, stream, batch in benign_streams(x_held, cfg.seed, y_held):
                 s = Session(defended, f"benign-{bname}-{out_name}", batch=batch)
                 s.query(stream)
                 benign.append({"client": bname, "outputs": out_name, "queries": len(stream), "batch": batch,
@@ -673,6 +1131,7 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
     report(progress, "output hardening cost", 0, 1)
     outputs = output_costs(marked, split)
     report(progress, "output hardening cost", 1, 1)
+    cases = evaluate_cases(marked, split, cfg, victim_labels, copycat_transcript, progress) if cfg.cases else {}
     wm: dict[str, Any] = {}
     if cfg.watermark:
         report(progress, "weight watermark", 0, 1)
@@ -708,13 +1167,71 @@ def evaluate(cfg: EvaluationConfig | None = None, progress: ProgressCallback | N
         flat[f"{kind}_full_budget_served_wm_p_max"] = max((s["served_wm_p"] for s in top), default=None)
     for b in benign:
         flat[f"benign_{b['client']}_{b['outputs']}_flagged"] = b["flagged"]
+    kinds = {"near_repeat": "benign_near_repeat", "shifted_camera": "benign_shifted_camera"}
+    for prefix, key in kinds.items():
+        mine = [b for b in benign if b["client"].startswith(prefix)]
+        flat[f"{key}_sessions"] = len(mine)
+        flat[f"{key}_flagged"] = sum(b["flagged"] for b in mine)
+        flat[f"{key}_blocked_at_min"] = min((b["blocked_at"] for b in mine if b["blocked_at"] is not None),
+                                            default=None)
+    flat["monitor"] = cfg.monitor
+    flat["monitor_detectors"] = parts.get("detectors")
+    flat["monitor_input_keys"] = parts.get("input_keys")
+    flat["monitor_prada_dup_distance"] = parts.get("prada_dup_distance")
+    flat["monitor_ood_transforms"] = parts.get("ood_transforms")
+    flat["served_rate"] = SERVED_RATE
+    flat["served_regions"] = SERVED_REGIONS
+    flat.update({k: v for k, v in cases.items() if k != "cases_monitor"})
+    flat.update(_copy30(sessions, cases, cfg))
+    flat.update(_useful_target(sessions, cases))
     for name, o in outputs.items():
         flat[f"output_{name}_accuracy"] = o["accuracy"]
         flat[f"output_{name}_accuracy_drop"] = o["accuracy_drop"]
     flat.update(wm)
     flat["evaluation_s"] = time.perf_counter() - started
     return {"sessions": sessions, "benign": benign, "outputs": outputs, "watermark": wm, "flat": flat,
-            "protocol_text": protocol_text(cfg)}
+            "cases": cases, "protocol_text": protocol_text(cfg)}
+
+
+def _useful_target(sessions: Sequence[dict[str, Any]], cases: dict[str, Any]) -> dict[str, Any]:
+    """The issue's target: every attack session whose (undefended) copy reaches USEFUL_FIDELITY is detected within
+    TARGET_QUERIES queries or its copy proven (p < 1e-6). The Sybil counts as detected when its first identity is
+    blocked within TARGET_QUERIES queries of the whole fleet."""
+    rows = [(f"{s['attack']}/{s['outputs']}/{s['budget']}", s["fidelity_full"],
+             s["detected"] and s["queries_to_detect"] <= TARGET_QUERIES, s["served_wm_proven"]) for s in sessions]
+    if "sybil_jitter_majority_fidelity" in cases:
+        first = cases["sybil_jitter_majority_queries_to_first_block"]
+        rows.append(("sybil_jitter_majority", cases["sybil_jitter_majority_fidelity"],
+                     first is not None and first <= TARGET_QUERIES, bool(cases["sybil_jitter_majority_proven"])))
+    if "slow_attacker_detected" in cases:
+        q = cases["slow_attacker_queries_to_detect"]
+        rows.append(("slow_attacker", cases["slow_attacker_fidelity_full"], q is not None and q <= TARGET_QUERIES,
+                     bool(cases["slow_attacker_proven"])))
+    useful = [r for r in rows if r[1] is not None and r[1] >= USEFUL_FIDELITY]
+    missed = [r[0] for r in useful if not (r[2] or r[3])]
+    return {"useful_attack_sessions": len(useful),
+            "useful_attack_sessions_detected_or_proven": len(useful) - len(missed),
+            "useful_attack_sessions_missed": missed}
+
+
+def _copy30(sessions: Sequence[dict[str, Any]], cases: dict[str, Any], cfg: EvaluationConfig) -> dict[str, Any]:
+    """The served watermark's p over the copies trained ``cfg.epochs`` epochs (ART's 30 by default) from every
+    attack case at the served rate: the full-budget undefended sessions, the Sybil and the slow attacker. The max
+    over every copy, and over the copies that are useful (fidelity >= USEFUL_FIDELITY: the targets' population)."""
+    top = [s for s in sessions if s["budget"] == max(cfg.budgets) and s["served_wm_p"] is not None]
+    rows = [(f"{s['attack']}/{s['outputs']}", s["served_wm_p"], s["fidelity_full"]) for s in top]
+    if "sybil_jitter_majority_p" in cases:
+        rows.append(("sybil_jitter_majority", cases["sybil_jitter_majority_p"],
+                     cases["sybil_jitter_majority_fidelity"]))
+    if cases.get("slow_attacker_p") is not None:
+        rows.append(("slow_attacker", cases["slow_attacker_p"], cases["slow_attacker_fidelity"]))
+    useful = [r for r in rows if r[2] is not None and r[2] >= USEFUL_FIDELITY]
+    worst = max(useful, key=lambda r: r[1], default=None)
+    return {"copy30_served_wm_p_max": worst[1] if worst else None,
+            "copy30_served_wm_p_max_case": worst[0] if worst else None,
+            "copy30_served_wm_p_max_all": max((r[1] for r in rows), default=None),
+            "copy30_copies": len(rows), "copy30_useful_copies": len(useful),
+            "copy30_useful_copies_proven": sum(r[1] < 1e-6 for r in useful)}
 
 
 def output_costs(model_bytes: bytes, split: DigitsSplit) -> dict[str, dict[str, Any]]:
