@@ -460,3 +460,25 @@ def test_cli_verify_copy_bad_input(cli_world: dict[str, Path], capsys: pytest.Ca
     assert main(["watermark", "verify-copy", str(cli_world["root"] / "nope.onnx"),
                  "--evidence", str(cli_world["evidence"])]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_cli_verify_copy_counts_units_and_excludes_the_victim_label(tmp_path: Path,
+                                                                    digits_served: dict[str, np.ndarray]) -> None:
+    """Evidence stored with region units: the CLI counts units, not answers; --victim takes the served model."""
+    x = digits_served["x"]
+    sess = ort.InferenceSession(digits_model_path().read_bytes(), providers=["CPUExecutionProvider"])
+    victim = sess.run(["logits"], {"input": x})[0].argmax(1)
+    wm = ServedWatermark(KEY, 0.2, classes=K, regions=6, reference=x)
+    m = wm.mark(x, victim)
+    with EvidenceStore(tmp_path / "e.db") as store:
+        store.add("thief", x[m.marked], m.labels[m.marked], units=[u for u, k in zip(m.units, m.marked) if k])
+    copy = _nn_onnx(tmp_path / "copy.onnx", x, m.labels)
+    res = runner.invoke(app, ["verify-copy", str(copy), "--evidence", str(tmp_path / "e.db"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["present"] and out["matches"] == out["units"] < out["evidence"] == int(m.marked.sum())
+    assert out["victim_excluded"] is False
+    res = runner.invoke(app, ["verify-copy", str(digits_model_path()), "--evidence", str(tmp_path / "e.db"),
+                              "--victim", str(digits_model_path())])
+    assert res.exit_code == 0 and res.output.startswith("served watermark not found: 0 of ")
+    assert f"{out['units']} marked units reproduced ({out['evidence']} watermarked answers" in res.output

@@ -105,6 +105,11 @@ def verify_copy(
     threshold: Annotated[
         float, typer.Option("--threshold", help="Claim the copy when the p-value is below this.")
     ] = 1e-6,
+    victim: Annotated[
+        Path | None,
+        typer.Option("--victim", help="The served model (ONNX): each unit's victim label is excluded from the "
+                                      "suspect's vote, so a copy that learnt a mark on part of a unit still matches."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Test SUSPECT for the served watermark, one trial per marked unit; exit 0 whether or not it is found."""
@@ -113,11 +118,13 @@ def verify_copy(
     from edgeshield.watermark import verify_copy as run_verify_copy
 
     data = check_readable_file(suspect, what="suspect model").read_bytes()
+    honest = None if victim is None else check_readable_file(victim, what="victim model").read_bytes()
     with EvidenceStore(evidence, create=False) as store:
         ev = store.evidence(client)
-    result = run_verify_copy(data, ev.x, ev.labels, classes=classes, units=ev.units, threshold=threshold)
+    result = run_verify_copy(data, ev.x, ev.labels, classes=classes, units=ev.units, victim=honest,
+                             threshold=threshold)
     if as_json:
-        emit_json({**result.to_dict(), "client": client})
+        emit_json({**result.to_dict(), "client": client, "victim_excluded": victim is not None})
         return
     verdict = "PRESENT" if result.present else "not found"
     console.print(f"served watermark {verdict}: {result.matches} of {result.units} marked units reproduced "
