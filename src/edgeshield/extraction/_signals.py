@@ -30,7 +30,6 @@ Both signals export and import one client's state as bytes (``np.savez``, no pic
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import time
@@ -42,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeshield._arrays import canonical
 from edgeshield._io import check_readable_file
 from edgeshield._stats import binomial_sf
 from edgeshield.adversarial import ReconstructionDetector
 from edgeshield.errors import ExtractionStateError, InvalidArgumentError
+from edgeshield.extraction._keys import digest_keys
 
 if TYPE_CHECKING:
     from edgeshield.extraction._transforms import BenignTransforms
@@ -63,16 +62,6 @@ class SignalState:
     name: str
     alarm: bool
     stats: dict[str, Any]
-
-
-def _digest_keys(x: np.ndarray) -> list[bytes]:
-    """SHA-256 of each row's canonical float32 bytes (exact identity), the keys when the caller gives none."""
-    try:
-        from edgeshield.extraction._keys import digest_keys
-    except ImportError:  # pragma: no cover - until the canonical-keys module is present
-        rows = canonical(x)
-        return [hashlib.sha256(rows[i].tobytes()).digest() for i in range(len(rows))]
-    return digest_keys(x)
 
 
 def _pack(**arrays: np.ndarray) -> bytes:
@@ -249,7 +238,7 @@ class QueryBudget:
     def observe(self, client_id: str, x: np.ndarray, predicted: np.ndarray | None = None,
                 keys: Sequence[bytes] | None = None) -> SignalState:
         """Count ``x``'s rows by ``keys`` (one per row; None: exact digests of the rows)."""
-        keys = _digest_keys(x) if keys is None else list(keys)
+        keys = digest_keys(x) if keys is None else list(keys)
         if len(keys) != len(x):
             raise InvalidArgumentError(f"query budget: {len(keys)} keys for {len(x)} inputs")
         seen = self._seen.setdefault(client_id, OrderedDict())
