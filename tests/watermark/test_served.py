@@ -471,7 +471,7 @@ def test_cli_verify_copy_counts_units_and_excludes_the_victim_label(tmp_path: Pa
     wm = ServedWatermark(KEY, 0.2, classes=K, regions=6, reference=x)
     m = wm.mark(x, victim)
     with EvidenceStore(tmp_path / "e.db") as store:
-        store.add("thief", x[m.marked], m.labels[m.marked], units=[u for u, k in zip(m.units, m.marked) if k])
+        store.add("thief", x[m.marked], m.labels[m.marked], units=m.marked_units())
     copy = _nn_onnx(tmp_path / "copy.onnx", x, m.labels)
     res = runner.invoke(app, ["verify-copy", str(copy), "--evidence", str(tmp_path / "e.db"), "--json"])
     assert res.exit_code == 0, res.output

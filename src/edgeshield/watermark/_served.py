@@ -122,6 +122,11 @@ class Marks:
     labels: np.ndarray  # int64 [N]: the labels to answer (the marked rows' changed)
     units: list[bytes]  # 16 bytes per row: the unit the row's decision belongs to (stored with the evidence)
 
+    def marked_units(self) -> list[bytes]:
+        """The units of the marked rows, in order: ``evidence.add(client, x[m.marked], m.labels[m.marked],
+        units=m.marked_units())``."""
+        return [u for u, k in zip(self.units, self.marked.tolist(), strict=True) if k]
+
 
 class ServedWatermark:
     """Answers the inputs of a keyed fraction ``rate`` of units with a wrong label, deterministically in the unit.
