@@ -27,8 +27,6 @@ choosing which).
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,12 +37,13 @@ import numpy as np
 
 from edgeshield.errors import ExtractionStateError, InvalidArgumentError
 from edgeshield.extraction._signals import SignalState
-from edgeshield.extraction._sketch import BloomFilter
+from edgeshield.extraction._sketch import BloomFilter, frame, unframe
 
 __all__ = ["DAY_S", "DecayingBudget"]
 
 DAY_S = 86400.0
 _FIRST_STAGE = 1024  # capacity of a client's first Bloom stage; each next one doubles
+_MAGIC = b"ESDB1"
 _EPS = 1e-9  # float slack: a stream exactly at burst + per_day·T must not alarm on rounding
 
 
@@ -142,23 +141,17 @@ class DecayingBudget:
         client = self._clients.get(client_id)
         if client is None:
             return None
-        meta = json.dumps({"v": 1, "tokens": client.tokens, "stamp": client.stamp, "distinct": client.distinct,
-                           "stages": len(client.stages)}).encode()
-        arrays = {f"stage{i}": np.frombuffer(s.to_bytes(), dtype=np.uint8) for i, s in enumerate(client.stages)}
-        buf = io.BytesIO()
-        np.savez(buf, allow_pickle=False, meta=np.frombuffer(meta, dtype=np.uint8), **arrays)
-        return buf.getvalue()
+        header = {"v": 1, "tokens": client.tokens, "stamp": client.stamp, "distinct": client.distinct}
+        return frame(_MAGIC, header, *(s.to_bytes() for s in client.stages))
 
     def import_state(self, client_id: str, data: bytes) -> None:
         try:
-            with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as npz:
-                meta = json.loads(npz["meta"].astype(np.uint8).tobytes())
-                stages = [BloomFilter.from_bytes(npz[f"stage{i}"].astype(np.uint8).tobytes())
-                          for i in range(int(meta["stages"]))]
-            client = _Client(float(meta["tokens"]), float(meta["stamp"]), stages, int(meta["distinct"]))
-        except ExtractionStateError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - np.load and json raise assorted types on junk
+            header, parts = unframe("decaying budget state", _MAGIC, data)
+            client = _Client(float(header["tokens"]), float(header["stamp"]),
+                             [BloomFilter.from_bytes(p) for p in parts], int(header["distinct"]))
+        except ExtractionStateError as exc:
+            raise ExtractionStateError(f"decaying budget state of {client_id!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
             raise ExtractionStateError(f"decaying budget state of {client_id!r} is malformed: "
                                        f"{type(exc).__name__}: {exc}") from None
         if not (math.isfinite(client.tokens) and client.tokens <= self.burst and math.isfinite(client.stamp)

@@ -23,8 +23,6 @@ honest members' next queries alarm too: the group is the unit of the decision (p
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
 from collections import OrderedDict
@@ -36,9 +34,11 @@ import numpy as np
 from edgeshield.errors import ExtractionStateError, InvalidArgumentError
 from edgeshield.extraction._budget import DAY_S
 from edgeshield.extraction._signals import SignalState
-from edgeshield.extraction._sketch import HyperLogLog
+from edgeshield.extraction._sketch import HyperLogLog, frame, unframe
 
 __all__ = ["FleetBudget"]
+
+_MAGIC = b"ESFB1"
 
 
 class FleetBudget:
@@ -113,21 +113,18 @@ class FleetBudget:
             if held is None:
                 continue
             day, sketch = held
-            buf = io.BytesIO()
-            np.savez(buf, allow_pickle=False,
-                     meta=np.frombuffer(json.dumps({"v": 1, "day": day}).encode(), dtype=np.uint8),
-                     sketch=np.frombuffer(sketch.to_bytes(), dtype=np.uint8))
-            yield group, buf.getvalue()
+            yield group, frame(_MAGIC, {"v": 1, "day": day}, sketch.to_bytes())
         self._dirty.clear()
 
     def import_shared(self, group: str, data: bytes) -> None:
         try:
-            with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as npz:
-                day = int(json.loads(npz["meta"].astype(np.uint8).tobytes())["day"])
-                sketch = HyperLogLog.from_bytes(npz["sketch"].astype(np.uint8).tobytes())
+            header, parts = unframe("fleet budget state", _MAGIC, data)
+            day = int(header["day"])
+            (blob,) = parts
+            sketch = HyperLogLog.from_bytes(blob)
         except ExtractionStateError as exc:
             raise ExtractionStateError(f"fleet budget state of group {group!r}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - np.load and json raise assorted types on junk
+        except (KeyError, TypeError, ValueError) as exc:
             raise ExtractionStateError(f"fleet budget state of group {group!r} is malformed: "
                                        f"{type(exc).__name__}: {exc}") from None
         if sketch.precision != self.precision:

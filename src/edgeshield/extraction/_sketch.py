@@ -20,10 +20,12 @@ which inputs those are.
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+import struct
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from edgeshield.errors import ExtractionStateError, InvalidArgumentError
 __all__ = ["BloomFilter", "HyperLogLog"]
 
 _SECRET_BYTES = 32
-_BLOOM_MAGIC, _HLL_MAGIC = b"ESBF1", b"ESHL1"
+_BLOOM_MAGIC, _HLL_MAGIC = b"ESBF2", b"ESHL2"
 
 
 def _hashes(secret: bytes, keys: Sequence[bytes]) -> np.ndarray:
@@ -58,21 +60,44 @@ def _check_secret(secret: bytes | None) -> bytes:
     return bytes(secret)
 
 
-def _pack(magic: bytes, **arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    buf.write(magic)
-    np.savez(buf, allow_pickle=False, **arrays)
-    return buf.getvalue()
+def frame(magic: bytes, header: dict[str, Any], *parts: bytes) -> bytes:
+    """A small self-describing blob: ``magic``, a JSON header and byte parts, each length-prefixed (uint32 LE).
+    No pickle, and an order of magnitude cheaper than ``np.savez``'s zip for the many small rows an eviction writes."""
+    head = json.dumps(header, sort_keys=True).encode()
+    out = [magic, struct.pack("<II", len(head), len(parts)), head]
+    for part in parts:
+        out += [struct.pack("<I", len(part)), part]
+    return b"".join(out)
 
 
-def _unpack(what: str, magic: bytes, data: bytes, names: Iterable[str]) -> dict[str, np.ndarray]:
-    if not isinstance(data, bytes | bytearray | memoryview) or bytes(data[: len(magic)]) != magic:
-        raise ExtractionStateError(f"{what}: not a serialised {what}")
+def unframe(what: str, magic: bytes, data: object) -> tuple[dict[str, Any], list[bytes]]:
+    """(header, parts) of a :func:`frame` blob; ExtractionStateError naming ``what`` when it is not one."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ExtractionStateError(f"{what}: not bytes")
+    raw = bytes(data)
     try:
-        with np.load(io.BytesIO(bytes(data[len(magic):])), allow_pickle=False) as npz:
-            return {name: np.asarray(npz[name]) for name in names}
-    except Exception as exc:  # noqa: BLE001 - np.load raises assorted types (ValueError, KeyError, zipfile's)
-        raise ExtractionStateError(f"{what}: malformed ({type(exc).__name__}: {exc})") from None
+        if raw[: len(magic)] != magic:
+            raise ValueError(f"not a serialised {what}")
+        at = len(magic)
+        head_len, count = struct.unpack_from("<II", raw, at)
+        at += 8
+        header = json.loads(raw[at:at + head_len])
+        at += head_len
+        if not isinstance(header, dict) or count > 1024:
+            raise ValueError("bad header")
+        parts = []
+        for _ in range(count):
+            (n,) = struct.unpack_from("<I", raw, at)
+            at += 4
+            if at + n > len(raw):
+                raise ValueError("truncated")
+            parts.append(raw[at:at + n])
+            at += n
+        if at != len(raw):
+            raise ValueError("trailing bytes")
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ExtractionStateError(f"{what}: malformed ({exc})") from None
+    return header, parts
 
 
 class BloomFilter:
@@ -126,21 +151,21 @@ class BloomFilter:
         return self.count >= self.capacity
 
     def to_bytes(self) -> bytes:
-        meta = np.array([self.capacity, self.count], dtype=np.int64)
-        return _pack(_BLOOM_MAGIC, meta=meta, fp=np.array([self.fp_rate]),
-                     secret=np.frombuffer(self._secret, dtype=np.uint8), bits=self._array)
+        return frame(_BLOOM_MAGIC, {"capacity": self.capacity, "count": self.count, "fp": self.fp_rate},
+                     self._secret, self._array.tobytes())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BloomFilter:
-        a = _unpack("Bloom filter", _BLOOM_MAGIC, data, ("meta", "fp", "secret", "bits"))
+        header, parts = unframe("Bloom filter", _BLOOM_MAGIC, data)
         try:
-            capacity, count = (int(v) for v in a["meta"].astype(np.int64).reshape(2))
-            bloom = cls(capacity, float(a["fp"].reshape(1)[0]), secret=a["secret"].astype(np.uint8).tobytes())
-        except (InvalidArgumentError, ValueError, TypeError) as exc:
+            secret, bits = parts
+            count = int(header["count"])
+            bloom = cls(int(header["capacity"]), float(header["fp"]), secret=secret)
+        except (InvalidArgumentError, ValueError, TypeError, KeyError) as exc:
             raise ExtractionStateError(f"Bloom filter: bad parameters ({exc})") from None
-        if a["bits"].dtype != np.uint8 or a["bits"].shape != bloom._array.shape or not 0 <= count:
+        if len(bits) != bloom._array.size or not 0 <= count:
             raise ExtractionStateError("Bloom filter: the bit array does not match its parameters")
-        bloom._array, bloom.count = a["bits"].copy(), count
+        bloom._array, bloom.count = np.frombuffer(bits, dtype=np.uint8).copy(), count
         return bloom
 
 
@@ -193,18 +218,18 @@ class HyperLogLog:
         return HyperLogLog(self.precision, secret=self._secret)
 
     def to_bytes(self) -> bytes:
-        return _pack(_HLL_MAGIC, precision=np.array([self.precision], dtype=np.int64),
-                     secret=np.frombuffer(self._secret, dtype=np.uint8), registers=self.registers)
+        return frame(_HLL_MAGIC, {"precision": self.precision}, self._secret, self.registers.tobytes())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HyperLogLog:
-        a = _unpack("HyperLogLog", _HLL_MAGIC, data, ("precision", "secret", "registers"))
+        header, parts = unframe("HyperLogLog", _HLL_MAGIC, data)
         try:
-            hll = cls(int(a["precision"].reshape(1)[0]), secret=a["secret"].astype(np.uint8).tobytes())
-        except (InvalidArgumentError, ValueError, TypeError) as exc:
+            secret, registers = parts
+            hll = cls(int(header["precision"]), secret=secret)
+        except (InvalidArgumentError, ValueError, TypeError, KeyError) as exc:
             raise ExtractionStateError(f"HyperLogLog: bad parameters ({exc})") from None
-        regs = a["registers"]
-        if regs.dtype != np.uint8 or regs.shape != (hll.m,) or int(regs.max(initial=0)) > 64 - hll.precision + 1:
+        regs = np.frombuffer(registers, dtype=np.uint8)
+        if regs.shape != (hll.m,) or int(regs.max(initial=0)) > 64 - hll.precision + 1:
             raise ExtractionStateError("HyperLogLog: the registers do not match its precision")
         hll.registers = regs.copy()
         return hll

@@ -3,14 +3,16 @@
 One table ``state(component, id, updated, data)``: each detector's state of one client (component = the detector's
 name: ``prada``, ``query_budget``, ``decaying_budget``, ``ood_rate``), the client's action (``action``), shared
 state such as a group's daily union (``fleet_budget``, id = the group) and the canonical-key registry (``keys``, id
-``registry``). Blobs are the detectors' own serialisations (``np.savez`` without pickle, or JSON) and are checked
-by whoever reads them: a malformed one raises :class:`~edgeshield.errors.ExtractionStateError` naming the row.
+``registry``). Blobs are the detectors' own serialisations (framed bytes, ``np.savez`` or JSON; never pickle) and
+are checked by whoever reads them: a malformed one raises :class:`~edgeshield.errors.ExtractionStateError` naming
+the row. The store runs WAL with ``synchronous=NORMAL``: a commit survives a killed process, not a power cut.
 The file holds what clients sent in sketched or summarised form (PRADA's sets hold raw query vectors): it is as
 private as the evidence store.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +39,11 @@ class MonitorStore(PrivateStore):
     )
     _tables = frozenset({"state"})
     _not_a_store = NotAnExtractionStateError
+
+    def _opened(self, conn: sqlite3.Connection, create: bool) -> None:
+        # WAL with synchronous=NORMAL: a commit survives a killed process, not a power cut, and costs no fsync — an
+        # eviction writes one client, and a flood of new identities must not turn into a flood of fsyncs
+        conn.execute("PRAGMA synchronous = NORMAL")
 
     def put(self, component: str, id: str, data: bytes) -> None:  # noqa: A002 - the column's name
         self.put_many([(component, id, data)])
