@@ -14,11 +14,13 @@ and by which offset 1..K-1 its answers are shifted, is HMAC-SHA256(subkey, unit)
   jittered copies and keeps the majority label keeps the mark); ``keys=None`` is sha256 of the row's canonical
   float32 bytes, so that only exact repeats share a unit.
 * region units (``regions=bits``): the unit is (keyed region of input space, the victim's label), the region being
-  the sign pattern of the row against ``bits`` keyed random hyperplanes (directions and offsets through the input
-  range ``bounds`` from SHAKE-256 under a subkey: version-stable, no numpy generator stream). A marked unit answers
-  *every* input of that class in that region with the same wrong label: a pattern over a cluster of inputs, which a
-  briefly trained copy learns where it smooths an isolated wrong point away. The honest cost is still about
-  ``rate`` of traffic in expectation (each unit is marked with probability ``rate``), with more variance.
+  the sign pattern of the row against ``bits`` keyed random hyperplanes (directions from SHAKE-256 under a subkey:
+  version-stable, no numpy generator stream; each plane at a keyed 20..80 % quantile of a ``reference`` sample of
+  typical inputs along its direction, or through a keyed point of the input range ``bounds`` without one). A marked
+  unit answers *every* input of that class in that region with the same wrong label: a pattern over a cluster of
+  inputs, which a briefly trained copy learns more often than an isolated wrong point. The honest cost is still
+  about ``rate`` of traffic in expectation (each unit is marked with probability ``rate``), with much more variance
+  (one marked unit can hold a large share of a class), and a session touches fewer units, so fewer are marked.
 
 Null distribution (one trial per unit). Under H0 the suspect is independent of the key. The hyperplanes, the
 marking bytes and the offset bytes come from separate keyed derivations, so given the partition and which units
@@ -31,6 +33,9 @@ conservative p-value whatever the suspect is (the modulo bias of offsets from 64
 With K = 2 the wrong label is forced and the test has no power. The least number of matched units that can reach p
 is ``marks_needed`` (7 for K = 10 at 1e-6); a session that cannot collect that many marked units at the served rate
 cannot be proven, whatever the scheme (``provable_session``).
+
+``verify_copy(..., victim=)`` may exclude each unit's victim label from the suspect's vote (a copy that learnt a
+unit's mark on some of its rows still matches): the excluded label does not depend on the key, so the bound holds.
 
 Known limits. A region's code is computed from the row itself, so a jittered copy of an input that lies within the
 jitter of a hyperplane can fall in a neighbouring region (a different unit); the majority of a few copies still
