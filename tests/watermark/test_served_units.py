@@ -341,3 +341,40 @@ def test_units_round_trip_and_malformed_units_are_refused(tmp_path: Path) -> Non
     with EvidenceStore(path, create=False) as store, pytest.raises(EvidenceIntegrityError, match="seq 2") as info:
         store.evidence()
     assert info.value.seq == 2
+
+
+def test_reference_planes_split_the_reference_and_are_reproducible() -> None:
+    ref = _rows(2000, seed=15) ** 3  # skewed towards 0, as digit pixels are: planes through the cube's middle miss
+    wm = ServedWatermark(KEY, 0.1, classes=K, regions=12, reference=ref)
+    side = (wm.region_codes(ref)[:, None] >> np.arange(12, dtype=np.uint64)) & np.uint64(1)
+    share = side.astype(float).mean(axis=0)
+    assert ((share > 0.15) & (share < 0.85)).all(), share  # each plane at a keyed 20..80 % quantile
+    same = ServedWatermark(KEY, 0.1, classes=K, regions=12, reference=ref)
+    assert np.array_equal(same.region_codes(ref.astype(np.float64)), wm.region_codes(ref))
+    blind = ServedWatermark(KEY, 0.1, classes=K, regions=12)  # no reference: planes through bounds^d
+    assert len(np.unique(blind.region_codes(ref))) < len(np.unique(wm.region_codes(ref)))
+    assert wm.describe() == {"scheme": "served-dawn-v2", "rate": 0.1, "classes": K, "regions": 12,
+                             "bounds": [0.0, 1.0]}
+    for bad in (ref[:1], np.full((4, 16), np.nan)):
+        with pytest.raises(InvalidArgumentError):
+            ServedWatermark(KEY, 0.1, classes=K, regions=12, reference=bad)
+
+
+def test_region_units_survive_the_jitter_majority_thief_without_keys() -> None:
+    """Region units are computed from the row: a 5e-5 jitter rarely crosses a plane, so the 3 copies of an input
+    share its unit and the majority keeps the mark even when the server has no canonical keys."""
+    x, rng = _rows(1500, seed=16), np.random.default_rng(16)
+    victim = rng.integers(0, K, len(x))
+    wm = ServedWatermark(KEY, 0.1, classes=K, regions=10, reference=x)
+    copies = [_jitter(x, rng) for _ in range(3)]
+    marks = [wm.mark(xj, victim) for xj in copies]
+    crossed = np.mean([u != v for u, v in zip(marks[0].units, marks[1].units, strict=True)])
+    assert crossed < 0.01
+    votes = np.stack([m.labels for m in marks])
+    majority = np.array([np.bincount(votes[:, i], minlength=K).argmax() for i in range(len(x))])
+    ev_x = np.concatenate([xj[m.marked] for xj, m in zip(copies, marks, strict=True)])
+    ev_y = np.concatenate([m.labels[m.marked] for m in marks])
+    ev_u = [u for m in marks for u in m.marked_units()]
+    res = verify_copy(_nn(x, majority), ev_x, ev_y, classes=K, units=ev_u, victim=np.concatenate(
+        [victim[m.marked] for m in marks]))
+    assert res.present and res.matches >= 0.9 * res.units and res.units < res.evidence

@@ -7,9 +7,9 @@ answers that survives extraction, each with its statistical verification.
     wm = ServedWatermark(key, rate=0.01, classes=10)             # on the server (regions=bits: region units)
     m = wm.mark(x, labels, keys=canonical_keys)                  # a keyed 1 % of units get a wrong label
     answer = wm.swap_top(probs, m)                               # (or m.labels, labels only)
-    evidence.add(client, x[m.marked], m.labels[m.marked], units=[u for u, k in zip(m.units, m.marked) if k])
+    evidence.add(client, x[m.marked], m.labels[m.marked], units=m.marked_units())
     ev = evidence.evidence(client)                               # later, against a suspected copy:
-    result = verify_copy(suspect_bytes, ev.x, ev.labels, classes=10, units=ev.units)  # one trial per unit
+    result = verify_copy(suspect_bytes, ev.x, ev.labels, classes=10, units=ev.units, victim=model_bytes)
 
 See ``_spread`` for the weight scheme, its null distribution and what it does not cover (copies with renamed
 weights, copies trained from scratch); ``_served`` for the served scheme, its null distribution and its limits.
