@@ -109,8 +109,6 @@ async def test_served_watermark_answers_marked_inputs_and_keeps_evidence(tmp_pat
     state = _state(tmp_path, served_watermark=wm, served_evidence=evidence, outputs=outputs)
     split = load_digits_split()
     honest = np.asarray(state.session.run(None, {"input": split.x_test})[0]).argmax(axis=1)
-    marked, _ = wm.marks(split.x_test)
-    assert 5 <= marked.sum() <= 45  # about 5 % of 450
     got = []
     async with _client(state, "carol") as c:
         for batch in np.array_split(split.x_test, 15):
@@ -119,7 +117,10 @@ async def test_served_watermark_answers_marked_inputs_and_keeps_evidence(tmp_pat
             if outputs is not None:
                 assert (np.array(body["probabilities"]).argmax(axis=1) == np.array(body["predictions"])).all()
     got = np.array(got)
-    expected, _ = wm.relabel(split.x_test, honest)
+    keys = state.input_keys.keys(split.x_test)  # type: ignore[union-attr]  # the server's canonical keys (registered)
+    marked, _ = wm.marks(split.x_test, keys=keys)
+    assert 5 <= marked.sum() <= 45  # about 5 % of 450
+    expected, _ = wm.relabel(split.x_test, honest, keys=keys)
     assert (got == expected).all() and (got[marked] != honest[marked]).all() and (got[~marked] == honest[~marked]).all()
     x_ev, _y_ev, clients, digests = evidence.load("carol")
     assert len(x_ev) == marked.sum() and set(clients) == {"carol"}

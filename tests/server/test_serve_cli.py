@@ -97,7 +97,10 @@ def test_client_predict_and_refusals_then_graceful_shutdown(running: dict) -> No
     from edgeshield.models import digits_model_path
     from edgeshield.watermark import ServedWatermark
 
-    marked, _ = ServedWatermark(bytes(range(32)), 0.5, classes=10).marks(load_digits_split().x_test[:5])
+    from edgeshield.extraction import LeaderKeys
+
+    x5 = load_digits_split().x_test[:5]  # the server's canonical keys: a fresh registry, five distinct digits
+    marked, _ = ServedWatermark(bytes(range(32)), 0.5, classes=10).marks(x5, keys=LeaderKeys().keys(x5))
     check = cli("watermark", "verify-copy", digits_model_path(), "--evidence", running["tmp"] / "evidence.db",
                 "--client", "alice", "--json")
     assert check.returncode == 0, check.stderr
