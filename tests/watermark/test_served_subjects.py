@@ -30,7 +30,7 @@ def test_a_schema_1_store_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
     with EvidenceStore(path) as store:  # a v1 store is still read as it is
         store.add("alice", _x(3), np.zeros(3, dtype=np.int64), subject="s1")
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("SELECT count(*) FROM evidence WHERE subject = 's1'").fetchone()[0] == 3
     with EvidenceStore(path, create=False) as store:
         assert store.load()[0].shape == (3, 8)
