@@ -149,7 +149,9 @@ def tables(result: dict[str, Any]) -> list[Any]:
         t.add_row(f"jitter-majority Sybil ({f['sybil_jitter_majority_identities']} identities)",
                   _f(f["sybil_jitter_majority_answered"]),
                   f"{f['sybil_jitter_majority_identities_blocked']} blocked",
-                  _f(f["sybil_jitter_majority_queries_to_first_block"]), _f(f["sybil_jitter_majority_fidelity"]),
+                  f"{_f(f['sybil_jitter_majority_queries_to_first_alarm'])} (alarm), "
+                  f"{_f(f['sybil_jitter_majority_queries_to_first_block'])} (block)",
+                  _f(f["sybil_jitter_majority_fidelity"]),
                   f"{f['sybil_jitter_majority_p']:.2g}", f"{f['sybil_jitter_majority_p_converged']:.2g}",
                   _f(bool(f["sybil_jitter_majority_proven"])),
                   f"{f['sybil_jitter_majority_units']} marked units; budget counted "

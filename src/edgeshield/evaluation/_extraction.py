@@ -123,7 +123,7 @@ class EvaluationConfig:
     @classmethod
     def quick(cls) -> EvaluationConfig:
         return cls(budgets=(100, 500), outputs=("top3", "label_only"), epochs=20, independent_models=1,
-                   finetune_epochs=3, served_rates=(SERVED_RATE, 0.05), copy_lengths=(10, 30, 100))
+                   finetune_epochs=3, served_rates=(SERVED_RATE, 0.05), copy_lengths=(10, 30, 100, 200))
 
 
 def protocol_text(cfg: EvaluationConfig) -> str:
@@ -294,7 +294,8 @@ def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray, *, kind: str = "de
     fleet_budget = _optional("edgeshield.extraction", "FleetBudget")
     if fleet and fleet_budget is not None:
         detectors.append(fleet_budget(FLEET_PER_GROUP_DAY, clock=clock))
-    return QueryMonitor(detectors, response=ResponsePolicy(default="block"))
+    # the fleet budget alarms the whole group, honest members too: it flags (alerts the operator), never blocks
+    return QueryMonitor(detectors, response=ResponsePolicy(default="block", on_alarm={"fleet_budget": "flag"}))
 
 
 def monitor_parts(monitor: QueryMonitor | None, gateway: Gateway | None = None) -> dict[str, Any]:
@@ -796,13 +797,33 @@ def _onehot(labels: np.ndarray) -> np.ndarray:
     return np.eye(10, dtype=np.float32)[labels]
 
 
-def _copies(x: np.ndarray, y: np.ndarray, lengths: Sequence[int], seed: int) -> dict[int, PyTorchClassifier]:
-    """Copies trained on (x, labels y) as ART trains them (Adam 1e-3, batch 32), one per training length."""
-    out = {}
+class _Snapshot:
+    """A thieved classifier's weights at one point of its training, with ART's ``predict`` (scores per class)."""
+
+    def __init__(self, clf: PyTorchClassifier) -> None:
+        import copy
+
+        self.model = copy.deepcopy(clf.model).eval()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return np.asarray(self.model(torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy())
+
+
+def _copies(x: np.ndarray, y: np.ndarray, lengths: Sequence[int], seed: int) -> dict[int, Any]:
+    """Copies trained on (x, labels y) as ART trains them (Adam 1e-3, batch 32), one per training length: one
+    training run to the longest length, its weights taken at each shorter one (a copy trained e epochs)."""
+    out: dict[int, Any] = {}
+    if len(x) == 0:
+        return out
+    clf, done = thieved_classifier(seed), 0
+    np.random.seed(seed)
     for epochs in sorted(set(lengths)):
-        clf = fit_substitute(x, _onehot(y), epochs=epochs, seed=seed)
-        if clf is not None:
-            out[epochs] = clf
+        clf.fit(x, _onehot(y), batch_size=32, nb_epochs=epochs - done, verbose=False)
+        done = epochs
+        out[epochs] = _Snapshot(clf)
     return out
 
 
@@ -815,7 +836,9 @@ def sybil_jitter_majority(gateway: Gateway, pool: np.ndarray, *, identities: int
 
     rng = np.random.default_rng(seed)
     xs, ys, blocked, answered, first_block = [], [], 0, 0, None
+    first_flag: int | None = None
     distinct: int | None = None
+    monitor = gateway.state.monitor
     for i in range(identities):
         name = f"sybil-{i}"
         mine = pool[rng.choice(len(pool), inputs, replace=False)].astype(np.float32)
@@ -827,6 +850,8 @@ def sybil_jitter_majority(gateway: Gateway, pool: np.ndarray, *, identities: int
             for _ in range(repeats):
                 sent = jittered(chunk, rng)
                 answers.append(session.query(sent))
+                if first_flag is None and monitor is not None and monitor.action(name) != "allow":
+                    first_flag = answered + session.t.answered
                 if i == 0:
                     counter.observe(name, sent, keys=gateway.keys(sent))
             label, ok = _majority(answers)
@@ -840,7 +865,8 @@ def sybil_jitter_majority(gateway: Gateway, pool: np.ndarray, *, identities: int
             first_block = first_block if first_block is not None else answered - session.t.answered + \
                 (session.t.blocked_at or 0)
     return {"x": np.concatenate(xs), "y": np.concatenate(ys), "identities_blocked": blocked,
-            "answered": answered, "queries_to_first_block": first_block, "budget_distinct": distinct}
+            "answered": answered, "queries_to_first_block": first_block, "queries_to_first_flag": first_flag,
+            "budget_distinct": distinct}
 
 
 def slow_attacker(gateway: Gateway, clock: SimulatedClock, pool: np.ndarray, *, per_day: int = SLOW_PER_DAY,
@@ -871,10 +897,10 @@ def evaluate_cases(marked: bytes, split: DigitsSplit, cfg: EvaluationConfig, vic
     out: dict[str, Any] = {}
     lengths = tuple(sorted({*cfg.copy_lengths, cfg.epochs, CONVERGED_EPOCHS}))
 
-    def fidelity(clf: PyTorchClassifier) -> float:
+    def fidelity(clf: Any) -> float:
         return _rate(_labels(clf, split.x_test), victim_labels)
 
-    def proof(clf: PyTorchClassifier, evidence: tuple[np.ndarray, np.ndarray, list[bytes] | None]) -> Any:
+    def proof(clf: Any, evidence: tuple[np.ndarray, np.ndarray, list[bytes] | None]) -> Any:
         x_ev, y_ev, units = evidence
         return verify_copy(clf.predict, x_ev, y_ev, classes=10, units=units, **_victim_kw(marked))
 
@@ -904,6 +930,8 @@ def evaluate_cases(marked: bytes, split: DigitsSplit, cfg: EvaluationConfig, vic
             "sybil_jitter_majority_answered": sybil["answered"],
             "sybil_jitter_majority_identities_blocked": sybil["identities_blocked"],
             "sybil_jitter_majority_queries_to_first_block": sybil["queries_to_first_block"],
+            # the first alarm of any kind (the fleet budget flags, the others block): the operator is told
+            "sybil_jitter_majority_queries_to_first_alarm": sybil["queries_to_first_flag"],
             "sybil_jitter_budget_distinct": sybil["budget_distinct"],  # should be the inputs, not the sends
             "sybil_jitter_inputs_per_identity": cfg.sybil_inputs, "sybil_jitter_sends_per_input": SYBIL_REPEATS,
             "sybil_jitter_majority_fidelity": fidelity(copies[cfg.epochs]),
@@ -1200,7 +1228,7 @@ def _useful_target(sessions: Sequence[dict[str, Any]], cases: dict[str, Any]) ->
     rows = [(f"{s['attack']}/{s['outputs']}/{s['budget']}", s["fidelity_full"],
              s["detected"] and s["queries_to_detect"] <= TARGET_QUERIES, s["served_wm_proven"]) for s in sessions]
     if "sybil_jitter_majority_fidelity" in cases:
-        first = cases["sybil_jitter_majority_queries_to_first_block"]
+        first = cases["sybil_jitter_majority_queries_to_first_alarm"]
         rows.append(("sybil_jitter_majority", cases["sybil_jitter_majority_fidelity"],
                      first is not None and first <= TARGET_QUERIES, bool(cases["sybil_jitter_majority_proven"])))
     if "slow_attacker_detected" in cases:
