@@ -117,6 +117,7 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--extraction-state", "extraction-state.db"),  # budgets, blocks and the key registry, flushed at shutdown
     ("--decaying-budget", "5000:1000"),  # far above what the clients send (PRADA's block is the one tested)
     ("--fleet-budget", "100000"),
+    ("--prada-dup-distance", "0.164"),  # digits retakes at sigma 0.01 (calibrate_dup_distance)
     ("--fleet-group", "role"),
     ("--max-monitored-clients", "1000"),
     ("--audit-durability", "normal"),

@@ -281,10 +281,18 @@ def test_the_serve_flags_reach_the_configuration(tmp_path: Path, monkeypatch: py
                 "--key", "c.key", "--audit-db", "a.db", "--audit-key", "a.key", "--extraction-monitor", "block"]
     assert main(["serve", *required, "--extraction-state", str(tmp_path / "s.db"), "--decaying-budget", "300:100",
                  "--fleet-budget", "1800", "--fleet-group", "role", "--max-monitored-clients", "500",
-                 "--ood-reference", "ref.npz", "--ood-transforms", '{"shifts": 1}']) == 0
+                 "--ood-reference", "ref.npz", "--ood-transforms", '{"shifts": 1}', "--prada-dup-distance", "0.2"]) == 0
     cfg = seen[0]
     assert (cfg.extraction_state, cfg.decaying_budget, cfg.fleet_budget, cfg.fleet_group) == (
         tmp_path / "s.db", (300, 100.0), 1800, "role")
     assert (cfg.max_monitored_clients, cfg.ood_reference, cfg.ood_transforms) == (500, Path("ref.npz"),
                                                                                   '{"shifts": 1}')
+    import dataclasses
+
+    from edgeshield.server._serve import _extraction_defence
+
+    assert cfg.prada_dup_distance == 0.2
+    monitor = _extraction_defence(dataclasses.replace(cfg, ood_reference=None, ood_transforms=None))[1]
+    assert monitor is not None and monitor.detectors[0].dup_distance == 0.2  # type: ignore[attr-defined]
     assert main(["serve", *required, "--decaying-budget", "300"]) == 2  # one line, exit 2 (checked by main)
+    assert main(["serve", *required, "--prada-dup-distance", "0"]) == 2

@@ -230,6 +230,13 @@ def serve(
                      help="Per-identity budget of distinct inputs over its whole life: BURST deep, refilled at PER_DAY "
                           "a day; a device sending at most BURST + PER_DAY*T in any T days is never alarmed."),
     ] = None,
+    prada_dup_distance: Annotated[
+        float | None,
+        typer.Option("--prada-dup-distance", rich_help_panel=_EXTRACTION,
+                     help="L2 distance within which PRADA takes a query for a retake of one the client sent before "
+                          "and ignores it (calibrate with edgeshield.extraction.calibrate_dup_distance on honest "
+                          "retakes); default: only inputs with the same canonical key."),
+    ] = None,
     fleet_budget: Annotated[
         int | None,
         typer.Option("--fleet-budget", min=1, rich_help_panel=_EXTRACTION,
@@ -357,6 +364,7 @@ def serve(
                            served_watermark_evidence=served_watermark_evidence, limits=limits,
                            extraction_state=extraction_state,
                            decaying_budget=_parse_decaying_budget(decaying_budget), fleet_budget=fleet_budget,
+                           prada_dup_distance=prada_dup_distance,
                            fleet_group=fleet_group, max_monitored_clients=max_monitored_clients,
                            ood_reference=ood_reference, ood_transforms=ood_transforms,
                            crl_expired=crl_expired, crl_warn_days=crl_warn_days, witness_url=witness,

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import logging.config
+import math
 import os
 import re
 import socket
@@ -80,6 +81,7 @@ class ServeConfig:
     fleet_group: str = "role"  # what a group is: the identity's role
     max_monitored_clients: int = 10_000  # clients the monitor holds in memory (the rest in --extraction-state)
     ood_reference: Path | None = None  # .npz with array "x": clean inputs the OOD-rate signal is fitted on
+    prada_dup_distance: float | None = None  # L2: PRADA ignores a query this close to one the client sent before
     ood_transforms: str | None = None  # JSON BenignTransforms config, e.g. '{"shifts": 1, "noise": 0.05}'
     # what one client may hold (connections, handshakes, time, concurrency): see edgeshield.server._limits
     limits: Limits = field(default_factory=Limits)
@@ -142,6 +144,11 @@ class ServeConfig:
             if not (isinstance(burst, int) and burst >= 1 and per_day > 0):
                 raise InvalidArgumentError(f"--decaying-budget needs BURST >= 1 and PER_DAY > 0, got "
                                            f"{self.decaying_budget!r}")
+        if self.prada_dup_distance is not None and not (
+                isinstance(self.prada_dup_distance, int | float) and math.isfinite(self.prada_dup_distance)
+                and self.prada_dup_distance > 0):
+            raise InvalidArgumentError(f"--prada-dup-distance must be a positive number, got "
+                                       f"{self.prada_dup_distance!r}")
         if self.fleet_budget is not None and self.fleet_budget < 1:
             raise InvalidArgumentError(f"--fleet-budget must be at least 1, got {self.fleet_budget!r}")
         if self.ood_transforms is not None and self.ood_reference is None:
@@ -306,9 +313,9 @@ def _extraction_defence(cfg: ServeConfig, *, store: MonitorStore | None = None,
         if value is not None and cfg.extraction_action is None:
             raise InvalidArgumentError(f"{flag} needs an extraction action (--extraction-monitor ACTION)")
     if cfg.extraction_action is not None:
-        detectors: list[Detector] = [PradaDetector()]
+        detectors: list[Detector] = [PradaDetector(dup_distance=cfg.prada_dup_distance)]
         if cfg.query_budget is not None:
-            detectors.append(QueryBudget(cfg.query_budget, window_s=cfg.query_window_s))
+            detectors.append(QueryBudget(cfg.query_budget, window_s=cfg.query_window_s, clock=clock))
         if cfg.decaying_budget is not None:
             detectors.append(DecayingBudget(cfg.decaying_budget[0], cfg.decaying_budget[1], clock=clock))
         on_alarm = {}
