@@ -144,7 +144,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
         t = Table(title="Issue 14 cases (deployed monitor; labels only; served watermark at "
                         f"{f['served_rate']:.0%}; p < 1e-6 to claim)")
         for col in ("case", "queries answered", "detected", "queries to detection", f"copy fidelity ({f['epochs']} ep)",
-                    f"p ({f['epochs']} ep)", f"p ({CONVERGED_EPOCHS} ep)", "proven", "note"):
+                    f"p ({f['epochs']} ep)", f"p ({f['sybil_converged_epochs']} ep)", "proven", "note"):
             t.add_column(col, justify="left" if col in ("case", "note") else "right")
         t.add_row(f"jitter-majority Sybil ({f['sybil_jitter_majority_identities']} identities)",
                   _f(f["sybil_jitter_majority_answered"]),
@@ -210,7 +210,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
                   f"{ok}/{u}" + (f" (missed: {missed})" if missed else ""), _f(ok == u))
     if "sybil_jitter_majority_proven" in flat:
         t.add_row("jitter-majority Sybil proven (p < 1e-6)", f"p {_p(flat['sybil_jitter_majority_p'])} (30 ep), "
-                  f"{_p(flat['sybil_jitter_majority_p_converged'])} ({CONVERGED_EPOCHS} ep)",
+                  f"{_p(flat['sybil_jitter_majority_p_converged'])} ({flat['sybil_converged_epochs']} ep)",
                   _f(bool(flat["sybil_jitter_majority_proven"])))
         t.add_row("budget counts jittered copies once", f"{flat['sybil_jitter_budget_distinct']} counted for "
                   f"{flat['sybil_jitter_inputs_per_identity']} inputs sent {flat['sybil_jitter_sends_per_input']} "
