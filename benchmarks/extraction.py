@@ -206,8 +206,10 @@ def tables(result: dict[str, Any]) -> list[Any]:
         u, ok = flat["useful_attack_sessions"], flat["useful_attack_sessions_detected_or_proven"]
         missed = ", ".join(flat["useful_attack_sessions_missed"][:4]) + (" ..." if len(
             flat["useful_attack_sessions_missed"]) > 4 else "")
+        bound = len(flat.get("useful_attack_sessions_missed_unprovable_at_rate", []))
         t.add_row(f"every session with a copy >= 90 % fidelity detected within {TARGET_QUERIES} or proven",
-                  f"{ok}/{u}" + (f" (missed: {missed})" if missed else ""), _f(ok == u))
+                  f"{ok}/{u}" + (f" (missed: {missed}; {bound} of them too small to prove at "
+                                 f"{flat['served_rate']:.0%}, the stated bound)" if missed else ""), _f(ok == u))
     if "sybil_jitter_majority_proven" in flat:
         t.add_row("jitter-majority Sybil proven (p < 1e-6)", f"p {_p(flat['sybil_jitter_majority_p'])} (30 ep), "
                   f"{_p(flat['sybil_jitter_majority_p_converged'])} ({flat['sybil_converged_epochs']} ep)",

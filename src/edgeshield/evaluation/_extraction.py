@@ -1238,9 +1238,15 @@ def _useful_target(sessions: Sequence[dict[str, Any]], cases: dict[str, Any]) ->
                      bool(cases["slow_attacker_proven"])))
     useful = [r for r in rows if r[1] is not None and r[1] >= USEFUL_FIDELITY]
     missed = [r[0] for r in useful if not (r[2] or r[3])]
+    provable = _optional("edgeshield.watermark", "provable_session")
+    budgets = {f"{s['attack']}/{s['outputs']}/{s['budget']}": s["baseline_answered"] for s in sessions}
+    # what no served mark can prove: too few distinct queries to collect marks_needed marks at this rate
+    bound = [m for m in missed if provable is not None and m in budgets
+             and not provable(budgets[m], SERVED_RATE, 10)]
     return {"useful_attack_sessions": len(useful),
             "useful_attack_sessions_detected_or_proven": len(useful) - len(missed),
-            "useful_attack_sessions_missed": missed}
+            "useful_attack_sessions_missed": missed,
+            "useful_attack_sessions_missed_unprovable_at_rate": bound}
 
 
 def _copy30(sessions: Sequence[dict[str, Any]], cases: dict[str, Any], cfg: EvaluationConfig) -> dict[str, Any]:
