@@ -211,7 +211,8 @@ def tables(result: dict[str, Any]) -> list[Any]:
                   f"{ok}/{u}" + (f" (missed: {missed}; {bound} of them too small to prove at "
                                  f"{flat['served_rate']:.0%}, the stated bound)" if missed else ""), _f(ok == u))
     if "sybil_jitter_majority_proven" in flat:
-        t.add_row("jitter-majority Sybil proven (p < 1e-6)", f"p {_p(flat['sybil_jitter_majority_p'])} (30 ep), "
+        t.add_row("jitter-majority Sybil proven (p < 1e-6)", f"p {_p(flat['sybil_jitter_majority_p'])} "
+                  f"({flat['epochs']} ep), "
                   f"{_p(flat['sybil_jitter_majority_p_converged'])} ({flat['sybil_converged_epochs']} ep)",
                   _f(bool(flat["sybil_jitter_majority_proven"])))
         t.add_row("budget counts jittered copies once", f"{flat['sybil_jitter_budget_distinct']} counted for "
@@ -220,7 +221,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
         t.add_row(f"slow attacker detected within {TARGET_QUERIES} or proven",
                   f"detected after {_f(flat['slow_attacker_queries_to_detect'])}, p {_p(flat['slow_attacker_p'])}",
                   _f(bool(flat["slow_attacker_detected_or_proven"])))
-        t.add_row("copies trained 30 epochs proven (largest p, copies >= 90 % fidelity)",
+        t.add_row(f"copies trained {flat['epochs']} epochs proven (largest p, copies >= 90 % fidelity)",
                   _p(flat["copy30_served_wm_p_max"]),
                   _f(flat["copy30_served_wm_p_max"] is not None and flat["copy30_served_wm_p_max"] < 1e-6))
         t.add_row("no honest near-repeat or shifted-camera session flagged",
