@@ -19,7 +19,14 @@ from test_app_robust import with_identity
 from edgeshield.adversarial import InputSpec
 from edgeshield.audit import AuditLog
 from edgeshield.errors import ExtractionStateError, InvalidArgumentError, NotAnExtractionStateError
-from edgeshield.extraction import DecayingBudget, MonitorStore, QueryMonitor, ResponsePolicy, SignalState
+from edgeshield.extraction import (
+    BenignTransforms,
+    DecayingBudget,
+    MonitorStore,
+    QueryMonitor,
+    ResponsePolicy,
+    SignalState,
+)
 from edgeshield.extraction._keys import digest_keys
 from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
 from edgeshield.server import Rbac, ServerState, create_app
@@ -254,6 +261,11 @@ def test_serve_configuration_of_the_long_horizon_defence(tmp_path: Path) -> None
     budget = monitor.detectors[1]
     assert isinstance(budget, DecayingBudget) and (budget.burst, budget.per_day) == (300, 100.0)
     store.close()
+    # --ood-reference alone calibrates with the default benign transforms; "none" on clean data only
+    for given, expected in ((None, BenignTransforms()), ("none", None)):
+        ood_only = _extraction_defence(ServeConfig(**base, extraction_action="flag", ood_reference=ref,
+                                                   ood_transforms=given))[1]
+        assert ood_only is not None and getattr(ood_only.detectors[-1], "transforms", "?") == expected
     for flag in ({"decaying_budget": (10, 1.0)}, {"fleet_budget": 10}, {"ood_reference": ref}):
         with pytest.raises(InvalidArgumentError):  # a signal with nothing to do on alarm
             _extraction_defence(ServeConfig(**base, **flag))  # type: ignore[arg-type]

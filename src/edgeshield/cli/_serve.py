@@ -261,8 +261,9 @@ def serve(
     ood_transforms: Annotated[
         str | None,
         typer.Option("--ood-transforms", metavar="JSON", rich_help_panel=_EXTRACTION,
-                     help='Benign sensor variations the OOD calibration includes, e.g. \'{"shifts": 1, "noise": '
-                          '0.05, "contrast": [0.7, 1.0], "image_shape": [8, 8]}\'.'),
+                     help='Benign sensor variations the OOD calibration includes (default: shifts of one pixel, '
+                          'noise 0.05, contrast 0.7-1.0, on square images), e.g. \'{"shifts": 1, "noise": 0.05, '
+                          '"contrast": [0.7, 1.0], "image_shape": [8, 8]}\', or none (clean data only).'),
     ] = None,
     witness: Annotated[
         str | None,

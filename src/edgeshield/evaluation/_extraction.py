@@ -227,25 +227,6 @@ class SimulatedClock:
         self.now += float(seconds)
 
 
-def _takes(factory: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _optional(module: str, name: str) -> Any:
-    """``module.name`` if this checkout has it (the pieces of issue 14 land one by one), else None."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
 def honest_retakes(x: np.ndarray, seed: int, *, sigma: float = NEAR_REPEAT_SIGMA) -> np.ndarray:
     """Each row of ``x`` photographed again: Gaussian sensor noise ``sigma``, clipped to [0, 1]."""
     rng = np.random.default_rng(seed)
@@ -259,15 +240,17 @@ def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray, *, kind: str = "de
     digits only, a one-day window budget of exact bytes). ``deployed``: PRADA skipping near-duplicates within a
     distance calibrated on honest retakes of ``x_honest`` (the calibration digits, never the benign test set), OOD
     calibrated with the declared benign transforms, the window budget on canonical keys, a decaying long-horizon
-    budget and (``fleet``) a fleet budget per role -- each piece as far as this checkout has it
-    (:func:`monitor_parts` says which)."""
+    budget and (``fleet``) a fleet budget per role (:func:`monitor_parts` says what an app ran)."""
     from edgeshield.extraction import (
         BenignTransforms,
+        DecayingBudget,
+        FleetBudget,
         OodRateSignal,
         PradaDetector,
         QueryBudget,
         QueryMonitor,
         ResponsePolicy,
+        calibrate_dup_distance,
     )
 
     clock = clock or SimulatedClock()
@@ -277,23 +260,17 @@ def build_monitor(x_train: np.ndarray, x_ood_cal: np.ndarray, *, kind: str = "de
                             response=ResponsePolicy(default="block"))
     if kind != "deployed":
         raise InvalidArgumentError(f"unknown monitor kind {kind!r}: deployed or legacy")
-    prada_kw: dict[str, Any] = {}
-    calibrate = _optional("edgeshield.extraction", "calibrate_dup_distance")
-    if calibrate is not None and _takes(PradaDetector, "dup_distance") and x_honest is not None:
-        # honest traffic: two photographs of each calibration digit (sensor noise NEAR_REPEAT_SIGMA)
-        prada_kw["dup_distance"] = float(calibrate(honest_retakes(x_honest, 101), honest_retakes(x_honest, 102),
-                                                   x_honest))
+    dup = None
+    if x_honest is not None:  # honest traffic: two photographs of each calibration digit (noise NEAR_REPEAT_SIGMA)
+        dup = calibrate_dup_distance(honest_retakes(x_honest, 101), honest_retakes(x_honest, 102), x_honest)
     detectors: list[Any] = [
-        PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES, **prada_kw),
+        PradaDetector(delta=PRADA_DELTA, min_samples=PRADA_MIN_SAMPLES, dup_distance=dup),
         OodRateSignal.fit(x_train, x_ood_cal, transforms=BenignTransforms.from_config(BENIGN_TRANSFORMS)),
         QueryBudget(QUERY_BUDGET, clock=clock),
+        DecayingBudget(DECAYING_BURST, DECAYING_PER_DAY, clock=clock),
     ]
-    decaying = _optional("edgeshield.extraction", "DecayingBudget")
-    if decaying is not None:
-        detectors.append(decaying(DECAYING_BURST, DECAYING_PER_DAY, clock=clock))
-    fleet_budget = _optional("edgeshield.extraction", "FleetBudget")
-    if fleet and fleet_budget is not None:
-        detectors.append(fleet_budget(FLEET_PER_GROUP_DAY, clock=clock))
+    if fleet:
+        detectors.append(FleetBudget(FLEET_PER_GROUP_DAY, clock=clock))
     # the fleet budget alarms the whole group, honest members too: it flags (alerts the operator), never blocks
     return QueryMonitor(detectors, response=ResponsePolicy(default="block", on_alarm={"fleet_budget": "flag"}))
 
@@ -320,21 +297,15 @@ class Gateway:
         """``canonical_keys``: the app's per-input decisions use the deployed canonical keys (LeaderKeys shared by
         the monitor and the served watermark) where this checkout has them; False: exact bytes (before issue 14).
         Every client has the role ``client``: one enrolment, the fleet budget's group."""
-        import dataclasses
-
         from edgeshield.bundles._ort import onnxruntime as ort
+        from edgeshield.extraction import LeaderKeys
         from edgeshield.models import digits_input_spec
         from edgeshield.server import Rbac, ServerState, create_app
 
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        fields = {f.name for f in dataclasses.fields(ServerState)}
-        extra: dict[str, Any] = {}
-        if "clock" in fields and clock is not None:
+        extra: dict[str, Any] = {"input_keys": LeaderKeys() if canonical_keys else ExactKeys()}
+        if clock is not None:
             extra["clock"] = clock
-        if "input_keys" in fields:
-            from edgeshield.extraction import LeaderKeys
-
-            extra["input_keys"] = LeaderKeys() if canonical_keys else ExactKeys()
         self.state = ServerState(session=session, manifest=_Manifest(), rbac=Rbac(), audit=None,
                                  spec=digits_input_spec(), outputs=outputs, monitor=monitor,
                                  served_watermark=served, served_evidence=evidence, **extra)
@@ -374,12 +345,9 @@ class Gateway:
         store = self.state.served_evidence
         if store is None:
             return np.zeros((0, 64), np.float32), np.zeros(0, np.int64), None
-        if hasattr(store, "evidence"):
-            ev = store.evidence(client)
-            x = ev.x.reshape(len(ev.labels), -1) if len(ev.labels) else np.zeros((0, 64), np.float32)
-            return x, ev.labels, list(ev.units)
-        x, y, _, _ = store.load(client)
-        return x, y, None
+        ev = store.evidence(client)
+        x = ev.x.reshape(len(ev.labels), -1) if len(ev.labels) else np.zeros((0, 64), np.float32)
+        return x, ev.labels, list(ev.units)
 
     def close(self) -> None:
         for c in self._clients.values():
@@ -1006,20 +974,16 @@ def evaluate_cases(marked: bytes, split: DigitsSplit, cfg: EvaluationConfig, vic
 
 
 def _victim_kw(victim: bytes) -> dict[str, Any]:
-    """``verify_copy``'s ``victim=`` (the owner's model: each unit's victim label is excluded from the suspect's
-    vote) where this checkout has it."""
-    from edgeshield.watermark import verify_copy
-
-    return {"victim": victim} if _takes(verify_copy, "victim") else {}
+    """``verify_copy``'s ``victim=``: the owner's model, so each unit's victim label is excluded from the
+    suspect's vote."""
+    return {"victim": victim}
 
 
 def _served_watermark(rate: float) -> ServedWatermark:
     """The deployed served watermark at ``rate`` (``SERVED_REGIONS``: its unit kind)."""
     from edgeshield.watermark import ServedWatermark
 
-    if SERVED_REGIONS is not None and _takes(ServedWatermark, "regions"):
-        return ServedWatermark(WATERMARK_KEY, rate, classes=10, regions=SERVED_REGIONS)
-    return ServedWatermark(WATERMARK_KEY, rate, classes=10)
+    return ServedWatermark(WATERMARK_KEY, rate, classes=10, regions=SERVED_REGIONS)
 
 
 # --- the whole evaluation ------------------------------------------------------------------------------------------
@@ -1238,11 +1202,10 @@ def _useful_target(sessions: Sequence[dict[str, Any]], cases: dict[str, Any]) ->
                      bool(cases["slow_attacker_proven"])))
     useful = [r for r in rows if r[1] is not None and r[1] >= USEFUL_FIDELITY]
     missed = [r[0] for r in useful if not (r[2] or r[3])]
-    provable = _optional("edgeshield.watermark", "provable_session")
+    from edgeshield.watermark import provable_session
     budgets = {f"{s['attack']}/{s['outputs']}/{s['budget']}": s["baseline_answered"] for s in sessions}
     # what no served mark can prove: too few distinct queries to collect marks_needed marks at this rate
-    bound = [m for m in missed if provable is not None and m in budgets
-             and not provable(budgets[m], SERVED_RATE, 10)]
+    bound = [m for m in missed if m in budgets and not provable_session(budgets[m], SERVED_RATE, 10)]
     return {"useful_attack_sessions": len(useful),
             "useful_attack_sessions_detected_or_proven": len(useful) - len(missed),
             "useful_attack_sessions_missed": missed,

@@ -341,8 +341,12 @@ def _ood_signal(cfg: ServeConfig) -> Detector:
     from edgeshield.errors import InvalidArgumentError
     from edgeshield.extraction import BenignTransforms, OodRateSignal
 
-    transforms = None
-    if cfg.ood_transforms is not None:
+    # By default the honest sensors' variations are in distribution: calibrated on clean data alone, a camera one
+    # pixel off is blocked on its first batch.
+    transforms: BenignTransforms | None = BenignTransforms()
+    if cfg.ood_transforms is not None and cfg.ood_transforms.strip().lower() == "none":
+        transforms = None
+    elif cfg.ood_transforms is not None:
         try:
             transforms = BenignTransforms.from_config(json.loads(cfg.ood_transforms))
         except json.JSONDecodeError as exc:
