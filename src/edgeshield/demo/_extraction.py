@@ -148,8 +148,84 @@ def _stolen_copy(ctx: DemoContext) -> str:
             f"{control.matches}")
 
 
+def _round_two(ctx: DemoContext) -> str:
+    """The four ways the first extraction defence was beaten, replayed against the served app (issue 14): jittered
+    Sybil copies, a thief who waits between rounds, an honest client's retakes and a camera one pixel off."""
+    from sklearn.neural_network import MLPClassifier
+
+    from edgeshield import watermark
+    from edgeshield.evaluation._extraction import (
+        Gateway,
+        Session,
+        SimulatedClock,
+        build_monitor,
+        honest_retakes,
+        jittered,
+        slow_attacker,
+    )
+    from edgeshield.extraction import BenignTransforms, QueryBudget
+    from edgeshield.models import digits_model_path, load_digits_split
+
+    split = load_digits_split()
+    key = watermark.load_key(ctx.workdir / "watermark.key")
+    served = watermark.ServedWatermark(key, 0.02, classes=10)  # the rate the evaluation proves jittered Sybils at
+    clock = SimulatedClock()
+    monitor = build_monitor(split.x_train, split.x_test[:225], clock=clock, x_honest=split.x_train[-300:])
+    gateway = Gateway(digits_model_path().read_bytes(), served=served, monitor=monitor, clock=clock,
+                      evidence=watermark.EvidenceStore(ctx.workdir / "round-two-evidence.db"))
+    rng = np.random.default_rng(0)
+    steps = 6
+    try:
+        stolen_x, stolen_y = [], []
+        for i in range(4):  # four Sybil identities, 250 digits each, every digit asked three times with jitter
+            ctx.step(i, steps, f"jittered Sybil thief {i + 1} of 4")
+            thief = Session(gateway, f"jitter-sybil-{i}")
+            mine = split.x_train[250 * i : 250 * (i + 1)]
+            for start in range(0, len(mine), 50):
+                chunk = mine[start : start + 50]
+                votes = np.stack([thief.query(jittered(chunk, rng)).argmax(axis=1) for _ in range(3)])
+                stolen_x.append(chunk)
+                stolen_y.append(np.array([np.bincount(v, minlength=10).argmax() for v in votes.T]))
+        budget = next(d for d in monitor.detectors if isinstance(d, QueryBudget))
+        counted = int(budget.state("jitter-sybil-0").stats["distinct"])  # what the budget charged the first one
+        ctx.step(4, steps, "a thief who waits: 290 new digits a day for four days")
+        slow = slow_attacker(gateway, clock, split.x_train, per_day=290, days=4, seed=1)
+        ctx.step(5, steps, "honest retakes and a camera one pixel off")
+        held = split.x_test[225:]
+        retaker = Session(gateway, "honest-retakes", batch=10)
+        retaker.query(np.concatenate([honest_retakes(held[:100], 1), honest_retakes(held[:100], 2)]))
+        camera = Session(gateway, "shifted-camera", batch=25)
+        camera.query(BenignTransforms(image_shape=(8, 8)).shift(held, 0, 1))
+    finally:
+        gateway.close()
+    x, y = np.concatenate(stolen_x), np.concatenate(stolen_y)
+    copy = MLPClassifier((128, 64), max_iter=400, random_state=0).fit(x, y)
+    with watermark.EvidenceStore(ctx.workdir / "round-two-evidence.db", create=False) as store:
+        ev = store.evidence()
+    proof = watermark.verify_copy(copy.predict_proba, ev.x, ev.labels, units=ev.units, classes=10)
+    independent = MLPClassifier((128, 64), max_iter=400, random_state=1).fit(split.x_train, split.y_train)
+    control = watermark.verify_copy(independent.predict_proba, ev.x, ev.labels, units=ev.units, classes=10)
+    honest_ok = not retaker.blocked and not camera.blocked
+    if counted != 250 or not proof.present or control.present or not slow.blocked or not honest_ok:
+        raise DemoFailure(f"round two: budget counted {counted} of 250 jittered digits, Sybil copy proven "
+                          f"{proof.present} (p {proof.p_value:.1e}), independent model claimed {control.present}, "
+                          f"slow thief blocked {slow.blocked}, honest retakes/camera served "
+                          f"{not retaker.blocked}/{not camera.blocked}")
+    ctx.summary["extraction_round_two"] = {
+        "jitter_budget_distinct": counted, "jitter_copy_units": proof.units, "jitter_copy_matches": proof.matches,
+        "jitter_copy_p": proof.p_value, "independent_matches": control.matches,
+        "slow_thief_blocked_after": slow.t.blocked_at,
+        "honest_retakes_served": retaker.t.answered, "shifted_camera_served": camera.t.answered}
+    return (f"jittered Sybils: 750 queries counted as {counted} inputs, copy proven (repeats {proof.matches} of "
+            f"{proof.units} marked units, p = {proof.p_value:.1e}; an independent model {control.matches}); a thief "
+            f"waiting between days blocked after {slow.t.blocked_at} answers; honest retakes ({retaker.t.answered}) "
+            f"and a shifted camera "
+            f"({camera.t.answered}) all served")
+
+
 STAGES = [
     Stage("Block a model-extraction campaign, serve an honest client", _extraction),
     Stage("Prove ownership with the weight watermark", _watermark),
     Stage("Prove a copy stolen through the API (served watermark)", _stolen_copy),
+    Stage("Beat jitter, waiting, retakes and a shifted camera (extraction defence, round two)", _round_two),
 ]
