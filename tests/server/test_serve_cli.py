@@ -94,10 +94,9 @@ def test_client_predict_and_refusals_then_graceful_shutdown(running: dict) -> No
     assert kinds[0] == "server.startup" and kinds[-2:] == ["server.shutdown", "audit.checkpoint"]  # ends covered
     assert {"inference.predict", "auth.forbidden", "auth.failure", "watermark.served"} <= set(kinds)
     # the served watermark: alice's marked inputs are in the evidence store; the honest model does not repeat them
+    from edgeshield.extraction import LeaderKeys
     from edgeshield.models import digits_model_path
     from edgeshield.watermark import ServedWatermark
-
-    from edgeshield.extraction import LeaderKeys
 
     x5 = load_digits_split().x_test[:5]  # the server's canonical keys: a fresh registry, five distinct digits
     marked, _ = ServedWatermark(bytes(range(32)), 0.5, classes=10).marks(x5, keys=LeaderKeys().keys(x5))
