@@ -177,6 +177,10 @@ class ModelSignatureError(IntegrityError):
     """An OpenSSF model-signing signature does not verify for the model."""
 
 
+class ComposedGraphError(IntegrityError):
+    """A detector file's composed detector graph is not bound to this model and these detectors."""
+
+
 class ServerRefusedError(EdgeShieldError):
     """The inference server answered with an error status (the exit code follows the status)."""
 

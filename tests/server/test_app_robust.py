@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
@@ -79,3 +80,40 @@ async def test_no_identity_is_401_and_audited(state: ServerState) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_serve_loads_the_signed_composed_graph(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A detector file carrying a composed graph: serve's loader verifies it and robust inference runs on it."""
+    from edgeshield import bundles, keys
+    from edgeshield.adversarial import DetectorFile
+    from edgeshield.adversarial._compose import compose
+    from edgeshield.server._model import ModelLoader
+    from edgeshield.server._serve import ServeConfig
+
+    d = tmp_path_factory.mktemp("composed-serve")
+    keys.init_keys(d / "k")
+    owner = keys.load_owner_private_key(d / "k" / "owner.key")
+    device = keys.load_device_private_key(d / "k" / "device.key")
+    bundles.protect(digits_model_path(), d / "m.esb", signing_key=owner, recipients=[device.public_key()])
+    opened = bundles.open_bundle(d / "m.esb", owner.public_key(), device)
+    split = load_digits_split()
+    plain = calibrate(opened.session, split.x_test[:225], model_sha256=opened.manifest.model_sha256,
+                      input_spec=digits_input_spec(), detectors=("squeeze", "noise"))
+    compose(plain, bundles.decrypt_model(d / "m.esb", owner.public_key(), device), split.x_test[:225],
+            signing_key=owner, recipients=[device.public_key()]).save(d / "detector.json")
+    unused = d / "unused"
+    cfg = ServeConfig(bundle=d / "m.esb", owner_key=d / "k" / "owner.pub", device_key=d / "k" / "device.key",
+                      detector=d / "detector.json", ca=unused, cert=unused, key=unused, audit_db=unused,
+                      audit_key=unused)
+    served = ModelLoader(cfg).load()
+    assert served.robust is not None and served.robust.composed is not None
+    x = split.x_test[225:245]
+    numpy_path = RobustModel(opened.session, DetectorFile.load(d / "detector.json")).decide(x)
+    ours = served.robust.decide(x)
+    np.testing.assert_allclose(ours.scores, numpy_path.scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(ours.verdicts, numpy_path.verdicts)
+    keys.init_keys(d / "other")  # the same file trusted under another owner key: refused, typed
+    from edgeshield.errors import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        ModelLoader(dataclasses.replace(cfg, owner_key=d / "other" / "owner.pub")).load()

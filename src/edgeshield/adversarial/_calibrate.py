@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeshield._io import atomic_write_bytes, check_readable_file
+from edgeshield.adversarial._composed import ComposedGraph
 from edgeshield.adversarial._detectors import (
     Detector,
     EnsembleDetector,
@@ -75,6 +76,9 @@ class DetectorFile:
     decision: str
     detectors: tuple[CalibratedDetector, ...]
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    # The model and its runtime detectors in one graph, as a signed bundle bound to this file (``_composed.py``);
+    # robust inference then scores with one session run. Files without one use the numpy detectors.
+    composed: ComposedGraph | None = None
 
     def get(self, name: str) -> CalibratedDetector:
         for d in self.detectors:
@@ -92,7 +96,8 @@ class DetectorFile:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "model_sha256": self.model_sha256,
                 "input_spec": self.input_spec.to_dict(), "target_fpr": self.target_fpr, "flag_fpr": self.flag_fpr,
-                "decision": self.decision, "detectors": [d.to_dict() for d in self.detectors], "created": self.created}
+                "decision": self.decision, "detectors": [d.to_dict() for d in self.detectors], "created": self.created,
+                **({"composed": self.composed.to_dict()} if self.composed is not None else {})}
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
@@ -111,7 +116,8 @@ class DetectorFile:
             )
             out = cls(model_sha256=str(d["model_sha256"]), input_spec=InputSpec.from_dict(d["input_spec"]),
                       target_fpr=float(d["target_fpr"]), flag_fpr=float(d["flag_fpr"]), decision=str(d["decision"]),
-                      detectors=dets, created=str(d["created"]))
+                      detectors=dets, created=str(d["created"]),
+                      composed=ComposedGraph.from_dict(d["composed"]) if d.get("composed") is not None else None)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidArgumentError(f"{p} is not a valid detector file: {exc}") from None
         out.get(out.decision)

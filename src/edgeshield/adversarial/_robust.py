@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edgeshield.adversarial._calibrate import DetectorFile, build_all
-from edgeshield.adversarial._detectors import OnnxClassifier, scores_with_probs
+from edgeshield.adversarial._detectors import EnsembleDetector, OnnxClassifier, scores_with_probs
 from edgeshield.adversarial._smoothing import SmoothedClassifier, SmoothingConfig
 
 if TYPE_CHECKING:
     import torch
 
+    from edgeshield.adversarial._composed import ComposedDetectors
     from edgeshield.bundles._ort import onnxruntime
 
 Verdict = Literal["accept", "flag", "reject", "abstain"]
@@ -44,11 +45,16 @@ class Decision:
 
 
 class RobustModel:
-    """A session guarded by an input spec and a calibrated detector, optionally answering by randomized smoothing."""
+    """A session guarded by an input spec and a calibrated detector, optionally answering by randomized smoothing.
+
+    With ``composed`` (the detector file's verified composed graph, ``open_composed``) the composed detectors'
+    scores and the probabilities come from that one session run; members it lacks, and the ensemble/fisher
+    combination, stay in numpy.
+    """
 
     def __init__(self, session: onnxruntime.InferenceSession, detector_file: DetectorFile, *,
                  torch_model: torch.nn.Module | None = None, detector: str | None = None,
-                 smoothing: SmoothingConfig | None = None) -> None:
+                 smoothing: SmoothingConfig | None = None, composed: ComposedDetectors | None = None) -> None:
         self.file = detector_file
         self.spec = detector_file.input_spec
         self.clf = OnnxClassifier(session)
@@ -57,13 +63,29 @@ class RobustModel:
         self.detector = build_all(detector_file, self.clf, torch_model, [self.detector_name])[self.detector_name]
         self.smoothing = smoothing
         self.smoothed = None if smoothing is None else SmoothedClassifier(session, smoothing)  # its own row batch
+        wanted = {self.detector_name}
+        if isinstance(self.detector, EnsembleDetector):
+            wanted = {m.name for m in self.detector.members}
+        self.composed = composed if composed is not None and wanted & set(composed.detectors) else None
+
+    def _scores(self, x: np.ndarray, clf: OnnxClassifier | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The decision detector's scores, and the probabilities when they come for free."""
+        if self.composed is None:
+            return scores_with_probs(self.detector, x, clf)
+        probs, scores = self.composed.run(x)
+        if self.detector_name in scores:
+            return scores[self.detector_name], probs
+        assert isinstance(self.detector, EnsembleDetector)  # noqa: S101 - __init__ kept a composed graph only so
+        parts = [np.asarray(scores[m.name] if m.name in scores else scores_with_probs(m, x, None)[0],
+                            dtype=np.float64) for m in self.detector.members]
+        return self.detector.combined(parts), probs
 
     def decide(self, x: np.ndarray) -> BatchDecision:
         """Vectorised robust inference: one array per field, for high-throughput callers."""
         x = self.spec.validate(x)
         if self.smoothed is not None:
             return self._decide_smoothed(x, self.smoothed)
-        scores, probs = scores_with_probs(self.detector, x, self.clf)
+        scores, probs = self._scores(x, self.clf)
         labels = (probs if probs is not None else self.clf.probs(x)).argmax(axis=1)
         reject, flag = self.calibrated.reject_threshold, self.calibrated.flag_threshold
         verdicts = np.where(scores > reject, REJECT, np.where(scores > flag, FLAG, ACCEPT)).astype(np.int8)
@@ -71,7 +93,7 @@ class RobustModel:
                              self.detector_name)
 
     def _decide_smoothed(self, x: np.ndarray, smoothed: SmoothedClassifier) -> BatchDecision:
-        scores, _ = scores_with_probs(self.detector, x, None)
+        scores, _ = self._scores(x, None)
         reject, flag = self.calibrated.reject_threshold, self.calibrated.flag_threshold
         verdicts = np.where(scores > reject, REJECT, np.where(scores > flag, FLAG, ACCEPT)).astype(np.int8)
         labels = np.full(len(x), -1, dtype=np.int64)

@@ -18,7 +18,7 @@ from edgeshield.errors import InvalidArgumentError, OutputExistsError
 if TYPE_CHECKING:
     import numpy as np
 
-    from edgeshield.adversarial import InputSpec
+    from edgeshield.adversarial import DetectorFile, InputSpec
 
 app = typer.Typer(help="Adversarial-input detectors: calibrate to a target FPR, evaluate against ART attacks.",
                   no_args_is_help=True)
@@ -82,6 +82,7 @@ def expose_hidden(
 
 @app.command("calibrate")
 @requires("eval", "torch", "onnx", when=listed("detectors", "gradient"))
+@requires("owner", when=given("signing_key"))
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="The protected model.")],
     owner_key: OwnerOpt,
@@ -112,6 +113,22 @@ def calibrate(
                                              "members), fisher (Fisher's combination of p-values) or a member.")
     ] = "ensemble",
     input_spec: SpecOpt = None,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option("--signing-key", help="The owner's private key (owner.key): also compose the model and its "
+                                           "runtime detectors into one ONNX graph, sealed as a bundle signed with "
+                                           "this key and bound to the model, so `serve` scores in one session run."),
+    ] = None,
+    recipient: Annotated[
+        list[Path] | None,
+        typer.Option("--recipient", help="With --signing-key: a device public key that may open the composed graph "
+                                         "(repeatable; default: this device's)."),
+    ] = None,
+    signing_passphrase_env: Annotated[
+        str | None,
+        typer.Option("--signing-passphrase-env", metavar="VAR",
+                     help="Environment variable holding the passphrase of --signing-key."),
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -131,9 +148,14 @@ def calibrate(
         from edgeshield.evaluation._adversarial import torch_model_for_bundle
 
         torch_model = torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
+    if recipient and signing_key is None:
+        raise InvalidArgumentError("--recipient goes with --signing-key")
     result = run_calibration(opened.session, x, model_sha256=opened.manifest.model_sha256, input_spec=spec,
                              target_fpr=target_fpr, flag_fpr=flag_fpr, detectors=names, torch_model=torch_model,
                              reference=ref, reference_labels=ref_labels, decision=decision)
+    if signing_key is not None:
+        result = _compose(result, bundle, owner_key, device_key, passphrase_env, x, signing_key, recipient or [],
+                          signing_passphrase_env, opened.manifest.model_version)
     result.save(out)
     if as_json:
         emit_json(result.to_dict() | {"path": str(out)})
@@ -144,7 +166,26 @@ def calibrate(
         t.add_row(d.name + (" (decides)" if d.name == result.decision else ""), f"{d.reject_threshold:.4g}",
                   f"{d.flag_threshold:.4g}", f"{d.calibration['fpr_reject']:.3f}", f"{d.calibration['fpr_flag']:.3f}")
     console.print(t)
+    if result.composed is not None:
+        console.print(f"composed into one signed graph: {', '.join(result.composed.detectors)} "
+                      "(the rest runs in numpy)")
     console.print(f"written to {out}")
+
+
+def _compose(result: DetectorFile, bundle: Path, owner_key: Path, device_key: Path, passphrase_env: str | None,
+             clean: np.ndarray, signing_key: Path, recipients: list[Path], signing_passphrase_env: str | None,
+             model_version: int) -> DetectorFile:
+    """The detector file with its composed graph, sealed for ``recipients`` (default: the calibrating device)."""
+    from edgeshield.adversarial._compose import compose
+    from edgeshield.hardware._tpm import load_device_key
+
+    owner = keys.load_owner_private_key(signing_key, keys.passphrase_from_env(signing_passphrase_env))
+    if keys.key_id(owner.public_key()) != keys.key_id(keys.load_owner_public_key(owner_key)):
+        raise InvalidArgumentError("--signing-key is not the private half of --owner-key (the bundle's signer)")
+    device = load_device_key(device_key, keys.passphrase_from_env(passphrase_env))
+    devices = [keys.load_device_public_key(p) for p in recipients] or [device.public_key()]
+    model = bundles.decrypt_model(bundle, keys.load_owner_public_key(owner_key), device)
+    return compose(result, model, clean, signing_key=owner, recipients=devices, model_version=model_version)
 
 
 @app.command("evaluate")

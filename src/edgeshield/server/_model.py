@@ -170,7 +170,16 @@ class ModelLoader:
                 from edgeshield.adversarial._torch import onnx_to_torch
 
                 torch_model = onnx_to_torch(bundles.decrypt_model(files.bundle, self.owner, self.device))
-            robust = RobustModel(opened.session, detector, torch_model=torch_model)
+            composed = None
+            if detector.composed is not None:  # the model and its detectors in one signed graph: one session run
+                if self.device is None:
+                    log.warning("the detector file's composed graph is sealed to device keys; from a released key "
+                                "the detectors run in numpy")
+                else:
+                    from edgeshield.adversarial._composed import open_composed
+
+                    composed = open_composed(detector, self.owner, self.device, model_sha256=m.model_sha256)
+            robust = RobustModel(opened.session, detector, torch_model=torch_model, composed=composed)
             spec = detector.input_spec
         watched = {"bundle": files.bundle, **({"detector": files.detector} if files.detector else {})}
         return ServedModel(session=opened.session, manifest=m, spec=spec, robust=robust,
