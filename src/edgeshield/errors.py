@@ -277,6 +277,16 @@ class WitnessInconsistentError(AuditIntegrityError):
     log's newest checkpoint): the log was rewritten or cut back after the witness saw it."""
 
 
+class AuditCompactRangeError(AuditIntegrityError):
+    """The compact range stored for a witnessed checkpoint is missing, malformed or does not fold to the checkpoint's
+    signed root, so incremental verification cannot start there (``tree_size`` is the checkpoint's)."""
+
+
+class AuditCommitError(EdgeShieldError):
+    """A group commit of audit entries failed (disk full, I/O error, the log closed): no entry of the group was
+    written and every caller in it gets this error; the log is as it was before the group."""
+
+
 # --- served-watermark evidence ----------------------------------------------------------------------------------
 class EvidenceIntegrityError(IntegrityError):
     """A stored served-watermark evidence row was altered: its data no longer matches its digest. ``seq`` names it."""

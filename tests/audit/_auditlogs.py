@@ -109,3 +109,48 @@ def tamper_module():  # type: ignore[no-untyped-def]
     if bench not in sys.path:
         sys.path.insert(0, bench)
     return importlib.import_module("_audit_tamper")
+
+
+THREADED_WRITER = """
+import sys, threading
+from edgeshield import audit
+log = audit.AuditLog(sys.argv[1], signing_key=audit.load_signing_key(sys.argv[2]), checkpoint_every=25)
+out = threading.Lock()
+
+def run(t):
+    i = 0
+    while True:
+        log.append("test.tick", f"writer-{t}", {"i": i})
+        with out:
+            sys.stdout.write(f"{t} {i}\\n")
+            sys.stdout.flush()
+        i += 1
+
+for t in range(int(sys.argv[3])):
+    threading.Thread(target=run, args=(t,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def kill_threaded_writer_mid_append(db: Path, key: Path, threads: int, at_least: int = 300) -> set[tuple[int, int]]:
+    """THREADED_WRITER with ``threads`` appending threads (group-committed) until ``at_least`` appends were
+    acknowledged, then SIGKILL; the ``(thread, i)`` of every acknowledged append."""
+    proc = subprocess.Popen([sys.executable, "-c", THREADED_WRITER, str(db), str(key), str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    try:
+        assert proc.stdout is not None
+        while len(lines) < at_least and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err
+    lines += out.split("\n")[:-1]  # complete lines only
+    acked = {(int(t), int(i)) for t, i in (line.split() for line in lines if line.strip())}
+    assert len(acked) >= at_least, err
+    return acked

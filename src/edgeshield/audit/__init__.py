@@ -5,6 +5,7 @@ and a C2SP witness off the device.
     log.recover()                                   # at start-up: verify, checkpoint what a crash left uncovered
     log.append("inference.request", "client-17", {"input_sha256": digest, "decision": "accepted"})
     report = log.verify(public_key=load_verify_key("audit.pub"), require_checkpoint=True)
+    verify_from_witnessed(log, note, public_key=pub, witness_keys=[wkey])  # only what came after the cosigned note
     publish(log, WitnessClient(url, witness_client_context("ca.crt")), public_key=pub)
 
 Entries hold metadata and digests, never raw model inputs. ``verify`` recomputes the whole chain, every checkpoint
@@ -23,6 +24,7 @@ from edgeshield.audit._log import (
     AuditChainError,
     AuditCheckpointError,
     AuditCheckpointLinkError,
+    AuditCommitError,
     AuditIntegrityError,
     AuditKeyMismatchError,
     AuditLog,
@@ -45,18 +47,26 @@ from edgeshield.audit._publish import (
     log_vkey,
     publish,
     verify_against,
+    verify_from_witnessed,
 )
 from edgeshield.audit._publish import client_context as witness_client_context
 from edgeshield.audit._witness import Witness, WitnessResponse
 from edgeshield.audit._witness_http import WitnessServer, serve_in_thread
 from edgeshield.audit._witness_http import server_context as witness_server_context
-from edgeshield.errors import AuditNotExtendedError, WitnessInconsistentError, WitnessRefusedError
+from edgeshield.errors import (
+    AuditCompactRangeError,
+    AuditNotExtendedError,
+    WitnessInconsistentError,
+    WitnessRefusedError,
+)
 
 __all__ = [
     "AgainstReport",
     "AuditChainError",
     "AuditCheckpointError",
     "AuditCheckpointLinkError",
+    "AuditCommitError",
+    "AuditCompactRangeError",
     "AuditIntegrityError",
     "AuditKeyMismatchError",
     "AuditLog",
@@ -92,6 +102,7 @@ __all__ = [
     "publish",
     "serve_in_thread",
     "verify_against",
+    "verify_from_witnessed",
     "witness_client_context",
     "witness_server_context",
 ]

@@ -12,12 +12,13 @@ right after an older checkpoint, or rewritten by someone holding the signing key
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,24 @@ from edgeshield.audit._format import (
     checkpoint_entry_data,
     checkpoint_text,
     entry_leaf,
+    entry_leaf_text,
     key_id,
     origin_for,
     utc_now,
 )
-from edgeshield.audit._verify import CHECKPOINT_COLUMNS, ENTRY_COLUMNS, SCHEMA_VERSION, VerifyReport, scan
+from edgeshield.audit._verify import (
+    CHECKPOINT_COLUMNS,
+    ENTRY_COLUMNS,
+    SCHEMA_VERSION,
+    VerifyReport,
+    scan,
+    scan_from,
+)
 from edgeshield.errors import (
     AuditChainError,
     AuditCheckpointError,
     AuditCheckpointLinkError,
+    AuditCommitError,
     AuditIntegrityError,
     AuditKeyMismatchError,
     AuditSignatureError,
@@ -63,7 +73,7 @@ from edgeshield.errors import (
 )
 
 __all__ = [
-    "AuditChainError", "AuditCheckpointError", "AuditCheckpointLinkError", "AuditIntegrityError",
+    "AuditChainError", "AuditCheckpointError", "AuditCheckpointLinkError", "AuditCommitError", "AuditIntegrityError",
     "AuditKeyMismatchError", "AuditLog", "AuditSignatureError", "AuditTruncatedError", "AuditUncoveredError",
     "AuditWrongKeyError", "ConsistencyProof", "InclusionProof", "NotAnAuditLogError", "RecoveryReport",
     "VerifyReport",
@@ -71,6 +81,7 @@ __all__ = [
 
 APPLICATION_ID = _store.APPLICATION_ID
 _BATCH = 1000
+_GROUP_MAX = 4096  # entries' callers one group commit takes at most (the rest lead the next one)
 
 
 # --- results ------------------------------------------------------------------------------------------------------
@@ -149,7 +160,39 @@ class _Tx:
     prev_hash: bytes
     frontier: _merkle.Frontier | None
     schema: int = SCHEMA_VERSION
-    written: list[Entry] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)  # entry rows not yet INSERTed (one executemany)
+    ts: str = field(default_factory=utc_now)  # one timestamp for the entries of one transaction: their commit time
+
+
+class _Waiter:
+    """One caller's records in the group-commit queue. A thread caller sleeps on ``lock`` (held from the start)
+    until a leader has committed its records or made it the next leader; an event-loop caller (``loop`` set) is
+    resolved through its future. Then ``entries`` or ``error`` says how it went."""
+
+    __slots__ = ("entries", "error", "future", "lead", "lock", "loop", "records")
+
+    def __init__(self, records: list[tuple[str, str, tuple[str, dict[str, Any]]]],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.records = records
+        self.entries: list[Entry] = []
+        self.error: BaseException | None = None
+        self.lead = False
+        self.loop = loop
+        self.future: asyncio.Future[list[Entry]] | None = loop.create_future() if loop is not None else None
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+
+def _resolve(waiters: list[_Waiter]) -> None:
+    """On the event loop: settle the futures of the async callers a group commit has finished with."""
+    for w in waiters:
+        fut = w.future
+        if fut is None or fut.done():  # cancelled meanwhile: the entry is committed all the same
+            continue
+        if w.error is not None:
+            fut.set_exception(_group_error(w.error, led=False))
+        else:
+            fut.set_result(w.entries)
 
 
 # --- the log ------------------------------------------------------------------------------------------------------
@@ -189,6 +232,13 @@ class AuditLog:
         self._public_key = signing_key.public_key() if signing_key is not None else None
         self._key_id = key_id(self._public_key) if self._public_key is not None else None
         self._lock = threading.RLock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._leading = False
+        self._committer: threading.Thread | None = None  # leads group commits for event-loop callers
+        self._committer_wake = threading.Semaphore(0)
+        self._committer_turn = False  # the committer thread holds the leadership it was woken for
+        self._closing = False
         self._frontier: _merkle.Frontier | None = None  # Merkle frontier of the first _frontier_size entries
         self._frontier_size = -1
         self._conn: sqlite3.Connection | None = None
@@ -218,6 +268,8 @@ class AuditLog:
                 else:
                     for statement in _store.SCHEMA:
                         conn.execute(statement)
+                for statement in _store.COMPACT_SCHEMA:  # logs written before compact ranges gain the table
+                    conn.execute(statement)
                 if schema == 1:
                     self._migrate(conn)
                 conn.execute("COMMIT")
@@ -258,11 +310,16 @@ class AuditLog:
             "from_schema": 1, "to_schema": SCHEMA_VERSION, "legacy_checkpoints": report.checkpoints,
             "latest_legacy_checkpoint": report.latest_checkpoint})
         self._insert_checkpoint(conn, tx)
+        _flush(conn, tx)
 
     def _reader(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return _store.reader(self.path)
 
     def close(self) -> None:
+        self._closing = True
+        if self._committer is not None:
+            self._committer_wake.release()
+            self._committer.join(timeout=10)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -303,6 +360,7 @@ class AuditLog:
                 size, prev = (row[0] + 1, bytes(row[1])) if row else (0, GENESIS_HASH)
                 tx = _Tx(size, prev, self._frontier if self._frontier_size == size else None)
                 yield conn, tx
+                _flush(conn, tx)
                 conn.execute("COMMIT")
             except _store.SQLITE_ERRORS as exc:
                 if conn.in_transaction:
@@ -317,15 +375,14 @@ class AuditLog:
     def _insert_entry(self, conn: sqlite3.Connection, tx: _Tx, kind: str, actor: str,
                       data: dict[str, Any] | tuple[str, dict[str, Any]], ts: str | None = None) -> Entry:
         text, parsed = data if isinstance(data, tuple) else canonical_data(data)
-        seq, ts = tx.size, ts or utc_now()
-        leaf = entry_leaf(seq, ts, kind, actor, parsed)
-        entry = Entry(seq, ts, kind, actor, parsed, tx.prev_hash, chain_hash(tx.prev_hash, leaf))
-        conn.execute(f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (seq, ts, kind, actor, text, entry.prev_hash, entry.entry_hash))
+        seq, ts = tx.size, ts or tx.ts
+        leaf = entry_leaf_text(seq, ts, kind, actor, text)
+        entry_hash = chain_hash(tx.prev_hash, leaf)
+        entry = Entry(seq, ts, kind, actor, parsed, tx.prev_hash, entry_hash)
+        tx.rows.append((seq, ts, kind, actor, text, tx.prev_hash, entry_hash))
         if tx.frontier is not None:
             tx.frontier = _merkle.frontier_append(tx.frontier, _merkle.leaf_hash(leaf))
-        tx.size, tx.prev_hash = seq + 1, entry.entry_hash
-        tx.written.append(entry)
+        tx.size, tx.prev_hash = seq + 1, entry_hash
         return entry
 
     def _insert_checkpoint(self, conn: sqlite3.Connection, tx: _Tx) -> Checkpoint:
@@ -333,6 +390,7 @@ class AuditLog:
         if tx.frontier is None:
             # The full check runs inside the writer's transaction, so nothing can change between checking and
             # signing: the device never signs a root over a chain that was tampered with.
+            _flush(conn, tx)
             _report, tx.frontier = scan(conn, self._public_key, tx.schema)
         size, root = tx.size, _merkle.frontier_root(tx.frontier)
         signature = None
@@ -341,6 +399,10 @@ class AuditLog:
         cp = Checkpoint(size, root, utc_now(), self._key_id, signature)
         conn.execute(f"INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                      (cp.tree_size, cp.root, cp.ts, cp.key_id, cp.signature))
+        # The compact range (the frontier's subtree roots) at this size: incremental verification from a witnessed
+        # checkpoint starts from it, after checking it folds to the signed root (``_verify.scan_from``).
+        conn.execute("INSERT INTO compact_ranges (tree_size, hashes) VALUES (?, ?)",
+                     (size, _merkle.encode_frontier(tx.frontier)))
         self._insert_entry(conn, tx, CHECKPOINT_KIND, LOG_ACTOR,
                            checkpoint_entry_data(size, root, self._key_id, signature), ts=cp.ts)
         return cp
@@ -350,17 +412,122 @@ class AuditLog:
 
         ``kind`` is a dotted lowercase event name (``audit.*`` is the log's own), ``actor`` who caused it, ``data`` a
         small JSON object (at most 16 KiB): decisions, ids and SHA-256 digests, never raw model inputs or outputs.
+        Appends from concurrent threads are group-committed: they share one transaction and one fsync, and each
+        returns only once the transaction holding its own entry has committed. A failed group commit raises
+        :class:`AuditCommitError` in every caller of that group and leaves the log as it was before the group.
         """
         check_caller_kind(kind)
         check_actor(actor)
-        canonical = canonical_data({} if data is None else data)  # refuse bad data before taking the lock
-        with self._transaction() as (conn, tx):
-            due = self.checkpoint_every and (tx.size + 1) % self.checkpoint_every == 0
-            if due and tx.frontier is None:  # check what is there before adding to it and signing over it
-                _report, tx.frontier = scan(conn, self._public_key, tx.schema)
-            entry = self._insert_entry(conn, tx, kind, actor, canonical)
-            if due:
-                self._insert_checkpoint(conn, tx)
+        canonical = canonical_data({} if data is None else data)  # refuse bad data before queueing it
+        return self._commit([(kind, actor, canonical)])[0]
+
+    def append_many(self, records: Iterable[tuple[str, str, dict[str, Any] | None]]) -> list[Entry]:
+        """Commit many ``(kind, actor, data)`` entries in one transaction (one fsync), checkpoints included where
+        they fall due; the bulk path (imports, back-fills). Each record is checked as :meth:`append` checks it
+        before anything is written; all of them are on disk when this returns, or none is."""
+        checked = [(check_caller_kind(kind), check_actor(actor), canonical_data({} if data is None else data))
+                   for kind, actor, data in records]
+        return self._commit(checked) if checked else []
+
+    # -- group commit --
+    def _commit(self, records: list[tuple[str, str, tuple[str, dict[str, Any]]]]) -> list[Entry]:
+        """Queue ``records``; the first caller to find no leader leads: it takes everything queued, writes it in
+        one transaction, commits (one fsync), wakes the callers it committed and hands leadership to the next
+        waiter. Callers that find a leader sleep on their own lock until woken, as done or as the next leader."""
+        self._writer()  # a read-only or closed log refuses before queueing
+        waiter = _Waiter(records)
+        with self._queue_lock:
+            self._queue.append(waiter)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            waiter.lock.acquire()  # released by the leader that committed us, or to make us the next leader
+        if lead or waiter.lead:
+            self._lead()
+        if waiter.error is not None:
+            raise _group_error(waiter.error, led=lead or waiter.lead)
+        return waiter.entries
+
+    async def append_async(self, kind: str, actor: str, data: dict[str, Any] | None = None) -> Entry:
+        """:meth:`append` for an event loop: the entry joins the same group commit, led by a committer thread, and
+        the coroutine resumes once it is durable; the loop never blocks on the fsync and no worker thread waits
+        per call. (The server's audit subscriber uses this.)"""
+        check_caller_kind(kind)
+        check_actor(actor)
+        canonical = canonical_data({} if data is None else data)
+        self._writer()
+        waiter = _Waiter([(kind, actor, canonical)], asyncio.get_running_loop())
+        with self._queue_lock:
+            self._queue.append(waiter)
+            lead = not self._leading
+            self._leading = True
+        if lead:
+            self._wake_committer()
+        future = waiter.future
+        if future is None:  # not reached: a waiter made with a loop has a future
+            raise InvalidArgumentError("no event loop to wait on")
+        return (await future)[0]
+
+    def _wake_committer(self) -> None:
+        """Hand leadership of the next group commit to the committer thread (started on first use)."""
+        with self._queue_lock:
+            self._committer_turn = True
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._run_committer, name="edgeshield-audit-commit",
+                                                   daemon=True)
+                self._committer.start()
+        self._committer_wake.release()
+
+    def _run_committer(self) -> None:
+        while True:
+            self._committer_wake.acquire()
+            with self._queue_lock:
+                turn, self._committer_turn = self._committer_turn, False
+            if turn:
+                self._lead()
+            elif self._closing:  # close()'s own wake-up: no leadership came with it
+                return
+
+    def _lead(self) -> None:
+        with self._queue_lock:
+            batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
+        try:
+            with self._transaction() as (conn, tx):
+                for w in batch:
+                    w.entries = [self._append_one(conn, tx, kind, actor, canonical)
+                                 for kind, actor, canonical in w.records]
+        except BaseException as exc:  # noqa: BLE001 - every waiter of the group gets it (typed), then we go on
+            for w in batch:
+                w.entries, w.error = [], exc
+        finally:
+            with self._queue_lock:
+                nxt = self._queue[0] if self._queue else None
+                self._leading = nxt is not None
+            if nxt is not None:  # hand over: to the next thread caller itself, or to the committer thread
+                if nxt.loop is None:
+                    nxt.lead = True
+                    nxt.lock.release()
+                else:
+                    self._wake_committer()
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
+            for w in batch:
+                if w.loop is not None:
+                    by_loop.setdefault(w.loop, []).append(w)
+                elif w.lock.locked():
+                    w.lock.release()
+            for loop, waiters in by_loop.items():  # one wake-up of each loop per group, not one per caller
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+                    loop.call_soon_threadsafe(_resolve, waiters)
+
+    def _append_one(self, conn: sqlite3.Connection, tx: _Tx, kind: str, actor: str,
+                    canonical: tuple[str, dict[str, Any]]) -> Entry:
+        due = self.checkpoint_every and (tx.size + 1) % self.checkpoint_every == 0
+        if due and tx.frontier is None:  # check what is there before adding to it and signing over it
+            _flush(conn, tx)
+            _report, tx.frontier = scan(conn, self._public_key, tx.schema)
+        entry = self._insert_entry(conn, tx, kind, actor, canonical)
+        if due:
+            self._insert_checkpoint(conn, tx)
         return entry
 
     def checkpoint(self) -> Checkpoint:
@@ -459,6 +626,27 @@ class AuditLog:
                 tree_size=report.latest_checkpoint)
         return report
 
+    def verify_from(self, tree_size: int, root: bytes, *, public_key: Ed25519PublicKey,
+                    require_checkpoint: bool = False) -> VerifyReport:
+        """Verify only what was appended after the checkpoint of ``tree_size`` entries whose root is ``root``, in
+        time proportional to the new entries: the stored compact range at that size must fold to ``root``, then
+        the chain, every later checkpoint (signatures against ``public_key``) and its chained entry are checked as
+        :meth:`verify` checks them. ``root`` must come from somewhere the device cannot rewrite — a checkpoint a
+        witness cosigned: use :func:`edgeshield.audit.verify_from_witnessed`, which checks that first."""
+        if not isinstance(public_key, Ed25519PublicKey):
+            raise KeyMaterialError(f"the checkpoint key must be an Ed25519 public key, got {type(public_key).__name__}")
+        with self._reader() as conn:
+            schema = _store.check_schema(conn, self.path)
+            if schema < SCHEMA_VERSION:
+                raise InvalidArgumentError(f"{self.path} is a schema {schema} log: verify the whole log instead")
+            report, _ = scan_from(conn, public_key, tree_size, root)
+        if require_checkpoint and report.uncovered:
+            raise AuditUncoveredError(
+                f"{report.uncovered} of {report.entries} entries are not covered by any checkpoint (from entry "
+                f"{report.covered}): they are protected by the hash chain only", reason="uncovered",
+                seq=report.covered, tree_size=report.latest_checkpoint)
+        return report
+
     def inclusion_proof(self, seq: int, tree_size: int | None = None) -> InclusionProof:
         """Proof that entry ``seq`` is in the tree of the first ``tree_size`` entries (default: all of them)."""
         with self._reader() as conn:
@@ -503,6 +691,30 @@ class AuditLog:
 
 
 # --- private helpers ----------------------------------------------------------------------------------------------
+def _group_error(exc: BaseException, *, led: bool) -> BaseException:
+    """What one caller of a failed group commit raises. An integrity fault found while checkpointing: its own copy
+    of that error (same type and fields; the cause is the original). An interrupt: the original, for the caller
+    that led, and AuditCommitError for the others. Anything else (SQLite, I/O, the log closed): AuditCommitError."""
+    if isinstance(exc, AuditIntegrityError):
+        copy = type(exc).__new__(type(exc))
+        copy.args = exc.args
+        copy.__dict__.update(exc.__dict__)
+        copy.__cause__ = exc
+        return copy
+    if led and not isinstance(exc, Exception):
+        return exc
+    err = AuditCommitError(f"audit entries not committed: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _flush(conn: sqlite3.Connection, tx: _Tx) -> None:
+    """INSERT the entry rows the transaction has built so far, in one executemany."""
+    if tx.rows:
+        conn.executemany(f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", tx.rows)
+        tx.rows.clear()
+
+
 def _covers_all(conn: sqlite3.Connection, tree_size: int, size: int) -> bool:
     """Does the checkpoint at ``tree_size`` cover a log of ``size`` entries (itself, or its own entry last)?"""
     if tree_size == size:

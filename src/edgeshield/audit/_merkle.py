@@ -24,8 +24,12 @@ __all__ = [
     "Frontier",
     "consistency_proof",
     "consistency_proof_from_hashes",
+    "decode_frontier",
+    "encode_frontier",
     "frontier_append",
+    "frontier_push",
     "frontier_root",
+    "frontier_sizes",
     "inclusion_proof",
     "inclusion_proof_from_hashes",
     "leaf_hash",
@@ -82,12 +86,17 @@ def root(leaves: Sequence[bytes]) -> bytes:
 def frontier_append(frontier: Frontier, leaf_hash_: bytes) -> Frontier:
     """The frontier after appending one leaf (given by its leaf hash)."""
     stack = list(frontier)
+    frontier_push(stack, leaf_hash_)
+    return tuple(stack)
+
+
+def frontier_push(stack: list[tuple[int, bytes]], leaf_hash_: bytes) -> None:
+    """:func:`frontier_append` in place, on a frontier held as a list (the bulk paths: no tuple per leaf)."""
     size, h = 1, leaf_hash_
     while stack and stack[-1][0] == size:
         left_size, left = stack.pop()
-        size, h = left_size + size, node_hash(left, h)
+        size, h = left_size + size, hashlib.sha256(b"\x01" + left + h).digest()
     stack.append((size, h))
-    return tuple(stack)
 
 
 def frontier_root(frontier: Frontier) -> bytes:
@@ -98,6 +107,25 @@ def frontier_root(frontier: Frontier) -> bytes:
     for _, h in reversed(frontier[:-1]):
         acc = node_hash(h, acc)
     return acc
+
+
+def frontier_sizes(tree_size: int) -> tuple[int, ...]:
+    """The subtree sizes of a tree of ``tree_size`` leaves: its binary digits, largest first."""
+    return tuple(1 << b for b in range(tree_size.bit_length() - 1, -1, -1) if tree_size >> b & 1)
+
+
+def encode_frontier(frontier: Frontier) -> bytes:
+    """The compact range as stored: its subtree hashes concatenated (the sizes follow from the tree size)."""
+    return b"".join(h for _, h in frontier)
+
+
+def decode_frontier(tree_size: int, blob: bytes) -> Frontier | None:
+    """The frontier of a tree of ``tree_size`` leaves from :func:`encode_frontier`'s bytes; None when they cannot
+    be one (wrong length). Whether it is the *right* one is the caller's check against a signed root."""
+    sizes = frontier_sizes(tree_size)
+    if not isinstance(blob, bytes) or len(blob) != HASH_SIZE * len(sizes):
+        return None
+    return tuple((size, blob[i * HASH_SIZE:(i + 1) * HASH_SIZE]) for i, size in enumerate(sizes))
 
 
 # --- inclusion ----------------------------------------------------------------------------------------------------

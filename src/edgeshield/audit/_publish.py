@@ -215,6 +215,7 @@ class AgainstReport:
     root: bytes
     cosigned_by: tuple[str, ...]  # witnesses whose cosignature was verified
     cosigned_at: tuple[int, ...]  # their timestamps (POSIX seconds)
+    incremental: bool = False  # only the entries after the witnessed checkpoint were read (verify_from_witnessed)
 
     @property
     def witness_checked(self) -> bool:
@@ -223,7 +224,8 @@ class AgainstReport:
     def to_dict(self) -> dict[str, Any]:
         return {**self.verified.to_dict(), "witnessed_size": self.tree_size, "witnessed_root": self.root.hex(),
                 "extends_witnessed": True, "cosigned_by": list(self.cosigned_by),
-                "cosigned_at": list(self.cosigned_at), "witness_checked": self.witness_checked}
+                "cosigned_at": list(self.cosigned_at), "witness_checked": self.witness_checked,
+                "incremental": self.incremental}
 
 
 def verify_against(log: AuditLog, note: str | bytes, *, public_key: Ed25519PublicKey,
@@ -261,3 +263,35 @@ def verify_against(log: AuditLog, note: str | bytes, *, public_key: Ed25519Publi
             f"the witnessed checkpoint at tree size {size} is newer than the log's newest checkpoint "
             f"({report.latest_checkpoint}): checkpoints were removed", reason="checkpoint-removed", tree_size=size)
     return AgainstReport(report, size, body.root, tuple(n for n, _ in cosigned), tuple(t for _, t in cosigned))
+
+
+def verify_from_witnessed(log: AuditLog, note: str | bytes, *, public_key: Ed25519PublicKey,
+                          witness_keys: Sequence[Vkey], require_checkpoint: bool = False) -> AgainstReport:
+    """Verify only what the log gained since a witness cosigned ``note``: cost proportional to the new entries.
+
+    The starting point is trusted only because someone off the device vouches for it: ``note`` must be this log's
+    checkpoint, signed by the device key and cosigned by at least one of ``witness_keys`` (a marker the device keeps
+    by itself could be rewritten with the log). The compact range stored at its size must fold to its root; then
+    the new entries, the chain and every later checkpoint are checked (:meth:`AuditLog.verify_from`). Entries
+    below the witnessed size are not re-read: the witnessed root commits to them, and a full ``verify`` still
+    checks them. Raises :class:`NoteSignatureError` for an unwitnessed or forged note,
+    :class:`AuditCompactRangeError` when the stored range does not match the signed root.
+    """
+    cosigners = [k for k in witness_keys if k.sig_type == SIG_COSIGNATURE_V1]
+    if not cosigners:
+        raise InvalidArgumentError("incremental verification starts only from a witness-cosigned checkpoint: give "
+                                   "the witness's cosignature key (--witness-key)")
+    parsed = parse_note(note)
+    body = parse_checkpoint(parsed.text)
+    origin = origin_for(key_id(public_key))
+    if body.origin != origin:
+        raise InvalidArgumentError(f"the checkpoint is for log {body.origin!r}, not this log ({origin})")
+    verify_note(parsed, [log_vkey(public_key)])
+    checked = verify_note(parsed, cosigners)
+    report = log.verify_from(body.tree_size, body.root, public_key=public_key, require_checkpoint=require_checkpoint)
+    if report.entries < body.tree_size:  # not reached: scan_from needs entry tree_size - 1; kept as the rule
+        raise AuditNotExtendedError(f"the log has {report.entries} entries but the witnessed checkpoint covers "
+                                    f"{body.tree_size}", reason="cut-back", seq=report.entries,
+                                    tree_size=body.tree_size)
+    return AgainstReport(report, body.tree_size, body.root, tuple(v.vkey.name for v in checked),
+                         tuple(v.timestamp or 0 for v in checked), incremental=True)

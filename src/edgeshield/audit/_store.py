@@ -46,6 +46,14 @@ SCHEMA = (
     f"PRAGMA application_id={APPLICATION_ID}",
     f"PRAGMA user_version={SCHEMA_VERSION}",
 )
+# The Merkle compact range (RFC 9162 intermediate state: the frontier's subtree roots, largest first, 32 bytes each)
+# at each checkpoint's tree size. Not trusted by itself: incremental verification uses one only after checking it
+# folds to a witness-cosigned root. Created on every writer open, so logs from before it gain it.
+COMPACT_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS compact_ranges (tree_size INTEGER PRIMARY KEY, hashes BLOB NOT NULL)",
+    f"CREATE TRIGGER IF NOT EXISTS compact_ranges_no_update BEFORE UPDATE ON compact_ranges {_APPEND_ONLY}",
+    f"CREATE TRIGGER IF NOT EXISTS compact_ranges_no_delete BEFORE DELETE ON compact_ranges {_APPEND_ONLY}",
+)
 
 
 def _damaged(path: Path, what: str) -> AuditIntegrityError:

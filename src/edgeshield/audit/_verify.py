@@ -36,7 +36,7 @@ from edgeshield.audit._format import (
     chain_hash,
     checkpoint_entry_data,
     checkpoint_text,
-    entry_leaf,
+    entry_leaf_text,
     key_id,
     origin_for,
 )
@@ -44,6 +44,7 @@ from edgeshield.errors import (
     AuditChainError,
     AuditCheckpointError,
     AuditCheckpointLinkError,
+    AuditCompactRangeError,
     AuditSignatureError,
     AuditTruncatedError,
     AuditWrongKeyError,
@@ -114,28 +115,36 @@ def _is_hash(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == 32
 
 
-def _row_problem(row: tuple[Any, ...]) -> str | None:
+def _row_problem(row: tuple[Any, ...]) -> tuple[str | None, Any]:
+    """What is wrong with a stored row's form (None when nothing), and its data decoded."""
     _seq, ts, kind, actor, data, prev, h = row
-    if not all(isinstance(v, str) for v in (ts, kind, actor, data)):
-        return "a text column holds a non-text value"
+    if not (isinstance(ts, str) and isinstance(kind, str) and isinstance(actor, str) and isinstance(data, str)):
+        return "a text column holds a non-text value", None
     if not (_is_hash(prev) and _is_hash(h)):
-        return "a hash column is not a 32-byte blob"
+        return "a hash column is not a 32-byte blob", None
     try:
         parsed = json.loads(data)
     except ValueError:
-        return "its data is not JSON"
+        return "its data is not JSON", None
     if canonical_json(parsed) != data:
-        return "its data is not in canonical form"
-    return None
+        return "its data is not in canonical form", None
+    return None, parsed
 
 
 class _Scan:
     """State of one pass over the log; ``run`` raises at the first fault."""
 
-    def __init__(self, conn: sqlite3.Connection, public_key: Ed25519PublicKey | None, schema: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, public_key: Ed25519PublicKey | None, schema: int,
+                 start: int = 0, frontier: _merkle.Frontier = (), prev_hash: bytes = GENESIS_HASH) -> None:
         self.conn, self.public_key, self.schema = conn, public_key, schema
+        # An incremental scan starts at entry ``start`` with the Merkle frontier and chain hash of the entries
+        # before it (taken from a witnessed checkpoint: ``scan_from``); a full scan starts at 0 from nothing.
+        self.start, self.prev_hash = start, prev_hash
         self.want_kid = key_id(public_key) if public_key is not None else None
-        self.cps = [tuple(r) for r in conn.execute(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size")]
+        # A full scan reads every row, even ones with a negative number (inserted to confuse the order).
+        low = start if start else -(1 << 62)
+        self.cps = [tuple(r) for r in conn.execute(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE tree_size >= ? ORDER BY tree_size", (low,))]
         for cp in self.cps:
             if isinstance(cp[0], bool) or not isinstance(cp[0], int) or cp[0] < 0:
                 raise AuditCheckpointError(f"checkpoint with invalid tree size {cp[0]!r}",
@@ -143,12 +152,13 @@ class _Scan:
         # Rows at or below this tree size may lack a chained entry (schema 1, or before a migration).
         self.legacy_limit = 1 << 62 if schema < 2 else -1
         if schema >= 2:
-            row = conn.execute("SELECT min(seq) FROM entries WHERE kind = ?", (MIGRATED_KIND,)).fetchone()
+            row = conn.execute("SELECT min(seq) FROM entries WHERE seq >= ? AND kind = ?",
+                               (low, MIGRATED_KIND)).fetchone()
             if row[0] is not None:
                 self.legacy_limit = int(row[0])
         self.ci = 0
-        self.frontier: _merkle.Frontier = ()
-        self.anchored = 0  # tree size of the last checkpoint found good
+        self.frontier: _merkle.Frontier = frontier
+        self.anchored = start  # tree size of the last checkpoint found good
         self.pending: tuple[Any, ...] | None = None  # checkpoint row at tree size == next seq, awaiting its entry
         self.last_cp_entry = -1
         self.legacy = 0
@@ -194,29 +204,37 @@ class _Scan:
         self.pending = None
 
     def run(self) -> tuple[VerifyReport, _merkle.Frontier]:
-        self.check_rows(0)
-        expected, prev_hash, prev_row = 0, GENESIS_HASH, None
-        for row in self.conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY seq"):
+        self.check_rows(self.start)
+        expected, prev_hash, prev_row = self.start, self.prev_hash, None
+        stack = list(self.frontier)  # the frontier, grown in place (a tuple per entry would cost O(log n) each)
+        push, leaf_hash, special = _merkle.frontier_push, _merkle.leaf_hash, (CHECKPOINT_KIND, MIGRATED_KIND)
+        next_cp = self.cps[self.ci][0] if self.ci < len(self.cps) else -1
+        for row in self.conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE seq >= ? ORDER BY seq",
+                                     (self.start if self.start else -(1 << 62),)):
             seq = row[0]
             if seq != expected:
                 if isinstance(seq, int) and seq > expected:
                     raise AuditChainError(f"entry {expected} is missing (the next stored entry is {seq})",
                                           reason="missing", seq=expected)
                 raise AuditChainError(f"unexpected entry {seq} before entry {expected}", reason="inserted", seq=seq)
-            problem = _row_problem(row)
+            problem, parsed = _row_problem(row)
             if problem:
                 raise AuditChainError(f"entry {seq} is malformed: {problem}", reason="malformed", seq=seq)
             _, ts, kind, actor, data, stored_prev, stored_hash = row
-            parsed = json.loads(data)
-            leaf = entry_leaf(seq, ts, kind, actor, parsed)
+            leaf = entry_leaf_text(seq, ts, kind, actor, data)  # data is canonical: the same bytes as entry_leaf
             if stored_prev != prev_hash:
                 raise _link_error(seq, row, leaf, prev_row)
             if chain_hash(prev_hash, leaf) != stored_hash:
                 raise AuditChainError(f"entry {seq} does not match its hash (edited entry)", reason="edited", seq=seq)
-            self.link(seq, ts, kind, actor, parsed)
-            self.frontier = _merkle.frontier_append(self.frontier, _merkle.leaf_hash(leaf))
+            if self.pending is not None or kind in special or self.migration_cp_at == seq or self.schema < 2:
+                self.link(seq, ts, kind, actor, parsed)
+            push(stack, leaf_hash(leaf))
             prev_hash, prev_row, expected = stored_hash, row, expected + 1
-            self.check_rows(expected)
+            if expected == next_cp:
+                self.frontier = tuple(stack)
+                self.check_rows(expected)
+                next_cp = self.cps[self.ci][0] if self.ci < len(self.cps) else -1
+        self.frontier = tuple(stack)
         if self.migration_cp_at == expected:
             raise AuditCheckpointLinkError("the log ends before the checkpoint that seals its schema migration",
                                            reason="migration-unsealed", seq=expected, tree_size=expected)
@@ -246,6 +264,41 @@ def scan(conn: sqlite3.Connection, public_key: Ed25519PublicKey | None,
          schema: int = SCHEMA_VERSION) -> tuple[VerifyReport, _merkle.Frontier]:
     """Walk every entry and checkpoint once, in order; raise at the first fault, else report."""
     return _Scan(conn, public_key, schema).run()
+
+
+def scan_from(conn: sqlite3.Connection, public_key: Ed25519PublicKey, tree_size: int,
+              root: bytes) -> tuple[VerifyReport, _merkle.Frontier]:
+    """Verify only the entries from ``tree_size`` on, starting from the compact range stored at that size, which
+    must fold to ``root`` (the caller's witnessed, signed root): then it *is* that tree's frontier, unless SHA-256
+    has a collision, and every later checkpoint root is recomputed over it and the new entries.
+
+    The entries below ``tree_size`` are not read again: the witnessed root commits to them. Raises
+    :class:`AuditCompactRangeError` when the stored range is missing or does not fold to ``root``, else the
+    first fault as :func:`scan` does. The report's ``checkpoints`` counts the checkpoints checked (from
+    ``tree_size`` on).
+    """
+    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'compact_ranges'").fetchone()
+    row = conn.execute("SELECT hashes FROM compact_ranges WHERE tree_size = ?", (tree_size,)).fetchone() \
+        if has_table else None
+    if row is None:
+        raise AuditCompactRangeError(
+            f"no compact range is stored for tree size {tree_size} (a checkpoint written before compact ranges, or "
+            "the row was removed): verify the whole log instead", reason="no-compact-range", tree_size=tree_size)
+    frontier = _merkle.decode_frontier(tree_size, row[0])
+    if frontier is None or _merkle.frontier_root(frontier) != root:
+        raise AuditCompactRangeError(
+            f"the compact range stored for tree size {tree_size} does not fold to the witnessed root: it was "
+            "altered, or the log was rewritten under the witnessed checkpoint", reason="compact-range-mismatch",
+            tree_size=tree_size)
+    prev_hash = GENESIS_HASH
+    if tree_size:
+        prev = conn.execute("SELECT entry_hash FROM entries WHERE seq = ?", (tree_size - 1,)).fetchone()
+        if prev is None or not _is_hash(prev[0]):
+            raise AuditTruncatedError(f"entry {tree_size - 1}, the last one the witnessed checkpoint covers, is "
+                                      "missing or malformed", reason="truncated", seq=tree_size - 1,
+                                      tree_size=tree_size)
+        prev_hash = bytes(prev[0])
+    return _Scan(conn, public_key, SCHEMA_VERSION, tree_size, frontier, prev_hash).run()
 
 
 def _link_error(seq: int, row: tuple[Any, ...], leaf: bytes, prev_row: tuple[Any, ...] | None) -> AuditChainError:

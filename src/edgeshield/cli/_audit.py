@@ -116,6 +116,13 @@ def verify(
         str | None, typer.Option("--witness", metavar="URL", help="Fetch the witness's view of this log and prove "
                                                                   "the log extends it. Needs --checkpoint-key, --ca.")
     ] = None,
+    from_witnessed: Annotated[
+        Path | None,
+        typer.Option("--from-witnessed", metavar="NOTE",
+                     help="Verify only the entries after this witness-cosigned checkpoint note (as `audit publish "
+                          "--out` writes it), from the compact range stored there: time proportional to the new "
+                          "entries. Needs --checkpoint-key and --witness-key."),
+    ] = None,
     witness_key: WitnessKeyOpt = None,
     ca: CaOpt = None,
     cert: CertOpt = None,
@@ -127,6 +134,29 @@ def verify(
     """Recompute the chain and every checkpoint; say how many entries no checkpoint covers; exit 3 on tampering."""
     public_key = audit.load_verify_key(checkpoint_key) if checkpoint_key is not None else None
     log = audit.AuditLog(db, readonly=True)
+    if from_witnessed is not None:
+        if against is not None or witness is not None:
+            raise InvalidArgumentError("give --from-witnessed alone, not with --against or --witness")
+        if public_key is None or not witness_key:
+            raise InvalidArgumentError("--from-witnessed needs --checkpoint-key (the device key) and --witness-key "
+                                       "(the witness whose cosignature makes the starting point trustworthy)")
+        from edgeshield._io import check_readable_file
+
+        note = check_readable_file(from_witnessed, what="checkpoint note").read_bytes()
+        result = audit.verify_from_witnessed(log, note, public_key=public_key, witness_keys=_witness_keys(witness_key),
+                                             require_checkpoint=require_checkpoint)
+        if as_json:
+            emit_json({**result.to_dict(), "from_witnessed": str(from_witnessed)})
+            return
+        for line in _report_lines(result.verified):
+            console.print(line, markup=False)
+        console.print(f"  incremental: entries {result.tree_size}..{result.verified.entries - 1} checked from the "
+                      f"compact range at the witnessed checkpoint (tree size {result.tree_size}); the entries "
+                      "before it are committed by its root, not re-read", markup=False)
+        for name, ts in zip(result.cosigned_by, result.cosigned_at, strict=True):
+            when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            console.print(f"  starting checkpoint cosigned by witness {name} at {when}", markup=False)
+        return
     if against is None and witness is None:
         report = log.verify(public_key=public_key, require_checkpoint=require_checkpoint)
         if as_json:

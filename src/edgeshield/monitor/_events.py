@@ -208,7 +208,8 @@ class SecurityEvent:
 
 
 class Subscriber(Protocol):
-    """Handles events. ``durable`` ones are waited for; the others must be quick and thread-safe."""
+    """Handles events. ``durable`` ones are waited for; the others must be quick and thread-safe. A durable one may
+    also offer ``async def handle_async(event)``, which ``emit`` awaits on the loop instead of a thread hop."""
 
     durable: bool
 
@@ -255,13 +256,19 @@ class EventStream:
             s.handle(event)
 
     async def emit(self, event: SecurityEvent) -> None:
-        """From the event loop: immediate subscribers now, then the durable ones in a worker thread, awaited."""
+        """From the event loop: immediate subscribers now, then the durable ones, awaited: a subscriber with a
+        ``handle_async`` coroutine (the audit log's group commit) on the loop itself, any other in a worker thread."""
         self._notify(event)
         if self._durable and event.info.audit != "none":
             if event.info.audit == "aggregate":
                 self._persist(event)  # counting only: cheap, no I/O on the loop
-            else:
-                await asyncio.to_thread(self._persist, event)
+                return
+            for s in self._durable:
+                handle_async = getattr(s, "handle_async", None)
+                if handle_async is not None:
+                    await handle_async(event)
+                else:
+                    await asyncio.to_thread(s.handle, event)
 
     def publish(self, event: SecurityEvent) -> None:
         """From a thread (a watcher, the CRL poller) or for an ``aggregate`` kind on the loop: synchronously.

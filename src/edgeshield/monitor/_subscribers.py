@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,6 +52,18 @@ class AuditSubscriber:
                     self._thread.start()
             return
         self.sink.append(event.kind, event.actor, dict(event.data))
+
+    async def handle_async(self, event: SecurityEvent) -> None:
+        """An ``entry`` event from the loop: it joins the log's group commit and this returns once it is durable;
+        a sink without ``append_async`` is called in a worker thread, as before."""
+        if event.info.audit == "aggregate":
+            self.handle(event)
+            return
+        append_async = getattr(self.sink, "append_async", None)
+        if append_async is None:
+            await asyncio.to_thread(self.sink.append, event.kind, event.actor, dict(event.data))
+        else:
+            await append_async(event.kind, event.actor, dict(event.data))
 
     def flush(self) -> None:
         with self._lock:
