@@ -67,7 +67,9 @@ def test_digits_round_trip_matches_plain_model(tmp_path: Path, keyset: KeySet, d
     import hashlib
 
     assert m.model_sha256 == hashlib.sha256(digits_model.read_bytes()).hexdigest()
-    assert m.image.weights_size > 0 and m.recipient_key_ids == [keys.key_id(keyset.device_pub)]
+    # version 2: the weights stay inside the one self-contained graph, which the device streams into ONNX Runtime
+    assert m.format_version == 2 and m.image.weights_size == 0
+    assert m.recipient_key_ids == [keys.key_id(keyset.device_pub)]
 
 
 def test_plaintext_sizes_around_the_chunk_size(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
@@ -228,10 +230,10 @@ def test_non_recipient_device_gets_a_key_error(
 
 def test_unknown_format_version(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
     data = bytearray(_bundle_bytes(tmp_path, keyset, tiny_model))
-    data[8:10] = struct.pack(">H", 2)
-    (tmp_path / "v2.esb").write_bytes(bytes(data))
+    data[8:10] = struct.pack(">H", 3)
+    (tmp_path / "v3.esb").write_bytes(bytes(data))
     assert all(isinstance(e, UnsupportedFormatVersionError) and e.exit_code == 2
-               for e in _rejected(tmp_path / "v2.esb", keyset))
+               for e in _rejected(tmp_path / "v3.esb", keyset))
 
 
 def test_not_a_bundle_empty_directory_and_missing(tmp_path: Path, keyset: KeySet, tiny_model: Path) -> None:
@@ -375,10 +377,14 @@ def test_signed_but_invalid_manifest_values(
         bundles.verify(_resign(tmp_path, keyset, d, payload, "v.esb"), keyset.owner_pub)
 
 
+@pytest.mark.parametrize(("version", "device_error"), [(1, PayloadDigestError), (2, ChunkAuthenticationError)])
 def test_a_recipient_that_knows_the_data_key_cannot_swap_the_model_for_another(
-    tmp_path: Path, keyset: KeySet, tiny_model: Path
+    tmp_path: Path, keyset: KeySet, tiny_model: Path, version: int, device_error: type[Exception]
 ) -> None:
-    """Insider attack: device A re-encrypts a chunk with the shared data key (valid GCM tags); B must refuse it."""
+    """Insider attack: device A re-encrypts a chunk with the shared data key (valid GCM tags); B must refuse it.
+
+    Version 1 refuses it at the payload MAC, after the pass; version 2 at that chunk's own signed MAC.
+    """
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from edgeshield.bundles import _wrap
@@ -388,6 +394,7 @@ def test_a_recipient_that_knows_the_data_key_cannot_swap_the_model_for_another(
     bundles.protect(
         tiny_model, tmp_path / "m.esb", signing_key=keyset.owner_priv,
         recipients=[keyset.device_pub, keys.load_device_public_key(device_b.public_path)], chunk_size=64,
+        format_version=version,
     )
     manifest_raw, signature, payload = _split((tmp_path / "m.esb").read_bytes())
     m = _format.decode_manifest(manifest_raw)
@@ -400,8 +407,8 @@ def test_a_recipient_that_knows_the_data_key_cannot_swap_the_model_for_another(
     plain = bytearray(aead.decrypt(_stream.nonce(n - 1, True), payload[start:], bytes.fromhex(m.bundle_id)))
     plain[0] ^= 0xFF
     forged = payload[:start] + aead.encrypt(_stream.nonce(n - 1, True), bytes(plain), bytes.fromhex(m.bundle_id))
-    (tmp_path / "forged.esb").write_bytes(_format.encode_header(manifest_raw, signature) + forged)
-    with pytest.raises(PayloadDigestError):
+    (tmp_path / "forged.esb").write_bytes(_format.encode_header(manifest_raw, signature, version) + forged)
+    with pytest.raises(device_error):
         bundles.open_session(tmp_path / "forged.esb", keyset.owner_pub, b_priv)
     with pytest.raises(PayloadDigestError):
         bundles.verify(tmp_path / "forged.esb", keyset.owner_pub)
@@ -431,7 +438,11 @@ def test_check_digest_pins_the_file_even_against_the_owner(tmp_path: Path, keyse
     _, mac = _stream.process_payload(None, bid, m.plaintext_size, m.chunk_size, lambda o, k: other[o : o + k],
                                      mac_key=mac_key, digest=False)
     assert mac is not None
-    forged = dataclasses.replace(m, recipients=(dataclasses.replace(m.recipients[0], payload_mac=mac.hex()),))
+    gmac = AESGCM(mac_key)
+    step = m.chunk_size + _stream.TAG_SIZE
+    tags = b"".join(_stream.chunk_mac(gmac, i, i == n - 1, other[i * step : (i + 1) * step]) for i in range(n))
+    forged = dataclasses.replace(m, recipients=(dataclasses.replace(m.recipients[0], payload_mac=mac.hex(),
+                                                                    chunk_macs=tags),))
     path = _resign(tmp_path, keyset, forged.to_dict(), other, "equivocal.esb")
     bundles.open_session(path, keyset.owner_pub, keyset.device_priv)  # the owner's MAC vouches for it
     with pytest.raises(PayloadDigestError):

@@ -53,6 +53,7 @@ TOP_LEVEL_FIELDS = {
     "plaintext_sha256", "plaintext_size", "recipients", "signer_key_id",
 }  # fmt: skip
 RECIPIENT_FIELDS = {"key_id", "payload_mac", "wrapped_key"}
+RECIPIENT_FIELDS_V2 = RECIPIENT_FIELDS | {"chunk_macs"}  # section 4.2: version 2 adds the per-chunk MAC tags
 
 
 class ReaderError(Exception):
@@ -84,7 +85,7 @@ def parse_container(data: bytes) -> Parsed:
     if len(data) < PREFIX_SIZE:
         raise ReaderError("Truncated", "header")
     version, m_len = struct.unpack(">HI", data[8:14])
-    if version != 1:
+    if version not in (1, 2):
         raise ReaderError("UnsupportedFormatVersion", str(version))
     if not 1 <= m_len <= MAX_MANIFEST_SIZE:
         raise ReaderError("Malformed", "manifest length")
@@ -124,7 +125,7 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         raise ReaderError("Malformed", "wrong field set")
     if m["format"] != "edgeshield.bundle":
         raise ReaderError("Malformed", "format")
-    if m["format_version"] != 1:
+    if m["format_version"] not in (1, 2):
         raise ReaderError("UnsupportedFormatVersion", "manifest")
     if (m["aead"] != "AES-256-GCM-STREAM-v1"
             or m["key_wrap"] != "HPKE-Base/DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"):
@@ -150,8 +151,17 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     if not isinstance(recipients, list) or not recipients:
         raise ReaderError("Malformed", "recipients")
     for r in recipients:
-        if not isinstance(r, dict) or set(r) != RECIPIENT_FIELDS:
+        if not isinstance(r, dict) or set(r) != (RECIPIENT_FIELDS_V2 if m["format_version"] == 2 else RECIPIENT_FIELDS):
             raise ReaderError("Malformed", "recipient fields")
+        if m["format_version"] == 2:
+            try:
+                tags = base64.b64decode(r["chunk_macs"], validate=True)
+            except (ValueError, TypeError):
+                raise ReaderError("Malformed", "chunk_macs is not base64") from None
+            if len(tags) != TAG * chunk_count(m["plaintext_size"], m["chunk_size"]):
+                raise ReaderError("Malformed", "chunk_macs length")
+            if hashlib.sha256(tags).hexdigest() != r["payload_mac"]:
+                raise ReaderError("Malformed", "chunk_macs do not hash to payload_mac")
         if not is_hex(r["key_id"], 16) or not is_hex(r["payload_mac"], 64) or not isinstance(r["wrapped_key"], str):
             raise ReaderError("Malformed", "recipient values")
         try:
@@ -257,6 +267,8 @@ def device_open(
 ) -> tuple[dict[str, Any], bytes]:
     """Steps 1-13 and 15-18 (step 14 only if asked: MAY): returns (manifest, plaintext image)."""
     p, m = authenticate(data, owner)
+    if m["format_version"] != struct.unpack(">H", p.prefix[8:10])[0]:
+        raise ReaderError("Malformed", "manifest and header versions differ")
     my_id = spec_key_id(device.public_key())
     stanza = next((r for r in m["recipients"] if r["key_id"] == my_id), None)
     if stanza is None:
@@ -267,6 +279,13 @@ def device_open(
     if not hmac.compare_digest(commitment, m["data_key_commitment"]):
         raise ReaderError("KeyCommitment", "unwrapped data key does not match the manifest's commitment")
     chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
+    if m["format_version"] == 2:  # section 8.3: every chunk's own tag, before anything of it is used
+        tags = base64.b64decode(stanza["chunk_macs"])
+        gmac = AESGCM(mac_key)
+        for i, c in enumerate(chunks):
+            if not hmac.compare_digest(gmac.encrypt(stream_nonce(i, i == len(chunks) - 1), b"", c),
+                                       tags[i * TAG : (i + 1) * TAG]):
+                raise ReaderError("ChunkAuthentication", f"chunk {i} does not match this device's chunk MAC")
     plaintext = decrypt_stream(data_key, bundle_id, chunks)
     assert len(plaintext) == m["plaintext_size"]
     if not hmac.compare_digest(payload_mac(mac_key, chunks), stanza["payload_mac"]):
@@ -320,7 +339,9 @@ def device_b_key(keydir: Path) -> x25519.X25519PrivateKey:
     return keys.load_device_private_key(keydir / "device-b.key")
 
 
-def _make_bundle(keydir: Path, out: Path, chunk_size: int, devices: tuple[str, ...] = ("device",)) -> bytes:
+def _make_bundle(keydir: Path, out: Path, chunk_size: int, devices: tuple[str, ...] = ("device",),
+                 format_version: int = 1) -> bytes:
+    """A bundle of the digits model; version 1 (what earlier releases wrote, still read) unless asked."""
     bundles.protect(
         models.digits_model_path(),
         out,
@@ -329,6 +350,7 @@ def _make_bundle(keydir: Path, out: Path, chunk_size: int, devices: tuple[str, .
         model_version=7,
         metadata={"name": "digits"},
         chunk_size=chunk_size,
+        format_version=format_version,
     )
     return out.read_bytes()
 
@@ -552,3 +574,40 @@ def test_independent_reader_rejects_another_recipients_payload_mac(
     original = write_container(json.loads(p.manifest_raw), p.payload, keys.load_owner_private_key(keydir / "owner.key"))
     device_open(original, owner_pub, device_b_key, check_digest=True)
     assert _reference_device_error(original, keydir, "device-b", tmp_path) is None
+
+
+# --- version 2: per-chunk MACs, one self-contained model ---------------------------------------------------------
+def test_independent_reader_opens_a_version_2_bundle(keydir: Path, owner_pub: Any, device_key: Any,
+                                                     tmp_path: Path) -> None:
+    data = _make_bundle(keydir, tmp_path / "v2.esb", 4096, format_version=2)
+    assert data[8:10] == b"\x00\x02"
+    manifest, plaintext = device_open(data, owner_pub, device_key, check_digest=True)
+    img = manifest["image"]
+    assert manifest["format_version"] == 2 and img["weights_size"] == 0  # the graph is the whole model
+    assert list(manifest["recipients"][0]) == ["chunk_macs", "key_id", "payload_mac", "wrapped_key"]
+    x = models.load_digits_split().x_test[:20]
+    got = ort.InferenceSession(plaintext[: img["graph_size"]], providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    want = ort.InferenceSession(str(models.digits_model_path()), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    np.testing.assert_array_equal(got[0], want[0])
+    assert _reference_device_error(data, keydir, "device", tmp_path) is None
+
+
+def test_independent_reader_v2_chunk_resealed_by_another_recipient_fails_its_chunk_mac(
+    keydir: Path, owner_pub: Any, device_key: Any, device_b_key: Any, tmp_path: Path
+) -> None:
+    data = _make_bundle(keydir, tmp_path / "v2two.esb", 4096, devices=("device", "device-b"), format_version=2)
+    p, m = gateway_verify(data, owner_pub)
+    stanza = next(r for r in m["recipients"] if r["key_id"] == spec_key_id(device_key.public_key()))
+    bundle_id = bytes.fromhex(m["bundle_id"])
+    data_key, _ = unwrap_secret(stanza, device_key, bundle_id)
+    chunks = sealed_chunks(p.payload, m["plaintext_size"], m["chunk_size"])
+    plain = bytearray(AESGCM(data_key).decrypt(stream_nonce(0, False), chunks[0], bundle_id))
+    plain[-1] ^= 1
+    chunks[0] = AESGCM(data_key).encrypt(stream_nonce(0, False), bytes(plain), bundle_id)
+    forged = data[: len(data) - len(p.payload)] + b"".join(chunks)
+    with pytest.raises(ReaderError) as exc:
+        device_open(forged, owner_pub, device_b_key)
+    assert exc.value.kind == "ChunkAuthentication"
+    assert _reference_device_error(forged, keydir, "device-b", tmp_path) == "ChunkAuthenticationError"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgeshield._io import atomic_writer, check_readable_file
 from edgeshield._progress import ProgressCallback, report
-from edgeshield.bundles import _format, _modelio, _stream, _wrap
+from edgeshield.bundles import _format, _modelio, _session, _stream, _wrap
 from edgeshield.errors import (
     InvalidArgumentError,
     KeyCommitmentError,
@@ -30,7 +30,6 @@ from edgeshield.errors import (
     SignatureError,
     TrailingDataError,
     TruncatedBundleError,
-    UnsupportedModelError,
     WrongOwnerKeyError,
 )
 from edgeshield.keys import DevicePrivateKey, DevicePublicKey, OwnerPrivateKey, OwnerPublicKey, key_id
@@ -54,13 +53,37 @@ class OpenBundle:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
+class _FileReader:
+    """``ReadAt`` over one open descriptor (``os.pread``, safe from several threads), which can also read into a
+    caller's buffer (``os.preadv``) so that the streamed open allocates nothing per chunk."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __call__(self, offset: int, n: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def into(self, offset: int, view: memoryview) -> int:
+        if not hasattr(os, "preadv"):  # not on Windows or macOS before 11
+            data = os.pread(self.fd, len(view), offset)
+            view[: len(data)] = data
+            return len(data)
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:  # end of file
+                break
+            got += n
+        return got
+
+
 @contextlib.contextmanager
 def _open_for_read(path: PathLike) -> Iterator[tuple[_stream.ReadAt, int]]:
     p = check_readable_file(path, what="bundle")
     fd = os.open(p, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        yield (lambda offset, n: os.pread(fd, n, offset)), size
+        yield _FileReader(fd), size
     finally:
         os.close(fd)
 
@@ -73,11 +96,15 @@ def _authenticated_manifest(read_at: _stream.ReadAt, size: int, owner_key: Owner
     if claimed is not None and not hmac.compare_digest(claimed, expected_id):
         raise WrongOwnerKeyError(f"bundle is signed by key {claimed}, not by the owner key given ({expected_id})")
     try:
-        owner_key.verify(header.signature, _format.signed_message(header.manifest_raw), ec.ECDSA(hashes.SHA256()))
+        owner_key.verify(header.signature, _format.signed_message(header.manifest_raw, header.version),
+                         ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise SignatureError("bundle signature is invalid: the manifest was altered or not signed by this "
                              "owner") from None
     manifest = _format.decode_manifest(header.manifest_raw)
+    if manifest.format_version != header.version:  # both signed; a writer bug, never to be guessed around
+        raise MalformedBundleError(f"manifest format version {manifest.format_version} differs from the header's "
+                                   f"{header.version}")
     if manifest.signer_key_id != expected_id:  # signed, so this can only be a writer bug; still never trust it
         raise WrongOwnerKeyError("bundle manifest names a different signer than the key that signed it")
     actual = size - header.payload_offset
@@ -146,25 +173,70 @@ def inspect(bundle: PathLike, owner_key: OwnerPublicKey | None = None) -> tuple[
     return _format.decode_manifest(header.manifest_raw), False
 
 
+def _device_keys(manifest: Manifest, device_key: DevicePrivateKey) -> tuple[_format.Recipient, bytes, bytes]:
+    """This device's stanza and the (data key, MAC key) unwrapped from it."""
+    device_id = key_id(device_key.public_key())
+    stanza = next((r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id)), None)
+    if stanza is None:
+        raise NotARecipientError(
+            f"device key {device_id} is not a recipient of this bundle "
+            f"(recipients: {', '.join(manifest.recipient_key_ids)})"
+        )
+    data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bytes.fromhex(manifest.bundle_id))
+    return stanza, data_key, mac_key
+
+
 def _decrypt_image(
     bundle: PathLike, owner_key: OwnerPublicKey, device_key: DevicePrivateKey, check_digest: bool
 ) -> tuple[Manifest, np.ndarray[tuple[int], np.dtype[np.uint8]]]:
     """Authenticate and decrypt a bundle into a private in-memory buffer (a uint8 numpy array)."""
     with _open_for_read(bundle) as (read_at, size):
         manifest = _authenticated_manifest(read_at, size, owner_key)
-        device_id = key_id(device_key.public_key())
-        stanza = next((r for r in manifest.recipients if hmac.compare_digest(r.key_id, device_id)), None)
-        if stanza is None:
-            raise NotARecipientError(
-                f"device key {device_id} is not a recipient of this bundle "
-                f"(recipients: {', '.join(manifest.recipient_key_ids)})"
-            )
-        bundle_id = bytes.fromhex(manifest.bundle_id)
-        data_key, mac_key = _wrap.unwrap_key(stanza.wrapped_key, device_key, bundle_id)
+        stanza, data_key, mac_key = _device_keys(manifest, device_key)
         plaintext = decrypt_payload(read_at, size, manifest, stanza, data_key, mac_key, check_digest=check_digest,
-                                    whose_key="the data key wrapped for this device",
-                                    whose_mac=" for this device")
+                                    whose_key=_WHOSE_KEY, whose_mac=" for this device")
     return manifest, plaintext
+
+
+_WHOSE_KEY = "the data key wrapped for this device"
+
+
+def _check_key_commitment(manifest: Manifest, data_key: bytes, whose_key: str) -> None:
+    if not hmac.compare_digest(_format.data_key_commitment(bytes.fromhex(manifest.bundle_id), data_key),
+                               manifest.data_key_commitment):
+        raise KeyCommitmentError(f"{whose_key} is not the one the manifest commits to")
+
+
+def streams(manifest: Manifest) -> bool:
+    """Whether opening ``manifest``'s bundle streams verified chunks into ONNX Runtime (see ``_session``): a
+    version 2 bundle (per-chunk MACs) whose image is one self-contained model, on a platform with fd paths."""
+    return manifest.format_version >= 2 and manifest.image.weights_size == 0 and _session.can_stream()
+
+
+def _streamed_session(
+    read_at: _stream.ReadAt, size: int, manifest: Manifest, stanza: _format.Recipient, data_key: bytes,
+    mac_key: bytes, *, check_digest: bool, session_options: onnxruntime.SessionOptions | None,
+    providers: Sequence[str] | None,
+) -> onnxruntime.InferenceSession:
+    """Decrypt chunk by chunk into ONNX Runtime's loader; each chunk is passed on only once it has matched this
+    device's signed per-chunk MAC and its own GCM tag, and the session is returned only once every chunk has (and,
+    with ``check_digest``, the payload digest too)."""
+    _check_key_commitment(manifest, data_key, _WHOSE_KEY)
+    digests: list[bytes] | None = [] if check_digest else None
+    read_into: _stream.ReadInto | None = None
+    if isinstance(read_at, _FileReader):
+        reader, payload_offset = read_at, size - manifest.payload_size
+
+        def read_into(offset: int, view: memoryview) -> int:
+            return reader.into(payload_offset + offset, view)
+
+    def chunks() -> Iterator[memoryview]:
+        yield from _stream.verified_chunks(data_key, mac_key, *_payload_args(read_at, size, manifest),
+                                           stanza.chunk_mac, read_into=read_into, digest=digests)
+        if digests is not None:
+            _compare_digest(_stream.digest_of_chunk_digests(digests), manifest)
+
+    return _session.from_stream(chunks(), manifest.image.graph_size, session_options, providers)
 
 
 def decrypt_payload(
@@ -175,9 +247,7 @@ def decrypt_payload(
     it under ``stanza``'s MAC key in one pass; nothing is parsed before the MAC matches the signed manifest, so not
     even another recipient (which knows the data key) can swap the model. ``whose_key``/``whose_mac`` name the key
     in the errors."""
-    bundle_id = bytes.fromhex(manifest.bundle_id)
-    if not hmac.compare_digest(_format.data_key_commitment(bundle_id, data_key), manifest.data_key_commitment):
-        raise KeyCommitmentError(f"{whose_key} is not the one the manifest commits to")
+    _check_key_commitment(manifest, data_key, whose_key)
     import numpy as np
 
     plaintext = np.empty(manifest.plaintext_size, dtype=np.uint8)
@@ -196,8 +266,17 @@ def session_from_image(
     manifest: Manifest, plaintext: np.ndarray[tuple[int], np.dtype[np.uint8]], *,
     session_options: onnxruntime.SessionOptions | None = None, providers: Sequence[str] | None = None,
 ) -> OpenBundle:
-    """An ONNX Runtime session over a decrypted image (graph and weights straight from the buffer)."""
+    """An ONNX Runtime session over a decrypted, authenticated image (graph and weights straight from the buffer).
+
+    A self-contained model (no weights section) is streamed from the buffer into ONNX Runtime's loader where the
+    platform allows, which spares the copy of the graph that handing it over as ``bytes`` would make.
+    """
     img = manifest.image
+    if img.weights_size == 0 and _session.can_stream():
+        step = 1 << 20
+        view = plaintext.data
+        pieces = (view[i : i + step] for i in range(0, img.graph_size, step))
+        return OpenBundle(manifest, _session.from_stream(pieces, img.graph_size, session_options, providers))
     weights = plaintext[img.weights_offset : img.weights_offset + img.weights_size]
     session = _create_session(plaintext[: img.graph_size].tobytes(), weights, img, session_options, providers)
     return OpenBundle(manifest, session)
@@ -217,7 +296,19 @@ def open_bundle(
     The device checks its own payload MAC, which no other recipient can forge. ``check_digest=True`` also checks
     the SHA-256 hash list a gateway checks, which pins one exact file even against the owner (who knows every MAC
     key), at the cost of a SHA-256 pass over the ciphertext.
+
+    A version 2 bundle holding one self-contained model is decrypted straight into ONNX Runtime's loader, chunk by
+    chunk, each chunk only after it has matched this device's signed per-chunk MAC (see ``streams``); other
+    bundles are decrypted and checked in full first, then handed over from memory.
     """
+    with _open_for_read(bundle) as (read_at, size):
+        manifest = _authenticated_manifest(read_at, size, owner_key)
+        if streams(manifest):
+            stanza, data_key, mac_key = _device_keys(manifest, device_key)
+            session = _streamed_session(read_at, size, manifest, stanza, data_key, mac_key,
+                                        check_digest=check_digest, session_options=session_options,
+                                        providers=providers)
+            return OpenBundle(manifest, session)
     manifest, plaintext = _decrypt_image(bundle, owner_key, device_key, check_digest)
     return session_from_image(manifest, plaintext, session_options=session_options, providers=providers)
 
@@ -248,27 +339,7 @@ def open_session(
     ).session
 
 
-def _create_session(
-    graph: bytes,
-    weights: np.ndarray[tuple[int], np.dtype[np.uint8]],
-    image: _format.Image,
-    options: onnxruntime.SessionOptions | None,
-    providers: Sequence[str] | None,
-) -> onnxruntime.InferenceSession:
-    """Session from graph bytes plus the weights handed over as an in-memory external-data file (a uint8 array).
-
-    ``options`` (the caller's ``session_options``) is used up: the weights are registered on it.
-    """
-    from edgeshield.bundles._ort import onnxruntime as ort
-
-    opts = options or ort.SessionOptions()
-    if image.weights_size:
-        opts.add_external_initializers_from_files_in_memory([image.weights_location], [weights], [image.weights_size])
-    try:
-        return ort.InferenceSession(graph, opts, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped exceptions for unloadable models
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(f"ONNX Runtime cannot load the bundled model: {first}") from None
+_create_session = _session.from_image  # the in-memory path (graph bytes + in-memory weights file)
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
@@ -284,6 +355,7 @@ def protect(
     overwrite: bool = True,
     watermark_key: bytes | None = None,
     progress: ProgressCallback | None = None,
+    format_version: int = _format.FORMAT_VERSION,
 ) -> Manifest:
     """Encrypt ``model`` for ``recipients``, sign the manifest with ``signing_key`` and write ``out`` atomically.
 
@@ -293,10 +365,16 @@ def protect(
     watermark (``edgeshield.watermark``) is embedded first, in memory, so the bundle carries the marked model and
     ``model_sha256`` is the marked model's digest. ``progress`` (see ``edgeshield._progress``) hears the bytes read,
     sealed, hashed and written.
+
+    ``format_version`` 2 (the default) keeps a self-contained model's weights inside the graph and signs every
+    recipient's per-chunk MACs, so that a device streams decryption into ONNX Runtime; 1 writes the earlier layout
+    (weights in a separate section), which devices running an earlier EdgeShield can still open.
     """
     from edgeshield.bundles._image import build_image, has_external_data
 
     _stream.check_chunk_size(chunk_size)
+    if format_version not in _format.SUPPORTED_VERSIONS:
+        raise InvalidArgumentError(f"format version must be one of {_format.SUPPORTED_VERSIONS}")
     if not recipients:
         raise InvalidArgumentError("at least one recipient device key is needed")
     if isinstance(model_version, bool) or not isinstance(model_version, int) or not 0 <= model_version < 2**63:
@@ -324,7 +402,8 @@ def protect(
                                        "weights in external data files")
         model_bytes, _ = embed(model_bytes, watermark_key)
         meta["edgeshield.watermark"] = SCHEME  # which scheme, never the key
-    image = build_image(model_bytes, model_path=model_path, from_file=watermark_key is None, progress=progress)
+    image = build_image(model_bytes, model_path=model_path, from_file=watermark_key is None, progress=progress,
+                        inline_weights=format_version >= 2)
     model_sha256, model_size = hashlib.sha256(model_bytes).hexdigest(), len(model_bytes)
     del model_bytes  # the image holds what is needed; the model's bytes would only add to the peak below
     io_entries = image.io.to_metadata()
@@ -381,15 +460,20 @@ def protect(
                 rid,
                 _wrap.wrap_key(data_key + mac_key, r, bundle_id),
                 _stream.digest_of_chunk_digests(tags).hex(),
+                b"".join(tags) if format_version >= 2 else b"",
             )
             for rid, r, mac_key, tags in zip(recipient_ids, recipients, mac_keys, chunk_tags, strict=True)
         ),
         image=image.layout,
+        format_version=format_version,
     )
     manifest_raw = manifest.encode()
-    signature = signing_key.sign(_format.signed_message(manifest_raw), ec.ECDSA(hashes.SHA256()))
+    if len(manifest_raw) > _format.MAX_MANIFEST_SIZE:
+        raise InvalidArgumentError(f"the manifest would be {len(manifest_raw)} bytes, over the format's limit of "
+                                   f"{_format.MAX_MANIFEST_SIZE}: use a larger chunk size or fewer recipients")
+    signature = signing_key.sign(_format.signed_message(manifest_raw, format_version), ec.ECDSA(hashes.SHA256()))
     with atomic_writer(out, overwrite=overwrite) as fh:
-        fh.write(_format.encode_header(manifest_raw, signature))
+        fh.write(_format.encode_header(manifest_raw, signature, format_version))
         done = 0
         for chunk in sealed():
             fh.write(chunk)

@@ -3,7 +3,7 @@
 Layout (all integers big-endian; see docs/bundle-format.md for the full specification):
 
     magic            8   89 45 53 42 0D 0A 1A 0A   ("\\x89ESB\\r\\n\\x1a\\n")
-    format version   2   u16 = 1
+    format version   2   u16 = 2 (writers; 1 is still read, see SUPPORTED_VERSIONS)
     manifest length  4   u32, 1..MAX_MANIFEST_SIZE
     manifest         M   canonical JSON (sorted keys, no spaces, ASCII)
     signature length 2   u16, 1..MAX_SIGNATURE_SIZE
@@ -31,7 +31,10 @@ from edgeshield.errors import (
 )
 
 MAGIC = b"\x89ESB\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 adds each recipient's per-chunk MAC tags (``chunk_macs``), which let a device authenticate every chunk
+# before ONNX Runtime sees it, so decryption can stream into session creation; version 1 bundles still open.
+SUPPORTED_VERSIONS = (1, 2)
 FORMAT_NAME = "edgeshield.bundle"
 SIGNING_CONTEXT = b"EdgeShield bundle signature v1\x00"
 MAX_MANIFEST_SIZE = 1024 * 1024
@@ -69,13 +72,21 @@ class Recipient:
     key_id: str
     wrapped_key: bytes
     payload_mac: str  # hex SHA-256 over the GMAC tags of the sealed chunks under this recipient's MAC key
+    chunk_macs: bytes = b""  # version 2: those tags themselves, 16 bytes per chunk in order (empty in version 1)
 
     def to_dict(self) -> dict[str, str]:
-        return {
+        d = {
             "key_id": self.key_id,
             "payload_mac": self.payload_mac,
             "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
         }
+        if self.chunk_macs:
+            d["chunk_macs"] = base64.b64encode(self.chunk_macs).decode()
+        return d
+
+    def chunk_mac(self, index: int) -> bytes:
+        """The signed GMAC tag of sealed chunk ``index`` (version 2 only)."""
+        return self.chunk_macs[index * _stream.TAG_SIZE : (index + 1) * _stream.TAG_SIZE]
 
 
 @dataclass(frozen=True)
@@ -193,13 +204,14 @@ def decode_manifest(raw: bytes) -> Manifest:
         raise MalformedBundleError("manifest holds non-finite numbers") from None
     if _req(d, "format", str) != FORMAT_NAME:
         raise MalformedBundleError("manifest format name is wrong")
-    if _req(d, "format_version", int) != FORMAT_VERSION:
+    version = _req(d, "format_version", int)
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedFormatVersionError(f"unsupported manifest format version {d['format_version']}")
     recipients = []
     for r in _req(d, "recipients", list):
         if not isinstance(r, dict):
             raise MalformedBundleError("manifest recipient entry is not an object")
-        _exact_fields(r, {"key_id", "payload_mac", "wrapped_key"}, "recipient")
+        _exact_fields(r, _RECIPIENT_FIELDS[version], "recipient")
         kid = _match(KEY_ID_RE, _req(r, "key_id", str, "recipient"), "recipient key_id")
         try:
             wrapped = base64.b64decode(_req(r, "wrapped_key", str, "recipient"), validate=True)
@@ -208,7 +220,15 @@ def decode_manifest(raw: bytes) -> Manifest:
         if len(wrapped) != _wrap.WRAPPED_KEY_SIZE:
             raise MalformedBundleError("recipient wrapped_key has the wrong length")
         mac = _match(_HEX64, _req(r, "payload_mac", str, "recipient"), "recipient payload_mac")
-        recipients.append(Recipient(kid, wrapped, mac))
+        chunk_macs = b""
+        if version >= 2:
+            try:
+                chunk_macs = base64.b64decode(_req(r, "chunk_macs", str, "recipient"), validate=True)
+            except binascii.Error:
+                raise MalformedBundleError("recipient chunk_macs is not base64") from None
+            if not chunk_macs:
+                raise MalformedBundleError("recipient chunk_macs is empty")
+        recipients.append(Recipient(kid, wrapped, mac, chunk_macs))
     if not recipients:
         raise MalformedBundleError("manifest names no recipients")
     img = _req(d, "image", dict)
@@ -238,6 +258,7 @@ def decode_manifest(raw: bytes) -> Manifest:
         image=image,
         aead=_req(d, "aead", str),
         key_wrap=_req(d, "key_wrap", str),
+        format_version=version,
     )
     _exact_fields(d, set(m.to_dict()), "manifest")
     _check_consistency(m)
@@ -263,6 +284,18 @@ def _check_consistency(m: Manifest) -> None:
         raise MalformedBundleError("manifest image layout does not match the plaintext size")
     if len({r.key_id for r in m.recipients}) != len(m.recipients):
         raise MalformedBundleError("manifest lists a recipient twice")
+    if m.format_version >= 2:
+        n = _stream.chunk_count(m.plaintext_size, m.chunk_size)
+        for r in m.recipients:
+            if len(r.chunk_macs) != _stream.TAG_SIZE * n:
+                raise MalformedBundleError(f"recipient chunk_macs must hold {n} tags of {_stream.TAG_SIZE} bytes")
+            # The payload MAC is the hash of these tags: one commitment, checkable chunk by chunk or at the end.
+            if hashlib.sha256(r.chunk_macs).hexdigest() != r.payload_mac:
+                raise MalformedBundleError("recipient chunk_macs do not hash to its payload_mac")
+
+
+_RECIPIENT_FIELDS = {1: {"key_id", "payload_mac", "wrapped_key"},
+                     2: {"chunk_macs", "key_id", "payload_mac", "wrapped_key"}}
 
 
 @dataclass(frozen=True)
@@ -272,18 +305,19 @@ class Header:
     manifest_raw: bytes
     signature: bytes
     payload_offset: int
+    version: int = FORMAT_VERSION
 
 
-def encode_prefix(manifest_len: int) -> bytes:
-    return MAGIC + struct.pack(">HI", FORMAT_VERSION, manifest_len)
+def encode_prefix(manifest_len: int, version: int = FORMAT_VERSION) -> bytes:
+    return MAGIC + struct.pack(">HI", version, manifest_len)
 
 
-def encode_header(manifest_raw: bytes, signature: bytes) -> bytes:
-    return encode_prefix(len(manifest_raw)) + manifest_raw + struct.pack(">H", len(signature)) + signature
+def encode_header(manifest_raw: bytes, signature: bytes, version: int = FORMAT_VERSION) -> bytes:
+    return encode_prefix(len(manifest_raw), version) + manifest_raw + struct.pack(">H", len(signature)) + signature
 
 
-def signed_message(manifest_raw: bytes) -> bytes:
-    return SIGNING_CONTEXT + encode_prefix(len(manifest_raw)) + manifest_raw
+def signed_message(manifest_raw: bytes, version: int = FORMAT_VERSION) -> bytes:
+    return SIGNING_CONTEXT + encode_prefix(len(manifest_raw), version) + manifest_raw
 
 
 def parse_header(read_at: _stream.ReadAt, file_size: int) -> Header:
@@ -298,9 +332,9 @@ def parse_header(read_at: _stream.ReadAt, file_size: int) -> Header:
     if len(head) < PREFIX_SIZE:
         raise TruncatedBundleError("bundle is truncated inside its header")
     version, manifest_len = struct.unpack(">HI", head[8:PREFIX_SIZE])
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedFormatVersionError(f"unsupported bundle format version {version} "
-                                            f"(this build reads {FORMAT_VERSION})")
+                                            f"(this build reads {', '.join(map(str, SUPPORTED_VERSIONS))})")
     if not 0 < manifest_len <= MAX_MANIFEST_SIZE:
         raise MalformedBundleError(f"manifest length {manifest_len} is out of range")
     if PREFIX_SIZE + manifest_len + 2 > file_size:
@@ -312,4 +346,4 @@ def parse_header(read_at: _stream.ReadAt, file_size: int) -> Header:
     sig_off = PREFIX_SIZE + manifest_len + 2
     if sig_off + sig_len > file_size:
         raise TruncatedBundleError("bundle is truncated inside its signature")
-    return Header(manifest_raw, read_at(sig_off, sig_len), sig_off + sig_len)
+    return Header(manifest_raw, read_at(sig_off, sig_len), sig_off + sig_len, version)

@@ -72,13 +72,16 @@ def _align(n: int) -> int:
 
 
 def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None = None, from_file: bool = True,
-                progress: ProgressCallback | None = None) -> PlainImage:
+                progress: ProgressCallback | None = None, inline_weights: bool = False) -> PlainImage:
     """Validate ``model_bytes`` as an ONNX model and split it into graph and weights.
 
     A model whose tensors live in external data files (how ONNX stores models over 2 GB) needs ``model_path``, the
     file the bytes came from: the data files are read from its directory, and a location outside it is refused.
     ``from_file`` says the bytes are that file's (not, say, a watermarked copy): the ONNX checker then reads the
-    file itself, which costs one transient copy of the model instead of two.
+    file itself, which costs one transient copy of the model instead of two. With ``inline_weights`` (format
+    version 2) a model without external data keeps its weights inside the graph (no weights section), which the
+    device streams straight into ONNX Runtime's own loader; a model with external data (over 2 GB) cannot be one
+    protobuf and gets its weights section as before.
     """
     model = parse_onnx(model_bytes, "protecting a model")
     import onnx
@@ -119,6 +122,8 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
         placements: list[tuple[onnx.TensorProto, int, int]] = []
         size = 0
         for tensor in model.graph.initializer:
+            if inline_weights and not external:
+                break
             if id(tensor) in sources:
                 length = sources[id(tensor)].length
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNALIZE_THRESHOLD:
@@ -144,6 +149,8 @@ def build_image(model_bytes: bytes, *, model_path: str | os.PathLike[str] | None
                 entry.key, entry.value = key, value
             done += length
             report(progress, "read weights", done, size, unit="B")
+        if not placements:
+            report(progress, "read weights", 0, 0, unit="B")  # nothing to move: the weights stay in the graph
         del view
     graph = model.SerializeToString()
     layout = Image(graph_size=len(graph), weights_offset=_align(len(graph)), weights_size=len(weights))
