@@ -389,11 +389,206 @@ def fisher_minus_max(result: dict[str, Any], file: Any, resamples: int = 2000) -
     return point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
+# --- the detectors inside the runtime: composed graph vs numpy path vs plain ORT, side by side -------------------
+COMPOSED_DETECTORS = ("squeeze", "noise", "reconstruction", "ensemble")
+LARGE_DETECTORS = ("squeeze", "noise")
+COMPOSED_TARGET = 2.0  # robust inference ÷ plain ORT, squeeze, batch 1 (issue 15)
+
+
+def large_cnn(seed: int = 0) -> bytes:
+    """A CNN on 1×32×32 images built with onnx.helper (He-initialised, untrained: only its cost matters here):
+    conv 3×3 32 → relu → conv 3×3 64 → relu → maxpool 2 → conv 3×3 64 → relu → maxpool 2 → gemm 10."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def he(*shape: int) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 2 else shape[0]
+        return rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+
+    inits = {"w1": he(32, 1, 3, 3), "b1": np.zeros(32, np.float32), "w2": he(64, 32, 3, 3),
+             "b2": np.zeros(64, np.float32), "w3": he(64, 64, 3, 3), "b3": np.zeros(64, np.float32),
+             "w4": he(64 * 8 * 8, 10), "b4": np.zeros(10, np.float32)}
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **conv), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], **conv), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("MaxPool", ["r2"], ["p2"], **pool),
+             helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], **conv), helper.make_node("Relu", ["c3"], ["r3"]),
+             helper.make_node("MaxPool", ["r3"], ["p3"], **pool), helper.make_node("Flatten", ["p3"], ["f"]),
+             helper.make_node("Gemm", ["f", "w4", "b4"], ["logits"])]
+    graph = helper.make_graph(nodes, "large_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["N", 1, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def _interleaved_us(calls: dict[str, Any], n_inputs: int, reps: int) -> dict[str, float]:
+    """Median µs per call of each callable (given the input's index), all run back to back on the same input each
+    round, so drift of the machine hits all alike."""
+    times: dict[str, list[int]] = {k: [] for k in calls}
+    for i in range(reps):
+        for k, fn in calls.items():
+            t0 = time.perf_counter_ns()
+            fn(i % n_inputs)
+            times[k].append(time.perf_counter_ns() - t0)
+    return {k: float(np.median(v)) / 1e3 for k, v in times.items()}
+
+
+def _copies(file: Any, name: str) -> int:
+    """How many rows per input the detector runs through the model (the input and its copies)."""
+    p = file.get(name).params
+    if name == "squeeze":
+        return 1 + (p.get("bits") is not None) + (p.get("median") is not None)
+    if name == "noise":
+        return 1 + int(p["samples"])
+    if name in ("ensemble", "fisher"):
+        return 1 + sum(_copies(file, m) - 1 for m in p["members"])
+    return 1
+
+
+def _composed_rows(model_bytes: bytes, file: Any, names: tuple[str, ...], x: np.ndarray, reps1: int, repsb: int,
+                   options: Any = None) -> dict[str, dict[str, float]]:
+    """Per detector: plain session.run, RobustModel.decide on the numpy path and on the composed graph, at batch 1
+    (rows of ``x`` in turn) and batch len(x), interleaved; plus plain session.run on the input and its copies
+    stacked (what the model must compute anyway: the practical limit), and the composed graph's equality with
+    numpy."""
+    from edgeshield.adversarial import RobustModel
+    from edgeshield.adversarial._compose import compose_graph, composed_session
+    from edgeshield.adversarial._composed import ComposedDetectors
+    from edgeshield.adversarial._detectors import EnsembleDetector
+
+    session = composed_session(model_bytes, options)
+    name_in = session.get_inputs()[0].name
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        numpy_rm = RobustModel(session, file, detector=name)
+        members = [m.name for m in numpy_rm.detector.members] if isinstance(numpy_rm.detector, EnsembleDetector) \
+            else [name]
+        graph = compose_graph(model_bytes, [(m, file.get(m).params) for m in members], file.input_spec, softmax=True)
+        composed = ComposedDetectors(composed_session(graph, options), members)
+        comp_rm = RobustModel(session, file, detector=name, composed=composed)
+        a, b = numpy_rm.decide(x), comp_rm.decide(x)
+        row: dict[str, float] = {"max_abs_score_diff": float(np.abs(a.scores - b.scores).max()),
+                                 "predictions_equal": float(np.array_equal(a.predictions, b.predictions)),
+                                 "rows_per_input": float(_copies(file, name))}
+        for label, inputs, reps in (("batch1", [x[i : i + 1] for i in range(len(x))], reps1),
+                                    (f"batch{len(x)}", [x], repsb)):
+            stacked = [np.concatenate([xi] * _copies(file, name)) for xi in inputs]
+            calls = {"plain": lambda i, inp=inputs: session.run(None, {name_in: inp[i]}),
+                     "numpy": lambda i, inp=inputs, rm=numpy_rm: rm.decide(inp[i]),
+                     "composed": lambda i, inp=inputs, rm=comp_rm: rm.decide(inp[i]),
+                     "floor": lambda i, st=stacked: session.run(None, {name_in: st[i]})}
+            for fn in calls.values():
+                fn(0)  # warm-up
+            us = _interleaved_us(calls, len(inputs), reps)
+            row |= {f"plain_us_{label}": us["plain"], f"numpy_us_{label}": us["numpy"],
+                    f"composed_us_{label}": us["composed"], f"floor_us_{label}": us["floor"],
+                    f"numpy_ratio_{label}": us["numpy"] / us["plain"],
+                    f"composed_ratio_{label}": us["composed"] / us["plain"],
+                    f"composed_over_floor_{label}": us["composed"] / us["floor"]}
+        out[name] = row
+    return out
+
+
+def run_composed(quick: bool, console: Any) -> dict[str, Any]:
+    """The runtime detectors inside the ONNX graph vs the numpy path vs plain ORT: digits (batch 1 and 64) and a
+    larger CNN made here; design alternatives (one ORT thread; basic graph optimisation) on digits squeeze."""
+    from rich.table import Table
+
+    from edgeshield.adversarial import InputSpec, calibrate
+    from edgeshield.adversarial._compose import composed_session
+    from edgeshield.bundles._ort import onnxruntime as ort
+    from edgeshield.models import digits_input_spec, digits_model_path, load_digits_split
+
+    started = time.perf_counter()
+    split = load_digits_split()
+    spec = dataclasses.replace(digits_input_spec(), quantum=QUANTUM)
+    digits = digits_model_path().read_bytes()
+    reps1, repsb = (200, 30) if quick else (3000, 400)
+    file = calibrate(composed_session(digits), split.x_test[:N_CAL], model_sha256="00" * 32, input_spec=spec,
+                     target_fpr=TARGET_FPR, detectors=("squeeze", "noise", "reconstruction"),
+                     reference=split.x_train, noise={"seed": NOISE_SEED})
+    x64 = split.x_test[N_CAL : N_CAL + 64]
+    rows = {"digits": _composed_rows(digits, file, COMPOSED_DETECTORS, x64, reps1, repsb)}
+    one = ort.SessionOptions()
+    one.intra_op_num_threads = 1
+    basic = ort.SessionOptions()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    alt = {"one_thread": _composed_rows(digits, file, ("squeeze",), x64, reps1, repsb, one)["squeeze"],
+           "basic_optimisation": _composed_rows(digits, file, ("squeeze",), x64, reps1, repsb, basic)["squeeze"]}
+    cnn = large_cnn()
+    cnn_spec = InputSpec(shape=(None, 1, 32, 32), min=0.0, max=1.0, image_shape=(1, 32, 32))
+    rng = np.random.default_rng(0)
+    x_cnn = (rng.integers(0, 17, (50 if quick else 200, 1, 32, 32)) / 16).astype(np.float32)
+    cnn_file = calibrate(composed_session(cnn), x_cnn, model_sha256="11" * 32, input_spec=cnn_spec,
+                         target_fpr=TARGET_FPR, detectors=LARGE_DETECTORS, noise={"seed": NOISE_SEED},
+                         decision="squeeze")
+    cnn_batch = 16 if quick else 64
+    rows["large_cnn"] = _composed_rows(cnn, cnn_file, LARGE_DETECTORS, x_cnn[:cnn_batch],
+                                       10 if quick else 200, 2 if quick else 10)
+    flat: dict[str, Any] = {}
+    for name, r in rows["digits"].items():
+        flat |= {f"{name}_latency_ratio_batch1": r["composed_ratio_batch1"],
+                 f"{name}_latency_ratio_batch64": r["composed_ratio_batch64"],
+                 f"{name}_numpy_latency_ratio_batch1": r["numpy_ratio_batch1"],
+                 f"{name}_numpy_latency_ratio_batch64": r["numpy_ratio_batch64"],
+                 f"{name}_composed_max_abs_score_diff": r["max_abs_score_diff"],
+                 f"{name}_composed_predictions_equal": bool(r["predictions_equal"])}
+        flat |= {f"{name}_latency_over_floor_batch1": r["composed_over_floor_batch1"],
+                 f"{name}_latency_over_floor_batch64": r["composed_over_floor_batch64"]}
+    for name, r in rows["large_cnn"].items():
+        flat |= {f"{name}_latency_ratio_large_model": r["composed_ratio_batch1"],
+                 f"{name}_latency_ratio_large_model_batch64": r[f"composed_ratio_batch{cnn_batch}"],
+                 f"{name}_numpy_latency_ratio_large_model": r["numpy_ratio_batch1"],
+                 f"{name}_numpy_latency_ratio_large_model_batch64": r[f"numpy_ratio_batch{cnn_batch}"],
+                 f"{name}_latency_over_floor_large_model": r["composed_over_floor_batch1"],
+                 f"{name}_latency_over_floor_large_model_batch64": r[f"composed_over_floor_batch{cnn_batch}"],
+                 f"{name}_rows_per_input_large_model": r["rows_per_input"]}
+    flat |= {"large_model_plain_us_batch1": rows["large_cnn"]["squeeze"]["plain_us_batch1"],
+             "large_model_plain_us_batch64": rows["large_cnn"]["squeeze"][f"plain_us_batch{cnn_batch}"],
+             "large_model_batch": cnn_batch,
+             "digits_plain_us_batch1": rows["digits"]["squeeze"]["plain_us_batch1"],
+             "squeeze_latency_ratio_batch1_one_thread": alt["one_thread"]["composed_ratio_batch1"],
+             "squeeze_latency_ratio_batch1_basic_optimisation": alt["basic_optimisation"]["composed_ratio_batch1"],
+             "squeeze_composed_target": COMPOSED_TARGET,
+             "squeeze_composed_target_met": rows["digits"]["squeeze"]["composed_ratio_batch1"] <= COMPOSED_TARGET,
+             "composed_reps": {"digits_batch1": reps1, "digits_batch64": repsb},
+             "composed_scale": "quick: digits 200/30 repetitions; CNN 50 calibration inputs, batch 16 (its "
+                               "_batch64 keys), 10/2 repetitions" if quick
+             else "full: digits 3000/400 repetitions; CNN 200 calibration inputs, batch 64, 200/10 repetitions",
+             "composed_wall_s": time.perf_counter() - started}
+    t = Table(title="Robust inference ÷ plain ORT: numpy detectors vs the composed graph (one session.run)")
+    for col in ("model", "detector", "rows/input", "plain b1 (µs)", "numpy b1", "composed b1", "÷ floor b1",
+                "batch", "plain (µs)", "numpy", "composed", "÷ floor", "max |Δscore|"):
+        t.add_column(col, justify="left" if col in ("model", "detector") else "right")
+    listed = [(m, n, r) for m, rs in rows.items() for n, r in rs.items()]
+    listed += [("digits", f"squeeze ({label.replace('_', ' ')})", r) for label, r in alt.items()]
+    for model, name, r in listed:
+        big = next(k.removeprefix("plain_us_") for k in r if k.startswith("plain_us_batch") and k != "plain_us_batch1")
+        t.add_row(model, name, f"{r['rows_per_input']:.0f}", f"{r['plain_us_batch1']:.0f}",
+                  f"{r['numpy_ratio_batch1']:.2f}x", f"{r['composed_ratio_batch1']:.2f}x",
+                  f"{r['composed_over_floor_batch1']:.2f}x", big.removeprefix("batch"), f"{r['plain_us_' + big]:.0f}",
+                  f"{r['numpy_ratio_' + big]:.2f}x", f"{r['composed_ratio_' + big]:.2f}x",
+                  f"{r['composed_over_floor_' + big]:.2f}x", f"{r['max_abs_score_diff']:.1e}")
+    console.print("floor: plain session.run on the input and its copies stacked (rows/input rows each), what the "
+                  "model must compute for the detector anyway.")
+    console.print(t)
+    return {"flat": flat, "rows": rows, "alternatives": alt}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="100 evaluation inputs, fewer iterations, no HopSkipJump (< 1 minute)")
     ap.add_argument("--json", metavar="PATH", help="write one flat JSON object, and the ROC plots next to it")
+    ap.add_argument("--composed-only", action="store_true",
+                    help="only the composed-graph cost section (section 7); with --json, its keys are merged into "
+                         "the existing file, with composed_date and composed_machine")
     args = ap.parse_args(argv)
 
     import torch
@@ -407,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     target = Path(args.json) if args.json else None
     load_start = os.getloadavg()[0]
 
+    if args.composed_only:
+        return _composed_only(args, info, console, started)
     from edgeshield.evaluation._adversarial import report_tables
 
     result = run(args.quick, target.parent if target else None, console)
@@ -440,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     sysout = run_system(args.quick, console)
     print_system(console, sysout)
     flat.update(sysout["flat"])
+    flat.update(run_composed(args.quick, console)["flat"])
     diff, d_low, d_high = fisher_minus_max(result, result["detector_file"])
     flat.update({"fisher_minus_max_detection_avg": diff, "fisher_minus_max_detection_avg_ci_low": d_low,
                  "fisher_minus_max_detection_avg_ci_high": d_high})
@@ -461,6 +659,23 @@ def main(argv: list[str] | None = None) -> int:
     if target:
         write_report(console, args.json, flat,
                      also=f" and {', '.join(sorted(Path(p).name for p in result['roc_png'].values()))}")
+    return 0
+
+
+def _composed_only(args: Any, info: dict[str, str], console: Any, started: float) -> int:
+    import json
+
+    load_start = os.getloadavg()[0]
+    flat = run_composed(args.quick, console)["flat"]
+    flat |= {"composed_date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+             "composed_machine": info["machine"], "composed_quick": args.quick,
+             "composed_loadavg_1min_start": load_start, "composed_loadavg_1min_end": os.getloadavg()[0]}
+    console.print(f"composed section, {time.perf_counter() - started:.1f} s; 1-min load average {load_start:.2f} "
+                  f"at start, {flat['composed_loadavg_1min_end']:.2f} at end.")
+    if args.json:
+        target = Path(args.json)
+        merged = json.loads(target.read_text()) if target.exists() else {}
+        write_report(console, args.json, merged | flat, also=" (composed-graph keys merged)")
     return 0
 
 

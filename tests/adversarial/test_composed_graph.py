@@ -22,6 +22,10 @@ from edgeshield.adversarial._detectors import scores_with_probs
 from edgeshield.errors import (
     ComposedGraphError,
     DetectorMismatchError,
+    InputNonFiniteError,
+    InputQuantizationError,
+    InputRangeError,
+    InputShapeError,
     IntegrityError,
     InvalidArgumentError,
     SignatureError,
@@ -187,3 +191,39 @@ print(RobustModel(opened.session, file, composed=composed).decide(np.load({str(d
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout.strip())) == 3
+
+
+@pytest.mark.parametrize(("value", "error"), [(np.nan, InputNonFiniteError), (np.inf, InputNonFiniteError),
+                                              (1.0625, InputRangeError), (-0.0625, InputRangeError),
+                                              (0.5 + 2e-6, InputQuantizationError)])
+def test_the_graph_never_vouches_for_an_input_the_spec_refuses(world: dict[str, Any], split: Any, value: float,
+                                                               error: type[Exception]) -> None:
+    """The in-graph value check is conservative: where it cannot vouch, numpy checks and names the field."""
+    file: DetectorFile = world["file"]
+    spec = dataclasses.replace(file.input_spec, quantum=1 / 16)
+    graph = compose_graph(digits_model_path().read_bytes(), [("squeeze", file.get("squeeze").params)], spec,
+                          softmax=True)
+    composed = ComposedDetectors(composed_session(graph), ["squeeze"])
+    x = split.x_test[300:302].copy()
+    assert composed.run_checked(x)[2]  # the digits are on the 1/16 grid and in [0, 1]
+    x[1, 5] = value
+    assert not composed.run_checked(x)[2]
+    robust = RobustModel(world["session"], dataclasses.replace(file, input_spec=spec, composed=None),
+                         detector="squeeze", composed=composed)
+    with pytest.raises(error):
+        robust.decide(x)
+    with pytest.raises(InputShapeError):
+        robust.decide(x[:, :63].copy())
+
+
+@pytest.mark.parametrize(("bounds", "value"), [((0.0, None), np.inf), ((None, 1.0), -np.inf), ((None, None), np.nan)])
+def test_without_a_grid_or_both_bounds_non_finite_values_are_still_caught(split: Any, bounds: tuple[Any, Any],
+                                                                          value: float) -> None:
+    spec = InputSpec(shape=(None, 64), min=bounds[0], max=bounds[1])
+    params = {"bits": 3, "median": None, "image_shape": None, "value_range": [0.0, 1.0]}
+    graph = compose_graph(digits_model_path().read_bytes(), [("squeeze", params)], spec, softmax=True)
+    composed = ComposedDetectors(composed_session(graph), ["squeeze"])
+    x = split.x_test[:2].copy()
+    assert composed.run_checked(x)[2]
+    x[0, 0] = value
+    assert not composed.run_checked(x)[2]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeshield._onnx import first_line, parse_onnx
-from edgeshield.adversarial._composed import PROBS_OUTPUT, SCORE_PREFIX, ComposedDetectors
+from edgeshield.adversarial._composed import PROBS_OUTPUT, SCORE_PREFIX, VALID_OUTPUT, ComposedDetectors
 from edgeshield.errors import InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -67,32 +67,29 @@ class _Builder:
     def ints(self, values: Sequence[int]) -> str:
         return self.const(list(values), np.int64, "i")
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, **attrs: Any) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: Any) -> str:
+        """One node; its output is ``out`` (a graph output's name) or a fresh name."""
         from onnx import helper
 
-        out = self.name(hint or op_type.lower())
+        out = out or self.name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
 
-    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 0, out: str | None = None) -> str:
         # ReduceSum takes its axes as an input from opset 13, the other reductions from opset 18
         if op_type == "ReduceSum" or self.opset >= 18:
-            return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
-        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
-
-    def slice0(self, x: str, start: int, end: int) -> str:
-        return self.op("Slice", [x, self.ints([start]), self.ints([end]), self.ints([0])])
+            return self.op(op_type, [x, self.ints(axes)], out, keepdims=keepdims)
+        return self.op(op_type, [x], out, axes=list(axes), keepdims=keepdims)
 
 
 def _bit_depth(b: _Builder, x: str, bits: int, lo: float, hi: float) -> str:
     # The numpy squeezer's operations in its order and dtype (clip, -lo, *scale, round half to even, /scale, +lo).
+    # Subtracting and adding lo = 0 are exact no-ops, so they are left out then (four nodes instead of six).
     scale = (2**bits - 1) / (hi - lo)
     y = b.op("Clip", [x, b.const(lo), b.const(hi)])
-    y = b.op("Sub", [y, b.const(lo)])
-    y = b.op("Mul", [y, b.const(scale)])
-    y = b.op("Round", [y])
-    y = b.op("Div", [y, b.const(scale)])
-    return b.op("Add", [y, b.const(lo)])
+    y = b.op("Sub", [y, b.const(lo)]) if lo != 0.0 else y
+    y = b.op("Div", [b.op("Round", [b.op("Mul", [y, b.const(scale)])]), b.const(scale)])
+    return b.op("Add", [y, b.const(lo)]) if lo != 0.0 else y
 
 
 def _symmetric_index(n: int, before: int, after: int) -> list[int]:
@@ -134,7 +131,37 @@ def _topk(b: _Builder, x: str, k: int) -> tuple[str, str]:
     return values, indices
 
 
-def _reconstruction(b: _Builder, x: str, params: dict[str, Any]) -> str:
+def _spec_check(b: _Builder, x: str, spec: InputSpec, out: str) -> None:
+    """1 when every value of ``x`` passes the spec's value checks for certain, else 0 (then numpy decides).
+
+    Conservative by construction, so a 1 never lets through what ``InputSpec.check_values`` refuses: the range
+    compares in x's dtype against the bounds in x's dtype, as numpy does; the grid check computes the same grid
+    point in float64 as ``on_grid`` and allows |v - grid| <= |grid|·2⁻²³, never more than its 2 ulps of float32
+    (a float32 ulp at g is at least |g|·2⁻²⁴). NaN and infinity fail every comparison, so they also give 0 (an
+    input the spec allows them in is then accepted by numpy). Integer-only specs never reach here.
+    """
+    from onnx import TensorProto
+
+    checks: list[str] = []
+    if spec.min is not None or spec.max is not None:
+        lo = b.const(spec.min if spec.min is not None else -np.inf)
+        hi = b.const(spec.max if spec.max is not None else np.inf)
+        checks.append(b.op("Equal", [b.op("Clip", [x, lo, hi]), x]))  # NaN != NaN
+    if spec.quantum is not None:
+        v = b.op("Cast", [x], to=TensorProto.DOUBLE)
+        q = b.const(float(spec.quantum), np.float64)
+        grid = b.op("Mul", [b.op("Round", [b.op("Div", [v, q])]), q])
+        tol = b.op("Mul", [b.op("Abs", [grid]), b.const(2.0**-23, np.float64)])
+        checks.append(b.op("LessOrEqual", [b.op("Abs", [b.op("Sub", [v, grid])]), tol]))
+    if spec.quantum is None and (spec.min is None or spec.max is None):  # else the checks above exclude both
+        checks.append(b.op("Equal", [b.op("Sub", [x, x]), b.const(0.0)]))  # finite: inf - inf and NaN are NaN
+    ok = checks[0]
+    for more in checks[1:]:
+        ok = b.op("And", [ok, more])
+    b.reduce("ReduceMin", b.op("Cast", [ok], to=TensorProto.FLOAT), list(range(len(spec.shape))), out=out)
+
+
+def _reconstruction(b: _Builder, x: str, params: dict[str, Any], out: str) -> str:
     from onnx import TensorProto
 
     mean = np.asarray(params["mean"], dtype=np.float64)
@@ -145,8 +172,8 @@ def _reconstruction(b: _Builder, x: str, params: dict[str, Any]) -> str:
                            b.const(comps, np.float64)])
     residual = b.op("Sub", [centred, proj])
     if params["norm"] == "l1":
-        return b.reduce("ReduceSum", b.op("Abs", [residual]), [1])
-    return b.op("Sqrt", [b.reduce("ReduceSum", b.op("Mul", [residual, residual]), [1])])
+        return b.reduce("ReduceSum", b.op("Abs", [residual]), [1], out=out)
+    return b.op("Sqrt", [b.reduce("ReduceSum", b.op("Mul", [residual, residual]), [1])], out)
 
 
 def _noise_patterns(params: dict[str, Any], feature_shape: Sequence[int], dtype: type[np.generic]) -> np.ndarray:
@@ -228,37 +255,57 @@ def compose_graph(model_bytes: bytes, detectors: Sequence[tuple[str, dict[str, A
             if params.get("value_range") is not None:
                 lo, hi = params["value_range"]
                 noisy = b.op("Clip", [noisy, b.const(float(lo)), b.const(float(hi))])
-            copies.append(_flatten_samples(b, noisy, x))
+            copies.append(b.op("Reshape", [noisy, b.ints([-1, *fixed])]))  # samples major, as numpy reshapes
             groups[name] = (first, samples)
     n_groups = 1 + sum(n for _, n in groups.values())
-    feed = b.op("Concat", [x, *copies], axis=0) if copies else x
-    b.nodes.append(helper.make_node("Identity", [feed], [batch], name=batch))
+    if copies:
+        b.op("Concat", [x, *copies], batch, axis=0)
+    else:
+        b.op("Identity", [x], batch)
     model_nodes = list(graph.node)
     pre, b.nodes = b.nodes, []  # the copies before the model's nodes, the scores after them
 
-    z = logits_name
-    p = b.op("Softmax", [z], axis=1) if softmax else z
-    # [G*N, C] -> [G, N, C]: group g holds rows g*N .. (g+1)*N of the batch, as the numpy detectors slice them
-    classes = b.op("Gather", [b.op("Shape", [p]), b.ints([1])], axis=0)
-    grouped = b.op("Reshape", [p, b.op("Concat", [b.ints([n_groups, -1]), classes], axis=0)])
-    base = b.slice0(grouped, 0, 1)  # [1, N, C]
-    outputs = [(PROBS_OUTPUT, b.op("Squeeze", [base, b.ints([0])]), dtype)]
+    p = b.op("Softmax", [logits_name], axis=1) if softmax else logits_name
+    # [G*N, C] -> [G, N, C]: group g holds rows g*N .. (g+1)*N of the batch, as the numpy detectors slice them;
+    # then one Split into x's group and each detector's groups. Every score's last node writes its output itself.
+    dims = graph.output[0].type.tensor_type.shape.dim
+    c = dims[-1].dim_value if len(dims) == 2 and dims[-1].dim_value > 0 else None
+    if c:
+        grouped = b.op("Reshape", [p, b.ints([n_groups, -1, c])])
+    else:
+        classes = b.op("Gather", [b.op("Shape", [p]), b.ints([1])], axis=0)
+        grouped = b.op("Reshape", [p, b.op("Concat", [b.ints([n_groups, -1]), classes], axis=0)])
+    scored = [(n, prm) for n, prm in detectors if n in groups]
+    parts = [grouped]
+    if scored:
+        parts = [b.name("group") for _ in range(1 + len(scored))]
+        b.nodes.append(helper.make_node("Split", [grouped, b.ints([1, *(groups[n][1] for n, _ in scored)])], parts,
+                                        name=parts[0], axis=0))
+    base = parts[0]  # [1, N, C]
+    b.op("Reshape", [base, b.op("Shape", [logits_name]) if not c else b.ints([-1, c])], PROBS_OUTPUT)
+    outputs: list[tuple[str, Any]] = [(PROBS_OUTPUT, dtype)]
+    _spec_check(b, x, spec, VALID_OUTPUT)
     for name, params in detectors:
+        out = SCORE_PREFIX + name
         if name == "reconstruction":
-            outputs.append((SCORE_PREFIX + name, _reconstruction(b, x, params), np.float64))
+            _reconstruction(b, x, params, out)
+            outputs.append((out, np.float64))
             continue
-        first, count = groups[name]
-        dist = b.reduce("ReduceSum", b.op("Abs", [b.op("Sub", [b.slice0(grouped, first, first + count), base])]),
-                        [2])  # [count, N]
-        score = b.reduce("ReduceMax" if name == "squeeze" else "ReduceMean", dist, [0])
-        outputs.append((SCORE_PREFIX + name, score, dtype))
+        count = groups[name][1]
+        diff = b.op("Abs", [b.op("Sub", [parts[1 + [n for n, _ in scored].index(name)], base])])  # [count, N, C]
+        if count == 1:  # the one copy's L1 distance is the score
+            b.reduce("ReduceSum", diff, [0, 2], out=out)
+        else:
+            b.reduce("ReduceMax" if name == "squeeze" else "ReduceMean", b.reduce("ReduceSum", diff, [2]), [0],
+                     out=out)
+        outputs.append((out, dtype))
 
     del graph.output[:]
     elem = {np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE}
-    for out_name, tensor, out_dtype in outputs:
-        b.nodes.append(helper.make_node("Identity", [tensor], [out_name], name=out_name))
+    for out_name, out_dtype in outputs:
         rank = 2 if out_name == PROBS_OUTPUT else 1
         graph.output.append(helper.make_tensor_value_info(out_name, elem[out_dtype], [None] * rank))
+    graph.output.append(helper.make_tensor_value_info(VALID_OUTPUT, TensorProto.FLOAT, []))
     del graph.node[:]
     graph.node.extend([*pre, *model_nodes, *b.nodes])
     try:
@@ -267,12 +314,6 @@ def compose_graph(model_bytes: bytes, detectors: Sequence[tuple[str, dict[str, A
         raise UnsupportedModelError(f"the composed graph does not validate: {first_line(exc)}") from None
     serialized: bytes = model.SerializeToString()
     return serialized
-
-
-def _flatten_samples(b: _Builder, noisy: str, x: str) -> str:
-    """[S, N, ...] -> [S*N, ...] (samples major, as ``noisy.reshape(-1, *x.shape[1:])``)."""
-    rest = b.op("Slice", [b.op("Shape", [x]), b.ints([1]), b.ints([2**62]), b.ints([0])])
-    return b.op("Reshape", [noisy, b.op("Concat", [b.ints([-1]), rest], axis=0)])
 
 
 def composed_session(graph: bytes, options: onnxruntime.SessionOptions | None = None) -> onnxruntime.InferenceSession:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from edgeshield.keys import DevicePrivateKey, OwnerPublicKey
 
 PROBS_OUTPUT = "edgeshield.probs"
+VALID_OUTPUT = "edgeshield.valid"  # 1: the input passes the spec's value checks for certain (else numpy decides)
 SCORE_PREFIX = "edgeshield.score."
 BINDING_FORMAT = "edgeshield.composed-detectors"
 BINDING_VERSION = 1
@@ -75,21 +76,27 @@ def binding_digest(file: DetectorFile, detectors: Sequence[str], softmax: bool) 
 
 
 class ComposedDetectors:
-    """One ONNX Runtime session that returns the probabilities on ``x`` and each composed detector's scores."""
+    """One ONNX Runtime session that returns the probabilities on ``x``, each composed detector's scores and
+    whether ``x`` certainly passes the input spec's value checks (finite, range, grid)."""
 
     def __init__(self, session: onnxruntime.InferenceSession, detectors: Sequence[str]) -> None:
         inputs = session.get_inputs()
         outputs = {o.name for o in session.get_outputs()}
-        wanted = [PROBS_OUTPUT, *(SCORE_PREFIX + n for n in detectors)]
+        wanted = [PROBS_OUTPUT, VALID_OUTPUT, *(SCORE_PREFIX + n for n in detectors)]
         if len(inputs) != 1 or not set(wanted) <= outputs:
             raise ComposedGraphError(f"the composed graph does not output {sorted(set(wanted) - outputs)}")
         self.session, self.detectors = session, tuple(detectors)
         self.input_name, self._outputs = inputs[0].name, wanted
 
+    def run_checked(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
+        """The probabilities on ``x``, ``{detector: scores}`` and the spec check, from one ``session.run``."""
+        probs, valid, *scores = self.session.run(self._outputs, {self.input_name: x})
+        return probs, dict(zip(self.detectors, scores, strict=True)), bool(valid == 1.0)
+
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The probabilities on ``x`` and ``{detector: scores}``, from one ``session.run``."""
-        probs, *scores = self.session.run(self._outputs, {self.input_name: x})
-        return probs, dict(zip(self.detectors, scores, strict=True))
+        """The probabilities on ``x`` and ``{detector: scores}``."""
+        probs, scores, _ = self.run_checked(x)
+        return probs, scores
 
 
 @contextlib.contextmanager

@@ -73,20 +73,34 @@ class RobustModel:
         if self.composed is None:
             return scores_with_probs(self.detector, x, clf)
         probs, scores = self.composed.run(x)
+        return self._combined(scores, x), probs
+
+    def _combined(self, scores: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """The decision detector's scores from the composed members' (and any member left in numpy)."""
         if self.detector_name in scores:
-            return scores[self.detector_name], probs
+            return scores[self.detector_name]
         assert isinstance(self.detector, EnsembleDetector)  # noqa: S101 - __init__ kept a composed graph only so
         parts = [np.asarray(scores[m.name] if m.name in scores else scores_with_probs(m, x, None)[0],
                             dtype=np.float64) for m in self.detector.members]
-        return self.detector.combined(parts), probs
+        return self.detector.combined(parts)
 
     def decide(self, x: np.ndarray) -> BatchDecision:
         """Vectorised robust inference: one array per field, for high-throughput callers."""
+        if self.composed is not None and self.smoothed is None:
+            # One session run: the spec's value checks ride along in the graph; when it cannot vouch for every
+            # value, numpy checks them (and raises the error naming the field) before anything is answered.
+            x = self.spec.check_structure(x)
+            composed_probs, member_scores, certain = self.composed.run_checked(x)
+            if not certain:
+                x = self.spec.check_values(x)
+            return self._verdicts(self._combined(member_scores, x), composed_probs.argmax(axis=1))
         x = self.spec.validate(x)
         if self.smoothed is not None:
             return self._decide_smoothed(x, self.smoothed)
         scores, probs = self._scores(x, self.clf)
-        labels = (probs if probs is not None else self.clf.probs(x)).argmax(axis=1)
+        return self._verdicts(scores, (probs if probs is not None else self.clf.probs(x)).argmax(axis=1))
+
+    def _verdicts(self, scores: np.ndarray, labels: np.ndarray) -> BatchDecision:
         reject, flag = self.calibrated.reject_threshold, self.calibrated.flag_threshold
         verdicts = np.where(scores > reject, REJECT, np.where(scores > flag, FLAG, ACCEPT)).astype(np.int8)
         return BatchDecision(verdicts, scores, np.where(verdicts == REJECT, -1, labels), reject, flag,

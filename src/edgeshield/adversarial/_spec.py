@@ -132,6 +132,10 @@ class InputSpec:
     # --- checking ----------------------------------------------------------------------------------------------
     def validate(self, x: object) -> np.ndarray:
         """Return ``x`` as an array if it satisfies the spec, else raise the error naming the offending field."""
+        return self.check_values(self.check_structure(x))
+
+    def check_structure(self, x: object) -> np.ndarray:
+        """The checks on the array itself (type, rank, shape, an empty batch, dtype), not on its values."""
         if not isinstance(x, np.ndarray):
             raise InputDtypeError("type", f"expected a numpy array, got {type(x).__name__}")
         if x.ndim != len(self.shape):
@@ -144,6 +148,10 @@ class InputSpec:
             raise EmptyBatchError("batch", "the batch is empty")
         if x.dtype != np.dtype(self.dtype):
             raise InputDtypeError("dtype", f"got {x.dtype}, expected {self.dtype}")
+        return x
+
+    def check_values(self, x: np.ndarray) -> np.ndarray:
+        """The checks on the values (finite, range, grid) of an array that passed :meth:`check_structure`."""
         finite = x
         if x.dtype.kind == "f" and not np.isfinite(x).all():  # the common, all-finite case costs one pass
             if not self.allow_nan and np.isnan(x).any():
