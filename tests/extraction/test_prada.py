@@ -242,7 +242,7 @@ def test_malformed_state_is_refused(digits):
         b"garbage",
         _npz(**{k: v for k, v in good.items() if k != "recent"}),
         _npz(**{**good, "version": np.asarray(9)}),
-        _npz(**{**good, "queries": good["queries"].astype(np.float32)}),
+        _npz(**{**good, "queries": good["queries"].astype(np.float16)}),
         _npz(**{**good, "queries": good["queries"][:-1]}),
         _npz(**{**good, "query_keys": good["query_keys"][:, :16]}),
         _npz(**{**good, "distances": -good["distances"]}),

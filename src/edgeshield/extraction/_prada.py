@@ -14,8 +14,13 @@ Variant implemented (Algorithm 1 of the paper, with bounded memory):
 
 Memory bound (our deviation from the paper, which keeps everything): ``G_c`` keeps at most ``max_history`` queries
 per class (the most recent ones, a ring buffer), ``D_{G_c}`` the same number of distances, and ``D`` the most recent
-``max_distances`` distances. So a client costs at most ``classes·max_history·(d + 1) + max_distances`` floats.
-The test is therefore over a sliding window, which also lets an attack that starts late still be caught.
+``max_distances`` distances. The test is therefore over a sliding window, which also lets an attack that starts late
+still be caught. Everything is held in numpy rings, not Python objects: a stored query costs ``4·d`` bytes (float32,
+the canonical input dtype: lossless for the float32 rows the server hands over, and distances are computed in
+float64 exactly as from float64 rows) plus its 32-byte key and an 8-byte admitted distance; a recent key 32 bytes, a
+distance 8. So a client costs at most ``classes·max_history·(4·d + 40) + 32·max_recent_keys + 8·max_distances``
+bytes (``max_client_bytes``): 3.0 MB for digits (d = 64, 10 classes) at the defaults, against about 7 MB when rows
+were float64 and keys and distances Python objects (``benchmarks/_monitor_scale.py`` measures both).
 
 Near-duplicates (our addition): honest clients retry and re-photograph; a query whose canonical key the client sent
 before, or whose L2 distance to one of the client's stored queries (any class) is at most ``dup_distance``, is
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +51,7 @@ __all__ = ["PradaDetector", "PradaState", "calibrate_delta", "calibrate_dup_dist
 
 _STATE_VERSION = 1
 _KEY_BYTES = 32
+_KEY_WORDS = _KEY_BYTES // 8  # a key held as 4 uint64 words
 
 
 def shapiro_w(values: np.ndarray) -> float:
@@ -76,16 +81,28 @@ class PradaState:
 
 
 class _Ring:
-    """At most ``cap`` rows, the oldest overwritten first; storage grows by doubling up to ``cap``."""
+    """At most ``cap`` rows of ``width`` values of ``dtype``, the oldest overwritten first; storage starts at two
+    rows and grows by doubling up to ``cap`` (a client with a few queries per class holds a few rows per class)."""
 
-    def __init__(self, cap: int, width: int) -> None:
+    def __init__(self, cap: int, width: int, dtype: type[np.generic] = np.float32) -> None:
         self.cap, self.n, self.head = cap, 0, 0
-        self.data = np.empty((min(cap, 16), width), dtype=np.float64)
+        self.data = np.empty((min(cap, 2), width), dtype=dtype)
 
-    def append(self, row: np.ndarray) -> None:
+    @classmethod
+    def of(cls, cap: int, rows: np.ndarray, dtype: type[np.generic] = np.float32) -> _Ring:
+        """A ring holding the newest ``cap`` of ``rows`` (oldest first), as if they had been appended in order."""
+        ring = cls(cap, rows.shape[1], dtype)
+        kept = rows[-cap:] if cap else rows[:0]
+        if len(kept):
+            ring.data = np.array(kept, dtype=dtype)
+            ring.n = len(kept)
+            ring.head = 0
+        return ring
+
+    def append(self, row: np.ndarray | np.generic) -> None:
         if self.n < self.cap:
             if self.n == len(self.data):
-                grown = np.empty((min(self.cap, 2 * len(self.data)), self.data.shape[1]), dtype=np.float64)
+                grown = np.empty((min(self.cap, 2 * len(self.data)), self.data.shape[1]), dtype=self.data.dtype)
                 grown[: self.n] = self.data[: self.n]
                 self.data = grown
             self.data[self.n] = row
@@ -104,38 +121,75 @@ class _Ring:
 
 
 class _KeyWindow:
-    """The most recent ``cap`` keys (a FIFO) with O(1) membership."""
+    """The most recent ``cap`` 32-byte keys (a FIFO; a key added twice is held twice) in one ring of 4 uint64 words
+    per key: 32 bytes a key instead of a bytes object, a deque slot and a counter entry (about 140 bytes).
+    Membership compares the first word of every held key (one vectorised pass), then the whole of the few that
+    share it: exact, as a set would be."""
 
-    def __init__(self, cap: int) -> None:
-        self.order: deque[bytes] = deque()
-        self.counts: Counter[bytes] = Counter()
+    def __init__(self, cap: int, keys: np.ndarray | None = None) -> None:
         self.cap = cap
+        self._ring = None
+        if cap:
+            words = None if keys is None else np.ascontiguousarray(keys, dtype=np.uint8).view(np.uint64)
+            self._ring = _Ring(cap, _KEY_WORDS, np.uint64) if words is None else _Ring.of(cap, words, np.uint64)
 
     def add(self, key: bytes) -> None:
-        self.order.append(key)
-        self.counts[key] += 1
-        if len(self.order) > self.cap:
-            old = self.order.popleft()
-            self.counts[old] -= 1
-            if not self.counts[old]:
-                del self.counts[old]
+        if self._ring is not None:
+            self._ring.append(np.frombuffer(key, dtype=np.uint64))
 
     def __contains__(self, key: object) -> bool:
-        return key in self.counts
+        if self._ring is None or not self._ring.n or not isinstance(key, bytes) or len(key) != _KEY_BYTES:
+            return False
+        rows = self._ring.rows()
+        want = np.frombuffer(key, dtype=np.uint64)
+        first = rows[:, 0] == want[0]
+        if not first.any():
+            return False
+        return bool((rows[first] == want).all(axis=1).any())
+
+    def __len__(self) -> int:
+        return 0 if self._ring is None else self._ring.n
+
+    def first_words(self) -> np.ndarray:
+        """The first uint64 word of every held key (a view, in no particular order)."""
+        return np.empty(0, np.uint64) if self._ring is None else self._ring.rows()[:, 0]
+
+    def ordered(self) -> np.ndarray:
+        """The keys, oldest first, as a uint8 array [n, 32]."""
+        if self._ring is None:
+            return np.empty((0, _KEY_BYTES), np.uint8)
+        return np.ascontiguousarray(self._ring.ordered()).view(np.uint8)
+
+
+class _FloatWindow:
+    """The most recent ``cap`` float64 values (a bounded deque's semantics, 8 bytes a value)."""
+
+    def __init__(self, cap: int, values: Sequence[float] | np.ndarray = ()) -> None:
+        self._ring = _Ring.of(cap, np.asarray(values, dtype=np.float64).reshape(-1, 1), np.float64)
+
+    def append(self, value: float) -> None:
+        self._ring.append(np.float64(value))
+
+    def __len__(self) -> int:
+        return self._ring.n
+
+    def values(self) -> np.ndarray:
+        """The values, oldest first (float64 [n])."""
+        return self._ring.ordered().ravel()
 
 
 @dataclass
 class _ClassSet:
     queries: _Ring
     keys: _KeyWindow  # the keys of ``queries``, in the same order
-    admitted: deque[float]
+    admitted: _FloatWindow
     threshold: float = 0.0
 
 
 @dataclass
 class _Client:
     recent: _KeyWindow
-    distances: deque[float]
+    distances: _FloatWindow
     classes: dict[int, _ClassSet] = field(default_factory=dict)
     width: int | None = None
     ignored: int = 0
@@ -206,13 +260,22 @@ class PradaDetector:
         self._clients[client_id] = client
         if len(flat):
             client.width = flat.shape[1]
-        for query, label, key in zip(flat, labels, keys, strict=True):  # equal lengths: checked above
-            self._add(client, query, int(label), key)
+        # Which keys may have been seen: their first word among the held keys' at the start of the batch (one
+        # vectorised pass instead of a scan per query). A key held now was either held then or added during this
+        # batch, so the exact check is needed only for those; a key evicted since is settled by the exact check.
+        held = [client.recent.first_words(), *(c.keys.first_words() for c in client.classes.values())]
+        firsts = np.frombuffer(b"".join(keys), dtype=np.uint64)[::_KEY_WORDS] if keys else np.empty(0, np.uint64)
+        maybe = np.isin(firsts, np.concatenate(held)).tolist()
+        added: set[bytes] = set()
+        nearest = _BatchNearest(client, flat, labels, every_class=self.dup_distance is not None)
+        for j, (query, label, key, seen) in enumerate(zip(flat, labels, keys, maybe, strict=True)):  # equal lengths
+            self._add(client, query, int(label), key, seen or key in added, nearest, j)
+            added.add(key)
         return self.state(client_id)
 
     def state(self, client_id: str) -> PradaState:
         client = self._clients.get(client_id)
-        distances = np.fromiter(client.distances, dtype=np.float64) if client else np.empty(0)
+        distances = client.distances.values() if client else np.empty(0)
         growing = sum(c.queries.n for c in client.classes.values()) if client else 0
         w = self._w(distances) if distances.size >= self.min_samples else None
         return PradaState(self.name, w is not None and w < self.delta, w, int(distances.size), growing,
@@ -226,18 +289,28 @@ class PradaDetector:
         client = self._clients.get(client_id)
         return sum(c.queries.n for c in client.classes.values()) if client else 0
 
-    def _new_client(self) -> _Client:
-        return _Client(recent=_KeyWindow(self.max_recent_keys), distances=deque(maxlen=self.max_distances))
+    def max_client_bytes(self, features: int, classes: int) -> int:
+        """The most one client's state can hold, in bytes of array data, for inputs of ``features`` values and a
+        model of ``classes`` classes: every class set full, every recent key and distance kept (see the module
+        docstring; Python object headers, a few hundred bytes a class, come on top)."""
+        per_query = 4 * int(features) + _KEY_BYTES + 8
+        return int(classes) * self.max_history * per_query + _KEY_BYTES * self.max_recent_keys \
+            + 8 * self.max_distances
 
-    def _add(self, client: _Client, query: np.ndarray, label: int, key: bytes) -> None:
-        if key in client.recent or any(key in c.keys for c in client.classes.values()):
+    def _new_client(self) -> _Client:
+        return _Client(recent=_KeyWindow(self.max_recent_keys), distances=_FloatWindow(self.max_distances))
+
+    def _add(self, client: _Client, query: np.ndarray, label: int, key: bytes, maybe_seen: bool = True,
+             batch: _BatchNearest | None = None, j: int = 0) -> None:
+        if maybe_seen and (key in client.recent or any(key in c.keys for c in client.classes.values())):
             client.ignored += 1
             return
         client.recent.add(key)
         # Without dup_distance only the predicted class's set is needed (the paper's cost); with it, every class's.
         compared = client.classes if self.dup_distance is not None else {
             c: s for c, s in client.classes.items() if c == label}
-        nearest = {c: float(np.sqrt(((s.queries.rows() - query) ** 2).sum(axis=1).min())) for c, s in compared.items()}
+        nearest = batch.nearest(compared, query, j) if batch is not None else {
+            c: _nearest_live(s, query) for c, s in compared.items()}
         if self.dup_distance is not None and nearest and min(nearest.values()) <= self.dup_distance:
             client.ignored += 1  # an honest retake (or a probe too close to teach anything): no evidence either way
             return
@@ -247,7 +320,9 @@ class PradaDetector:
             ring.append(query)
             window = _KeyWindow(self.max_history)
             window.add(key)
-            client.classes[label] = _ClassSet(ring, window, deque(maxlen=self.max_history))
+            client.classes[label] = _ClassSet(ring, window, _FloatWindow(self.max_history))
+            if batch is not None:
+                batch.created(label, ring)
             return
         d_min = nearest[label]
         if d_min == 0.0:
@@ -258,9 +333,11 @@ class PradaDetector:
         client.distances.append(d_min)
         if d_min > cls.threshold:
             cls.queries.append(query)
+            if batch is not None:
+                batch.appended(label, cls.queries.rows()[-1])  # (a set that was full is not tracked)
             cls.keys.add(key)
             cls.admitted.append(d_min)
-            admitted = np.fromiter(cls.admitted, dtype=np.float64)
+            admitted = cls.admitted.values()
             cls.threshold = max(cls.threshold, float(admitted.mean() - admitted.std()))
 
     def _w(self, distances: np.ndarray) -> float:
@@ -270,7 +347,8 @@ class PradaDetector:
 
     # --- persistence -------------------------------------------------------------------------------------------
     def export_state(self, client_id: str) -> bytes | None:
-        """One client's sets, distances and recent keys as ``np.savez`` bytes (no pickle); None: nothing held."""
+        """One client's sets, distances and recent keys as ``np.savez`` bytes (no pickle); None: nothing held.
+        Queries are written as float32 (as held); ``import_state`` also reads the float64 rows written before."""
         client = self._clients.get(client_id)
         if client is None:
             return None
@@ -285,11 +363,11 @@ class PradaDetector:
             "thresholds": np.array([s.threshold for _, s in sets], dtype=np.float64),
             "counts": np.array([len(r) for r in rows], dtype=np.int64),
             "admitted_counts": np.array([len(s.admitted) for _, s in sets], dtype=np.int64),
-            "queries": np.concatenate(rows) if rows else np.empty((0, max(width, 0))),
-            "query_keys": _key_array([k for _, s in sets for k in s.keys.order]),
-            "admitted": np.array([d for _, s in sets for d in s.admitted], dtype=np.float64),
-            "distances": np.array(client.distances, dtype=np.float64),
-            "recent": _key_array(list(client.recent.order)),
+            "queries": np.concatenate(rows) if rows else np.empty((0, max(width, 0)), dtype=np.float32),
+            "query_keys": np.concatenate([s.keys.ordered() for _, s in sets]) if sets else _key_array([]),
+            "admitted": np.concatenate([s.admitted.values() for _, s in sets]) if sets else np.empty(0),
+            "distances": client.distances.values(),
+            "recent": client.recent.ordered(),
         }
         buf = io.BytesIO()
         np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -314,7 +392,8 @@ class PradaDetector:
               and thresholds.dtype == np.float64 and thresholds.shape == c
               and counts.dtype == np.int64 and counts.shape == c and adm_counts.dtype == np.int64
               and adm_counts.shape == c and ignored >= 0
-              and queries.dtype == np.float64 and queries.ndim == 2 and qkeys.shape == (queries.shape[0], _KEY_BYTES)
+              and queries.dtype in (np.float32, np.float64) and queries.ndim == 2
+              and qkeys.shape == (queries.shape[0], _KEY_BYTES)
               and admitted.dtype == np.float64 and admitted.ndim == 1
               and distances.dtype == np.float64 and distances.ndim == 1
               and qkeys.dtype == np.uint8 and recent.dtype == np.uint8 and recent.ndim == 2
@@ -331,18 +410,74 @@ class PradaDetector:
         client.width, client.ignored = (None if width == -1 else width), ignored
         starts, adm_starts = np.cumsum(counts) - counts, np.cumsum(adm_counts) - adm_counts
         for i, label in enumerate(labels.tolist()):
-            rows = queries[starts[i]: starts[i] + counts[i]][-self.max_history:]
-            ks = qkeys[starts[i]: starts[i] + counts[i]][-self.max_history:]
-            ring, window = _Ring(self.max_history, queries.shape[1]), _KeyWindow(self.max_history)
-            for row, k in zip(rows, ks, strict=True):
-                ring.append(row)
-                window.add(k.tobytes())
-            adm = admitted[adm_starts[i]: adm_starts[i] + adm_counts[i]].tolist()
-            client.classes[label] = _ClassSet(ring, window, deque(adm, maxlen=self.max_history), float(thresholds[i]))
-        client.distances.extend(distances.tolist())
-        for k in recent:
-            client.recent.add(k.tobytes())
+            ring = _Ring.of(self.max_history, queries[starts[i]: starts[i] + counts[i]])
+            window = _KeyWindow(self.max_history, qkeys[starts[i]: starts[i] + counts[i]])
+            adm = admitted[adm_starts[i]: adm_starts[i] + adm_counts[i]]
+            client.classes[label] = _ClassSet(ring, window, _FloatWindow(self.max_history, adm),
+                                              float(thresholds[i]))
+        client.distances = _FloatWindow(self.max_distances, distances)
+        client.recent = _KeyWindow(self.max_recent_keys, recent)
         self._clients[client_id] = client
+
+
+def _nearest_live(s: _ClassSet, query: np.ndarray) -> float:
+    """L2 distance from ``query`` to its nearest neighbour in the class set ``s``."""
+    return float(np.sqrt(((s.queries.rows() - query) ** 2).sum(axis=1).min()))
+
+
+class _BatchNearest:
+    """Nearest-neighbour distances for one batch of one client, with a few vectorised passes instead of one per
+    query and class set: the least squared distance of every query of the batch to each set as it was when the batch
+    began (one pass per set), and, per query, to the rows appended during the batch (one pass over all of them;
+    a set created during the batch holds only such rows).
+    The minimum of the two is, bit for bit, what comparing each query with the whole set when it comes gives (the
+    same per-row sums). A set the batch could overwrite (no room for every row of the batch) is compared live."""
+
+    def __init__(self, client: _Client, flat: np.ndarray, labels: np.ndarray, *, every_class: bool) -> None:
+        wanted = client.classes if every_class else {
+            c: client.classes[c] for c in set(labels.tolist()) if c in client.classes}
+        self.before: dict[int, np.ndarray] = {}
+        for c, s in wanted.items():
+            if not len(flat) or s.queries.n + len(flat) > s.queries.cap:
+                continue
+            rows = s.queries.rows()
+            best = np.empty(len(flat))
+            step = max(1, (1 << 19) // max(1, rows.size))  # at most ~4 MB of differences at a time
+            for start in range(0, len(flat), step):
+                q = flat[start : start + step]
+                best[start : start + len(q)] = ((rows[None, :, :] - q[:, None, :]) ** 2).sum(axis=2).min(axis=1)
+            self.before[c] = best
+        self._rows: list[np.ndarray] = []
+        self._classes: list[int] = []
+        self._n = len(flat)
+
+    def created(self, c: int, ring: _Ring) -> None:
+        """Class set ``c`` was created during the batch, holding one row: tracked if the batch cannot overwrite it."""
+        if self._n <= ring.cap:
+            self.before[c] = np.full(self._n, np.inf)
+            self.appended(c, ring.rows()[0])
+
+    def appended(self, c: int, row: np.ndarray) -> None:
+        """A row was appended to class set ``c`` during the batch."""
+        if c in self.before:
+            self._rows.append(row)
+            self._classes.append(c)
+
+    def nearest(self, compared: dict[int, _ClassSet], query: np.ndarray, j: int) -> dict[int, float]:
+        out: dict[int, float] = {}
+        extra: dict[int, float] = {}
+        if self._rows and any(c in self.before for c in compared):
+            d2 = ((np.stack(self._rows) - query) ** 2).sum(axis=1)
+            for c, v in zip(self._classes, d2.tolist(), strict=True):
+                if c not in extra or v < extra[c]:
+                    extra[c] = v
+        for c, s in compared.items():
+            if c in self.before:
+                d = float(self.before[c][j])
+                out[c] = float(np.sqrt(min(d, extra[c]) if c in extra else d))
+            else:
+                out[c] = _nearest_live(s, query)
+        return out
 
 
 def _key_array(keys: list[bytes]) -> np.ndarray:
