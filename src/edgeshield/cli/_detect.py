@@ -158,7 +158,10 @@ def calibrate(
                           signing_passphrase_env, opened.manifest.model_version)
     result.save(out)
     if as_json:
-        emit_json(result.to_dict() | {"path": str(out)})
+        summary = result.to_dict() | {"path": str(out)}
+        if "composed" in summary:  # its sealed bundle stays in the file
+            summary["composed"] = {k: v for k, v in summary["composed"].items() if k != "bundle"}
+        emit_json(summary)
         return
     t = table(f"detectors calibrated on {len(x)} clean inputs, target FPR {target_fpr}",
               ("detector", "reject threshold", "flag threshold", "FPR (reject)", "FPR (flag)"))
