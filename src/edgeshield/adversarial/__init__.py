@@ -2,8 +2,10 @@
 
 The runtime path (spec validation, ``squeeze``, ``noise``, ``reconstruction``, ``mahalanobis``, ``lid``, the
 ``ensemble`` and ``fisher`` combiners, robust inference and randomized smoothing) needs only numpy and ONNX Runtime.
-``expose_hidden`` (owner side) needs ``edgeshield[owner]`` (onnx); the ``gradient`` detector and the ONNX→PyTorch
-bridge need ``edgeshield[eval]``; both are imported lazily. The evaluation harnesses live in ``edgeshield.evaluation``.
+``expose_hidden`` and ``compose`` (owner side) need ``edgeshield[owner]`` (onnx); the ``gradient`` detector and the
+ONNX→PyTorch bridge need ``edgeshield[eval]``; both are imported lazily. ``compose`` seals the model and its runtime
+detectors as one signed graph bound to the model; ``open_composed`` verifies and opens it on the device (ORT only).
+The evaluation harnesses live in ``edgeshield.evaluation``.
 """
 
 from edgeshield.adversarial._calibrate import (
@@ -13,6 +15,8 @@ from edgeshield.adversarial._calibrate import (
     calibrate,
     threshold_at_fpr,
 )
+from edgeshield.adversarial._compose import compose
+from edgeshield.adversarial._composed import ComposedDetectors, ComposedGraph, open_composed
 from edgeshield.adversarial._detectors import (
     Detector,
     EnsembleDetector,
@@ -36,6 +40,8 @@ __all__ = [
     "METADATA_KEY",
     "BatchDecision",
     "CalibratedDetector",
+    "ComposedDetectors",
+    "ComposedGraph",
     "Decision",
     "Detector",
     "DetectorFile",
@@ -56,6 +62,8 @@ __all__ = [
     "build_all",
     "calibrate",
     "clopper_pearson_lower",
+    "compose",
     "expose_hidden",
+    "open_composed",
     "threshold_at_fpr",
 ]
