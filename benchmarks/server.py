@@ -29,15 +29,28 @@ Protocol (fixed; every figure comes from this run, all traffic goes to 127.0.0.1
 2. Requests: httpx (keep-alive, one client) POSTs ``/v1/predict`` with one digit per request as a JSON body (the
    same pre-encoded bodies for every server), sequentially, in alternating blocks; then the same with a few client
    threads (one httpx client each). Target: secure ÷ plain requests/s >= 0.7 (sequential).
-3. Audit: ``AuditLog.append`` (one committed transaction each: WAL, synchronous=FULL, checkpoint every 100) with
-   the data the server writes per prediction, vs. one-row INSERT + COMMIT into a plain table of the same columns
-   and row sizes under the same pragmas, and under synchronous=NORMAL for context; raw ``os.fsync`` for reference.
+   2b. Scale (``benchmarks/_audit_scale.py``): the secure, secure-no-audit and plain servers at 1, 16 and 128
+   concurrent keep-alive clients, each client its own identity (its own certificate, so the per-identity caps never
+   bind; the in-flight cap is raised to 256 on every server), all connections opened before any sends, then each
+   client sending one request at a time for a fixed window: requests/s, p50/p99 latency and the server's CPU ms
+   per request over the window, the servers taking turns at each level. Targets at 16 clients: secure ÷ plain
+   >= 0.8, secure ÷ secure-no-audit >= 0.95.
+3. Audit: ``AuditLog.append`` from one thread (WAL, synchronous=FULL, checkpoint every 100) with the data the
+   server writes per prediction, vs. one-row INSERT + COMMIT into a plain table of the same columns and row sizes
+   under the same pragmas, and under synchronous=NORMAL for context; raw ``os.fsync`` for reference.
+   3b. Durable appends/s at 1, 8 and 64 concurrent writer threads: ``AuditLog.append`` (group commit) vs plain
+   SQLite with the same pragmas, each writer its own connection and transaction, and (the practical limit) one
+   writer committing the same rows in transactions of as many rows as there are writers. Target: >= 20,000/s at 64.
+   3c. Verification as the log grows: one log built through ``AuditLog.append_many`` (10k entries per transaction)
+   to 10k, 100k and 1M entries, a full ``verify`` at each; then its newest checkpoint cosigned by a witness (in
+   process), 10k more entries, and ``verify_from_witnessed`` timed.
 4. Bounded load test on the secure server: a fixed schedule from a few client threads, 20 % malformed (bad JSON,
    wrong shape, NaN via .npy, out of range, oversize body, auditor role -> 403); status codes counted, the
    server's RSS sampled (start, middle, end), then liveness, graceful SIGTERM, and ``verify`` of its audit log with
    the entries cross-checked against the status codes the clients saw.
 
-``--quick`` uses fewer iterations (< 1 minute). ``--json PATH`` writes one flat JSON object.
+``--quick`` uses fewer iterations and a smaller scale, named in the ``scale`` key (verification at 1k/5k/20k
+entries, 0.5 s per concurrency cell). ``--json PATH`` writes one flat JSON object.
 """
 
 from __future__ import annotations
@@ -66,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from _audit_scale import bench_appends, bench_concurrency, bench_verify  # benchmarks/_audit_scale.py
 from edgeshield._progress import ProgressCallback, report
 from edgeshield.cli._progress import progress_bars
 
@@ -77,10 +91,13 @@ HOST = "127.0.0.1"
 MAX_BODY = 64 * 1024
 # Handshakes are measured back to back from one address, so the per-address handshake rate and connection cap (a
 # policy against floods, measured in benchmarks/hardening.py) are lifted for the secure servers here.
+# The in-flight cap (64 by default: admission control, answered 503) is raised to 256 so that 128 concurrent clients
+# measure throughput, not the cap; every client has its own identity, so the per-identity caps never bind (the plain
+# server sees one anonymous identity, so its per-identity cap is raised as well).
 UNCAPPED = {"handshakes_per_second_per_address": 1e6, "handshake_burst_per_address": 1_000_000,
-            "max_connections_per_address": 512}
+            "max_connections_per_address": 512, "max_in_flight": 256}
 UNCAPPED_FLAGS = ["--handshake-rate", "1000000", "--handshake-burst", "1000000",
-                  "--max-connections-per-address", "512"]
+                  "--max-connections-per-address", "512", "--max-in-flight", "256"]
 TARGET_FULL_HS_MS = 2.0
 TARGET_RESUMED_HS_MS = 1.0
 TARGET_RPS_RATIO = 0.7
@@ -98,7 +115,16 @@ SIZES = {
     "audit_rows": (300, 2000),
     "load_requests": (400, 3000),
     "load_threads": (3, 3),
+    "scale_run_s": (0.5, 5),  # seconds per server per concurrency level (after 0.25 s / 0.5 s of warm-up)
+    "append_total": (640, 6400),  # appends per concurrency level (split over the writers)
+    "verify_incremental": (1000, 10_000),
 }
+SCALE_LEVELS = (1, 16, 128)  # concurrent keep-alive clients, each its own identity
+APPEND_LEVELS = (1, 8, 64)
+VERIFY_SIZES = {True: (1000, 5000, 20_000), False: (10_000, 100_000, 1_000_000)}  # quick, full
+TARGET_SECURE_VS_PLAIN_C16 = 0.8
+TARGET_AUDIT_VS_NOAUDIT_C16 = 0.95
+TARGET_APPENDS_C64 = 20_000
 PHASE_DEADLINE_S = {"handshakes": (20, 120), "requests": (20, 150), "load": (25, 180)}
 
 
@@ -128,7 +154,9 @@ def prepare(work: Path) -> dict[str, Any]:
     alice = transport.issue(ca, name="alice", role="client")
     aud = transport.issue(ca, name="aud", role="auditor")
     audit.generate_signing_key(work / "audit.key")
-    return {"work": str(work), "bundle": str(bundle), "owner_pub": str(k / "owner.pub"),
+    clients = [transport.issue(ca, name=f"client-{i:03d}", role="client") for i in range(max(SCALE_LEVELS))]
+    return {"clients": [[str(c.cert_path), str(c.key_path)] for c in clients], "work": str(work),
+            "bundle": str(bundle), "owner_pub": str(k / "owner.pub"),
             "device_key": str(k / "device.key"), "ca": str(ca), "ca_crt": str(ca / "ca.crt"),
             "server_crt": str(server.cert_path), "server_key": str(server.key_path),
             "alice": [str(alice.cert_path), str(alice.key_path)], "aud": [str(aud.cert_path), str(aud.key_path)],
@@ -161,8 +189,12 @@ def child_plain(p: dict[str, Any], port: int) -> None:
 
     opened = bundles.open_bundle(p["bundle"], keys.load_owner_public_key(p["owner_pub"]),
                                  keys.load_device_private_key(p["device_key"]))
+    from edgeshield.server._limits import Limits
+
     state = ServerState(session=opened.session, manifest=opened.manifest, rbac=None, audit=None, spec=None,
-                        require_client_cert=False, max_body_bytes=MAX_BODY)
+                        require_client_cert=False, max_body_bytes=MAX_BODY,
+                        limits=Limits(**{**UNCAPPED, "max_in_flight_per_identity": 256,
+                                         "max_connections_per_identity": 512}))
     config = uvicorn.Config(create_app(state), host=HOST, port=port, http="httptools", timeout_keep_alive=5,
                             timeout_graceful_shutdown=10, limit_concurrency=256, log_config=log_config(),
                             server_header=False, date_header=False)
@@ -706,6 +738,10 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(v[:8]) - idle, sum(v[:8])
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
 def _fmt(x: float | None, nd: int = 2) -> str:
     return "-" if x is None else f"{x:,.{nd}f}"
 
@@ -720,7 +756,7 @@ def _mib(x: int | None) -> str:
     return "-" if x is None else f"{x / (1 << 20):.1f}"
 
 
-STAGES = 6
+STAGES = 8
 
 
 @contextlib.contextmanager
@@ -809,17 +845,30 @@ def main(argv: list[str] | None = None) -> int:
                     ref.stop()
         with _stage(progress, 3, "requests: sequential and concurrent"):
             rq = bench_requests(p, servers, quick, bodies)
-        servers["secure_noaudit"].stop()
         servers["secure_normal"].stop()
         with _stage(progress, 4, "audit log vs. plain SQLite"):
             au = bench_audit(work, _size("audit_rows", quick))
         with _stage(progress, 5, f"bounded load test ({_size('load_requests', quick)} requests)"):
             ld = bench_load(p, secure, quick, bodies)
+        # After the load test, so that alice's load follows her request phase as before (a long idle gap, then a
+        # burst, is what the monitor's rate-anomaly rule throttles); these clients are 128 other identities.
+        with _stage(progress, 6, f"requests at {', '.join(map(str, SCALE_LEVELS))} keep-alive clients"):
+            from edgeshield import transport
+
+            ids = [transport.client_context(p["ca_crt"], cert, key) for cert, key in p["clients"]]
+            sc = bench_concurrency({n: servers[n] for n in ("secure", "secure_noaudit", "plain")},
+                                   {"secure": list(ids), "secure_noaudit": list(ids), "plain": [None] * len(ids)},
+                                   bodies[0], SCALE_LEVELS, _size("scale_run_s", quick),
+                                   warm_s=0.25 if quick else 0.5)
+        servers["secure_noaudit"].stop()
         secure_exit = secure.stop()
         plain.stop()
         ac = audit_check(p, secure_db)
         log_tail = secure.log_path.read_text(errors="replace")
         server_tracebacks = log_tail.count("Traceback")
+        with _stage(progress, 7, "audit log at 1/8/64 writers; verification as the log grows (servers stopped)"):
+            ap = bench_appends(work, work / "audit.key", APPEND_LEVELS, _size("append_total", quick))
+            vs = bench_verify(work, work / "audit.key", VERIFY_SIZES[quick], _size("verify_incremental", quick))
     finally:
         stack.close()
         for s in servers.values():
@@ -839,7 +888,8 @@ def main(argv: list[str] | None = None) -> int:
     # predictions the clients saw answered 200 on the secure server, across every phase, for the audit cross-check
     sec_seq, sec_conc = rq["seq_secure"], rq["conc_secure"]
     predicts_200 = (rq["warm_200_secure"] + sec_seq["requests"] - sec_seq["errors"] + rq["conc_warm_200_secure"]
-                    + sec_conc["requests"] - sec_conc["errors"] + ld["predict_200"])
+                    + sec_conc["requests"] - sec_conc["errors"] + ld["predict_200"]
+                    + sum(sc[f"secure_c{n}"]["ok_all"] for n in SCALE_LEVELS))
     kinds = ac["kinds"]
     r: dict[str, Any] = {
         "quick": quick, "machine": info["machine"], "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -926,6 +976,50 @@ def main(argv: list[str] | None = None) -> int:
                                   and kinds.get("input.rejected", 0) == ld["n_422"]
                                   and kinds.get("auth.forbidden", 0) == ld["n_403"]),
     })
+    # ---- scale: servers at 1/16/128 clients, appends at 1/8/64 writers, verification as the log grows ------------
+    vsz = VERIFY_SIZES[quick]
+    r["scale"] = (f"{'quick' if quick else 'full'}: servers at {'/'.join(map(str, SCALE_LEVELS))} keep-alive clients "
+                  f"for {_size('scale_run_s', quick)} s each; appends at {'/'.join(map(str, APPEND_LEVELS))} writers, "
+                  f"{_size('append_total', quick)} per level; full verify at {'/'.join(f'{x:,}' for x in vsz)} "
+                  f"entries (the *_1m key holds the largest); incremental verify of "
+                  f"{_size('verify_incremental', quick):,} new entries on top of the largest")
+    for n in SCALE_LEVELS:
+        for name in ("secure", "secure_noaudit", "plain"):
+            m = sc[f"{name}_c{n}"]
+            r.update({f"scale_{name}_c{n}_rps": m["rps"], f"scale_{name}_c{n}_p50_ms": m["p50_ms"],
+                      f"scale_{name}_c{n}_p99_ms": m["p99_ms"], f"scale_{name}_c{n}_errors": m["errors"],
+                      f"scale_{name}_c{n}_requests": m["requests"],
+                      f"scale_{name}_c{n}_server_cpu_ms_per_req": m["server_cpu_ms_per_req"]})
+        r[f"secure_vs_plain_rps_ratio_c{n}"] = _ratio(sc[f"secure_c{n}"]["rps"], sc[f"plain_c{n}"]["rps"])
+        r[f"audit_vs_noaudit_rps_ratio_c{n}"] = _ratio(sc[f"secure_c{n}"]["rps"], sc[f"secure_noaudit_c{n}"]["rps"])
+        r[f"secure_noaudit_vs_plain_rps_ratio_c{n}"] = _ratio(sc[f"secure_noaudit_c{n}"]["rps"],
+                                                              sc[f"plain_c{n}"]["rps"])
+    r["secure_vs_plain_rps_ratio_c16_target"] = TARGET_SECURE_VS_PLAIN_C16
+    r["secure_vs_plain_rps_ratio_c16_target_met"] = ((r["secure_vs_plain_rps_ratio_c16"] or 0)
+                                                      >= TARGET_SECURE_VS_PLAIN_C16)
+    r["audit_vs_noaudit_rps_ratio_c16_target"] = TARGET_AUDIT_VS_NOAUDIT_C16
+    r["audit_vs_noaudit_rps_ratio_c16_target_met"] = ((r["audit_vs_noaudit_rps_ratio_c16"] or 0)
+                                                      >= TARGET_AUDIT_VS_NOAUDIT_C16)
+    for n in APPEND_LEVELS:
+        a, q, b = ap[f"audit_c{n}"], ap[f"sqlite_c{n}"], ap[f"sqlite_batched_c{n}"]
+        r.update({f"audit_appends_per_s_c{n}": a["per_s"], f"audit_append_p50_ms_c{n}": a["p50_ms"],
+                  f"audit_append_p99_ms_c{n}": a["p99_ms"], f"audit_append_cpu_us_c{n}": a["cpu_us_per_append"],
+                  f"sqlite_commits_per_s_c{n}": q["per_s"], f"sqlite_commit_p99_ms_c{n}": q["p99_ms"],
+                  f"sqlite_batched_rows_per_s_c{n}": b["per_s"],
+                  f"audit_vs_sqlite_ratio_c{n}": a["per_s"] / q["per_s"]})
+    r["audit_appends_per_s_c64_target"] = TARGET_APPENDS_C64
+    r["audit_appends_per_s_c64_target_met"] = r["audit_appends_per_s_c64"] >= TARGET_APPENDS_C64
+    names = ("10k", "100k", "1m")
+    for label, size in zip(names, vsz, strict=True):
+        r[f"audit_verify_full_s_{label}"] = vs[f"full_{size}"]["s"]
+        r[f"audit_verify_full_entries_{label}"] = vs[f"full_{size}"]["entries"]
+    r["audit_verify_full_us_per_entry_1m"] = 1e6 * vs[f"full_{vsz[-1]}"]["s"] / vs[f"full_{vsz[-1]}"]["entries"]
+    r["audit_verify_incremental_s_10k_of_1m"] = vs["incremental"]["s"]
+    r["audit_verify_incremental_new_entries"] = vs["incremental"]["new_entries"]
+    r["audit_verify_incremental_from_size"] = vs["incremental"]["from_size"]
+    r["audit_verify_incremental_us_per_new_entry"] = 1e6 * vs["incremental"]["s"] / vs["incremental"]["new_entries"]
+    r["audit_bulk_append_entries_per_s"] = vs["build_entries_per_s"]
+    r["audit_verify_scale_db_mib"] = vs["db_bytes"] / (1 << 20)
     r["wall_s"] = time.perf_counter() - started
     r["loadavg_1min_start"] = load_start
     r["loadavg_1min_end"] = os.getloadavg()[0]
@@ -1005,6 +1099,53 @@ def main(argv: list[str] | None = None) -> int:
     t.add_row("raw os.fsync of a 256 B append (reference)", _fmt(1000 / au["fsync"]["p50"], 0),
               _fmt(au["fsync"]["p50"], 3), _fmt(au["fsync"]["p99"], 3))
     console.print(t)
+
+    t = Table(title=f"2b. POST /v1/predict at {'/'.join(map(str, SCALE_LEVELS))} concurrent keep-alive clients, each "
+                    f"its own identity, {_size('scale_run_s', quick)} s per cell (asyncio client)")
+    for col in ("clients", "server", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "÷ plain", "audit ÷ no audit",
+                "target", ""):
+        t.add_column(col, justify="left" if col in ("server", "") else "right")
+    for n in SCALE_LEVELS:
+        for name in ("secure", "secure_noaudit", "plain"):
+            m = sc[f"{name}_c{n}"]
+            target = ""
+            mark = ""
+            if n == 16 and name == "secure":
+                target = f"≥ {TARGET_SECURE_VS_PLAIN_C16} / ≥ {TARGET_AUDIT_VS_NOAUDIT_C16}"
+                mark = _mark(r["secure_vs_plain_rps_ratio_c16_target_met"]
+                             and r["audit_vs_noaudit_rps_ratio_c16_target_met"])
+            t.add_row(str(n), labels[name], _fmt(m["rps"], 0), _fmt(m["p50_ms"], 2), _fmt(m["p99_ms"], 2),
+                      _fmt(m["server_cpu_ms_per_req"], 3),
+                      "" if name == "plain" else _fmt(_ratio(m["rps"], sc[f"plain_c{n}"]["rps"]), 3),
+                      _fmt(r[f"audit_vs_noaudit_rps_ratio_c{n}"], 3) if name == "secure" else "", target, mark)
+    console.print(t)
+
+    t = Table(title=f"3b. Durable appends at {'/'.join(map(str, APPEND_LEVELS))} concurrent writers (WAL, "
+                    "synchronous=FULL), one run")
+    for col in ("writers", "AuditLog.append (group commit)/s", "p99 ms", "CPU µs/append", "plain SQLite commit/s",
+                "÷ plain", "SQLite, writers rows per txn/s", "target", ""):
+        t.add_column(col, justify="right" if col not in ("",) else "left")
+    for n in APPEND_LEVELS:
+        t.add_row(str(n), _fmt(r[f"audit_appends_per_s_c{n}"], 0), _fmt(r[f"audit_append_p99_ms_c{n}"], 2),
+                  _fmt(r[f"audit_append_cpu_us_c{n}"], 0), _fmt(r[f"sqlite_commits_per_s_c{n}"], 0),
+                  _fmt(r[f"audit_vs_sqlite_ratio_c{n}"], 2), _fmt(r[f"sqlite_batched_rows_per_s_c{n}"], 0),
+                  f"≥ {TARGET_APPENDS_C64:,}" if n == 64 else "",
+                  _mark(r["audit_appends_per_s_c64_target_met"]) if n == 64 else "")
+    console.print(t)
+
+    t = Table(title="3c. Verification as the log grows (built through AuditLog.append_many, checkpoint every 100)")
+    for col in ("what", "entries", "seconds", "µs/entry"):
+        t.add_column(col, justify="left" if col == "what" else "right")
+    for size in vsz:
+        m = vs[f"full_{size}"]
+        t.add_row("full audit verify (chain, every checkpoint and signature, quick_check)", f"{m['entries']:,}",
+                  _fmt(m["s"], 2), _fmt(1e6 * m["s"] / m["entries"], 1))
+    inc = vs["incremental"]
+    t.add_row(f"incremental, from the witness-cosigned checkpoint at {inc['from_size']:,}",
+              f"{inc['new_entries']:,} new", _fmt(inc["s"], 3), _fmt(1e6 * inc["s"] / inc["new_entries"], 1))
+    console.print(t)
+    console.print(f"bulk path: {vs['appended_entries']:,} entries appended at {_fmt(vs['build_entries_per_s'], 0)}/s "
+                  f"(10k per transaction); log file {r['audit_verify_scale_db_mib']:.0f} MiB.")
 
     t = Table(title=f"4. Bounded load test on the secure server: {ld['requests']} of {ld['planned']} requests, "
                     f"{ld['threads']} threads, 20 % malformed")

@@ -185,7 +185,7 @@ _JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(
                             | st.floats(allow_nan=False, allow_infinity=False), _nested, max_leaves=8)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=5),
        st.text(min_size=1, max_size=10).filter(lambda a: a.isprintable() and a.strip() == a))
 def test_the_fast_leaf_and_data_paths_equal_the_canonical_ones(data: dict[str, Any], actor: str) -> None:
