@@ -4,8 +4,6 @@ range must fold to the signed root, and the starting point must carry a valid wi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,21 +132,20 @@ def test_compact_ranges_are_the_frontiers_at_every_checkpoint(witnessed: dict[st
         assert frontier is not None and audit.merkle.frontier_root(frontier) == cp.root
 
 
-def _cli(*args: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgeshield", *map(str, args)], capture_output=True, text=True,
-                          timeout=60, check=False)
+def test_cli_verify_from_witnessed(witnessed: dict[str, Any], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeshield.cli import main  # in process: the same entry point `python -m edgeshield` runs
 
-
-def test_cli_verify_from_witnessed(witnessed: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "w.vkey").write_text(str(witnessed["wvkey"]) + "\n")
-    args = ("audit", "verify", witnessed["db"], "--checkpoint-key", tmp_path / "audit.pub", "--from-witnessed",
-            witnessed["note_path"], "--witness-key", tmp_path / "w.vkey")
-    ok = _cli(*args, "--json")
-    assert ok.returncode == 0, ok.stderr
-    out = json.loads(ok.stdout)
+    args = ["audit", "verify", str(witnessed["db"]), "--checkpoint-key", str(tmp_path / "audit.pub"),
+            "--from-witnessed", str(witnessed["note_path"]), "--witness-key", str(tmp_path / "w.vkey")]
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert (out["incremental"], out["witnessed_size"], out["cosigned_by"]) == (True, 27, ["witness.example/w1"])
+    assert main(args[:6]) == 2  # no witness key: nothing off the device vouches for the start
     conn = tamper.attacker(witnessed["db"])
     conn.execute("UPDATE entries SET data = '{\"i\":1}' WHERE seq = 30")
     conn.close()
-    bad = _cli(*args)
-    assert bad.returncode == 3 and "entry 30" in bad.stderr, bad.stderr
+    assert main(args) == 3
+    assert "entry 30" in capsys.readouterr().err
