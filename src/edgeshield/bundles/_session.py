@@ -7,6 +7,12 @@ and frees each weight once it has pre-packed it) instead of twice (a decrypted i
 A pipe lives in kernel memory: the plaintext never touches disk, and the path opens only for this process (and
 whoever may already read its memory).
 
+glibc raises its mmap threshold at run time (up to 32 MiB) once a large block is freed, after which the growing
+buffers of ONNX Runtime's stream parser land in the heap and leave holes there: benchmarks/bundles.py measured
+the streamed open's peak at 1.19x the model in one run and 1.77x in the next. The streamed open therefore pins the threshold at
+glibc's own default (128 KiB, ``mallopt(M_MMAP_THRESHOLD)``), once per process and only where the user has not
+set ``MALLOC_MMAP_THRESHOLD_``: large blocks then stay mapped and go back to the system when freed.
+
 From memory (version 1 bundles, and images with a separate weights section): the graph bytes plus the weights
 handed over as an in-memory external-data file.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 
 FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
 PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size; fewer wake-ups than the 64 KiB default
+MMAP_THRESHOLD = 128 * 1024  # glibc's default M_MMAP_THRESHOLD, kept from drifting upwards (see above)
+_pinned: list[bool] = []
 
 
 def can_stream() -> bool:
@@ -52,6 +61,7 @@ def from_stream(
 
     if FD_DIR is None:
         raise UnsupportedModelError("streaming a model into ONNX Runtime needs /proc/self/fd or /dev/fd")
+    _pin_mmap_threshold()
     rd, wr = os.pipe()  # both ends close-on-exec (Python's default): no child process inherits them
     failure: list[BaseException] = []
 
@@ -127,3 +137,13 @@ def _set_pipe_size(fd: int) -> None:
     if setter is not None:
         with contextlib.suppress(OSError):  # a lower pipe-max-size: the default size works, with more wake-ups
             fcntl.fcntl(fd, setter, PIPE_SIZE)
+
+
+def _pin_mmap_threshold() -> None:
+    if _pinned or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _pinned.append(True)
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has a no-op mallopt): nothing to pin
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # -3 = M_MMAP_THRESHOLD
