@@ -82,16 +82,20 @@ class ComposedDetectors:
     def __init__(self, session: onnxruntime.InferenceSession, detectors: Sequence[str]) -> None:
         inputs = session.get_inputs()
         outputs = {o.name for o in session.get_outputs()}
-        wanted = [PROBS_OUTPUT, VALID_OUTPUT, *(SCORE_PREFIX + n for n in detectors)]
+        wanted = [PROBS_OUTPUT, *(SCORE_PREFIX + n for n in detectors)]
         if len(inputs) != 1 or not set(wanted) <= outputs:
             raise ComposedGraphError(f"the composed graph does not output {sorted(set(wanted) - outputs)}")
+        self.checks_spec = VALID_OUTPUT in outputs  # without it, numpy checks every input's values
         self.session, self.detectors = session, tuple(detectors)
-        self.input_name, self._outputs = inputs[0].name, wanted
+        self.input_name = inputs[0].name
+        self._outputs = [PROBS_OUTPUT, *([VALID_OUTPUT] if self.checks_spec else []), *wanted[1:]]
 
     def run_checked(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
         """The probabilities on ``x``, ``{detector: scores}`` and the spec check, from one ``session.run``."""
-        probs, valid, *scores = self.session.run(self._outputs, {self.input_name: x})
-        return probs, dict(zip(self.detectors, scores, strict=True)), bool(valid == 1.0)
+        out = self.session.run(self._outputs, {self.input_name: x})
+        if not self.checks_spec:
+            return out[0], dict(zip(self.detectors, out[1:], strict=True)), False
+        return out[0], dict(zip(self.detectors, out[2:], strict=True)), bool(out[1] == 1.0)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The probabilities on ``x`` and ``{detector: scores}``."""
