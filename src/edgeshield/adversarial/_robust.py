@@ -79,7 +79,7 @@ class RobustModel:
         """The decision detector's scores from the composed members' (and any member left in numpy)."""
         if self.detector_name in scores:
             return scores[self.detector_name]
-        assert isinstance(self.detector, EnsembleDetector)  # noqa: S101 - __init__ kept a composed graph only so
+        assert isinstance(self.detector, EnsembleDetector)  # noqa: S101 - else __init__ would have dropped the graph
         parts = [np.asarray(scores[m.name] if m.name in scores else scores_with_probs(m, x, None)[0],
                             dtype=np.float64) for m in self.detector.members]
         return self.detector.combined(parts)
