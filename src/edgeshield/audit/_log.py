@@ -203,8 +203,9 @@ class AuditLog:
     ``signing_key`` together with its chained entry) before returning, so a crash never loses an acknowledged entry.
     Concurrent appends from any thread (or, through ``append_async``, an event loop) are group-committed: they
     share one transaction and one fsync; reads use their own short-lived connections. Log metadata and digests,
-    never raw model inputs: entries are kept forever and exported to auditors. ``readonly=True`` opens an existing log for verification and export without ever writing to it.
-    A schema 1 log (checkpoints not chained) is read as it is, and migrated when opened for writing.
+    never raw model inputs: entries are kept forever and exported to auditors. ``readonly=True`` opens an existing
+    log for verification and export without ever writing to it. A schema 1 log (checkpoints not chained) is read as
+    it is, and migrated when opened for writing.
     """
 
     def __init__(
