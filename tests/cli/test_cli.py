@@ -135,8 +135,8 @@ def test_error_matrix(world: dict[str, Path], tmp_path: Path) -> None:
     data = bundle.read_bytes()
     tampered = tmp_path / "tampered.esb"
     tampered.write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
-    v2 = tmp_path / "v2.esb"
-    v2.write_bytes(data[:8] + b"\x00\x02" + data[10:])
+    v2 = tmp_path / "v9.esb"  # a format version this reader does not know
+    v2.write_bytes(data[:8] + b"\x00\x09" + data[10:])
     empty = tmp_path / "empty.esb"
     empty.write_bytes(b"")
     other = tmp_path / "other"

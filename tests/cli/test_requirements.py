@@ -129,7 +129,7 @@ EXPECTED = {
     "serve": {"eval", "tpm"},  # eval only with a gradient --detector, tpm only with --released-key
     "demo": {"demo"},
     "detect expose-hidden": {"owner"},
-    "detect calibrate": {"eval"},  # only with --detectors gradient
+    "detect calibrate": {"eval", "owner"},  # eval only with --detectors gradient, owner only with --signing-key
     "detect evaluate": {"eval"},
     "watermark embed": {"owner"},
     "watermark verify": {"owner"},
