@@ -253,3 +253,15 @@ def test_detect_calibrate_signing_key_writes_the_composed_graph(world: dict[str,
     composed = open_composed(file, world["owner"].public_key(), world["device"],
                              model_sha256=world["manifest"].model_sha256)
     assert composed.detectors == ("squeeze", "noise")
+    # `edgeshield run --detector` opens the composed graph too, and decides as the numpy path does
+    np.save(tmp_path / "x.npy", split.x_test[:16])
+    proc = subprocess.run([sys.executable, "-m", "edgeshield", "run", str(d / "m.esb"),
+                           "--owner-key", str(d / "k" / "owner.pub"), "--device-key", str(d / "k" / "device.key"),
+                           "--input", str(tmp_path / "x.npy"), "--detector", str(tmp_path / "det.json"), "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    ran = json.loads(proc.stdout)["decisions"]
+    ref = RobustModel(world["session"], dataclasses.replace(file, composed=None)).predict(split.x_test[:16])
+    assert [r["decision"] for r in ran] == [r.decision for r in ref]
+    assert [r["prediction"] for r in ran] == [r.prediction for r in ref]
+    np.testing.assert_allclose([r["score"] for r in ran], [r.score for r in ref], rtol=0, atol=1e-6)

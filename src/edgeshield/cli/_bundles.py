@@ -255,7 +255,8 @@ def run(
 
             return torch_model_for_bundle(bundle, owner_key, device_key, passphrase_env)
 
-        _run_robust(opened, detector, x, output, as_json, torch_model, smoothing_config)
+        _run_robust(opened, detector, x, output, as_json, torch_model, smoothing_config,
+                    verified=(keys.load_owner_public_key(owner_key), device))
         return
     from edgeshield.adversarial import InputSpec
 
@@ -276,8 +277,12 @@ def run(
 
 
 def _run_robust(opened: bundles.OpenBundle, detector: Path, x: np.ndarray, output: Path | None, as_json: bool,
-                torch_model: Callable[[], torch.nn.Module], smoothing: SmoothingConfig | None = None) -> None:
+                torch_model: Callable[[], torch.nn.Module], smoothing: SmoothingConfig | None = None,
+                verified: tuple[Any, Any] | None = None) -> None:
     """Validate, score and decide; rejected (and, with smoothing, abstained) inputs get no prediction.
+
+    ``verified`` (owner public key, device key) opens the file's composed detector graph, when it carries one, so
+    one ORT run scores and predicts; without it (or without a composed graph) the numpy path runs.
 
     ``torch_model`` builds the PyTorch twin of the model, only called when the file's decision detector needs
     gradients (``edgeshield[eval]``); the runtime detectors need none.
@@ -289,7 +294,12 @@ def _run_robust(opened: bundles.OpenBundle, detector: Path, x: np.ndarray, outpu
 
     file = DetectorFile.load(detector)
     file.check_model(opened.manifest.model_sha256)
-    decisions = RobustModel(opened.session, file, smoothing=smoothing,
+    composed = None
+    if file.composed is not None and verified is not None:
+        from edgeshield.adversarial import open_composed
+
+        composed = open_composed(file, *verified, model_sha256=opened.manifest.model_sha256)
+    decisions = RobustModel(opened.session, file, smoothing=smoothing, composed=composed,
                             torch_model=torch_model() if "gradient" in file.decision_detectors() else None).predict(x)
     if output is not None:
         preds = np.array([-1 if d.prediction is None else d.prediction for d in decisions], dtype=np.int64)
