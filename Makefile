@@ -41,8 +41,11 @@ tpm-packages:
 	    apt-get install -y -qq --no-install-recommends swtpm swtpm-tools tpm2-tools libtss2-dev >/dev/null; }
 
 # Lint and type-check first, so a lint or type error fails CI before the slow steps run.
+# The suite runs on two workers, a test file per worker at a time (module fixtures stay in one process); the slowest
+# tests are listed at the end so a slow one is seen before CI's 30 minutes are.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) lint browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 	$(PY) scripts/check_device_install.py
 
 # ruff over all the Python in the repository, mypy over the package (both configured in pyproject.toml).
