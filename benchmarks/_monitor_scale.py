@@ -180,15 +180,16 @@ def _child_prada_full() -> dict[str, Any]:
             "export_bytes": len(detector.export_state("full") or b"")}
 
 
-def monitor_scale(quick: bool, parallel: int = 1, configs: tuple[str, ...] = CONFIGS) -> dict[str, Any]:
-    """The monitor's RSS growth at 10k client identities (quick: 1k), with and without the cap; flat figures.
-    ``parallel`` children at a time (each measures its own resident set, so only the speeds are affected);
-    ``configs``: which of ``CONFIGS`` to run (``deployed`` is required: it gives the headline key)."""
+def monitor_scale(quick: bool, parallel: int = 1, configs: tuple[str, ...] = CONFIGS,
+                  clients: int | None = None) -> dict[str, Any]:
+    """The monitor's RSS growth at 10k client identities (quick: 1k; ``clients`` overrides), with and without the
+    cap; flat figures. ``parallel`` children at a time (each measures its own resident set, so only the speeds are
+    affected); ``configs``: which of ``CONFIGS`` to run (``deployed`` is required: it gives the headline key)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if "deployed" not in configs or not set(configs) <= set(CONFIGS):
         raise ValueError(f"configs must include 'deployed' and be among {CONFIGS}")
-    clients = QUICK_CLIENTS if quick else CLIENTS
+    clients = clients or (QUICK_CLIENTS if quick else CLIENTS)
     jobs = [["monitor", c, str(clients)] for c in configs] + [["prada_full"]]
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         results = list(pool.map(lambda a: run_child(__file__, a), jobs))

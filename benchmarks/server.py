@@ -800,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--audit-db", help=argparse.SUPPRESS)
+    ap.add_argument("--no-monitor-scale", action="store_true",
+                    help="skip the extraction monitor's memory at 10k client identities (benchmarks/_monitor_scale.py: "
+                         "about 13 minutes on two cores; --quick runs it at 200 identities, deployed configuration)")
     args = ap.parse_args(argv)
 
     if args._child:
@@ -1222,6 +1225,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * (r['other_processes_cpu_share'] or 0):.0f}% of the machine's CPU during the run; 1-min load average "
         f"{load_start:.2f} at start, {r['loadavg_1min_end']:.2f} at end."
     )
+    if not args.no_monitor_scale:
+        # the extraction monitor's memory, driven through the library in fresh children (after the servers are gone)
+        from _monitor_scale import monitor_scale
+
+        with console.status("extraction monitor: memory with many client identities"):
+            ms = monitor_scale(False, parallel=2) if quick is False else monitor_scale(
+                True, parallel=2, configs=("deployed",), clients=200)
+        r.update(ms)
+        console.print(f"Extraction monitor ({ms['monitor_scale']}, deployed cap and state file): resident set grew "
+                      f"{ms['monitor_rss_growth_mb_10k_clients']:.1f} MB "
+                      f"({ms['monitor_deployed_bytes_per_client'] / 1000:.1f} kB per client held); one PRADA client "
+                      f"filled to its bounds {ms['prada_full_client_mb']:.2f} MB. Details: docs/extraction.md.")
     write_report(console, args.json, r)
     return 0
 
