@@ -9,9 +9,10 @@ whoever may already read its memory).
 
 glibc raises its mmap threshold at run time (up to 32 MiB) once a large block is freed, after which the growing
 buffers of ONNX Runtime's stream parser land in the heap and leave holes there: benchmarks/bundles.py measured
-the streamed open's peak at 1.19x the model in one run and 1.77x in the next. The streamed open therefore pins the threshold at
-glibc's own default (128 KiB, ``mallopt(M_MMAP_THRESHOLD)``), once per process and only where the user has not
-set ``MALLOC_MMAP_THRESHOLD_``: large blocks then stay mapped and go back to the system when freed.
+the streamed open's peak at 1.19x the model in one run and 1.77x in the next. The streamed open therefore pins
+the threshold at glibc's own default (128 KiB, ``mallopt(M_MMAP_THRESHOLD)``), once per process and only where
+the user has not set ``MALLOC_MMAP_THRESHOLD_``: large blocks then stay mapped and go back to the system when
+freed.
 
 From memory (version 1 bundles, and images with a separate weights section): the graph bytes plus the weights
 handed over as an in-memory external-data file.
