@@ -342,12 +342,13 @@ np.save("input.npy", s.x_test[150:170]); np.save("eval.npy", s.x_test[170:230])
 np.save("eval_labels.npy", s.y_test[170:230])
 for i in range(3):  # an honest client: distinct real digits
     np.save(f"honest{i}.npy", s.x_test[230 + 40 * i:270 + 40 * i])
-# a synthetic prober: one digit with one pixel moved one grey level, as in Jacobian-style extraction
+# a synthetic prober: one digit with two pixels moved two grey levels, as in Jacobian-style extraction (steps
+# beyond --prada-dup-distance: PRADA ignores queries within it of an earlier one, see docs/extraction.md's limits)
 seed = s.x_test[0]
 probes = np.repeat(seed[None], 80, axis=0)
 for j in range(80):
-    p = j % 64
-    probes[j, p] = probes[j, p] + 1 / 16 if probes[j, p] < 1 else probes[j, p] - 1 / 16
+    for p in ((3 * j) % 64, (3 * j + 1) % 64):
+        probes[j, p] = probes[j, p] + 2 / 16 if probes[j, p] <= 1 - 2 / 16 else probes[j, p] - 2 / 16
 np.save("probe0.npy", probes[:40]); np.save("probe1.npy", probes[40:])
 shutil.copy(digits_model_path(), "digits.onnx")
 open("spec.json", "w").write(digits_input_spec().to_json())
