@@ -23,6 +23,7 @@ from edgeshield.audit._format import Checkpoint, key_id, origin_for
 from edgeshield.audit._log import AuditLog
 from edgeshield.audit._note import (
     SIG_COSIGNATURE_V1,
+    CheckpointBody,
     Note,
     NoteSignature,
     Vkey,
@@ -228,6 +229,17 @@ class AgainstReport:
                 "incremental": self.incremental}
 
 
+def _own_checkpoint(note: str | bytes, public_key: Ed25519PublicKey) -> tuple[Note, CheckpointBody]:
+    """Parse ``note`` as this log's checkpoint and check the device's own signature on it."""
+    parsed = parse_note(note)
+    body = parse_checkpoint(parsed.text)
+    origin = origin_for(key_id(public_key))
+    if body.origin != origin:
+        raise InvalidArgumentError(f"the checkpoint is for log {body.origin!r}, not this log ({origin})")
+    verify_note(parsed, [log_vkey(public_key)])
+    return parsed, body
+
+
 def verify_against(log: AuditLog, note: str | bytes, *, public_key: Ed25519PublicKey,
                    witness_keys: Sequence[Vkey] = (), require_checkpoint: bool = False) -> AgainstReport:
     """Verify the log (with ``public_key``), check ``note`` is this log's checkpoint signed by the device and, when
@@ -235,12 +247,7 @@ def verify_against(log: AuditLog, note: str | bytes, *, public_key: Ed25519Publi
 
     A log cut back below the note, or rewritten under it, raises :class:`AuditNotExtendedError`.
     """
-    parsed = parse_note(note)
-    body = parse_checkpoint(parsed.text)
-    origin = origin_for(key_id(public_key))
-    if body.origin != origin:
-        raise InvalidArgumentError(f"the checkpoint is for log {body.origin!r}, not this log ({origin})")
-    verify_note(parsed, [log_vkey(public_key)])
+    parsed, body = _own_checkpoint(note, public_key)
     cosigned: list[tuple[str, int]] = []
     if witness_keys:
         checked = verify_note(parsed, [k for k in witness_keys if k.sig_type == SIG_COSIGNATURE_V1])
@@ -281,12 +288,7 @@ def verify_from_witnessed(log: AuditLog, note: str | bytes, *, public_key: Ed255
     if not cosigners:
         raise InvalidArgumentError("incremental verification starts only from a witness-cosigned checkpoint: give "
                                    "the witness's cosignature key (--witness-key)")
-    parsed = parse_note(note)
-    body = parse_checkpoint(parsed.text)
-    origin = origin_for(key_id(public_key))
-    if body.origin != origin:
-        raise InvalidArgumentError(f"the checkpoint is for log {body.origin!r}, not this log ({origin})")
-    verify_note(parsed, [log_vkey(public_key)])
+    parsed, body = _own_checkpoint(note, public_key)
     checked = verify_note(parsed, cosigners)
     report = log.verify_from(body.tree_size, body.root, public_key=public_key, require_checkpoint=require_checkpoint)
     if report.entries < body.tree_size:  # not reached: scan_from needs entry tree_size - 1; kept as the rule
