@@ -189,6 +189,33 @@ def test_probes_hidden_as_retakes_teach_almost_nothing(digits, dup_distance):
     assert states[-1].ignored > 0 and any(s.alarm for s in states)
 
 
+def _star(seed: np.ndarray, pixels: int, levels: int, n: int = 80) -> np.ndarray:
+    """n probes around one seed, each moving ``pixels`` neighbouring pixels by ``levels`` grey levels (1/16 each),
+    the first pixel advancing by pixels + 1 per probe (so that no two of the 80 probes are equal)."""
+    probes = np.repeat(seed[None], n, axis=0)
+    for j in range(n):
+        step = levels / 16
+        for i in range((pixels + 1) * j, (pixels + 1) * j + pixels):
+            p = i % seed.size
+            probes[j, p] += step if probes[j, p] <= 1 - step else -step
+    return probes
+
+
+def test_a_star_of_probes_inside_dup_distance_is_invisible_to_prada(digits, dup_distance):
+    """The stated limit (docs/extraction.md, "Not covered"): probes that each lie within dup_distance of the one seed
+    PRADA stored are all ignored, so PRADA never tests them; twice the step in twice the pixels leaves dup_distance
+    and is flagged on its first batch (the device install check's prober)."""
+    seed = digits.x_test[0]
+    small, large = _star(seed, 1, 1), _star(seed, 2, 2)
+    detector = PradaDetector(delta=0.9, min_samples=30, dup_distance=dup_distance)
+    states = _stream(detector, "star", [small[:40], small[40:]], digits.predict)
+    assert not any(s.alarm for s in states) and states[-1].ignored == len(small) - 1 and states[-1].distances == 0
+    assert np.mean(digits.predict(small) != digits.predict(seed[None])[0]) < 0.05  # what it learns: almost nothing
+    states = _stream(PradaDetector(delta=0.9, min_samples=30, dup_distance=dup_distance), "star", [large[:40]],
+                     digits.predict)
+    assert states[0].alarm and states[0].ignored == 0
+
+
 def test_keys_make_jittered_repeats_repeats(digits):
     """A resend with 1e-5 jitter is a new input to exact digests but the same key to LeaderKeys: ignored."""
     rng = np.random.default_rng(4)
