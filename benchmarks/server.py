@@ -1230,8 +1230,8 @@ def main(argv: list[str] | None = None) -> int:
         from _monitor_scale import monitor_scale
 
         with console.status("extraction monitor: memory with many client identities"):
-            ms = monitor_scale(False, parallel=2) if quick is False else monitor_scale(
-                True, parallel=2, configs=("deployed",), clients=200)
+            ms = (monitor_scale(True, parallel=2, configs=("deployed",), clients=200) if quick
+                  else monitor_scale(False, parallel=2))
         r.update(ms)
         console.print(f"Extraction monitor ({ms['monitor_scale']}, deployed cap and state file): resident set grew "
                       f"{ms['monitor_rss_growth_mb_10k_clients']:.1f} MB "

@@ -28,25 +28,32 @@ while True:
 """
 
 
-def kill_writer_mid_append(db: Path, key: Path, at_least: int = 120) -> list[int]:
-    """Run WRITER until it reported ``at_least`` appends, SIGKILL it (very likely inside an append transaction),
-    and return the ``i`` of every append it acknowledged."""
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(key)],
+def _lines_until_killed(script: str, args: list[str], at_least: int) -> tuple[list[str], str]:
+    """Run ``script`` until it printed ``at_least`` lines (or 60 s), SIGKILL it, and return every complete line it
+    printed and its stderr; asserts that it died of the SIGKILL."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reported: list[int] = []
+    lines: list[str] = []
     deadline = time.monotonic() + 60
     try:
         assert proc.stdout is not None
-        while len(reported) < at_least and time.monotonic() < deadline:
+        while len(lines) < at_least and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
-            reported.append(int(line))
+            lines.append(line)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, err
-    reported += [int(x) for x in out.split("\n")[:-1]]  # complete lines only
+    return lines + out.split("\n")[:-1], err  # complete lines only
+
+
+def kill_writer_mid_append(db: Path, key: Path, at_least: int = 120) -> list[int]:
+    """Run WRITER until it reported ``at_least`` appends, SIGKILL it (very likely inside an append transaction),
+    and return the ``i`` of every append it acknowledged."""
+    lines, err = _lines_until_killed(WRITER, [str(db), str(key)], at_least)
+    reported = [int(x) for x in lines]
     assert len(reported) >= at_least, err
     assert reported == list(range(len(reported)))
     return reported
@@ -135,22 +142,7 @@ threading.Event().wait()
 def kill_threaded_writer_mid_append(db: Path, key: Path, threads: int, at_least: int = 300) -> set[tuple[int, int]]:
     """THREADED_WRITER with ``threads`` appending threads (group-committed) until ``at_least`` appends were
     acknowledged, then SIGKILL; the ``(thread, i)`` of every acknowledged append."""
-    proc = subprocess.Popen([sys.executable, "-c", THREADED_WRITER, str(db), str(key), str(threads)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    try:
-        assert proc.stdout is not None
-        while len(lines) < at_least and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, err
-    lines += out.split("\n")[:-1]  # complete lines only
+    lines, err = _lines_until_killed(THREADED_WRITER, [str(db), str(key), str(threads)], at_least)
     acked = {(int(t), int(i)) for t, i in (line.split() for line in lines if line.strip())}
     assert len(acked) >= at_least, err
     return acked
