@@ -125,6 +125,7 @@ APPEND_LEVELS = (1, 8, 64)
 VERIFY_SIZES = {True: (1000, 5000, 20_000), False: (10_000, 100_000, 1_000_000)}  # quick, full
 TARGET_SECURE_VS_PLAIN_C16 = 0.8
 TARGET_AUDIT_VS_NOAUDIT_C16 = 0.95
+COMMIT_DELAY_MS = 0.5  # the scale phase also runs the secure server with this --audit-commit-delay-ms (PostgreSQL's)
 TARGET_APPENDS_C64 = 20_000
 PHASE_DEADLINE_S = {"handshakes": (20, 120), "requests": (20, 150), "load": (25, 180)}
 
@@ -727,6 +728,23 @@ def bench_load(p: dict[str, Any], server: ServerProc, quick: bool, bodies: list[
     }
 
 
+SCALE_SERVERS = ("secure", "secure_delay", "secure_noaudit", "plain")
+
+
+def _entries(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+
+def _commit_groups(db: Path, since: int) -> dict[str, float]:
+    """Entries per committed transaction from ``since`` on: every entry of one group commit carries its time."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        sizes = sorted(n for (n,) in conn.execute("SELECT count(*) FROM entries WHERE seq >= ? GROUP BY ts", (since,)))
+    if not sizes:
+        return {"mean": 0.0, "p90": 0.0, "commits": 0}
+    return {"mean": sum(sizes) / len(sizes), "p90": float(sizes[int(0.9 * (len(sizes) - 1))]), "commits": len(sizes)}
+
+
 def audit_check(p: dict[str, Any], db: Path) -> dict[str, Any]:
     from edgeshield.audit import AuditLog, load_verify_key
 
@@ -832,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             (work / "prepared.json").write_text(json.dumps(p))
             bodies = _bodies()
         ports = {"secure": _free_port(), "plain": _free_port(), "secure_noaudit": _free_port(),
+                 "secure_delay": _free_port(),
                  "secure_normal": _free_port()}
         me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
         secure_db = work / "audit.db"
@@ -852,6 +871,12 @@ def main(argv: list[str] | None = None) -> int:
                               str(MAX_BODY), "--audit-durability", "normal", "--monitor-rules", p["monitor_rules"],
                               *UNCAPPED_FLAGS],
         }
+        # the secure server again, its group-commit leader waiting COMMIT_DELAY_MS for company (scale phase only)
+        delay_db = work / "audit-delay.db"
+        argv["secure_delay"] = list(argv["secure"])
+        argv["secure_delay"][argv["secure_delay"].index("--port") + 1] = str(ports["secure_delay"])
+        argv["secure_delay"][argv["secure_delay"].index("--audit-db") + 1] = str(delay_db)
+        argv["secure_delay"] += ["--audit-commit-delay-ms", str(COMMIT_DELAY_MS)]
         with _stage(progress, 1, "starting the four servers"):
             for name in argv:
                 servers[name] = ServerProc(name, argv[name], ports[name], work / f"{name}.log")
@@ -875,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ref is not None:
                     ref.stop()
         with _stage(progress, 3, "requests: sequential and concurrent"):
-            rq = bench_requests(p, servers, quick, bodies)
+            rq = bench_requests(p, {k: v for k, v in servers.items() if k != "secure_delay"}, quick, bodies)
         servers["secure_normal"].stop()
         with _stage(progress, 4, "audit log vs. plain SQLite"):
             au = bench_audit(work, _size("audit_rows", quick))
@@ -886,16 +911,21 @@ def main(argv: list[str] | None = None) -> int:
         with _stage(progress, 6, f"requests at {', '.join(map(str, SCALE_LEVELS))} keep-alive clients"):
             from edgeshield import transport
 
+            scale_from = _entries(secure_db)
+
             ids = [transport.client_context(p["ca_crt"], cert, key) for cert, key in p["clients"]]
             ids = [ids[i % len(ids)] for i in range(max(SCALE_LEVELS))]
-            sc = bench_concurrency({n: servers[n] for n in ("secure", "secure_noaudit", "plain")},
-                                   {"secure": list(ids), "secure_noaudit": list(ids), "plain": [None] * len(ids)},
+            sc = bench_concurrency({n: servers[n] for n in SCALE_SERVERS},
+                                   {"secure": list(ids), "secure_noaudit": list(ids), "plain": [None] * len(ids),
+                                    "secure_delay": list(ids)},
                                    bodies[0], SCALE_LEVELS, _size("scale_run_s", quick),
                                    warm_s=0.15 if quick else 0.5)
         servers["secure_noaudit"].stop()
+        servers["secure_delay"].stop()
         secure_exit = secure.stop()
         plain.stop()
         ac = audit_check(p, secure_db)
+        groups = {"secure": _commit_groups(secure_db, scale_from), "secure_delay": _commit_groups(delay_db, 0)}
         log_tail = secure.log_path.read_text(errors="replace")
         server_tracebacks = log_tail.count("Traceback")
         with _stage(progress, 7, "audit log at 1/8/64 writers; verification as the log grows (servers stopped)"):
@@ -1018,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"entries (the *_1m key holds the largest); incremental verify of "
                   f"{_size('verify_incremental', quick):,} new entries on top of the largest")
     for n in SCALE_LEVELS:
-        for name in ("secure", "secure_noaudit", "plain"):
+        for name in SCALE_SERVERS:
             m = sc[f"{name}_c{n}"]
             r.update({f"scale_{name}_c{n}_rps": m["rps"], f"scale_{name}_c{n}_p50_ms": m["p50_ms"],
                       f"scale_{name}_c{n}_p99_ms": m["p99_ms"], f"scale_{name}_c{n}_errors": m["errors"],
@@ -1026,8 +1056,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"scale_{name}_c{n}_server_cpu_ms_per_req": m["server_cpu_ms_per_req"]})
         r[f"secure_vs_plain_rps_ratio_c{n}"] = _ratio(sc[f"secure_c{n}"]["rps"], sc[f"plain_c{n}"]["rps"])
         r[f"audit_vs_noaudit_rps_ratio_c{n}"] = _ratio(sc[f"secure_c{n}"]["rps"], sc[f"secure_noaudit_c{n}"]["rps"])
+        r[f"audit_delay_vs_noaudit_rps_ratio_c{n}"] = _ratio(sc[f"secure_delay_c{n}"]["rps"],
+                                                             sc[f"secure_noaudit_c{n}"]["rps"])
         r[f"secure_noaudit_vs_plain_rps_ratio_c{n}"] = _ratio(sc[f"secure_noaudit_c{n}"]["rps"],
                                                               sc[f"plain_c{n}"]["rps"])
+    r["audit_commit_delay_ms"] = COMMIT_DELAY_MS
+    for name, g in groups.items():  # entries per committed transaction in the scale phase (one timestamp each)
+        r[f"scale_{name}_entries_per_commit_mean"] = g["mean"]
+        r[f"scale_{name}_entries_per_commit_p90"] = g["p90"]
+        r[f"scale_{name}_commits"] = g["commits"]
     r["secure_vs_plain_rps_ratio_c16_target"] = TARGET_SECURE_VS_PLAIN_C16
     r["secure_vs_plain_rps_ratio_c16_target_met"] = ((r["secure_vs_plain_rps_ratio_c16"] or 0)
                                                       >= TARGET_SECURE_VS_PLAIN_C16)
@@ -1098,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
                 "÷ plain req/s", "target", ""):
         t.add_column(col, justify="left" if col in ("server", "mode", "") else "right")
     labels = {"secure": "secure", "plain": "plain", "secure_noaudit": "secure, no audit",
-              "secure_normal": "secure, audit normal"}
+              "secure_normal": "secure, audit normal", "secure_delay": f"secure, commit delay {COMMIT_DELAY_MS} ms"}
     for mode, mlabel in (("seq", "sequential"), ("conc", f"{r['conc_threads']} threads")):
         for name in ("secure", "secure_normal", "secure_noaudit", "plain"):
             m = rq[f"{mode}_{name}"]
@@ -1140,7 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
                 "target", ""):
         t.add_column(col, justify="left" if col in ("server", "") else "right")
     for n in SCALE_LEVELS:
-        for name in ("secure", "secure_noaudit", "plain"):
+        for name in SCALE_SERVERS:
             m = sc[f"{name}_c{n}"]
             target = ""
             mark = ""
@@ -1151,8 +1188,13 @@ def main(argv: list[str] | None = None) -> int:
             t.add_row(str(n), labels[name], _fmt(m["rps"], 0), _fmt(m["p50_ms"], 2), _fmt(m["p99_ms"], 2),
                       _fmt(m["server_cpu_ms_per_req"], 3),
                       "" if name == "plain" else _fmt(_ratio(m["rps"], sc[f"plain_c{n}"]["rps"]), 3),
-                      _fmt(r[f"audit_vs_noaudit_rps_ratio_c{n}"], 3) if name == "secure" else "", target, mark)
+                      _fmt(r[f"audit_{'delay_' if name == 'secure_delay' else ''}vs_noaudit_rps_ratio_c{n}"], 3)
+                      if name in ("secure", "secure_delay") else "", target, mark)
     console.print(t)
+    console.print("Audit entries per group commit over the scale phase (entries sharing one commit timestamp): "
+                  + "; ".join(f"{labels[k]} mean {r[f'scale_{k}_entries_per_commit_mean']:.2f}, p90 "
+                              f"{r[f'scale_{k}_entries_per_commit_p90']:.0f} over {r[f'scale_{k}_commits']:,} commits"
+                              for k in groups))
 
     t = Table(title=f"3b. Durable appends at {'/'.join(map(str, APPEND_LEVELS))} concurrent writers (WAL, "
                     "synchronous=FULL), one run")

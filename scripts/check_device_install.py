@@ -121,6 +121,7 @@ SERVE_FLAGS: list[tuple[str, ...]] = [
     ("--fleet-group", "role"),
     ("--max-monitored-clients", "1000"),
     ("--audit-durability", "normal"),
+    ("--audit-commit-delay-ms", "0.2"),
     ("--max-body", "1048576"),
     ("--config", "serve.toml"),  # see FILES; the flags here override it
     ("--max-batch", "64"),

@@ -85,6 +85,42 @@ def test_waiting_appends_share_one_transaction(tmp_path: Path, device_key: Ed255
         assert all(stored[e.seq] == e for e in results.values())  # each caller got its own committed entry
 
 
+def test_a_commit_delay_gathers_callers_that_arrive_while_the_leader_waits(tmp_path: Path) -> None:
+    with audit.AuditLog(tmp_path / "audit.db", checkpoint_every=0, commit_delay_s=0.01) as log:
+        log.commit_delay_s = 0.3  # beyond the configurable bound, so that five threads surely start inside it
+        sizes = _count_transactions(log)
+        with log._lock:  # a first leader alone, then two queued behind it: a group with company
+            threads = [threading.Thread(target=log.append, args=("inference.request", "a", {}))]
+            threads[0].start()
+            _queued(log, 0)
+            time.sleep(0.05)
+            threads += [threading.Thread(target=log.append, args=("inference.request", "b", {})) for _ in range(2)]
+            for th in threads[1:]:
+                th.start()
+            _queued(log, 2)
+        for th in threads:
+            th.join()
+        assert sizes == [1, 2]
+        # the next leader follows a group of two, so it waits; the five that arrive meanwhile join its group
+        leader = threading.Thread(target=log.append, args=("inference.request", "c", {}))
+        leader.start()
+        _queued(log, 1)
+        rest = [threading.Thread(target=log.append, args=("inference.request", "d", {})) for _ in range(5)]
+        for th in rest:
+            th.start()
+        for th in (leader, *rest):
+            th.join()
+        assert sizes == [1, 2, 6]
+        assert log.group_stats == {"groups": 3, "callers": 9, "entries": 9, "mean_callers_per_group": 3.0}
+        assert log.verify().entries == 9
+
+
+@pytest.mark.parametrize("delay", [-0.001, 0.011, True, "0.001"])
+def test_a_commit_delay_outside_0_to_10_ms_is_refused(tmp_path: Path, delay: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="commit delay"):
+        audit.AuditLog(tmp_path / "audit.db", commit_delay_s=delay)
+
+
 def test_a_failed_group_fails_every_caller_in_it_and_leaves_the_log_whole(
         tmp_path: Path, device_key: Ed25519PrivateKey) -> None:
     db = tmp_path / "audit.db"

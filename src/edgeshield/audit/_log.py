@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ __all__ = [
 APPLICATION_ID = _store.APPLICATION_ID
 _BATCH = 1000
 _GROUP_MAX = 4096  # entries' callers one group commit takes at most (the rest lead the next one)
+_MAX_COMMIT_DELAY_S = 0.01  # a leader waits at most this long for more callers (PostgreSQL's commit_delay)
 
 
 # --- results ------------------------------------------------------------------------------------------------------
@@ -202,10 +204,11 @@ class AuditLog:
     ``append`` commits its entry (and, every ``checkpoint_every`` entries, a checkpoint signed with
     ``signing_key`` together with its chained entry) before returning, so a crash never loses an acknowledged entry.
     Concurrent appends from any thread (or, through ``append_async``, an event loop) are group-committed: they
-    share one transaction and one fsync; reads use their own short-lived connections. Log metadata and digests,
-    never raw model inputs: entries are kept forever and exported to auditors. ``readonly=True`` opens an existing
-    log for verification and export without ever writing to it. A schema 1 log (checkpoints not chained) is read as
-    it is, and migrated when opened for writing.
+    share one transaction and one fsync; ``commit_delay_s`` (default 0) makes a leader whose last group had more
+    than one caller wait that long for more before committing. Reads use their own short-lived connections. Log
+    metadata and digests, never raw model inputs: entries are kept forever and exported to auditors.
+    ``readonly=True`` opens an existing log for verification and export without ever writing to it. A schema 1 log
+    (checkpoints not chained) is read as it is, and migrated when opened for writing.
     """
 
     def __init__(
@@ -216,11 +219,19 @@ class AuditLog:
         checkpoint_every: int = 100,
         readonly: bool = False,
         durability: str = "full",
+        commit_delay_s: float = 0.0,
     ) -> None:
         if durability not in ("full", "normal"):
             raise InvalidArgumentError("audit durability must be 'full' (fsync per entry: survives power loss) or "
                                        "'normal' (WAL without fsync per commit: survives a process crash only)")
         self.durability = durability
+        if (isinstance(commit_delay_s, bool) or not isinstance(commit_delay_s, int | float)
+                or not 0 <= commit_delay_s <= _MAX_COMMIT_DELAY_S):
+            raise InvalidArgumentError(f"the audit commit delay must be 0 to {_MAX_COMMIT_DELAY_S * 1000:g} ms, "
+                                       f"got {commit_delay_s!r} s")
+        self.commit_delay_s = float(commit_delay_s)
+        self._last_group = 0  # callers in the last group commit: the concurrency that makes waiting worth it
+        self._groups = self._group_callers = self._group_entries = 0
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise InvalidArgumentError(f"checkpoint_every must be a whole number >= 0 (0: only on demand), "
                                        f"got {checkpoint_every!r}")
@@ -489,9 +500,25 @@ class AuditLog:
             elif self._closing:  # close()'s own wake-up: no leadership came with it
                 return
 
+    @property
+    def group_stats(self) -> dict[str, float]:
+        """Group commits so far: how many, the callers and entries they carried, and the mean callers per group."""
+        with self._queue_lock:
+            groups, callers, entries = self._groups, self._group_callers, self._group_entries
+        return {"groups": groups, "callers": callers, "entries": entries,
+                "mean_callers_per_group": callers / groups if groups else 0.0}
+
     def _lead(self) -> None:
+        # PostgreSQL's commit_delay/commit_siblings: when the last group had company, wait a moment for more
+        # callers before committing, so one fsync and one wake-up serve more of them. A lone caller never waits.
+        if self.commit_delay_s and self._last_group > 1:
+            time.sleep(self.commit_delay_s)
         with self._queue_lock:
             batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
+            self._last_group = len(batch)
+            self._groups += 1
+            self._group_callers += len(batch)
+            self._group_entries += sum(len(w.records) for w in batch)
         try:
             with self._transaction() as (conn, tx):
                 for w in batch:

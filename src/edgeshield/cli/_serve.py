@@ -121,6 +121,12 @@ def serve(
         typer.Option("--audit-durability", help="full: fsync every entry (survives power loss; default). "
                                                 "normal: survives a killed process but not a power cut; faster."),
     ] = "full",
+    audit_commit_delay: Annotated[
+        float,
+        typer.Option("--audit-commit-delay-ms", min=0.0, max=10.0,
+                     help="Milliseconds a group commit waits for more audit entries when requests are concurrent "
+                          "(PostgreSQL's commit_delay; default 0)."),
+    ] = 0.0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     handshake_timeout: Annotated[
         float, typer.Option("--handshake-timeout", min=0.1, rich_help_panel=_LIMITS,
@@ -359,6 +365,7 @@ def serve(
                            port=port, passphrase=keys.passphrase_from_env(passphrase_env), max_body_bytes=max_body,
                            max_batch=max_batch, inference_timeout_s=inference_timeout, crl_poll_s=crl_poll,
                            log_level=log_level, audit_durability=audit_durability,
+                           audit_commit_delay_s=audit_commit_delay / 1000,
                            rate_limits=_parse_rate_limits(rate_limit or []), extraction_action=extraction_monitor,
                            outputs=outputs, query_budget=query_budget, query_window_s=query_window,
                            served_watermark_key=served_watermark_key, served_watermark_rate=served_watermark_rate,

@@ -65,6 +65,7 @@ class ServeConfig:
     crl_poll_s: float = 2.0
     log_level: str = "info"
     audit_durability: str = "full"  # "normal": no fsync per entry (survives kill -9, not a power cut)
+    audit_commit_delay_s: float = 0.0  # a group-commit leader waits this long for more entries (when concurrent)
     # model-extraction defence
     rate_limits: tuple[tuple[str, float, float], ...] = ()  # (role, tokens per second, burst); cost = batch size
     extraction_action: str | None = None  # PRADA monitor on, and what an alarm does: flag/throttle/degrade/block
@@ -184,7 +185,8 @@ def build_state(cfg: ServeConfig, *, clock: Callable[[], float] = time.time) -> 
 
     store = open_extraction_state(cfg)  # a file that is not one stops the start-up here, before anything opens
     signing_key = load_signing_key(cfg.audit_key, cfg.passphrase)
-    audit = AuditLog(cfg.audit_db, signing_key=signing_key, durability=cfg.audit_durability)
+    audit = AuditLog(cfg.audit_db, signing_key=signing_key, durability=cfg.audit_durability,
+                     commit_delay_s=cfg.audit_commit_delay_s)
     publisher = _witness_publisher(cfg, audit, signing_key.public_key())  # checked before anything starts
     # The whole log must verify before the device serves again (a tampered log stops it: exit 3), and entries a
     # crash left without a checkpoint are covered now, with a server.recovered entry saying which.
