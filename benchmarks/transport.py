@@ -1,0 +1,703 @@
+"""Benchmark: every transport's overhead, side by side in one run on loopback.
+
+    python benchmarks/transport.py [--quick] [--json PATH]
+
+Protocol (fixed; every figure comes from this run, all traffic goes to 127.0.0.1):
+
+0. Set-up (untimed): fresh owner/device keys, the shipped digits model protected into a bundle, a device CA
+   (ECDSA P-256) with a server certificate for 127.0.0.1 and ``alice`` (client), plus, for the UDP negative matrix,
+   a revoked client and a client of a foreign CA. Servers run as subprocesses (never sharing a GIL with the client):
+   * plain: the same ``create_app`` without TLS, RBAC or audit under plain uvicorn (as in benchmarks/server.py);
+   * tls13: that app under uvicorn with a TLS 1.3-only server context and no client certificate;
+   * mtls: ``python -m edgeshield serve`` (mutual TLS 1.3, RBAC, validation, audit), per-address caps lifted;
+   * dtls: a DTLS 1.2 echo server on pyOpenSSL with mutual authentication and a stateless cookie exchange
+     (HelloVerifyRequest, what a DTLS server facing a network must do), certificates from the same CA;
+   * h3 / ohttp: the edgeshield HTTP/3 (QUIC, mutual TLS 1.3) and Oblivious HTTP paths where their library APIs are
+     present (``edgeshield.transport._h3client``, ``edgeshield.transport._ohttp``); a row that cannot run says why
+     and its keys are null.
+1. Per transport, alternating per iteration: handshake (TCP connect + TLS handshake, or the UDP equivalents),
+   first response (handshake + one ``GET /healthz``, or one echo for DTLS), and request latency on an established
+   connection (keep-alive ``GET /healthz``; the DTLS row echoes 16 bytes). p50/p99 in ms and as a ratio to plain
+   TCP (handshake ÷ TCP connect, first response ÷ TCP connect + GET, request ÷ plain keep-alive GET).
+2. HTTP/3 through ``benchmarks/_udp_loss.py`` (a user-space UDP forwarder, seeded, dropping 1 % and 5 % of
+   datagrams each way): request p50/p99 on a fresh connection per request batch. The kernel here has no ``netem``,
+   so TCP under loss is not measured.
+3. OHTTP replay (each captured encapsulated request sent again through the relay; accepted replays counted, target 0)
+   and the UDP negative matrix (no client cert, foreign CA, revoked, 0-RTT POST, replayed 0-RTT, junk datagrams).
+
+The threat model's quoted figures are printed beside the measured ones: TLS 1.3 "5–10 ms", mTLS "10–15 ms",
+DTLS "3–7 ms", IPsec "15–25 ms" (IPsec is the operating system's and is not measured here).
+``--quick`` uses fewer iterations, named in the ``scale`` key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import platform
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+
+from _machine import Background, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+HOST = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+UNCAPPED_FLAGS = ["--handshake-rate", "1000000", "--handshake-burst", "1000000",
+                  "--max-connections-per-address", "512", "--max-in-flight", "256"]
+QUOTED = {"tls13": "5–10 ms", "mtls": "10–15 ms", "mtls_resumed": "10–15 ms (no figure for resumption)",
+          "dtls": "3–7 ms", "ipsec": "15–25 ms"}
+SIZES = {"handshakes": (60, 600), "requests": (200, 2000), "loss_requests": (40, 300), "ohttp": (60, 500)}
+DTLS_VERSION = 0xFEFD  # DTLS 1.2 (pyOpenSSL has no constant for it)
+IO_TIMEOUT_S = 5.0
+
+
+def _size(name: str, quick: bool) -> int:
+    return SIZES[name][0 if quick else 1]
+
+
+# --- set-up ---------------------------------------------------------------------------------------------------------
+def prepare(work: Path) -> dict[str, Any]:
+    from edgeshield import audit, bundles, keys, transport
+    from edgeshield.adversarial import METADATA_KEY
+    from edgeshield.models import digits_input_spec, digits_model_path
+
+    k = work / "keys"
+    keys.init_keys(k)
+    bundle = work / "digits.esb"
+    bundles.protect(digits_model_path(), bundle, signing_key=keys.load_owner_private_key(k / "owner.key"),
+                    recipients=[keys.load_device_public_key(k / "device.pub")],
+                    metadata={METADATA_KEY: digits_input_spec().to_json()})
+    ca, foreign = work / "ca", work / "foreign-ca"
+    transport.init_ca(ca)
+    transport.init_ca(foreign, name="Foreign CA")
+    server = transport.issue(ca, name="edge-1", role="server", server=True, sans=[HOST])
+    alice = transport.issue(ca, name="alice", role="client")
+    revoked = transport.issue(ca, name="mallory", role="client")
+    transport.revoke(ca, name="mallory", reason="key-compromise")
+    stranger = transport.issue(foreign, name="stranger", role="client")
+    audit.generate_signing_key(work / "audit.key")
+    return {"work": str(work), "bundle": str(bundle), "owner_pub": str(k / "owner.pub"),
+            "device_key": str(k / "device.key"), "ca": str(ca), "ca_crt": str(ca / "ca.crt"),
+            "server_crt": str(server.cert_path), "server_key": str(server.key_path),
+            "alice": [str(alice.cert_path), str(alice.key_path)],
+            "revoked": [str(revoked.cert_path), str(revoked.key_path)],
+            "foreign": [str(stranger.cert_path), str(stranger.key_path)], "foreign_ca": str(foreign),
+            "audit_key": str(work / "audit.key")}
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _plain_state(p: dict[str, Any]) -> Any:
+    from edgeshield import bundles, keys
+    from edgeshield.server import ServerState
+    from edgeshield.server._limits import Limits
+
+    opened = bundles.open_bundle(p["bundle"], keys.load_owner_public_key(p["owner_pub"]),
+                                 keys.load_device_private_key(p["device_key"]))
+    return ServerState(session=opened.session, manifest=opened.manifest, rbac=None, audit=None, spec=None,
+                       require_client_cert=False, max_body_bytes=65536,
+                       limits=Limits(handshakes_per_second_per_address=1e6, handshake_burst_per_address=1_000_000,
+                                     max_connections_per_address=512, max_in_flight=256,
+                                     max_in_flight_per_identity=256, max_connections_per_identity=512))
+
+
+def child_http(p: dict[str, Any], port: int, tls: bool) -> None:
+    """The same ASGI app under plain uvicorn: no TLS, or TLS 1.3 with a server certificate and no client one."""
+    import uvicorn
+
+    from edgeshield.server import create_app
+    from edgeshield.server._serve import log_config
+
+    factory = None
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(p["server_crt"], p["server_key"])
+
+        def factory(_cfg: Any, _default: Any) -> ssl.SSLContext:
+            return ctx
+
+    config = uvicorn.Config(create_app(_plain_state(p)), host=HOST, port=port, http="httptools",
+                            timeout_keep_alive=30, limit_concurrency=256, log_config=log_config(),
+                            server_header=False, date_header=False, ssl_context_factory=factory,
+                            ssl_certfile=p["server_crt"] if tls else None)
+    uvicorn.Server(config).run()
+
+
+# --- DTLS 1.2 (pyOpenSSL), memory BIOs over a UDP socket --------------------------------------------------------
+def dtls_context(p: dict[str, Any], who: str, *, server: bool, ca: str | None = None) -> Any:
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_min_proto_version(DTLS_VERSION)
+    ctx.set_max_proto_version(DTLS_VERSION)
+    cert, key = (p["server_crt"], p["server_key"]) if server else p[who]
+    ctx.use_certificate_file(cert)
+    ctx.use_privatekey_file(key)
+    ctx.load_verify_locations(ca or p["ca_crt"])
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda _c, _x, _e, _d, ok: bool(ok))
+    if server:
+        secret = os.urandom(32)
+
+        def cookie(conn: Any) -> bytes:  # stateless: the HMAC of the peer's address under a per-run secret
+            return hmac.new(secret, repr(conn.get_app_data()).encode(), hashlib.sha256).digest()[:16]
+
+        ctx.set_cookie_generate_callback(cookie)
+        ctx.set_cookie_verify_callback(lambda conn, c: hmac.compare_digest(c, cookie(conn)))
+    return ctx
+
+
+def _dtls_flush(conn: Any, sock: socket.socket, addr: tuple[str, int] | None = None) -> None:
+    from OpenSSL import SSL
+
+    while True:
+        try:
+            data = conn.bio_read(65536)
+        except SSL.WantReadError:
+            return
+        if addr is None:
+            sock.send(data)
+        else:
+            sock.sendto(data, addr)
+
+
+def child_dtls(p: dict[str, Any], port: int) -> None:
+    """A DTLS 1.2 echo server for one client at a time: cookie exchange, mutual handshake, echo until "bye"."""
+    from OpenSSL import SSL
+
+    ctx = dtls_context(p, "", server=True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, port))
+    sock.settimeout(IO_TIMEOUT_S)
+    while True:
+        try:
+            data, addr = sock.recvfrom(65536)
+        except TimeoutError:
+            continue
+        conn = SSL.Connection(ctx, None)
+        conn.set_app_data(addr)
+        conn.set_accept_state()
+        try:
+            while True:  # ClientHello -> HelloVerifyRequest until the cookie comes back
+                conn.bio_write(data)
+                try:
+                    conn.DTLSv1_listen()
+                    break
+                except SSL.WantReadError:
+                    _dtls_flush(conn, sock, addr)
+                    data, addr = sock.recvfrom(65536)
+            while True:
+                try:
+                    conn.do_handshake()
+                    _dtls_flush(conn, sock, addr)
+                    break
+                except SSL.WantReadError:
+                    _dtls_flush(conn, sock, addr)
+                    data, addr = sock.recvfrom(65536)
+                    conn.bio_write(data)
+            while True:
+                data, addr = sock.recvfrom(65536)
+                conn.bio_write(data)
+                try:
+                    msg = conn.recv(65536)
+                except SSL.WantReadError:
+                    continue
+                if msg == b"bye":
+                    break
+                conn.send(msg)
+                _dtls_flush(conn, sock, addr)
+        except (SSL.Error, OSError):
+            continue  # a refused or abandoned handshake: next client
+
+
+class DtlsClient:
+    """One DTLS 1.2 connection to the echo server (connected UDP socket, memory BIOs)."""
+
+    def __init__(self, ctx: Any, port: int) -> None:
+        from OpenSSL import SSL
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect((HOST, port))
+        self.sock.settimeout(IO_TIMEOUT_S)
+        self.conn = SSL.Connection(ctx, None)
+        self.conn.set_connect_state()
+
+    def handshake(self) -> None:
+        from OpenSSL import SSL
+
+        while True:
+            try:
+                self.conn.do_handshake()
+                _dtls_flush(self.conn, self.sock)
+                return
+            except SSL.WantReadError:
+                _dtls_flush(self.conn, self.sock)
+                self.conn.bio_write(self.sock.recv(65536))
+
+    def echo(self, msg: bytes) -> bytes:
+        from OpenSSL import SSL
+
+        self.conn.send(msg)
+        _dtls_flush(self.conn, self.sock)
+        while True:
+            self.conn.bio_write(self.sock.recv(65536))
+            try:
+                out: bytes = self.conn.recv(65536)
+                return out
+            except SSL.WantReadError:
+                continue
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.send(b"bye")
+            _dtls_flush(self.conn, self.sock)
+        self.sock.close()
+
+
+# --- servers as subprocesses --------------------------------------------------------------------------------------
+class ServerProc:
+    """A server subprocess, its output in a file; ``stop`` sends SIGTERM, then kills after a timeout."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+
+    def wait_ready(self, probe: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                if probe():
+                    return
+            except Exception:  # noqa: BLE001, S110 - not up yet
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} server not ready after {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+# --- TCP rows: raw sockets, HTTP/1.1 by hand so that no client library's cost differs between rows ---------------
+def _connect(port: int) -> socket.socket:
+    raw = socket.create_connection((HOST, port), timeout=IO_TIMEOUT_S)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return raw
+
+
+def _get(sock: Any, keep_alive: bool = True) -> None:
+    """One ``GET /healthz`` and its whole answer (headers, then Content-Length bytes); expect a 200."""
+    conn = "keep-alive" if keep_alive else "close"
+    sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: {conn}\r\n\r\n".encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"connection closed mid-answer: {buf[:80]!r}")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"unexpected answer to GET /healthz: {head[:80]!r}")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+
+
+def tls_client_context(p: dict[str, Any], who: str | None) -> ssl.SSLContext:
+    if who is None:  # server authentication only
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(p["ca_crt"])
+        return ctx
+    from edgeshield import transport
+
+    cert, key = p[who]
+    return transport.client_context(p["ca_crt"], cert, key)
+
+
+def _pct(samples: list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    s = sorted(samples)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _ms(samples: list[float]) -> dict[str, float | None]:
+    ms = [s * 1000 for s in samples]
+    return {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "mean": statistics.fmean(ms) if ms else None,
+            "n": float(len(ms))}
+
+
+def bench_tcp_rows(p: dict[str, Any], ports: dict[str, int], n: int, n_req: int) -> dict[str, Any]:
+    """Handshake, first response and keep-alive request for plain TCP, TLS 1.3, mTLS full/resumed, and DTLS 1.2."""
+    tls_ctx, mtls_ctx = tls_client_context(p, None), tls_client_context(p, "alice")
+    dtls_ctx = dtls_context(p, "alice", server=False)
+    lat: dict[str, list[float]] = {k: [] for k in (
+        "tcp_hs", "tcp_first", "tls13_hs", "tls13_first", "mtls_hs", "mtls_first", "mtls_resumed_hs",
+        "mtls_resumed_first", "dtls_hs", "dtls_first")}
+    reused = attempts = 0
+
+    def tls_trial(ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None,
+                  hs_key: str, first_key: str, keep: bool) -> tuple[ssl.SSLSession | None, bool]:
+        t0 = time.perf_counter()
+        s = ctx.wrap_socket(_connect(port), server_hostname=HOST, session=session)
+        t1 = time.perf_counter()
+        try:
+            _get(s, keep_alive=False)
+            t2 = time.perf_counter()
+            was_reused = s.session_reused
+            if keep and (session is None or was_reused):
+                lat[hs_key].append(t1 - t0)
+                lat[first_key].append(t2 - t0)
+            return s.session, was_reused
+        finally:
+            s.close()
+
+    session = tls_trial(mtls_ctx, ports["mtls"], None, "mtls_hs", "mtls_first", False)[0]
+    warmup = 10
+    for i in range(n + warmup):
+        keep = i >= warmup
+        t0 = time.perf_counter()
+        raw = _connect(ports["plain"])
+        t1 = time.perf_counter()
+        _get(raw, keep_alive=False)
+        t2 = time.perf_counter()
+        raw.close()
+        if keep:
+            lat["tcp_hs"].append(t1 - t0)
+            lat["tcp_first"].append(t2 - t0)
+        tls_trial(tls_ctx, ports["tls13"], None, "tls13_hs", "tls13_first", keep)
+        tls_trial(mtls_ctx, ports["mtls"], None, "mtls_hs", "mtls_first", keep)
+        session, was = tls_trial(mtls_ctx, ports["mtls"], session, "mtls_resumed_hs", "mtls_resumed_first", keep)
+        if keep:
+            attempts += 1
+            reused += bool(was)
+        t0 = time.perf_counter()
+        c = DtlsClient(dtls_ctx, ports["dtls"])
+        try:
+            c.handshake()
+            t1 = time.perf_counter()
+            c.echo(b"x" * 16)
+            t2 = time.perf_counter()
+        finally:
+            c.close()
+        if keep:
+            lat["dtls_hs"].append(t1 - t0)
+            lat["dtls_first"].append(t2 - t0)
+    out: dict[str, Any] = {k: _ms(v) for k, v in lat.items()}
+    out["mtls_resumption_fraction"] = reused / attempts if attempts else None
+    # requests on one established connection per transport, in alternating blocks
+    req: dict[str, list[float]] = {"tcp": [], "tls13": [], "mtls": [], "dtls": []}
+    conns: dict[str, Any] = {"tcp": _connect(ports["plain"]),
+                             "tls13": tls_ctx.wrap_socket(_connect(ports["tls13"]), server_hostname=HOST),
+                             "mtls": mtls_ctx.wrap_socket(_connect(ports["mtls"]), server_hostname=HOST)}
+    dtls = DtlsClient(dtls_ctx, ports["dtls"])
+    dtls.handshake()
+    try:
+        blocks = 4
+        for _ in range(blocks):
+            for name in req:
+                for _ in range(n_req // blocks):
+                    t0 = time.perf_counter()
+                    if name == "dtls":
+                        dtls.echo(b"x" * 16)
+                    else:
+                        _get(conns[name])
+                    req[name].append(time.perf_counter() - t0)
+    finally:
+        dtls.close()
+        for c in conns.values():
+            c.close()
+    out.update({f"{k}_req": _ms(v) for k, v in req.items()})
+    return out
+
+
+# --- HTTP/3 and OHTTP rows: through the library's own clients where they exist ----------------------------------
+def not_available(why: str) -> dict[str, Any]:
+    return {"available": False, "why": why}
+
+
+def bench_h3(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
+    try:
+        from edgeshield.transport import _h3client  # noqa: F401
+    except ImportError as exc:
+        return not_available(f"edgeshield.transport._h3client not importable ({exc})")
+    return not_available("the HTTP/3 row is not wired to the library's API yet")
+
+
+def bench_ohttp(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
+    try:
+        from edgeshield.transport import _ohttp  # noqa: F401
+    except ImportError as exc:
+        return not_available(f"edgeshield.transport._ohttp not importable ({exc})")
+    return not_available("the OHTTP row is not wired to the library's API yet")
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _fmt(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def machine_info() -> dict[str, str]:
+    import cryptography
+    import OpenSSL
+    import uvicorn
+
+    versions = [f"Python {platform.python_version()}", ssl.OPENSSL_VERSION, f"uvicorn {uvicorn.__version__}",
+                (f"pyOpenSSL {OpenSSL.__version__} "
+                f"({OpenSSL.SSL.OpenSSL_version(OpenSSL.SSL.OPENSSL_VERSION).decode()})"),
+                f"cryptography {cryptography.__version__}"]
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod in ("aioquic", "hypercorn", "pyhpke"):
+        try:
+            versions.append(f"{mod} {version(mod)}")
+        except PackageNotFoundError:
+            versions.append(f"{mod} absent")
+    hw = hardware()
+    return {"hardware": hw, "versions": ", ".join(versions), "machine": f"{hw}; {', '.join(versions)}"}
+
+
+def flatten(tcp: dict[str, Any], h3: dict[str, Any], oh: dict[str, Any]) -> dict[str, Any]:
+    """The figures contract: flat keys, ms, ratios to plain TCP."""
+    r: dict[str, Any] = {}
+    base_hs, base_first, base_req = tcp["tcp_hs"]["p50"], tcp["tcp_first"]["p50"], tcp["tcp_req"]["p50"]
+    for row in ("tcp", "tls13", "mtls", "mtls_resumed", "dtls"):
+        hs, first = tcp[f"{row}_hs"], tcp[f"{row}_first"]
+        name = "dtls12" if row == "dtls" else row
+        r[f"{name}_handshake_p50_ms"], r[f"{name}_handshake_p99_ms"] = hs["p50"], hs["p99"]
+        r[f"{name}_first_response_p50_ms"], r[f"{name}_first_response_p99_ms"] = first["p50"], first["p99"]
+        r[f"{name}_handshake_vs_tcp_connect"] = _ratio(hs["p50"], base_hs)
+        r[f"{name}_first_response_vs_tcp"] = _ratio(first["p50"], base_first)
+    for row in ("tcp", "tls13", "mtls", "dtls"):
+        q = tcp[f"{row}_req"]
+        name = "dtls12" if row == "dtls" else row
+        r[f"{name}_request_p50_ms"], r[f"{name}_request_p99_ms"] = q["p50"], q["p99"]
+        r[f"{name}_request_vs_tcp"] = _ratio(q["p50"], base_req)
+    r["mtls_resumption_fraction"] = tcp["mtls_resumption_fraction"]
+    h3_keys = ("h3_mtls_handshake_p50_ms", "h3_mtls_handshake_p99_ms", "h3_first_response_p50_ms",
+               "h3_first_response_p99_ms", "h3_0rtt_first_response_p50_ms", "h3_0rtt_first_response_p99_ms",
+               "h3_0rtt_accepted_fraction", "h3_request_p50_ms", "h3_request_p99_ms", "h3_request_p50_ms_loss1",
+               "h3_request_p99_ms_loss1", "h3_request_p50_ms_loss5", "h3_request_p99_ms_loss5",
+               "h3_loss1_dropped_share", "h3_loss5_dropped_share", "udp_negative_cases", "udp_negative_refused",
+               "udp_negative_matrix")
+    for k in h3_keys:
+        r[k] = h3.get(k)
+    if r["h3_mtls_handshake_p50_ms"] is not None:
+        r["h3_mtls_handshake_vs_tcp_connect"] = _ratio(r["h3_mtls_handshake_p50_ms"], base_hs)
+        r["h3_request_vs_tcp"] = _ratio(r["h3_request_p50_ms"], base_req)
+    else:
+        r["h3_mtls_handshake_vs_tcp_connect"] = r["h3_request_vs_tcp"] = None
+    r["h3_available"] = h3.get("available", True)
+    r["h3_not_available_why"] = h3.get("why")
+    for k in ("ohttp_request_p50_ms", "ohttp_request_p99_ms", "ohttp_direct_request_p50_ms",
+              "ohttp_direct_request_p99_ms", "ohttp_vs_direct_latency_ratio", "ohttp_replays_sent",
+              "ohttp_replays_accepted"):
+        r[k] = oh.get(k)
+    r["ohttp_available"] = oh.get("available", True)
+    r["ohttp_not_available_why"] = oh.get("why")
+    r["tls13_handshake_p50_ms"] = r["tls13_handshake_p50_ms"]
+    r["tcp_under_loss"] = "not measured: this kernel has no netem, and a user-space TCP proxy would hide the loss"
+    r["ipsec"] = "not measured: IPsec is the operating system's (see `edgeshield probe --address`)"
+    return r
+
+
+def print_report(console: Any, r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="Transport overhead on loopback (p50 / p99 ms; × = ratio of p50 to plain TCP)")
+    for col in ("transport", "handshake", "× TCP connect", "first response", "× TCP", "request (established)",
+                "× TCP", "threat model quotes"):
+        t.add_column(col)
+
+    def row(label: str, key: str, quoted: str = "", req: str | None = None) -> None:
+        req = req if req is not None else key
+        t.add_row(label, f"{_fmt(r.get(f'{key}_handshake_p50_ms'))} / {_fmt(r.get(f'{key}_handshake_p99_ms'))}",
+                  _fmt(r.get(f"{key}_handshake_vs_tcp_connect"), 1),
+                  f"{_fmt(r.get(f'{key}_first_response_p50_ms'))} / {_fmt(r.get(f'{key}_first_response_p99_ms'))}",
+                  _fmt(r.get(f"{key}_first_response_vs_tcp"), 1),
+                  f"{_fmt(r.get(f'{req}_request_p50_ms'))} / {_fmt(r.get(f'{req}_request_p99_ms'))}",
+                  _fmt(r.get(f"{req}_request_vs_tcp"), 1), quoted)
+
+    row("plain TCP (connect; GET /healthz)", "tcp")
+    row("TLS 1.3 (server auth)", "tls13", QUOTED["tls13"])
+    row("mutual TLS 1.3, full (edgeshield serve)", "mtls", QUOTED["mtls"])
+    row("mutual TLS 1.3, resumed (ticket)", "mtls_resumed", QUOTED["mtls_resumed"], req="mtls")
+    row("DTLS 1.2 mutual + cookie (pyOpenSSL; request = 16-byte echo, no HTTP)", "dtls12", QUOTED["dtls"])
+    if r["h3_available"]:
+        t.add_row("HTTP/3 mutual TLS 1.3, 1-RTT",
+                  f"{_fmt(r['h3_mtls_handshake_p50_ms'])} / {_fmt(r['h3_mtls_handshake_p99_ms'])}",
+                  _fmt(r["h3_mtls_handshake_vs_tcp_connect"], 1),
+                  f"{_fmt(r['h3_first_response_p50_ms'])} / {_fmt(r['h3_first_response_p99_ms'])}", "",
+                  f"{_fmt(r['h3_request_p50_ms'])} / {_fmt(r['h3_request_p99_ms'])}", _fmt(r["h3_request_vs_tcp"], 1),
+                  QUOTED["dtls"] + " (DTLS)")
+        t.add_row("HTTP/3 0-RTT GET", "-", "", f"{_fmt(r['h3_0rtt_first_response_p50_ms'])} / "
+                  f"{_fmt(r['h3_0rtt_first_response_p99_ms'])}", "", "", "", "")
+    else:
+        t.add_row("HTTP/3", f"not available: {r['h3_not_available_why']}", *[""] * 6)
+    if r["ohttp_available"]:
+        t.add_row("OHTTP via relay (predict)", "-", "", "", "",
+                  f"{_fmt(r['ohttp_request_p50_ms'])} / {_fmt(r['ohttp_request_p99_ms'])}",
+                  f"{_fmt(r['ohttp_vs_direct_latency_ratio'], 2)} × direct mTLS", "")
+    else:
+        t.add_row("OHTTP via relay", f"not available: {r['ohttp_not_available_why']}", *[""] * 6)
+    t.add_row("IPsec", "not measured (the OS's)", "", "", "", "", "", QUOTED["ipsec"])
+    console.print(t)
+    if r["h3_available"]:
+        console.print(f"HTTP/3 under datagram loss (each way): 1 % -> {_fmt(r['h3_request_p50_ms_loss1'])} / "
+                      f"{_fmt(r['h3_request_p99_ms_loss1'])} ms, 5 % -> {_fmt(r['h3_request_p50_ms_loss5'])} / "
+                      f"{_fmt(r['h3_request_p99_ms_loss5'])} ms (p50 / p99). TCP under loss: {r['tcp_under_loss']}.")
+        console.print(f"UDP negative matrix: {r['udp_negative_refused']} of {r['udp_negative_cases']} refused.")
+    if r["ohttp_available"]:
+        console.print(f"OHTTP replays through the relay accepted: {r['ohttp_replays_accepted']} of "
+                      f"{r['ohttp_replays_sent']} (target 0).")
+    console.print(f"mTLS resumption: {_fmt(100 * (r['mtls_resumption_fraction'] or 0), 0)} % of attempts resumed. "
+                  "The quoted figures are the threat model's; every handshake here includes the TCP connect (or "
+                  "the DTLS cookie round trip) and runs on loopback, so network round trips are absent.")
+
+
+@contextlib.contextmanager
+def servers(p: dict[str, Any], work: Path) -> Iterator[dict[str, int]]:
+    ports = {"plain": _free_port(), "tls13": _free_port(), "mtls": _free_port(),
+             "dtls": _free_port(socket.SOCK_DGRAM)}
+    me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
+    argv = {
+        "plain": [*me, "--_child", "plain", "--port", str(ports["plain"])],
+        "tls13": [*me, "--_child", "tls13", "--port", str(ports["tls13"])],
+        "mtls": [sys.executable, "-m", "edgeshield", "serve", p["bundle"], "--owner-key", p["owner_pub"],
+                 "--device-key", p["device_key"], "--ca", p["ca"], "--cert", p["server_crt"], "--key",
+                 p["server_key"], "--audit-db", str(work / "audit.db"), "--audit-key", p["audit_key"], "--host", HOST,
+                 "--port", str(ports["mtls"]), "--no-monitor", *UNCAPPED_FLAGS],
+        "dtls": [*me, "--_child", "dtls", "--port", str(ports["dtls"])],
+    }
+    procs = {name: ServerProc(name, a, work / f"{name}.log") for name, a in argv.items()}
+    try:
+        tls_ctx, mtls_ctx = tls_client_context(p, None), tls_client_context(p, "alice")
+
+        def http_probe(port: int, ctx: ssl.SSLContext | None) -> bool:
+            s = _connect(port)
+            if ctx is not None:
+                s = ctx.wrap_socket(s, server_hostname=HOST)
+            try:
+                _get(s, keep_alive=False)
+            finally:
+                s.close()
+            return True
+
+        def dtls_probe() -> bool:
+            c = DtlsClient(dtls_context(p, "alice", server=False), ports["dtls"])
+            c.sock.settimeout(0.5)
+            try:
+                c.handshake()
+                return c.echo(b"ping") == b"ping"
+            finally:
+                c.close()
+
+        procs["plain"].wait_ready(lambda: http_probe(ports["plain"], None))
+        procs["tls13"].wait_ready(lambda: http_probe(ports["tls13"], tls_ctx))
+        procs["mtls"].wait_ready(lambda: http_probe(ports["mtls"], mtls_ctx))
+        procs["dtls"].wait_ready(dtls_probe)
+        yield ports
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
+    ap.add_argument("--json", metavar="PATH", help="write the results as one flat JSON object")
+    ap.add_argument("--_child", choices=["plain", "tls13", "dtls"], help=argparse.SUPPRESS)
+    ap.add_argument("--prepared", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        prepared = json.loads(Path(args.prepared).read_text())
+        if args._child == "dtls":
+            child_dtls(prepared, args.port)
+        else:
+            child_http(prepared, args.port, tls=args._child == "tls13")
+        return 0
+
+    started = time.perf_counter()
+    quick = args.quick
+    info = machine_info()
+    console = open_report(150, info)
+    background = Background()
+    work = Path(tempfile.mkdtemp(prefix="edgeshield-transportbench-"))
+    try:
+        p = prepare(work)
+        (work / "prepared.json").write_text(json.dumps(p))
+        n_hs, n_req = _size("handshakes", quick), _size("requests", quick)
+        with servers(p, work) as ports:
+            console.print(f"handshakes: {n_hs} of each kind, alternating; requests: {n_req} per transport")
+            tcp = bench_tcp_rows(p, ports, n_hs, n_req)
+        h3 = bench_h3(p, work, quick)
+        oh = bench_ohttp(p, work, quick)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    results = flatten(tcp, h3, oh)
+    results.update(background.stop())
+    results.update(
+        machine=info["machine"], python=platform.python_version(), openssl=ssl.OPENSSL_VERSION,
+        quick=quick, wall_s=time.perf_counter() - started, generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        quoted_figures=QUOTED,
+        scale=(f"{'quick' if quick else 'full'}: {n_hs} handshakes of each kind (after 10 warm-up), {n_req} requests "
+               f"per transport on one connection, {_size('loss_requests', quick)} HTTP/3 requests per loss level, "
+               f"{_size('ohttp', quick)} OHTTP requests; loopback only, one client, servers as subprocesses"),
+    )
+    print_report(console, results)
+    console.print(Background.note(results))
+    console.print(f"wall time {results['wall_s']:.1f} s")
+    write_report(console, args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
