@@ -118,6 +118,11 @@ class ServeConfig:
     released_key: Path | None = None
     tpm_keys: Path | None = None  # the device's TPM key file (``attest keys``), with ``released_key``
     tcti: str | None = None  # the TPM to use with ``released_key`` (default: the platform's)
+    # Oblivious HTTP (RFC 9458; the ohttp extra): the gateway at /.well-known/ohttp-gateway and message/ohttp-req
+    # on /v1/predict; its X25519 key (created 0600 if missing; default AUDIT_DB.ohttp-key) and replay window
+    ohttp: bool = False
+    ohttp_key: Path | None = None
+    ohttp_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         from edgeshield.errors import InvalidArgumentError
@@ -515,7 +520,13 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Gua
     ctx = tls_context(cfg)
     guard = CrlGuard(ctx, cfg.crl_expired)
     state.revocation = guard.refusal
-    app = create_app(state)
+    app: Any = create_app(state)
+    if cfg.ohttp:
+        from edgeshield.server._ohttp import gateway_for
+
+        app = gateway_for(app, state, ca=cfg.ca, cert=cfg.cert, key=cfg.key, passphrase=cfg.passphrase,
+                          key_path=cfg.ohttp_key or cfg.audit_db.with_name(cfg.audit_db.name + ".ohttp-key"),
+                          window_s=cfg.ohttp_window_s)
     config = uvicorn.Config(
         app, host=cfg.host, port=cfg.port, timeout_keep_alive=max(1, round(cfg.limits.keep_alive_s)),
         timeout_graceful_shutdown=10, limit_concurrency=None, log_config=log_config(cfg.log_level),
