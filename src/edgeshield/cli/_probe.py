@@ -46,18 +46,30 @@ def probe(
                      help="A management interface (e.g. eth1): sockets bound only to it are not counted as exposed. "
                           "Repeatable."),
     ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", metavar="HOST:PORT",
+                     help="The serving address: report whether it sits on a WireGuard interface or is covered by "
+                          "IPsec policies (from `ip addr`, `ip link`, `ip xfrm`; on this live system, not --root)."),
+    ] = None,
 ) -> None:
     """Report TEEs (SGX, TDX, SEV, OP-TEE), TPM, Secure Boot, IMA, hardware RNG and listening sockets, each
     present, absent or unknown with the evidence read; it reports, it does not attest."""
+    from edgeshield.hardware._netprobe import probe_network_layer
     from edgeshield.hardware._probe import probe as run_probe
 
+    network = probe_network_layer(address) if address is not None else None
     report = run_probe(root, management_interface or ())
     data = report.to_dict()
+    features = list(report.features())
+    if network is not None:
+        data["network_layer"] = network.to_dict()
+        features.append(("network_layer", network.to_finding()))
     if as_json:
         emit_json(data)
         return
     t = table(f"hardware probe of {report.root}", ("feature", "status", "detail", "evidence"), whole=("status",))
-    for name, finding in report.features():
+    for name, finding in features:
         d = data[name]
         shown = {k: v for k, v in d.items() if k not in ("status", "reason", "evidence")
                  and (finding.status != "absent" or v not in (None, [], {}, False))}  # JSON has them all

@@ -18,6 +18,7 @@ from edgeshield.hardware._attest import (
     verify_nv_counter,
     verify_quote,
 )
+from edgeshield.hardware._netprobe import NetworkLayer, probe_network_layer
 from edgeshield.hardware._nvfloor import DEFAULT_FLOOR_INDEX, FloorJumpError, TpmCounterFloor
 from edgeshield.hardware._probe import (
     FEATURES,
@@ -84,6 +85,7 @@ __all__ = [
     "LicenceExpiredError",
     "LicenceGuard",
     "ListeningSocket",
+    "NetworkLayer",
     "NvCertifyError",
     "PCRSelection",
     "PcrPolicy",
@@ -118,6 +120,7 @@ __all__ = [
     "pcr_extend",
     "pcr_read",
     "probe",
+    "probe_network_layer",
     "save_approvals",
     "seal_device_key",
     "sign_approval",
