@@ -140,12 +140,25 @@ class Relay:
 
 
 async def _read(receive: Receive, limit: int, timeout_s: float) -> bytes | None:
-    from edgeshield.server._middleware import BodyTimeout, BodyTooLarge, ClientGone, read_body
+    """The whole body, at most ``limit`` bytes, all within ``timeout_s``; None when over, too slow or gone."""
+    import asyncio
 
-    try:
-        return await read_body(receive, limit, timeout_s)
-    except (BodyTooLarge, BodyTimeout, ClientGone):
-        return None
+    loop = asyncio.get_running_loop()
+    deadline, chunks, size = loop.time() + timeout_s, [], 0
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return None
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _json(send: Send, status: int, error: str) -> None:
