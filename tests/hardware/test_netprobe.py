@@ -316,3 +316,20 @@ def test_probe_cli_reports_the_address() -> None:
     assert data["network_layer"]["status"] in ("present", "absent", "unknown")
     result = CliRunner().invoke(app, ["probe", "--address", "127.0.0.1:http"])
     assert result.exit_code != 0
+
+
+# --- the compliance evidence ----------------------------------------------------------------------------------------
+def test_network_exposure_check_carries_the_network_layer_as_evidence() -> None:
+    import socket
+
+    from edgeshield.compliance._checks import CHECKS, CheckContext, run_check
+    from edgeshield.compliance._deployment import Deployment
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+        r = run_check(CHECKS["network_exposure"], CheckContext(Deployment(port=port)))
+    assert r.status == "pass", r.reason
+    ev = next(e for e in r.evidence if e.kind == "network_layer")
+    assert ev.data["address"] == "127.0.0.1" and ev.data["port"] == port
+    assert ev.data["wireguard"] in ("present", "absent", "unknown")
+    assert f"network layer 127.0.0.1:{port}: WireGuard" in r.reason

@@ -571,7 +571,9 @@ class NetworkExposure:
     name = "network_exposure"
     title = "The device listens only on loopback or its management interfaces"
     looks_at = ("listening sockets (psutil.net_connections): the server's port (exposure = 'server') or every "
-                "one (exposure = 'host'); a wildcard or other address fails, the socket listed")
+                "one (exposure = 'host'); a wildcard or other address fails, the socket listed; and, as evidence "
+                "of network-layer segmentation, whether the listen address sits on a WireGuard interface or is "
+                "covered by IPsec policies (ip addr/link/xfrm; reported, never required)")
 
     def run(self, ctx: CheckContext) -> CheckResult:
         import psutil
@@ -601,6 +603,17 @@ class NetworkExposure:
               Evidence("sockets", f"{len(listening)} listening socket(s) judged, {len(bad)} exposed beyond loopback "
                                   "and the management interfaces", "psutil.net_connections",
                        {"listening": listening, "exposed": bad})]
+        from edgeshield.hardware._netprobe import probe_network_layer, summarize
+
+        try:  # evidence of network-layer protection (WireGuard / IPsec are the OS's): reported, not judged
+            layer = probe_network_layer(f"{d.host}:{d.port}")
+        except EdgeShieldError as exc:
+            layer_note = f"network layer not probed: {exc}"
+            ev.append(Evidence("network_layer", layer_note, "ip addr / ip link / ip xfrm", {}))
+        else:
+            layer_note = f"network layer {summarize(layer)}"
+            ev.append(Evidence("network_layer", f"{layer_note}: {layer.reason}", "ip addr / ip link / ip xfrm",
+                               layer.detail()))
         problems = []
         if unknown:
             problems.append(f"management interface(s) not found on this host: {', '.join(unknown)}")
@@ -615,8 +628,8 @@ class NetworkExposure:
             return _result(self, "not_assessed", f"nothing listens on the server's port ({port_list}) now: run the "
                                                  "report while the server runs (with --probe-url when it listens "
                                                  "on a chosen port)", ev, cmd)
-        return _verdict(self, problems, "every listening socket judged is on loopback or a management interface", ev,
-                        cmd)
+        return _verdict(self, problems, "every listening socket judged is on loopback or a management interface; "
+                        f"{layer_note}", ev, cmd)
 
 
 class MonitoringEnabled:

@@ -26,9 +26,9 @@ _RAW_MIN_LENGTH = 32  # and so does any list of this many numbers
 
 @dataclass(frozen=True)
 class Evidence:
-    """What a check looked at: ``kind`` (audit_entry, file, tls, probe, socket, store, config), a plain-language
-    ``description``, where it came from (``source``: a path or URL), the observed ``data``, and for an audit entry
-    its inclusion ``proof`` and the checkpoint it is under."""
+    """What a check looked at: ``kind`` (audit_entry, file, tls, probe, socket, store, config, network_layer), a
+    plain-language ``description``, where it came from (``source``: a path or URL), the observed ``data``, and for an
+    audit entry its inclusion ``proof`` and the checkpoint it is under."""
 
     kind: str
     description: str
