@@ -5,10 +5,29 @@ carries its role (``ROLE_OID`` extension, and OU). ``server_context``/``client_c
 contexts, the server's requiring a client certificate and checking the CA's CRL; ``reload_crl`` takes a newer CRL
 without a restart. After a handshake, ``peer_identity(sock)`` says who connected (and refuses a revoked peer that
 resumed a session from before its revocation).
+
+Oblivious HTTP (RFC 9458, the ``ohttp`` extra; docs/ohttp.md): ``OhttpClient`` / ``ohttp_predict`` send
+end-to-end encrypted requests through a relay (``_relay``, ``edgeshield relay``); ``KeyConfig``, ``KeyPair``,
+``encapsulate_request`` and ``decapsulate_request`` are the message layer underneath.
 """
 
 from __future__ import annotations
 
+from edgeshield.transport._ohttp import (
+    KeyConfig,
+    KeyPair,
+    OhttpError,
+    OhttpIdentityError,
+    OhttpKeyConfigError,
+    OhttpMalformedError,
+    OhttpReplayError,
+    OhttpSuiteError,
+    OhttpUnknownKeyError,
+    ReplayGuard,
+    decapsulate_request,
+    encapsulate_request,
+)
+from edgeshield.transport._ohttp_client import OhttpAnswer, OhttpClient, OhttpRefusedError, ohttp_predict
 from edgeshield.transport._pki import (
     ALGORITHMS,
     CRL_DAYS,
@@ -56,8 +75,23 @@ __all__ = [
     "CrlInfo",
     "Identity",
     "IssuedCert",
+    "KeyConfig",
+    "KeyPair",
+    "OhttpAnswer",
+    "OhttpClient",
+    "OhttpError",
+    "OhttpIdentityError",
+    "OhttpKeyConfigError",
+    "OhttpMalformedError",
+    "OhttpRefusedError",
+    "OhttpReplayError",
+    "OhttpSuiteError",
+    "OhttpUnknownKeyError",
+    "ReplayGuard",
     "client_context",
+    "decapsulate_request",
     "decode_role",
+    "encapsulate_request",
     "encode_role",
     "identity_from_der",
     "init_ca",
@@ -65,6 +99,7 @@ __all__ = [
     "list_certs",
     "load_crl",
     "loaded_crl",
+    "ohttp_predict",
     "parse_san",
     "parse_serial",
     "peer_identity",
