@@ -100,6 +100,21 @@ def serve(
                                  help="The TPM to use with --released-key, e.g. swtpm:port=2321 (default: the "
                                       "platform's).")
     ] = None,
+    ohttp: Annotated[
+        bool, typer.Option("--ohttp", rich_help_panel="Oblivious HTTP",
+                           help="Also accept Oblivious HTTP (RFC 9458; the ohttp extra): key configuration at GET "
+                                "/.well-known/ohttp-gateway, message/ohttp-req on POST there and on /v1/predict.")
+    ] = False,
+    ohttp_key: Annotated[
+        Path | None, typer.Option("--ohttp-key", rich_help_panel="Oblivious HTTP",
+                                  help="The gateway's X25519 key file, created 0600 if missing (default: "
+                                       "AUDIT_DB.ohttp-key).")
+    ] = None,
+    ohttp_window: Annotated[
+        float, typer.Option("--ohttp-window", min=1.0, rich_help_panel="Oblivious HTTP",
+                            help="Seconds an encapsulated request's client timestamp stays acceptable (and its "
+                                 "encapsulation remembered against replay).")
+    ] = 30.0,
     config: Annotated[
         Path | None,
         typer.Option("--config", is_eager=True, callback=_load_config,
@@ -383,7 +398,8 @@ def serve(
                            webhook_ca=webhook_ca, events_socket=events_socket, watch_interval_s=watch_interval,
                            config_file=config, subject_header=subject_header, subject_keys=subject_keys,
                            retention_days=retention_days, update_dir=update_dir, released_key=released_key,
-                           tpm_keys=tpm_keys, tcti=tcti))
+                           tpm_keys=tpm_keys, tcti=tcti, ohttp=ohttp, ohttp_key=ohttp_key,
+                           ohttp_window_s=ohttp_window))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:
