@@ -92,6 +92,8 @@ def prepare(work: Path) -> dict[str, Any]:
     revoked = transport.issue(ca, name="mallory", role="client")
     transport.revoke(ca, name="mallory", reason="key-compromise")
     stranger = transport.issue(foreign, name="stranger", role="client")
+    relay_tls = transport.issue(ca, name="relay-1-tls", role="relay", server=True, sans=[HOST])
+    relay_client = transport.issue(ca, name="relay-1", role="relay")
     audit.generate_signing_key(work / "audit.key")
     return {"work": str(work), "bundle": str(bundle), "owner_pub": str(k / "owner.pub"),
             "device_key": str(k / "device.key"), "ca": str(ca), "ca_crt": str(ca / "ca.crt"),
@@ -99,6 +101,8 @@ def prepare(work: Path) -> dict[str, Any]:
             "alice": [str(alice.cert_path), str(alice.key_path)],
             "revoked": [str(revoked.cert_path), str(revoked.key_path)],
             "foreign": [str(stranger.cert_path), str(stranger.key_path)], "foreign_ca": str(foreign),
+            "relay_tls": [str(relay_tls.cert_path), str(relay_tls.key_path)],
+            "relay_client": [str(relay_client.cert_path), str(relay_client.key_path)],
             "audit_key": str(work / "audit.key")}
 
 
@@ -465,12 +469,107 @@ def bench_h3(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
     return not_available("the HTTP/3 row is not wired to the library's API yet")
 
 
+def _gateway_config(p: dict[str, Any], port: int) -> Any:
+    from edgeshield.server import ServeConfig
+    from edgeshield.server._limits import Limits
+
+    work = Path(p["work"])
+    return ServeConfig(bundle=Path(p["bundle"]), owner_key=Path(p["owner_pub"]), device_key=Path(p["device_key"]),
+                       ca=Path(p["ca"]), cert=Path(p["server_crt"]), key=Path(p["server_key"]),
+                       audit_db=work / "audit-ohttp.db", audit_key=Path(p["audit_key"]), host=HOST, port=port,
+                       max_body_bytes=65536, ohttp=True, ohttp_key=work / "ohttp.key", monitor=False,
+                       limits=Limits(handshakes_per_second_per_address=1e6, handshake_burst_per_address=1_000_000,
+                                     max_connections_per_address=512, max_in_flight=256))
+
+
+def child_gateway(p: dict[str, Any], port: int) -> None:
+    """``edgeshield serve --ohttp``'s server: the same ServeConfig with the OHTTP gateway on."""
+    from edgeshield.server import build_state, make_server
+
+    cfg = _gateway_config(p, port)
+    server, _watcher = make_server(cfg, build_state(cfg))
+    server.run()
+
+
+def child_relay(p: dict[str, Any], port: int, gateway_port: int) -> None:
+    """``edgeshield relay``: mutual TLS from clients, mutual TLS (relay role) to the gateway."""
+    from edgeshield.transport._relay import RelayConfig, serve_relay
+
+    serve_relay(RelayConfig(gateway_url=f"https://{HOST}:{gateway_port}", ca=Path(p["ca"]),
+                            cert=Path(p["relay_tls"][0]), key=Path(p["relay_tls"][1]),
+                            client_cert=Path(p["relay_client"][0]), client_key=Path(p["relay_client"][1]),
+                            host=HOST, port=port))
+
+
 def bench_ohttp(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
+    """One digit per request: POST /v1/predict over direct mTLS (keep-alive httpx) to the OHTTP-enabled server vs
+    the same through the relay with OHTTP (encapsulate + sign, relay hop, decapsulate + verify, and back); then
+    each captured encapsulation replayed through the relay."""
     try:
-        from edgeshield.transport import _ohttp  # noqa: F401
+        import pyhpke  # noqa: F401
+
+        from edgeshield.transport._ohttp import BhttpResponse
+        from edgeshield.transport._ohttp_client import OhttpClient, OhttpRefusedError
     except ImportError as exc:
-        return not_available(f"edgeshield.transport._ohttp not importable ({exc})")
-    return not_available("the OHTTP row is not wired to the library's API yet")
+        return not_available(f"the ohttp extra or edgeshield's OHTTP client is missing ({exc})")
+    import httpx
+
+    from edgeshield.models import load_digits_split
+
+    n = _size("ohttp", quick)
+    ports = {"gateway": _free_port(), "relay": _free_port()}
+    me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
+    gw = ServerProc("ohttp-gateway", [*me, "--_child", "gateway", "--port", str(ports["gateway"])],
+                    work / "gateway.log")
+    relay = ServerProc("relay", [*me, "--_child", "relay", "--port", str(ports["relay"]), "--gateway-port",
+                                 str(ports["gateway"])], work / "relay.log")
+    cert, key = p["alice"]
+    x = load_digits_split().x_test
+    bodies = [json.dumps({"inputs": x[i % len(x)][None].tolist()}).encode() for i in range(n)]
+    try:
+        direct = httpx.Client(base_url=f"https://{HOST}:{ports['gateway']}",
+                              verify=tls_client_context(p, "alice"), timeout=10)
+        gw.wait_ready(lambda: direct.get("/healthz").status_code == 200)
+        client = OhttpClient(f"https://{HOST}:{ports['relay']}", ca=p["ca"], cert=cert, key=key,
+                             gateway_name="edge-1")
+        relay.wait_ready(lambda: client.key_config() is not None)
+        lat: dict[str, list[float]] = {"direct": [], "ohttp": []}
+        captured: list[bytes] = []
+        statuses: dict[str, list[int]] = {"direct": [], "ohttp": []}
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            r = direct.post("/v1/predict", content=bodies[i % n], headers={"content-type": "application/json"})
+            t1 = time.perf_counter()
+            data, sender = client.encapsulate("POST", "/v1/predict", bodies[i % n])
+            answer = BhttpResponse.parse(sender.open_response(client.send(data)))
+            t2 = time.perf_counter()
+            if i < 5:
+                continue  # warm-up
+            statuses["direct"].append(r.status_code)
+            statuses["ohttp"].append(answer.status)
+            lat["direct"].append(t1 - t0)
+            lat["ohttp"].append(t2 - t1)
+            captured.append(data)
+        accepted = 0
+        refused_with: dict[int, int] = {}
+        for data in captured:
+            try:
+                client.send(data)
+                accepted += 1
+            except OhttpRefusedError as exc:
+                refused_with[exc.status] = refused_with.get(exc.status, 0) + 1
+        client.close()
+        direct.close()
+    finally:
+        relay.stop()
+        gw.stop()
+    d, o = _ms(lat["direct"]), _ms(lat["ohttp"])
+    return {"ohttp_request_p50_ms": o["p50"], "ohttp_request_p99_ms": o["p99"],
+            "ohttp_direct_request_p50_ms": d["p50"], "ohttp_direct_request_p99_ms": d["p99"],
+            "ohttp_vs_direct_latency_ratio": _ratio(o["p50"], d["p50"]), "ohttp_replays_sent": len(captured),
+            "ohttp_replays_accepted": accepted, "ohttp_replay_refusals": {str(k): v for k, v in refused_with.items()},
+            "ohttp_direct_non_200": sum(s != 200 for s in statuses["direct"]),
+            "ohttp_non_200": sum(s != 200 for s in statuses["ohttp"])}
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -536,7 +635,7 @@ def flatten(tcp: dict[str, Any], h3: dict[str, Any], oh: dict[str, Any]) -> dict
     r["h3_not_available_why"] = h3.get("why")
     for k in ("ohttp_request_p50_ms", "ohttp_request_p99_ms", "ohttp_direct_request_p50_ms",
               "ohttp_direct_request_p99_ms", "ohttp_vs_direct_latency_ratio", "ohttp_replays_sent",
-              "ohttp_replays_accepted"):
+              "ohttp_replays_accepted", "ohttp_replay_refusals", "ohttp_direct_non_200", "ohttp_non_200"):
         r[k] = oh.get(k)
     r["ohttp_available"] = oh.get("available", True)
     r["ohttp_not_available_why"] = oh.get("why")
@@ -651,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
     ap.add_argument("--json", metavar="PATH", help="write the results as one flat JSON object")
-    ap.add_argument("--_child", choices=["plain", "tls13", "dtls"], help=argparse.SUPPRESS)
+    ap.add_argument("--_child", choices=["plain", "tls13", "dtls", "gateway", "relay"], help=argparse.SUPPRESS)
+    ap.add_argument("--gateway-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -659,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
         prepared = json.loads(Path(args.prepared).read_text())
         if args._child == "dtls":
             child_dtls(prepared, args.port)
+        elif args._child == "gateway":
+            child_gateway(prepared, args.port)
+        elif args._child == "relay":
+            child_relay(prepared, args.port, args.gateway_port)
         else:
             child_http(prepared, args.port, tls=args._child == "tls13")
         return 0
