@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 MAX_PEERS = 256
 MAX_DATAGRAM = 65535
+RCVBUF = 4 << 20  # asked for; the kernel caps it at net.core.rmem_max
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LossyForwarder:
         self.upstream, self.loss = upstream, loss
         self._rng_up, self._rng_down = random.Random(seed), random.Random(seed + 1)  # noqa: S311 - loss, not crypto
         self._front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._front.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)  # bursts must not be lost here
         self._front.bind(listen)
         self._front.setblocking(False)
         self.port: int = self._front.getsockname()[1]
@@ -79,6 +81,7 @@ class LossyForwarder:
                 self._sel.unregister(old)
                 old.close()
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             sock.connect(self.upstream)
             sock.setblocking(False)
             self._peers[client] = sock
