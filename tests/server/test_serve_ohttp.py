@@ -209,3 +209,24 @@ def test_a_revoked_inner_client_is_refused(world: Any) -> None:
                 break
             time.sleep(0.1)
     assert status == 401
+
+
+def test_client_predict_ohttp_cli_through_the_relay(world: Any, tmp_path: Any) -> None:
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from edgeshield.cli import app
+
+    x = load_digits_split().x_test[:3]
+    np.save(tmp_path / "x.npy", x)
+    alice = world["certs"]["alice"]
+    common = ["--cert", str(alice.cert_path), "--key", str(alice.key_path), "--ca", str(world["ca"] / "ca.crt"),
+              "--input", str(tmp_path / "x.npy"), "--json"]
+    via = CliRunner().invoke(app, ["client", "predict", "--ohttp", "--gateway-name", "edge-1",
+                                   "--url", world["relay_url"], *common])
+    direct = CliRunner().invoke(app, ["client", "predict", "--url", world["url"], *common])
+    assert via.exit_code == 0 and direct.exit_code == 0, (via.output, direct.output)
+    assert json.loads(via.stdout)["predictions"] == json.loads(direct.stdout)["predictions"]
+    wrong = CliRunner().invoke(app, ["client", "predict", "--ohttp", "--gateway-name", "edge-9",
+                                     "--url", world["relay_url"], *common])
+    assert isinstance(wrong.exception, o.OhttpKeyConfigError)  # main() prints it and exits 3

@@ -28,6 +28,7 @@ from edgeshield.cli import (
     _monitor,
     _pki,
     _probe,
+    _relay,
     _serve,
     _tpm,
     _train,
@@ -66,6 +67,7 @@ app.command("verify")(_bundles.verify)
 app.command("inspect")(_bundles.inspect)
 app.command("run")(_bundles.run)
 app.command("probe")(_probe.probe)
+app.command("relay")(_relay.relay)
 
 
 @app.command("demo")

@@ -218,6 +218,11 @@ def predict(
     timeout: TimeoutOpt = 30.0,
     passphrase_env: PassphraseEnvOpt = None,
     as_json: JsonOpt = False,
+    ohttp: Annotated[bool, typer.Option("--ohttp", help="End to end encrypted with Oblivious HTTP (RFC 9458; the "
+                                        "ohttp extra): --url is then a relay (`edgeshield relay`) or the server.")
+                     ] = False,
+    gateway_name: Annotated[str | None, typer.Option("--gateway-name", help="With --ohttp: the server certificate's "
+                                                     "CN the signed key configuration must come from.")] = None,
 ) -> None:
     """Send INPUT to /v1/predict and print the predictions (or accept/flag/reject decisions)."""
     import numpy as np
@@ -225,11 +230,14 @@ def predict(
     from edgeshield.bundles._predict import load_npy
 
     x = load_npy(input)
-    server = _server(url, ca, cert, key, passphrase_env, timeout)
     buf = io.BytesIO()
     np.save(buf, x, allow_pickle=False)
-    body = _call(server, "POST", "/v1/predict", content=buf.getvalue(),
-                 headers={"content-type": "application/x-npy"}).json()
+    if ohttp:
+        body = _ohttp_predict(url, ca, cert, key, passphrase_env, timeout, buf.getvalue(), gateway_name)
+    else:
+        server = _server(url, ca, cert, key, passphrase_env, timeout)
+        body = _call(server, "POST", "/v1/predict", content=buf.getvalue(),
+                     headers={"content-type": "application/x-npy"}).json()
     if as_json:
         emit_json(body)
     elif "predictions" in body:
@@ -237,6 +245,32 @@ def predict(
     else:
         console.print(f"decisions: {body['counts']}")
         console.print([d["prediction"] if d["prediction"] is not None else "rejected" for d in body["decisions"]])
+
+
+def _ohttp_predict(url: str, ca: Path, cert: Path, key: Path, passphrase_env: str | None, timeout: float,
+                   npy: bytes, gateway_name: str | None) -> Any:
+    """One encapsulated prediction through a relay (or to the gateway itself), its inner answer decoded."""
+    import httpx
+
+    from edgeshield.transport import OhttpClient, OhttpRefusedError
+
+    if not url.lower().startswith("https://"):
+        raise InvalidArgumentError(f"--url must be an https:// URL, not {url!r}")
+    try:
+        with OhttpClient(url.rstrip("/"), ca=ca, cert=cert, key=key, timeout_s=timeout, gateway_name=gateway_name,
+                         passphrase=keys.passphrase_from_env(passphrase_env)) as client:
+            answer = client.request("POST", "/v1/predict", npy, content_type="application/x-npy")
+    except OhttpRefusedError as exc:
+        raise ServerRefusedError(exc.status, str(exc)) from None
+    except httpx.HTTPError as exc:
+        raise ConnectionFailedError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    if answer.status != 200:
+        try:
+            message = str(answer.json().get("error", ""))
+        except ValueError:
+            message = answer.body[:200].decode("utf-8", "replace")
+        raise ServerRefusedError(answer.status, message)
+    return answer.json()
 
 
 @app.command("model")
