@@ -230,3 +230,13 @@ def test_client_predict_ohttp_cli_through_the_relay(world: Any, tmp_path: Any) -
     wrong = CliRunner().invoke(app, ["client", "predict", "--ohttp", "--gateway-name", "edge-9",
                                      "--url", world["relay_url"], *common])
     assert isinstance(wrong.exception, o.OhttpKeyConfigError)  # main() prints it and exits 3
+
+
+def test_predict_through_returns_the_answer_and_what_the_relay_forwarded(world: Any) -> None:
+    alice = world["certs"]["alice"]
+    x = load_digits_split().x_test[:2].tolist()
+    answer, seen = transport.predict_through(world["relay"], world["relay_url"], x, ca=world["ca"],
+                                             cert=alice.cert_path, key=alice.key_path, gateway_name="edge-1")
+    assert len(answer["predictions"]) == 2
+    assert [s.direction for s in seen] == ["request", "response"]
+    assert all(json.dumps(answer["predictions"]).encode() not in s.data for s in seen)

@@ -55,6 +55,7 @@ from edgeshield.transport._pki import (
     validate_name,
     validate_role,
 )
+from edgeshield.transport._relay import Relay, RelayConfig, Seen, predict_through, running_relay
 from edgeshield.transport._tls import (
     client_context,
     loaded_crl,
@@ -87,7 +88,10 @@ __all__ = [
     "OhttpReplayError",
     "OhttpSuiteError",
     "OhttpUnknownKeyError",
+    "Relay",
+    "RelayConfig",
     "ReplayGuard",
+    "Seen",
     "client_context",
     "decapsulate_request",
     "decode_role",
@@ -103,11 +107,13 @@ __all__ = [
     "parse_san",
     "parse_serial",
     "peer_identity",
+    "predict_through",
     "read_ca",
     "read_role",
     "reload_crl",
     "revoke",
     "revoked_serials",
+    "running_relay",
     "server_context",
     "update_crl",
     "validate_name",

@@ -20,11 +20,12 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from starlette.types import Message, Receive, Scope, Send
+from typing import TYPE_CHECKING, Any
 
 from edgeshield.errors import EdgeShieldError
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Receive, Scope, Send
 
 PathLike = str | os.PathLike[str]
 GATEWAY_PATH = "/.well-known/ohttp-gateway"
@@ -67,12 +68,14 @@ class Relay:
         self.max_body_bytes, self.timeout_s = max_body_bytes, timeout_s
         self.record = Path(record) if record is not None else None
         self.seen: deque[Seen] = deque(maxlen=keep)
+        self.forwarded = 0  # bodies noted, ever (``seen`` keeps the last ``keep``)
         self._lock = threading.Lock()
         self._http: Any = None
 
     def _note(self, seen: Seen) -> None:
         with self._lock:
             self.seen.append(seen)
+            self.forwarded += 1
             if self.record is not None:
                 line = {"time": time.time(), "direction": seen.direction, "path": seen.path, "status": seen.status,
                         "bytes": len(seen.data), "sha256": hashlib.sha256(seen.data).hexdigest(),
@@ -207,3 +210,17 @@ def serve_relay(cfg: RelayConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
     server, _ = make_relay(cfg)
     server.run()
+
+
+def predict_through(relay: Relay, relay_url: str, inputs: Any, *, ca: PathLike, cert: PathLike, key: PathLike,
+                    passphrase: bytes | None = None, gateway_name: str | None = None) -> tuple[dict[str, Any],
+                                                                                              list[Seen]]:
+    """One full OHTTP prediction through a running ``relay`` (at ``relay_url``): (the decoded answer, what the relay
+    forwarded for it — ciphertext in, ciphertext out). For the demo and the benchmark."""
+    from edgeshield.transport._ohttp_client import ohttp_predict
+
+    before = relay.forwarded
+    answer = ohttp_predict(relay_url, inputs, ca=ca, cert=cert, key=key, passphrase=passphrase,
+                           gateway_name=gateway_name)
+    new = min(relay.forwarded - before, len(relay.seen))
+    return answer, list(relay.seen)[len(relay.seen) - new:]
