@@ -63,7 +63,8 @@ UNCAPPED_FLAGS = ["--handshake-rate", "1000000", "--handshake-burst", "1000000",
                   "--max-connections-per-address", "512", "--max-in-flight", "256"]
 QUOTED = {"tls13": "5–10 ms", "mtls": "10–15 ms", "mtls_resumed": "10–15 ms (no figure for resumption)",
           "dtls": "3–7 ms", "ipsec": "15–25 ms"}
-SIZES = {"handshakes": (60, 600), "requests": (200, 2000), "loss_requests": (40, 300), "ohttp": (60, 500)}
+SIZES = {"handshakes": (60, 600), "h3_handshakes": (30, 300), "requests": (200, 2000), "loss_requests": (40, 300),
+         "ohttp": (60, 500)}
 DTLS_VERSION = 0xFEFD  # DTLS 1.2 (pyOpenSSL has no constant for it)
 IO_TIMEOUT_S = 5.0
 
@@ -461,12 +462,279 @@ def not_available(why: str) -> dict[str, Any]:
     return {"available": False, "why": why}
 
 
+class H3Answer:
+    """One HTTP/3 answer: status, body, and whether it came back on a connection whose early data was accepted."""
+
+    def __init__(self, status: int | None, body: bytes, early_accepted: bool, resumed: bool) -> None:
+        self.status, self.body, self.early_accepted, self.resumed = status, body, early_accepted, resumed
+
+
+def _h3_protocol() -> Any:
+    """An aioquic client protocol speaking HTTP/3: ``request`` sends one request and waits for its whole answer."""
+    import asyncio
+
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.h3.connection import H3Connection
+    from aioquic.h3.events import DataReceived, HeadersReceived
+    from aioquic.quic.events import ConnectionTerminated
+
+    class H3Client(QuicConnectionProtocol):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.h3 = H3Connection(self._quic)
+            self.answers: dict[int, list[Any]] = {}
+            self.waiters: dict[int, asyncio.Future[tuple[int | None, bytes]]] = {}
+            self.closed_reason: str | None = None
+
+        def quic_event_received(self, event: Any) -> None:
+            if isinstance(event, ConnectionTerminated):
+                self.closed_reason = f"{event.error_code}: {event.reason_phrase}"
+                for fut in self.waiters.values():
+                    if not fut.done():
+                        fut.set_exception(ConnectionError(f"connection closed ({self.closed_reason})"))
+            for ev in self.h3.handle_event(event):
+                if isinstance(ev, HeadersReceived):
+                    status = next((int(v) for k, v in ev.headers if k == b":status"), None)
+                    self.answers.setdefault(ev.stream_id, [None, b""])[0] = status
+                elif isinstance(ev, DataReceived):
+                    self.answers.setdefault(ev.stream_id, [None, b""])[1] += ev.data
+                else:
+                    continue
+                fut = self.waiters.get(ev.stream_id)
+                if ev.stream_ended and fut is not None and not fut.done():
+                    status, body = self.answers.pop(ev.stream_id)
+                    fut.set_result((status, body))
+
+        async def request(self, method: str, path: str, body: bytes = b"",
+                          content_type: str = "application/json") -> tuple[int | None, bytes]:
+            sid = self._quic.get_next_available_stream_id()
+            headers = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", HOST.encode()),
+                       (b":path", path.encode())]
+            if body:
+                headers.append((b"content-type", content_type.encode()))
+            self.h3.send_headers(sid, headers, end_stream=not body)
+            if body:
+                self.h3.send_data(sid, body, end_stream=True)
+            fut: asyncio.Future[tuple[int | None, bytes]] = asyncio.get_running_loop().create_future()
+            self.waiters[sid] = fut
+            self.transmit()
+            try:
+                return await asyncio.wait_for(fut, IO_TIMEOUT_S)
+            finally:
+                self.waiters.pop(sid, None)
+
+    return H3Client
+
+
+def h3_configuration(p: dict[str, Any], who: str | None, *, ca: str | None = None, ticket: Any = None) -> Any:
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=HOST,
+                            idle_timeout=IO_TIMEOUT_S)
+    cfg.load_verify_locations(ca or p["ca_crt"])
+    if who is not None:
+        cert, key = p[who]
+        cfg.load_cert_chain(cert, key)
+    cfg.session_ticket = ticket
+    return cfg
+
+
+async def h3_trial(p: dict[str, Any], port: int, who: str | None = "alice", *, ticket: Any = None,
+                   method: str = "GET", path: str = "/healthz", body: bytes = b"", early: bool = False,
+                   ca: str | None = None) -> tuple[float, float, H3Answer, Any]:
+    """One fresh HTTP/3 connection and one request: (handshake s, first response s, the answer, a new ticket).
+
+    ``early``: send the request before the handshake completes (0-RTT with ``ticket``); the handshake time is
+    then the time to the answer as well.
+    """
+    from aioquic.asyncio import connect
+
+    tickets: list[Any] = []
+    t0 = time.perf_counter()
+    async with connect(HOST, port, configuration=h3_configuration(p, who, ca=ca, ticket=ticket),
+                       create_protocol=_h3_protocol(), session_ticket_handler=tickets.append,
+                       wait_connected=not early) as client:
+        t1 = time.perf_counter()
+        status, data = await client.request(method, path, body)  # type: ignore[attr-defined]
+        t2 = time.perf_counter()
+        tls = client._quic.tls
+        answer = H3Answer(status, data, bool(getattr(tls, "early_data_accepted", False)),
+                          bool(getattr(tls, "session_resumed", False)))
+        for _ in range(20):  # the server's NewSessionTicket follows the handshake
+            if tickets:
+                break
+            import asyncio
+
+            await asyncio.sleep(0.005)
+    return t1 - t0, t2 - t0, answer, tickets[-1] if tickets else None
+
+
+def _refused(coro: Any) -> tuple[bool, str]:
+    """Run one trial: (refused, what happened) — refused unless it answered 200."""
+    import asyncio
+
+    try:
+        _hs, _first, answer, _t = asyncio.run(coro)
+    except Exception as exc:  # noqa: BLE001 - a refused handshake surfaces as whatever aioquic raises
+        return True, f"{type(exc).__name__}: {str(exc)[:120] or 'connection refused or timed out'}"
+    return answer.status != 200, f"HTTP {answer.status}"
+
+
+async def _h3_rows(p: dict[str, Any], port: int, n: int, n_req: int) -> dict[str, Any]:
+    lat: dict[str, list[float]] = {"hs": [], "first": [], "early_first": [], "req": []}
+    accepted = attempts = 0
+    ticket = (await h3_trial(p, port))[3]
+    for i in range(n + 5):
+        hs, first, answer, new_ticket = await h3_trial(p, port)
+        if answer.status != 200:
+            raise RuntimeError(f"HTTP/3 GET /healthz answered {answer.status}")
+        _, e_first, e_answer, e_ticket = await h3_trial(p, port, ticket=ticket or new_ticket, early=True)
+        ticket = e_ticket or new_ticket  # tickets are single use where the server enforces it
+        if i < 5:
+            continue
+        lat["hs"].append(hs)
+        lat["first"].append(first)
+        lat["early_first"].append(e_first)
+        attempts += 1
+        accepted += e_answer.early_accepted
+    from aioquic.asyncio import connect
+
+    async with connect(HOST, port, configuration=h3_configuration(p, "alice"),
+                       create_protocol=_h3_protocol()) as client:
+        for i in range(n_req + 10):
+            t0 = time.perf_counter()
+            status, _ = await client.request("GET", "/healthz")  # type: ignore[attr-defined]
+            if status != 200:
+                raise RuntimeError(f"HTTP/3 GET /healthz answered {status}")
+            if i >= 10:
+                lat["req"].append(time.perf_counter() - t0)
+    out = {k: _ms(v) for k, v in lat.items()}
+    return {"h3_mtls_handshake_p50_ms": out["hs"]["p50"], "h3_mtls_handshake_p99_ms": out["hs"]["p99"],
+            "h3_first_response_p50_ms": out["first"]["p50"], "h3_first_response_p99_ms": out["first"]["p99"],
+            "h3_0rtt_first_response_p50_ms": out["early_first"]["p50"],
+            "h3_0rtt_first_response_p99_ms": out["early_first"]["p99"],
+            "h3_0rtt_accepted_fraction": accepted / attempts if attempts else None,
+            "h3_request_p50_ms": out["req"]["p50"], "h3_request_p99_ms": out["req"]["p99"]}
+
+
+async def _lossy_requests(p: dict[str, Any], port: int, n: int) -> tuple[list[float], int]:
+    """n sequential GETs through the lossy link, on one connection while it lives: (latencies, failures)."""
+    from aioquic.asyncio import connect
+
+    lat: list[float] = []
+    failures = 0
+    done = 0
+    while done < n and failures < max(5, n // 5):
+        try:
+            async with connect(HOST, port, configuration=h3_configuration(p, "alice"),
+                               create_protocol=_h3_protocol()) as client:
+                while done < n:
+                    t0 = time.perf_counter()
+                    status, _ = await client.request("GET", "/healthz")  # type: ignore[attr-defined]
+                    lat.append(time.perf_counter() - t0)
+                    done += 1
+                    if status != 200:
+                        failures += 1
+        except (ConnectionError, TimeoutError, OSError):
+            failures += 1
+            done += 1
+    return lat, failures
+
+
+def bench_h3_loss(p: dict[str, Any], port: int, n: int, work: Path) -> dict[str, Any]:
+    import asyncio
+
+    out: dict[str, Any] = {}
+    for loss in (0.01, 0.05):
+        tag = f"loss{round(loss * 100)}"
+        fwd = subprocess.Popen([sys.executable, str(HERE / "_udp_loss.py"), "--upstream", f"{HOST}:{port}",
+                                "--loss", str(loss), "--seed", "1"], stdout=subprocess.PIPE, text=True)
+        try:
+            first = fwd.stdout.readline().split() if fwd.stdout is not None else []
+            if len(first) != 3 or first[0] != "listening":
+                raise RuntimeError(f"the lossy forwarder did not start: {first}")
+            lat, failures = asyncio.run(_lossy_requests(p, int(first[2]), n))
+        finally:
+            fwd.send_signal(signal.SIGTERM)
+            try:
+                tail, _ = fwd.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                fwd.kill()
+                tail, _ = fwd.communicate(timeout=5)
+        stats = json.loads(tail.strip().splitlines()[-1]) if tail.strip() else {}
+        m = _ms(lat)
+        out.update({f"h3_request_p50_ms_{tag}": m["p50"], f"h3_request_p99_ms_{tag}": m["p99"],
+                    f"h3_request_failures_{tag}": failures, f"h3_{tag}_dropped_share": stats.get("dropped_share")})
+    return out
+
+
+def bench_udp_negative(p: dict[str, Any], port: int) -> dict[str, Any]:
+    """The negative matrix over UDP; each case is refused or not (a 200 is not refused)."""
+    import asyncio
+    import random
+
+    body = json.dumps({"inputs": [[0.0] * 64]}).encode()
+    cases: dict[str, tuple[bool, str]] = {}
+    cases["no_client_certificate"] = _refused(h3_trial(p, port, None))
+    cases["foreign_ca_certificate"] = _refused(h3_trial(p, port, "foreign"))
+    cases["revoked_certificate"] = _refused(h3_trial(p, port, "revoked"))
+    ticket = asyncio.run(h3_trial(p, port))[3]
+    if ticket is None:
+        cases["0rtt_post"] = (True, "the server issues no session ticket: no 0-RTT at all")
+        cases["0rtt_replayed_ticket"] = (True, "the server issues no session ticket: no 0-RTT at all")
+    else:
+        _, _, post, _ = asyncio.run(h3_trial(p, port, ticket=ticket, early=True, method="POST", path="/v1/predict",
+                                             body=body))
+        cases["0rtt_post"] = (post.status == 425 or not post.early_accepted,
+                              f"HTTP {post.status}, early data {'accepted' if post.early_accepted else 'rejected'}")
+        # the same ticket with early data again: what a replayed ClientHello + 0-RTT presents to the server
+        _, _, again, _ = asyncio.run(h3_trial(p, port, ticket=ticket, early=True))
+        cases["0rtt_replayed_ticket"] = (not again.early_accepted or again.status == 425,
+                                         (f"HTTP {again.status}, early data "
+                                         f"{'accepted' if again.early_accepted else 'rejected'}"))
+    rng = random.Random(16)  # noqa: S311 - junk, not crypto
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+        for i in range(2000):
+            size = rng.choice((1, 20, 1200, 1500, 9000, 65000)) if i % 10 else 1200
+            first = bytes([rng.choice((0xC0, 0x40, 0x00, 0xFF))])  # long/short header bits, and nonsense
+            with contextlib.suppress(OSError):
+                junk.sendto(first + rng.randbytes(size - 1), (HOST, port))
+    alive = not _refused(h3_trial(p, port))[0]
+    cases["junk_datagrams"] = (alive, "2,000 junk datagrams (1 B to 65,000 B) from one address; the server "
+                               + ("still answers" if alive else "no longer answers"))
+    return {"udp_negative_cases": len(cases), "udp_negative_refused": sum(ok for ok, _ in cases.values()),
+            "udp_negative_matrix": {k: {"refused": ok, "outcome": why} for k, (ok, why) in cases.items()},
+            "udp_tls12_only": "not a case over QUIC: QUIC carries TLS 1.3 only (RFC 9001 §4.2)"}
+
+
+def child_h3(p: dict[str, Any], port: int) -> None:
+    """edgeshield's HTTP/3 server (QUIC, mutual TLS 1.3) for the same ServeConfig."""
+    from edgeshield.server import _h3
+
+    _h3.serve_h3(_gateway_config(p, port))  # type: ignore[attr-defined]
+
+
 def bench_h3(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
     try:
-        from edgeshield.transport import _h3client  # noqa: F401
+        import aioquic  # noqa: F401
+
+        from edgeshield.server import _h3  # noqa: F401
     except ImportError as exc:
-        return not_available(f"edgeshield.transport._h3client not importable ({exc})")
-    return not_available("the HTTP/3 row is not wired to the library's API yet")
+        return not_available(f"the h3 extra or edgeshield's HTTP/3 server is missing ({exc})")
+    import asyncio
+
+    port = _free_port(socket.SOCK_DGRAM)
+    me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
+    srv = ServerProc("h3", [*me, "--_child", "h3", "--port", str(port)], work / "h3.log")
+    try:
+        srv.wait_ready(lambda: asyncio.run(h3_trial(p, port))[2].status == 200)
+        out = asyncio.run(_h3_rows(p, port, _size("h3_handshakes", quick), _size("requests", quick)))
+        out.update(bench_h3_loss(p, port, _size("loss_requests", quick), work))
+        out.update(bench_udp_negative(p, port))
+    finally:
+        srv.stop()
+    return out
 
 
 def _gateway_config(p: dict[str, Any], port: int) -> Any:
@@ -622,8 +890,9 @@ def flatten(tcp: dict[str, Any], h3: dict[str, Any], oh: dict[str, Any]) -> dict
                "h3_first_response_p99_ms", "h3_0rtt_first_response_p50_ms", "h3_0rtt_first_response_p99_ms",
                "h3_0rtt_accepted_fraction", "h3_request_p50_ms", "h3_request_p99_ms", "h3_request_p50_ms_loss1",
                "h3_request_p99_ms_loss1", "h3_request_p50_ms_loss5", "h3_request_p99_ms_loss5",
-               "h3_loss1_dropped_share", "h3_loss5_dropped_share", "udp_negative_cases", "udp_negative_refused",
-               "udp_negative_matrix")
+               "h3_loss1_dropped_share", "h3_loss5_dropped_share", "h3_request_failures_loss1",
+               "h3_request_failures_loss5", "udp_negative_cases", "udp_negative_refused", "udp_negative_matrix",
+               "udp_tls12_only")
     for k in h3_keys:
         r[k] = h3.get(k)
     if r["h3_mtls_handshake_p50_ms"] is not None:
@@ -750,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
     ap.add_argument("--json", metavar="PATH", help="write the results as one flat JSON object")
-    ap.add_argument("--_child", choices=["plain", "tls13", "dtls", "gateway", "relay"], help=argparse.SUPPRESS)
+    ap.add_argument("--_child", choices=["plain", "tls13", "dtls", "gateway", "relay", "h3"], help=argparse.SUPPRESS)
     ap.add_argument("--gateway-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -763,6 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
             child_gateway(prepared, args.port)
         elif args._child == "relay":
             child_relay(prepared, args.port, args.gateway_port)
+        elif args._child == "h3":
+            child_h3(prepared, args.port)
         else:
             child_http(prepared, args.port, tls=args._child == "tls13")
         return 0
@@ -792,7 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
         machine=info["machine"], python=platform.python_version(), openssl=ssl.OPENSSL_VERSION,
         quick=quick, wall_s=time.perf_counter() - started, generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         quoted_figures=QUOTED,
-        scale=(f"{'quick' if quick else 'full'}: {n_hs} handshakes of each kind (after 10 warm-up), {n_req} requests "
+        scale=(f"{'quick' if quick else 'full'}: {n_hs} handshakes of each TCP/DTLS kind (after 10 warm-up) and "
+               f"{_size('h3_handshakes', quick)} HTTP/3 1-RTT + 0-RTT pairs (after 5), {n_req} requests "
                f"per transport on one connection, {_size('loss_requests', quick)} HTTP/3 requests per loss level, "
                f"{_size('ohttp', quick)} OHTTP requests; loopback only, one client, servers as subprocesses"),
     )
