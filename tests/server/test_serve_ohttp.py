@@ -117,14 +117,17 @@ def test_a_replayed_encapsulation_is_refused_every_time(world: Any) -> None:
             except OhttpRefusedError as exc:
                 statuses.append(exc.status)
     assert statuses == [409] * 5  # replays accepted: 0
-    assert any(e.kind == "ohttp.refused" and e.data["reason"] == "OhttpReplayError" for e in entries(world))
+    replays = [e for e in entries(world) if e.data.get("transport") == "ohttp"
+               and e.data["reason"].startswith("OhttpReplayError")]
+    assert len(replays) == 5 and all(e.kind == "input.rejected" and e.actor == "relay-1" for e in replays)
+    assert replays[0].data["input_sha256"] == o.hashlib.sha256(data).hexdigest()  # the relay's record says the same
 
 
 def test_bad_encapsulations_are_4xx_and_audited(world: Any) -> None:
     body = json.dumps({"inputs": load_digits_split().x_test[:1].tolist()}).encode()
     with ohttp(world) as c:
         data, _ = c.encapsulate("POST", "/v1/predict", body)
-        before = len([e for e in entries(world) if e.kind == "ohttp.refused"])
+        before = len([e for e in entries(world) if e.data.get("transport") == "ohttp"])
         tampered = data[:-1] + bytes([data[-1] ^ 1])
         unknown = bytes([(data[0] + 1) % 256]) + data[1:]
         wrong_suite = data[:5] + struct.pack(">H", o.AEAD_AES_256_GCM) + data[7:]
@@ -133,9 +136,10 @@ def test_bad_encapsulations_are_4xx_and_audited(world: Any) -> None:
         statuses = {name: refusal(c, bad) for name, bad in cases.items()}
         assert all(400 <= s < 500 for s in statuses.values()), statuses
         assert refusal(c, b"\x01" * (200 * 1024)) == 413
-    after = [e for e in entries(world) if e.kind == "ohttp.refused"]
+    after = [e for e in entries(world) if e.data.get("transport") == "ohttp"]
     assert len(after) - before == len(cases) + 1
     assert all(e.actor == "relay-1" for e in after[before:])  # the outer identity refused: the relay's
+    assert {e.kind for e in after[before:]} == {"input.rejected", "request.too_large"}
 
 
 def test_the_relay_cannot_impersonate_a_client(world: Any) -> None:
@@ -240,3 +244,26 @@ def test_predict_through_returns_the_answer_and_what_the_relay_forwarded(world: 
     assert len(answer["predictions"]) == 2
     assert [s.direction for s in seen] == ["request", "response"]
     assert all(json.dumps(answer["predictions"]).encode() not in s.data for s in seen)
+
+
+def test_identity_refusals_never_charge_the_relays_certificate(world: Any) -> None:
+    """A client's forged assertion is input.rejected (401) under the relay's name, never an auth.failure of the
+    relay's certificate: the default pack's certificate_misuse rule (10 auth.failure of one serial in 60 s → deny
+    the certificate) must not cut a relay off for what one client sent. A revoked inner client's verified request
+    is an auth.failure of that client's own certificate."""
+    alice, relay = world["certs"]["alice"], world["certs"]["relay-1"]
+    alice_der = o.x509.load_pem_x509_certificate(alice.cert_path.read_bytes()).public_bytes(
+        o.serialization.Encoding.DER)
+    body = b'{"inputs": []}'
+    with ohttp(world) as c:
+        for _ in range(12):
+            sender = o.RequestSender(c.key_config())
+            forged = o.signed_request(sender, "POST", "/v1/predict", body, cert_der=alice_der,
+                                      key=o.load_signing_key(relay.key_path))
+            assert refusal(c, sender.seal(forged.encode())) == 401
+        assert c.predict(load_digits_split().x_test[:1].tolist()).status == 200  # the relay still serves
+    mine = [e for e in entries(world) if e.data.get("transport") == "ohttp" and e.data["status"] == 401]
+    forged_entries = [e for e in mine if e.kind == "input.rejected"]
+    assert len(forged_entries) >= 12 and all(e.actor == "relay-1" for e in forged_entries)
+    revoked = [e for e in mine if e.kind == "auth.failure"]
+    assert revoked and all(e.actor == "carol" and e.data["relay"] == "relay-1" for e in revoked)

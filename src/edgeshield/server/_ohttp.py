@@ -10,13 +10,15 @@ middleware, routes, pipeline, audit) under the *inner* identity, and encapsulate
 
 Who may reach it at all is decided on the outer TLS identity by RBAC, as the path ``/.well-known/ohttp-gateway``
 (the default policy lets ``relay``, ``client`` and ``operator`` roles do so). What the gateway itself refuses
-(malformed, unknown key, suite, tag, identity, replay, size) is answered in the clear with a 4xx and an
-``ohttp.refused`` event; what the inner app answers (422, 403, 429, ...) travels encapsulated.
+(malformed, unknown key, suite, tag, identity, replay, size) is answered in the clear with a 4xx and an event
+of the server's kind for that status (``auth.failure``, ``request.too_large``, ``input.rejected`` ...) whose data
+says ``transport: "ohttp"``; what the inner app answers (422, 403, 429, ...) travels encapsulated.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -38,17 +40,9 @@ GATEWAY_PATH = "/.well-known/ohttp-gateway"
 _PREDICT = "/v1/predict"
 _STRIP = (b"content-length", b"host", b"transfer-encoding", b"connection")
 
-
-def _declare_events() -> None:
-    from edgeshield.monitor import KINDS, EventKind, declare
-
-    if "ohttp.refused" not in KINDS:
-        declare(EventKind("ohttp.refused", "the OHTTP gateway refused an encapsulated request (malformed, unknown key "
-                          "id, suite, tag, client assertion, replay, size) before the app saw it",
-                          fields=("status", "reason", "relay", "bytes", "declared")))
-
-
-_declare_events()
+# The gateway's refusals use the server's existing event kinds, by status, with ``transport: "ohttp"`` in their data
+# (and the encapsulated body's SHA-256 as ``input_sha256``: it matches the relay's record of the same bytes).
+_KIND_BY_STATUS = {401: "auth.failure", 403: "auth.forbidden", 408: "request.timeout", 413: "request.too_large"}
 
 
 class OhttpGateway:
@@ -117,9 +111,16 @@ class OhttpGateway:
         client = scope.get("client")
         address = address_key(client) if client else None
 
-        async def refuse(code: int, why: str, error: str, **data: Any) -> None:
-            await emit(state, "ohttp.refused", actor, {"status": code, "reason": why, "relay": actor, **data},
-                       address=address, serial=outer.serial if outer is not None else None)
+        async def refuse(code: int, why: str, error: str, *, kind: str | None = None, who: Any = outer,
+                         **data: Any) -> None:
+            """Audit and answer a refusal. ``who``: the identity it is charged to (its name and serial feed the
+            monitor's per-actor and per-certificate rules): the relay for what the relay itself sent or did, never
+            for a client's bad assertion (one client must not get its relay's certificate denied)."""
+            await emit(state, kind or _KIND_BY_STATUS.get(code, "input.rejected"),
+                       who.name if who is not None else "anonymous",
+                       {"status": code, "reason": why, "path": GATEWAY_PATH, "method": method[:16],
+                        "transport": "ohttp", "relay": actor, **data},
+                       address=address, serial=who.serial if who is not None else None)
             await send_json(send, code, {"error": error})
 
         if state.require_client_cert:
@@ -166,14 +167,21 @@ class OhttpGateway:
             inner = o.BhttpRequest.parse(plain, o.BhttpLimits(max_content_bytes=state.max_body_bytes))
             identity, ts = o.verify_assertion(inner, receiver.enc, self.cas)
             problem = state.revocation(identity) if state.revocation is not None else None
-            if problem is not None:
-                raise o.OhttpIdentityError(f"inner client: {problem}")
+            if problem is not None:  # a verified signature by a revoked certificate: charged to that certificate
+                await refuse(401, f"inner client: {problem}", f"not authenticated: {problem}", kind="auth.failure",
+                             who=identity, input_sha256=hashlib.sha256(body).hexdigest())
+                return
             if inner.path.split(b"?")[0] == GATEWAY_PATH.encode() or \
                     (inner.header(b"content-type") or b"").startswith(o.REQUEST_TYPE.encode()):
                 raise o.OhttpMalformedError("an encapsulated request inside an encapsulated request")
             self.guard.check(receiver.enc, ts)
+        except o.OhttpIdentityError as exc:  # a client's assertion (forged, stale, foreign): not the relay's failure
+            await refuse(exc.status, f"{type(exc).__name__}: {exc}", str(exc), kind="input.rejected",
+                         bytes=len(body), input_sha256=hashlib.sha256(body).hexdigest())
+            return
         except o.OhttpError as exc:
-            await refuse(exc.status, type(exc).__name__, str(exc), bytes=len(body))
+            await refuse(exc.status, f"{type(exc).__name__}: {exc}", str(exc), bytes=len(body),
+                         input_sha256=hashlib.sha256(body).hexdigest())
             return
         except EdgeShieldError as exc:  # e.g. the ohttp extra missing: a refusal, named
             await refuse(400, type(exc).__name__, str(exc))
