@@ -267,3 +267,30 @@ def test_identity_refusals_never_charge_the_relays_certificate(world: Any) -> No
     assert len(forged_entries) >= 12 and all(e.actor == "relay-1" for e in forged_entries)
     revoked = [e for e in mine if e.kind == "auth.failure"]
     assert revoked and all(e.actor == "carol" and e.data["relay"] == "relay-1" for e in revoked)
+
+
+def test_random_bodies_to_the_gateway_are_4xx_never_5xx(world: Any) -> None:
+    import os
+
+    with ohttp(world) as c:
+        config = c.key_config().encode()
+        statuses = set()
+        for size in (0, 1, 7, 38, 39, 55, 56, 200, 1000):
+            for prefix in (b"", config[:1] + b"\x00\x20\x00\x01\x00\x01"):  # random, and under our key id/suite
+                body = prefix + os.urandom(size)
+                statuses.add(refusal(c, body))
+    assert statuses and all(400 <= s < 500 for s in statuses), statuses
+
+
+def test_ohttp_straight_to_the_gateway_without_a_relay(world: Any) -> None:
+    alice = world["certs"]["alice"]
+    with OhttpClient(world["url"], ca=world["ca"], cert=alice.cert_path, key=alice.key_path,
+                     gateway_name="edge-1") as c:
+        answer = c.predict(load_digits_split().x_test[:1].tolist())
+        assert answer.status == 200
+        # and on /v1/predict itself, with the OHTTP media type
+        data, sender = c.encapsulate("GET", "/v1/model")
+        r = c.http.post("/v1/predict", content=data, headers={"content-type": o.REQUEST_TYPE})
+        assert r.status_code == 200 and r.headers["content-type"] == o.RESPONSE_TYPE
+        inner = o.BhttpResponse.parse(sender.open_response(r.content))
+        assert inner.status == 200 and b"bundle_id" in inner.content
