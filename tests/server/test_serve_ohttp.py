@@ -294,3 +294,40 @@ def test_ohttp_straight_to_the_gateway_without_a_relay(world: Any) -> None:
         assert r.status_code == 200 and r.headers["content-type"] == o.RESPONSE_TYPE
         inner = o.BhttpResponse.parse(sender.open_response(r.content))
         assert inner.status == 200 and b"bundle_id" in inner.content
+
+
+def test_the_relay_command_as_a_process(world: Any, tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tls = transport.issue(world["ca"], name="relay-2-tls", role="relay", server=True, sans=["127.0.0.1"])
+    relay = world["certs"]["relay-1"]
+    record = tmp_path / "seen.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeshield", "relay", "--gateway", world["url"], "--ca",
+                             str(world["ca"]), "--cert", str(tls.cert_path), "--key", str(tls.key_path),
+                             "--client-cert", str(relay.cert_path), "--client-key", str(relay.key_path),
+                             "--port", str(port), "--record", str(record)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        x = load_digits_split().x_test[:1].tolist()
+        alice = world["certs"]["alice"]
+        with OhttpClient(f"https://127.0.0.1:{port}", ca=world["ca"], cert=alice.cert_path, key=alice.key_path,
+                         gateway_name="edge-1") as c:
+            assert c.predict(x).status == 200
+        lines = [json.loads(line) for line in record.read_text().splitlines()]
+        assert [r["direction"] for r in lines] == ["request", "response"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
