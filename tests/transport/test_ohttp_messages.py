@@ -179,3 +179,16 @@ def test_key_file(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(KeyFileError):
         o.KeyPair.load(path)
+
+
+def test_serve_config_checks_the_ohttp_options(tmp_path: Path) -> None:
+    from edgeshield.errors import InvalidArgumentError
+    from edgeshield.server import ServeConfig
+
+    base = {"bundle": tmp_path / "b", "owner_key": tmp_path / "o", "device_key": tmp_path / "d", "ca": tmp_path,
+            "cert": tmp_path / "c", "key": tmp_path / "k", "audit_db": tmp_path / "a", "audit_key": tmp_path / "ak"}
+    assert ServeConfig(**base, ohttp=True, ohttp_key=tmp_path / "g").ohttp_window_s == 30.0
+    with pytest.raises(InvalidArgumentError, match="--ohttp-key is for --ohttp"):
+        ServeConfig(**base, ohttp_key=tmp_path / "g")
+    with pytest.raises(InvalidArgumentError, match="--ohttp-window"):
+        ServeConfig(**base, ohttp=True, ohttp_window_s=0)

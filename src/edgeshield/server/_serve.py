@@ -173,6 +173,12 @@ class ServeConfig:
             raise InvalidArgumentError("--released-key needs --tpm-keys (the key file `attest keys` wrote)")
         if self.tpm_keys is not None and self.released_key is None:
             raise InvalidArgumentError("--tpm-keys is for --released-key")
+        if self.ohttp_key is not None and not self.ohttp:
+            raise InvalidArgumentError("--ohttp-key is for --ohttp")
+        if isinstance(self.ohttp_window_s, bool) or not isinstance(self.ohttp_window_s, int | float) \
+                or not self.ohttp_window_s > 0:
+            raise InvalidArgumentError(f"--ohttp-window must be a positive number of seconds, got "
+                                       f"{self.ohttp_window_s!r}")
         if self.update_dir is not None and self.released_key is not None:
             raise InvalidArgumentError("--update-dir needs --device-key: the updater checks each update is addressed "
                                        "to this device's key (a released key is not supported with it)")
