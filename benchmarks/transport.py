@@ -12,9 +12,10 @@ Protocol (fixed; every figure comes from this run, all traffic goes to 127.0.0.1
    * mtls: ``python -m edgeshield serve`` (mutual TLS 1.3, RBAC, validation, audit), per-address caps lifted;
    * dtls: a DTLS 1.2 echo server on pyOpenSSL with mutual authentication and a stateless cookie exchange
      (HelloVerifyRequest, what a DTLS server facing a network must do), certificates from the same CA;
-   * h3 / ohttp: the edgeshield HTTP/3 (QUIC, mutual TLS 1.3) and Oblivious HTTP paths where their library APIs are
-     present (``edgeshield.transport._h3client``, ``edgeshield.transport._ohttp``); a row that cannot run says why
-     and its keys are null.
+   * h3: ``edgeshield serve --http3-port`` (ServeConfig.http3_port: the same app over QUIC with mutual TLS 1.3,
+     edgeshield.server._h3), measured with aioquic's own client so that 1-RTT and 0-RTT can be timed apart;
+   * ohttp: ``edgeshield serve --ohttp`` with ``edgeshield relay`` in front (mutual TLS on both hops), measured with
+     ``edgeshield.transport.OhttpClient``. A row whose extra or server is missing says why; its keys are null.
 1. Per transport, alternating per iteration: handshake (TCP connect + TLS handshake, or the UDP equivalents),
    first response (handshake + one ``GET /healthz``, or one echo for DTLS), and request latency on an established
    connection (keep-alive ``GET /healthz``; the DTLS row echoes 16 bytes). p50/p99 in ms and as a ratio to plain
@@ -708,25 +709,33 @@ def bench_udp_negative(p: dict[str, Any], port: int) -> dict[str, Any]:
             "udp_tls12_only": "not a case over QUIC: QUIC carries TLS 1.3 only (RFC 9001 §4.2)"}
 
 
-def child_h3(p: dict[str, Any], port: int) -> None:
-    """edgeshield's HTTP/3 server (QUIC, mutual TLS 1.3) for the same ServeConfig."""
-    from edgeshield.server import _h3
+def child_h3(p: dict[str, Any], tcp_port: int, udp_port: int) -> None:
+    """``edgeshield serve --http3-port``: the TCP server and, beside it, HTTP/3 (QUIC, mutual TLS 1.3) on UDP."""
+    import dataclasses
 
-    _h3.serve_h3(_gateway_config(p, port))  # type: ignore[attr-defined]
+    from edgeshield.server import build_state, make_server
+
+    cfg = dataclasses.replace(_gateway_config(p, tcp_port), ohttp=False, ohttp_key=None, http3_port=udp_port,
+                              audit_db=Path(p["work"]) / "audit-h3.db")
+    server, _watcher = make_server(cfg, build_state(cfg))
+    server.run()
 
 
 def bench_h3(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
     try:
         import aioquic  # noqa: F401
 
-        from edgeshield.server import _h3  # noqa: F401
+        from edgeshield.server import ServeConfig, _h3  # noqa: F401
     except ImportError as exc:
         return not_available(f"the h3 extra or edgeshield's HTTP/3 server is missing ({exc})")
+    if "http3_port" not in ServeConfig.__dataclass_fields__:
+        return not_available("this edgeshield's ServeConfig has no http3_port (serve --http3-port)")
     import asyncio
 
     port = _free_port(socket.SOCK_DGRAM)
     me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
-    srv = ServerProc("h3", [*me, "--_child", "h3", "--port", str(port)], work / "h3.log")
+    srv = ServerProc("h3", [*me, "--_child", "h3", "--port", str(_free_port()), "--udp-port", str(port)],
+                     work / "h3.log")
     try:
         srv.wait_ready(lambda: asyncio.run(h3_trial(p, port))[2].status == 200)
         out = asyncio.run(_h3_rows(p, port, _size("h3_handshakes", quick), _size("requests", quick)))
@@ -898,8 +907,11 @@ def flatten(tcp: dict[str, Any], h3: dict[str, Any], oh: dict[str, Any]) -> dict
     if r["h3_mtls_handshake_p50_ms"] is not None:
         r["h3_mtls_handshake_vs_tcp_connect"] = _ratio(r["h3_mtls_handshake_p50_ms"], base_hs)
         r["h3_request_vs_tcp"] = _ratio(r["h3_request_p50_ms"], base_req)
+        r["h3_first_response_vs_tcp"] = _ratio(r["h3_first_response_p50_ms"], base_first)
+        r["h3_0rtt_first_response_vs_tcp"] = _ratio(r["h3_0rtt_first_response_p50_ms"], base_first)
     else:
         r["h3_mtls_handshake_vs_tcp_connect"] = r["h3_request_vs_tcp"] = None
+        r["h3_first_response_vs_tcp"] = r["h3_0rtt_first_response_vs_tcp"] = None
     r["h3_available"] = h3.get("available", True)
     r["h3_not_available_why"] = h3.get("why")
     for k in ("ohttp_request_p50_ms", "ohttp_request_p99_ms", "ohttp_direct_request_p50_ms",
@@ -940,11 +952,14 @@ def print_report(console: Any, r: dict[str, Any]) -> None:
         t.add_row("HTTP/3 mutual TLS 1.3, 1-RTT",
                   f"{_fmt(r['h3_mtls_handshake_p50_ms'])} / {_fmt(r['h3_mtls_handshake_p99_ms'])}",
                   _fmt(r["h3_mtls_handshake_vs_tcp_connect"], 1),
-                  f"{_fmt(r['h3_first_response_p50_ms'])} / {_fmt(r['h3_first_response_p99_ms'])}", "",
+                  f"{_fmt(r['h3_first_response_p50_ms'])} / {_fmt(r['h3_first_response_p99_ms'])}",
+                  _fmt(r["h3_first_response_vs_tcp"], 1),
                   f"{_fmt(r['h3_request_p50_ms'])} / {_fmt(r['h3_request_p99_ms'])}", _fmt(r["h3_request_vs_tcp"], 1),
-                  QUOTED["dtls"] + " (DTLS)")
-        t.add_row("HTTP/3 0-RTT GET", "-", "", f"{_fmt(r['h3_0rtt_first_response_p50_ms'])} / "
-                  f"{_fmt(r['h3_0rtt_first_response_p99_ms'])}", "", "", "", "")
+                  QUOTED["dtls"] + " (the DTLS figure: UDP)")
+        t.add_row(f"HTTP/3 0-RTT GET (resumed; early data accepted "
+                  f"{_fmt(100 * (r['h3_0rtt_accepted_fraction'] or 0), 0)} %)", "-", "",
+                  f"{_fmt(r['h3_0rtt_first_response_p50_ms'])} / {_fmt(r['h3_0rtt_first_response_p99_ms'])}",
+                  _fmt(r["h3_0rtt_first_response_vs_tcp"], 1), "", "", "")
     else:
         t.add_row("HTTP/3", f"not available: {r['h3_not_available_why']}", *[""] * 6)
     if r["ohttp_available"]:
@@ -959,7 +974,8 @@ def print_report(console: Any, r: dict[str, Any]) -> None:
         console.print(f"HTTP/3 under datagram loss (each way): 1 % -> {_fmt(r['h3_request_p50_ms_loss1'])} / "
                       f"{_fmt(r['h3_request_p99_ms_loss1'])} ms, 5 % -> {_fmt(r['h3_request_p50_ms_loss5'])} / "
                       f"{_fmt(r['h3_request_p99_ms_loss5'])} ms (p50 / p99). TCP under loss: {r['tcp_under_loss']}.")
-        console.print(f"UDP negative matrix: {r['udp_negative_refused']} of {r['udp_negative_cases']} refused.")
+        console.print(f"UDP negative matrix: {r['udp_negative_refused']} of {r['udp_negative_cases']} refused: "
+                      + "; ".join(f"{k} -> {v['outcome']}" for k, v in (r["udp_negative_matrix"] or {}).items()))
     if r["ohttp_available"]:
         console.print(f"OHTTP replays through the relay accepted: {r['ohttp_replays_accepted']} of "
                       f"{r['ohttp_replays_sent']} (target 0).")
@@ -1021,6 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results as one flat JSON object")
     ap.add_argument("--_child", choices=["plain", "tls13", "dtls", "gateway", "relay", "h3"], help=argparse.SUPPRESS)
     ap.add_argument("--gateway-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--udp-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1033,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args._child == "relay":
             child_relay(prepared, args.port, args.gateway_port)
         elif args._child == "h3":
-            child_h3(prepared, args.port)
+            child_h3(prepared, args.port, args.udp_port)
         else:
             child_http(prepared, args.port, tls=args._child == "tls13")
         return 0
