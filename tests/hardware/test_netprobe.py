@@ -237,6 +237,16 @@ def test_one_way_optional_or_blocking_policies_are_not_protection() -> None:
     assert any("level use" in n for n in r.notes) and any("blocks" in n for n in r.notes)
 
 
+def test_a_selector_for_another_port_does_not_cover_the_server() -> None:
+    both = POLICIES_BOTH_WAYS.replace("192.0.2.0/24 dst 192.0.2.0/24 \n\tdir in",
+                                      "192.0.2.0/24 dst 192.0.2.0/24 proto tcp dport 22 \n\tdir in")
+    assert "dport 22" in both
+    assert probe_network_layer("192.0.2.2:8443", run=host(xfrm_policy=both)).ipsec == "absent"
+    assert probe_network_layer("192.0.2.2:22", run=host(xfrm_policy=both)).ipsec == "present"
+    unported = probe_network_layer("192.0.2.2", run=host(xfrm_policy=both))
+    assert unported.ipsec == "present" and any("give HOST:PORT" in n for n in unported.notes)
+
+
 @pytest.mark.parametrize(("over", "needle"), [
     ({"xfrm_policy": CommandResult(2, "", "RTNETLINK answers: Operation not permitted\n")}, "Operation not permitted"),
     ({"xfrm_state": CommandResult(None, "", "", "`ip xfrm state` did not answer within 5 s")}, "did not answer"),

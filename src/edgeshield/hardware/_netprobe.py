@@ -324,11 +324,21 @@ def _covers(net: IPNetwork, addr: IPAddress) -> bool:
     return net.version == addr.version and (addr in net or (addr.is_unspecified and net.prefixlen == 0))
 
 
+def _port_ok(policy: XfrmPolicy, field_name: str, port: int | None) -> bool:
+    """False when the selector names a port (``sport``/``dport``) other than the server's."""
+    words = policy.upper.split()
+    if port is None or field_name not in words:
+        return True
+    i = words.index(field_name)
+    return i + 1 < len(words) and words[i + 1] in (str(port), "0")
+
+
 def _ipsec(addr: IPAddress, port: int | None, policies: list[XfrmPolicy],
            states: list[XfrmState]) -> tuple[Status, str, list[XfrmPolicy], list[XfrmState], list[str]]:
     notes: list[str] = []
-    out = [p for p in policies if p.direction == "out" and _covers(p.src, addr)]
-    inc = [p for p in policies if p.direction == "in" and _covers(p.dst, addr)]
+    # the server's own port is the source port of what it sends (dir out) and the destination of what it gets (in)
+    out = [p for p in policies if p.direction == "out" and _covers(p.src, addr) and _port_ok(p, "sport", port)]
+    inc = [p for p in policies if p.direction == "in" and _covers(p.dst, addr) and _port_ok(p, "dport", port)]
     covering = out + inc
     out_req, in_req = [p for p in out if p.requires_ipsec], [p for p in inc if p.requires_ipsec]
     for p in covering:
@@ -356,8 +366,8 @@ def _ipsec(addr: IPAddress, port: int | None, policies: list[XfrmPolicy],
     sa_text = (f"{len(sas)} SA(s) installed" if sas else
                "no SA installed yet: an IKE daemon negotiates one on demand; until then that traffic is held, "
                "not sent in clear")
-    if port is not None and any(p.upper and str(port) not in p.upper.split() for p in out_req + in_req):
-        notes.append(f"a covering policy's port restriction does not name port {port}")
+    if port is None and any(p.upper for p in out_req + in_req):
+        notes.append("a covering policy is restricted to a protocol or port: give HOST:PORT to check the server's")
     return "present", f"IPsec policies require ESP/AH both ways for {addr} with {scope}; {sa_text}", covering, sas, \
         notes
 
