@@ -737,7 +737,10 @@ def bench_h3(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
     srv = ServerProc("h3", [*me, "--_child", "h3", "--port", str(_free_port()), "--udp-port", str(port)],
                      work / "h3.log")
     try:
-        srv.wait_ready(lambda: asyncio.run(h3_trial(p, port))[2].status == 200)
+        try:
+            srv.wait_ready(lambda: asyncio.run(h3_trial(p, port))[2].status == 200)
+        except RuntimeError as exc:
+            return not_available(f"edgeshield's HTTP/3 server did not start: {str(exc)[-300:]}")
         out = asyncio.run(_h3_rows(p, port, _size("h3_handshakes", quick), _size("requests", quick)))
         out.update(bench_h3_loss(p, port, _size("loss_requests", quick), work))
         out.update(bench_udp_negative(p, port))
@@ -806,10 +809,13 @@ def bench_ohttp(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
     try:
         direct = httpx.Client(base_url=f"https://{HOST}:{ports['gateway']}",
                               verify=tls_client_context(p, "alice"), timeout=10)
-        gw.wait_ready(lambda: direct.get("/healthz").status_code == 200)
         client = OhttpClient(f"https://{HOST}:{ports['relay']}", ca=p["ca"], cert=cert, key=key,
                              gateway_name="edge-1")
-        relay.wait_ready(lambda: client.key_config() is not None)
+        try:
+            gw.wait_ready(lambda: direct.get("/healthz").status_code == 200)
+            relay.wait_ready(lambda: client.key_config() is not None)
+        except RuntimeError as exc:
+            return not_available(f"the OHTTP gateway or relay did not start: {str(exc)[-300:]}")
         lat: dict[str, list[float]] = {"direct": [], "ohttp": []}
         captured: list[bytes] = []
         statuses: dict[str, list[int]] = {"direct": [], "ohttp": []}
