@@ -126,7 +126,8 @@ EXPECTED = {
     "protect": {"owner"},
     "verify": {"owner"},  # only with --sigstore-sig
     "run": {"eval"},  # only with a gradient --detector
-    "serve": {"eval", "tpm"},  # eval only with a gradient --detector, tpm only with --released-key
+    "serve": {"eval", "tpm", "ohttp"},  # eval only with a gradient --detector, tpm with --released-key, ohttp --ohttp
+    "client predict": {"ohttp"},  # only with --ohttp
     "demo": {"demo"},
     "detect expose-hidden": {"owner"},
     "detect calibrate": {"eval", "owner"},  # eval only with --detectors gradient, owner only with --signing-key

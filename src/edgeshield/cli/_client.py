@@ -29,7 +29,7 @@ import typer
 from rich.text import Text
 
 from edgeshield import keys
-from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json
+from edgeshield.cli._common import JsonOpt, PassphraseEnvOpt, console, emit_json, requires
 from edgeshield.cli._tables import fields
 from edgeshield.errors import CertificateRefusedError, ConnectionFailedError, InvalidArgumentError, ServerRefusedError
 
@@ -209,6 +209,7 @@ def _local_hints(server: _Server) -> list[str]:
 
 # --- commands -------------------------------------------------------------------------------------------------
 @app.command("predict")
+@requires("ohttp", when=lambda args: bool(args.get("ohttp")))
 def predict(
     url: UrlOpt,
     cert: CertOpt,

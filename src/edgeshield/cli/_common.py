@@ -62,6 +62,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "fl": ("flwr", "torch", "opendp", "dp_accounting"),  # OSCAL assessment results (compliance-trestle's models)
     "tpm": ("tpm2_pytss",),  # TPM-sealed device keys, PCR approvals, PCRs
     "update": ("tuf",),  # TUF update repositories and pulling updates (install/commit/rollback need nothing)
+    "ohttp": ("pyhpke",),  # Oblivious HTTP: serve --ohttp, client predict --ohttp (HPKE contexts with the exporter)
+    "h3": ("aioquic",),  # HTTP/3 over QUIC: serve --http3-port, client predict --http3
 }
 
 Arguments = Mapping[str, Any]

@@ -66,6 +66,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
 
 
 @requires("tpm", when=lambda args: args.get("released_key") is not None)
+@requires("ohttp", when=lambda args: bool(args.get("ohttp")))
 @requires("eval", "torch", "onnx", when=gradient_detector_file("detector"))
 def serve(
     owner_key: Annotated[Path, typer.Option("--owner-key", help="The model owner's public key.")],
