@@ -55,6 +55,13 @@ def test_demo_json_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert summary["audit"]["verified"] and summary["audit"]["checkpoints"] >= 1
     assert "does not match its hash" in summary["audit"]["tampered_copy"]
     assert {"server.startup", "inference.predict", "auth.forbidden", "auth.failure"} <= set(summary["audit"]["kinds"])
+    # transport stage: OHTTP through a relay that saw only ciphertext and whose replay was refused; HTTP/3 served
+    tr = summary["transport"]
+    assert tr["leaked_to_relay"] == [] and 400 <= tr["relay_replay"] < 500 and tr["http3_status"] == 200
+    # witness stage: concurrent appends group-committed, the new entries verified from the cosigned checkpoint
+    wit = summary["witness"]
+    assert wit["group_commits"]["entries"] == 200 and 1 <= wit["group_commits"]["groups"] <= 200
+    assert 0 < wit["incremental_new_entries"] < wit["full_entries"]
     # extraction stage: the attacker is blocked early, the honest client served; the watermark proves ownership
     assert summary["extraction"]["attacker_blocked_after_queries"] <= 500
     assert summary["extraction"]["honest_requests_ok"] == 45

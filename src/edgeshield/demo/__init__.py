@@ -62,10 +62,11 @@ def _stages() -> list[Stage]:
         _operations,
         _privacy,
         _server,
+        _transport,
     )
 
-    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_hardening.STAGES, *_extraction.STAGES,
-            *_operations.STAGES, *_privacy.STAGES, *_hardware.STAGES]
+    return [*_bundles.STAGES, *_adversarial.STAGES, *_server.STAGES, *_transport.STAGES, *_hardening.STAGES,
+            *_extraction.STAGES, *_operations.STAGES, *_privacy.STAGES, *_hardware.STAGES]
 
 
 @contextlib.contextmanager
