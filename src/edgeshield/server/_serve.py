@@ -118,6 +118,7 @@ class ServeConfig:
     released_key: Path | None = None
     tpm_keys: Path | None = None  # the device's TPM key file (``attest keys``), with ``released_key``
     tcti: str | None = None  # the TPM to use with ``released_key`` (default: the platform's)
+    http3_port: int | None = None  # also serve HTTP/3 (mutual TLS 1.3 over QUIC) on this UDP port (the h3 extra)
     # Oblivious HTTP (RFC 9458; the ohttp extra): the gateway at /.well-known/ohttp-gateway and message/ohttp-req
     # on /v1/predict; its X25519 key (created 0600 if missing; default AUDIT_DB.ohttp-key) and replay window
     ohttp: bool = False
@@ -439,6 +440,7 @@ class GuardedServer(Protocol):
 
     gate: ConnectionGate
     on_hangup: Callable[[], None] | None
+    h3: Any  # the HTTP/3 listener, or None
     started: bool
     should_exit: bool
     servers: list[asyncio.Server]
@@ -464,6 +466,7 @@ def _server_class() -> Callable[[uvicorn.Config], GuardedServer]:
 
         gate: ConnectionGate
         on_hangup: Callable[[], None] | None = None
+        h3: Any = None  # the HTTP/3 listener (``_h3.H3Server``) started and stopped with this one, or None
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await self.lifespan.startup()
@@ -487,10 +490,20 @@ def _server_class() -> Callable[[uvicorn.Config], GuardedServer]:
             self.servers = [server]  # type: ignore[list-item]  # uvicorn only calls close() and wait_closed()
             host, port = server.sockets[0].getsockname()[:2]
             log.info("serving on https://%s:%d (mutual TLS 1.3)", host, port)
+            if self.h3 is not None:
+                try:
+                    await self.h3.start()
+                except OSError as exc:
+                    server.close()
+                    await self.lifespan.shutdown()
+                    raise EdgeShieldError(f"cannot listen on udp {config.host}:{self.h3.port}: "
+                                          f"{exc.strerror or exc}") from None
             self.started = True
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             self.gate.abort_handshakes()
+            if self.h3 is not None:
+                self.h3.close()
             await super().shutdown(sockets)
 
         @contextlib.contextmanager
@@ -549,10 +562,35 @@ def make_server(cfg: ServeConfig, state: ServerState | None = None) -> tuple[Gua
     reload = state.reload
     if reload is not None:
         server.on_hangup = lambda: _reload_in_background(reload, "SIGHUP")
+    on_reload: Callable[[frozenset[int]], None] = server.gate.close_revoked_threadsafe
+    if cfg.http3_port is not None:
+        server.h3 = _h3_server(cfg, app, guard, events, ctx)
+        server.h3.gate.address_check = gate.address_check
+        on_reload = _both(on_reload, server.h3.close_revoked_threadsafe)
     watcher = CrlWatcher(guard, crl_path_for(cfg), state, cfg.crl_poll_s, warn_before_s=cfg.crl_warn_days * 86400,
-                         on_reload=server.gate.close_revoked_threadsafe)
+                         on_reload=on_reload)
     watcher.check_expiry()
     return server, watcher
+
+
+def _h3_server(cfg: ServeConfig, app: Any, guard: CrlGuard, events: ConnectionEvents, ctx: ssl.SSLContext) -> Any:
+    """The HTTP/3 listener beside the TCP one (``--http3-port``): same app, CRL and events, its own UDP caps."""
+    from edgeshield.errors import MissingDependencyError
+
+    try:
+        from edgeshield.server._h3 import h3_server_for
+    except ImportError:
+        raise MissingDependencyError("--http3-port needs aioquic: pip install 'edgeshield[h3]'") from None
+    return h3_server_for(app, cfg, guard=guard, gate=ConnectionGate(cfg.limits, ctx, events), events=events)
+
+
+def _both(first: Callable[[frozenset[int]], None],
+          second: Callable[[frozenset[int]], None]) -> Callable[[frozenset[int]], None]:
+    def both(serials: frozenset[int]) -> None:
+        first(serials)
+        second(serials)
+
+    return both
 
 
 def _reload_in_background(reload: Callable[[str], object], by: str) -> None:
