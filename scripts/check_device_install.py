@@ -172,6 +172,7 @@ SERVE_FLAGS_NOT_RUN: dict[str, str] = {
     "--ood-reference": "needs a reference .npz of the task's inputs (FILES holds text): the OOD signal from a file is "
                        "tested in tests/server/test_extraction_state.py and tests/extraction/test_signals.py",
     "--ood-transforms": "with --ood-reference (tests/server/test_extraction_state.py)",
+    "--http3-port": "needs the h3 extra (aioquic): tests/server/test_h3.py serves HTTP/3 over UDP beside TCP",
     "--ohttp": "needs the ohttp extra (pyhpke): tests/server/test_serve_ohttp.py serves it through a relay",
     "--ohttp-key": "with --ohttp, needs the ohttp extra (tests/server/test_serve_ohttp.py)",
     "--ohttp-window": "with --ohttp, needs the ohttp extra (tests/server/test_serve_ohttp.py)",

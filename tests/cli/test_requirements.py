@@ -126,8 +126,8 @@ EXPECTED = {
     "protect": {"owner"},
     "verify": {"owner"},  # only with --sigstore-sig
     "run": {"eval"},  # only with a gradient --detector
-    "serve": {"eval", "tpm", "ohttp"},  # eval only with a gradient --detector, tpm with --released-key, ohttp --ohttp
-    "client predict": {"ohttp"},  # only with --ohttp
+    "serve": {"eval", "tpm", "ohttp", "h3"},  # eval: gradient --detector, tpm: --released-key, --ohttp, --http3-port
+    "client predict": {"ohttp", "h3"},  # only with --ohttp / --http3
     "demo": {"demo"},
     "detect expose-hidden": {"owner"},
     "detect calibrate": {"eval", "owner"},  # eval only with --detectors gradient, owner only with --signing-key

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -273,3 +274,19 @@ def test_the_tls_scope_has_the_tcp_keys(world: dict[str, Any]) -> None:
     keys = {"client_cert_chain", "client_cert_error", "tls_version", "cipher_suite", "edgeshield.identity"}
     assert keys <= set(scope)
     assert scope["tls_version"] == "TLSv1.3" and scope["edgeshield.identity"].name == "alice"
+
+
+def test_client_predict_http3_cli_equals_tcp(world: dict[str, Any], tmp_path: Path) -> None:
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from edgeshield.cli import app
+
+    np.save(tmp_path / "x.npy", np.full((2, 64), 0.5, dtype=np.float32))
+    alice = world["certs"]["alice"]
+    common = ["--cert", str(alice.cert_path), "--key", str(alice.key_path), "--ca", str(world["ca"] / "ca.crt"),
+              "--input", str(tmp_path / "x.npy"), "--json"]
+    over_h3 = CliRunner().invoke(app, ["client", "predict", "--http3", "--url", world["h3url"], *common])
+    over_tcp = CliRunner().invoke(app, ["client", "predict", "--url", world["url"], *common])
+    assert over_h3.exit_code == 0 and over_tcp.exit_code == 0, (over_h3.output, over_tcp.output)
+    assert json.loads(over_h3.stdout) == json.loads(over_tcp.stdout)

@@ -210,6 +210,7 @@ def _local_hints(server: _Server) -> list[str]:
 # --- commands -------------------------------------------------------------------------------------------------
 @app.command("predict")
 @requires("ohttp", when=lambda args: bool(args.get("ohttp")))
+@requires("h3", when=lambda args: bool(args.get("http3")))
 def predict(
     url: UrlOpt,
     cert: CertOpt,
@@ -224,6 +225,8 @@ def predict(
                      ] = False,
     gateway_name: Annotated[str | None, typer.Option("--gateway-name", help="With --ohttp: the server certificate's "
                                                      "CN the signed key configuration must come from.")] = None,
+    http3: Annotated[bool, typer.Option("--http3", help="Over HTTP/3 (mutual TLS 1.3 over QUIC; the h3 extra): "
+                                        "--url is then https://HOST:UDP-PORT of `serve --http3-port`.")] = False,
 ) -> None:
     """Send INPUT to /v1/predict and print the predictions (or accept/flag/reject decisions)."""
     import numpy as np
@@ -233,8 +236,12 @@ def predict(
     x = load_npy(input)
     buf = io.BytesIO()
     np.save(buf, x, allow_pickle=False)
+    if ohttp and http3:
+        raise InvalidArgumentError("--ohttp and --http3 are separate transports: give one")
     if ohttp:
         body = _ohttp_predict(url, ca, cert, key, passphrase_env, timeout, buf.getvalue(), gateway_name)
+    elif http3:
+        body = _h3_predict(url, ca, cert, key, passphrase_env, timeout, buf.getvalue())
     else:
         server = _server(url, ca, cert, key, passphrase_env, timeout)
         body = _call(server, "POST", "/v1/predict", content=buf.getvalue(),
@@ -272,6 +279,25 @@ def _ohttp_predict(url: str, ca: Path, cert: Path, key: Path, passphrase_env: st
             message = answer.body[:200].decode("utf-8", "replace")
         raise ServerRefusedError(answer.status, message)
     return answer.json()
+
+
+def _h3_predict(url: str, ca: Path, cert: Path, key: Path, passphrase_env: str | None, timeout: float,
+                npy: bytes) -> Any:
+    """One prediction over HTTP/3 (``serve --http3-port``), its JSON answer."""
+    import json
+
+    from edgeshield.transport._h3client import h3_request
+
+    answer = h3_request(url.rstrip("/") + "/v1/predict", "POST", npy, ca=ca, cert=cert, key=key,
+                        passphrase=keys.passphrase_from_env(passphrase_env),
+                        headers={"content-type": "application/x-npy"}, timeout_s=timeout)
+    if answer.status != 200:
+        try:
+            message = str(answer.json().get("error", ""))
+        except ValueError:
+            message = answer.body[:200].decode("utf-8", "replace")
+        raise ServerRefusedError(answer.status, message)
+    return json.loads(answer.body)
 
 
 @app.command("model")

@@ -67,6 +67,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
 
 @requires("tpm", when=lambda args: args.get("released_key") is not None)
 @requires("ohttp", when=lambda args: bool(args.get("ohttp")))
+@requires("h3", when=lambda args: args.get("http3_port") is not None)
 @requires("eval", "torch", "onnx", when=gradient_detector_file("detector"))
 def serve(
     owner_key: Annotated[Path, typer.Option("--owner-key", help="The model owner's public key.")],
@@ -126,6 +127,11 @@ def serve(
     policy: Annotated[Path | None, typer.Option("--policy", help="RBAC policy CSV (default: the shipped one).")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
+    http3_port: Annotated[
+        int | None, typer.Option("--http3-port", min=0, max=65535,
+                                 help="Also serve HTTP/3 (mutual TLS 1.3 over QUIC; the h3 extra) on this UDP port "
+                                      "of --host, started and stopped with the TCP server.")
+    ] = None,
     max_body: Annotated[int, typer.Option("--max-body", min=1,
                                           help="Largest request body in bytes.")] = 4 * 1024 * 1024,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most inputs in one request.")] = 1024,
@@ -400,7 +406,7 @@ def serve(
                            config_file=config, subject_header=subject_header, subject_keys=subject_keys,
                            retention_days=retention_days, update_dir=update_dir, released_key=released_key,
                            tpm_keys=tpm_keys, tcti=tcti, ohttp=ohttp, ohttp_key=ohttp_key,
-                           ohttp_window_s=ohttp_window))
+                           ohttp_window_s=ohttp_window, http3_port=http3_port))
 
 
 def _parse_rate_limits(items: list[str]) -> tuple[tuple[str, float, float], ...]:
