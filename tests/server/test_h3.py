@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("aioquic")
 
 from edgeshield import audit, transport
-from edgeshield.errors import CertificateRefusedError
+from edgeshield.errors import CertificateRefusedError, ConnectionFailedError
 from edgeshield.server import ServeConfig
 from edgeshield.server._limits import Limits
 from edgeshield.transport._h3client import H3Session, h3_request
@@ -37,7 +37,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     transport.init_ca(other)
     server = transport.issue(ca, name="edge-1", role="server", server=True, sans=["127.0.0.1"])
     certs = {n: transport.issue(ca, name=n, role=r) for n, r in
-             (("alice", "client"), ("audrey", "auditor"), ("mallory", "client"))}
+             (("alice", "client"), ("audrey", "auditor"), ("mallory", "client"), ("carol", "client"))}
     certs["eve"] = transport.issue(other, name="eve", role="client")
     transport.revoke(ca, name="mallory")
     audit.generate_signing_key(root / "audit.key")
@@ -290,3 +290,29 @@ def test_client_predict_http3_cli_equals_tcp(world: dict[str, Any], tmp_path: Pa
     over_tcp = CliRunner().invoke(app, ["client", "predict", "--url", world["url"], *common])
     assert over_h3.exit_code == 0 and over_tcp.exit_code == 0, (over_h3.output, over_tcp.output)
     assert json.loads(over_h3.stdout) == json.loads(over_tcp.stdout)
+
+
+def test_revoked_after_its_ticket_a_resumed_session_is_refused_and_its_live_connection_closed(
+        world: dict[str, Any]) -> None:
+    """carol holds a connection and a ticket; once her certificate is revoked (CRL reloaded live), the open
+    connection is closed and a session resumed from her ticket (no certificate exchange) is answered 401."""
+    with H3Session(world["h3url"], **_kw(world, "carol")) as first:
+        assert first.request("GET", "/healthz").status == 200
+        ticket = first.ticket
+    live = H3Session(world["h3url"], **_kw(world, "carol"))
+    try:
+        assert live.request("GET", "/healthz").status == 200
+        transport.revoke(world["ca"], name="carol")
+        deadline, closed = time.monotonic() + 5, False
+        while time.monotonic() < deadline and not closed:
+            time.sleep(0.1)
+            try:
+                closed = live.request("GET", "/healthz").status == 401
+            except ConnectionFailedError:
+                closed = True
+        assert closed
+    finally:
+        live.close()
+    with H3Session(world["h3url"], ticket=ticket, **_kw(world, "carol")) as resumed:
+        r = resumed.request("GET", "/healthz")
+        assert resumed.resumed and r.status == 401
