@@ -62,6 +62,7 @@ MIN_INITIAL = 1200  # a client's Initial must be padded to this (anti-amplificat
 _MAX_TICKETS = 10_000
 _MAX_BUCKETS = 4096
 _DER = Encoding.DER
+_H3_EXCESSIVE_LOAD = 0x107  # RFC 9114 §8.1
 
 
 class _AlertCertificateRequired(tls.Alert):
@@ -501,6 +502,9 @@ class _Request:
         if self.received > self.protocol.server.max_body_bytes:  # the middleware answers 413 from what it got
             self.too_large = True
             self.queue.put_nowait({"type": "http.request", "body": chunk, "more_body": False})
+            with contextlib.suppress(Exception):  # STOP_SENDING: the client stops uploading the rest
+                self.protocol._quic.stop_stream(self.stream_id, _H3_EXCESSIVE_LOAD)
+                self.protocol.transmit()
             return
         self.early = self.early or self.stream_id in self.protocol.mquic.early_streams
         self.queue.put_nowait({"type": "http.request", "body": chunk, "more_body": not ended})
