@@ -316,3 +316,49 @@ def test_revoked_after_its_ticket_a_resumed_session_is_refused_and_its_live_conn
     with H3Session(world["h3url"], ticket=ticket, **_kw(world, "carol")) as resumed:
         r = resumed.request("GET", "/healthz")
         assert resumed.resumed and r.status == 401
+
+
+def test_malformed_http3_frames_close_that_connection_only(world: dict[str, Any]) -> None:
+    """Garbage frames on a request stream and on a new unidirectional stream of an authenticated connection: the
+    server closes that connection with an HTTP/3 error (never a crash) and keeps serving."""
+    for garbage, uni in ((b"\x00\x3f\xff\xff\xff\xff", False), (b"\x00\x00\x07junk", True), (b"\x21\x40", False)):
+        with H3Session(world["h3url"], **_kw(world, "alice")) as s:
+            assert s.request("GET", "/healthz").status == 200
+            protocol = s.conn._protocol
+
+            def send(protocol: Any = protocol, garbage: bytes = garbage, uni: bool = uni) -> None:
+                quic = protocol._quic
+                sid = quic.get_next_available_stream_id(is_unidirectional=uni)
+                quic.send_stream_data(sid, garbage, end_stream=True)
+                protocol.transmit()
+
+            s._loop.call_soon_threadsafe(send)
+            deadline = time.monotonic() + 3
+            while protocol.terminated is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert protocol.terminated is not None and protocol.terminated.error_code >= 0x100, garbage
+    r = h3_request(world["h3url"] + "/healthz", **_kw(world, "alice"))
+    assert r.status == 200
+
+
+def test_a_datagram_rate_flood_from_one_address_is_cut_at_the_bucket(world: dict[str, Any]) -> None:
+    h3 = world["h3"]
+    lim = h3.limits
+    saved = (lim.datagrams_per_second_per_address, lim.datagram_burst_per_address)
+    before = h3.dropped.get("per-address datagram rate", 0)
+    try:
+        lim.datagrams_per_second_per_address, lim.datagram_burst_per_address = 10.0, 20
+        flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flood.bind(("127.0.0.9", 0))
+        try:
+            for i in range(300):
+                flood.sendto(b"\x40junk", ("127.0.0.1", h3.port))
+                if i % 50 == 0:
+                    time.sleep(0.002)
+        finally:
+            flood.close()
+        time.sleep(0.3)
+    finally:
+        lim.datagrams_per_second_per_address, lim.datagram_burst_per_address = saved
+    assert h3.dropped.get("per-address datagram rate", 0) - before >= 100, h3.dropped
+    assert h3_request(world["h3url"] + "/healthz", **_kw(world, "alice")).status == 200
