@@ -25,7 +25,7 @@ from _serving import mtls_client, protected_digits, serving
 X = {"inputs": [[0.5] * 64]}
 BODY = json.dumps(X).encode()
 JSON = {"content-type": "application/json"}
-LIMITS = Limits(handshake_timeout_s=2.0, keep_alive_s=5.0)
+LIMITS = Limits(handshake_timeout_s=2.0, keep_alive_s=5.0, max_connections_per_identity=4)
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +362,21 @@ def test_a_datagram_rate_flood_from_one_address_is_cut_at_the_bucket(world: dict
         lim.datagrams_per_second_per_address, lim.datagram_burst_per_address = saved
     assert h3.dropped.get("per-address datagram rate", 0) - before >= 100, h3.dropped
     assert h3_request(world["h3url"] + "/healthz", **_kw(world, "alice")).status == 200
+
+
+def test_the_per_identity_connection_cap_applies_over_h3(world: dict[str, Any]) -> None:
+    cap = LIMITS.max_connections_per_identity
+    sessions = []
+    try:
+        for _ in range(cap):
+            session = H3Session(world["h3url"], **_kw(world, "audrey"))
+            sessions.append(session)
+            assert session.request("GET", "/healthz").status == 200
+        with H3Session(world["h3url"], **_kw(world, "audrey")) as over:
+            r = over.request("GET", "/healthz")
+            assert r.status == 503 and r.header("retry-after")
+    finally:
+        for session in sessions:
+            session.close()
+    time.sleep(0.3)
+    assert h3_request(world["h3url"] + "/healthz", **_kw(world, "audrey")).status == 200

@@ -264,6 +264,7 @@ class _Dispatcher(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.protocols: dict[bytes, _H3Protocol] = {}
         self._buckets: dict[str, _Bucket] = {}
+        self.by_identity: dict[str, set[_H3Protocol]] = {}  # identity name -> its connections (the identity cap)
         self._last_event: dict[tuple[str, str], float] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -397,6 +398,7 @@ class _H3Protocol(QuicConnectionProtocol):
         self.tls_scope: dict[str, Any] | None = None
         self._handshake_done = False
         self._released = False
+        self._bound: str | None = None
         self._requests: dict[int, _Request] = {}
         self._deadline = self._loop.call_later(server.gate.limits.handshake_timeout_s, self._handshake_timeout)
 
@@ -405,6 +407,12 @@ class _H3Protocol(QuicConnectionProtocol):
             self._released = True
             self._deadline.cancel()
             self.server.gate.release(self.address)
+            dispatcher = self.server._dispatcher
+            if self._bound is not None and dispatcher is not None:
+                held = dispatcher.by_identity.get(self._bound, set())
+                held.discard(self)
+                if not held:
+                    dispatcher.by_identity.pop(self._bound, None)
             for request in self._requests.values():
                 request.gone()
 
@@ -431,6 +439,7 @@ class _H3Protocol(QuicConnectionProtocol):
                 error = str(exc)
         suite = self.mquic.tls.key_schedule.cipher_suite if self.mquic.tls.key_schedule is not None else None
         self.identity = identity
+        over_cap = identity is not None and not self._bind(identity.name)
         self.tls_scope = {
             "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
             "client_cert_error": error if der else "no client certificate",
@@ -439,7 +448,22 @@ class _H3Protocol(QuicConnectionProtocol):
             "edgeshield.identity": identity,
             "edgeshield.transport": "h3",
         }
+        if over_cap:  # every request on it answered 503 by the middleware, as over TCP
+            self.tls_scope["edgeshield.over_cap"] = True
         return self.tls_scope
+
+    def _bind(self, name: str) -> bool:
+        dispatcher = self.server._dispatcher
+        if dispatcher is None:
+            return True
+        held = dispatcher.by_identity.setdefault(name, set())
+        if len(held) >= self.server.gate.limits.max_connections_per_identity:
+            if not held:
+                del dispatcher.by_identity[name]
+            return False
+        held.add(self)
+        self._bound = name
+        return True
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated):
