@@ -380,3 +380,21 @@ def test_the_per_identity_connection_cap_applies_over_h3(world: dict[str, Any]) 
             session.close()
     time.sleep(0.3)
     assert h3_request(world["h3url"] + "/healthz", **_kw(world, "audrey")).status == 200
+
+
+def test_refused_handshakes_and_dropped_datagrams_reach_the_audit_log(world: dict[str, Any]) -> None:
+    with pytest.raises(CertificateRefusedError):
+        h3_request(world["h3url"] + "/healthz", **_kw(world, "eve"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+        junk.bind(("127.0.0.7", 0))  # a fresh address: its first drop of a reason is an event
+        junk.sendto(b"\x40junk", ("127.0.0.1", world["h3"].port))
+    deadline, reasons = time.monotonic() + 5, set()
+    while time.monotonic() < deadline:
+        entries = _entries(world)
+        reasons = {r for e in entries if e.kind == "auth.failure" and e.data.get("stage") == "tls-handshake"
+                   for r in e.data["reasons"]}
+        refused = {r for e in entries if e.kind == "connection.refused" for r in e.data["reasons"]}
+        if any("issuer" in r for r in reasons) and any(r.startswith("udp: ") for r in refused):
+            return
+        time.sleep(0.2)
+    raise AssertionError(reasons)
