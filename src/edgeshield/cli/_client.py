@@ -272,13 +272,18 @@ def _ohttp_predict(url: str, ca: Path, cert: Path, key: Path, passphrase_env: st
         raise ServerRefusedError(exc.status, str(exc)) from None
     except httpx.HTTPError as exc:
         raise ConnectionFailedError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    _refuse_unless_ok(answer)
+    return answer.json()
+
+
+def _refuse_unless_ok(answer: Any) -> None:
+    """An OHTTP or HTTP/3 answer (``status``, ``json()``, ``body``) that is not a 200, as ServerRefusedError."""
     if answer.status != 200:
         try:
             message = str(answer.json().get("error", ""))
         except ValueError:
             message = answer.body[:200].decode("utf-8", "replace")
         raise ServerRefusedError(answer.status, message)
-    return answer.json()
 
 
 def _h3_predict(url: str, ca: Path, cert: Path, key: Path, passphrase_env: str | None, timeout: float,
@@ -291,12 +296,7 @@ def _h3_predict(url: str, ca: Path, cert: Path, key: Path, passphrase_env: str |
     answer = h3_request(url.rstrip("/") + "/v1/predict", "POST", npy, ca=ca, cert=cert, key=key,
                         passphrase=keys.passphrase_from_env(passphrase_env),
                         headers={"content-type": "application/x-npy"}, timeout_s=timeout)
-    if answer.status != 200:
-        try:
-            message = str(answer.json().get("error", ""))
-        except ValueError:
-            message = answer.body[:200].decode("utf-8", "replace")
-        raise ServerRefusedError(answer.status, message)
+    _refuse_unless_ok(answer)
     return json.loads(answer.body)
 
 
