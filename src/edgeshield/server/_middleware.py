@@ -11,8 +11,6 @@ before the answer goes out. An exception no handler expected is logged with its 
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeshield._asgi import BodyTimeout, BodyTooLarge, ClientGone, read_body, send_json
 from edgeshield.monitor import SecurityEvent
 from edgeshield.server._limits import address_key
 
@@ -36,18 +35,6 @@ RETRY_AFTER_BUSY_S = 1
 _ADMIN_PATHS = ("/v1/admin/", "/status")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyTimeout(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
-
-
 def identity_of(scope: Scope) -> tuple[Identity | None, str]:
     """(verified identity, reason when there is none) from the TLS extension the server put in the scope."""
     tls = (scope.get("extensions") or {}).get("tls")
@@ -60,38 +47,6 @@ async def emit(state: ServerState, kind: str, actor: str, data: dict[str, Any], 
                serial: int | None = None) -> None:
     """Emit a security event; returns once its audit entry is committed (the fsync runs in a worker thread)."""
     await state.events.emit(SecurityEvent(kind, actor, data, address=address, serial=serial))
-
-
-async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def read_body(receive: Receive, limit: int, timeout_s: float) -> bytes:
-    """The whole request body: at most ``limit`` bytes, all of it within ``timeout_s`` (slow uploads are cut)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    chunks, size = [], 0
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise BodyTimeout
-        try:
-            message = await asyncio.wait_for(receive(), remaining)
-        except TimeoutError:
-            raise BodyTimeout from None
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

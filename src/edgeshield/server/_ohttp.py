@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeshield._asgi import BodyTimeout, BodyTooLarge, ClientGone, read_body, send_json
 from edgeshield.server._limits import address_key
-from edgeshield.server._middleware import BodyTimeout, BodyTooLarge, ClientGone, emit, identity_of, read_body, send_json
+from edgeshield.server._middleware import emit, identity_of
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeshield._asgi import BodyTimeout, BodyTooLarge, ClientGone, read_body, send_json
 from edgeshield.errors import EdgeShieldError
 
 if TYPE_CHECKING:
-    from starlette.types import Message, Receive, Scope, Send
+    from starlette.types import Receive, Scope, Send
 
 PathLike = str | os.PathLike[str]
 GATEWAY_PATH = "/.well-known/ohttp-gateway"
@@ -144,33 +145,14 @@ class Relay:
 
 async def _read(receive: Receive, limit: int, timeout_s: float) -> bytes | None:
     """The whole body, at most ``limit`` bytes, all within ``timeout_s``; None when over, too slow or gone."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    deadline, chunks, size = loop.time() + timeout_s, [], 0
-    while True:
-        try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            return None
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        return await read_body(receive, limit, timeout_s)
+    except (BodyTooLarge, BodyTimeout, ClientGone):
+        return None
 
 
 async def _json(send: Send, status: int, error: str) -> None:
-    body = json.dumps({"error": error}).encode()
-    message: Message = {"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]}
-    await send(message)
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, status, {"error": error})
 
 
 def make_relay(cfg: RelayConfig) -> tuple[Any, Relay]:
