@@ -48,20 +48,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import edgeshield  # noqa: F401  # before onnxruntime: switches its telemetry off
+from server import HOST, UNCAPPED_FLAGS, ServerProc  # benchmarks/server.py, beside this script
 
 from _machine import Background, hardware, open_report, write_report  # benchmarks/_machine.py, beside this script
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-HOST = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
-UNCAPPED_FLAGS = ["--handshake-rate", "1000000", "--handshake-burst", "1000000",
-                  "--max-connections-per-address", "512", "--max-in-flight", "256"]
 QUOTED = {"tls13": "5–10 ms", "mtls": "10–15 ms", "mtls_resumed": "10–15 ms (no figure for resumption)",
           "dtls": "3–7 ms", "ipsec": "15–25 ms"}
 SIZES = {"handshakes": (60, 600), "h3_handshakes": (30, 300), "requests": (200, 2000), "loss_requests": (40, 300),
@@ -280,41 +278,6 @@ class DtlsClient:
             self.conn.send(b"bye")
             _dtls_flush(self.conn, self.sock)
         self.sock.close()
-
-
-# --- servers as subprocesses --------------------------------------------------------------------------------------
-class ServerProc:
-    """A server subprocess, its output in a file; ``stop`` sends SIGTERM, then kills after a timeout."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
-
-    def wait_ready(self, probe: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}: "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if probe():
-                    return
-            except Exception:  # noqa: BLE001, S110 - not up yet
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} server not ready after {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 # --- TCP rows: raw sockets, HTTP/1.1 by hand so that no client library's cost differs between rows ---------------
@@ -734,7 +697,8 @@ def bench_h3(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
 
     port = _free_port(socket.SOCK_DGRAM)
     me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
-    srv = ServerProc("h3", [*me, "--_child", "h3", "--port", str(_free_port()), "--udp-port", str(port)],
+    tcp_port = _free_port()
+    srv = ServerProc("h3", [*me, "--_child", "h3", "--port", str(tcp_port), "--udp-port", str(port)], tcp_port,
                      work / "h3.log")
     try:
         try:
@@ -800,9 +764,9 @@ def bench_ohttp(p: dict[str, Any], work: Path, quick: bool) -> dict[str, Any]:
     ports = {"gateway": _free_port(), "relay": _free_port()}
     me = [sys.executable, str(Path(__file__).resolve()), "--prepared", str(work / "prepared.json")]
     gw = ServerProc("ohttp-gateway", [*me, "--_child", "gateway", "--port", str(ports["gateway"])],
-                    work / "gateway.log")
+                    ports["gateway"], work / "gateway.log")
     relay = ServerProc("relay", [*me, "--_child", "relay", "--port", str(ports["relay"]), "--gateway-port",
-                                 str(ports["gateway"])], work / "relay.log")
+                                 str(ports["gateway"])], ports["relay"], work / "relay.log")
     cert, key = p["alice"]
     x = load_digits_split().x_test
     bodies = [json.dumps({"inputs": x[i % len(x)][None].tolist()}).encode() for i in range(n)]
@@ -1004,7 +968,7 @@ def servers(p: dict[str, Any], work: Path) -> Iterator[dict[str, int]]:
                  "--port", str(ports["mtls"]), "--no-monitor", *UNCAPPED_FLAGS],
         "dtls": [*me, "--_child", "dtls", "--port", str(ports["dtls"])],
     }
-    procs = {name: ServerProc(name, a, work / f"{name}.log") for name, a in argv.items()}
+    procs = {name: ServerProc(name, a, ports[name], work / f"{name}.log") for name, a in argv.items()}
     try:
         tls_ctx, mtls_ctx = tls_client_context(p, None), tls_client_context(p, "alice")
 
