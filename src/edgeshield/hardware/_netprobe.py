@@ -234,13 +234,19 @@ def _words(line: str) -> dict[str, str]:
     return {w[i]: w[i + 1] for i in range(len(w) - 1)}
 
 
+def _entry_head(block: list[str], what: str) -> list[str]:
+    """The words of an ``ip xfrm`` entry's first line, which must read ``src A dst B ...``."""
+    head = block[0].split()
+    if len(head) < 4 or head[0] != "src" or head[2] != "dst":
+        raise ValueError(f"ip xfrm {what}: unexpected entry {block[0][:80]!r}")
+    return head
+
+
 def parse_xfrm_policies(text: str) -> list[XfrmPolicy]:
     """``ip xfrm policy`` (text) -> its address-selector policies; per-socket policies are left out."""
     policies = []
     for block in _blocks(text):
-        head = block[0].split()
-        if len(head) < 4 or head[0] != "src" or head[2] != "dst":
-            raise ValueError(f"ip xfrm policy: unexpected entry {block[0][:80]!r}")
+        head = _entry_head(block, "policy")
         src, dst = ipaddress.ip_network(head[1], strict=False), ipaddress.ip_network(head[3], strict=False)
         upper = " ".join(head[4:])
         direction = action = ""
@@ -277,9 +283,7 @@ def parse_xfrm_states(text: str) -> list[XfrmState]:
     """``ip xfrm state`` (text) -> its SAs, from each entry's first two lines only (the key lines are skipped)."""
     states = []
     for block in _blocks(text):
-        head = block[0].split()
-        if len(head) < 4 or head[0] != "src" or head[2] != "dst":
-            raise ValueError(f"ip xfrm state: unexpected entry {block[0][:80]!r}")
+        head = _entry_head(block, "state")
         m = _STATE_LINE.match(block[1]) if len(block) > 1 else None
         if m is None:
             raise ValueError(f"ip xfrm state: no proto/spi/mode line after {block[0][:80]!r}")
