@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edgeshield.server._limits import address_key
+from edgeshield.server._tls_scope import scope_extension
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message
@@ -440,14 +440,9 @@ class _H3Protocol(QuicConnectionProtocol):
         suite = self.mquic.tls.key_schedule.cipher_suite if self.mquic.tls.key_schedule is not None else None
         self.identity = identity
         over_cap = identity is not None and not self._bind(identity.name)
-        self.tls_scope = {
-            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
-            "client_cert_error": error if der else "no client certificate",
-            "tls_version": "TLSv1.3",
-            "cipher_suite": _SUITE_NAMES.get(suite, str(suite)) if suite is not None else None,
-            "edgeshield.identity": identity,
-            "edgeshield.transport": "h3",
-        }
+        self.tls_scope = scope_extension(der, identity, error, "TLSv1.3",
+                                         _SUITE_NAMES.get(suite, str(suite)) if suite is not None else None)
+        self.tls_scope["edgeshield.transport"] = "h3"
         if over_cap:  # every request on it answered 503 by the middleware, as over TCP
             self.tls_scope["edgeshield.over_cap"] = True
         return self.tls_scope

@@ -51,11 +51,18 @@ def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
             identity = peer_identity(ssl_object)
         except EdgeShieldError as exc:
             error = str(exc)
+    return scope_extension(der, identity, error, ssl_object.version(), (ssl_object.cipher() or (None,))[0])
+
+
+def scope_extension(der: bytes | None, identity: Identity | None, error: str | None, tls_version: str | None,
+                    cipher_suite: str | None) -> dict[str, Any]:
+    """The ASGI TLS extension the middleware reads, the same keys whatever the transport (TCP, HTTP/3, the inner
+    request of OHTTP): the peer's certificate (``der``), its verified identity or why there is none."""
     return {
         "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
         "client_cert_error": error if der else "no client certificate",
-        "tls_version": ssl_object.version(),
-        "cipher_suite": (ssl_object.cipher() or (None,))[0],
+        "tls_version": tls_version,
+        "cipher_suite": cipher_suite,
         "edgeshield.identity": identity,
     }
 
