@@ -152,6 +152,7 @@ def test_a_failed_group_fails_every_caller_in_it_and_leaves_the_log_whole(
         for actor in ("ok-1", "boom", "ok-2"):
             assert isinstance(outcome[actor], audit.AuditCommitError), outcome[actor]
         assert [e.actor for e in log.entries()] == ["before", "alone"]
+        assert log.group_stats["groups"] == 2 and log.group_stats["entries"] == 2  # the rolled-back group is not one
         log.verify(public_key=device_key.public_key())
         conn = sqlite3.connect(db, isolation_level=None)
         conn.execute("DROP TRIGGER boom")

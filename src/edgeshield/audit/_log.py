@@ -502,7 +502,8 @@ class AuditLog:
 
     @property
     def group_stats(self) -> dict[str, float]:
-        """Group commits so far: how many, the callers and entries they carried, and the mean callers per group."""
+        """Committed group commits so far: how many, the callers and entries they carried, and the mean callers per
+        group (a group that failed and was rolled back is not counted)."""
         with self._queue_lock:
             groups, callers, entries = self._groups, self._group_callers, self._group_entries
         return {"groups": groups, "callers": callers, "entries": entries,
@@ -516,14 +517,15 @@ class AuditLog:
         with self._queue_lock:
             batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
             self._last_group = len(batch)
-            self._groups += 1
-            self._group_callers += len(batch)
-            self._group_entries += sum(len(w.records) for w in batch)
         try:
             with self._transaction() as (conn, tx):
                 for w in batch:
                     w.entries = [self._append_one(conn, tx, kind, actor, canonical)
                                  for kind, actor, canonical in w.records]
+            with self._queue_lock:  # committed groups only
+                self._groups += 1
+                self._group_callers += len(batch)
+                self._group_entries += sum(len(w.entries) for w in batch)
         except BaseException as exc:  # noqa: BLE001 - every waiter of the group gets it (typed), then we go on
             for w in batch:
                 w.entries, w.error = [], exc
